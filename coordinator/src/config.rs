@@ -1,0 +1,103 @@
+//! Coordinator configuration. Every interval can be set; tests shorten them here.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CoordinatorConfig {
+    /// gRPC address (NodeService, GoalService, RegistryService, health, reflection).
+    pub listen: SocketAddr,
+    /// HTTP address for `/metrics` and `/healthz`.
+    pub http_listen: SocketAddr,
+    /// Directory of the embedded SQLite store.
+    pub data_dir: PathBuf,
+    pub registry: RegistryConfig,
+    pub dispatch: DispatchConfig,
+}
+
+impl Default for CoordinatorConfig {
+    fn default() -> Self {
+        Self {
+            listen: ([127, 0, 0, 1], 7700).into(),
+            http_listen: ([127, 0, 0, 1], 7701).into(),
+            data_dir: PathBuf::from(".mesh/coordinator"),
+            registry: RegistryConfig::default(),
+            dispatch: DispatchConfig::default(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistryConfig {
+    /// How often nodes heartbeat (told to each node when it registers).
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_every: Duration,
+    /// Missed heartbeats after which a node is `suspect` and gets no new work.
+    pub suspect_after_missed: u32,
+    /// Silence after which a node is `dead`: its work is re-dispatched and it must register again.
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
+    /// How often the registry checks leases.
+    #[serde(with = "humantime_serde")]
+    pub sweep_every: Duration,
+    /// How long a dead node stays listed.
+    #[serde(with = "humantime_serde")]
+    pub forget_dead_after: Duration,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat_every: Duration::from_secs(1),
+            suspect_after_missed: 2,
+            lease: Duration::from_secs(5),
+            sweep_every: Duration::from_millis(250),
+            forget_dead_after: Duration::from_secs(600),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DispatchConfig {
+    /// A step whose skill no registered agent has fails after this long.
+    #[serde(with = "humantime_serde")]
+    pub unschedulable_timeout: Duration,
+    /// Time an agent has for one attempt before it is cancelled and retried.
+    #[serde(with = "humantime_serde")]
+    pub attempt_timeout: Duration,
+    /// Steps waiting for a free agent, across all runs; past it a step fails.
+    pub max_pending: usize,
+    /// Failed attempts (agent errors, timeouts) before a step fails.
+    pub max_attempts: u32,
+    /// Attempts of any kind, including those lost with a dead node, before a step fails.
+    pub max_total_attempts: u32,
+    /// Wait before the first retry; doubled each time.
+    #[serde(with = "humantime_serde")]
+    pub retry_backoff: Duration,
+    /// Longest wait between retries.
+    #[serde(with = "humantime_serde")]
+    pub max_retry_backoff: Duration,
+    /// Frames buffered per node stream.
+    pub node_queue: usize,
+}
+
+impl Default for DispatchConfig {
+    fn default() -> Self {
+        Self {
+            unschedulable_timeout: Duration::from_secs(30),
+            attempt_timeout: Duration::from_secs(300),
+            max_pending: 100_000,
+            max_attempts: 3,
+            max_total_attempts: 10,
+            retry_backoff: Duration::from_millis(200),
+            max_retry_backoff: Duration::from_secs(10),
+            node_queue: 1024,
+        }
+    }
+}

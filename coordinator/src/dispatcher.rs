@@ -1,0 +1,837 @@
+//! Picks an agent for every attempt and owns the attempts in flight: it sends tasks down
+//! node streams, fences results by token, and hands attempts back to their run when their
+//! node or agent is lost, when they time out, or when no agent can take them.
+//! Child of `CoordinatorRoot`.
+//!
+//! Invariant: at most one attempt per step is in flight, the one whose token the run issued
+//! last; any result with another token is stale.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use dashmap::DashMap;
+use mesh_proto::domain::*;
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use serde_json::Value;
+use tokio::sync::mpsc::error::TrySendError;
+use tracing::{debug, info, warn};
+
+use crate::config::DispatchConfig;
+use crate::metrics as m;
+use crate::node_session::{NodeTx, Outbound};
+use crate::run::RunMsg;
+
+/// In-flight attempts per agent, written by the dispatcher alone and read by views.
+#[derive(Clone, Debug, Default)]
+pub struct LoadBoard(Arc<DashMap<AgentKey, u32>>);
+
+impl LoadBoard {
+    pub fn in_flight(&self, key: &AgentKey) -> u32 {
+        self.0.get(key).map(|v| *v).unwrap_or(0)
+    }
+
+    fn set(&self, key: &AgentKey, n: u32) {
+        if n == 0 {
+            self.0.remove(key);
+        } else {
+            self.0.insert(key.clone(), n);
+        }
+    }
+}
+
+/// A step attempt the run wants dispatched.
+#[derive(Clone, Debug)]
+pub struct DispatchRequest<R = ActorRef<RunMsg>> {
+    pub token: FencingToken,
+    pub skill: String,
+    pub input: Value,
+    pub idempotency_key: String,
+    pub run: R,
+    pub ready_at: Instant,
+}
+
+pub enum DispatcherMsg {
+    NodeUp {
+        node: NodeId,
+        instance: u64,
+        agents: Vec<AgentCard>,
+        tx: NodeTx,
+    },
+    NodeDown {
+        node: NodeId,
+        instance: u64,
+    },
+    /// Suspect and draining nodes get no new work; recovered ones do again.
+    NodeDispatchable {
+        node: NodeId,
+        instance: u64,
+        dispatchable: bool,
+    },
+    AgentDown {
+        node: NodeId,
+        instance: u64,
+        agent: String,
+    },
+    /// Forget every node (after the registry restarted; nodes register again).
+    ResetNodes,
+    Dispatch(DispatchRequest),
+    Result {
+        node: NodeId,
+        instance: u64,
+        result: TaskResult,
+        tx: NodeTx,
+    },
+    /// Drop the run's pending attempts and cancel its in-flight ones.
+    CancelRun {
+        run_id: RunId,
+        reason: String,
+    },
+    /// Sent to itself every 100 ms: unschedulable steps and attempt timeouts.
+    Sweep,
+}
+
+#[derive(Debug)]
+pub struct AgentSlot {
+    pub key: AgentKey,
+    pub instance: u64,
+    pub card: AgentCard,
+    pub in_flight: u32,
+    pub dispatchable: bool,
+    pub tx: NodeTx,
+}
+
+impl AgentSlot {
+    fn free(&self) -> bool {
+        self.dispatchable && self.in_flight < self.card.max_concurrency
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct InFlight<R> {
+    pub token: FencingToken,
+    pub agent: AgentKey,
+    pub instance: u64,
+    pub run: R,
+    pub sent_at: Instant,
+    pub tx: NodeTx,
+}
+
+/// Why a result was not accepted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Stale {
+    /// No attempt of that step is in flight.
+    NotInFlight,
+    /// Another attempt of the step is current.
+    Superseded { current: FencingToken },
+    /// The result came from a node that was not given the attempt.
+    WrongNode,
+}
+
+impl std::fmt::Display for Stale {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Stale::NotInFlight => f.write_str("no attempt of this step is in flight"),
+            Stale::Superseded { current } => write!(f, "superseded by attempt {current}"),
+            Stale::WrongNode => f.write_str("the attempt was not given to this node"),
+        }
+    }
+}
+
+/// The dispatcher's decisions, free of any actor runtime. `R` is how to reach the run.
+#[derive(Debug)]
+pub struct DispatchState<R> {
+    pub agents: Vec<AgentSlot>,
+    pub in_flight: HashMap<(RunId, StepId), InFlight<R>>,
+    pub pending: VecDeque<DispatchRequest<R>>,
+    rr: usize,
+    load: LoadBoard,
+}
+
+/// What happened to a dispatch attempt.
+pub enum Sent<R> {
+    Sent(AgentKey),
+    /// No agent is free now: queued.
+    Queued,
+    /// The queue is full: the request is handed back.
+    Refused(DispatchRequest<R>),
+}
+
+impl<R: Clone> DispatchState<R> {
+    pub fn new(load: LoadBoard) -> Self {
+        Self {
+            agents: Vec::new(),
+            in_flight: HashMap::new(),
+            pending: VecDeque::new(),
+            rr: 0,
+            load,
+        }
+    }
+
+    /// Least loaded free agent with the skill; round robin among equals.
+    pub fn pick(&mut self, skill: &str) -> Option<usize> {
+        let mut best: Vec<usize> = Vec::new();
+        let mut best_load = u32::MAX;
+        for (i, a) in self.agents.iter().enumerate() {
+            if !a.free() || !a.card.has_skill(skill) {
+                continue;
+            }
+            match a.in_flight.cmp(&best_load) {
+                std::cmp::Ordering::Less => {
+                    best_load = a.in_flight;
+                    best.clear();
+                    best.push(i);
+                }
+                std::cmp::Ordering::Equal => best.push(i),
+                std::cmp::Ordering::Greater => {}
+            }
+        }
+        if best.is_empty() {
+            return None;
+        }
+        self.rr = self.rr.wrapping_add(1);
+        Some(best[self.rr % best.len()])
+    }
+
+    /// Whether any registered agent has the skill, free or not.
+    pub fn skill_known(&self, skill: &str) -> bool {
+        self.agents.iter().any(|a| a.card.has_skill(skill))
+    }
+
+    fn set_load(&mut self, i: usize, delta: i32) {
+        let a = &mut self.agents[i];
+        a.in_flight = a.in_flight.saturating_add_signed(delta);
+        self.load.set(&a.key, a.in_flight);
+    }
+
+    fn release(&mut self, agent: &AgentKey, instance: u64) {
+        if let Some(i) = self
+            .agents
+            .iter()
+            .position(|a| &a.key == agent && a.instance == instance)
+        {
+            self.set_load(i, -1);
+        }
+    }
+
+    /// Sends the request to a free agent, or queues it (up to `max_pending`).
+    pub fn dispatch(
+        &mut self,
+        req: DispatchRequest<R>,
+        deadline_ms: u64,
+        max_pending: usize,
+        now: Instant,
+    ) -> Sent<R> {
+        match self.try_send(req, deadline_ms, now) {
+            Ok(agent) => Sent::Sent(agent),
+            Err(req) if self.pending.len() < max_pending => {
+                self.pending.push_back(req);
+                Sent::Queued
+            }
+            Err(req) => Sent::Refused(req),
+        }
+    }
+
+    fn try_send(
+        &mut self,
+        req: DispatchRequest<R>,
+        deadline_ms: u64,
+        now: Instant,
+    ) -> Result<AgentKey, DispatchRequest<R>> {
+        // A newer attempt of the same step replaces the old one.
+        let step_key = (req.token.run_id.clone(), req.token.step_id.clone());
+        if let Some(old) = self.in_flight.remove(&step_key) {
+            self.release(&old.agent, old.instance);
+        }
+        let Some(i) = self.pick(&req.skill) else {
+            return Err(req);
+        };
+        let slot = &self.agents[i];
+        let task = Task {
+            token: req.token.clone(),
+            agent: slot.card.name.clone(),
+            skill: req.skill.clone(),
+            input: req.input.clone(),
+            deadline_ms,
+            idempotency_key: req.idempotency_key.clone(),
+        };
+        match slot.tx.try_send(Outbound::Frame(ToNode::Task(task))) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) | Err(TrySendError::Closed(_)) => {
+                debug!(agent = %slot.key, "node stream full or closed; step stays queued");
+                return Err(req);
+            }
+        }
+        let agent = slot.key.clone();
+        let inflight = InFlight {
+            token: req.token,
+            agent: agent.clone(),
+            instance: slot.instance,
+            run: req.run,
+            sent_at: now,
+            tx: slot.tx.clone(),
+        };
+        self.in_flight.insert(step_key, inflight);
+        self.set_load(i, 1);
+        metrics::histogram!(m::DISPATCH_LATENCY)
+            .record(now.saturating_duration_since(req.ready_at).as_secs_f64());
+        Ok(agent)
+    }
+
+    /// Dispatches queued requests while agents are free; returns what was sent.
+    pub fn drain_pending(
+        &mut self,
+        deadline_ms: u64,
+        now: Instant,
+    ) -> Vec<(R, FencingToken, AgentKey)> {
+        let mut sent = Vec::new();
+        let mut keep = VecDeque::with_capacity(self.pending.len());
+        while let Some(req) = self.pending.pop_front() {
+            if !self.agents.iter().any(AgentSlot::free) {
+                keep.push_back(req);
+                keep.extend(self.pending.drain(..));
+                break;
+            }
+            let (run, token) = (req.run.clone(), req.token.clone());
+            match self.try_send(req, deadline_ms, now) {
+                Ok(agent) => sent.push((run, token, agent)),
+                Err(req) => keep.push_back(req),
+            }
+        }
+        self.pending = keep;
+        sent
+    }
+
+    /// Checks a result's token; on success the attempt leaves the in-flight set.
+    pub fn accept(
+        &mut self,
+        node: &NodeId,
+        instance: u64,
+        token: &FencingToken,
+    ) -> Result<InFlight<R>, Stale> {
+        let key = (token.run_id.clone(), token.step_id.clone());
+        let current = self.in_flight.get(&key).ok_or(Stale::NotInFlight)?;
+        if &current.token != token {
+            return Err(Stale::Superseded {
+                current: current.token.clone(),
+            });
+        }
+        if &current.agent.node != node || current.instance != instance {
+            return Err(Stale::WrongNode);
+        }
+        let inflight = self.in_flight.remove(&key).expect("checked above");
+        self.release(&inflight.agent, inflight.instance);
+        Ok(inflight)
+    }
+
+    pub fn node_up(&mut self, node: &NodeId, instance: u64, agents: Vec<AgentCard>, tx: NodeTx) {
+        self.agents.retain(|a| &a.key.node != node);
+        for card in agents {
+            let key = AgentKey {
+                node: node.clone(),
+                agent: card.name.clone(),
+            };
+            self.load.set(&key, 0);
+            self.agents.push(AgentSlot {
+                key,
+                instance,
+                card,
+                in_flight: 0,
+                dispatchable: true,
+                tx: tx.clone(),
+            });
+        }
+    }
+
+    /// Removes the agents matching `lost`; returns their in-flight attempts.
+    fn remove_agents(&mut self, lost: impl Fn(&AgentSlot) -> bool) -> Vec<InFlight<R>> {
+        let gone: Vec<(AgentKey, u64)> = self
+            .agents
+            .iter()
+            .filter(|a| lost(a))
+            .map(|a| (a.key.clone(), a.instance))
+            .collect();
+        self.agents.retain(|a| !lost(a));
+        for (key, _) in &gone {
+            self.load.set(key, 0);
+        }
+        let keys: Vec<_> = self
+            .in_flight
+            .iter()
+            .filter(|(_, f)| gone.iter().any(|(k, i)| k == &f.agent && *i == f.instance))
+            .map(|(k, _)| k.clone())
+            .collect();
+        keys.into_iter()
+            .filter_map(|k| self.in_flight.remove(&k))
+            .collect()
+    }
+
+    pub fn node_down(&mut self, node: &NodeId, instance: u64) -> Vec<InFlight<R>> {
+        self.remove_agents(|a| &a.key.node == node && a.instance == instance)
+    }
+
+    pub fn agent_down(&mut self, node: &NodeId, instance: u64, agent: &str) -> Vec<InFlight<R>> {
+        self.remove_agents(|a| {
+            &a.key.node == node && a.instance == instance && a.key.agent == agent
+        })
+    }
+
+    pub fn reset_nodes(&mut self) -> Vec<InFlight<R>> {
+        self.remove_agents(|_| true)
+    }
+
+    pub fn set_dispatchable(&mut self, node: &NodeId, instance: u64, dispatchable: bool) {
+        for a in self
+            .agents
+            .iter_mut()
+            .filter(|a| &a.key.node == node && a.instance == instance)
+        {
+            a.dispatchable = dispatchable;
+        }
+    }
+
+    /// Removes the run's queued and in-flight attempts; returns the in-flight ones.
+    pub fn cancel_run(&mut self, run_id: &RunId) -> Vec<InFlight<R>> {
+        self.pending.retain(|p| &p.token.run_id != run_id);
+        let keys: Vec<_> = self
+            .in_flight
+            .keys()
+            .filter(|(r, _)| r == run_id)
+            .cloned()
+            .collect();
+        let removed: Vec<_> = keys
+            .into_iter()
+            .filter_map(|k| self.in_flight.remove(&k))
+            .collect();
+        for f in &removed {
+            self.release(&f.agent, f.instance);
+        }
+        removed
+    }
+
+    /// Queued requests whose skill no agent has had for `unschedulable`, and in-flight
+    /// attempts older than `attempt_timeout`; both leave the dispatcher.
+    pub fn sweep(
+        &mut self,
+        now: Instant,
+        unschedulable: Duration,
+        attempt_timeout: Duration,
+    ) -> (Vec<DispatchRequest<R>>, Vec<InFlight<R>>) {
+        let mut expired = Vec::new();
+        let mut keep = VecDeque::with_capacity(self.pending.len());
+        for req in self.pending.drain(..) {
+            if now.saturating_duration_since(req.ready_at) >= unschedulable
+                && !self.agents.iter().any(|a| a.card.has_skill(&req.skill))
+            {
+                expired.push(req);
+            } else {
+                keep.push_back(req);
+            }
+        }
+        self.pending = keep;
+        let late: Vec<_> = self
+            .in_flight
+            .iter()
+            .filter(|(_, f)| now.saturating_duration_since(f.sent_at) >= attempt_timeout)
+            .map(|(k, _)| k.clone())
+            .collect();
+        let timed_out: Vec<_> = late
+            .into_iter()
+            .filter_map(|k| self.in_flight.remove(&k))
+            .collect();
+        for f in &timed_out {
+            self.release(&f.agent, f.instance);
+        }
+        (expired, timed_out)
+    }
+
+    fn publish_gauges(&self) {
+        metrics::gauge!(m::DISPATCH_PENDING).set(self.pending.len() as f64);
+        metrics::gauge!(m::DISPATCH_IN_FLIGHT).set(self.in_flight.len() as f64);
+    }
+}
+
+pub struct Dispatcher;
+
+pub struct DispatcherArgs {
+    pub config: DispatchConfig,
+    pub load: LoadBoard,
+}
+
+pub struct DispatcherActorState {
+    core: DispatchState<ActorRef<RunMsg>>,
+    config: DispatchConfig,
+}
+
+impl DispatcherActorState {
+    fn deadline_ms(&self) -> u64 {
+        self.config.attempt_timeout.as_millis() as u64
+    }
+
+    fn hand_back(&self, lost: Vec<InFlight<ActorRef<RunMsg>>>, reason: &str) {
+        for f in lost {
+            info!(token = %f.token, agent = %f.agent, reason, "attempt lost; handing back to its run");
+            metrics::counter!(m::ATTEMPTS_REDISPATCHED).increment(1);
+            let _ = f.run.cast(RunMsg::AttemptLost {
+                token: f.token,
+                reason: reason.to_owned(),
+            });
+        }
+    }
+
+    fn pump(&mut self) {
+        if self.core.pending.is_empty() {
+            return;
+        }
+        let deadline = self.deadline_ms();
+        for (run, token, agent) in self.core.drain_pending(deadline, Instant::now()) {
+            let _ = run.cast(RunMsg::Assigned { token, agent });
+        }
+    }
+}
+
+impl Actor for Dispatcher {
+    type Msg = DispatcherMsg;
+    type State = DispatcherActorState;
+    type Arguments = DispatcherArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: DispatcherArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        myself.send_interval(Duration::from_millis(100), || DispatcherMsg::Sweep);
+        Ok(DispatcherActorState {
+            core: DispatchState::new(args.load),
+            config: args.config,
+        })
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        st: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        let now = Instant::now();
+        match msg {
+            DispatcherMsg::NodeUp {
+                node,
+                instance,
+                agents,
+                tx,
+            } => {
+                st.core.node_up(&node, instance, agents, tx);
+                st.pump();
+            }
+            DispatcherMsg::NodeDown { node, instance } => {
+                let lost = st.core.node_down(&node, instance);
+                st.hand_back(lost, "node lost");
+            }
+            DispatcherMsg::NodeDispatchable {
+                node,
+                instance,
+                dispatchable,
+            } => {
+                st.core.set_dispatchable(&node, instance, dispatchable);
+                if dispatchable {
+                    st.pump();
+                }
+            }
+            DispatcherMsg::AgentDown {
+                node,
+                instance,
+                agent,
+            } => {
+                let lost = st.core.agent_down(&node, instance, &agent);
+                st.hand_back(lost, "agent down");
+            }
+            DispatcherMsg::ResetNodes => {
+                let lost = st.core.reset_nodes();
+                st.hand_back(lost, "registry restarted");
+            }
+            DispatcherMsg::Dispatch(req) => {
+                let deadline = st.deadline_ms();
+                let (run, token) = (req.run.clone(), req.token.clone());
+                match st.core.dispatch(req, deadline, st.config.max_pending, now) {
+                    Sent::Sent(agent) => {
+                        let _ = run.cast(RunMsg::Assigned { token, agent });
+                    }
+                    Sent::Queued => debug!(%token, "no free agent; step queued"),
+                    Sent::Refused(req) => {
+                        warn!(token = %req.token, "dispatch queue full");
+                        let _ = run.cast(RunMsg::AttemptFailed {
+                            token,
+                            error: TaskError {
+                                code: "queue_full".into(),
+                                message: format!(
+                                    "{} steps already wait for an agent (max_pending)",
+                                    st.config.max_pending
+                                ),
+                                retryable: true,
+                            },
+                        });
+                    }
+                }
+            }
+            DispatcherMsg::Result {
+                node,
+                instance,
+                result,
+                tx,
+            } => {
+                let token = result.token.clone();
+                match st.core.accept(&node, instance, &token) {
+                    Ok(inflight) => {
+                        let outcome = if result.outcome.is_ok() {
+                            "ok"
+                        } else {
+                            "error"
+                        };
+                        metrics::counter!(m::STEP_OUTCOMES, "outcome" => outcome).increment(1);
+                        metrics::histogram!(m::STEP_DURATION).record(
+                            now.saturating_duration_since(inflight.sent_at)
+                                .as_secs_f64(),
+                        );
+                        let _ = tx.try_send(Outbound::Frame(ToNode::ResultAck {
+                            token,
+                            code: AckCode::Accepted,
+                            message: String::new(),
+                        }));
+                        let _ = inflight.run.cast(RunMsg::Result(result));
+                        st.pump();
+                    }
+                    Err(stale) => {
+                        warn!(%token, %node, instance, reason = %stale, "stale result rejected");
+                        metrics::counter!(m::STALE_RESULTS).increment(1);
+                        let _ = tx.try_send(Outbound::Frame(ToNode::ResultAck {
+                            token,
+                            code: AckCode::Stale,
+                            message: format!("stale fencing token: {stale}"),
+                        }));
+                    }
+                }
+            }
+            DispatcherMsg::CancelRun { run_id, reason } => {
+                for f in st.core.cancel_run(&run_id) {
+                    let _ = f.tx.try_send(Outbound::Frame(ToNode::Cancel {
+                        token: f.token,
+                        reason: reason.clone(),
+                    }));
+                }
+                st.pump();
+            }
+            DispatcherMsg::Sweep => {
+                let (unschedulable, timed_out) = st.core.sweep(
+                    now,
+                    st.config.unschedulable_timeout,
+                    st.config.attempt_timeout,
+                );
+                for req in unschedulable {
+                    warn!(token = %req.token, skill = %req.skill, "no agent has the skill; step unschedulable");
+                    let _ = req.run.cast(RunMsg::AttemptFailed {
+                        token: req.token,
+                        error: TaskError {
+                            code: "unschedulable".into(),
+                            message: format!(
+                                "no registered agent has skill `{}` (waited {})",
+                                req.skill,
+                                humantime::format_duration(st.config.unschedulable_timeout)
+                            ),
+                            retryable: false,
+                        },
+                    });
+                }
+                for f in timed_out {
+                    warn!(token = %f.token, agent = %f.agent, "attempt timed out");
+                    let _ = f.tx.try_send(Outbound::Frame(ToNode::Cancel {
+                        token: f.token.clone(),
+                        reason: "attempt timed out".into(),
+                    }));
+                    let _ = f.run.cast(RunMsg::AttemptFailed {
+                        token: f.token,
+                        error: TaskError {
+                            code: "timeout".into(),
+                            message: format!("no result within {} ms", st.deadline_ms()),
+                            retryable: true,
+                        },
+                    });
+                }
+                st.pump();
+                st.core.publish_gauges();
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use tokio::sync::mpsc;
+
+    fn card(name: &str, skill: &str, max: u32) -> AgentCard {
+        AgentCard {
+            name: name.into(),
+            version: "1".into(),
+            description: String::new(),
+            skills: vec![SkillSpec::named(skill)],
+            labels: Default::default(),
+            max_concurrency: max,
+        }
+    }
+
+    fn req(step: &str, attempt: u32, skill: &str) -> DispatchRequest<u32> {
+        DispatchRequest {
+            token: FencingToken {
+                run_id: "r".into(),
+                step_id: step.into(),
+                attempt,
+                epoch: 1,
+            },
+            skill: skill.into(),
+            input: json!({}),
+            idempotency_key: format!("r/{step}"),
+            run: 0,
+            ready_at: Instant::now(),
+        }
+    }
+
+    fn state_with(
+        nodes: &[(&str, Vec<AgentCard>)],
+    ) -> (DispatchState<u32>, Vec<mpsc::Receiver<Outbound>>) {
+        let mut st = DispatchState::new(LoadBoard::default());
+        let mut rxs = Vec::new();
+        for (i, (node, cards)) in nodes.iter().enumerate() {
+            let (tx, rx) = mpsc::channel(16);
+            st.node_up(&NodeId::from(*node), i as u64 + 1, cards.clone(), tx);
+            rxs.push(rx);
+        }
+        (st, rxs)
+    }
+
+    fn sent_to(s: Sent<u32>) -> String {
+        match s {
+            Sent::Sent(a) => a.to_string(),
+            Sent::Queued => "queued".into(),
+            Sent::Refused(_) => "refused".into(),
+        }
+    }
+
+    #[test]
+    fn least_loaded_first_and_round_robin_among_equals() {
+        let (mut st, _rx) = state_with(&[
+            ("n1", vec![card("e", "echo", 4)]),
+            ("n2", vec![card("e", "echo", 4)]),
+        ]);
+        let now = Instant::now();
+        let a = sent_to(st.dispatch(req("a", 1, "echo"), 1000, 10, now));
+        let b = sent_to(st.dispatch(req("b", 1, "echo"), 1000, 10, now));
+        assert_ne!(a, b, "second task goes to the other, less loaded agent");
+        let c = sent_to(st.dispatch(req("c", 1, "echo"), 1000, 10, now));
+        let d = sent_to(st.dispatch(req("d", 1, "echo"), 1000, 10, now));
+        assert_ne!(c, d);
+    }
+
+    #[test]
+    fn honours_max_concurrency_and_queues_with_a_bound() {
+        let (mut st, _rx) = state_with(&[("n1", vec![card("e", "echo", 1)])]);
+        let now = Instant::now();
+        assert_eq!(
+            sent_to(st.dispatch(req("a", 1, "echo"), 1000, 1, now)),
+            "n1/e"
+        );
+        assert_eq!(
+            sent_to(st.dispatch(req("b", 1, "echo"), 1000, 1, now)),
+            "queued"
+        );
+        assert_eq!(
+            sent_to(st.dispatch(req("c", 1, "echo"), 1000, 1, now)),
+            "refused"
+        );
+        // The result of `a` frees the slot and `b` goes out.
+        let token = req("a", 1, "echo").token;
+        st.accept(&"n1".into(), 1, &token).unwrap();
+        let sent = st.drain_pending(1000, now);
+        assert_eq!(sent.len(), 1);
+        assert_eq!(sent[0].1.step_id, StepId::from("b"));
+    }
+
+    #[test]
+    fn fences_stale_results() {
+        let (mut st, _rx) = state_with(&[
+            ("n1", vec![card("e", "echo", 4)]),
+            ("n2", vec![card("e", "echo", 4)]),
+        ]);
+        let now = Instant::now();
+        st.dispatch(req("a", 1, "echo"), 1000, 10, now);
+        let first = req("a", 1, "echo").token;
+        // The run re-dispatched attempt 2; attempt 1 is now stale.
+        st.dispatch(req("a", 2, "echo"), 1000, 10, now);
+        let holder = st.in_flight.values().next().unwrap().agent.node.clone();
+        let inst = st.in_flight.values().next().unwrap().instance;
+        assert!(matches!(
+            st.accept(&holder, inst, &first),
+            Err(Stale::Superseded { .. })
+        ));
+        let second = req("a", 2, "echo").token;
+        let other: NodeId = if holder.as_str() == "n1" {
+            "n2".into()
+        } else {
+            "n1".into()
+        };
+        assert_eq!(st.accept(&other, 9, &second).unwrap_err(), Stale::WrongNode);
+        assert!(st.accept(&holder, inst, &second).is_ok());
+        assert_eq!(
+            st.accept(&holder, inst, &second).unwrap_err(),
+            Stale::NotInFlight
+        );
+    }
+
+    #[test]
+    fn a_dead_node_hands_back_its_attempts() {
+        let (mut st, _rx) = state_with(&[("n1", vec![card("e", "echo", 4)])]);
+        let now = Instant::now();
+        st.dispatch(req("a", 1, "echo"), 1000, 10, now);
+        st.dispatch(req("b", 1, "echo"), 1000, 10, now);
+        let lost = st.node_down(&"n1".into(), 1);
+        assert_eq!(lost.len(), 2);
+        assert!(st.in_flight.is_empty());
+        assert!(!st.skill_known("echo"));
+    }
+
+    #[test]
+    fn suspect_agents_get_nothing() {
+        let (mut st, _rx) = state_with(&[("n1", vec![card("e", "echo", 4)])]);
+        st.set_dispatchable(&"n1".into(), 1, false);
+        assert_eq!(
+            sent_to(st.dispatch(req("a", 1, "echo"), 1000, 10, Instant::now())),
+            "queued"
+        );
+        st.set_dispatchable(&"n1".into(), 1, true);
+        assert_eq!(st.drain_pending(1000, Instant::now()).len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unknown_skills_expire_after_the_timeout() {
+        let (mut st, _rx) = state_with(&[("n1", vec![card("e", "echo", 4)])]);
+        st.dispatch(req("a", 1, "translate"), 1000, 10, Instant::now());
+        let (expired, _) = st.sweep(
+            Instant::now(),
+            Duration::from_secs(5),
+            Duration::from_secs(60),
+        );
+        assert!(expired.is_empty());
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let (expired, _) = st.sweep(
+            Instant::now(),
+            Duration::from_secs(5),
+            Duration::from_secs(60),
+        );
+        assert_eq!(expired.len(), 1);
+        assert!(st.pending.is_empty());
+    }
+}

@@ -1,0 +1,54 @@
+//! The coordinator's error type and its mapping to gRPC status codes.
+
+use mesh_proto::FieldError;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    InvalidArgument(#[from] FieldError),
+    #[error("run `{0}` not found")]
+    RunNotFound(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    ResourceExhausted(String),
+    #[error("{0} did not answer in time")]
+    Timeout(&'static str),
+    #[error("{0} is not running")]
+    Unavailable(&'static str),
+    #[error("store: {0}")]
+    Store(#[from] rusqlite::Error),
+    #[error("store: {0}")]
+    Corrupt(String),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl From<Error> for tonic::Status {
+    fn from(e: Error) -> Self {
+        let msg = e.to_string();
+        match e {
+            Error::InvalidArgument(_) => tonic::Status::invalid_argument(msg),
+            Error::RunNotFound(_) => tonic::Status::not_found(msg),
+            Error::FailedPrecondition(_) => tonic::Status::failed_precondition(msg),
+            Error::ResourceExhausted(_) => tonic::Status::resource_exhausted(msg),
+            Error::Timeout(_) => tonic::Status::deadline_exceeded(msg),
+            Error::Unavailable(_) => tonic::Status::unavailable(msg),
+            Error::Store(_) | Error::Corrupt(_) | Error::Io(_) => tonic::Status::internal(msg),
+        }
+    }
+}
+
+/// Maps the outcome of an actor call: the outer error means the actor could not be reached.
+pub fn call_result<T>(
+    actor: &'static str,
+    result: std::result::Result<ractor::rpc::CallResult<T>, ractor::MessagingErr<impl Sized>>,
+) -> Result<T> {
+    match result {
+        Ok(ractor::rpc::CallResult::Success(v)) => Ok(v),
+        Ok(ractor::rpc::CallResult::Timeout) => Err(Error::Timeout(actor)),
+        Ok(ractor::rpc::CallResult::SenderError) | Err(_) => Err(Error::Unavailable(actor)),
+    }
+}

@@ -1,0 +1,153 @@
+//! `mesh.v1.GoalService`: submit goals, read, watch, cancel and list runs.
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use futures::{Stream, StreamExt, stream};
+use mesh_proto::convert::run_id;
+use mesh_proto::domain::*;
+use mesh_proto::pb;
+use tokio_stream::wrappers::BroadcastStream;
+use tonic::{Request, Response, Status};
+
+use super::status;
+use crate::error::{Error, call_result};
+use crate::root::Handles;
+use crate::run::RunMsg;
+use crate::swarms::SwarmsMsg;
+
+const SUBMIT_TIMEOUT: Duration = Duration::from_secs(10);
+const RUN_CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Clone, Debug)]
+pub struct GoalApi {
+    pub handles: Handles,
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::RunEvent, Status>> + Send>>;
+
+fn finished_events(view: RunView) -> Vec<Result<pb::RunEvent, Status>> {
+    let finished = view.state.is_terminal().then(|| RunEvent::Finished {
+        state: view.state,
+        output: view.output.clone(),
+        error: view.error.clone(),
+    });
+    std::iter::once(RunEvent::Snapshot(view))
+        .chain(finished)
+        .map(|e| Ok(e.into()))
+        .collect()
+}
+
+#[tonic::async_trait]
+impl pb::goal_service_server::GoalService for GoalApi {
+    async fn submit_goal(
+        &self,
+        request: Request<pb::SubmitGoalRequest>,
+    ) -> Result<Response<pb::SubmitGoalResponse>, Status> {
+        let goal = GoalSpec::try_from(request.into_inner()).map_err(|e| status(e.into()))?;
+        let swarms = self.handles.swarms.get();
+        let run = call_result(
+            "swarm supervisor",
+            swarms
+                .call(|reply| SwarmsMsg::Submit(goal, reply), Some(SUBMIT_TIMEOUT))
+                .await,
+        )
+        .map_err(status)?
+        .map_err(status)?;
+        Ok(Response::new(pb::SubmitGoalResponse {
+            goal_id: run.goal_id.0,
+            run_id: run.run_id.0,
+            created: run.created,
+        }))
+    }
+
+    async fn get_run(
+        &self,
+        request: Request<pb::GetRunRequest>,
+    ) -> Result<Response<pb::Run>, Status> {
+        let id = run_id("run_id", request.into_inner().run_id).map_err(|e| status(e.into()))?;
+        let view = self.handles.store.run_view(&id).map_err(status)?;
+        Ok(Response::new(view.into()))
+    }
+
+    type WatchRunStream = EventStream;
+
+    async fn watch_run(
+        &self,
+        request: Request<pb::WatchRunRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        let id = run_id("run_id", request.into_inner().run_id).map_err(|e| status(e.into()))?;
+        if let Some(run) = self.handles.directory.get(&id) {
+            if let Ok((view, rx)) = call_result(
+                "run",
+                run.call(RunMsg::Subscribe, Some(RUN_CALL_TIMEOUT)).await,
+            ) {
+                let first = stream::iter(finished_events(view));
+                // A watcher that falls more than the buffer behind is cut off rather than
+                // holding memory; it can watch again and starts from a fresh snapshot.
+                let live = BroadcastStream::new(rx).scan(false, |done, item| {
+                    if *done {
+                        return std::future::ready(None);
+                    }
+                    std::future::ready(Some(match item {
+                        Ok(event) => {
+                            *done = matches!(event, RunEvent::Finished { .. });
+                            Ok(pb::RunEvent::from(event))
+                        }
+                        Err(_) => {
+                            *done = true;
+                            Err(Status::resource_exhausted(
+                                "watcher fell behind the run's events; watch again",
+                            ))
+                        }
+                    }))
+                });
+                return Ok(Response::new(Box::pin(first.chain(live))));
+            }
+        }
+        // Not live: finished (or about to be); the store has the whole story.
+        let view = self.handles.store.run_view(&id).map_err(status)?;
+        Ok(Response::new(Box::pin(stream::iter(finished_events(view)))))
+    }
+
+    async fn cancel_run(
+        &self,
+        request: Request<pb::CancelRunRequest>,
+    ) -> Result<Response<pb::Run>, Status> {
+        let req = request.into_inner();
+        let id = run_id("run_id", req.run_id).map_err(|e| status(e.into()))?;
+        let reason = if req.reason.is_empty() {
+            "cancelled by a client".to_owned()
+        } else {
+            req.reason
+        };
+        if let Some(run) = self.handles.directory.get(&id) {
+            let answer = run
+                .call(
+                    |reply| RunMsg::Cancel { reason, reply },
+                    Some(RUN_CALL_TIMEOUT),
+                )
+                .await;
+            if let Ok(result) = call_result("run", answer) {
+                return Ok(Response::new(result.map_err(status)?.into()));
+            }
+        }
+        let view = self.handles.store.run_view(&id).map_err(status)?;
+        Err(status(Error::FailedPrecondition(format!(
+            "run `{id}` already {}",
+            view.state
+        ))))
+    }
+
+    async fn list_runs(
+        &self,
+        request: Request<pb::ListRunsRequest>,
+    ) -> Result<Response<pb::ListRunsResponse>, Status> {
+        let query = ListRunsQuery::try_from(request.into_inner()).map_err(|e| status(e.into()))?;
+        let page = self.handles.store.list_runs(&query).map_err(status)?;
+        Ok(Response::new(pb::ListRunsResponse {
+            runs: page.runs.into_iter().map(Into::into).collect(),
+            next_page_token: page.next_page_token.unwrap_or_default(),
+        }))
+    }
+}

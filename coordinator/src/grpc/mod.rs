@@ -1,0 +1,18 @@
+//! Thin gRPC adapters, one file per service: convert, call one actor, convert back.
+
+mod goal;
+mod node;
+mod registry;
+
+pub use goal::GoalApi;
+pub use node::NodeApi;
+pub use registry::RegistryApi;
+
+use crate::error::Error;
+
+/// Largest message accepted or sent on any service.
+pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+
+pub(crate) fn status(e: Error) -> tonic::Status {
+    e.into()
+}

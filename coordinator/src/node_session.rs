@@ -1,0 +1,198 @@
+//! One actor per connected node: the coordinator side of its stream. Inbound frames arrive
+//! here in order and go to the registry (register, heartbeat, drain) or the dispatcher
+//! (results). Outbound frames leave through a bounded channel that the gRPC adapter turns
+//! into the response stream.
+//! Child of `CoordinatorRoot`.
+//!
+//! Invariant: a node changes coordinator state only through its session.
+
+use std::time::Duration;
+
+use mesh_proto::domain::*;
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use crate::dispatcher::DispatcherMsg;
+use crate::error::call_result;
+use crate::registry::RegistryMsg;
+use crate::slot::Slot;
+
+const REGISTER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What goes down a node's stream.
+#[derive(Debug)]
+pub enum Outbound {
+    Frame(ToNode),
+    /// End the stream with FAILED_PRECONDITION and this reason.
+    Close(String),
+}
+
+pub type NodeTx = mpsc::Sender<Outbound>;
+
+pub enum NodeSessionMsg {
+    Frame(FromNode),
+    /// The inbound stream ended or broke.
+    Closed(String),
+    /// Close the stream (lease expired, replaced, protocol error).
+    Close(String),
+}
+
+pub struct NodeSession;
+
+pub struct NodeSessionArgs {
+    pub registry: Slot<RegistryMsg>,
+    pub dispatcher: Slot<DispatcherMsg>,
+    pub tx: NodeTx,
+    pub peer: String,
+}
+
+pub struct NodeSessionState {
+    args: NodeSessionArgs,
+    node: Option<(NodeId, u64)>,
+    draining: bool,
+}
+
+impl NodeSessionState {
+    fn close(&mut self, myself: &ActorRef<NodeSessionMsg>, reason: String) {
+        let _ = self.args.tx.try_send(Outbound::Close(reason));
+        self.disconnect(false);
+        myself.stop(None);
+    }
+
+    fn disconnect(&mut self, clean: bool) {
+        if let Some((node, instance)) = self.node.take() {
+            self.args.registry.cast(RegistryMsg::Disconnected {
+                node,
+                instance,
+                clean,
+            });
+        }
+    }
+}
+
+impl Actor for NodeSession {
+    type Msg = NodeSessionMsg;
+    type State = NodeSessionState;
+    type Arguments = NodeSessionArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        args: NodeSessionArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        debug!(peer = %args.peer, "node stream opened");
+        Ok(NodeSessionState {
+            args,
+            node: None,
+            draining: false,
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        st: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            NodeSessionMsg::Frame(frame) => {
+                let ((node, instance), frame) = match (&st.node, frame) {
+                    (None, FromNode::Register(registration)) => {
+                        let session = myself.clone();
+                        let tx = st.args.tx.clone();
+                        let registry = st.args.registry.get();
+                        let answer = registry
+                            .call(
+                                |reply| RegistryMsg::Register {
+                                    registration,
+                                    session,
+                                    tx,
+                                    reply,
+                                },
+                                Some(REGISTER_TIMEOUT),
+                            )
+                            .await;
+                        match call_result("registry", answer) {
+                            Ok(registered) => {
+                                st.node = Some((registered.node_id.clone(), registered.instance));
+                                let _ = st
+                                    .args
+                                    .tx
+                                    .try_send(Outbound::Frame(ToNode::Registered(registered)));
+                            }
+                            Err(e) => st.close(&myself, format!("registration failed: {e}")),
+                        }
+                        return Ok(());
+                    }
+                    (None, _) => {
+                        st.close(
+                            &myself,
+                            "the first frame on a node stream must be `register`".into(),
+                        );
+                        return Ok(());
+                    }
+                    (Some(_), FromNode::Register(_)) => {
+                        st.close(&myself, "`register` sent twice on one stream".into());
+                        return Ok(());
+                    }
+                    (Some(id), frame) => (id.clone(), frame),
+                };
+                match frame {
+                    FromNode::Register(_) => unreachable!("handled above"),
+                    FromNode::Heartbeat { instance: beat } if beat != instance => {
+                        st.close(
+                            &myself,
+                            format!(
+                                "heartbeat for instance {beat} on the stream of instance {instance}"
+                            ),
+                        );
+                    }
+                    FromNode::Heartbeat { .. } => st.args.registry.cast(RegistryMsg::Heartbeat {
+                        node,
+                        instance,
+                        session: myself.clone(),
+                    }),
+                    FromNode::Result(result) => st.args.dispatcher.cast(DispatcherMsg::Result {
+                        node,
+                        instance,
+                        result,
+                        tx: st.args.tx.clone(),
+                    }),
+                    FromNode::Progress(p) => {
+                        debug!(token = %p.token, message = %p.message, fraction = ?p.fraction, "task progress");
+                    }
+                    FromNode::Draining => {
+                        st.draining = true;
+                        st.args
+                            .registry
+                            .cast(RegistryMsg::Draining { node, instance });
+                    }
+                    FromNode::AgentDown { agent, reason } => {
+                        warn!(%node, %agent, %reason, "agent reported down");
+                        st.args.registry.cast(RegistryMsg::AgentDown {
+                            node,
+                            instance,
+                            agent,
+                        });
+                    }
+                }
+            }
+            NodeSessionMsg::Closed(why) => {
+                if let Some((node, instance)) = &st.node {
+                    info!(%node, instance, %why, draining = st.draining, "node stream ended");
+                }
+                let clean = st.draining;
+                st.disconnect(clean);
+                myself.stop(None);
+            }
+            NodeSessionMsg::Close(reason) => {
+                if let Some((node, instance)) = &st.node {
+                    info!(%node, instance, %reason, "closing node stream");
+                }
+                st.close(&myself, reason);
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,211 @@
+//! The coordinator's root supervisor.
+//!
+//! ```text
+//! CoordinatorRoot
+//!  ├─ Dispatcher                 agent choice, in-flight attempts, fencing
+//!  ├─ Registry                   nodes, agents, heartbeats, leases
+//!  ├─ SwarmSupervisor
+//!  │   └─ Swarm (one per goal)
+//!  │       └─ Run (one per run)
+//!  └─ NodeSession (one per connected node)
+//! ```
+//!
+//! A failed singleton is restarted with the same arguments and its new reference is put in
+//! its [`Slot`]; then the others are told what it forgot: a new dispatcher gets every live
+//! node replayed and every run re-dispatches its in-flight steps; a new registry makes the
+//! dispatcher drop its nodes (they register again, their heartbeats being unknown); a new
+//! swarm supervisor resumes the unfinished runs that are not live. A failed session is
+//! logged: its node reconnects.
+
+use std::time::Duration;
+
+use ractor::{
+    Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent,
+};
+use tracing::{error, info};
+
+use crate::config::CoordinatorConfig;
+use crate::dispatcher::{Dispatcher, DispatcherArgs, DispatcherMsg, LoadBoard};
+use crate::metrics as m;
+use crate::registry::{Registry, RegistryArgs, RegistryMsg};
+use crate::run::{RetryPolicy, RunDeps};
+use crate::slot::Slot;
+use crate::store::Store;
+use crate::swarm::RunDirectory;
+use crate::swarms::{SwarmSupervisor, SwarmsMsg};
+
+/// What gRPC adapters and sessions need to reach the actors.
+#[derive(Clone, Debug)]
+pub struct Handles {
+    pub root: ActorCell,
+    pub registry: Slot<RegistryMsg>,
+    pub dispatcher: Slot<DispatcherMsg>,
+    pub swarms: Slot<SwarmsMsg>,
+    pub store: Store,
+    pub directory: RunDirectory,
+    pub config: CoordinatorConfig,
+    pub epoch: u64,
+}
+
+pub enum RootMsg {
+    Handles(RpcReplyPort<Handles>),
+}
+
+pub struct CoordinatorRoot;
+
+pub struct RootArgs {
+    pub config: CoordinatorConfig,
+    pub store: Store,
+    pub epoch: u64,
+}
+
+pub struct RootState {
+    handles: Handles,
+    load: LoadBoard,
+    deps: RunDeps,
+    ids: [ActorId; 3],
+}
+
+async fn spawn_dispatcher(
+    root: ActorCell,
+    config: &CoordinatorConfig,
+    load: &LoadBoard,
+) -> Result<ActorRef<DispatcherMsg>, ActorProcessingErr> {
+    let args = DispatcherArgs {
+        config: config.dispatch.clone(),
+        load: load.clone(),
+    };
+    Ok(Actor::spawn_linked(None, Dispatcher, args, root).await?.0)
+}
+
+async fn spawn_registry(
+    root: ActorCell,
+    config: &CoordinatorConfig,
+    epoch: u64,
+    dispatcher: &Slot<DispatcherMsg>,
+    load: &LoadBoard,
+) -> Result<ActorRef<RegistryMsg>, ActorProcessingErr> {
+    let args = RegistryArgs {
+        config: config.registry.clone(),
+        epoch,
+        dispatcher: dispatcher.clone(),
+        load: load.clone(),
+    };
+    Ok(Actor::spawn_linked(None, Registry, args, root).await?.0)
+}
+
+async fn spawn_swarms(
+    root: ActorCell,
+    deps: &RunDeps,
+) -> Result<ActorRef<SwarmsMsg>, ActorProcessingErr> {
+    Ok(
+        Actor::spawn_linked(None, SwarmSupervisor, deps.clone(), root)
+            .await?
+            .0,
+    )
+}
+
+impl Actor for CoordinatorRoot {
+    type Msg = RootMsg;
+    type State = RootState;
+    type Arguments = RootArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: RootArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let root = myself.get_cell();
+        let load = LoadBoard::default();
+        let dispatcher = Slot::new(spawn_dispatcher(root.clone(), &args.config, &load).await?);
+        let registry = Slot::new(
+            spawn_registry(root.clone(), &args.config, args.epoch, &dispatcher, &load).await?,
+        );
+        let directory = RunDirectory::default();
+        let deps = RunDeps {
+            store: args.store.clone(),
+            dispatcher: dispatcher.clone(),
+            directory: directory.clone(),
+            epoch: args.epoch,
+            policy: RetryPolicy::from_config(&args.config.dispatch),
+        };
+        let swarms = Slot::new(spawn_swarms(root.clone(), &deps).await?);
+        let ids = [
+            dispatcher.get().get_id(),
+            registry.get().get_id(),
+            swarms.get().get_id(),
+        ];
+        info!(epoch = args.epoch, "coordinator started");
+        Ok(RootState {
+            handles: Handles {
+                root,
+                registry,
+                dispatcher,
+                swarms,
+                store: args.store,
+                directory,
+                config: args.config,
+                epoch: args.epoch,
+            },
+            load,
+            deps,
+            ids,
+        })
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        st: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            RootMsg::Handles(reply) => {
+                let _ = reply.send(st.handles.clone());
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        evt: SupervisionEvent,
+        st: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        let SupervisionEvent::ActorFailed(cell, err) = evt else {
+            return Ok(());
+        };
+        let root = myself.get_cell();
+        let h = &st.handles;
+        let id = cell.get_id();
+        if id == st.ids[0] {
+            error!(error = %err, "dispatcher failed; restarting it");
+            metrics::counter!(m::ACTOR_RESTARTS, "actor" => "dispatcher").increment(1);
+            let new = spawn_dispatcher(root, &h.config, &st.load).await?;
+            st.ids[0] = new.get_id();
+            h.dispatcher.set(new);
+            h.registry.cast(RegistryMsg::Replay);
+            h.swarms.cast(SwarmsMsg::RedispatchAll);
+        } else if id == st.ids[1] {
+            error!(error = %err, "registry failed; restarting it");
+            metrics::counter!(m::ACTOR_RESTARTS, "actor" => "registry").increment(1);
+            let new = spawn_registry(root, &h.config, h.epoch, &h.dispatcher, &st.load).await?;
+            st.ids[1] = new.get_id();
+            h.registry.set(new);
+            h.dispatcher.cast(DispatcherMsg::ResetNodes);
+        } else if id == st.ids[2] {
+            error!(error = %err, "swarm supervisor failed; restarting it");
+            metrics::counter!(m::ACTOR_RESTARTS, "actor" => "swarms").increment(1);
+            // Give the old supervisor's runs a moment to stop before resuming what is not live.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let new = spawn_swarms(root, &st.deps).await?;
+            st.ids[2] = new.get_id();
+            h.swarms.set(new);
+        } else {
+            metrics::counter!(m::ACTOR_RESTARTS, "actor" => "node_session").increment(1);
+            error!(error = %err, "node session failed; its node will reconnect");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,174 @@
+//! One actor per goal: the team of agents assembled for it. It records which agent was
+//! picked for each skill and supervises the goal's run: a run that crashes is restarted from
+//! the store, within a restart budget; past it the run is failed.
+//! Child of `SwarmSupervisor`; parent of `Run`.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use mesh_proto::domain::*;
+use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
+use tracing::{error, warn};
+
+use crate::metrics as m;
+use crate::run::{Run, RunArgs, RunDeps, RunMsg};
+use crate::store::JournalEvent;
+
+/// Restarts of a run allowed within [`RESTART_WINDOW`].
+const RESTART_BUDGET: usize = 5;
+const RESTART_WINDOW: Duration = Duration::from_secs(30);
+
+/// Live run actors by id, written by the runs themselves and read by gRPC handlers.
+#[derive(Clone, Debug, Default)]
+pub struct RunDirectory(Arc<DashMap<RunId, ActorRef<RunMsg>>>);
+
+impl RunDirectory {
+    pub fn get(&self, run_id: &RunId) -> Option<ActorRef<RunMsg>> {
+        self.0.get(run_id).map(|r| r.clone())
+    }
+
+    pub fn insert(&self, run_id: RunId, run: ActorRef<RunMsg>) {
+        self.0.insert(run_id, run);
+    }
+
+    /// Removes the entry only if it is still this actor's.
+    pub fn remove_if(&self, run_id: &RunId, run: &ActorRef<RunMsg>) {
+        self.0.remove_if(run_id, |_, r| r.get_id() == run.get_id());
+    }
+
+    pub fn contains(&self, run_id: &RunId) -> bool {
+        self.0.contains_key(run_id)
+    }
+
+    pub fn all(&self) -> Vec<ActorRef<RunMsg>> {
+        self.0.iter().map(|e| e.value().clone()).collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+pub enum SwarmMsg {
+    /// The run handed a step to this agent.
+    Member(SwarmMember),
+}
+
+pub struct Swarm;
+
+pub struct SwarmArgs {
+    pub goal_id: GoalId,
+    pub run_id: RunId,
+    pub deps: RunDeps,
+}
+
+pub struct SwarmState {
+    goal_id: GoalId,
+    run_id: RunId,
+    deps: RunDeps,
+    members: HashSet<SwarmMember>,
+    restarts: Vec<Instant>,
+}
+
+impl SwarmState {
+    async fn spawn_run(&self, myself: &ActorRef<SwarmMsg>) -> Result<(), ActorProcessingErr> {
+        let args = RunArgs {
+            run_id: self.run_id.clone(),
+            swarm: myself.clone(),
+            deps: self.deps.clone(),
+        };
+        Actor::spawn_linked(None, Run, args, myself.get_cell()).await?;
+        Ok(())
+    }
+
+    /// Records the run as failed after its restart budget is spent.
+    fn give_up(&self, reason: &str) {
+        let result = self.deps.store.load_run(&self.run_id).and_then(|stored| {
+            let event = JournalEvent::RunFinished {
+                state: RunState::Failed,
+                output: None,
+                error: Some(format!(
+                    "run crashed {RESTART_BUDGET} times in {RESTART_WINDOW:?}: {reason}"
+                )),
+            };
+            self.deps
+                .store
+                .record(&self.run_id, stored.next_seq, &event)
+        });
+        if let Err(e) = result {
+            error!(run_id = %self.run_id, error = %e, "could not record the failed run");
+        }
+    }
+}
+
+impl Actor for Swarm {
+    type Msg = SwarmMsg;
+    type State = SwarmState;
+    type Arguments = SwarmArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: SwarmArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let st = SwarmState {
+            goal_id: args.goal_id,
+            run_id: args.run_id,
+            deps: args.deps,
+            members: HashSet::new(),
+            restarts: Vec::new(),
+        };
+        st.spawn_run(&myself).await?;
+        Ok(st)
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        st: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            SwarmMsg::Member(member) => {
+                if st.members.insert(member.clone()) {
+                    st.deps.store.add_swarm_member(&st.goal_id, &member)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        evt: SupervisionEvent,
+        st: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match evt {
+            SupervisionEvent::ActorTerminated(..) => myself.stop(None),
+            SupervisionEvent::ActorFailed(_, err) => {
+                let now = Instant::now();
+                st.restarts
+                    .retain(|t| now.duration_since(*t) < RESTART_WINDOW);
+                metrics::counter!(m::ACTOR_RESTARTS, "actor" => "run").increment(1);
+                if st.restarts.len() >= RESTART_BUDGET {
+                    error!(run_id = %st.run_id, error = %err, "run exhausted its restart budget; failing it");
+                    st.give_up(&err.to_string());
+                    myself.stop(None);
+                } else {
+                    warn!(run_id = %st.run_id, error = %err, "run crashed; restarting it from the store");
+                    st.restarts.push(now);
+                    st.spawn_run(&myself).await?;
+                }
+            }
+            SupervisionEvent::ActorStarted(_) | SupervisionEvent::ProcessGroupChanged(_) => {}
+        }
+        Ok(())
+    }
+}

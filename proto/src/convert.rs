@@ -1,0 +1,978 @@
+//! Conversions between [`crate::pb`] and [`crate::domain`].
+//!
+//! Everything that comes off the wire goes through a `TryFrom` that checks it and, when it
+//! is wrong, names the offending field (`steps[2].needs[0]`).
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde_json::Value;
+
+use crate::domain::*;
+use crate::pb;
+
+/// Most steps one goal may carry.
+pub const MAX_STEPS: usize = 1_000;
+/// Largest JSON document accepted in one field.
+pub const MAX_JSON_BYTES: usize = 1024 * 1024;
+/// Longest id (step, run, node, agent name).
+pub const MAX_ID_LEN: usize = 128;
+
+/// A field of a request that is missing or wrong.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct FieldError {
+    pub field: String,
+    pub reason: String,
+}
+
+impl FieldError {
+    pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+type Result<T, E = FieldError> = std::result::Result<T, E>;
+
+/// Checks an id: 1..=128 characters from `[A-Za-z0-9_.:-]`.
+pub fn check_id(field: &str, value: &str) -> Result<()> {
+    if value.is_empty() {
+        return Err(FieldError::new(field, "must not be empty"));
+    }
+    if value.len() > MAX_ID_LEN {
+        return Err(FieldError::new(
+            field,
+            format!("is {} bytes long, the limit is {MAX_ID_LEN}", value.len()),
+        ));
+    }
+    if let Some(c) = value
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':')))
+    {
+        return Err(FieldError::new(
+            field,
+            format!("contains {c:?}; use letters, digits, '_', '-', '.' or ':'"),
+        ));
+    }
+    Ok(())
+}
+
+/// Parses JSON text; empty text is `default`.
+pub fn parse_json(field: &str, text: &str, default: Value) -> Result<Value> {
+    if text.is_empty() {
+        return Ok(default);
+    }
+    if text.len() > MAX_JSON_BYTES {
+        return Err(FieldError::new(
+            field,
+            format!("is {} bytes, the limit is {MAX_JSON_BYTES}", text.len()),
+        ));
+    }
+    serde_json::from_str(text).map_err(|e| FieldError::new(field, format!("invalid JSON: {e}")))
+}
+
+fn to_json(value: &Value) -> String {
+    value.to_string()
+}
+
+fn opt_json(value: &Option<Value>) -> String {
+    value.as_ref().map(to_json).unwrap_or_default()
+}
+
+impl GoalSpec {
+    /// Checks the step graph: ids, skills, dangling `needs`, cycles and limits.
+    pub fn validate(&self) -> Result<()> {
+        if self.steps.is_empty() {
+            return Err(FieldError::new("steps", "a goal needs at least one step"));
+        }
+        if self.steps.len() > MAX_STEPS {
+            return Err(FieldError::new(
+                "steps",
+                format!("has {} steps, the limit is {MAX_STEPS}", self.steps.len()),
+            ));
+        }
+        if !self.inputs.is_object() {
+            return Err(FieldError::new("inputs", "must be a JSON object"));
+        }
+        if let Some(key) = &self.idempotency_key {
+            check_id("idempotency_key", key)?;
+        }
+        let mut index: HashMap<&StepId, usize> = HashMap::with_capacity(self.steps.len());
+        for (i, step) in self.steps.iter().enumerate() {
+            check_id(&format!("steps[{i}].id"), step.id.as_str())?;
+            check_id(&format!("steps[{i}].uses"), &step.uses)?;
+            if let Some(first) = index.insert(&step.id, i) {
+                return Err(FieldError::new(
+                    format!("steps[{i}].id"),
+                    format!("duplicate id `{}`, first used by steps[{first}]", step.id),
+                ));
+            }
+        }
+        for (i, step) in self.steps.iter().enumerate() {
+            for (j, need) in step.needs.iter().enumerate() {
+                if !index.contains_key(need) {
+                    return Err(FieldError::new(
+                        format!("steps[{i}].needs[{j}]"),
+                        format!("unknown step `{need}`"),
+                    ));
+                }
+                if need == &step.id {
+                    return Err(FieldError::new(
+                        format!("steps[{i}].needs[{j}]"),
+                        "a step cannot need itself",
+                    ));
+                }
+            }
+        }
+        if let Some(i) = first_step_in_cycle(&self.steps, &index) {
+            return Err(FieldError::new(
+                format!("steps[{i}].needs"),
+                format!("step `{}` is part of a dependency cycle", self.steps[i].id),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Kahn's algorithm; returns the index of a step that never becomes ready.
+fn first_step_in_cycle(steps: &[StepSpec], index: &HashMap<&StepId, usize>) -> Option<usize> {
+    let mut missing: Vec<usize> = steps.iter().map(|s| s.needs.len()).collect();
+    let mut dependents: Vec<Vec<usize>> = vec![Vec::new(); steps.len()];
+    for (i, step) in steps.iter().enumerate() {
+        for need in &step.needs {
+            dependents[index[need]].push(i);
+        }
+    }
+    let mut ready: Vec<usize> = (0..steps.len()).filter(|&i| missing[i] == 0).collect();
+    let mut done = 0;
+    while let Some(i) = ready.pop() {
+        done += 1;
+        for &d in &dependents[i] {
+            missing[d] -= 1;
+            if missing[d] == 0 {
+                ready.push(d);
+            }
+        }
+    }
+    (done < steps.len()).then(|| missing.iter().position(|&m| m > 0))?
+}
+
+impl TryFrom<pb::SubmitGoalRequest> for GoalSpec {
+    type Error = FieldError;
+
+    fn try_from(req: pb::SubmitGoalRequest) -> Result<Self> {
+        let inputs = parse_json(
+            "inputs_json",
+            &req.inputs_json,
+            Value::Object(Default::default()),
+        )?;
+        if req.steps.len() > MAX_STEPS {
+            return Err(FieldError::new(
+                "steps",
+                format!("has {} steps, the limit is {MAX_STEPS}", req.steps.len()),
+            ));
+        }
+        let steps = req
+            .steps
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| {
+                Ok(StepSpec {
+                    id: StepId(s.id),
+                    uses: s.uses,
+                    with: parse_json(
+                        &format!("steps[{i}].with_json"),
+                        &s.with_json,
+                        Value::Object(Default::default()),
+                    )?,
+                    needs: s.needs.into_iter().map(StepId).collect(),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let goal = GoalSpec {
+            objective: req.objective,
+            inputs,
+            steps,
+            idempotency_key: (!req.idempotency_key.is_empty()).then_some(req.idempotency_key),
+        };
+        goal.validate()?;
+        Ok(goal)
+    }
+}
+
+impl From<GoalSpec> for pb::SubmitGoalRequest {
+    fn from(g: GoalSpec) -> Self {
+        pb::SubmitGoalRequest {
+            objective: g.objective,
+            inputs_json: to_json(&g.inputs),
+            steps: g
+                .steps
+                .into_iter()
+                .map(|s| pb::StepSpec {
+                    id: s.id.0,
+                    uses: s.uses,
+                    with_json: if s.with.is_null() {
+                        String::new()
+                    } else {
+                        to_json(&s.with)
+                    },
+                    needs: s.needs.into_iter().map(|n| n.0).collect(),
+                })
+                .collect(),
+            idempotency_key: g.idempotency_key.unwrap_or_default(),
+        }
+    }
+}
+
+/// Parses and checks a run id field.
+pub fn run_id(field: &str, value: String) -> Result<RunId> {
+    check_id(field, &value)?;
+    Ok(RunId(value))
+}
+
+// ---------------------------------------------------------------- tokens and cards
+
+impl TryFrom<Option<pb::FencingToken>> for FencingToken {
+    type Error = FieldError;
+
+    fn try_from(t: Option<pb::FencingToken>) -> Result<Self> {
+        let t = t.ok_or_else(|| FieldError::new("token", "missing"))?;
+        check_id("token.run_id", &t.run_id)?;
+        check_id("token.step_id", &t.step_id)?;
+        if t.attempt == 0 {
+            return Err(FieldError::new("token.attempt", "attempts count from 1"));
+        }
+        Ok(FencingToken {
+            run_id: RunId(t.run_id),
+            step_id: StepId(t.step_id),
+            attempt: t.attempt,
+            epoch: t.epoch,
+        })
+    }
+}
+
+impl From<FencingToken> for pb::FencingToken {
+    fn from(t: FencingToken) -> Self {
+        pb::FencingToken {
+            run_id: t.run_id.0,
+            step_id: t.step_id.0,
+            attempt: t.attempt,
+            epoch: t.epoch,
+        }
+    }
+}
+
+fn schema(field: &str, text: &str) -> Result<Option<Value>> {
+    Ok(if text.is_empty() {
+        None
+    } else {
+        Some(parse_json(field, text, Value::Null)?)
+    })
+}
+
+fn card_from_pb(i: usize, c: pb::AgentCard) -> Result<AgentCard> {
+    let at = |f: &str| format!("register.agents[{i}].{f}");
+    check_id(&at("name"), &c.name)?;
+    if c.max_concurrency == 0 {
+        return Err(FieldError::new(at("max_concurrency"), "must be at least 1"));
+    }
+    if c.skills.is_empty() {
+        return Err(FieldError::new(
+            at("skills"),
+            "an agent needs at least one skill",
+        ));
+    }
+    let skills = c
+        .skills
+        .into_iter()
+        .enumerate()
+        .map(|(j, s)| {
+            check_id(&at(&format!("skills[{j}].name")), &s.name)?;
+            Ok(SkillSpec {
+                input_schema: schema(
+                    &at(&format!("skills[{j}].input_schema_json")),
+                    &s.input_schema_json,
+                )?,
+                output_schema: schema(
+                    &at(&format!("skills[{j}].output_schema_json")),
+                    &s.output_schema_json,
+                )?,
+                name: s.name,
+                description: s.description,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(AgentCard {
+        name: c.name,
+        version: c.version,
+        description: c.description,
+        skills,
+        labels: c.labels.into_iter().collect(),
+        max_concurrency: c.max_concurrency,
+    })
+}
+
+impl From<AgentCard> for pb::AgentCard {
+    fn from(c: AgentCard) -> Self {
+        pb::AgentCard {
+            name: c.name,
+            version: c.version,
+            description: c.description,
+            skills: c
+                .skills
+                .into_iter()
+                .map(|s| pb::Skill {
+                    name: s.name,
+                    description: s.description,
+                    input_schema_json: opt_json(&s.input_schema),
+                    output_schema_json: opt_json(&s.output_schema),
+                })
+                .collect(),
+            labels: c.labels.into_iter().collect(),
+            max_concurrency: c.max_concurrency,
+        }
+    }
+}
+
+// ---------------------------------------------------------------- node frames
+
+impl TryFrom<pb::NodeFrame> for FromNode {
+    type Error = FieldError;
+
+    fn try_from(f: pb::NodeFrame) -> Result<Self> {
+        use pb::node_frame::Kind;
+        Ok(
+            match f.kind.ok_or_else(|| FieldError::new("kind", "missing"))? {
+                Kind::Register(r) => {
+                    check_id("register.node_name", &r.node_name)?;
+                    let mut seen = BTreeMap::new();
+                    let agents = r
+                        .agents
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, c)| {
+                            let card = card_from_pb(i, c)?;
+                            if let Some(first) = seen.insert(card.name.clone(), i) {
+                                return Err(FieldError::new(
+                                    format!("register.agents[{i}].name"),
+                                    format!(
+                                        "duplicate agent `{}`, first at agents[{first}]",
+                                        card.name
+                                    ),
+                                ));
+                            }
+                            Ok(card)
+                        })
+                        .collect::<Result<Vec<_>>>()?;
+                    FromNode::Register(Registration {
+                        node_name: r.node_name,
+                        labels: r.labels.into_iter().collect(),
+                        agents,
+                    })
+                }
+                Kind::Heartbeat(h) => FromNode::Heartbeat {
+                    instance: h.instance,
+                },
+                Kind::Result(r) => {
+                    use pb::task_result::Outcome;
+                    let token = FencingToken::try_from(r.token)?;
+                    let outcome = match r
+                        .outcome
+                        .ok_or_else(|| FieldError::new("result.outcome", "missing"))?
+                    {
+                        Outcome::OutputJson(text) => {
+                            Ok(parse_json("result.output_json", &text, Value::Null)?)
+                        }
+                        Outcome::Error(e) => Err(TaskError {
+                            code: e.code,
+                            message: e.message,
+                            retryable: e.retryable,
+                        }),
+                    };
+                    FromNode::Result(TaskResult { token, outcome })
+                }
+                Kind::Progress(p) => FromNode::Progress(TaskProgress {
+                    token: FencingToken::try_from(p.token)?,
+                    message: p.message,
+                    fraction: (p.fraction >= 0.0).then_some(p.fraction.min(1.0)),
+                }),
+                Kind::Draining(_) => FromNode::Draining,
+                Kind::AgentDown(a) => FromNode::AgentDown {
+                    agent: a.agent,
+                    reason: a.reason,
+                },
+            },
+        )
+    }
+}
+
+impl From<FromNode> for pb::NodeFrame {
+    fn from(f: FromNode) -> Self {
+        use pb::node_frame::Kind;
+        let kind = match f {
+            FromNode::Register(r) => Kind::Register(pb::Register {
+                node_name: r.node_name,
+                labels: r.labels.into_iter().collect(),
+                agents: r.agents.into_iter().map(Into::into).collect(),
+            }),
+            FromNode::Heartbeat { instance } => Kind::Heartbeat(pb::Heartbeat { instance }),
+            FromNode::Result(r) => Kind::Result(pb::TaskResult {
+                token: Some(r.token.into()),
+                outcome: Some(match r.outcome {
+                    Ok(v) => pb::task_result::Outcome::OutputJson(to_json(&v)),
+                    Err(e) => pb::task_result::Outcome::Error(pb::TaskError {
+                        code: e.code,
+                        message: e.message,
+                        retryable: e.retryable,
+                    }),
+                }),
+            }),
+            FromNode::Progress(p) => Kind::Progress(pb::TaskProgress {
+                token: Some(p.token.into()),
+                message: p.message,
+                fraction: p.fraction.unwrap_or(-1.0),
+            }),
+            FromNode::Draining => Kind::Draining(pb::Draining {}),
+            FromNode::AgentDown { agent, reason } => {
+                Kind::AgentDown(pb::AgentDown { agent, reason })
+            }
+        };
+        pb::NodeFrame { kind: Some(kind) }
+    }
+}
+
+/// gRPC status code numbers used in [`pb::ResultAck`].
+const CODE_OK: i32 = 0;
+const CODE_FAILED_PRECONDITION: i32 = 9;
+
+impl From<ToNode> for pb::CoordinatorFrame {
+    fn from(f: ToNode) -> Self {
+        use pb::coordinator_frame::Kind;
+        let kind = match f {
+            ToNode::Registered(r) => Kind::Registered(pb::Registered {
+                node_id: r.node_id.0,
+                instance: r.instance,
+                heartbeat_every_ms: r.heartbeat_every_ms,
+                lease_ms: r.lease_ms,
+            }),
+            ToNode::Task(t) => Kind::Task(pb::Task {
+                token: Some(t.token.into()),
+                agent: t.agent,
+                skill: t.skill,
+                input_json: to_json(&t.input),
+                deadline_ms: t.deadline_ms,
+                idempotency_key: t.idempotency_key,
+            }),
+            ToNode::Cancel { token, reason } => Kind::Cancel(pb::CancelTask {
+                token: Some(token.into()),
+                reason,
+            }),
+            ToNode::Drain { reason } => Kind::Drain(pb::Drain { reason }),
+            ToNode::ResultAck {
+                token,
+                code,
+                message,
+            } => Kind::ResultAck(pb::ResultAck {
+                token: Some(token.into()),
+                code: match code {
+                    AckCode::Accepted => CODE_OK,
+                    AckCode::Stale => CODE_FAILED_PRECONDITION,
+                },
+                message,
+            }),
+        };
+        pb::CoordinatorFrame { kind: Some(kind) }
+    }
+}
+
+impl TryFrom<pb::CoordinatorFrame> for ToNode {
+    type Error = FieldError;
+
+    fn try_from(f: pb::CoordinatorFrame) -> Result<Self> {
+        use pb::coordinator_frame::Kind;
+        Ok(
+            match f.kind.ok_or_else(|| FieldError::new("kind", "missing"))? {
+                Kind::Registered(r) => ToNode::Registered(Registered {
+                    node_id: NodeId(r.node_id),
+                    instance: r.instance,
+                    heartbeat_every_ms: r.heartbeat_every_ms,
+                    lease_ms: r.lease_ms,
+                }),
+                Kind::Task(t) => ToNode::Task(Task {
+                    token: FencingToken::try_from(t.token)?,
+                    agent: t.agent,
+                    skill: t.skill,
+                    input: parse_json("task.input_json", &t.input_json, Value::Null)?,
+                    deadline_ms: t.deadline_ms,
+                    idempotency_key: t.idempotency_key,
+                }),
+                Kind::Cancel(c) => ToNode::Cancel {
+                    token: FencingToken::try_from(c.token)?,
+                    reason: c.reason,
+                },
+                Kind::Drain(d) => ToNode::Drain { reason: d.reason },
+                Kind::ResultAck(a) => ToNode::ResultAck {
+                    token: FencingToken::try_from(a.token)?,
+                    code: if a.code == CODE_OK {
+                        AckCode::Accepted
+                    } else {
+                        AckCode::Stale
+                    },
+                    message: a.message,
+                },
+            },
+        )
+    }
+}
+
+// ---------------------------------------------------------------- runs
+
+impl From<RunState> for pb::RunState {
+    fn from(s: RunState) -> Self {
+        match s {
+            RunState::Running => pb::RunState::Running,
+            RunState::Succeeded => pb::RunState::Succeeded,
+            RunState::Failed => pb::RunState::Failed,
+            RunState::Cancelled => pb::RunState::Cancelled,
+        }
+    }
+}
+
+/// Reads a run state from the wire; `UNSPECIFIED` is `None`.
+pub fn run_state_from_pb(field: &str, value: i32) -> Result<Option<RunState>> {
+    match pb::RunState::try_from(value) {
+        Ok(pb::RunState::Unspecified) => Ok(None),
+        Ok(pb::RunState::Running) => Ok(Some(RunState::Running)),
+        Ok(pb::RunState::Succeeded) => Ok(Some(RunState::Succeeded)),
+        Ok(pb::RunState::Failed) => Ok(Some(RunState::Failed)),
+        Ok(pb::RunState::Cancelled) => Ok(Some(RunState::Cancelled)),
+        Err(_) => Err(FieldError::new(field, format!("unknown run state {value}"))),
+    }
+}
+
+impl From<StepState> for pb::StepState {
+    fn from(s: StepState) -> Self {
+        match s {
+            StepState::Pending => pb::StepState::Pending,
+            StepState::Running => pb::StepState::Running,
+            StepState::Succeeded => pb::StepState::Succeeded,
+            StepState::Failed => pb::StepState::Failed,
+            StepState::Cancelled => pb::StepState::Cancelled,
+            StepState::Skipped => pb::StepState::Skipped,
+        }
+    }
+}
+
+fn step_state_from_pb(value: i32) -> StepState {
+    match pb::StepState::try_from(value) {
+        Ok(pb::StepState::Running) => StepState::Running,
+        Ok(pb::StepState::Succeeded) => StepState::Succeeded,
+        Ok(pb::StepState::Failed) => StepState::Failed,
+        Ok(pb::StepState::Cancelled) => StepState::Cancelled,
+        Ok(pb::StepState::Skipped) => StepState::Skipped,
+        Ok(pb::StepState::Pending | pb::StepState::Unspecified) | Err(_) => StepState::Pending,
+    }
+}
+
+fn opt_str(s: String) -> Option<String> {
+    (!s.is_empty()).then_some(s)
+}
+
+fn opt_value(s: &str) -> Option<Value> {
+    if s.is_empty() {
+        None
+    } else {
+        serde_json::from_str(s).ok()
+    }
+}
+
+impl From<StepView> for pb::Step {
+    fn from(s: StepView) -> Self {
+        let (agent, node_id) = s.agent.map(|a| (a.agent, a.node.0)).unwrap_or_default();
+        pb::Step {
+            id: s.id.0,
+            uses: s.uses,
+            state: pb::StepState::from(s.state) as i32,
+            attempt: s.attempt,
+            agent,
+            node_id,
+            output_json: opt_json(&s.output),
+            error: s.error.unwrap_or_default(),
+        }
+    }
+}
+
+impl From<pb::Step> for StepView {
+    fn from(s: pb::Step) -> Self {
+        StepView {
+            agent: (!s.agent.is_empty()).then(|| AgentKey {
+                node: NodeId(s.node_id),
+                agent: s.agent,
+            }),
+            output: opt_value(&s.output_json),
+            id: StepId(s.id),
+            uses: s.uses,
+            state: step_state_from_pb(s.state),
+            attempt: s.attempt,
+            error: opt_str(s.error),
+        }
+    }
+}
+
+fn run_state_or_running(value: i32) -> RunState {
+    run_state_from_pb("state", value)
+        .ok()
+        .flatten()
+        .unwrap_or(RunState::Running)
+}
+
+impl From<RunView> for pb::Run {
+    fn from(r: RunView) -> Self {
+        pb::Run {
+            run_id: r.run_id.0,
+            goal_id: r.goal_id.0,
+            objective: r.objective,
+            state: pb::RunState::from(r.state) as i32,
+            steps: r.steps.into_iter().map(Into::into).collect(),
+            output_json: opt_json(&r.output),
+            error: r.error.unwrap_or_default(),
+            swarm: r
+                .swarm
+                .into_iter()
+                .map(|m| pb::SwarmMember {
+                    skill: m.skill,
+                    agent: m.agent.agent,
+                    node_id: m.agent.node.0,
+                })
+                .collect(),
+            created_at_ms: r.created_at_ms,
+            updated_at_ms: r.updated_at_ms,
+        }
+    }
+}
+
+impl From<pb::Run> for RunView {
+    fn from(r: pb::Run) -> Self {
+        RunView {
+            state: run_state_or_running(r.state),
+            output: opt_value(&r.output_json),
+            run_id: RunId(r.run_id),
+            goal_id: GoalId(r.goal_id),
+            objective: r.objective,
+            steps: r.steps.into_iter().map(Into::into).collect(),
+            error: opt_str(r.error),
+            swarm: r
+                .swarm
+                .into_iter()
+                .map(|m| SwarmMember {
+                    skill: m.skill,
+                    agent: AgentKey {
+                        node: NodeId(m.node_id),
+                        agent: m.agent,
+                    },
+                })
+                .collect(),
+            created_at_ms: r.created_at_ms,
+            updated_at_ms: r.updated_at_ms,
+        }
+    }
+}
+
+impl From<RunSummary> for pb::RunSummary {
+    fn from(r: RunSummary) -> Self {
+        pb::RunSummary {
+            run_id: r.run_id.0,
+            goal_id: r.goal_id.0,
+            objective: r.objective,
+            state: pb::RunState::from(r.state) as i32,
+            created_at_ms: r.created_at_ms,
+            updated_at_ms: r.updated_at_ms,
+        }
+    }
+}
+
+impl From<pb::RunSummary> for RunSummary {
+    fn from(r: pb::RunSummary) -> Self {
+        RunSummary {
+            state: run_state_or_running(r.state),
+            run_id: RunId(r.run_id),
+            goal_id: GoalId(r.goal_id),
+            objective: r.objective,
+            created_at_ms: r.created_at_ms,
+            updated_at_ms: r.updated_at_ms,
+        }
+    }
+}
+
+impl TryFrom<pb::ListRunsRequest> for ListRunsQuery {
+    type Error = FieldError;
+
+    fn try_from(r: pb::ListRunsRequest) -> Result<Self> {
+        let page_size = match r.page_size {
+            0 => 100,
+            n @ 1..=1000 => n,
+            n => {
+                return Err(FieldError::new(
+                    "page_size",
+                    format!("{n} is over the limit of 1000"),
+                ));
+            }
+        };
+        Ok(ListRunsQuery {
+            state: run_state_from_pb("state", r.state)?,
+            page_size,
+            page_token: if r.page_token.is_empty() {
+                None
+            } else {
+                Some(run_id("page_token", r.page_token)?)
+            },
+        })
+    }
+}
+
+impl From<RunEvent> for pb::RunEvent {
+    fn from(e: RunEvent) -> Self {
+        use pb::run_event::Kind;
+        let kind = match e {
+            RunEvent::Snapshot(r) => Kind::Snapshot(r.into()),
+            RunEvent::Step(s) => Kind::Step(pb::StepChanged {
+                step: Some(s.into()),
+            }),
+            RunEvent::Finished {
+                state,
+                output,
+                error,
+            } => Kind::Finished(pb::RunFinished {
+                state: pb::RunState::from(state) as i32,
+                output_json: opt_json(&output),
+                error: error.unwrap_or_default(),
+            }),
+        };
+        pb::RunEvent { kind: Some(kind) }
+    }
+}
+
+impl TryFrom<pb::RunEvent> for RunEvent {
+    type Error = FieldError;
+
+    fn try_from(e: pb::RunEvent) -> Result<Self> {
+        use pb::run_event::Kind;
+        Ok(
+            match e.kind.ok_or_else(|| FieldError::new("kind", "missing"))? {
+                Kind::Snapshot(r) => RunEvent::Snapshot(r.into()),
+                Kind::Step(s) => RunEvent::Step(
+                    s.step
+                        .ok_or_else(|| FieldError::new("step.step", "missing"))?
+                        .into(),
+                ),
+                Kind::Finished(f) => RunEvent::Finished {
+                    state: run_state_or_running(f.state),
+                    output: opt_value(&f.output_json),
+                    error: opt_str(f.error),
+                },
+            },
+        )
+    }
+}
+
+// ---------------------------------------------------------------- registry views
+
+impl From<Health> for pb::Health {
+    fn from(h: Health) -> Self {
+        match h {
+            Health::Healthy => pb::Health::Healthy,
+            Health::Suspect => pb::Health::Suspect,
+            Health::Dead => pb::Health::Dead,
+            Health::Draining => pb::Health::Draining,
+        }
+    }
+}
+
+fn health_from_pb(value: i32) -> Health {
+    match pb::Health::try_from(value) {
+        Ok(pb::Health::Healthy) => Health::Healthy,
+        Ok(pb::Health::Suspect) => Health::Suspect,
+        Ok(pb::Health::Draining) => Health::Draining,
+        Ok(pb::Health::Dead | pb::Health::Unspecified) | Err(_) => Health::Dead,
+    }
+}
+
+impl From<NodeView> for pb::NodeView {
+    fn from(n: NodeView) -> Self {
+        pb::NodeView {
+            node_id: n.node_id.0,
+            instance: n.instance,
+            health: pb::Health::from(n.health) as i32,
+            heartbeat_age_ms: n.heartbeat_age_ms,
+            labels: n.labels.into_iter().collect(),
+            agents: n.agents,
+            in_flight: n.in_flight,
+        }
+    }
+}
+
+impl From<pb::NodeView> for NodeView {
+    fn from(n: pb::NodeView) -> Self {
+        NodeView {
+            node_id: NodeId(n.node_id),
+            instance: n.instance,
+            health: health_from_pb(n.health),
+            heartbeat_age_ms: n.heartbeat_age_ms,
+            labels: n.labels.into_iter().collect(),
+            agents: n.agents,
+            in_flight: n.in_flight,
+        }
+    }
+}
+
+impl From<AgentView> for pb::AgentView {
+    fn from(a: AgentView) -> Self {
+        pb::AgentView {
+            node_id: a.node_id.0,
+            instance: a.instance,
+            name: a.name,
+            version: a.version,
+            skills: a.skills,
+            health: pb::Health::from(a.health) as i32,
+            heartbeat_age_ms: a.heartbeat_age_ms,
+            in_flight: a.in_flight,
+            max_concurrency: a.max_concurrency,
+        }
+    }
+}
+
+impl From<pb::AgentView> for AgentView {
+    fn from(a: pb::AgentView) -> Self {
+        AgentView {
+            node_id: NodeId(a.node_id),
+            instance: a.instance,
+            name: a.name,
+            version: a.version,
+            skills: a.skills,
+            health: health_from_pb(a.health),
+            heartbeat_age_ms: a.heartbeat_age_ms,
+            in_flight: a.in_flight,
+            max_concurrency: a.max_concurrency,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn step(id: &str, needs: &[&str]) -> pb::StepSpec {
+        pb::StepSpec {
+            id: id.into(),
+            uses: "echo".into(),
+            with_json: String::new(),
+            needs: needs.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    fn goal(steps: Vec<pb::StepSpec>) -> pb::SubmitGoalRequest {
+        pb::SubmitGoalRequest {
+            objective: "test".into(),
+            steps,
+            ..Default::default()
+        }
+    }
+
+    fn field_of(req: pb::SubmitGoalRequest) -> String {
+        GoalSpec::try_from(req).unwrap_err().field
+    }
+
+    #[test]
+    fn accepts_a_diamond() {
+        let g = GoalSpec::try_from(goal(vec![
+            step("a", &[]),
+            step("b", &["a"]),
+            step("c", &["a"]),
+            step("d", &["b", "c"]),
+        ]))
+        .unwrap();
+        assert_eq!(g.steps.len(), 4);
+        assert_eq!(g.steps[0].with, serde_json::json!({}));
+    }
+
+    #[test]
+    fn names_the_offending_field() {
+        assert_eq!(field_of(goal(vec![])), "steps");
+        assert_eq!(field_of(goal(vec![step("", &[])])), "steps[0].id");
+        assert_eq!(
+            field_of(goal(vec![step("a", &[]), step("a", &[])])),
+            "steps[1].id"
+        );
+        assert_eq!(
+            field_of(goal(vec![step("a", &["zz"])])),
+            "steps[0].needs[0]"
+        );
+        let mut bad = step("a", &[]);
+        bad.with_json = "{nope".into();
+        assert_eq!(field_of(goal(vec![bad])), "steps[0].with_json");
+        let mut no_skill = step("a", &[]);
+        no_skill.uses.clear();
+        assert_eq!(field_of(goal(vec![no_skill])), "steps[0].uses");
+        let mut req = goal(vec![step("a", &[])]);
+        req.inputs_json = "[1]".into();
+        assert_eq!(field_of(req), "inputs");
+    }
+
+    #[test]
+    fn finds_cycles() {
+        let err = GoalSpec::try_from(goal(vec![
+            step("a", &["c"]),
+            step("b", &["a"]),
+            step("c", &["b"]),
+            step("d", &[]),
+        ]))
+        .unwrap_err();
+        assert_eq!(err.field, "steps[0].needs");
+        assert!(err.reason.contains("cycle"), "{err}");
+    }
+
+    #[test]
+    fn frames_round_trip() {
+        let token = FencingToken {
+            run_id: "r1".into(),
+            step_id: "s1".into(),
+            attempt: 2,
+            epoch: 7,
+        };
+        let frame = FromNode::Result(TaskResult {
+            token: token.clone(),
+            outcome: Err(TaskError {
+                code: "boom".into(),
+                message: "it broke".into(),
+                retryable: true,
+            }),
+        });
+        assert_eq!(
+            FromNode::try_from(pb::NodeFrame::from(frame.clone())).unwrap(),
+            frame
+        );
+        let ack = ToNode::ResultAck {
+            token,
+            code: AckCode::Stale,
+            message: "stale".into(),
+        };
+        assert_eq!(
+            ToNode::try_from(pb::CoordinatorFrame::from(ack.clone())).unwrap(),
+            ack
+        );
+    }
+
+    #[test]
+    fn rejects_a_token_without_attempt() {
+        let err = FencingToken::try_from(Some(pb::FencingToken {
+            run_id: "r".into(),
+            step_id: "s".into(),
+            attempt: 0,
+            epoch: 1,
+        }))
+        .unwrap_err();
+        assert_eq!(err.field, "token.attempt");
+    }
+}

@@ -1,0 +1,450 @@
+//! Domain types shared by the coordinator, the SDK and the CLI. No prost type appears here.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+macro_rules! id_type {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(transparent)]
+        pub struct $name(pub String);
+
+        impl $name {
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl From<&str> for $name {
+            fn from(s: &str) -> Self {
+                Self(s.to_owned())
+            }
+        }
+    };
+}
+
+id_type!(
+    /// A worker node's stable name.
+    NodeId
+);
+id_type!(
+    /// A goal, as stored.
+    GoalId
+);
+id_type!(
+    /// One run of a goal's steps.
+    RunId
+);
+id_type!(
+    /// A step's id, unique within its run.
+    StepId
+);
+
+/// An agent hosted on a node: agent names are unique per node.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct AgentKey {
+    pub node: NodeId,
+    pub agent: String,
+}
+
+impl fmt::Display for AgentKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.node, self.agent)
+    }
+}
+
+/// Identifies one attempt of one step. Only a result carrying the step's current token is
+/// accepted; every other one is stale.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct FencingToken {
+    pub run_id: RunId,
+    pub step_id: StepId,
+    pub attempt: u32,
+    /// The coordinator incarnation that issued the attempt.
+    pub epoch: u64,
+}
+
+impl fmt::Display for FencingToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}/{}#{}@{}",
+            self.run_id, self.step_id, self.attempt, self.epoch
+        )
+    }
+}
+
+/// What an agent can do, declared by its author.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SkillSpec {
+    pub name: String,
+    pub description: String,
+    pub input_schema: Option<Value>,
+    pub output_schema: Option<Value>,
+}
+
+impl SkillSpec {
+    pub fn named(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            description: String::new(),
+            input_schema: None,
+            output_schema: None,
+        }
+    }
+}
+
+/// An agent's description, in the spirit of A2A agent cards.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AgentCard {
+    pub name: String,
+    pub version: String,
+    pub description: String,
+    pub skills: Vec<SkillSpec>,
+    pub labels: BTreeMap<String, String>,
+    pub max_concurrency: u32,
+}
+
+impl AgentCard {
+    pub fn has_skill(&self, skill: &str) -> bool {
+        self.skills.iter().any(|s| s.name == skill)
+    }
+}
+
+/// The first frame of a node's stream.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Registration {
+    pub node_name: String,
+    pub labels: BTreeMap<String, String>,
+    pub agents: Vec<AgentCard>,
+}
+
+/// The coordinator's answer to a registration.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Registered {
+    pub node_id: NodeId,
+    pub instance: u64,
+    pub heartbeat_every_ms: u64,
+    pub lease_ms: u64,
+}
+
+/// An agent's failure, as reported in a task result.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TaskError {
+    pub code: String,
+    pub message: String,
+    pub retryable: bool,
+}
+
+impl fmt::Display for TaskError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)
+    }
+}
+
+pub type TaskOutcome = Result<Value, TaskError>;
+
+/// One attempt handed to an agent.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Task {
+    pub token: FencingToken,
+    pub agent: String,
+    pub skill: String,
+    pub input: Value,
+    pub deadline_ms: u64,
+    pub idempotency_key: String,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct TaskResult {
+    pub token: FencingToken,
+    pub outcome: TaskOutcome,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct TaskProgress {
+    pub token: FencingToken,
+    pub message: String,
+    pub fraction: Option<f64>,
+}
+
+/// Whether the coordinator took a task result.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AckCode {
+    Accepted,
+    /// The token is not the step's current one.
+    Stale,
+}
+
+/// Frames a node sends on its stream.
+#[derive(Clone, Debug, PartialEq)]
+pub enum FromNode {
+    Register(Registration),
+    Heartbeat { instance: u64 },
+    Result(TaskResult),
+    Progress(TaskProgress),
+    Draining,
+    AgentDown { agent: String, reason: String },
+}
+
+/// Frames the coordinator sends on a node's stream.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ToNode {
+    Registered(Registered),
+    Task(Task),
+    Cancel {
+        token: FencingToken,
+        reason: String,
+    },
+    Drain {
+        reason: String,
+    },
+    ResultAck {
+        token: FencingToken,
+        code: AckCode,
+        message: String,
+    },
+}
+
+/// One step of a goal's inline workflow.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StepSpec {
+    pub id: StepId,
+    pub uses: String,
+    #[serde(default)]
+    pub with: Value,
+    #[serde(default)]
+    pub needs: Vec<StepId>,
+}
+
+/// A validated goal.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GoalSpec {
+    pub objective: String,
+    pub inputs: Value,
+    pub steps: Vec<StepSpec>,
+    pub idempotency_key: Option<String>,
+}
+
+/// Reference to the run a submission created or found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunRef {
+    pub goal_id: GoalId,
+    pub run_id: RunId,
+    pub created: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunState {
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl RunState {
+    pub fn is_terminal(self) -> bool {
+        !matches!(self, RunState::Running)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunState::Running => "running",
+            RunState::Succeeded => "succeeded",
+            RunState::Failed => "failed",
+            RunState::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "running" => RunState::Running,
+            "succeeded" => RunState::Succeeded,
+            "failed" => RunState::Failed,
+            "cancelled" => RunState::Cancelled,
+            _ => return None,
+        })
+    }
+}
+
+impl fmt::Display for RunState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepState {
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+    Skipped,
+}
+
+impl StepState {
+    pub fn is_terminal(self) -> bool {
+        !matches!(self, StepState::Pending | StepState::Running)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepState::Pending => "pending",
+            StepState::Running => "running",
+            StepState::Succeeded => "succeeded",
+            StepState::Failed => "failed",
+            StepState::Cancelled => "cancelled",
+            StepState::Skipped => "skipped",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "pending" => StepState::Pending,
+            "running" => StepState::Running,
+            "succeeded" => StepState::Succeeded,
+            "failed" => StepState::Failed,
+            "cancelled" => StepState::Cancelled,
+            "skipped" => StepState::Skipped,
+            _ => return None,
+        })
+    }
+}
+
+impl fmt::Display for StepState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A step as clients see it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StepView {
+    pub id: StepId,
+    pub uses: String,
+    pub state: StepState,
+    pub attempt: u32,
+    pub agent: Option<AgentKey>,
+    pub output: Option<Value>,
+    pub error: Option<String>,
+}
+
+/// The agent a swarm picked for a skill.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct SwarmMember {
+    pub skill: String,
+    pub agent: AgentKey,
+}
+
+/// A run as clients see it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunView {
+    pub run_id: RunId,
+    pub goal_id: GoalId,
+    pub objective: String,
+    pub state: RunState,
+    pub steps: Vec<StepView>,
+    pub output: Option<Value>,
+    pub error: Option<String>,
+    pub swarm: Vec<SwarmMember>,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunSummary {
+    pub run_id: RunId,
+    pub goal_id: GoalId,
+    pub objective: String,
+    pub state: RunState,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct RunPage {
+    pub runs: Vec<RunSummary>,
+    pub next_page_token: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ListRunsQuery {
+    pub state: Option<RunState>,
+    pub page_size: u32,
+    pub page_token: Option<RunId>,
+}
+
+/// What a run watcher sees.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RunEvent {
+    Snapshot(RunView),
+    Step(StepView),
+    Finished {
+        state: RunState,
+        output: Option<Value>,
+        error: Option<String>,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Health {
+    Healthy,
+    Suspect,
+    Dead,
+    Draining,
+}
+
+impl Health {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Healthy => "healthy",
+            Health::Suspect => "suspect",
+            Health::Dead => "dead",
+            Health::Draining => "draining",
+        }
+    }
+}
+
+impl fmt::Display for Health {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NodeView {
+    pub node_id: NodeId,
+    pub instance: u64,
+    pub health: Health,
+    pub heartbeat_age_ms: u64,
+    pub labels: BTreeMap<String, String>,
+    pub agents: u32,
+    pub in_flight: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AgentView {
+    pub node_id: NodeId,
+    pub instance: u64,
+    pub name: String,
+    pub version: String,
+    pub skills: Vec<String>,
+    pub health: Health,
+    pub heartbeat_age_ms: u64,
+    pub in_flight: u32,
+    pub max_concurrency: u32,
+}

@@ -1,0 +1,22 @@
+//! The agentmesh wire contract.
+//!
+//! - [`pb`]: code generated from `proto/mesh/v1/mesh.proto` (prost messages, tonic
+//!   clients and servers). Only gRPC adapters touch it.
+//! - [`domain`]: the types the rest of the mesh works with: ids, agent cards, goals,
+//!   fencing tokens, node frames, run views.
+//! - [`convert`]: `TryFrom`/`From` between the two. Conversions from the wire validate
+//!   and name the offending field in their error.
+
+pub mod convert;
+pub mod domain;
+
+/// Generated protobuf and gRPC code for package `mesh.v1`.
+#[allow(clippy::all, missing_docs)]
+pub mod pb {
+    tonic::include_proto!("mesh.v1");
+}
+
+/// Encoded `FileDescriptorSet` of mesh.v1, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("mesh_descriptor");
+
+pub use convert::FieldError;
