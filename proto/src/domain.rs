@@ -116,6 +116,48 @@ pub struct AgentCard {
 }
 
 impl AgentCard {
+    /// A card with one slot and no skills yet; add them with [`AgentCard::skill`].
+    pub fn new(name: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            version: "0.1.0".to_owned(),
+            description: String::new(),
+            skills: Vec::new(),
+            labels: BTreeMap::new(),
+            max_concurrency: 1,
+        }
+    }
+
+    pub fn skill(mut self, name: &str) -> Self {
+        self.skills.push(SkillSpec::named(name));
+        self
+    }
+
+    pub fn skill_spec(mut self, skill: SkillSpec) -> Self {
+        self.skills.push(skill);
+        self
+    }
+
+    pub fn max_concurrency(mut self, n: u32) -> Self {
+        self.max_concurrency = n;
+        self
+    }
+
+    pub fn version(mut self, version: &str) -> Self {
+        self.version = version.to_owned();
+        self
+    }
+
+    pub fn description(mut self, description: &str) -> Self {
+        self.description = description.to_owned();
+        self
+    }
+
+    pub fn label(mut self, key: &str, value: &str) -> Self {
+        self.labels.insert(key.to_owned(), value.to_owned());
+        self
+    }
+
     pub fn has_skill(&self, skill: &str) -> bool {
         self.skills.iter().any(|s| s.name == skill)
     }

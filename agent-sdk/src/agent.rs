@@ -1,0 +1,165 @@
+//! The [`Agent`] trait and what a handler sees.
+
+use std::future::Future;
+use std::time::Duration;
+
+use mesh_proto::domain::{FencingToken, TaskError};
+use serde_json::Value;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+pub use mesh_proto::domain::AgentCard;
+
+/// An agent: a card that says what it can do, and a handler.
+///
+/// `handle` runs once per attempt. An attempt may be delivered more than once (after a node
+/// is lost, for instance), so side effects should be keyed by [`Context::idempotency_key`],
+/// which is stable across the attempts of one step.
+pub trait Agent: Send + Sync + 'static {
+    fn card(&self) -> AgentCard;
+
+    fn handle(
+        &self,
+        ctx: Context,
+        input: Value,
+    ) -> impl Future<Output = Result<Value, AgentError>> + Send;
+}
+
+/// An agent's failure. Retryable errors are tried again by the coordinator (up to its cap);
+/// the others fail the step at once.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct AgentError {
+    pub code: String,
+    pub message: String,
+    pub retryable: bool,
+}
+
+impl AgentError {
+    /// A transient failure: worth another attempt.
+    pub fn retryable(code: &str, message: impl Into<String>) -> Self {
+        Self {
+            code: code.to_owned(),
+            message: message.into(),
+            retryable: true,
+        }
+    }
+
+    /// A failure another attempt would not fix.
+    pub fn fatal(code: &str, message: impl Into<String>) -> Self {
+        Self {
+            code: code.to_owned(),
+            message: message.into(),
+            retryable: false,
+        }
+    }
+
+    /// The input is wrong: the caller's fault, never retried.
+    pub fn bad_input(message: impl Into<String>) -> Self {
+        Self::fatal("bad_input", message)
+    }
+}
+
+impl From<AgentError> for TaskError {
+    fn from(e: AgentError) -> Self {
+        TaskError {
+            code: e.code,
+            message: e.message,
+            retryable: e.retryable,
+        }
+    }
+}
+
+/// A progress report from a handler.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Progress {
+    pub message: String,
+    pub fraction: Option<f64>,
+}
+
+/// What a handler knows about its attempt.
+#[derive(Clone, Debug)]
+pub struct Context {
+    pub(crate) token: FencingToken,
+    pub(crate) skill: String,
+    pub(crate) idempotency_key: String,
+    pub(crate) deadline: Instant,
+    pub(crate) cancel: CancellationToken,
+    pub(crate) progress: Option<mpsc::Sender<(FencingToken, Progress)>>,
+}
+
+impl Context {
+    /// A context for calling a handler directly, in tests.
+    pub fn for_test(run: &str, step: &str, attempt: u32) -> Self {
+        Self {
+            token: FencingToken {
+                run_id: run.into(),
+                step_id: step.into(),
+                attempt,
+                epoch: 1,
+            },
+            skill: String::new(),
+            idempotency_key: format!("{run}/{step}"),
+            deadline: Instant::now() + Duration::from_secs(60),
+            cancel: CancellationToken::new(),
+            progress: None,
+        }
+    }
+
+    /// The attempt's fencing token.
+    pub fn token(&self) -> &FencingToken {
+        &self.token
+    }
+
+    /// 1 for the first attempt of the step.
+    pub fn attempt(&self) -> u32 {
+        self.token.attempt
+    }
+
+    pub fn run_id(&self) -> &str {
+        self.token.run_id.as_str()
+    }
+
+    pub fn step_id(&self) -> &str {
+        self.token.step_id.as_str()
+    }
+
+    /// The skill this attempt was dispatched for.
+    pub fn skill(&self) -> &str {
+        &self.skill
+    }
+
+    /// Stable across the attempts of one step: key side effects by it.
+    pub fn idempotency_key(&self) -> &str {
+        &self.idempotency_key
+    }
+
+    /// When the coordinator stops waiting for this attempt.
+    pub fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel.is_cancelled()
+    }
+
+    /// Resolves when the attempt is cancelled (run cancelled, attempt timed out, node draining
+    /// past its grace period).
+    pub async fn cancelled(&self) {
+        self.cancel.cancelled().await
+    }
+
+    /// Reports progress to the coordinator; dropped if the stream is busy.
+    pub fn progress(&self, message: impl Into<String>, fraction: Option<f64>) {
+        if let Some(tx) = &self.progress {
+            let _ = tx.try_send((
+                self.token.clone(),
+                Progress {
+                    message: message.into(),
+                    fraction,
+                },
+            ));
+        }
+    }
+}

@@ -1,0 +1,219 @@
+//! [`GoalClient`]: submit goals, read and watch runs, list nodes and agents.
+
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use mesh_proto::domain::*;
+use mesh_proto::pb;
+use mesh_proto::pb::goal_service_client::GoalServiceClient;
+use mesh_proto::pb::registry_service_client::RegistryServiceClient;
+use tonic::transport::{Channel, Endpoint};
+
+/// The gRPC status of a failed call, without the transport's types.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RpcCode {
+    InvalidArgument,
+    NotFound,
+    AlreadyExists,
+    FailedPrecondition,
+    ResourceExhausted,
+    DeadlineExceeded,
+    Unavailable,
+    Cancelled,
+    Internal,
+    Other,
+}
+
+impl From<tonic::Code> for RpcCode {
+    fn from(c: tonic::Code) -> Self {
+        match c {
+            tonic::Code::InvalidArgument => RpcCode::InvalidArgument,
+            tonic::Code::NotFound => RpcCode::NotFound,
+            tonic::Code::AlreadyExists => RpcCode::AlreadyExists,
+            tonic::Code::FailedPrecondition => RpcCode::FailedPrecondition,
+            tonic::Code::ResourceExhausted => RpcCode::ResourceExhausted,
+            tonic::Code::DeadlineExceeded => RpcCode::DeadlineExceeded,
+            tonic::Code::Unavailable => RpcCode::Unavailable,
+            tonic::Code::Cancelled => RpcCode::Cancelled,
+            tonic::Code::Internal => RpcCode::Internal,
+            _ => RpcCode::Other,
+        }
+    }
+}
+
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the coordinator at {url}: {reason}")]
+    Connect { url: String, reason: String },
+    #[error("{code:?}: {message}")]
+    Rpc { code: RpcCode, message: String },
+    #[error("invalid reply from the coordinator: {0}")]
+    Invalid(String),
+}
+
+impl ClientError {
+    pub fn code(&self) -> Option<RpcCode> {
+        match self {
+            ClientError::Rpc { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+impl From<tonic::Status> for ClientError {
+    fn from(s: tonic::Status) -> Self {
+        ClientError::Rpc {
+            code: s.code().into(),
+            message: s.message().to_owned(),
+        }
+    }
+}
+
+/// Deadline of every unary call.
+const CALL_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// A client of the coordinator's goal and registry services.
+#[derive(Clone, Debug)]
+pub struct GoalClient {
+    goals: GoalServiceClient<Channel>,
+    registry: RegistryServiceClient<Channel>,
+}
+
+fn request<T>(msg: T) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    req.set_timeout(CALL_TIMEOUT);
+    req
+}
+
+impl GoalClient {
+    /// Connects to `url` (`http://host:port`).
+    pub async fn connect(url: &str) -> Result<Self, ClientError> {
+        let err = |reason: String| ClientError::Connect {
+            url: url.to_owned(),
+            reason,
+        };
+        let channel = Endpoint::from_shared(url.to_owned())
+            .map_err(|e| err(e.to_string()))?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
+            .connect()
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        Ok(Self {
+            goals: GoalServiceClient::new(channel.clone()),
+            registry: RegistryServiceClient::new(channel),
+        })
+    }
+
+    /// Submits a goal; returns once it is durable.
+    pub async fn submit(&self, goal: GoalSpec) -> Result<RunRef, ClientError> {
+        let r = self
+            .goals
+            .clone()
+            .submit_goal(request(pb::SubmitGoalRequest::from(goal)))
+            .await?
+            .into_inner();
+        Ok(RunRef {
+            goal_id: GoalId(r.goal_id),
+            run_id: RunId(r.run_id),
+            created: r.created,
+        })
+    }
+
+    pub async fn get_run(&self, run_id: &RunId) -> Result<RunView, ClientError> {
+        let r = self
+            .goals
+            .clone()
+            .get_run(request(pb::GetRunRequest {
+                run_id: run_id.0.clone(),
+            }))
+            .await?;
+        Ok(r.into_inner().into())
+    }
+
+    pub async fn cancel_run(&self, run_id: &RunId, reason: &str) -> Result<RunView, ClientError> {
+        let r = self
+            .goals
+            .clone()
+            .cancel_run(request(pb::CancelRunRequest {
+                run_id: run_id.0.clone(),
+                reason: reason.to_owned(),
+            }))
+            .await?;
+        Ok(r.into_inner().into())
+    }
+
+    pub async fn list_runs(
+        &self,
+        state: Option<RunState>,
+        page_size: u32,
+        page_token: Option<String>,
+    ) -> Result<RunPage, ClientError> {
+        let r = self
+            .goals
+            .clone()
+            .list_runs(request(pb::ListRunsRequest {
+                state: state.map(|s| pb::RunState::from(s) as i32).unwrap_or(0),
+                page_size,
+                page_token: page_token.unwrap_or_default(),
+            }))
+            .await?
+            .into_inner();
+        Ok(RunPage {
+            runs: r.runs.into_iter().map(Into::into).collect(),
+            next_page_token: Some(r.next_page_token).filter(|t| !t.is_empty()),
+        })
+    }
+
+    /// The run's current state, then every change, until it finishes.
+    pub async fn watch(
+        &self,
+        run_id: &RunId,
+    ) -> Result<impl Stream<Item = Result<RunEvent, ClientError>> + use<>, ClientError> {
+        let stream = self
+            .goals
+            .clone()
+            .watch_run(pb::WatchRunRequest {
+                run_id: run_id.0.clone(),
+            })
+            .await?
+            .into_inner();
+        Ok(stream.map(|item| match item {
+            Ok(event) => RunEvent::try_from(event).map_err(|e| ClientError::Invalid(e.to_string())),
+            Err(status) => Err(status.into()),
+        }))
+    }
+
+    /// Waits until the run finishes and returns its final view.
+    pub async fn wait(&self, run_id: &RunId) -> Result<RunView, ClientError> {
+        let mut events = Box::pin(self.watch(run_id).await?);
+        while let Some(event) = events.next().await {
+            if let RunEvent::Finished { .. } = event? {
+                break;
+            }
+        }
+        self.get_run(run_id).await
+    }
+
+    pub async fn nodes(&self) -> Result<Vec<NodeView>, ClientError> {
+        let r = self
+            .registry
+            .clone()
+            .list_nodes(request(pb::ListNodesRequest {}))
+            .await?
+            .into_inner();
+        Ok(r.nodes.into_iter().map(Into::into).collect())
+    }
+
+    pub async fn agents(&self, skill: Option<&str>) -> Result<Vec<AgentView>, ClientError> {
+        let r = self
+            .registry
+            .clone()
+            .list_agents(request(pb::ListAgentsRequest {
+                skill: skill.unwrap_or_default().to_owned(),
+            }))
+            .await?
+            .into_inner();
+        Ok(r.agents.into_iter().map(Into::into).collect())
+    }
+}

@@ -1,0 +1,174 @@
+//! One actor per hosted agent. Each attempt runs in its own task so that up to
+//! `max_concurrency` run at once; a panic in the handler fails the attempt (retryable) and
+//! then fails this actor, which `NodeRoot` restarts with backoff within a restart budget.
+//! Child of `NodeRoot`.
+
+use std::collections::HashMap;
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mesh_proto::domain::{AgentCard, FencingToken, Task, TaskError, TaskResult};
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, warn};
+
+use super::connection::ConnMsg;
+use crate::agent::{Agent, Context, Progress};
+use crate::metrics as m;
+
+pub enum AgentMsg {
+    Run(Task),
+    Cancel(FencingToken),
+    /// An attempt finished (sent by its task).
+    Done(FencingToken),
+    /// A handler panicked: this actor fails so that its supervisor restarts it.
+    Panicked(String),
+}
+
+pub struct AgentActor<A>(PhantomData<fn() -> A>);
+
+impl<A> Default for AgentActor<A> {
+    fn default() -> Self {
+        Self(PhantomData)
+    }
+}
+
+pub struct AgentArgs<A> {
+    pub agent: Arc<A>,
+    pub card: AgentCard,
+    pub conn: ActorRef<ConnMsg>,
+    pub progress: mpsc::Sender<(FencingToken, Progress)>,
+}
+
+pub struct AgentState<A> {
+    args: AgentArgs<A>,
+    running: HashMap<FencingToken, CancellationToken>,
+}
+
+fn error(code: &str, message: String, retryable: bool) -> TaskError {
+    TaskError {
+        code: code.to_owned(),
+        message,
+        retryable,
+    }
+}
+
+fn panic_message(e: tokio::task::JoinError) -> String {
+    match e.try_into_panic() {
+        Ok(payload) => payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "panic".to_owned()),
+        Err(e) => e.to_string(),
+    }
+}
+
+impl<A: Agent> Actor for AgentActor<A> {
+    type Msg = AgentMsg;
+    type State = AgentState<A>;
+    type Arguments = AgentArgs<A>;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        args: AgentArgs<A>,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        Ok(AgentState {
+            args,
+            running: HashMap::new(),
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        st: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            AgentMsg::Run(task) => {
+                let name = st.args.card.name.clone();
+                if st.running.len() >= st.args.card.max_concurrency as usize {
+                    let outcome = Err(error(
+                        "busy",
+                        format!(
+                            "agent `{name}` is running {} attempts, its max_concurrency",
+                            st.running.len()
+                        ),
+                        true,
+                    ));
+                    let _ = st.args.conn.cast(ConnMsg::Result(TaskResult {
+                        token: task.token,
+                        outcome,
+                    }));
+                    return Ok(());
+                }
+                let cancel = CancellationToken::new();
+                st.running.insert(task.token.clone(), cancel.clone());
+                metrics::gauge!(m::TASKS_RUNNING).increment(1.0);
+                let deadline = Duration::from_millis(task.deadline_ms.max(1));
+                let ctx = Context {
+                    token: task.token.clone(),
+                    skill: task.skill.clone(),
+                    idempotency_key: task.idempotency_key.clone(),
+                    deadline: Instant::now() + deadline,
+                    cancel: cancel.clone(),
+                    progress: Some(st.args.progress.clone()),
+                };
+                let agent = st.args.agent.clone();
+                let conn = st.args.conn.clone();
+                let token = task.token;
+                let span = tracing::info_span!("agent.handle", agent = %name, run_id = %token.run_id, step_id = %token.step_id, attempt = token.attempt);
+                let work = tokio::spawn(
+                    async move {
+                        tokio::select! {
+                            result = agent.handle(ctx, task.input) => result.map_err(TaskError::from),
+                            _ = tokio::time::sleep(deadline) => Err(error("timeout", format!("no result within {} ms", deadline.as_millis()), true)),
+                            _ = cancel.cancelled() => Err(error("cancelled", "the attempt was cancelled".into(), false)),
+                        }
+                    }
+                    .instrument(span),
+                );
+                tokio::spawn(async move {
+                    let outcome = match work.await {
+                        Ok(outcome) => outcome,
+                        Err(e) => {
+                            let message = panic_message(e);
+                            let _ = myself.cast(AgentMsg::Panicked(message.clone()));
+                            Err(error(
+                                "agent_panicked",
+                                format!("agent `{name}` panicked: {message}"),
+                                true,
+                            ))
+                        }
+                    };
+                    let label = match &outcome {
+                        Ok(_) => "ok",
+                        Err(_) => "error",
+                    };
+                    metrics::counter!(m::TASKS, "agent" => name, "outcome" => label).increment(1);
+                    metrics::gauge!(m::TASKS_RUNNING).decrement(1.0);
+                    let _ = myself.cast(AgentMsg::Done(token.clone()));
+                    let _ = conn.cast(ConnMsg::Result(TaskResult { token, outcome }));
+                });
+            }
+            AgentMsg::Cancel(token) => {
+                if let Some(cancel) = st.running.get(&token) {
+                    cancel.cancel();
+                }
+            }
+            AgentMsg::Done(token) => {
+                st.running.remove(&token);
+            }
+            AgentMsg::Panicked(message) => {
+                warn!(agent = %st.args.card.name, %message, "agent panicked");
+                return Err(format!("agent `{}` panicked: {message}", st.args.card.name).into());
+            }
+        }
+        Ok(())
+    }
+}

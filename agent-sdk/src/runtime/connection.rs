@@ -1,0 +1,438 @@
+//! The node's side of its stream to the coordinator: connects, registers, heartbeats on the
+//! same stream that carries tasks, routes tasks to agent actors and sends their results.
+//! Results stay buffered until the coordinator acknowledges them, and are sent again after
+//! a reconnect, so none is lost with a broken stream. A lost stream is re-opened with capped
+//! exponential backoff and jitter, and the node registers again as a new instance.
+//! Child of `NodeRoot`.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use mesh_proto::domain::*;
+use mesh_proto::pb;
+use mesh_proto::pb::node_service_client::NodeServiceClient;
+use ractor::concurrency::JoinHandle;
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Endpoint;
+use tracing::{debug, info, warn};
+
+use super::agent_actor::AgentMsg;
+use super::{AgentTable, RuntimeConfig};
+use crate::agent::Progress;
+use crate::metrics as m;
+
+/// Frames buffered towards the coordinator.
+const OUTBOUND_QUEUE: usize = 1024;
+/// Unacknowledged results kept for re-sending; past it the oldest are dropped (the
+/// coordinator re-dispatches their steps anyway).
+const MAX_UNACKED: usize = 10_000;
+const SEND_TIMEOUT: Duration = Duration::from_secs(5);
+const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+
+pub enum ConnMsg {
+    /// Sent to itself: open the stream.
+    Connect,
+    Inbound {
+        generation: u64,
+        frame: ToNode,
+    },
+    Lost {
+        generation: u64,
+        reason: String,
+    },
+    Heartbeat,
+    /// An agent finished an attempt.
+    Result(TaskResult),
+    Progress(FencingToken, Progress),
+    AgentDown {
+        agent: String,
+        reason: String,
+    },
+    /// Finish in-flight attempts, take no new ones, then close; the reply comes when done.
+    Drain(Option<RpcReplyPort<()>>),
+}
+
+struct Link {
+    generation: u64,
+    tx: mpsc::Sender<pb::NodeFrame>,
+    instance: Option<u64>,
+    heartbeat: Option<JoinHandle<()>>,
+}
+
+pub struct Connection;
+
+pub struct ConnArgs {
+    pub config: RuntimeConfig,
+    pub cards: Vec<AgentCard>,
+    pub agents: AgentTable,
+    /// Set to true once the node has drained and left.
+    pub finished: watch::Sender<bool>,
+}
+
+pub struct ConnState {
+    args: ConnArgs,
+    link: Option<Link>,
+    generation: u64,
+    failures: u32,
+    /// Attempts handed to agents, by token, with the agent's name.
+    tasks: HashMap<FencingToken, String>,
+    unacked: HashMap<FencingToken, TaskResult>,
+    draining: bool,
+    drain_waiters: Vec<RpcReplyPort<()>>,
+}
+
+/// Wait before reconnect attempt `failures` (1-based): capped exponential, full jitter on
+/// the upper half.
+pub fn backoff(failures: u32, min: Duration, max: Duration) -> Duration {
+    let factor = 1u32
+        .checked_shl(failures.saturating_sub(1).min(20))
+        .unwrap_or(u32::MAX);
+    let ceiling = min.saturating_mul(factor).min(max);
+    let half = ceiling / 2;
+    half + half.mul_f64(fastrand::f64())
+}
+
+impl ConnState {
+    fn registration(&self) -> pb::NodeFrame {
+        pb::NodeFrame::from(FromNode::Register(Registration {
+            node_name: self.args.config.name.clone(),
+            labels: self.args.config.labels.clone(),
+            agents: self.args.cards.clone(),
+        }))
+    }
+
+    fn send(&self, frame: FromNode) {
+        if let Some(link) = &self.link {
+            if link.instance.is_some() && link.tx.try_send(frame.into()).is_err() {
+                debug!("outbound queue full; frame dropped");
+            }
+        }
+    }
+
+    async fn send_result(&mut self, myself: &ActorRef<ConnMsg>, result: TaskResult) {
+        let Some(link) = self.link.as_ref().filter(|l| l.instance.is_some()) else {
+            return;
+        };
+        let frame = pb::NodeFrame::from(FromNode::Result(result));
+        if tokio::time::timeout(SEND_TIMEOUT, link.tx.send(frame))
+            .await
+            .is_err()
+        {
+            // The stream does not drain: treat it as lost; unacked results go out again.
+            let generation = link.generation;
+            let _ = myself.cast(ConnMsg::Lost {
+                generation,
+                reason: "outbound stream stalled".into(),
+            });
+        }
+    }
+
+    fn drop_link(&mut self) {
+        if let Some(link) = self.link.take() {
+            if let Some(h) = link.heartbeat {
+                h.abort();
+            }
+        }
+        metrics::gauge!(m::CONNECTED).set(0.0);
+    }
+
+    fn schedule_reconnect(&mut self, myself: &ActorRef<ConnMsg>) {
+        self.failures += 1;
+        let delay = backoff(
+            self.failures,
+            self.args.config.reconnect_min,
+            self.args.config.reconnect_max,
+        );
+        debug!(
+            delay_ms = delay.as_millis() as u64,
+            failures = self.failures,
+            "reconnecting after backoff"
+        );
+        myself.send_after(delay, || ConnMsg::Connect);
+    }
+
+    fn check_drained(&mut self, myself: &ActorRef<ConnMsg>) {
+        if !self.draining || !self.tasks.is_empty() || !self.unacked.is_empty() {
+            return;
+        }
+        info!(node = %self.args.config.name, "drained; leaving");
+        // Dropping the sender ends the request stream: the coordinator sees a clean leave.
+        self.drop_link();
+        for waiter in self.drain_waiters.drain(..) {
+            let _ = waiter.send(());
+        }
+        let _ = self.args.finished.send(true);
+        myself.stop(Some("drained".into()));
+    }
+
+    async fn connect(&mut self, myself: &ActorRef<ConnMsg>) -> Result<(), String> {
+        self.generation += 1;
+        let generation = self.generation;
+        let cfg = &self.args.config;
+        let endpoint = Endpoint::from_shared(cfg.coordinator.clone())
+            .map_err(|e| format!("bad coordinator address {}: {e}", cfg.coordinator))?
+            .connect_timeout(cfg.connect_timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(20));
+        let channel = tokio::time::timeout(cfg.connect_timeout, endpoint.connect())
+            .await
+            .map_err(|_| "connect timed out".to_owned())?
+            .map_err(|e| format!("connect: {e}"))?;
+        let mut client = NodeServiceClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
+        // Queue `register` before opening the stream: the server waits for it.
+        tx.send(self.registration())
+            .await
+            .map_err(|_| "outbound closed".to_owned())?;
+        let response =
+            tokio::time::timeout(cfg.connect_timeout, client.connect(ReceiverStream::new(rx)))
+                .await
+                .map_err(|_| "stream open timed out".to_owned())?
+                .map_err(|s| format!("stream refused: {}", s.message()))?;
+        let mut inbound = response.into_inner();
+        let me = myself.clone();
+        tokio::spawn(async move {
+            let reason = loop {
+                match inbound.message().await {
+                    Ok(Some(frame)) => match ToNode::try_from(frame) {
+                        Ok(frame) => {
+                            if me.cast(ConnMsg::Inbound { generation, frame }).is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => warn!(error = %e, "invalid frame from the coordinator ignored"),
+                    },
+                    Ok(None) => break "coordinator closed the stream".to_owned(),
+                    Err(status) => break format!("{:?}: {}", status.code(), status.message()),
+                }
+            };
+            let _ = me.cast(ConnMsg::Lost { generation, reason });
+        });
+        self.link = Some(Link {
+            generation,
+            tx,
+            instance: None,
+            heartbeat: None,
+        });
+        Ok(())
+    }
+
+    async fn on_frame(&mut self, myself: &ActorRef<ConnMsg>, frame: ToNode) {
+        match frame {
+            ToNode::Registered(r) => {
+                let every = Duration::from_millis(r.heartbeat_every_ms.max(10));
+                info!(node = %r.node_id, instance = r.instance, heartbeat_ms = r.heartbeat_every_ms, lease_ms = r.lease_ms, "registered");
+                let heartbeat = myself.send_interval(every, || ConnMsg::Heartbeat);
+                if let Some(link) = &mut self.link {
+                    link.instance = Some(r.instance);
+                    link.heartbeat = Some(heartbeat);
+                }
+                self.failures = 0;
+                metrics::gauge!(m::CONNECTED).set(1.0);
+                if self.draining {
+                    self.send(FromNode::Draining);
+                }
+                let pending: Vec<TaskResult> = self.unacked.values().cloned().collect();
+                if !pending.is_empty() {
+                    info!(
+                        results = pending.len(),
+                        "sending unacknowledged results again"
+                    );
+                }
+                for result in pending {
+                    self.send_result(myself, result).await;
+                }
+            }
+            ToNode::Task(task) => {
+                let token = task.token.clone();
+                let refuse = |code: &str, message: String, retryable: bool| TaskResult {
+                    token: token.clone(),
+                    outcome: Err(TaskError {
+                        code: code.to_owned(),
+                        message,
+                        retryable,
+                    }),
+                };
+                if self.draining {
+                    let result = refuse("draining", "the node is draining".into(), true);
+                    self.unacked.insert(token, result.clone());
+                    self.send_result(myself, result).await;
+                    return;
+                }
+                let agent = self.args.agents.get(&task.agent);
+                match agent {
+                    Some(agent) => {
+                        self.tasks.insert(token, task.agent.clone());
+                        let _ = agent.cast(AgentMsg::Run(task));
+                    }
+                    None => {
+                        let result = refuse(
+                            "agent_unavailable",
+                            format!(
+                                "agent `{}` is restarting or not hosted on this node",
+                                task.agent
+                            ),
+                            true,
+                        );
+                        self.unacked.insert(token, result.clone());
+                        self.send_result(myself, result).await;
+                    }
+                }
+            }
+            ToNode::Cancel { token, reason } => {
+                debug!(%token, %reason, "cancel requested");
+                if let Some(agent) = self
+                    .tasks
+                    .get(&token)
+                    .and_then(|name| self.args.agents.get(name))
+                {
+                    let _ = agent.cast(AgentMsg::Cancel(token));
+                }
+            }
+            ToNode::Drain { reason } => {
+                info!(%reason, "coordinator asked this node to drain");
+                self.draining = true;
+                self.send(FromNode::Draining);
+                self.check_drained(myself);
+            }
+            ToNode::ResultAck {
+                token,
+                code,
+                message,
+            } => {
+                self.unacked.remove(&token);
+                if code == AckCode::Stale {
+                    warn!(%token, %message, "result rejected by the coordinator");
+                    metrics::counter!(m::RESULTS_REJECTED).increment(1);
+                }
+                self.check_drained(myself);
+            }
+        }
+    }
+}
+
+impl Actor for Connection {
+    type Msg = ConnMsg;
+    type State = ConnState;
+    type Arguments = ConnArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: ConnArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        myself.cast(ConnMsg::Connect)?;
+        Ok(ConnState {
+            args,
+            link: None,
+            generation: 0,
+            failures: 0,
+            tasks: HashMap::new(),
+            unacked: HashMap::new(),
+            draining: false,
+            drain_waiters: Vec::new(),
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        st: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            ConnMsg::Connect => {
+                if st.link.is_some() {
+                    return Ok(());
+                }
+                if st.generation > 0 {
+                    metrics::counter!(m::RECONNECTS).increment(1);
+                }
+                if let Err(reason) = st.connect(&myself).await {
+                    warn!(coordinator = %st.args.config.coordinator, %reason, "cannot reach the coordinator");
+                    st.schedule_reconnect(&myself);
+                }
+            }
+            ConnMsg::Inbound { generation, frame } => {
+                if st.link.as_ref().is_some_and(|l| l.generation == generation) {
+                    st.on_frame(&myself, frame).await;
+                }
+            }
+            ConnMsg::Lost { generation, reason } => {
+                if st.link.as_ref().is_some_and(|l| l.generation == generation) {
+                    warn!(%reason, "stream to the coordinator lost");
+                    st.drop_link();
+                    st.schedule_reconnect(&myself);
+                }
+            }
+            ConnMsg::Heartbeat => {
+                if let Some(instance) = st.link.as_ref().and_then(|l| l.instance) {
+                    st.send(FromNode::Heartbeat { instance });
+                }
+            }
+            ConnMsg::Result(result) => {
+                st.tasks.remove(&result.token);
+                if st.unacked.len() >= MAX_UNACKED {
+                    if let Some(oldest) = st.unacked.keys().next().cloned() {
+                        warn!(token = %oldest, "too many unacknowledged results; dropping one");
+                        st.unacked.remove(&oldest);
+                    }
+                }
+                st.unacked.insert(result.token.clone(), result.clone());
+                st.send_result(&myself, result).await;
+                st.check_drained(&myself);
+            }
+            ConnMsg::Progress(token, progress) => st.send(FromNode::Progress(TaskProgress {
+                token,
+                message: progress.message,
+                fraction: progress.fraction,
+            })),
+            ConnMsg::AgentDown { agent, reason } => st.send(FromNode::AgentDown { agent, reason }),
+            ConnMsg::Drain(waiter) => {
+                if !st.draining {
+                    info!(in_flight = st.tasks.len(), "draining");
+                }
+                st.draining = true;
+                st.drain_waiters.extend(waiter);
+                st.send(FromNode::Draining);
+                st.check_drained(&myself);
+            }
+        }
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        st: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        st.drop_link();
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped_with_jitter() {
+        let (min, max) = (Duration::from_millis(100), Duration::from_secs(5));
+        for _ in 0..100 {
+            let first = backoff(1, min, max);
+            assert!(
+                first >= Duration::from_millis(50) && first <= min,
+                "{first:?}"
+            );
+            let fourth = backoff(4, min, max);
+            assert!(fourth >= Duration::from_millis(400) && fourth <= Duration::from_millis(800));
+            let late = backoff(40, min, max);
+            assert!(late >= max / 2 && late <= max, "{late:?}");
+        }
+    }
+}

@@ -1,0 +1,233 @@
+//! Client commands: goals, runs, nodes and agents.
+
+use std::path::PathBuf;
+
+use anyhow::{Result, bail};
+use clap::Subcommand;
+use futures::StreamExt;
+use mesh_agent_sdk::GoalClient;
+use mesh_proto::domain::*;
+
+use crate::Output;
+use crate::output::{self, step_line, table};
+
+#[derive(Subcommand)]
+pub enum GoalCommand {
+    /// Submit a goal file (YAML or JSON).
+    Submit {
+        file: PathBuf,
+        /// Watch the run until it finishes; exit non-zero unless it succeeds.
+        #[arg(long)]
+        watch: bool,
+        /// Overrides the file's idempotency key.
+        #[arg(long)]
+        idempotency_key: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum RunCommand {
+    /// Show a run with its steps.
+    Get { run_id: String },
+    /// Follow a run until it finishes; exit non-zero unless it succeeds.
+    Watch { run_id: String },
+    /// Cancel a run: in-flight attempts are cancelled, the rest skipped.
+    Cancel {
+        run_id: String,
+        #[arg(long, default_value = "cancelled from the CLI")]
+        reason: String,
+    },
+    /// List runs, newest first.
+    Ls {
+        /// running, succeeded, failed or cancelled.
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        /// Continue after this page token.
+        #[arg(long)]
+        page_token: Option<String>,
+    },
+}
+
+pub async fn goal(url: &str, format: Output, command: GoalCommand) -> Result<()> {
+    let client = GoalClient::connect(url).await?;
+    match command {
+        GoalCommand::Submit {
+            file,
+            watch,
+            idempotency_key,
+        } => {
+            let mut goal = crate::goalfile::read(&file)?;
+            if idempotency_key.is_some() {
+                goal.idempotency_key = idempotency_key;
+            }
+            let run = client.submit(goal).await?;
+            match format {
+                Output::Json if !watch => output::json(&serde_json::json!({
+                    "goal_id": run.goal_id, "run_id": run.run_id, "created": run.created
+                })),
+                _ => eprintln!(
+                    "{} run {} (goal {})",
+                    if run.created {
+                        "started"
+                    } else {
+                        "already submitted:"
+                    },
+                    run.run_id,
+                    run.goal_id
+                ),
+            }
+            if watch {
+                return watch_run(&client, &run.run_id, format).await;
+            }
+            if format == Output::Table {
+                println!("{}", run.run_id);
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Follows a run, printing each step change; errors unless it succeeds.
+pub async fn watch_run(client: &GoalClient, run_id: &RunId, format: Output) -> Result<()> {
+    let mut events = Box::pin(client.watch(run_id).await?);
+    while let Some(event) = events.next().await {
+        match event? {
+            RunEvent::Snapshot(view) => {
+                if format == Output::Table {
+                    for step in &view.steps {
+                        eprintln!("{}", step_line(step));
+                    }
+                }
+            }
+            RunEvent::Step(step) => {
+                if format == Output::Table {
+                    eprintln!("{}", step_line(&step));
+                }
+            }
+            RunEvent::Finished { .. } => break,
+        }
+    }
+    let view = client.get_run(run_id).await?;
+    output::run(&view, format);
+    match view.state {
+        RunState::Succeeded => Ok(()),
+        state => bail!(
+            "run {run_id} {state}{}",
+            view.error.map(|e| format!(": {e}")).unwrap_or_default()
+        ),
+    }
+}
+
+fn run_id(s: String) -> Result<RunId> {
+    Ok(mesh_proto::convert::run_id("run_id", s)?)
+}
+
+pub async fn run(url: &str, format: Output, command: RunCommand) -> Result<()> {
+    let client = GoalClient::connect(url).await?;
+    match command {
+        RunCommand::Get { run_id: id } => {
+            let view = client.get_run(&run_id(id)?).await?;
+            output::run(&view, format);
+        }
+        RunCommand::Watch { run_id: id } => watch_run(&client, &run_id(id)?, format).await?,
+        RunCommand::Cancel { run_id: id, reason } => {
+            let view = client.cancel_run(&run_id(id)?, &reason).await?;
+            output::run(&view, format);
+        }
+        RunCommand::Ls {
+            state,
+            limit,
+            page_token,
+        } => {
+            let state = match state.as_deref() {
+                None => None,
+                Some(s) => Some(RunState::parse(s).ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "--state: `{s}` is not one of running, succeeded, failed, cancelled"
+                    )
+                })?),
+            };
+            let page = client.list_runs(state, limit, page_token).await?;
+            match format {
+                Output::Json => output::json(&serde_json::json!({
+                    "runs": page.runs, "next_page_token": page.next_page_token
+                })),
+                Output::Table => {
+                    let rows = page
+                        .runs
+                        .iter()
+                        .map(|r| {
+                            vec![
+                                r.run_id.to_string(),
+                                r.state.to_string(),
+                                r.objective.clone(),
+                            ]
+                        })
+                        .collect();
+                    table(&["run", "state", "objective"], rows);
+                    if let Some(token) = page.next_page_token {
+                        eprintln!("more: --page-token {token}");
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+pub async fn nodes(url: &str, format: Output) -> Result<()> {
+    let nodes = GoalClient::connect(url).await?.nodes().await?;
+    match format {
+        Output::Json => output::json(&nodes),
+        Output::Table => table(
+            &[
+                "node",
+                "instance",
+                "health",
+                "heartbeat age",
+                "agents",
+                "in flight",
+            ],
+            nodes
+                .iter()
+                .map(|n| {
+                    vec![
+                        n.node_id.to_string(),
+                        n.instance.to_string(),
+                        n.health.to_string(),
+                        format!("{} ms", n.heartbeat_age_ms),
+                        n.agents.to_string(),
+                        n.in_flight.to_string(),
+                    ]
+                })
+                .collect(),
+        ),
+    }
+    Ok(())
+}
+
+pub async fn agents(url: &str, format: Output, skill: Option<&str>) -> Result<()> {
+    let agents = GoalClient::connect(url).await?.agents(skill).await?;
+    match format {
+        Output::Json => output::json(&agents),
+        Output::Table => table(
+            &["node", "agent", "skills", "health", "in flight", "max"],
+            agents
+                .iter()
+                .map(|a| {
+                    vec![
+                        a.node_id.to_string(),
+                        a.name.clone(),
+                        a.skills.join(","),
+                        a.health.to_string(),
+                        a.in_flight.to_string(),
+                        a.max_concurrency.to_string(),
+                    ]
+                })
+                .collect(),
+        ),
+    }
+    Ok(())
+}

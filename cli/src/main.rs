@@ -1,0 +1,194 @@
+//! `mesh`: run a local mesh, a coordinator or a node; submit goals, watch runs, list nodes.
+
+mod client;
+mod dev;
+mod goalfile;
+mod output;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use mesh_coordinator::CoordinatorConfig;
+use mesh_node::NodeConfig;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+#[derive(Parser)]
+#[command(
+    name = "mesh",
+    version,
+    about = "agentmesh: a distributed, actor-based mesh for AI agents"
+)]
+struct Cli {
+    /// Coordinator gRPC address, for client commands.
+    #[arg(
+        long,
+        global = true,
+        env = "MESH_COORDINATOR",
+        default_value = "http://127.0.0.1:7700"
+    )]
+    coordinator: String,
+    /// Output format of client commands.
+    #[arg(long, global = true, value_enum, default_value_t = Output::Table)]
+    output: Output,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// A coordinator and two nodes with the built-in agents, in one process, on the embedded store.
+    Dev(dev::DevArgs),
+    /// Run a coordinator.
+    Coordinator {
+        /// TOML configuration file (see deploy/coordinator.toml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// gRPC address; loopback unless told otherwise.
+        #[arg(long, env = "MESH_LISTEN")]
+        listen: Option<SocketAddr>,
+        /// HTTP address for /metrics and /healthz.
+        #[arg(long, env = "MESH_HTTP_LISTEN")]
+        http_listen: Option<SocketAddr>,
+        /// Directory of the embedded store.
+        #[arg(long, env = "MESH_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+    },
+    /// Run a worker node with built-in agents.
+    Node {
+        /// TOML configuration file (see deploy/node.toml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Node name; overrides the file.
+        #[arg(long, env = "MESH_NODE_NAME")]
+        name: Option<String>,
+    },
+    /// Submit goals.
+    Goal {
+        #[command(subcommand)]
+        command: client::GoalCommand,
+    },
+    /// Read, watch, cancel and list runs.
+    Run {
+        #[command(subcommand)]
+        command: client::RunCommand,
+    },
+    /// Nodes known to the coordinator, with their health.
+    Nodes,
+    /// Agents known to the coordinator.
+    Agents {
+        /// Only agents with this skill.
+        #[arg(long)]
+        skill: Option<String>,
+    },
+}
+
+fn init_tracing(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MESH_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Installs the process-wide Prometheus recorder and keeps it tidy.
+fn prometheus() -> Result<PrometheusHandle> {
+    let handle = PrometheusBuilder::new()
+        .install_recorder()
+        .context("installing the metrics recorder")?;
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+            upkeep.run_upkeep();
+        }
+    });
+    Ok(handle)
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn read_toml<T: serde::de::DeserializeOwned + Default>(path: Option<&PathBuf>) -> Result<T> {
+    match path {
+        None => Ok(T::default()),
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("cannot read {}", p.display()))?;
+            toml::from_str(&text).with_context(|| format!("{}: invalid configuration", p.display()))
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Dev(args) => {
+            init_tracing(if args.demo {
+                "warn"
+            } else {
+                "info,ractor=warn"
+            });
+            dev::run(args, prometheus()?).await
+        }
+        Command::Coordinator {
+            config,
+            listen,
+            http_listen,
+            data_dir,
+        } => {
+            init_tracing("info,ractor=warn");
+            let mut cfg: CoordinatorConfig = read_toml(config.as_ref())?;
+            cfg.listen = listen.unwrap_or(cfg.listen);
+            cfg.http_listen = http_listen.unwrap_or(cfg.http_listen);
+            cfg.data_dir = data_dir.unwrap_or(cfg.data_dir);
+            mesh_coordinator::run(cfg, Some(prometheus()?), shutdown_signal()).await?;
+            Ok(())
+        }
+        Command::Node { config, name } => {
+            init_tracing("info,ractor=warn");
+            let mut cfg = match &config {
+                Some(p) => NodeConfig::from_file(p)?,
+                None => NodeConfig::default(),
+            };
+            if let Ok(url) = std::env::var("MESH_COORDINATOR") {
+                cfg.coordinator = url;
+            }
+            cfg.name = name.unwrap_or(cfg.name);
+            mesh_node::run(cfg, Some(prometheus()?), shutdown_signal()).await?;
+            Ok(())
+        }
+        Command::Goal { command } => {
+            init_tracing("warn");
+            client::goal(&cli.coordinator, cli.output, command).await
+        }
+        Command::Run { command } => {
+            init_tracing("warn");
+            client::run(&cli.coordinator, cli.output, command).await
+        }
+        Command::Nodes => {
+            init_tracing("warn");
+            client::nodes(&cli.coordinator, cli.output).await
+        }
+        Command::Agents { skill } => {
+            init_tracing("warn");
+            client::agents(&cli.coordinator, cli.output, skill.as_deref()).await
+        }
+    }
+}

@@ -1,0 +1,98 @@
+//! Human tables and JSON output.
+
+use mesh_proto::domain::*;
+use serde::Serialize;
+
+use crate::Output;
+
+/// Prints rows as aligned columns.
+pub fn table(headers: &[&str], rows: Vec<Vec<String>>) {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for row in &rows {
+        for (i, cell) in row.iter().enumerate() {
+            widths[i] = widths[i].max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let text: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .collect();
+        println!("{}", text.join("  ").trim_end());
+    };
+    line(headers.iter().map(|h| h.to_uppercase()).collect());
+    for row in rows {
+        line(row);
+    }
+}
+
+pub fn json<T: Serialize>(value: &T) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).unwrap_or_default()
+    );
+}
+
+fn agent_of(step: &StepView) -> String {
+    step.agent
+        .as_ref()
+        .map(ToString::to_string)
+        .unwrap_or_else(|| "-".into())
+}
+
+pub fn step_line(step: &StepView) -> String {
+    let mut line = format!(
+        "step {:<16} {:<10} attempt {:<2} {}",
+        step.id,
+        step.state.as_str(),
+        step.attempt,
+        agent_of(step)
+    );
+    if let Some(e) = &step.error {
+        line.push_str(&format!("  ({e})"));
+    }
+    line
+}
+
+pub fn run(view: &RunView, format: Output) {
+    match format {
+        Output::Json => json(view),
+        Output::Table => {
+            println!("run      {}", view.run_id);
+            println!("goal     {}", view.goal_id);
+            if !view.objective.is_empty() {
+                println!("objective {}", view.objective);
+            }
+            println!("state    {}", view.state);
+            if let Some(e) = &view.error {
+                println!("error    {e}");
+            }
+            let rows = view
+                .steps
+                .iter()
+                .map(|s| {
+                    vec![
+                        s.id.to_string(),
+                        s.uses.clone(),
+                        s.state.to_string(),
+                        s.attempt.to_string(),
+                        agent_of(s),
+                    ]
+                })
+                .collect();
+            table(&["step", "uses", "state", "attempt", "agent"], rows);
+            if !view.swarm.is_empty() {
+                let members: Vec<String> = view
+                    .swarm
+                    .iter()
+                    .map(|m| format!("{}={}", m.skill, m.agent))
+                    .collect();
+                println!("swarm    {}", members.join(", "));
+            }
+            if let Some(out) = &view.output {
+                println!("output   {out}");
+            }
+        }
+    }
+}

@@ -1,0 +1,223 @@
+//! The node's TOML configuration.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use mesh_agent_sdk::RuntimeConfig;
+use serde::{Deserialize, Serialize};
+
+use crate::Error;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeConfig {
+    /// Coordinator gRPC address.
+    pub coordinator: String,
+    /// This node's stable name (its node id).
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    /// Where to serve `/metrics`; none when absent.
+    pub http_listen: Option<SocketAddr>,
+    /// Append one JSON line per attempt started by a built-in agent (for audits and tests).
+    pub execution_log: Option<PathBuf>,
+    /// How long a drain waits for in-flight attempts.
+    #[serde(with = "humantime_serde")]
+    pub drain_grace: Duration,
+    /// Reconnect backoff bounds.
+    #[serde(with = "humantime_serde")]
+    pub reconnect_min: Duration,
+    #[serde(with = "humantime_serde")]
+    pub reconnect_max: Duration,
+    pub agents: Vec<AgentConfig>,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        let rt = RuntimeConfig::default();
+        Self {
+            coordinator: rt.coordinator,
+            name: rt.name,
+            labels: BTreeMap::new(),
+            http_listen: None,
+            execution_log: None,
+            drain_grace: rt.drain_grace,
+            reconnect_min: rt.reconnect_min,
+            reconnect_max: rt.reconnect_max,
+            agents: vec![
+                AgentConfig::of(BuiltinKind::Echo),
+                AgentConfig::of(BuiltinKind::Sleep),
+                AgentConfig::of(BuiltinKind::Flaky),
+            ],
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BuiltinKind {
+    Echo,
+    Sleep,
+    Flaky,
+}
+
+impl BuiltinKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BuiltinKind::Echo => "echo",
+            BuiltinKind::Sleep => "sleep",
+            BuiltinKind::Flaky => "flaky",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FlakyMode {
+    /// Fail with a retryable error.
+    #[default]
+    Error,
+    /// Panic inside the handler (the agent actor is restarted).
+    Panic,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    pub kind: BuiltinKind,
+    /// Agent name; defaults to the kind.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Skills; default to the kind.
+    #[serde(default)]
+    pub skills: Vec<String>,
+    #[serde(default = "default_concurrency")]
+    pub max_concurrency: u32,
+    /// `flaky` only: attempts of each step that fail before one succeeds.
+    #[serde(default = "default_fail_first")]
+    pub fail_first: u32,
+    /// `flaky` only.
+    #[serde(default)]
+    pub mode: FlakyMode,
+}
+
+fn default_concurrency() -> u32 {
+    64
+}
+
+fn default_fail_first() -> u32 {
+    1
+}
+
+impl AgentConfig {
+    pub fn of(kind: BuiltinKind) -> Self {
+        Self {
+            kind,
+            name: None,
+            skills: Vec::new(),
+            max_concurrency: default_concurrency(),
+            fail_first: default_fail_first(),
+            mode: FlakyMode::Error,
+        }
+    }
+
+    pub fn name(&self) -> String {
+        self.name
+            .clone()
+            .unwrap_or_else(|| self.kind.as_str().to_owned())
+    }
+
+    pub fn skills(&self) -> Vec<String> {
+        if self.skills.is_empty() {
+            vec![self.kind.as_str().to_owned()]
+        } else {
+            self.skills.clone()
+        }
+    }
+}
+
+impl NodeConfig {
+    /// Reads a TOML file; unknown fields are errors.
+    pub fn from_file(path: &std::path::Path) -> Result<Self, Error> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+        toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
+    }
+
+    pub fn validate(&self) -> Result<(), Error> {
+        if self.agents.is_empty() {
+            return Err(Error::Config(
+                "agents: a node needs at least one agent".into(),
+            ));
+        }
+        for (i, a) in self.agents.iter().enumerate() {
+            if a.max_concurrency == 0 {
+                return Err(Error::Config(format!(
+                    "agents[{i}].max_concurrency: must be at least 1"
+                )));
+            }
+            if a.kind != BuiltinKind::Flaky
+                && (a.mode != FlakyMode::Error || a.fail_first != default_fail_first())
+            {
+                return Err(Error::Config(format!(
+                    "agents[{i}]: `fail_first` and `mode` apply to `flaky` agents only"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn runtime_config(&self) -> RuntimeConfig {
+        RuntimeConfig {
+            coordinator: self.coordinator.clone(),
+            name: self.name.clone(),
+            labels: self.labels.clone(),
+            drain_grace: self.drain_grace,
+            reconnect_min: self.reconnect_min,
+            reconnect_max: self.reconnect_max,
+            ..RuntimeConfig::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_node_file_and_rejects_unknown_fields() {
+        let cfg: NodeConfig = toml::from_str(
+            r#"
+            coordinator = "http://127.0.0.1:7700"
+            name = "n1"
+            drain_grace = "10s"
+            [labels]
+            zone = "a"
+            [[agents]]
+            kind = "sleep"
+            max_concurrency = 20
+            [[agents]]
+            kind = "flaky"
+            name = "crashy"
+            fail_first = 2
+            mode = "panic"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(cfg.drain_grace, Duration::from_secs(10));
+        assert_eq!(cfg.agents[1].name(), "crashy");
+        assert_eq!(cfg.agents[1].skills(), ["flaky"]);
+        cfg.validate().unwrap();
+        let err = toml::from_str::<NodeConfig>("nmae = \"x\"").unwrap_err();
+        assert!(err.to_string().contains("nmae"), "{err}");
+        let bad: NodeConfig =
+            toml::from_str("[[agents]]\nkind = \"echo\"\nmode = \"panic\"").unwrap();
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("agents[0]")
+        );
+    }
+}
