@@ -1,0 +1,416 @@
+//! Harness for process-level tests: starts the real `mesh` binary as a coordinator and as
+//! nodes on free loopback ports with temporary data directories, waits for them to be
+//! ready (every wait bounded), signals them for real, and kills them on drop. When a test
+//! fails, the logs of every process it started are printed.
+//!
+//! The `mesh` binary is found next to the test executable (`target/<profile>/mesh`), or at
+//! `$MESH_BIN`; `cargo build -p mesh-cli` (or a workspace build) makes it.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use mesh_agent_sdk::{GoalClient, Health, NodeView};
+
+pub use mesh_agent_sdk;
+pub use mesh_proto;
+
+/// Path of the `mesh` binary under test.
+pub fn mesh_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("MESH_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/mesh
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("mesh"))
+        .expect("target directory");
+    assert!(
+        bin.exists(),
+        "{} not found: build it first (cargo build -p mesh-cli) or set MESH_BIN",
+        bin.display()
+    );
+    bin
+}
+
+/// A free port on 127.0.0.1 (bound, then released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// Polls `check` every 20 ms until it returns `Some`, or panics after `timeout`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A process started by a test; killed on drop, its log printed if the test failed.
+pub struct Proc {
+    pub name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(name: &str, dir: &Path, args: &[&str]) -> Proc {
+        let log = dir.join(format!("{name}.log"));
+        let out = File::create(&log).expect("log file");
+        let err = out.try_clone().expect("log file");
+        let child = Command::new(mesh_bin())
+            .args(args)
+            .env("MESH_LOG", "info,ractor=warn")
+            .env_remove("MESH_COORDINATOR")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .expect("spawn mesh");
+        Proc {
+            name: name.to_owned(),
+            child,
+            log,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends a signal by name (`STOP`, `CONT`, `TERM`, `KILL`) with kill(1).
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args(["-s", sig, &self.pid().to_string()])
+            .status()
+            .expect("kill(1)");
+        assert!(status.success(), "kill -s {sig} {} failed", self.pid());
+    }
+
+    /// kill -9, and reap.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Waits for the process to exit by itself.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not exit within {timeout:?}",
+                self.name
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        let mut text = String::new();
+        if let Ok(mut f) = File::open(&self.log) {
+            let _ = f.read_to_string(&mut text);
+        }
+        text
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        // A stopped process must be continued to die of SIGKILL promptly on every kernel.
+        let _ = Command::new("kill")
+            .args(["-s", "CONT", &self.pid().to_string()])
+            .status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            let text = self.log_text();
+            let tail: Vec<&str> = text.lines().rev().take(200).collect();
+            eprintln!(
+                "----- log of {} (last {} lines) -----",
+                self.name,
+                tail.len()
+            );
+            for line in tail.into_iter().rev() {
+                eprintln!("{line}");
+            }
+        }
+    }
+}
+
+/// Intervals for a test coordinator; short, so that tests are quick.
+#[derive(Clone, Debug)]
+pub struct Timings {
+    pub heartbeat_ms: u64,
+    pub lease_ms: u64,
+    pub sweep_ms: u64,
+    pub unschedulable_ms: u64,
+    pub retry_backoff_ms: u64,
+}
+
+impl Default for Timings {
+    fn default() -> Self {
+        Self {
+            heartbeat_ms: 200,
+            lease_ms: 1000,
+            sweep_ms: 100,
+            unschedulable_ms: 3000,
+            retry_backoff_ms: 50,
+        }
+    }
+}
+
+/// A coordinator and its nodes, in one temporary directory.
+pub struct Mesh {
+    pub dir: tempfile::TempDir,
+    pub grpc_port: u16,
+    pub http_port: u16,
+    pub timings: Timings,
+    pub coordinator: Option<Proc>,
+    pub nodes: HashMap<String, Proc>,
+}
+
+impl Mesh {
+    /// Starts a coordinator and waits until it answers.
+    pub async fn start(timings: Timings) -> Mesh {
+        let mut mesh = Mesh {
+            dir: tempfile::tempdir().expect("temp dir"),
+            grpc_port: free_port(),
+            http_port: free_port(),
+            timings,
+            coordinator: None,
+            nodes: HashMap::new(),
+        };
+        mesh.start_coordinator().await;
+        mesh
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.grpc_port)
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.dir.path().join("data").join("mesh.db")
+    }
+
+    /// (Re)starts the coordinator on the same ports and data directory.
+    pub async fn start_coordinator(&mut self) {
+        let t = &self.timings;
+        let config = format!(
+            r#"listen = "127.0.0.1:{grpc}"
+http_listen = "127.0.0.1:{http}"
+data_dir = "{data}"
+[registry]
+heartbeat_every = "{hb}ms"
+lease = "{lease}ms"
+sweep_every = "{sweep}ms"
+[dispatch]
+unschedulable_timeout = "{unsched}ms"
+retry_backoff = "{backoff}ms"
+"#,
+            grpc = self.grpc_port,
+            http = self.http_port,
+            data = self.dir.path().join("data").display(),
+            hb = t.heartbeat_ms,
+            lease = t.lease_ms,
+            sweep = t.sweep_ms,
+            unsched = t.unschedulable_ms,
+            backoff = t.retry_backoff_ms,
+        );
+        let path = self.dir.path().join("coordinator.toml");
+        std::fs::write(&path, config).expect("write config");
+        let n = self.dir.path().read_dir().map(|d| d.count()).unwrap_or(0);
+        let name = format!("coordinator-{n}");
+        self.coordinator = Some(Proc::spawn(
+            &name,
+            self.dir.path(),
+            &["coordinator", "--config", path.to_str().unwrap()],
+        ));
+        let url = self.url();
+        wait_for("the coordinator to answer", Duration::from_secs(20), || {
+            let url = url.clone();
+            async move {
+                let client = GoalClient::connect(&url).await.ok()?;
+                client.nodes().await.ok().map(|_| ())
+            }
+        })
+        .await;
+    }
+
+    /// Starts a node hosting `agents_toml` (`[[agents]]` tables) and waits until it is healthy.
+    pub async fn start_node(&mut self, name: &str, agents_toml: &str) -> u64 {
+        self.start_node_with(name, agents_toml, None).await
+    }
+
+    pub async fn start_node_with(
+        &mut self,
+        name: &str,
+        agents_toml: &str,
+        http_port: Option<u16>,
+    ) -> u64 {
+        let http = http_port
+            .map(|p| format!("http_listen = \"127.0.0.1:{p}\"\n"))
+            .unwrap_or_default();
+        let config = format!(
+            r#"coordinator = "{url}"
+name = "{name}"
+execution_log = "{log}"
+reconnect_min = "50ms"
+reconnect_max = "500ms"
+drain_grace = "20s"
+{http}
+{agents_toml}
+"#,
+            url = self.url(),
+            log = self.exec_log(name).display(),
+        );
+        let path = self.dir.path().join(format!("{name}.toml"));
+        std::fs::write(&path, config).expect("write node config");
+        let proc = Proc::spawn(
+            name,
+            self.dir.path(),
+            &["node", "--config", path.to_str().unwrap()],
+        );
+        self.nodes.insert(name.to_owned(), proc);
+        self.wait_healthy(name).await.instance
+    }
+
+    pub fn exec_log(&self, node: &str) -> PathBuf {
+        self.dir.path().join(format!("{node}.exec.jsonl"))
+    }
+
+    pub async fn client(&self) -> GoalClient {
+        GoalClient::connect(&self.url())
+            .await
+            .expect("connect to the coordinator")
+    }
+
+    pub async fn node_view(&self, name: &str) -> Option<NodeView> {
+        let client = GoalClient::connect(&self.url()).await.ok()?;
+        client
+            .nodes()
+            .await
+            .ok()?
+            .into_iter()
+            .find(|n| n.node_id.as_str() == name)
+    }
+
+    /// Waits until `name` is registered and healthy; returns its view.
+    pub async fn wait_healthy(&self, name: &str) -> NodeView {
+        wait_for(
+            &format!("node {name} to be healthy"),
+            Duration::from_secs(20),
+            || async {
+                self.node_view(name)
+                    .await
+                    .filter(|n| n.health == Health::Healthy)
+            },
+        )
+        .await
+    }
+
+    pub fn node(&mut self, name: &str) -> &mut Proc {
+        self.nodes.get_mut(name).expect("node started by this test")
+    }
+
+    /// Fetches the coordinator's /metrics and sums the samples of `metric`.
+    pub fn metric(&self, metric: &str) -> f64 {
+        metric_at(self.http_port, metric)
+    }
+
+    /// Accepted results per (run, step), from the journal.
+    pub fn accepted_results(&self) -> HashMap<(String, String), u32> {
+        let conn = rusqlite::Connection::open_with_flags(
+            &self.db_path(),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .expect("open the store");
+        let mut stmt = conn
+            .prepare("SELECT run_id, step_id, COUNT(*) FROM journal WHERE kind = 'step_succeeded' GROUP BY run_id, step_id")
+            .expect("query");
+        stmt.query_map([], |r| Ok(((r.get(0)?, r.get(1)?), r.get(2)?)))
+            .expect("rows")
+            .collect::<Result<_, _>>()
+            .expect("rows")
+    }
+
+    /// Attempts started per (run, step) on a node, from its execution log.
+    pub fn executions(&self, node: &str) -> HashMap<(String, String), u32> {
+        let text = std::fs::read_to_string(self.exec_log(node)).unwrap_or_default();
+        let mut counts = HashMap::new();
+        for line in text.lines() {
+            let v: serde_json::Value = serde_json::from_str(line).expect("execution log line");
+            let key = (
+                v["run_id"].as_str().unwrap().to_owned(),
+                v["step_id"].as_str().unwrap().to_owned(),
+            );
+            *counts.entry(key).or_insert(0) += 1;
+        }
+        counts
+    }
+}
+
+/// Fetches `http://127.0.0.1:<port>/metrics` and sums the samples of `metric`.
+pub fn metric_at(port: u16, metric: &str) -> f64 {
+    let mut stream =
+        std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to /metrics");
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok();
+    write!(stream, "GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").expect("request");
+    let mut body = String::new();
+    stream.read_to_string(&mut body).expect("response");
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            l.starts_with(metric) && matches!(l.as_bytes().get(metric.len()), Some(b' ' | b'{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A goal of steps given as (id, uses, with, needs).
+pub fn goal(
+    objective: &str,
+    steps: &[(&str, &str, serde_json::Value, &[&str])],
+) -> mesh_agent_sdk::GoalSpec {
+    mesh_agent_sdk::GoalSpec {
+        objective: objective.to_owned(),
+        inputs: serde_json::json!({}),
+        steps: steps
+            .iter()
+            .map(|(id, uses, with, needs)| mesh_agent_sdk::StepSpec {
+                id: (*id).into(),
+                uses: (*uses).to_owned(),
+                with: with.clone(),
+                needs: needs.iter().map(|&n| n.into()).collect(),
+            })
+            .collect(),
+        idempotency_key: None,
+    }
+}

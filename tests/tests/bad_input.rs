@@ -1,0 +1,213 @@
+//! Malformed requests get INVALID_ARGUMENT naming the field; unknown runs NOT_FOUND.
+
+use mesh_proto::pb;
+use mesh_proto::pb::goal_service_client::GoalServiceClient;
+use mesh_proto::pb::node_service_client::NodeServiceClient;
+use mesh_tests::{Mesh, Timings};
+use tonic::Code;
+use tonic::transport::Channel;
+
+async fn goals(mesh: &Mesh) -> GoalServiceClient<Channel> {
+    let channel = Channel::from_shared(mesh.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    GoalServiceClient::new(channel)
+}
+
+fn step(id: &str, uses: &str, needs: &[&str]) -> pb::StepSpec {
+    pb::StepSpec {
+        id: id.into(),
+        uses: uses.into(),
+        with_json: String::new(),
+        needs: needs.iter().map(|s| s.to_string()).collect(),
+    }
+}
+
+fn submit(steps: Vec<pb::StepSpec>) -> pb::SubmitGoalRequest {
+    pb::SubmitGoalRequest {
+        objective: "bad".into(),
+        steps,
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn malformed_goals_get_invalid_argument_naming_the_field() {
+    let mesh = Mesh::start(Timings::default()).await;
+    let mut client = goals(&mesh).await;
+    let mut bad_with = step("a", "echo", &[]);
+    bad_with.with_json = "{not json".into();
+    let cases = vec![
+        (submit(vec![]), "steps"),
+        (submit(vec![step("", "echo", &[])]), "steps[0].id"),
+        (submit(vec![step("a", "", &[])]), "steps[0].uses"),
+        (
+            submit(vec![step("a", "echo", &[]), step("a", "echo", &[])]),
+            "steps[1].id",
+        ),
+        (
+            submit(vec![step("a", "echo", &["ghost"])]),
+            "steps[0].needs[0]",
+        ),
+        (
+            submit(vec![step("a", "echo", &["b"]), step("b", "echo", &["a"])]),
+            "steps[0].needs",
+        ),
+        (submit(vec![bad_with]), "steps[0].with_json"),
+        (
+            pb::SubmitGoalRequest {
+                inputs_json: "[1, 2]".into(),
+                ..submit(vec![step("a", "echo", &[])])
+            },
+            "inputs",
+        ),
+        (
+            pb::SubmitGoalRequest {
+                idempotency_key: "spaces are not allowed".into(),
+                ..submit(vec![step("a", "echo", &[])])
+            },
+            "idempotency_key",
+        ),
+    ];
+    for (req, field) in cases {
+        let status = client.submit_goal(req).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{field}: {status:?}");
+        assert!(
+            status.message().starts_with(&format!("{field}:")),
+            "expected `{field}` in {:?}",
+            status.message()
+        );
+    }
+    // Oversized documents are refused before they are decoded.
+    let mut huge = step("a", "echo", &[]);
+    huge.with_json = format!("\"{}\"", "x".repeat(5 * 1024 * 1024));
+    let status = client.submit_goal(submit(vec![huge])).await.unwrap_err();
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    // Nothing was stored.
+    let page = client
+        .list_runs(pb::ListRunsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(page.runs.is_empty());
+}
+
+#[tokio::test]
+async fn unknown_runs_are_not_found_and_bad_ids_invalid() {
+    let mesh = Mesh::start(Timings::default()).await;
+    let mut client = goals(&mesh).await;
+    let status = client
+        .get_run(pb::GetRunRequest {
+            run_id: "run-nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    assert!(status.message().contains("run-nope"), "{status:?}");
+    let status = client
+        .get_run(pb::GetRunRequest {
+            run_id: "no/such id".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().starts_with("run_id:"), "{status:?}");
+    let status = client
+        .cancel_run(pb::CancelRunRequest {
+            run_id: "run-nope".into(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    let status = client
+        .watch_run(pb::WatchRunRequest {
+            run_id: "run-nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    let status = client
+        .list_runs(pb::ListRunsRequest {
+            page_size: 5000,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().starts_with("page_size:"), "{status:?}");
+    let status = client
+        .list_runs(pb::ListRunsRequest {
+            state: 42,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().starts_with("state:"), "{status:?}");
+}
+
+#[tokio::test]
+async fn a_node_stream_must_start_with_register() {
+    let mesh = Mesh::start(Timings::default()).await;
+    let channel = Channel::from_shared(mesh.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut nodes = NodeServiceClient::new(channel);
+    let heartbeat = pb::NodeFrame {
+        kind: Some(pb::node_frame::Kind::Heartbeat(pb::Heartbeat {
+            instance: 7,
+        })),
+    };
+    let frames = tokio_stream::iter(vec![heartbeat]);
+    let mut inbound = nodes.connect(frames).await.unwrap().into_inner();
+    let status = tokio::time::timeout(std::time::Duration::from_secs(10), inbound.message())
+        .await
+        .expect("answer in time")
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert!(status.message().contains("register"), "{status:?}");
+
+    // A registration whose card is invalid names the field.
+    let channel = Channel::from_shared(mesh.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut nodes = NodeServiceClient::new(channel);
+    let register = pb::NodeFrame {
+        kind: Some(pb::node_frame::Kind::Register(pb::Register {
+            node_name: "n1".into(),
+            labels: Default::default(),
+            agents: vec![pb::AgentCard {
+                name: "a".into(),
+                max_concurrency: 0,
+                skills: vec![pb::Skill {
+                    name: "echo".into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        })),
+    };
+    let mut inbound = nodes
+        .connect(tokio_stream::iter(vec![register]))
+        .await
+        .unwrap()
+        .into_inner();
+    let status = tokio::time::timeout(std::time::Duration::from_secs(10), inbound.message())
+        .await
+        .expect("answer in time")
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert!(
+        status
+            .message()
+            .contains("register.agents[0].max_concurrency"),
+        "{status:?}"
+    );
+}

@@ -1,0 +1,207 @@
+//! Goals through real processes: a coordinator and a node on loopback.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use futures::StreamExt;
+use mesh_agent_sdk::{RunEvent, RunState, StepState};
+use mesh_tests::{Mesh, Timings, goal};
+use serde_json::json;
+
+const AGENTS: &str = r#"
+[[agents]]
+kind = "echo"
+max_concurrency = 8
+[[agents]]
+kind = "sleep"
+max_concurrency = 8
+"#;
+
+#[tokio::test]
+async fn five_steps_with_two_parallel_branches_complete_with_the_right_outputs() {
+    let mut mesh = Mesh::start(Timings::default()).await;
+    mesh.start_node("n1", AGENTS).await;
+    let client = mesh.client().await;
+    //   a ─┬─ b ─ d ─┐
+    //      └─ c ─────┴─ e
+    let g = goal(
+        "five steps",
+        &[
+            ("a", "echo", json!({ "n": 1 }), &[]),
+            ("b", "sleep", json!({ "ms": 400 }), &["a"]),
+            ("c", "sleep", json!({ "ms": 400 }), &["a"]),
+            ("d", "echo", json!({ "n": 4 }), &["b"]),
+            ("e", "echo", json!({ "n": 5 }), &["c", "d"]),
+        ],
+    );
+    let run = client.submit(g).await.unwrap();
+    assert!(run.created);
+
+    // Follow the run: b and c must be running at the same time.
+    let mut events = Box::pin(client.watch(&run.run_id).await.unwrap());
+    let mut running = HashSet::new();
+    let mut overlapped = false;
+    let finished = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(event) = events.next().await {
+            match event.unwrap() {
+                RunEvent::Step(s) => {
+                    match s.state {
+                        StepState::Running => running.insert(s.id.0.clone()),
+                        _ => running.remove(s.id.as_str()),
+                    };
+                    overlapped |= running.contains("b") && running.contains("c");
+                }
+                RunEvent::Finished { state, .. } => return state,
+                RunEvent::Snapshot(_) => {}
+            }
+        }
+        panic!("watch ended without a Finished event");
+    })
+    .await
+    .expect("run finished in time");
+    assert_eq!(finished, RunState::Succeeded);
+    assert!(overlapped, "the branches b and c ran in parallel");
+
+    let view = client.get_run(&run.run_id).await.unwrap();
+    assert_eq!(view.state, RunState::Succeeded);
+    assert!(
+        view.steps
+            .iter()
+            .all(|s| s.state == StepState::Succeeded && s.attempt == 1)
+    );
+    // The run's output is the output of its only final step, e; e saw the outputs of c and d.
+    let out = view.output.expect("run output");
+    let e = &out["e"];
+    assert_eq!(out.as_object().unwrap().len(), 1, "{out}");
+    assert_eq!(e["with"], json!({ "n": 5 }));
+    assert_eq!(e["needs"]["c"]["slept_ms"], 400);
+    assert_eq!(e["needs"]["d"]["with"], json!({ "n": 4 }));
+    assert_eq!(e["needs"]["d"]["needs"]["b"]["slept_ms"], 400);
+    // The swarm records the agents it picked for each skill.
+    let skills: HashSet<_> = view.swarm.iter().map(|m| m.skill.as_str()).collect();
+    assert_eq!(skills, HashSet::from(["echo", "sleep"]));
+    assert!(view.swarm.iter().all(|m| m.agent.node.as_str() == "n1"));
+}
+
+#[tokio::test]
+async fn an_idempotency_key_returns_the_existing_run_and_runs_list_in_pages() {
+    let mut mesh = Mesh::start(Timings::default()).await;
+    mesh.start_node("n1", AGENTS).await;
+    let client = mesh.client().await;
+    let mut g = goal("keyed", &[("a", "echo", json!({}), &[])]);
+    g.idempotency_key = Some("order-42".into());
+    let first = client.submit(g.clone()).await.unwrap();
+    let again = client.submit(g).await.unwrap();
+    assert!(first.created);
+    assert!(!again.created);
+    assert_eq!(first.run_id, again.run_id);
+
+    for i in 0..4 {
+        client
+            .submit(goal(&format!("g{i}"), &[("a", "echo", json!({}), &[])]))
+            .await
+            .unwrap();
+    }
+    let mut seen = Vec::new();
+    let mut token = None;
+    loop {
+        let page = client.list_runs(None, 2, token).await.unwrap();
+        assert!(page.runs.len() <= 2);
+        seen.extend(page.runs.into_iter().map(|r| r.run_id));
+        token = page.next_page_token;
+        if token.is_none() {
+            break;
+        }
+    }
+    assert_eq!(seen.len(), 5, "every run listed once");
+    assert_eq!(seen.iter().collect::<HashSet<_>>().len(), 5);
+    let view = client.wait(&first.run_id).await.unwrap();
+    assert_eq!(view.state, RunState::Succeeded);
+    let done = client
+        .list_runs(Some(RunState::Succeeded), 100, None)
+        .await
+        .unwrap();
+    assert!(done.runs.iter().any(|r| r.run_id == first.run_id));
+}
+
+#[tokio::test]
+async fn a_step_no_agent_can_take_fails_after_the_unschedulable_timeout() {
+    let timings = Timings {
+        unschedulable_ms: 500,
+        ..Timings::default()
+    };
+    let mut mesh = Mesh::start(timings).await;
+    mesh.start_node("n1", AGENTS).await;
+    let client = mesh.client().await;
+    let run = client
+        .submit(goal(
+            "no such skill",
+            &[
+                ("a", "echo", json!({}), &[]),
+                ("t", "translate", json!({}), &["a"]),
+            ],
+        ))
+        .await
+        .unwrap();
+    let view = tokio::time::timeout(Duration::from_secs(20), client.wait(&run.run_id))
+        .await
+        .expect("run finished in time")
+        .unwrap();
+    assert_eq!(view.state, RunState::Failed);
+    let error = view.error.unwrap();
+    assert!(
+        error.contains("`translate`"),
+        "the reason names the skill: {error}"
+    );
+    assert_eq!(view.steps[0].state, StepState::Succeeded);
+    assert_eq!(view.steps[1].state, StepState::Failed);
+}
+
+#[tokio::test]
+async fn cancelling_a_run_cancels_its_attempt_on_the_node() {
+    let mut mesh = Mesh::start(Timings::default()).await;
+    mesh.start_node("n1", AGENTS).await;
+    let client = mesh.client().await;
+    let run = client
+        .submit(goal(
+            "long",
+            &[
+                ("s", "sleep", json!({ "ms": 60000 }), &[]),
+                ("after", "echo", json!({}), &["s"]),
+            ],
+        ))
+        .await
+        .unwrap();
+    mesh_tests::wait_for(
+        "the sleep to be running on n1",
+        Duration::from_secs(10),
+        || async {
+            let v = client.get_run(&run.run_id).await.ok()?;
+            v.steps[0].agent.is_some().then_some(())
+        },
+    )
+    .await;
+    let view = client
+        .cancel_run(&run.run_id, "no longer needed")
+        .await
+        .unwrap();
+    assert_eq!(view.state, RunState::Cancelled);
+    assert_eq!(view.steps[0].state, StepState::Cancelled);
+    assert_eq!(view.steps[1].state, StepState::Skipped);
+    // The node's sleep sees the cancellation and frees its slot.
+    mesh_tests::wait_for(
+        "n1 to have nothing in flight",
+        Duration::from_secs(10),
+        || async {
+            let n = mesh.node_view("n1").await?;
+            (n.in_flight == 0).then_some(())
+        },
+    )
+    .await;
+    let err = client.cancel_run(&run.run_id, "again").await.unwrap_err();
+    assert_eq!(
+        err.code(),
+        Some(mesh_agent_sdk::RpcCode::FailedPrecondition),
+        "{err}"
+    );
+}
