@@ -234,6 +234,9 @@ impl<R: Clone> DispatchState<R> {
         }
     }
 
+    // The request goes back to the caller unboxed: this is the hot path and boxing would
+    // allocate on every miss.
+    #[allow(clippy::result_large_err)]
     fn try_send(
         &mut self,
         req: DispatchRequest<R>,

@@ -607,7 +607,7 @@ impl From<StepView> for pb::Step {
 impl From<pb::Step> for StepView {
     fn from(s: pb::Step) -> Self {
         StepView {
-            agent: (!s.agent.is_empty()).then(|| AgentKey {
+            agent: (!s.agent.is_empty()).then_some(AgentKey {
                 node: NodeId(s.node_id),
                 agent: s.agent,
             }),

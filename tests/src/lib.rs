@@ -348,7 +348,7 @@ drain_grace = "20s"
     /// Accepted results per (run, step), from the journal.
     pub fn accepted_results(&self) -> HashMap<(String, String), u32> {
         let conn = rusqlite::Connection::open_with_flags(
-            &self.db_path(),
+            self.db_path(),
             rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
         )
         .expect("open the store");

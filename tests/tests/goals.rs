@@ -52,7 +52,15 @@ async fn five_steps_with_two_parallel_branches_complete_with_the_right_outputs()
                     overlapped |= running.contains("b") && running.contains("c");
                 }
                 RunEvent::Finished { state, .. } => return state,
-                RunEvent::Snapshot(_) => {}
+                RunEvent::Snapshot(view) => {
+                    running = view
+                        .steps
+                        .iter()
+                        .filter(|s| s.state == StepState::Running)
+                        .map(|s| s.id.0.clone())
+                        .collect();
+                    overlapped |= running.contains("b") && running.contains("c");
+                }
             }
         }
         panic!("watch ended without a Finished event");

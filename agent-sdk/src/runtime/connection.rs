@@ -19,13 +19,13 @@ use tonic::transport::Endpoint;
 use tracing::{debug, info, warn};
 
 use super::agent_actor::AgentMsg;
-use super::{AgentTable, RuntimeConfig};
+use super::{AgentSlot, AgentTable, RuntimeConfig};
 use crate::agent::Progress;
 use crate::metrics as m;
 
 /// Frames buffered towards the coordinator.
 const OUTBOUND_QUEUE: usize = 1024;
-/// Unacknowledged results kept for re-sending; past it the oldest are dropped (the
+/// Unacknowledged results kept for re-sending; past it one is dropped per new result (the
 /// coordinator re-dispatches their steps anyway).
 const MAX_UNACKED: usize = 10_000;
 const SEND_TIMEOUT: Duration = Duration::from_secs(5);
@@ -50,6 +50,8 @@ pub enum ConnMsg {
         agent: String,
         reason: String,
     },
+    /// A restarted agent is back: deliver the attempts held for it.
+    AgentBack(String),
     /// Finish in-flight attempts, take no new ones, then close; the reply comes when done.
     Drain(Option<RpcReplyPort<()>>),
 }
@@ -78,6 +80,8 @@ pub struct ConnState {
     failures: u32,
     /// Attempts handed to agents, by token, with the agent's name.
     tasks: HashMap<FencingToken, String>,
+    /// Attempts for agents that are restarting, delivered when they are back.
+    parked: Vec<Task>,
     unacked: HashMap<FencingToken, TaskResult>,
     draining: bool,
     drain_waiters: Vec<RpcReplyPort<()>>,
@@ -104,10 +108,11 @@ impl ConnState {
     }
 
     fn send(&self, frame: FromNode) {
-        if let Some(link) = &self.link {
-            if link.instance.is_some() && link.tx.try_send(frame.into()).is_err() {
-                debug!("outbound queue full; frame dropped");
-            }
+        if let Some(link) = &self.link
+            && link.instance.is_some()
+            && link.tx.try_send(frame.into()).is_err()
+        {
+            debug!("outbound queue full; frame dropped");
         }
     }
 
@@ -130,10 +135,8 @@ impl ConnState {
     }
 
     fn drop_link(&mut self) {
-        if let Some(link) = self.link.take() {
-            if let Some(h) = link.heartbeat {
-                h.abort();
-            }
+        if let Some(h) = self.link.take().and_then(|link| link.heartbeat) {
+            h.abort();
         }
         metrics::gauge!(m::CONNECTED).set(0.0);
     }
@@ -264,19 +267,20 @@ impl ConnState {
                     self.send_result(myself, result).await;
                     return;
                 }
-                let agent = self.args.agents.get(&task.agent);
-                match agent {
-                    Some(agent) => {
+                match self.args.agents.get(&task.agent) {
+                    AgentSlot::Live(agent) => {
                         self.tasks.insert(token, task.agent.clone());
                         let _ = agent.cast(AgentMsg::Run(task));
                     }
-                    None => {
+                    AgentSlot::Restarting => {
+                        debug!(%token, agent = %task.agent, "agent restarting; attempt held until it is back");
+                        self.tasks.insert(token, task.agent.clone());
+                        self.parked.push(task);
+                    }
+                    AgentSlot::Absent => {
                         let result = refuse(
                             "agent_unavailable",
-                            format!(
-                                "agent `{}` is restarting or not hosted on this node",
-                                task.agent
-                            ),
+                            format!("agent `{}` is down or not hosted on this node", task.agent),
                             true,
                         );
                         self.unacked.insert(token, result.clone());
@@ -286,12 +290,17 @@ impl ConnState {
             }
             ToNode::Cancel { token, reason } => {
                 debug!(%token, %reason, "cancel requested");
-                if let Some(agent) = self
-                    .tasks
-                    .get(&token)
-                    .and_then(|name| self.args.agents.get(name))
-                {
-                    let _ = agent.cast(AgentMsg::Cancel(token));
+                let Some(name) = self.tasks.get(&token) else {
+                    return;
+                };
+                if let AgentSlot::Live(agent) = self.args.agents.get(name) {
+                    let _ = agent.cast(AgentMsg::Cancel(token.clone()));
+                }
+                // An attempt held for a restarting agent is simply dropped: the coordinator
+                // no longer waits for it.
+                if let Some(i) = self.parked.iter().position(|t| t.token == token) {
+                    self.parked.remove(i);
+                    self.tasks.remove(&token);
                 }
             }
             ToNode::Drain { reason } => {
@@ -333,6 +342,7 @@ impl Actor for Connection {
             generation: 0,
             failures: 0,
             tasks: HashMap::new(),
+            parked: Vec::new(),
             unacked: HashMap::new(),
             draining: false,
             drain_waiters: Vec::new(),
@@ -377,11 +387,11 @@ impl Actor for Connection {
             }
             ConnMsg::Result(result) => {
                 st.tasks.remove(&result.token);
-                if st.unacked.len() >= MAX_UNACKED {
-                    if let Some(oldest) = st.unacked.keys().next().cloned() {
-                        warn!(token = %oldest, "too many unacknowledged results; dropping one");
-                        st.unacked.remove(&oldest);
-                    }
+                if st.unacked.len() >= MAX_UNACKED
+                    && let Some(victim) = st.unacked.keys().next().cloned()
+                {
+                    warn!(token = %victim, "too many unacknowledged results; dropping one");
+                    st.unacked.remove(&victim);
                 }
                 st.unacked.insert(result.token.clone(), result.clone());
                 st.send_result(&myself, result).await;
@@ -392,7 +402,36 @@ impl Actor for Connection {
                 message: progress.message,
                 fraction: progress.fraction,
             })),
-            ConnMsg::AgentDown { agent, reason } => st.send(FromNode::AgentDown { agent, reason }),
+            ConnMsg::AgentDown { agent, reason } => {
+                // Attempts held for it fail now; the coordinator re-dispatches them elsewhere.
+                let (failed, kept): (Vec<Task>, Vec<Task>) =
+                    st.parked.drain(..).partition(|t| t.agent == agent);
+                st.parked = kept;
+                for task in failed {
+                    st.tasks.remove(&task.token);
+                    let result = TaskResult {
+                        token: task.token,
+                        outcome: Err(TaskError {
+                            code: "agent_down".into(),
+                            message: format!("agent `{agent}` is down: {reason}"),
+                            retryable: true,
+                        }),
+                    };
+                    st.unacked.insert(result.token.clone(), result.clone());
+                    st.send_result(&myself, result).await;
+                }
+                st.send(FromNode::AgentDown { agent, reason });
+            }
+            ConnMsg::AgentBack(name) => {
+                let (ready, kept): (Vec<Task>, Vec<Task>) =
+                    st.parked.drain(..).partition(|t| t.agent == name);
+                st.parked = kept;
+                if let AgentSlot::Live(agent) = st.args.agents.get(&name) {
+                    for task in ready {
+                        let _ = agent.cast(AgentMsg::Run(task));
+                    }
+                }
+            }
             ConnMsg::Drain(waiter) => {
                 if !st.draining {
                     info!(in_flight = st.tasks.len(), "draining");

@@ -71,25 +71,35 @@ impl Default for RuntimeConfig {
     }
 }
 
-/// Live agent actors by agent name; written by `NodeRoot`, read by the connection.
+/// Where an agent stands, as the connection sees it.
+#[derive(Clone)]
+pub(crate) enum AgentSlot {
+    Live(ActorRef<AgentMsg>),
+    /// Its actor failed and is being restarted: hold its attempts.
+    Restarting,
+    /// Down (restart budget spent) or never hosted here.
+    Absent,
+}
+
+/// Agent actors by agent name; written by `NodeRoot`, read by the connection.
 #[derive(Clone, Default)]
-pub(crate) struct AgentTable(Arc<RwLock<HashMap<String, ActorRef<AgentMsg>>>>);
+pub(crate) struct AgentTable(Arc<RwLock<HashMap<String, AgentSlot>>>);
 
 impl AgentTable {
-    fn get(&self, name: &str) -> Option<ActorRef<AgentMsg>> {
+    fn get(&self, name: &str) -> AgentSlot {
         self.0
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .get(name)
             .cloned()
+            .unwrap_or(AgentSlot::Absent)
     }
 
-    fn set(&self, name: &str, agent: Option<ActorRef<AgentMsg>>) {
-        let mut map = self.0.write().unwrap_or_else(|p| p.into_inner());
-        match agent {
-            Some(a) => map.insert(name.to_owned(), a),
-            None => map.remove(name),
-        };
+    fn set(&self, name: &str, slot: AgentSlot) {
+        self.0
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_owned(), slot);
     }
 }
 
@@ -311,7 +321,8 @@ impl RootState {
             .spawn(self.conn.clone(), self.progress.clone(), myself.get_cell())
             .await?;
         self.ids.insert(agent.get_id(), i);
-        self.table.set(&self.names[i], Some(agent));
+        self.table.set(&self.names[i], AgentSlot::Live(agent));
+        let _ = self.conn.cast(ConnMsg::AgentBack(self.names[i].clone()));
         Ok(())
     }
 }
@@ -396,7 +407,7 @@ impl Actor for NodeRoot {
                     return Ok(());
                 };
                 let name = st.names[i].clone();
-                st.table.set(&name, None);
+                st.table.set(&name, AgentSlot::Restarting);
                 metrics::counter!(m::AGENT_RESTARTS, "agent" => name.clone()).increment(1);
                 let now = Instant::now();
                 let window = st.config.restart_window;
@@ -404,6 +415,7 @@ impl Actor for NodeRoot {
                 history.retain(|t| now.duration_since(*t) < window);
                 if history.len() as u32 >= st.config.restart_budget {
                     error!(agent = %name, restarts = history.len(), "agent exhausted its restart budget; reporting it down");
+                    st.table.set(&name, AgentSlot::Absent);
                     let _ = st.conn.cast(ConnMsg::AgentDown {
                         agent: name,
                         reason: format!(

@@ -38,6 +38,31 @@ fn finished_events(view: RunView) -> Vec<Result<pb::RunEvent, Status>> {
         .collect()
 }
 
+/// The snapshot, then the run's events until it finishes. A watcher that falls more than
+/// the buffer behind is cut off rather than holding memory; it can watch again and starts
+/// from a fresh snapshot.
+fn live_events(view: RunView, rx: tokio::sync::broadcast::Receiver<RunEvent>) -> EventStream {
+    let first = stream::iter(finished_events(view));
+    let live = BroadcastStream::new(rx).scan(false, |done, item| {
+        if *done {
+            return std::future::ready(None);
+        }
+        std::future::ready(Some(match item {
+            Ok(event) => {
+                *done = matches!(event, RunEvent::Finished { .. });
+                Ok(pb::RunEvent::from(event))
+            }
+            Err(_) => {
+                *done = true;
+                Err(Status::resource_exhausted(
+                    "watcher fell behind the run's events; watch again",
+                ))
+            }
+        }))
+    });
+    Box::pin(first.chain(live))
+}
+
 #[tonic::async_trait]
 impl pb::goal_service_server::GoalService for GoalApi {
     async fn submit_goal(
@@ -77,33 +102,13 @@ impl pb::goal_service_server::GoalService for GoalApi {
         request: Request<pb::WatchRunRequest>,
     ) -> Result<Response<EventStream>, Status> {
         let id = run_id("run_id", request.into_inner().run_id).map_err(|e| status(e.into()))?;
-        if let Some(run) = self.handles.directory.get(&id) {
-            if let Ok((view, rx)) = call_result(
+        if let Some(run) = self.handles.directory.get(&id)
+            && let Ok((view, rx)) = call_result(
                 "run",
                 run.call(RunMsg::Subscribe, Some(RUN_CALL_TIMEOUT)).await,
-            ) {
-                let first = stream::iter(finished_events(view));
-                // A watcher that falls more than the buffer behind is cut off rather than
-                // holding memory; it can watch again and starts from a fresh snapshot.
-                let live = BroadcastStream::new(rx).scan(false, |done, item| {
-                    if *done {
-                        return std::future::ready(None);
-                    }
-                    std::future::ready(Some(match item {
-                        Ok(event) => {
-                            *done = matches!(event, RunEvent::Finished { .. });
-                            Ok(pb::RunEvent::from(event))
-                        }
-                        Err(_) => {
-                            *done = true;
-                            Err(Status::resource_exhausted(
-                                "watcher fell behind the run's events; watch again",
-                            ))
-                        }
-                    }))
-                });
-                return Ok(Response::new(Box::pin(first.chain(live))));
-            }
+            )
+        {
+            return Ok(Response::new(live_events(view, rx)));
         }
         // Not live: finished (or about to be); the store has the whole story.
         let view = self.handles.store.run_view(&id).map_err(status)?;
