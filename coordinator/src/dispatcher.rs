@@ -598,12 +598,8 @@ impl Actor for Dispatcher {
                             now.saturating_duration_since(inflight.sent_at)
                                 .as_secs_f64(),
                         );
-                        let _ = tx.try_send(Outbound::Frame(ToNode::ResultAck {
-                            token,
-                            code: AckCode::Accepted,
-                            message: String::new(),
-                        }));
-                        let _ = inflight.run.cast(RunMsg::Result(result));
+                        // The run acknowledges once the result is journaled.
+                        let _ = inflight.run.cast(RunMsg::Result { result, ack: tx });
                         st.pump();
                     }
                     Err(stale) => {

@@ -21,6 +21,7 @@ use crate::config::DispatchConfig;
 use crate::dispatcher::{DispatchRequest, DispatcherMsg};
 use crate::error::{Error, Result};
 use crate::metrics as m;
+use crate::node_session::{NodeTx, Outbound};
 use crate::slot::Slot;
 use crate::store::{JournalEvent, Store, StoredRun};
 use crate::swarm::{RunDirectory, SwarmMsg};
@@ -35,7 +36,11 @@ pub enum RunMsg {
         token: FencingToken,
         agent: AgentKey,
     },
-    Result(TaskResult),
+    /// A result that passed the dispatcher's fence; acknowledged on `ack` once journaled.
+    Result {
+        result: TaskResult,
+        ack: NodeTx,
+    },
     /// The attempt's node or agent went away; dispatch a new attempt at once.
     AttemptLost {
         token: FencingToken,
@@ -649,12 +654,28 @@ impl Actor for Run {
                     st.commit(&myself, vec![event])?;
                 }
             }
-            RunMsg::Result(result) => match st.machine.on_result(&result) {
-                Some(decision) => apply_decision(st, &myself, decision)?,
-                None => {
-                    warn!(token = %result.token, "result for an attempt that is no longer current ignored")
-                }
-            },
+            RunMsg::Result { result, ack } => {
+                let token = result.token.clone();
+                let (code, message) = match st.machine.on_result(&result) {
+                    Some(decision) => {
+                        apply_decision(st, &myself, decision)?;
+                        (AckCode::Accepted, String::new())
+                    }
+                    None => {
+                        warn!(%token, "result for an attempt that is no longer current rejected");
+                        metrics::counter!(m::STALE_RESULTS).increment(1);
+                        (
+                            AckCode::Stale,
+                            "stale fencing token: the step moved on".to_owned(),
+                        )
+                    }
+                };
+                let _ = ack.try_send(Outbound::Frame(ToNode::ResultAck {
+                    token,
+                    code,
+                    message,
+                }));
+            }
             RunMsg::AttemptFailed { token, error } => {
                 if let Some(decision) = st.machine.on_failed(&token, error) {
                     apply_decision(st, &myself, decision)?;

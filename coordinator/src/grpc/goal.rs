@@ -65,6 +65,7 @@ fn live_events(view: RunView, rx: tokio::sync::broadcast::Receiver<RunEvent>) ->
 
 #[tonic::async_trait]
 impl pb::goal_service_server::GoalService for GoalApi {
+    #[tracing::instrument(name = "grpc.submit_goal", skip_all)]
     async fn submit_goal(
         &self,
         request: Request<pb::SubmitGoalRequest>,
@@ -86,6 +87,7 @@ impl pb::goal_service_server::GoalService for GoalApi {
         }))
     }
 
+    #[tracing::instrument(name = "grpc.get_run", skip_all)]
     async fn get_run(
         &self,
         request: Request<pb::GetRunRequest>,
@@ -97,6 +99,7 @@ impl pb::goal_service_server::GoalService for GoalApi {
 
     type WatchRunStream = EventStream;
 
+    #[tracing::instrument(name = "grpc.watch_run", skip_all)]
     async fn watch_run(
         &self,
         request: Request<pb::WatchRunRequest>,
@@ -115,6 +118,7 @@ impl pb::goal_service_server::GoalService for GoalApi {
         Ok(Response::new(Box::pin(stream::iter(finished_events(view)))))
     }
 
+    #[tracing::instrument(name = "grpc.cancel_run", skip_all)]
     async fn cancel_run(
         &self,
         request: Request<pb::CancelRunRequest>,
@@ -144,6 +148,7 @@ impl pb::goal_service_server::GoalService for GoalApi {
         ))))
     }
 
+    #[tracing::instrument(name = "grpc.list_runs", skip_all)]
     async fn list_runs(
         &self,
         request: Request<pb::ListRunsRequest>,

@@ -19,6 +19,7 @@ pub struct RegistryApi {
 
 #[tonic::async_trait]
 impl pb::registry_service_server::RegistryService for RegistryApi {
+    #[tracing::instrument(name = "grpc.list_nodes", skip_all)]
     async fn list_nodes(
         &self,
         _request: Request<pb::ListNodesRequest>,
@@ -36,6 +37,7 @@ impl pb::registry_service_server::RegistryService for RegistryApi {
         }))
     }
 
+    #[tracing::instrument(name = "grpc.list_agents", skip_all)]
     async fn list_agents(
         &self,
         request: Request<pb::ListAgentsRequest>,
