@@ -170,7 +170,10 @@ async fn serve_grpc(
             None
         }
     };
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // Socket options set on the builder apply only to listeners tonic binds itself.
+    let incoming = tonic::transport::server::TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(Duration::from_secs(30)));
     let result = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(10)))

@@ -27,7 +27,7 @@ use crate::store::{JournalEvent, Store, StoredRun};
 use crate::swarm::{RunDirectory, SwarmMsg};
 
 /// Events a watcher may fall behind by before its watch ends.
-const WATCH_BUFFER: usize = 1024;
+const WATCH_BUFFER: usize = 256;
 
 pub enum RunMsg {
     /// Sent to itself once started: re-dispatch what was in flight, then make progress.
@@ -492,7 +492,9 @@ pub struct RunActorState {
     next_seq: u64,
     deps: RunDeps,
     swarm: ActorRef<SwarmMsg>,
-    events: broadcast::Sender<RunEvent>,
+    /// Watchers' channel, made on the first watch: a broadcast channel allocates its whole
+    /// buffer up front, which most runs (never watched) should not pay for.
+    watchers: Option<broadcast::Sender<RunEvent>>,
     picked: HashSet<(String, AgentKey)>,
     created_at_ms: i64,
     started: Instant,
@@ -511,6 +513,12 @@ impl RunActorState {
             .collect();
         view.created_at_ms = self.created_at_ms;
         Ok(view)
+    }
+
+    fn publish(&self, event: RunEvent) {
+        if let Some(tx) = &self.watchers {
+            let _ = tx.send(event);
+        }
     }
 
     /// Journals the events, applies them, performs their effects, then keeps moving the
@@ -535,7 +543,7 @@ impl RunActorState {
     fn effect(&mut self, myself: &ActorRef<RunMsg>, event: &JournalEvent) {
         let publish_step = |st: &Self, id: &StepId| {
             if let Some(s) = st.machine.step(id) {
-                let _ = st.events.send(RunEvent::Step(st.machine.step_view(s)));
+                st.publish(RunEvent::Step(st.machine.step_view(s)));
             }
         };
         match event {
@@ -575,7 +583,7 @@ impl RunActorState {
                     run_id: self.machine.run_id.clone(),
                     reason: format!("run {state}"),
                 });
-                let _ = self.events.send(RunEvent::Finished {
+                self.publish(RunEvent::Finished {
                     state: *state,
                     output: output.clone(),
                     error: error.clone(),
@@ -610,7 +618,7 @@ impl Actor for Run {
             next_seq,
             deps: args.deps,
             swarm: args.swarm,
-            events: broadcast::channel(WATCH_BUFFER).0,
+            watchers: None,
             picked: HashSet::new(),
             created_at_ms,
             started: Instant::now(),
@@ -701,7 +709,11 @@ impl Actor for Run {
             }
             RunMsg::Subscribe(reply) => {
                 let view = st.view()?;
-                let _ = reply.send((view, st.events.subscribe()));
+                let rx = st
+                    .watchers
+                    .get_or_insert_with(|| broadcast::channel(WATCH_BUFFER).0)
+                    .subscribe();
+                let _ = reply.send((view, rx));
             }
         }
         Ok(())
