@@ -15,7 +15,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // constructor; clients are built from a Channel instead.
         .build_transport(false)
         .file_descriptor_set_path(out_dir.join("mesh_descriptor.bin"))
-        .compile_with_config(config, &["mesh/v1/mesh.proto"], &["."])?;
+        .compile_with_config(
+            config,
+            &["mesh/v1/mesh.proto", "mesh/bench/v1/bench.proto"],
+            &["."],
+        )?;
     // prost-build does not emit this itself.
     println!("cargo:rerun-if-changed=mesh");
     println!("cargo:rerun-if-env-changed=PROTOC");

@@ -1,5 +1,6 @@
 //! `mesh`: run a local mesh, a coordinator or a node; submit goals, watch runs, list nodes.
 
+mod bench;
 mod client;
 mod dev;
 mod goalfile;
@@ -82,6 +83,22 @@ enum Command {
     },
     /// Nodes known to the coordinator, with their health.
     Nodes,
+    /// Load generator: runs workloads against meshes it starts (see BENCHMARKS.md).
+    Bench(bench::BenchArgs),
+    /// The baseline's bare echo server (started by `mesh bench baseline`).
+    #[command(hide = true)]
+    BenchEchoServer {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    /// The baseline's relay (started by `mesh bench baseline`).
+    #[command(hide = true)]
+    BenchRelay {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        upstream: String,
+    },
     /// Agents known to the coordinator.
     Agents {
         /// Only agents with this skill.
@@ -186,6 +203,12 @@ async fn main() -> Result<()> {
             init_tracing("warn");
             client::nodes(&cli.coordinator, cli.output).await
         }
+        Command::Bench(args) => {
+            init_tracing("warn");
+            bench::run(args, cli.output).await
+        }
+        Command::BenchEchoServer { listen } => bench::serve_echo(listen).await,
+        Command::BenchRelay { listen, upstream } => bench::serve_relay(listen, upstream).await,
         Command::Agents { skill } => {
             init_tracing("warn");
             client::agents(&cli.coordinator, cli.output, skill.as_deref()).await

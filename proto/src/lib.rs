@@ -16,6 +16,12 @@ pub mod pb {
     tonic::include_proto!("mesh.v1");
 }
 
+/// The bare echo service `mesh bench baseline` measures the transport with.
+#[allow(clippy::all, missing_docs)]
+pub mod bench_pb {
+    tonic::include_proto!("mesh.bench.v1");
+}
+
 /// Encoded `FileDescriptorSet` of mesh.v1, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("mesh_descriptor");
 

@@ -1,0 +1,235 @@
+//! Processes a benchmark starts: the coordinator and nodes (this same `mesh` binary), or the
+//! baseline's echo server and relay, on free loopback ports in a temporary directory. All
+//! are killed on drop.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use mesh_agent_sdk::{GoalClient, Health};
+
+pub fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// A child process, killed on drop.
+pub struct Proc {
+    pub name: String,
+    child: Child,
+}
+
+impl Proc {
+    pub fn spawn(dir: &Path, name: &str, args: &[&str]) -> Result<Proc> {
+        let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
+        let child = Command::new(std::env::current_exe()?)
+            .args(args)
+            .env("MESH_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {name}"))?;
+        Ok(Proc {
+            name: name.to_owned(),
+            child,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Polls `check` every 5 ms until it is true, for at most `timeout`.
+pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !check().await {
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(())
+}
+
+/// A bound on a polling loop: `tick` sleeps 5 ms, or fails once the time is up.
+pub struct Deadline {
+    what: String,
+    at: Instant,
+    timeout: Duration,
+}
+
+impl Deadline {
+    pub fn new(what: &str, timeout: Duration) -> Self {
+        Self {
+            what: what.to_owned(),
+            at: Instant::now() + timeout,
+            timeout,
+        }
+    }
+
+    pub async fn tick(&self) -> Result<()> {
+        if Instant::now() > self.at {
+            bail!(
+                "timed out after {:?} waiting for {}",
+                self.timeout,
+                self.what
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        Ok(())
+    }
+}
+
+/// A coordinator and nodes.
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub url: String,
+    pub coordinator: Proc,
+    pub nodes: Vec<Proc>,
+}
+
+impl Cluster {
+    /// Starts a coordinator (default intervals plus `extra_toml`) and waits until it answers.
+    pub async fn coordinator(extra_toml: &str) -> Result<Cluster> {
+        let dir = tempfile::tempdir()?;
+        let (grpc, http) = (free_port()?, free_port()?);
+        let config = format!(
+            "listen = \"127.0.0.1:{grpc}\"\nhttp_listen = \"127.0.0.1:{http}\"\ndata_dir = \"{}\"\n{extra_toml}\n",
+            dir.path().join("data").display()
+        );
+        let path = dir.path().join("coordinator.toml");
+        std::fs::write(&path, config)?;
+        let coordinator = Proc::spawn(
+            dir.path(),
+            "coordinator",
+            &["coordinator", "--config", &path.to_string_lossy()],
+        )?;
+        let url = format!("http://127.0.0.1:{grpc}");
+        let probe = url.clone();
+        wait_until("the coordinator", Duration::from_secs(30), || {
+            let url = probe.clone();
+            async move {
+                match GoalClient::connect(&url).await {
+                    Ok(c) => c.nodes().await.is_ok(),
+                    Err(_) => false,
+                }
+            }
+        })
+        .await?;
+        Ok(Cluster {
+            dir,
+            url,
+            coordinator,
+            nodes: Vec::new(),
+        })
+    }
+
+    /// Starts a node with `agents_toml`; does not wait.
+    pub fn spawn_node(&mut self, name: &str, agents_toml: &str) -> Result<()> {
+        let config = format!(
+            "coordinator = \"{}\"\nname = \"{name}\"\nreconnect_min = \"20ms\"\nreconnect_max = \"200ms\"\n{agents_toml}\n",
+            self.url
+        );
+        let path: PathBuf = self.dir.path().join(format!("{name}.toml"));
+        std::fs::write(&path, config)?;
+        let node = Proc::spawn(
+            self.dir.path(),
+            name,
+            &["node", "--config", &path.to_string_lossy()],
+        )?;
+        self.nodes.push(node);
+        Ok(())
+    }
+
+    /// Waits until `n` nodes are healthy.
+    pub async fn wait_nodes(&self, n: usize) -> Result<()> {
+        let client = GoalClient::connect(&self.url).await?;
+        wait_until(
+            &format!("{n} healthy nodes"),
+            Duration::from_secs(30),
+            || {
+                let client = client.clone();
+                async move {
+                    client
+                        .nodes()
+                        .await
+                        .map(|nodes| {
+                            nodes.iter().filter(|v| v.health == Health::Healthy).count() >= n
+                        })
+                        .unwrap_or(false)
+                }
+            },
+        )
+        .await
+    }
+
+    pub async fn with_nodes(extra_toml: &str, nodes: &[(&str, &str)]) -> Result<Cluster> {
+        let mut cluster = Cluster::coordinator(extra_toml).await?;
+        for (name, agents) in nodes {
+            cluster.spawn_node(name, agents)?;
+        }
+        cluster.wait_nodes(nodes.len()).await?;
+        Ok(cluster)
+    }
+
+    pub async fn client(&self) -> Result<GoalClient> {
+        Ok(GoalClient::connect(&self.url).await?)
+    }
+
+    pub fn node(&mut self, name: &str) -> Option<&mut Proc> {
+        self.nodes.iter_mut().find(|n| n.name == name)
+    }
+}
+
+/// Resident memory of a process, in MiB.
+pub fn rss_mib(pid: u32) -> Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("VmRSS not found")?;
+    Ok(kb / 1024.0)
+}
+
+/// CPU time (user + system) a process has used so far.
+pub fn cpu_time(pid: u32) -> Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .context("malformed /proc stat")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
+    Ok(Duration::from_secs_f64(ticks as f64 / clock_ticks()))
+}
+
+fn clock_ticks() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}

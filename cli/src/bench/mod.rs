@@ -1,0 +1,250 @@
+//! `mesh bench`: the load generator. Every workload starts its own processes (this `mesh`
+//! binary as coordinator and nodes, on loopback) and reports its figures; `--repeat N`
+//! gives medians with min–max; `--quick` shrinks every workload to check that it works.
+//! The definitions live in BENCHMARKS.md.
+
+mod baseline;
+mod cluster;
+mod stats;
+mod workloads;
+
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::{Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::Output;
+use crate::output::table;
+pub use baseline::{serve_echo, serve_relay};
+use stats::{Figure, Summary, summarize};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Workload {
+    W1,
+    W2,
+    W3,
+    W4,
+    Durable,
+    Runs,
+    Registry,
+    Failover,
+    Baseline,
+}
+
+impl Workload {
+    const ALL: [Workload; 9] = [
+        Workload::Baseline,
+        Workload::W1,
+        Workload::W2,
+        Workload::W3,
+        Workload::W4,
+        Workload::Durable,
+        Workload::Runs,
+        Workload::Registry,
+        Workload::Failover,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Workload::W1 => "w1",
+            Workload::W2 => "w2",
+            Workload::W3 => "w3",
+            Workload::W4 => "w4",
+            Workload::Durable => "durable",
+            Workload::Runs => "runs",
+            Workload::Registry => "registry",
+            Workload::Failover => "failover",
+            Workload::Baseline => "baseline",
+        }
+    }
+}
+
+/// DESIGN.md §7 targets, by (workload, figure).
+fn target(workload: &str, figure: &str) -> Option<&'static str> {
+    Some(match (workload, figure) {
+        ("w1", "p50") => "< 250 µs",
+        ("w2", "steps/s") => "> 20,000 /s",
+        ("w4", "cold start") => "< 1,000 ms",
+        ("durable", "step transitions/s") => "> 5,000 /s",
+        ("durable", "p50 per step in a chain") => "< 1,000 µs overhead",
+        ("runs", "coordinator RSS") => "< 500 MiB at 10,000 runs",
+        ("registry", "coordinator CPU") => "< 0.25 cores at 1,000 × 10",
+        ("failover", "kill -9 to all re-dispatched") => "< lease + 1 s = 6,000 ms",
+        _ => return None,
+    })
+}
+
+/// The baseline figure each figure is compared with.
+fn baseline_of(workload: &str, figure: &str) -> Option<&'static str> {
+    Some(match (workload, figure) {
+        ("w1", "steps/s") => "sequential rate",
+        ("w1", "p50") => "sequential p50",
+        ("w1", "p99") => "sequential p99",
+        ("w2" | "w3", "steps/s") => "64 in flight rate",
+        ("w2" | "w3", "p50") => "64 in flight p50",
+        ("w2" | "w3", "p99") => "64 in flight p99",
+        _ => return None,
+    })
+}
+
+/// How many operations each workload does.
+pub struct Sizes {
+    pub warmup: usize,
+    pub sequential: usize,
+    pub parallel: usize,
+    pub spread: usize,
+    pub durable_runs: usize,
+    pub held_runs: usize,
+    pub sim_nodes: usize,
+    pub sim_seconds: u64,
+    pub failover_runs: usize,
+}
+
+impl Sizes {
+    fn full() -> Self {
+        Self {
+            warmup: 200,
+            sequential: 2_000,
+            parallel: 20_000,
+            spread: 10_000,
+            durable_runs: 2_000,
+            held_runs: 10_000,
+            sim_nodes: 1_000,
+            sim_seconds: 20,
+            failover_runs: 100,
+        }
+    }
+
+    fn quick() -> Self {
+        Self {
+            warmup: 10,
+            sequential: 50,
+            parallel: 200,
+            spread: 200,
+            durable_runs: 20,
+            held_runs: 100,
+            sim_nodes: 20,
+            sim_seconds: 2,
+            failover_runs: 10,
+        }
+    }
+}
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Workloads to run (default: all).
+    #[arg(value_enum)]
+    workloads: Vec<Workload>,
+    /// Run every workload.
+    #[arg(long)]
+    all: bool,
+    /// Small sizes: checks that each workload works, not how fast.
+    #[arg(long)]
+    quick: bool,
+    /// Repetitions of each workload; figures are medians with min–max.
+    #[arg(long, default_value_t = 1)]
+    repeat: usize,
+}
+
+pub fn progress(label: &str, len: u64) -> ProgressBar {
+    let bar = ProgressBar::new(len);
+    bar.set_style(
+        ProgressStyle::with_template("{prefix:>22} [{bar:30}] {pos}/{len} {per_sec} eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(label.to_owned());
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}
+
+async fn run_one(w: Workload, sizes: &Sizes) -> Result<Vec<Figure>> {
+    match w {
+        Workload::W1 => workloads::w1(sizes).await,
+        Workload::W2 => workloads::w2(sizes).await,
+        Workload::W3 => workloads::w3(sizes).await,
+        Workload::W4 => workloads::w4(sizes).await,
+        Workload::Durable => workloads::durable(sizes).await,
+        Workload::Runs => workloads::runs(sizes).await,
+        Workload::Registry => workloads::registry(sizes).await,
+        Workload::Failover => workloads::failover(sizes).await,
+        Workload::Baseline => baseline::run(sizes).await,
+    }
+}
+
+pub async fn run(args: BenchArgs, format: Output) -> Result<()> {
+    let sizes = if args.quick {
+        Sizes::quick()
+    } else {
+        Sizes::full()
+    };
+    let chosen: Vec<Workload> = if args.all || args.workloads.is_empty() {
+        Workload::ALL.to_vec()
+    } else {
+        Workload::ALL
+            .iter()
+            .copied()
+            .filter(|w| args.workloads.contains(w))
+            .collect()
+    };
+    let mut summaries: Vec<Summary> = Vec::new();
+    for w in chosen {
+        let mut repetitions = Vec::new();
+        for i in 0..args.repeat.max(1) {
+            eprintln!("{} ({}/{})", w.name(), i + 1, args.repeat.max(1));
+            repetitions.push(run_one(w, &sizes).await?);
+        }
+        summaries.extend(summarize(w.name(), &repetitions));
+    }
+    let baseline: Vec<(&'static str, f64)> = summaries
+        .iter()
+        .filter(|s| s.workload == "baseline")
+        .map(|s| (s.figure, s.median))
+        .collect();
+    for s in &mut summaries {
+        s.target = target(&s.workload, s.figure);
+        s.vs_baseline = baseline_of(&s.workload, s.figure)
+            .and_then(|b| baseline.iter().find(|(name, _)| *name == b))
+            .map(|(_, v)| s.median / v);
+    }
+    match format {
+        Output::Json => crate::output::json(&summaries),
+        Output::Table => {
+            let fmt = |v: f64| {
+                if v >= 100.0 {
+                    format!("{v:.0}")
+                } else {
+                    format!("{v:.2}")
+                }
+            };
+            let rows = summaries
+                .iter()
+                .map(|s| {
+                    vec![
+                        s.workload.clone(),
+                        s.figure.to_owned(),
+                        format!("{} {}", fmt(s.median), s.unit),
+                        format!("{}–{}", fmt(s.min), fmt(s.max)),
+                        s.target.unwrap_or("").to_owned(),
+                        s.vs_baseline
+                            .map(|r| format!("{r:.2}×"))
+                            .unwrap_or_default(),
+                    ]
+                })
+                .collect();
+            table(
+                &[
+                    "workload",
+                    "figure",
+                    "median",
+                    "min–max",
+                    "target",
+                    "vs baseline",
+                ],
+                rows,
+            );
+        }
+    }
+    Ok(())
+}

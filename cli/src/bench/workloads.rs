@@ -1,0 +1,436 @@
+//! The mesh workloads of `mesh bench`. Each starts its own processes and returns its figures.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use futures::StreamExt;
+use mesh_agent_sdk::{GoalClient, GoalSpec, RunEvent, RunId, RunState, StepSpec};
+use mesh_proto::domain::{FromNode, Registration, ToNode};
+use mesh_proto::pb;
+use mesh_proto::pb::node_service_client::NodeServiceClient;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Endpoint;
+
+use super::cluster::{Cluster, Deadline, cpu_time, rss_mib, wait_until};
+use super::stats::{Figure, latency_figures, percentile};
+use super::{Sizes, progress};
+
+const PAYLOAD_BYTES: usize = 100;
+
+fn echo_agents(names: &[&str], max: u32) -> String {
+    names
+        .iter()
+        .map(|n| format!("[[agents]]\nkind = \"echo\"\nname = \"{n}\"\nskills = [\"echo\"]\nmax_concurrency = {max}\n"))
+        .collect()
+}
+
+fn sleep_agent(max: u32) -> String {
+    format!("[[agents]]\nkind = \"sleep\"\nmax_concurrency = {max}\n")
+}
+
+fn step(id: &str, uses: &str, with: Value, needs: &[String]) -> StepSpec {
+    StepSpec {
+        id: id.into(),
+        uses: uses.to_owned(),
+        with,
+        needs: needs.iter().map(|n| n.as_str().into()).collect(),
+    }
+}
+
+fn goal(objective: &str, steps: Vec<StepSpec>) -> GoalSpec {
+    GoalSpec {
+        objective: objective.to_owned(),
+        inputs: json!({}),
+        steps,
+        idempotency_key: None,
+    }
+}
+
+fn echo_goal() -> GoalSpec {
+    goal(
+        "bench echo",
+        vec![step(
+            "e",
+            "echo",
+            json!({ "p": "x".repeat(PAYLOAD_BYTES) }),
+            &[],
+        )],
+    )
+}
+
+fn chain_goal(len: usize) -> GoalSpec {
+    let steps = (0..len)
+        .map(|i| {
+            let needs = if i == 0 {
+                vec![]
+            } else {
+                vec![format!("s{}", i - 1)]
+            };
+            step(&format!("s{i}"), "echo", json!({ "i": i }), &needs)
+        })
+        .collect();
+    goal("bench chain", steps)
+}
+
+/// Waits for the run's `Finished` event.
+async fn finished(client: &GoalClient, run: &RunId) -> Result<RunState> {
+    let mut events = Box::pin(client.watch(run).await?);
+    while let Some(event) = events.next().await {
+        if let RunEvent::Finished { state, .. } = event? {
+            return Ok(state);
+        }
+    }
+    bail!("watch of {run} ended without a Finished event")
+}
+
+/// Submits a goal and waits until it succeeds; returns the round trip.
+async fn round_trip(client: &GoalClient, goal: GoalSpec) -> Result<Duration> {
+    let started = Instant::now();
+    let run = client.submit(goal).await?;
+    let state = finished(client, &run.run_id).await?;
+    ensure!(state == RunState::Succeeded, "run {} {state}", run.run_id);
+    Ok(started.elapsed())
+}
+
+/// `n` goals with `in_flight` at a time; returns every round trip and the wall time.
+async fn load(
+    client: &GoalClient,
+    label: &str,
+    n: usize,
+    in_flight: usize,
+    make: fn() -> GoalSpec,
+) -> Result<(Vec<Duration>, Duration)> {
+    let bar = progress(label, n as u64);
+    let started = Instant::now();
+    let samples = futures::stream::iter(0..n)
+        .map(|_| {
+            let (client, bar) = (client.clone(), bar.clone());
+            async move {
+                let d = round_trip(&client, make()).await;
+                bar.inc(1);
+                d
+            }
+        })
+        .buffer_unordered(in_flight)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<Vec<_>>>()?;
+    bar.finish_and_clear();
+    Ok((samples, started.elapsed()))
+}
+
+/// w1: echo goals one at a time.
+pub async fn w1(sizes: &Sizes) -> Result<Vec<Figure>> {
+    let cluster = Cluster::with_nodes("", &[("n1", &echo_agents(&["echo"], 64))]).await?;
+    let client = cluster.client().await?;
+    load(&client, "w1 warm-up", sizes.warmup, 1, echo_goal).await?;
+    let (samples, wall) = load(&client, "w1", sizes.sequential, 1, echo_goal).await?;
+    Ok(latency_figures(samples, wall, "steps/s"))
+}
+
+/// w2: echo goals, 64 in flight, two nodes.
+pub async fn w2(sizes: &Sizes) -> Result<Vec<Figure>> {
+    let agents = echo_agents(&["echo"], 64);
+    let cluster = Cluster::with_nodes("", &[("n1", &agents), ("n2", &agents)]).await?;
+    let client = cluster.client().await?;
+    load(&client, "w2 warm-up", sizes.warmup, 64, echo_goal).await?;
+    let (samples, wall) = load(&client, "w2", sizes.parallel, 64, echo_goal).await?;
+    Ok(latency_figures(samples, wall, "steps/s"))
+}
+
+/// w3: echo goals over 8 echo agents on two nodes, 64 in flight.
+pub async fn w3(sizes: &Sizes) -> Result<Vec<Figure>> {
+    let agents = echo_agents(&["echo-1", "echo-2", "echo-3", "echo-4"], 16);
+    let cluster = Cluster::with_nodes("", &[("n1", &agents), ("n2", &agents)]).await?;
+    let client = cluster.client().await?;
+    load(&client, "w3 warm-up", sizes.warmup, 64, echo_goal).await?;
+    let (samples, wall) = load(&client, "w3", sizes.spread, 64, echo_goal).await?;
+    let views = client.agents(Some("echo")).await?;
+    ensure!(
+        views.len() == 8,
+        "expected 8 echo agents, found {}",
+        views.len()
+    );
+    Ok(latency_figures(samples, wall, "steps/s"))
+}
+
+/// w4: from launching the processes to the first completed goal.
+pub async fn w4(_sizes: &Sizes) -> Result<Vec<Figure>> {
+    let started = Instant::now();
+    let mut cluster = Cluster::coordinator("").await?;
+    let agents = echo_agents(&["echo"], 8);
+    cluster.spawn_node("n1", &agents)?;
+    cluster.spawn_node("n2", &agents)?;
+    let client = cluster.client().await?;
+    // Submitted at once: the step waits in the dispatcher until a node registers.
+    round_trip(&client, echo_goal()).await?;
+    Ok(vec![Figure::new(
+        "cold start",
+        started.elapsed().as_secs_f64() * 1e3,
+        "ms",
+    )])
+}
+
+/// durable: chains of 10 journaled echo steps, 32 runs at a time.
+pub async fn durable(sizes: &Sizes) -> Result<Vec<Figure>> {
+    const CHAIN: usize = 10;
+    let agents = echo_agents(&["echo"], 64);
+    let cluster = Cluster::with_nodes("", &[("n1", &agents), ("n2", &agents)]).await?;
+    let client = cluster.client().await?;
+    let (mut samples, wall) = load(&client, "durable", sizes.durable_runs, 32, || {
+        chain_goal(CHAIN)
+    })
+    .await?;
+    samples.sort_unstable();
+    let per_step = percentile(&samples, 50.0) / CHAIN as u32;
+    Ok(vec![
+        Figure::new(
+            "step transitions/s",
+            (sizes.durable_runs * CHAIN) as f64 / wall.as_secs_f64(),
+            "/s",
+        ),
+        Figure::new(
+            "p50 per step in a chain",
+            per_step.as_secs_f64() * 1e6,
+            "µs",
+        ),
+    ])
+}
+
+/// runs: many runs held in flight at once, each waiting on `sleep`: coordinator memory.
+pub async fn runs(sizes: &Sizes) -> Result<Vec<Figure>> {
+    let n = sizes.held_runs;
+    let cluster = Cluster::with_nodes("", &[("n1", &sleep_agent(n as u32 + 16))]).await?;
+    let client = cluster.client().await?;
+    let pid = cluster.coordinator.pid();
+    let before = rss_mib(pid)?;
+    let bar = progress("runs submitted", n as u64);
+    futures::stream::iter(0..n)
+        .map(|_| {
+            let (client, bar) = (client.clone(), bar.clone());
+            async move {
+                let g = goal(
+                    "held",
+                    vec![step("nap", "sleep", json!({ "ms": 600_000 }), &[])],
+                );
+                let r = client.submit(g).await;
+                bar.inc(1);
+                r
+            }
+        })
+        .buffer_unordered(64)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()?;
+    bar.finish_and_clear();
+    wait_until(
+        "every run's sleep to be on the node",
+        Duration::from_secs(120),
+        || {
+            let client = client.clone();
+            async move {
+                let nodes = client.nodes().await.unwrap_or_default();
+                nodes.iter().map(|v| v.in_flight as usize).sum::<usize>() >= n
+            }
+        },
+    )
+    .await?;
+    let rss = rss_mib(pid)?;
+    Ok(vec![
+        Figure::new("runs in flight", n as f64, ""),
+        Figure::new("coordinator RSS", rss, "MiB"),
+        Figure::new(
+            "RSS per run",
+            (rss - before).max(0.0) * 1024.0 / n as f64,
+            "KiB",
+        ),
+    ])
+}
+
+/// One simulated node: registers `agents` agents and heartbeats at the coordinator's interval.
+async fn sim_node(
+    channel: tonic::transport::Channel,
+    name: String,
+    agents: usize,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<()> {
+    let cards = (0..agents)
+        .map(|i| {
+            mesh_agent_sdk::AgentCard::new(&format!("a{i}"))
+                .skill("echo")
+                .max_concurrency(4)
+        })
+        .collect();
+    let (tx, rx) = mpsc::channel::<pb::NodeFrame>(16);
+    tx.send(
+        FromNode::Register(Registration {
+            node_name: name,
+            labels: Default::default(),
+            agents: cards,
+        })
+        .into(),
+    )
+    .await?;
+    let mut inbound = NodeServiceClient::new(channel)
+        .connect(ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    let first = inbound
+        .message()
+        .await?
+        .context("stream ended before registration")?;
+    let ToNode::Registered(registered) = ToNode::try_from(first)? else {
+        bail!("first frame was not `registered`");
+    };
+    let mut tick = tokio::time::interval(Duration::from_millis(registered.heartbeat_every_ms));
+    let mut stop = stop;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                tx.send(FromNode::Heartbeat { instance: registered.instance }.into()).await?;
+            }
+            frame = inbound.message() => {
+                if frame?.is_none() {
+                    bail!("the coordinator closed the stream");
+                }
+            }
+            _ = stop.changed() => return Ok(()),
+        }
+    }
+}
+
+/// registry: simulated nodes × 10 agents heartbeating at 1 Hz: coordinator CPU share.
+pub async fn registry(sizes: &Sizes) -> Result<Vec<Figure>> {
+    let cluster = Cluster::coordinator("").await?;
+    let client = cluster.client().await?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut tasks = Vec::new();
+    let mut channel = None;
+    for i in 0..sizes.sim_nodes {
+        // A few hundred streams per connection, under the server's stream limit.
+        if i % 250 == 0 {
+            channel = Some(
+                Endpoint::from_shared(cluster.url.clone())?
+                    .connect()
+                    .await?,
+            );
+        }
+        let ch = channel.clone().expect("made above");
+        tasks.push(tokio::spawn(sim_node(
+            ch,
+            format!("sim-{i}"),
+            10,
+            stop_rx.clone(),
+        )));
+    }
+    let n = sizes.sim_nodes;
+    wait_until(
+        "every simulated node to register",
+        Duration::from_secs(60),
+        || {
+            let client = client.clone();
+            async move { client.nodes().await.map(|v| v.len() >= n).unwrap_or(false) }
+        },
+    )
+    .await?;
+    let pid = cluster.coordinator.pid();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (cpu0, t0) = (cpu_time(pid)?, Instant::now());
+    let bar = progress("registry window (s)", sizes.sim_seconds);
+    for _ in 0..sizes.sim_seconds {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let share = (cpu_time(pid)? - cpu0).as_secs_f64() / t0.elapsed().as_secs_f64();
+    let healthy = client
+        .nodes()
+        .await?
+        .iter()
+        .filter(|v| v.health == mesh_agent_sdk::Health::Healthy)
+        .count();
+    let _ = stop_tx.send(true);
+    for t in tasks {
+        let _ = t.await;
+    }
+    ensure!(
+        healthy == n,
+        "{healthy} of {n} simulated nodes healthy at the end"
+    );
+    Ok(vec![
+        Figure::new("nodes", n as f64, ""),
+        Figure::new("agents", (n * 10) as f64, ""),
+        Figure::new("coordinator CPU", share, "cores"),
+    ])
+}
+
+/// failover: kill -9 a node with work in flight; time until all of it is on the other node.
+pub async fn failover(sizes: &Sizes) -> Result<Vec<Figure>> {
+    let agents = sleep_agent(400);
+    let mut cluster = Cluster::with_nodes("", &[("a", &agents), ("b", &agents)]).await?;
+    let client = cluster.client().await?;
+    let mut runs = Vec::new();
+    for _ in 0..sizes.failover_runs {
+        let g = goal(
+            "failover",
+            vec![step("nap", "sleep", json!({ "ms": 30_000 }), &[])],
+        );
+        runs.push(client.submit(g).await?.run_id);
+    }
+    let deadline = Deadline::new("every sleep to be dispatched", Duration::from_secs(60));
+    let on_a = 'poll: loop {
+        let mut on_a = Vec::new();
+        for run in &runs {
+            let view = client.get_run(run).await?;
+            match &view.steps[0].agent {
+                Some(agent) if agent.node.as_str() == "a" => on_a.push(run.clone()),
+                Some(_) => {}
+                None => {
+                    deadline.tick().await?;
+                    continue 'poll;
+                }
+            }
+        }
+        break on_a;
+    };
+    ensure!(!on_a.is_empty(), "no work landed on node a");
+    let killed = Instant::now();
+    cluster.node("a").context("node a")?.kill();
+    let mut moved = HashSet::new();
+    let deadline = Deadline::new(
+        "every attempt of node a to be on node b",
+        Duration::from_secs(60),
+    );
+    while moved.len() < on_a.len() {
+        for run in &on_a {
+            if moved.contains(run) {
+                continue;
+            }
+            let view = client.get_run(run).await?;
+            if view.steps[0]
+                .agent
+                .as_ref()
+                .is_some_and(|a| a.node.as_str() == "b")
+            {
+                moved.insert(run.clone());
+            }
+        }
+        if moved.len() < on_a.len() {
+            deadline.tick().await?;
+        }
+    }
+    let redispatched = killed.elapsed();
+    Ok(vec![
+        Figure::new("attempts moved", on_a.len() as f64, ""),
+        Figure::new(
+            "kill -9 to all re-dispatched",
+            redispatched.as_secs_f64() * 1e3,
+            "ms",
+        ),
+    ])
+}
