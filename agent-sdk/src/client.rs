@@ -165,7 +165,8 @@ impl GoalClient {
         })
     }
 
-    /// The run's current state, then every change, until it finishes.
+    /// The run's current state, then every change, until it finishes. Read it to the end:
+    /// dropping it earlier resets the HTTP/2 stream.
     pub async fn watch(
         &self,
         run_id: &RunId,
@@ -187,10 +188,10 @@ impl GoalClient {
     /// Waits until the run finishes and returns its final view.
     pub async fn wait(&self, run_id: &RunId) -> Result<RunView, ClientError> {
         let mut events = Box::pin(self.watch(run_id).await?);
+        // Read to the end (the stream ends right after `Finished`): dropping a stream early
+        // resets it, and a connection that resets too many is closed by HTTP/2.
         while let Some(event) = events.next().await {
-            if let RunEvent::Finished { .. } = event? {
-                break;
-            }
+            event?;
         }
         self.get_run(run_id).await
     }

@@ -106,7 +106,7 @@ pub async fn watch_run(client: &GoalClient, run_id: &RunId, format: Output) -> R
                     eprintln!("{}", step_line(&step));
                 }
             }
-            RunEvent::Finished { .. } => break,
+            RunEvent::Finished { .. } => {}
         }
     }
     let view = client.get_run(run_id).await?;

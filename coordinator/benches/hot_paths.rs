@@ -76,24 +76,49 @@ fn dispatcher_selection(c: &mut Criterion) {
 }
 
 fn journal_append(c: &mut Criterion) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
-    let run = store.submit(&chain(2)).unwrap().run_id;
+    let run = rt.block_on(store.submit(&chain(2))).unwrap().run_id;
+    let event = || JournalEvent::StepAssigned {
+        step: "s0".into(),
+        attempt: 1,
+        agent: AgentKey {
+            node: "n1".into(),
+            agent: "echo".into(),
+        },
+    };
     let mut seq = 1;
-    c.bench_function("store: journal append (one transaction)", |b| {
+    c.bench_function("store: journal append, one writer (one commit each)", |b| {
         b.iter(|| {
-            let event = JournalEvent::StepAssigned {
-                step: "s0".into(),
-                attempt: 1,
-                agent: AgentKey {
-                    node: "n1".into(),
-                    agent: "echo".into(),
-                },
-            };
-            store.record(&run, seq, &event).unwrap();
+            rt.block_on(store.record(&run, seq, vec![event()])).unwrap();
             seq += 1;
         })
     });
+    // 64 runs writing at once: their writes share commits.
+    let runs: Vec<RunId> = (0..64)
+        .map(|_| rt.block_on(store.submit(&chain(2))).unwrap().run_id)
+        .collect();
+    let mut seqs = vec![1u64; runs.len()];
+    c.bench_function(
+        "store: 64 journal appends from 64 runs at once (group commit)",
+        |b| {
+            b.iter(|| {
+                rt.block_on(async {
+                    let writes = runs
+                        .iter()
+                        .zip(seqs.iter())
+                        .map(|(run, &seq)| store.record(run, seq, vec![event()]));
+                    for r in futures::future::join_all(writes).await {
+                        r.unwrap();
+                    }
+                });
+                for s in &mut seqs {
+                    *s += 1;
+                }
+            })
+        },
+    );
 }
 
 fn run_transition(c: &mut Criterion) {

@@ -22,6 +22,8 @@ pub enum Error {
     Store(#[from] rusqlite::Error),
     #[error("store: {0}")]
     Corrupt(String),
+    #[error("store: {0}")]
+    Commit(String),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -36,7 +38,9 @@ impl From<Error> for tonic::Status {
             Error::ResourceExhausted(_) => tonic::Status::resource_exhausted(msg),
             Error::Timeout(_) => tonic::Status::deadline_exceeded(msg),
             Error::Unavailable(_) => tonic::Status::unavailable(msg),
-            Error::Store(_) | Error::Corrupt(_) | Error::Io(_) => tonic::Status::internal(msg),
+            Error::Store(_) | Error::Corrupt(_) | Error::Commit(_) | Error::Io(_) => {
+                tonic::Status::internal(msg)
+            }
         }
     }
 }

@@ -74,7 +74,7 @@ pub async fn start(
         warn!(listen = %config.listen, "listening beyond loopback without TLS or tokens; anyone who reaches this address can use the mesh");
     }
     let store = Store::open(&config.data_dir)?;
-    let epoch = store.bump_epoch()?;
+    let epoch = store.bump_epoch().await?;
     let grpc_listener = TcpListener::bind(config.listen).await?;
     let http_listener = TcpListener::bind(config.http_listen).await?;
     let grpc_addr = grpc_listener.local_addr()?;

@@ -43,6 +43,8 @@ pub struct Handles {
     pub swarms: Slot<SwarmsMsg>,
     pub store: Store,
     pub directory: RunDirectory,
+    /// What runs are started with; `swarms::submit` needs it.
+    pub deps: RunDeps,
     pub config: CoordinatorConfig,
     pub epoch: u64,
 }
@@ -144,6 +146,7 @@ impl Actor for CoordinatorRoot {
                 swarms,
                 store: args.store,
                 directory,
+                deps: deps.clone(),
                 config: args.config,
                 epoch: args.epoch,
             },

@@ -521,17 +521,27 @@ impl RunActorState {
         }
     }
 
-    /// Journals the events, applies them, performs their effects, then keeps moving the
-    /// run forward until it has nothing more to do.
-    fn commit(&mut self, myself: &ActorRef<RunMsg>, mut events: Vec<JournalEvent>) -> Result<()> {
+    /// Journals the events (one write, committed with other runs' writes), applies them,
+    /// performs their effects, then keeps moving the run forward until it has nothing more
+    /// to do.
+    async fn commit(
+        &mut self,
+        myself: &ActorRef<RunMsg>,
+        mut events: Vec<JournalEvent>,
+    ) -> Result<()> {
         loop {
-            for event in &events {
-                self.deps
+            if !events.is_empty() {
+                let n = events.len() as u64;
+                let written = self
+                    .deps
                     .store
-                    .record(&self.machine.run_id, self.next_seq, event)?;
-                self.next_seq += 1;
-                self.machine.apply(event);
-                self.effect(myself, event);
+                    .record(&self.machine.run_id, self.next_seq, events)
+                    .await?;
+                self.next_seq += n;
+                for event in &written {
+                    self.machine.apply(event);
+                    self.effect(myself, event);
+                }
             }
             events = self.machine.next();
             if events.is_empty() {
@@ -641,11 +651,10 @@ impl Actor for Run {
         msg: Self::Msg,
         st: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        let _span = tracing::debug_span!("run.handle", run_id = %st.machine.run_id).entered();
         match msg {
             RunMsg::Start | RunMsg::Redispatch => {
                 let events = st.machine.restart_running();
-                st.commit(&myself, events)?;
+                st.commit(&myself, events).await?;
             }
             RunMsg::Assigned { token, agent } => {
                 if let Some(event) = st.machine.on_assigned(&token, &agent) {
@@ -659,14 +668,14 @@ impl Actor for Run {
                             .swarm
                             .cast(SwarmMsg::Member(SwarmMember { skill, agent }));
                     }
-                    st.commit(&myself, vec![event])?;
+                    st.commit(&myself, vec![event]).await?;
                 }
             }
             RunMsg::Result { result, ack } => {
                 let token = result.token.clone();
                 let (code, message) = match st.machine.on_result(&result) {
                     Some(decision) => {
-                        apply_decision(st, &myself, decision)?;
+                        apply_decision(st, &myself, decision).await?;
                         (AckCode::Accepted, String::new())
                     }
                     None => {
@@ -686,17 +695,17 @@ impl Actor for Run {
             }
             RunMsg::AttemptFailed { token, error } => {
                 if let Some(decision) = st.machine.on_failed(&token, error) {
-                    apply_decision(st, &myself, decision)?;
+                    apply_decision(st, &myself, decision).await?;
                 }
             }
             RunMsg::AttemptLost { token, reason } => {
                 if let Some(events) = st.machine.on_lost(&token, &reason) {
-                    st.commit(&myself, events)?;
+                    st.commit(&myself, events).await?;
                 }
             }
             RunMsg::Retry { step, attempt } => {
                 let events = st.machine.on_retry(&step, attempt);
-                st.commit(&myself, events)?;
+                st.commit(&myself, events).await?;
             }
             RunMsg::Cancel { reason, reply } => {
                 let events = st.machine.finish(
@@ -704,7 +713,10 @@ impl Actor for Run {
                     None,
                     Some(format!("cancelled: {reason}")),
                 );
-                let result = st.commit(&myself, events).and_then(|()| st.view());
+                let result = match st.commit(&myself, events).await {
+                    Ok(()) => st.view(),
+                    Err(e) => Err(e),
+                };
                 let _ = reply.send(result);
             }
             RunMsg::Subscribe(reply) => {
@@ -720,12 +732,12 @@ impl Actor for Run {
     }
 }
 
-fn apply_decision(
+async fn apply_decision(
     st: &mut RunActorState,
     myself: &ActorRef<RunMsg>,
     decision: Decision,
 ) -> Result<()> {
-    st.commit(myself, decision.events)?;
+    st.commit(myself, decision.events).await?;
     if let Some((step, attempt, delay)) = decision.retry_after {
         debug!(%step, attempt, delay_ms = delay.as_millis() as u64, "retrying after backoff");
         myself.send_after(delay, move || RunMsg::Retry { step, attempt });

@@ -4,14 +4,20 @@
 //! The journal is the record; `runs` and `steps` are its projection, updated in the same
 //! transaction as each journal row, so both always agree.
 //!
-//! The store is a shared handle rather than an actor: SQLite serialises writers itself,
-//! every call is one short transaction, and a mailbox hop would only add latency.
+//! Writes go to one writer thread that commits in groups: it takes every write waiting in
+//! its bounded queue (up to [`MAX_GROUP`]), applies each inside its own savepoint, commits
+//! once, then answers each caller. A caller's write is durable when its answer comes; many
+//! runs share one commit, which is what makes journaling cheap. Reads use a second
+//! connection, so they never wait for the writer (WAL lets them run side by side).
 //!
-//! Invariant: a run's state changes only through [`Store::record`], one journal row at a time.
+//! Invariant: a run's state changes only through [`Store::record`], and a write is
+//! acknowledged only after the transaction that holds it has committed.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{mpsc, oneshot};
 
 use mesh_proto::domain::*;
 use rusqlite::{Connection, OptionalExtension, params};
@@ -169,9 +175,28 @@ pub struct StoredRun {
     pub next_seq: u64,
 }
 
+/// Writes waiting for the writer thread; past it callers wait (backpressure).
+const WRITE_QUEUE: usize = 4096;
+/// Most writes committed together.
+pub const MAX_GROUP: usize = 512;
+
+/// A write for the writer thread, with where to send its answer.
+enum WriteOp {
+    BumpEpoch(oneshot::Sender<Result<u64>>),
+    Submit(Box<GoalSpec>, oneshot::Sender<Result<RunRef>>),
+    Record {
+        run_id: RunId,
+        seq: u64,
+        events: Vec<JournalEvent>,
+        reply: oneshot::Sender<(Vec<JournalEvent>, Result<()>)>,
+    },
+    AddMember(GoalId, SwarmMember, oneshot::Sender<Result<()>>),
+}
+
 #[derive(Clone)]
 pub struct Store {
-    conn: Arc<Mutex<Connection>>,
+    writer: mpsc::Sender<WriteOp>,
+    reader: Arc<Mutex<Connection>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -202,191 +227,95 @@ fn parse_state<T>(text: &str, parse: fn(&str) -> Option<T>) -> Result<T> {
     parse(text).ok_or_else(|| Error::Corrupt(format!("unknown state `{text}` in store")))
 }
 
+fn connect(path: &Path) -> Result<Connection> {
+    let conn = Connection::open(path)?;
+    // WAL with synchronous=NORMAL survives a crash of the process (the contract tested
+    // here); set MESH_STORE_SYNC=full to also survive a power loss.
+    let sync = match std::env::var("MESH_STORE_SYNC").as_deref() {
+        Ok("full") => "FULL",
+        _ => "NORMAL",
+    };
+    conn.execute_batch(&format!(
+        "PRAGMA journal_mode=WAL; PRAGMA synchronous={sync}; PRAGMA foreign_keys=ON; PRAGMA busy_timeout=5000;"
+    ))?;
+    Ok(conn)
+}
+
+fn writer_gone() -> Error {
+    Error::Unavailable("store writer")
+}
+
 impl Store {
-    /// Opens (and creates) the database in `dir`.
+    /// Opens (and creates) the database in `dir` and starts its writer thread, which ends
+    /// when the last handle is dropped.
     pub fn open(dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(dir)?;
-        let conn = Connection::open(dir.join("mesh.db"))?;
-        // WAL with synchronous=NORMAL survives a crash of the process (the contract
-        // tested here); set MESH_STORE_SYNC=full to also survive a power loss.
-        let sync = match std::env::var("MESH_STORE_SYNC").as_deref() {
-            Ok("full") => "FULL",
-            _ => "NORMAL",
-        };
-        conn.execute_batch(&format!(
-            "PRAGMA journal_mode=WAL; PRAGMA synchronous={sync}; PRAGMA foreign_keys=ON; PRAGMA busy_timeout=5000;"
-        ))?;
-        conn.execute_batch(SCHEMA)?;
+        let path = dir.join("mesh.db");
+        let mut write_conn = connect(&path)?;
+        write_conn.execute_batch(SCHEMA)?;
+        let reader = connect(&path)?;
+        let (writer, rx) = mpsc::channel(WRITE_QUEUE);
+        std::thread::Builder::new()
+            .name("mesh-store-writer".into())
+            .spawn(move || write_loop(&mut write_conn, rx))?;
         Ok(Self {
-            conn: Arc::new(Mutex::new(conn)),
+            writer,
+            reader: Arc::new(Mutex::new(reader)),
         })
     }
 
-    fn lock(&self) -> MutexGuard<'_, Connection> {
-        // A panic while holding the lock leaves SQLite consistent (each call is one
-        // transaction), so a poisoned lock is safe to take over.
-        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    fn read(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock leaves SQLite consistent (reads only), so a
+        // poisoned lock is safe to take over.
+        self.reader.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn write<T>(&self, op: impl FnOnce(oneshot::Sender<T>) -> WriteOp) -> Result<T> {
+        let (tx, rx) = oneshot::channel();
+        self.writer.send(op(tx)).await.map_err(|_| writer_gone())?;
+        rx.await.map_err(|_| writer_gone())
     }
 
     /// Increments and returns the coordinator epoch; called once per start.
-    pub fn bump_epoch(&self) -> Result<u64> {
-        let mut conn = self.lock();
-        let tx = conn.transaction()?;
-        let current: Option<String> = tx
-            .query_row("SELECT value FROM meta WHERE key = 'epoch'", [], |r| {
-                r.get(0)
-            })
-            .optional()?;
-        let next = current.and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) + 1;
-        tx.execute(
-            "INSERT INTO meta (key, value) VALUES ('epoch', ?1)
-             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            params![next.to_string()],
-        )?;
-        tx.commit()?;
-        Ok(next)
+    pub async fn bump_epoch(&self) -> Result<u64> {
+        self.write(WriteOp::BumpEpoch).await?
     }
 
     /// Stores a new goal and its run, or returns the run of an earlier goal with the same
-    /// idempotency key.
-    pub fn submit(&self, goal: &GoalSpec) -> Result<RunRef> {
-        let mut conn = self.lock();
-        let tx = conn.transaction()?;
-        if let Some(key) = &goal.idempotency_key {
-            let existing: Option<(String, String)> = tx
-                .query_row(
-                    "SELECT g.goal_id, r.run_id FROM goals g JOIN runs r ON r.goal_id = g.goal_id
-                     WHERE g.idempotency_key = ?1 ORDER BY r.run_id LIMIT 1",
-                    params![key],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
-                )
-                .optional()?;
-            if let Some((goal_id, run_id)) = existing {
-                return Ok(RunRef {
-                    goal_id: GoalId(goal_id),
-                    run_id: RunId(run_id),
-                    created: false,
-                });
-            }
-        }
-        let goal_id = GoalId(format!("goal-{}", uuid::Uuid::now_v7().simple()));
-        let run_id = RunId(format!("run-{}", uuid::Uuid::now_v7().simple()));
-        let now = now_ms();
-        let spec = serde_json::to_string(goal).map_err(|e| Error::Corrupt(e.to_string()))?;
-        tx.execute(
-            "INSERT INTO goals (goal_id, idempotency_key, objective, spec, created_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![goal_id.0, goal.idempotency_key, goal.objective, spec, now],
-        )?;
-        tx.execute(
-            "INSERT INTO runs (run_id, goal_id, state, created_at_ms, updated_at_ms) VALUES (?1, ?2, 'running', ?3, ?3)",
-            params![run_id.0, goal_id.0, now],
-        )?;
-        {
-            let mut insert = tx.prepare_cached(
-                "INSERT INTO steps (run_id, step_id, position, uses, state) VALUES (?1, ?2, ?3, ?4, 'pending')",
-            )?;
-            for (i, step) in goal.steps.iter().enumerate() {
-                insert.execute(params![run_id.0, step.id.0, i as i64, step.uses])?;
-            }
-        }
-        append(&tx, &run_id, 0, &JournalEvent::RunCreated, now)?;
-        tx.commit()?;
-        Ok(RunRef {
-            goal_id,
-            run_id,
-            created: true,
-        })
+    /// idempotency key. Durable when it returns.
+    pub async fn submit(&self, goal: &GoalSpec) -> Result<RunRef> {
+        self.write(|reply| WriteOp::Submit(Box::new(goal.clone()), reply))
+            .await?
     }
 
-    /// Appends `event` as entry `seq` of the run's journal and applies it to the projection,
-    /// in one transaction.
-    pub fn record(&self, run_id: &RunId, seq: u64, event: &JournalEvent) -> Result<()> {
-        let mut conn = self.lock();
-        let tx = conn.transaction()?;
-        let now = now_ms();
-        append(&tx, run_id, seq, event, now)?;
-        let run = &run_id.0;
-        match event {
-            JournalEvent::RunCreated => {}
-            JournalEvent::StepStarted { step, attempt, .. } => {
-                tx.prepare_cached(
-                    "UPDATE steps SET state = 'running', attempt = ?3, node_id = NULL, agent = NULL
-                     WHERE run_id = ?1 AND step_id = ?2",
-                )?
-                .execute(params![run, step.0, attempt])?;
-            }
-            JournalEvent::StepAssigned { step, agent, .. } => {
-                tx.prepare_cached(
-                    "UPDATE steps SET node_id = ?3, agent = ?4 WHERE run_id = ?1 AND step_id = ?2",
-                )?
-                .execute(params![run, step.0, agent.node.0, agent.agent])?;
-            }
-            JournalEvent::StepSucceeded { step, output, .. } => {
-                tx.prepare_cached(
-                    "UPDATE steps SET state = 'succeeded', output = ?3, error = NULL
-                     WHERE run_id = ?1 AND step_id = ?2",
-                )?
-                .execute(params![run, step.0, json_text(output)])?;
-            }
-            JournalEvent::StepAttemptFailed { step, error, .. } => {
-                tx.prepare_cached(
-                    "UPDATE steps SET failures = failures + 1, error = ?3 WHERE run_id = ?1 AND step_id = ?2",
-                )?
-                .execute(params![run, step.0, error.to_string()])?;
-            }
-            JournalEvent::StepFailed { step, error } => {
-                tx.prepare_cached(
-                    "UPDATE steps SET state = 'failed', error = ?3 WHERE run_id = ?1 AND step_id = ?2",
-                )?
-                .execute(params![run, step.0, error])?;
-            }
-            JournalEvent::StepCancelled { step } => {
-                tx.prepare_cached(
-                    "UPDATE steps SET state = 'cancelled' WHERE run_id = ?1 AND step_id = ?2",
-                )?
-                .execute(params![run, step.0])?;
-            }
-            JournalEvent::StepSkipped { step } => {
-                tx.prepare_cached(
-                    "UPDATE steps SET state = 'skipped' WHERE run_id = ?1 AND step_id = ?2",
-                )?
-                .execute(params![run, step.0])?;
-            }
-            JournalEvent::RunFinished {
-                state,
-                output,
-                error,
-            } => {
-                tx.prepare_cached(
-                    "UPDATE runs SET state = ?2, output = ?3, error = ?4 WHERE run_id = ?1",
-                )?
-                .execute(params![
-                    run,
-                    state.as_str(),
-                    output.as_ref().map(json_text),
-                    error
-                ])?;
-            }
-        }
-        tx.prepare_cached("UPDATE runs SET updated_at_ms = ?2 WHERE run_id = ?1")?
-            .execute(params![run, now])?;
-        tx.commit()?;
-        Ok(())
+    /// Appends `events` as entries `seq..` of the run's journal and applies them to the
+    /// projection. Durable when it returns; hands the events back.
+    pub async fn record(
+        &self,
+        run_id: &RunId,
+        seq: u64,
+        events: Vec<JournalEvent>,
+    ) -> Result<Vec<JournalEvent>> {
+        let (events, result) = self
+            .write(|reply| WriteOp::Record {
+                run_id: run_id.clone(),
+                seq,
+                events,
+                reply,
+            })
+            .await?;
+        result.map(|()| events)
     }
 
     /// Records that the swarm of `goal_id` uses `member`; idempotent.
-    pub fn add_swarm_member(&self, goal_id: &GoalId, member: &SwarmMember) -> Result<()> {
-        self.lock()
-            .prepare_cached(
-                "INSERT OR IGNORE INTO swarm_members (goal_id, skill, node_id, agent) VALUES (?1, ?2, ?3, ?4)",
-            )?
-            .execute(params![goal_id.0, member.skill, member.agent.node.0, member.agent.agent])?;
-        Ok(())
+    pub async fn add_swarm_member(&self, goal_id: &GoalId, member: &SwarmMember) -> Result<()> {
+        self.write(|reply| WriteOp::AddMember(goal_id.clone(), member.clone(), reply))
+            .await?
     }
 
     /// Runs not finished yet, oldest first.
     pub fn unfinished_runs(&self) -> Result<Vec<RunId>> {
-        let conn = self.lock();
+        let conn = self.read();
         let mut stmt =
             conn.prepare("SELECT run_id FROM runs WHERE state = 'running' ORDER BY run_id")?;
         let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
@@ -399,7 +328,7 @@ impl Store {
 
     /// Loads a run for resuming it.
     pub fn load_run(&self, run_id: &RunId) -> Result<StoredRun> {
-        let conn = self.lock();
+        let conn = self.read();
         let (goal_id, spec, state): (String, String, String) = conn
             .query_row(
                 "SELECT r.goal_id, g.spec, r.state FROM runs r JOIN goals g ON g.goal_id = r.goal_id WHERE r.run_id = ?1",
@@ -431,7 +360,7 @@ impl Store {
 
     /// The run as clients see it.
     pub fn run_view(&self, run_id: &RunId) -> Result<RunView> {
-        let conn = self.lock();
+        let conn = self.read();
         let row = conn
             .query_row(
                 "SELECT r.goal_id, g.objective, r.state, r.output, r.error, r.created_at_ms, r.updated_at_ms
@@ -494,7 +423,7 @@ impl Store {
 
     /// One page of runs, newest first.
     pub fn list_runs(&self, query: &ListRunsQuery) -> Result<RunPage> {
-        let conn = self.lock();
+        let conn = self.read();
         let limit = query.page_size as i64 + 1;
         let mut stmt = conn.prepare_cached(
             "SELECT r.run_id, r.goal_id, g.objective, r.state, r.created_at_ms, r.updated_at_ms
@@ -549,15 +478,266 @@ impl Store {
     }
 }
 
+/// The writer thread: commits waiting writes in groups until every handle is gone.
+fn write_loop(conn: &mut Connection, mut rx: mpsc::Receiver<WriteOp>) {
+    let mut batch = Vec::with_capacity(MAX_GROUP);
+    while let Some(op) = rx.blocking_recv() {
+        batch.push(op);
+        while batch.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        commit_group(conn, batch.drain(..));
+    }
+}
+
+/// A write applied inside the group's transaction, waiting for the commit to answer.
+enum Applied {
+    Epoch(oneshot::Sender<Result<u64>>, Result<u64>),
+    Submit(oneshot::Sender<Result<RunRef>>, Result<RunRef>),
+    Record(
+        oneshot::Sender<(Vec<JournalEvent>, Result<()>)>,
+        Vec<JournalEvent>,
+        Result<()>,
+    ),
+    Member(oneshot::Sender<Result<()>>, Result<()>),
+}
+
+/// Applies each write in its own savepoint (a failed write leaves the others whole), commits
+/// once, then answers every caller: with its own result, or with the commit's error.
+fn commit_group(conn: &mut Connection, batch: impl Iterator<Item = WriteOp>) {
+    let mut applied = Vec::with_capacity(MAX_GROUP);
+    let mut tx = match conn.transaction() {
+        Ok(tx) => tx,
+        Err(e) => {
+            let why = format!("cannot begin: {e}");
+            for op in batch {
+                Applied::from_failed(op, &why).answer(None);
+            }
+            return;
+        }
+    };
+    let now = now_ms();
+    for op in batch {
+        applied.push(match op {
+            WriteOp::BumpEpoch(reply) => Applied::Epoch(reply, in_savepoint(&mut tx, bump_epoch)),
+            WriteOp::Submit(goal, reply) => {
+                Applied::Submit(reply, in_savepoint(&mut tx, |c| submit(c, &goal, now)))
+            }
+            WriteOp::Record {
+                run_id,
+                seq,
+                events,
+                reply,
+            } => {
+                let result = in_savepoint(&mut tx, |c| record(c, &run_id, seq, &events, now));
+                Applied::Record(reply, events, result)
+            }
+            WriteOp::AddMember(goal_id, member, reply) => Applied::Member(
+                reply,
+                in_savepoint(&mut tx, |c| add_member(c, &goal_id, &member)),
+            ),
+        });
+    }
+    let commit_error = tx.commit().err().map(|e| format!("commit failed: {e}"));
+    for a in applied {
+        a.answer(commit_error.as_deref());
+    }
+}
+
+impl Applied {
+    fn from_failed(op: WriteOp, why: &str) -> Applied {
+        fn err<T>(why: &str) -> Result<T> {
+            Err(Error::Commit(why.to_owned()))
+        }
+        match op {
+            WriteOp::BumpEpoch(reply) => Applied::Epoch(reply, err(why)),
+            WriteOp::Submit(_, reply) => Applied::Submit(reply, err(why)),
+            WriteOp::Record { events, reply, .. } => Applied::Record(reply, events, err(why)),
+            WriteOp::AddMember(_, _, reply) => Applied::Member(reply, err(why)),
+        }
+    }
+
+    /// Sends the result; a commit error replaces every success.
+    fn answer(self, commit_error: Option<&str>) {
+        fn or_commit<T>(r: Result<T>, e: Option<&str>) -> Result<T> {
+            match e {
+                Some(e) => Err(Error::Commit(e.to_owned())),
+                None => r,
+            }
+        }
+        match self {
+            Applied::Epoch(reply, r) => drop(reply.send(or_commit(r, commit_error))),
+            Applied::Submit(reply, r) => drop(reply.send(or_commit(r, commit_error))),
+            Applied::Record(reply, events, r) => {
+                drop(reply.send((events, or_commit(r, commit_error))))
+            }
+            Applied::Member(reply, r) => drop(reply.send(or_commit(r, commit_error))),
+        }
+    }
+}
+
+fn in_savepoint<T>(
+    tx: &mut rusqlite::Transaction<'_>,
+    f: impl FnOnce(&Connection) -> Result<T>,
+) -> Result<T> {
+    let sp = tx.savepoint()?;
+    let value = f(&sp)?;
+    sp.commit()?;
+    Ok(value)
+}
+
+fn bump_epoch(conn: &Connection) -> Result<u64> {
+    let current: Option<String> = conn
+        .query_row("SELECT value FROM meta WHERE key = 'epoch'", [], |r| {
+            r.get(0)
+        })
+        .optional()?;
+    let next = current.and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) + 1;
+    conn.execute(
+        "INSERT INTO meta (key, value) VALUES ('epoch', ?1)
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        params![next.to_string()],
+    )?;
+    Ok(next)
+}
+
+fn submit(conn: &Connection, goal: &GoalSpec, now: i64) -> Result<RunRef> {
+    if let Some(key) = &goal.idempotency_key {
+        let existing: Option<(String, String)> = conn
+            .prepare_cached(
+                "SELECT g.goal_id, r.run_id FROM goals g JOIN runs r ON r.goal_id = g.goal_id
+                 WHERE g.idempotency_key = ?1 ORDER BY r.run_id LIMIT 1",
+            )?
+            .query_row(params![key], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        if let Some((goal_id, run_id)) = existing {
+            return Ok(RunRef {
+                goal_id: GoalId(goal_id),
+                run_id: RunId(run_id),
+                created: false,
+            });
+        }
+    }
+    let goal_id = GoalId(format!("goal-{}", uuid::Uuid::now_v7().simple()));
+    let run_id = RunId(format!("run-{}", uuid::Uuid::now_v7().simple()));
+    let spec = serde_json::to_string(goal).map_err(|e| Error::Corrupt(e.to_string()))?;
+    conn.prepare_cached(
+        "INSERT INTO goals (goal_id, idempotency_key, objective, spec, created_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?
+    .execute(params![goal_id.0, goal.idempotency_key, goal.objective, spec, now])?;
+    conn.prepare_cached(
+        "INSERT INTO runs (run_id, goal_id, state, created_at_ms, updated_at_ms) VALUES (?1, ?2, 'running', ?3, ?3)",
+    )?
+    .execute(params![run_id.0, goal_id.0, now])?;
+    let mut insert = conn.prepare_cached(
+        "INSERT INTO steps (run_id, step_id, position, uses, state) VALUES (?1, ?2, ?3, ?4, 'pending')",
+    )?;
+    for (i, step) in goal.steps.iter().enumerate() {
+        insert.execute(params![run_id.0, step.id.0, i as i64, step.uses])?;
+    }
+    append(conn, &run_id, 0, &JournalEvent::RunCreated, now)?;
+    Ok(RunRef {
+        goal_id,
+        run_id,
+        created: true,
+    })
+}
+
+fn record(
+    conn: &Connection,
+    run_id: &RunId,
+    seq: u64,
+    events: &[JournalEvent],
+    now: i64,
+) -> Result<()> {
+    let run = &run_id.0;
+    for (i, event) in events.iter().enumerate() {
+        append(conn, run_id, seq + i as u64, event, now)?;
+        match event {
+            JournalEvent::RunCreated => {}
+            JournalEvent::StepStarted { step, attempt, .. } => {
+                conn.prepare_cached(
+                    "UPDATE steps SET state = 'running', attempt = ?3, node_id = NULL, agent = NULL
+                     WHERE run_id = ?1 AND step_id = ?2",
+                )?
+                .execute(params![run, step.0, attempt])?;
+            }
+            JournalEvent::StepAssigned { step, agent, .. } => {
+                conn.prepare_cached(
+                    "UPDATE steps SET node_id = ?3, agent = ?4 WHERE run_id = ?1 AND step_id = ?2",
+                )?
+                .execute(params![run, step.0, agent.node.0, agent.agent])?;
+            }
+            JournalEvent::StepSucceeded { step, output, .. } => {
+                conn.prepare_cached(
+                    "UPDATE steps SET state = 'succeeded', output = ?3, error = NULL WHERE run_id = ?1 AND step_id = ?2",
+                )?
+                .execute(params![run, step.0, json_text(output)])?;
+            }
+            JournalEvent::StepAttemptFailed { step, error, .. } => {
+                conn.prepare_cached(
+                    "UPDATE steps SET failures = failures + 1, error = ?3 WHERE run_id = ?1 AND step_id = ?2",
+                )?
+                .execute(params![run, step.0, error.to_string()])?;
+            }
+            JournalEvent::StepFailed { step, error } => {
+                conn.prepare_cached("UPDATE steps SET state = 'failed', error = ?3 WHERE run_id = ?1 AND step_id = ?2")?
+                    .execute(params![run, step.0, error])?;
+            }
+            JournalEvent::StepCancelled { step } => {
+                conn.prepare_cached(
+                    "UPDATE steps SET state = 'cancelled' WHERE run_id = ?1 AND step_id = ?2",
+                )?
+                .execute(params![run, step.0])?;
+            }
+            JournalEvent::StepSkipped { step } => {
+                conn.prepare_cached(
+                    "UPDATE steps SET state = 'skipped' WHERE run_id = ?1 AND step_id = ?2",
+                )?
+                .execute(params![run, step.0])?;
+            }
+            JournalEvent::RunFinished {
+                state,
+                output,
+                error,
+            } => {
+                conn.prepare_cached(
+                    "UPDATE runs SET state = ?2, output = ?3, error = ?4 WHERE run_id = ?1",
+                )?
+                .execute(params![
+                    run,
+                    state.as_str(),
+                    output.as_ref().map(json_text),
+                    error
+                ])?;
+            }
+        }
+    }
+    conn.prepare_cached("UPDATE runs SET updated_at_ms = ?2 WHERE run_id = ?1")?
+        .execute(params![run, now])?;
+    Ok(())
+}
+
+fn add_member(conn: &Connection, goal_id: &GoalId, member: &SwarmMember) -> Result<()> {
+    conn.prepare_cached(
+        "INSERT OR IGNORE INTO swarm_members (goal_id, skill, node_id, agent) VALUES (?1, ?2, ?3, ?4)",
+    )?
+    .execute(params![goal_id.0, member.skill, member.agent.node.0, member.agent.agent])?;
+    Ok(())
+}
+
 fn append(
-    tx: &rusqlite::Transaction<'_>,
+    conn: &Connection,
     run_id: &RunId,
     seq: u64,
     event: &JournalEvent,
     now: i64,
 ) -> Result<()> {
     let text = serde_json::to_string(event).map_err(|e| Error::Corrupt(e.to_string()))?;
-    tx.prepare_cached(
+    conn.prepare_cached(
         "INSERT INTO journal (run_id, seq, at_ms, kind, step_id, event) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
     )?
     .execute(params![
@@ -641,78 +821,116 @@ mod tests {
         }
     }
 
-    #[test]
-    fn idempotency_key_returns_the_existing_run() {
+    #[tokio::test]
+    async fn idempotency_key_returns_the_existing_run() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let first = store.submit(&goal(Some("k1"))).unwrap();
-        let again = store.submit(&goal(Some("k1"))).unwrap();
+        let first = store.submit(&goal(Some("k1"))).await.unwrap();
+        let again = store.submit(&goal(Some("k1"))).await.unwrap();
         assert!(first.created);
         assert!(!again.created);
         assert_eq!(first.run_id, again.run_id);
-        let other = store.submit(&goal(None)).unwrap();
+        let other = store.submit(&goal(None)).await.unwrap();
         assert_ne!(other.run_id, first.run_id);
     }
 
-    #[test]
-    fn journal_and_projection_agree_after_reopen() {
+    #[tokio::test]
+    async fn journal_and_projection_agree_after_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let run = {
             let store = Store::open(dir.path()).unwrap();
-            assert_eq!(store.bump_epoch().unwrap(), 1);
-            let run = store.submit(&goal(None)).unwrap();
+            assert_eq!(store.bump_epoch().await.unwrap(), 1);
+            let run = store.submit(&goal(None)).await.unwrap();
             let a = StepId::from("a");
-            store
-                .record(
-                    &run.run_id,
-                    1,
-                    &JournalEvent::StepStarted {
-                        step: a.clone(),
-                        attempt: 1,
-                        epoch: 1,
-                    },
-                )
-                .unwrap();
-            store
-                .record(
-                    &run.run_id,
-                    2,
-                    &JournalEvent::StepSucceeded {
-                        step: a,
-                        attempt: 1,
-                        output: json!({"ok": true}),
-                    },
-                )
-                .unwrap();
+            let events = vec![
+                JournalEvent::StepStarted {
+                    step: a.clone(),
+                    attempt: 1,
+                    epoch: 1,
+                },
+                JournalEvent::StepSucceeded {
+                    step: a,
+                    attempt: 1,
+                    output: json!({"ok": true}),
+                },
+            ];
+            let back = store.record(&run.run_id, 1, events.clone()).await.unwrap();
+            assert_eq!(back, events, "the events come back to the caller");
             run
         };
         let store = Store::open(dir.path()).unwrap();
-        assert_eq!(store.bump_epoch().unwrap(), 2);
+        assert_eq!(store.bump_epoch().await.unwrap(), 2);
         let stored = store.load_run(&run.run_id).unwrap();
         assert_eq!(stored.next_seq, 3);
         assert_eq!(stored.steps[0].state, StepState::Succeeded);
         assert_eq!(stored.steps[0].output, Some(json!({"ok": true})));
         assert_eq!(stored.steps[1].state, StepState::Pending);
         assert_eq!(store.unfinished_runs().unwrap(), vec![run.run_id.clone()]);
-        // A journal entry cannot be written twice.
-        assert!(
-            store
-                .record(
-                    &run.run_id,
-                    2,
-                    &JournalEvent::StepSkipped { step: "b".into() }
-                )
-                .is_err()
+        // A journal entry cannot be written twice, and the failed write changes nothing.
+        let dup = vec![JournalEvent::StepSkipped { step: "b".into() }];
+        assert!(store.record(&run.run_id, 2, dup).await.is_err());
+        assert_eq!(
+            store.load_run(&run.run_id).unwrap().steps[1].state,
+            StepState::Pending
         );
     }
 
-    #[test]
-    fn lists_runs_in_pages() {
+    #[tokio::test]
+    async fn writes_committed_in_one_group_are_isolated_from_each_other() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let ids: Vec<_> = (0..5)
-            .map(|_| store.submit(&goal(None)).unwrap().run_id)
-            .collect();
+        let run = store.submit(&goal(None)).await.unwrap().run_id;
+        // Many writes at once share commits; a bad one fails alone.
+        let mut writes = Vec::new();
+        for i in 0..200u64 {
+            let store = store.clone();
+            let run = run.clone();
+            // Entry 1 is written twice: exactly one of those two fails.
+            let seq = if i == 0 { 1 } else { i };
+            writes.push(tokio::spawn(async move {
+                let event = JournalEvent::StepAssigned {
+                    step: "a".into(),
+                    attempt: 1,
+                    agent: AgentKey {
+                        node: "n".into(),
+                        agent: format!("x{i}"),
+                    },
+                };
+                store.record(&run, seq, vec![event]).await.is_ok()
+            }));
+        }
+        let mut ok = 0;
+        for w in writes {
+            ok += usize::from(w.await.unwrap());
+        }
+        assert_eq!(ok, 199);
+        assert_eq!(store.load_run(&run).unwrap().next_seq, 200);
+        // Idempotency holds inside one group too.
+        let mut keyed = Vec::new();
+        for _ in 0..50 {
+            let store = store.clone();
+            keyed.push(tokio::spawn(async move {
+                store.submit(&goal(Some("same"))).await.unwrap()
+            }));
+        }
+        let mut runs = std::collections::HashSet::new();
+        let mut created = 0;
+        for k in keyed {
+            let r = k.await.unwrap();
+            created += usize::from(r.created);
+            runs.insert(r.run_id);
+        }
+        assert_eq!((created, runs.len()), (1, 1));
+    }
+
+    #[tokio::test]
+    async fn lists_runs_in_pages() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut ids = Vec::new();
+        for _ in 0..5 {
+            ids.push(store.submit(&goal(None)).await.unwrap().run_id);
+        }
         let q = |token: Option<RunId>| ListRunsQuery {
             state: None,
             page_size: 2,

@@ -88,19 +88,23 @@ impl SwarmState {
     }
 
     /// Records the run as failed after its restart budget is spent.
-    fn give_up(&self, reason: &str) {
-        let result = self.deps.store.load_run(&self.run_id).and_then(|stored| {
-            let event = JournalEvent::RunFinished {
-                state: RunState::Failed,
-                output: None,
-                error: Some(format!(
-                    "run crashed {RESTART_BUDGET} times in {RESTART_WINDOW:?}: {reason}"
-                )),
-            };
-            self.deps
+    async fn give_up(&self, reason: &str) {
+        let event = JournalEvent::RunFinished {
+            state: RunState::Failed,
+            output: None,
+            error: Some(format!(
+                "run crashed {RESTART_BUDGET} times in {RESTART_WINDOW:?}: {reason}"
+            )),
+        };
+        let result = match self.deps.store.load_run(&self.run_id) {
+            Ok(stored) => self
+                .deps
                 .store
-                .record(&self.run_id, stored.next_seq, &event)
-        });
+                .record(&self.run_id, stored.next_seq, vec![event])
+                .await
+                .map(drop),
+            Err(e) => Err(e),
+        };
         if let Err(e) = result {
             error!(run_id = %self.run_id, error = %e, "could not record the failed run");
         }
@@ -137,7 +141,7 @@ impl Actor for Swarm {
         match msg {
             SwarmMsg::Member(member) => {
                 if st.members.insert(member.clone()) {
-                    st.deps.store.add_swarm_member(&st.goal_id, &member)?;
+                    st.deps.store.add_swarm_member(&st.goal_id, &member).await?;
                 }
             }
         }
@@ -159,7 +163,7 @@ impl Actor for Swarm {
                 metrics::counter!(m::ACTOR_RESTARTS, "actor" => "run").increment(1);
                 if st.restarts.len() >= RESTART_BUDGET {
                     error!(run_id = %st.run_id, error = %err, "run exhausted its restart budget; failing it");
-                    st.give_up(&err.to_string());
+                    st.give_up(&err.to_string()).await;
                     myself.stop(None);
                 } else {
                     warn!(run_id = %st.run_id, error = %err, "run crashed; restarting it from the store");

@@ -1,47 +1,68 @@
-//! Accepts goals: stores each goal and its run (durably, before answering), then starts a
-//! `Swarm` for it. At start-up it resumes every unfinished run found in the store.
+//! Accepts goals: [`submit`] stores each goal and its run (durably, before answering) and
+//! starts a `Swarm` for it under the `SwarmSupervisor`. At start-up the supervisor resumes
+//! every unfinished run found in the store.
 //! Child of `CoordinatorRoot`; parent of every `Swarm`.
 //!
 //! Invariant: a goal is acknowledged only after the store has committed it.
 
 use mesh_proto::domain::*;
-use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 use tracing::{info, warn};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::metrics as m;
 use crate::run::{RunDeps, RunMsg};
 use crate::swarm::{Swarm, SwarmArgs};
 
 pub enum SwarmsMsg {
-    Submit(GoalSpec, RpcReplyPort<Result<RunRef>>),
     /// Start runs that are unfinished in the store and not live (at start-up and after a restart).
     Resume,
     /// The dispatcher lost its in-flight attempts: every live run dispatches again.
     RedispatchAll,
 }
 
+/// Starts the swarm of a stored goal under `supervisor`.
+async fn start_swarm(
+    deps: &RunDeps,
+    supervisor: &ActorRef<SwarmsMsg>,
+    goal_id: GoalId,
+    run_id: RunId,
+) -> Result<()> {
+    let args = SwarmArgs {
+        goal_id,
+        run_id,
+        deps: deps.clone(),
+    };
+    Actor::spawn_linked(None, Swarm, args, supervisor.get_cell())
+        .await
+        .map_err(|_| Error::Unavailable("swarm"))?;
+    Ok(())
+}
+
+/// Stores a goal and its run (durable when this returns) and starts its swarm; a goal whose
+/// idempotency key is known returns the existing run instead. Submissions run side by side:
+/// the store commits them in groups, and spawning happens on the caller's task.
+pub async fn submit(
+    deps: &RunDeps,
+    supervisor: &ActorRef<SwarmsMsg>,
+    goal: GoalSpec,
+) -> Result<RunRef> {
+    let run = deps.store.submit(&goal).await?;
+    if run.created {
+        info!(run_id = %run.run_id, goal_id = %run.goal_id, steps = goal.steps.len(), "goal accepted");
+        if let Err(e) = start_swarm(deps, supervisor, run.goal_id.clone(), run.run_id.clone()).await
+        {
+            // The goal is durable: the next resume starts it.
+            warn!(run_id = %run.run_id, error = %e, "could not start the swarm; the run waits for the next resume");
+        }
+    }
+    Ok(run)
+}
+
 pub struct SwarmSupervisor;
 
 pub struct SwarmsState {
     deps: RunDeps,
-}
-
-impl SwarmsState {
-    async fn start(
-        &self,
-        myself: &ActorRef<SwarmsMsg>,
-        goal_id: GoalId,
-        run_id: RunId,
-    ) -> Result<(), ActorProcessingErr> {
-        let args = SwarmArgs {
-            goal_id,
-            run_id,
-            deps: self.deps.clone(),
-        };
-        Actor::spawn_linked(None, Swarm, args, myself.get_cell()).await?;
-        Ok(())
-    }
 }
 
 impl Actor for SwarmSupervisor {
@@ -65,19 +86,6 @@ impl Actor for SwarmSupervisor {
         st: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            SwarmsMsg::Submit(goal, reply) => match st.deps.store.submit(&goal) {
-                Ok(run) => {
-                    if run.created {
-                        info!(run_id = %run.run_id, goal_id = %run.goal_id, steps = goal.steps.len(), "goal accepted");
-                        st.start(&myself, run.goal_id.clone(), run.run_id.clone())
-                            .await?;
-                    }
-                    let _ = reply.send(Ok(run));
-                }
-                Err(e) => {
-                    let _ = reply.send(Err(e));
-                }
-            },
             SwarmsMsg::Resume => {
                 let runs = st.deps.store.unfinished_runs()?;
                 let mut resumed = 0;
@@ -86,7 +94,7 @@ impl Actor for SwarmSupervisor {
                         continue;
                     }
                     let stored = st.deps.store.load_run(&run_id)?;
-                    st.start(&myself, stored.goal_id, run_id).await?;
+                    start_swarm(&st.deps, &myself, stored.goal_id, run_id).await?;
                     resumed += 1;
                 }
                 if resumed > 0 {

@@ -189,24 +189,25 @@ impl Default for Timings {
 
 /// A coordinator and its nodes, in one temporary directory.
 pub struct Mesh {
-    pub dir: tempfile::TempDir,
     pub grpc_port: u16,
     pub http_port: u16,
     pub timings: Timings,
     pub coordinator: Option<Proc>,
     pub nodes: HashMap<String, Proc>,
+    /// Last: fields drop in order, and the processes' logs live here.
+    pub dir: tempfile::TempDir,
 }
 
 impl Mesh {
     /// Starts a coordinator and waits until it answers.
     pub async fn start(timings: Timings) -> Mesh {
         let mut mesh = Mesh {
-            dir: tempfile::tempdir().expect("temp dir"),
             grpc_port: free_port(),
             http_port: free_port(),
             timings,
             coordinator: None,
             nodes: HashMap::new(),
+            dir: tempfile::tempdir().expect("temp dir"),
         };
         mesh.start_coordinator().await;
         mesh

@@ -57,7 +57,12 @@ pub async fn serve_echo(listen: SocketAddr) -> Result<()> {
 
 /// `mesh bench-relay`: the baseline's relay process.
 pub async fn serve_relay(listen: SocketAddr, upstream: String) -> Result<()> {
-    let upstream = EchoClient::new(channel(&upstream).await?);
+    // Lazy: the server may still be starting; the first call connects.
+    let upstream = EchoClient::new(
+        Endpoint::from_shared(upstream)?
+            .tcp_nodelay(true)
+            .connect_lazy(),
+    );
     Server::builder()
         .tcp_nodelay(true)
         .add_service(EchoServer::new(RelayService { upstream }))

@@ -78,12 +78,15 @@ fn chain_goal(len: usize) -> GoalSpec {
 /// Waits for the run's `Finished` event.
 async fn finished(client: &GoalClient, run: &RunId) -> Result<RunState> {
     let mut events = Box::pin(client.watch(run).await?);
+    let mut finished = None;
+    // Read to the end of the stream (it ends right after `Finished`): dropping it early
+    // would reset the HTTP/2 stream, and too many resets make h2 close the connection.
     while let Some(event) = events.next().await {
         if let RunEvent::Finished { state, .. } = event? {
-            return Ok(state);
+            finished = Some(state);
         }
     }
-    bail!("watch of {run} ended without a Finished event")
+    finished.with_context(|| format!("watch of {run} ended without a Finished event"))
 }
 
 /// Submits a goal and waits until it succeeds; returns the round trip.

@@ -14,10 +14,12 @@ use super::status;
 use crate::error::{Error, call_result};
 use crate::root::Handles;
 use crate::run::RunMsg;
-use crate::swarms::SwarmsMsg;
+use crate::swarms;
 
 const SUBMIT_TIMEOUT: Duration = Duration::from_secs(10);
 const RUN_CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a watch waits for a stored, running run to come live.
+const WAIT_FOR_LIVE: Duration = Duration::from_secs(2);
 
 #[derive(Clone, Debug)]
 pub struct GoalApi {
@@ -71,14 +73,12 @@ impl pb::goal_service_server::GoalService for GoalApi {
         request: Request<pb::SubmitGoalRequest>,
     ) -> Result<Response<pb::SubmitGoalResponse>, Status> {
         let goal = GoalSpec::try_from(request.into_inner()).map_err(|e| status(e.into()))?;
-        let swarms = self.handles.swarms.get();
-        let run = call_result(
-            "swarm supervisor",
-            swarms
-                .call(|reply| SwarmsMsg::Submit(goal, reply), Some(SUBMIT_TIMEOUT))
-                .await,
+        let run = tokio::time::timeout(
+            SUBMIT_TIMEOUT,
+            swarms::submit(&self.handles.deps, &self.handles.swarms.get(), goal),
         )
-        .map_err(status)?
+        .await
+        .map_err(|_| status(Error::Timeout("store")))?
         .map_err(status)?;
         Ok(Response::new(pb::SubmitGoalResponse {
             goal_id: run.goal_id.0,
@@ -105,17 +105,24 @@ impl pb::goal_service_server::GoalService for GoalApi {
         request: Request<pb::WatchRunRequest>,
     ) -> Result<Response<EventStream>, Status> {
         let id = run_id("run_id", request.into_inner().run_id).map_err(|e| status(e.into()))?;
-        if let Some(run) = self.handles.directory.get(&id)
-            && let Ok((view, rx)) = call_result(
-                "run",
-                run.call(RunMsg::Subscribe, Some(RUN_CALL_TIMEOUT)).await,
-            )
-        {
-            return Ok(Response::new(live_events(view, rx)));
+        // A running run that is not live yet is starting (or resuming): wait for it a little.
+        let give_up = tokio::time::Instant::now() + WAIT_FOR_LIVE;
+        loop {
+            if let Some(run) = self.handles.directory.get(&id)
+                && let Ok((view, rx)) = call_result(
+                    "run",
+                    run.call(RunMsg::Subscribe, Some(RUN_CALL_TIMEOUT)).await,
+                )
+            {
+                return Ok(Response::new(live_events(view, rx)));
+            }
+            let view = self.handles.store.run_view(&id).map_err(status)?;
+            if view.state.is_terminal() || tokio::time::Instant::now() >= give_up {
+                // Finished: the store has the whole story.
+                return Ok(Response::new(Box::pin(stream::iter(finished_events(view)))));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        // Not live: finished (or about to be); the store has the whole story.
-        let view = self.handles.store.run_view(&id).map_err(status)?;
-        Ok(Response::new(Box::pin(stream::iter(finished_events(view)))))
     }
 
     #[tracing::instrument(name = "grpc.cancel_run", skip_all)]
