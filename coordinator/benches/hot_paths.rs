@@ -141,7 +141,9 @@ fn run_transition(c: &mut Criterion) {
             })
             .collect(),
         goal,
+        swarm: Vec::new(),
         next_seq: 1,
+        created_at_ms: 0,
     };
     let policy = RetryPolicy {
         max_attempts: 3,

@@ -497,22 +497,37 @@ pub struct RunActorState {
     watchers: Option<broadcast::Sender<RunEvent>>,
     picked: HashSet<(String, AgentKey)>,
     created_at_ms: i64,
+    /// When this run last wrote to its journal (Unix ms).
+    updated_at_ms: i64,
     started: Instant,
 }
 
 impl RunActorState {
-    fn view(&self) -> Result<RunView> {
-        // The store has the swarm and timestamps; the machine has the latest step states,
-        // which equal the store's because every change is journaled first.
-        let mut view = self.deps.store.run_view(&self.machine.run_id)?;
-        view.steps = self
-            .machine
-            .steps
+    /// The run as clients see it, from memory: it equals the store's view because every
+    /// change is journaled before it is applied here.
+    fn view(&self) -> RunView {
+        let m = &self.machine;
+        let mut swarm: Vec<SwarmMember> = self
+            .picked
             .iter()
-            .map(|s| self.machine.step_view(s))
+            .map(|(skill, agent)| SwarmMember {
+                skill: skill.clone(),
+                agent: agent.clone(),
+            })
             .collect();
-        view.created_at_ms = self.created_at_ms;
-        Ok(view)
+        swarm.sort_by(|a, b| (&a.skill, &a.agent).cmp(&(&b.skill, &b.agent)));
+        RunView {
+            run_id: m.run_id.clone(),
+            goal_id: m.goal_id.clone(),
+            objective: m.goal.objective.clone(),
+            state: m.state,
+            steps: m.steps.iter().map(|s| m.step_view(s)).collect(),
+            output: m.output.clone(),
+            error: m.error.clone(),
+            swarm,
+            created_at_ms: self.created_at_ms,
+            updated_at_ms: self.updated_at_ms,
+        }
     }
 
     fn publish(&self, event: RunEvent) {
@@ -538,6 +553,7 @@ impl RunActorState {
                     .record(&self.machine.run_id, self.next_seq, events)
                     .await?;
                 self.next_seq += n;
+                self.updated_at_ms = crate::store::now_ms();
                 for event in &written {
                     self.machine.apply(event);
                     self.effect(myself, event);
@@ -616,8 +632,13 @@ impl Actor for Run {
     ) -> Result<Self::State, ActorProcessingErr> {
         let stored = args.deps.store.load_run(&args.run_id)?;
         let next_seq = stored.next_seq;
+        let created_at_ms = stored.created_at_ms;
+        let picked = stored
+            .swarm
+            .iter()
+            .map(|m| (m.skill.clone(), m.agent.clone()))
+            .collect();
         let machine = RunMachine::from_stored(stored, args.deps.epoch, args.deps.policy.clone())?;
-        let created_at_ms = args.deps.store.run_view(&args.run_id)?.created_at_ms;
         args.deps
             .directory
             .insert(machine.run_id.clone(), myself.clone());
@@ -629,8 +650,9 @@ impl Actor for Run {
             deps: args.deps,
             swarm: args.swarm,
             watchers: None,
-            picked: HashSet::new(),
+            picked,
             created_at_ms,
+            updated_at_ms: created_at_ms,
             started: Instant::now(),
         })
     }
@@ -714,13 +736,13 @@ impl Actor for Run {
                     Some(format!("cancelled: {reason}")),
                 );
                 let result = match st.commit(&myself, events).await {
-                    Ok(()) => st.view(),
+                    Ok(()) => Ok(st.view()),
                     Err(e) => Err(e),
                 };
                 let _ = reply.send(result);
             }
             RunMsg::Subscribe(reply) => {
-                let view = st.view()?;
+                let view = st.view();
                 let rx = st
                     .watchers
                     .get_or_insert_with(|| broadcast::channel(WATCH_BUFFER).0)
@@ -791,7 +813,9 @@ mod tests {
                 steps,
                 idempotency_key: None,
             },
+            swarm: Vec::new(),
             next_seq: 1,
+            created_at_ms: 0,
         };
         RunMachine::from_stored(stored, 1, policy()).unwrap()
     }

@@ -172,7 +172,9 @@ pub struct StoredRun {
     pub goal: GoalSpec,
     pub state: RunState,
     pub steps: Vec<StoredStep>,
+    pub swarm: Vec<SwarmMember>,
     pub next_seq: u64,
+    pub created_at_ms: i64,
 }
 
 /// Writes waiting for the writer thread; past it callers wait (backpressure).
@@ -317,7 +319,7 @@ impl Store {
     pub fn unfinished_runs(&self) -> Result<Vec<RunId>> {
         let conn = self.read();
         let mut stmt =
-            conn.prepare("SELECT run_id FROM runs WHERE state = 'running' ORDER BY run_id")?;
+            conn.prepare_cached("SELECT run_id FROM runs WHERE state = 'running' ORDER BY run_id")?;
         let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
         Ok(rows
             .collect::<rusqlite::Result<Vec<_>>>()?
@@ -329,12 +331,12 @@ impl Store {
     /// Loads a run for resuming it.
     pub fn load_run(&self, run_id: &RunId) -> Result<StoredRun> {
         let conn = self.read();
-        let (goal_id, spec, state): (String, String, String) = conn
-            .query_row(
-                "SELECT r.goal_id, g.spec, r.state FROM runs r JOIN goals g ON g.goal_id = r.goal_id WHERE r.run_id = ?1",
-                params![run_id.0],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )
+        let (goal_id, spec, state, created_at_ms): (String, String, String, i64) = conn
+            .prepare_cached(
+                "SELECT r.goal_id, g.spec, r.state, r.created_at_ms FROM runs r JOIN goals g ON g.goal_id = r.goal_id
+                 WHERE r.run_id = ?1",
+            )?
+            .query_row(params![run_id.0], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
             .optional()?
             .ok_or_else(|| Error::RunNotFound(run_id.0.clone()))?;
         let goal: GoalSpec =
@@ -343,18 +345,19 @@ impl Store {
             .into_iter()
             .map(|(_, s)| s)
             .collect();
-        let next_seq: i64 = conn.query_row(
-            "SELECT COALESCE(MAX(seq), -1) + 1 FROM journal WHERE run_id = ?1",
-            params![run_id.0],
-            |r| r.get(0),
-        )?;
+        let next_seq: i64 = conn
+            .prepare_cached("SELECT COALESCE(MAX(seq), -1) + 1 FROM journal WHERE run_id = ?1")?
+            .query_row(params![run_id.0], |r| r.get(0))?;
+        let swarm = load_swarm(&conn, &goal_id)?;
         Ok(StoredRun {
             run_id: run_id.clone(),
             goal_id: GoalId(goal_id),
             goal,
             state: parse_state(&state, RunState::parse)?,
             steps,
+            swarm,
             next_seq: next_seq as u64,
+            created_at_ms,
         })
     }
 
@@ -362,11 +365,11 @@ impl Store {
     pub fn run_view(&self, run_id: &RunId) -> Result<RunView> {
         let conn = self.read();
         let row = conn
-            .query_row(
+            .prepare_cached(
                 "SELECT r.goal_id, g.objective, r.state, r.output, r.error, r.created_at_ms, r.updated_at_ms
                  FROM runs r JOIN goals g ON g.goal_id = r.goal_id WHERE r.run_id = ?1",
-                params![run_id.0],
-                |r| {
+            )?
+            .query_row(params![run_id.0], |r| {
                     Ok((
                         r.get::<_, String>(0)?,
                         r.get::<_, String>(1)?,
@@ -376,8 +379,7 @@ impl Store {
                         r.get::<_, i64>(5)?,
                         r.get::<_, i64>(6)?,
                     ))
-                },
-            )
+            })
             .optional()?
             .ok_or_else(|| Error::RunNotFound(run_id.0.clone()))?;
         let (goal_id, objective, state, output, error, created_at_ms, updated_at_ms) = row;
@@ -393,20 +395,7 @@ impl Store {
                 error: s.error,
             })
             .collect();
-        let mut stmt = conn.prepare_cached(
-            "SELECT skill, node_id, agent FROM swarm_members WHERE goal_id = ?1 ORDER BY skill, node_id, agent",
-        )?;
-        let swarm = stmt
-            .query_map(params![goal_id], |r| {
-                Ok(SwarmMember {
-                    skill: r.get(0)?,
-                    agent: AgentKey {
-                        node: NodeId(r.get(1)?),
-                        agent: r.get(2)?,
-                    },
-                })
-            })?
-            .collect::<rusqlite::Result<Vec<_>>>()?;
+        let swarm = load_swarm(&conn, &goal_id)?;
         Ok(RunView {
             run_id: run_id.clone(),
             goal_id: GoalId(goal_id),
@@ -749,6 +738,24 @@ fn append(
         text
     ])?;
     Ok(())
+}
+
+fn load_swarm(conn: &Connection, goal_id: &str) -> Result<Vec<SwarmMember>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT skill, node_id, agent FROM swarm_members WHERE goal_id = ?1 ORDER BY skill, node_id, agent",
+    )?;
+    let members = stmt
+        .query_map(params![goal_id], |r| {
+            Ok(SwarmMember {
+                skill: r.get(0)?,
+                agent: AgentKey {
+                    node: NodeId(r.get(1)?),
+                    agent: r.get(2)?,
+                },
+            })
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(members)
 }
 
 fn load_steps(conn: &Connection, run_id: &RunId) -> Result<Vec<(String, StoredStep)>> {
