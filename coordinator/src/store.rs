@@ -240,6 +240,9 @@ fn connect(path: &Path) -> Result<Connection> {
     conn.execute_batch(&format!(
         "PRAGMA journal_mode=WAL; PRAGMA synchronous={sync}; PRAGMA foreign_keys=ON; PRAGMA busy_timeout=5000;"
     ))?;
+    // Room for every statement this module prepares (the default of 16 is fewer, and an
+    // evicted statement is parsed again on its next use).
+    conn.set_prepared_statement_cache_capacity(64);
     Ok(conn)
 }
 
