@@ -66,6 +66,21 @@ where
     }
 }
 
+/// Waits until the run's first step has been handed to an agent.
+pub async fn wait_assigned(client: &GoalClient, run: &mesh_agent_sdk::RunId) {
+    wait_for(
+        "the first step to be on an agent",
+        Duration::from_secs(10),
+        || async {
+            client.get_run(run).await.ok()?.steps[0]
+                .agent
+                .as_ref()
+                .map(|_| ())
+        },
+    )
+    .await
+}
+
 /// A process started by a test; killed on drop, its log printed if the test failed.
 pub struct Proc {
     pub name: String,

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use mesh_agent_sdk::{Health, RunId, RunState, StepState};
-use mesh_tests::{Mesh, Timings, free_port, goal, metric_at, wait_for};
+use mesh_tests::{Mesh, Timings, free_port, goal, metric_at, wait_assigned, wait_for};
 use serde_json::json;
 
 fn sleepers(max: u32) -> String {
@@ -198,13 +198,7 @@ async fn a_paused_node_loses_its_lease_and_its_late_result_is_rejected() {
         .await
         .unwrap()
         .run_id;
-    wait_for("the sleep to be on n1", Duration::from_secs(10), || async {
-        client.get_run(&run).await.ok()?.steps[0]
-            .agent
-            .as_ref()
-            .map(|_| ())
-    })
-    .await;
+    wait_assigned(&client, &run).await;
 
     let stopped = Instant::now();
     mesh.node("n1").signal("STOP");
@@ -315,13 +309,7 @@ async fn sigterm_drains_a_node_its_work_finishes_and_it_leaves_cleanly() {
         .await
         .unwrap()
         .run_id;
-    wait_for("the sleep to be on n1", Duration::from_secs(10), || async {
-        client.get_run(&run).await.ok()?.steps[0]
-            .agent
-            .as_ref()
-            .map(|_| ())
-    })
-    .await;
+    wait_assigned(&client, &run).await;
     mesh.node("n1").signal("TERM");
     let status = mesh.node("n1").wait_exit(Duration::from_secs(20)).await;
     assert!(status.success(), "node exited with {status}");

@@ -180,15 +180,7 @@ async fn cancelling_a_run_cancels_its_attempt_on_the_node() {
         ))
         .await
         .unwrap();
-    mesh_tests::wait_for(
-        "the sleep to be running on n1",
-        Duration::from_secs(10),
-        || async {
-            let v = client.get_run(&run.run_id).await.ok()?;
-            v.steps[0].agent.is_some().then_some(())
-        },
-    )
-    .await;
+    mesh_tests::wait_assigned(&client, &run.run_id).await;
     let view = client
         .cancel_run(&run.run_id, "no longer needed")
         .await
