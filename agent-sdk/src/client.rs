@@ -206,6 +206,19 @@ impl GoalClient {
         Ok(r.nodes.into_iter().map(Into::into).collect())
     }
 
+    /// Asks a node to drain: no new work, in-flight attempts finish, then it leaves.
+    pub async fn drain_node(&self, node: &str, reason: &str) -> Result<NodeView, ClientError> {
+        let r = self
+            .registry
+            .clone()
+            .drain_node(request(pb::DrainNodeRequest {
+                node_id: node.to_owned(),
+                reason: reason.to_owned(),
+            }))
+            .await?;
+        Ok(r.into_inner().into())
+    }
+
     pub async fn agents(&self, skill: Option<&str>) -> Result<Vec<AgentView>, ClientError> {
         let r = self
             .registry

@@ -231,3 +231,18 @@ pub async fn agents(url: &str, format: Output, skill: Option<&str>) -> Result<()
     }
     Ok(())
 }
+
+pub async fn drain(url: &str, format: Output, node: &str, reason: &str) -> Result<()> {
+    let view = GoalClient::connect(url)
+        .await?
+        .drain_node(node, reason)
+        .await?;
+    match format {
+        Output::Json => output::json(&view),
+        Output::Table => println!(
+            "node {} (instance {}) is {}; {} attempts in flight finish before it leaves",
+            view.node_id, view.instance, view.health, view.in_flight
+        ),
+    }
+    Ok(())
+}

@@ -44,6 +44,16 @@ pub enum Output {
 }
 
 #[derive(Subcommand)]
+enum NodeAction {
+    /// Stop new dispatch to a node and have it leave once its in-flight attempts finish.
+    Drain {
+        node: String,
+        #[arg(long, default_value = "drain requested from the CLI")]
+        reason: String,
+    },
+}
+
+#[derive(Subcommand)]
 enum Command {
     /// A coordinator and two nodes with the built-in agents, in one process, on the embedded store.
     Dev(dev::DevArgs),
@@ -62,8 +72,11 @@ enum Command {
         #[arg(long, env = "MESH_DATA_DIR")]
         data_dir: Option<PathBuf>,
     },
-    /// Run a worker node with built-in agents.
+    /// Run a worker node with built-in agents (or `mesh node drain NODE`).
+    #[command(args_conflicts_with_subcommands = true)]
     Node {
+        #[command(subcommand)]
+        action: Option<NodeAction>,
         /// TOML configuration file (see deploy/node.toml).
         #[arg(long)]
         config: Option<PathBuf>,
@@ -178,7 +191,18 @@ async fn main() -> Result<()> {
             mesh_coordinator::run(cfg, Some(prometheus()?), shutdown_signal()).await?;
             Ok(())
         }
-        Command::Node { config, name } => {
+        Command::Node {
+            action: Some(NodeAction::Drain { node, reason }),
+            ..
+        } => {
+            init_tracing("warn");
+            client::drain(&cli.coordinator, cli.output, &node, &reason).await
+        }
+        Command::Node {
+            action: None,
+            config,
+            name,
+        } => {
             init_tracing("info,ractor=warn");
             let mut cfg = match &config {
                 Some(p) => NodeConfig::from_file(p)?,

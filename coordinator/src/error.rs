@@ -10,6 +10,8 @@ pub enum Error {
     InvalidArgument(#[from] FieldError),
     #[error("run `{0}` not found")]
     RunNotFound(String),
+    #[error("node `{0}` is not live")]
+    NodeNotFound(String),
     #[error("{0}")]
     FailedPrecondition(String),
     #[error("{0}")]
@@ -33,7 +35,7 @@ impl From<Error> for tonic::Status {
         let msg = e.to_string();
         match e {
             Error::InvalidArgument(_) => tonic::Status::invalid_argument(msg),
-            Error::RunNotFound(_) => tonic::Status::not_found(msg),
+            Error::RunNotFound(_) | Error::NodeNotFound(_) => tonic::Status::not_found(msg),
             Error::FailedPrecondition(_) => tonic::Status::failed_precondition(msg),
             Error::ResourceExhausted(_) => tonic::Status::resource_exhausted(msg),
             Error::Timeout(_) => tonic::Status::deadline_exceeded(msg),

@@ -15,8 +15,9 @@ use tracing::{info, warn};
 
 use crate::config::RegistryConfig;
 use crate::dispatcher::{DispatcherMsg, LoadBoard};
+use crate::error::{Error, Result};
 use crate::metrics as m;
-use crate::node_session::{NodeSessionMsg, NodeTx};
+use crate::node_session::{NodeSessionMsg, NodeTx, Outbound};
 use crate::slot::Slot;
 
 pub enum RegistryMsg {
@@ -52,6 +53,12 @@ pub enum RegistryMsg {
     Sweep,
     /// Announce every live node to the dispatcher again (after the dispatcher restarted).
     Replay,
+    /// An operator asks a node to drain.
+    Drain {
+        node: NodeId,
+        reason: String,
+        reply: RpcReplyPort<Result<NodeView>>,
+    },
     ListNodes(RpcReplyPort<Vec<NodeView>>),
     ListAgents(Option<String>, RpcReplyPort<Vec<AgentView>>),
 }
@@ -502,6 +509,44 @@ impl Actor for Registry {
                         }
                     }
                 }
+            }
+            RegistryMsg::Drain {
+                node,
+                reason,
+                reply,
+            } => {
+                let instance = st
+                    .core
+                    .nodes
+                    .get(&node)
+                    .filter(|e| {
+                        matches!(
+                            e.health,
+                            Health::Healthy | Health::Suspect | Health::Draining
+                        )
+                    })
+                    .map(|e| e.instance);
+                let result = match instance {
+                    Some(instance) if st.core.draining(&node, instance) => {
+                        info!(%node, instance, %reason, "drain requested");
+                        st.dispatcher.cast(DispatcherMsg::NodeDispatchable {
+                            node: node.clone(),
+                            instance,
+                            dispatchable: false,
+                        });
+                        if let Some((_, tx)) = st.links.get(&(node.clone(), instance)) {
+                            let _ = tx.try_send(Outbound::Frame(ToNode::Drain { reason }));
+                        }
+                        st.core.publish_gauges();
+                        st.core
+                            .node_views(now, &st.load)
+                            .into_iter()
+                            .find(|v| v.node_id == node)
+                            .ok_or_else(|| Error::NodeNotFound(node.0.clone()))
+                    }
+                    _ => Err(Error::NodeNotFound(node.0.clone())),
+                };
+                let _ = reply.send(result);
             }
             RegistryMsg::ListNodes(reply) => {
                 let _ = reply.send(st.core.node_views(now, &st.load));

@@ -328,3 +328,83 @@ async fn sigterm_drains_a_node_its_work_finishes_and_it_leaves_cleanly() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn an_operator_drain_lets_in_flight_work_finish_and_sends_new_work_elsewhere() {
+    let mut mesh = Mesh::start(Timings::default()).await;
+    mesh.start_node("a", &sleepers(4)).await;
+    mesh.start_node("b", &sleepers(4)).await;
+    let client = mesh.client().await;
+    let first = client
+        .submit(goal(
+            "drained",
+            &[("nap", "sleep", json!({ "ms": 800 }), &[])],
+        ))
+        .await
+        .unwrap()
+        .run_id;
+    wait_assigned(&client, &first).await;
+    let holder = client.get_run(&first).await.unwrap().steps[0]
+        .agent
+        .clone()
+        .unwrap()
+        .node;
+    let other = if holder.as_str() == "a" { "b" } else { "a" };
+
+    let out = std::process::Command::new(mesh_tests::mesh_bin())
+        .args([
+            "--coordinator",
+            &mesh.url(),
+            "node",
+            "drain",
+            holder.as_str(),
+        ])
+        .output()
+        .expect("mesh node drain");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("draining"));
+
+    // New work goes to the other node while the drained one finishes.
+    let second = client
+        .submit(goal(
+            "after drain",
+            &[("nap", "sleep", json!({ "ms": 10 }), &[])],
+        ))
+        .await
+        .unwrap()
+        .run_id;
+    let view = tokio::time::timeout(Duration::from_secs(20), client.wait(&second))
+        .await
+        .expect("run finished")
+        .unwrap();
+    assert_eq!(view.steps[0].agent.as_ref().unwrap().node.as_str(), other);
+
+    let status = mesh
+        .node(holder.as_str())
+        .wait_exit(Duration::from_secs(20))
+        .await;
+    assert!(status.success(), "drained node exited with {status}");
+    let view = client.get_run(&first).await.unwrap();
+    assert_eq!(view.state, RunState::Succeeded);
+    assert_eq!(
+        view.steps[0].attempt, 1,
+        "the in-flight attempt finished where it was"
+    );
+    wait_for(
+        "the drained node to be forgotten",
+        Duration::from_secs(5),
+        || async {
+            let nodes = client.nodes().await.ok()?;
+            nodes.iter().all(|n| n.node_id != holder).then_some(())
+        },
+    )
+    .await;
+
+    // Draining a node that is not live is NOT_FOUND.
+    let err = client.drain_node("ghost", "").await.unwrap_err();
+    assert_eq!(err.code(), Some(mesh_agent_sdk::RpcCode::NotFound), "{err}");
+}

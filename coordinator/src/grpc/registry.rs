@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use mesh_proto::convert::check_id;
+use mesh_proto::domain::NodeId;
 use mesh_proto::pb;
 use tonic::{Request, Response, Status};
 
@@ -19,6 +21,38 @@ pub struct RegistryApi {
 
 #[tonic::async_trait]
 impl pb::registry_service_server::RegistryService for RegistryApi {
+    #[tracing::instrument(name = "grpc.drain_node", skip_all)]
+    async fn drain_node(
+        &self,
+        request: Request<pb::DrainNodeRequest>,
+    ) -> Result<Response<pb::NodeView>, Status> {
+        let req = request.into_inner();
+        check_id("node_id", &req.node_id).map_err(|e| status(e.into()))?;
+        let reason = if req.reason.is_empty() {
+            "drain requested by an operator".to_owned()
+        } else {
+            req.reason
+        };
+        let node = NodeId(req.node_id);
+        let registry = self.handles.registry.get();
+        let view = call_result(
+            "registry",
+            registry
+                .call(
+                    |reply| RegistryMsg::Drain {
+                        node,
+                        reason,
+                        reply,
+                    },
+                    Some(LIST_TIMEOUT),
+                )
+                .await,
+        )
+        .map_err(status)?
+        .map_err(status)?;
+        Ok(Response::new(view.into()))
+    }
+
     #[tracing::instrument(name = "grpc.list_nodes", skip_all)]
     async fn list_nodes(
         &self,
