@@ -205,3 +205,33 @@ async fn cancelling_a_run_cancels_its_attempt_on_the_node() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn a_hundred_concurrent_submissions_with_one_key_create_exactly_one_run() {
+    let mut mesh = Mesh::start(Timings::default()).await;
+    mesh.start_node("n1", AGENTS).await;
+    let client = mesh.client().await;
+    let mut g = goal("once", &[("a", "echo", json!({}), &[])]);
+    g.idempotency_key = Some("pay-invoice-7".into());
+    let calls: Vec<_> = (0..100)
+        .map(|_| {
+            let (client, g) = (client.clone(), g.clone());
+            tokio::spawn(async move { client.submit(g).await.unwrap() })
+        })
+        .collect();
+    let mut runs = HashSet::new();
+    let mut created = 0;
+    for call in calls {
+        let r = call.await.unwrap();
+        created += usize::from(r.created);
+        runs.insert(r.run_id);
+    }
+    assert_eq!(created, 1, "exactly one call created the run");
+    assert_eq!(runs.len(), 1, "every caller got the same run");
+    let run = runs.into_iter().next().unwrap();
+    assert_eq!(client.wait(&run).await.unwrap().state, RunState::Succeeded);
+    let all = client.list_runs(None, 1000, None).await.unwrap();
+    assert_eq!(all.runs.len(), 1, "nothing else was stored");
+    let executed: u32 = mesh.executions("n1").values().sum();
+    assert_eq!(executed, 1, "the step ran once");
+}
