@@ -213,7 +213,15 @@ pub async fn agents(url: &str, format: Output, skill: Option<&str>) -> Result<()
     match format {
         Output::Json => output::json(&agents),
         Output::Table => table(
-            &["node", "agent", "skills", "health", "in flight", "max"],
+            &[
+                "node",
+                "agent",
+                "skills",
+                "health",
+                "circuit",
+                "in flight",
+                "max",
+            ],
             agents
                 .iter()
                 .map(|a| {
@@ -222,6 +230,7 @@ pub async fn agents(url: &str, format: Output, skill: Option<&str>) -> Result<()
                         a.name.clone(),
                         a.skills.join(","),
                         a.health.to_string(),
+                        a.circuit.clone(),
                         a.in_flight.to_string(),
                         a.max_concurrency.to_string(),
                     ]

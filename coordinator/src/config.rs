@@ -85,6 +85,11 @@ pub struct DispatchConfig {
     pub max_retry_backoff: Duration,
     /// Frames buffered per node stream.
     pub node_queue: usize,
+    /// Failed attempts in a row after which an agent's circuit opens (0: never).
+    pub circuit_failures: u32,
+    /// How long an open circuit keeps its agent out before one probe attempt.
+    #[serde(with = "humantime_serde")]
+    pub circuit_cool_down: Duration,
 }
 
 impl Default for DispatchConfig {
@@ -98,6 +103,8 @@ impl Default for DispatchConfig {
             retry_backoff: Duration::from_millis(200),
             max_retry_backoff: Duration::from_secs(10),
             node_queue: 1024,
+            circuit_failures: 5,
+            circuit_cool_down: Duration::from_secs(30),
         }
     }
 }

@@ -24,22 +24,85 @@ use crate::metrics as m;
 use crate::node_session::{NodeTx, Outbound};
 use crate::run::RunMsg;
 
-/// In-flight attempts per agent, written by the dispatcher alone and read by views.
+/// In-flight attempts and circuit state per agent, written by the dispatcher alone and read
+/// by views.
 #[derive(Clone, Debug, Default)]
-pub struct LoadBoard(Arc<DashMap<AgentKey, u32>>);
+pub struct LoadBoard(Arc<DashMap<AgentKey, (u32, &'static str)>>);
 
 impl LoadBoard {
     pub fn in_flight(&self, key: &AgentKey) -> u32 {
-        self.0.get(key).map(|v| *v).unwrap_or(0)
+        self.0.get(key).map(|v| v.0).unwrap_or(0)
+    }
+
+    /// `closed`, `open` or `half_open`.
+    pub fn circuit(&self, key: &AgentKey) -> &'static str {
+        self.0.get(key).map(|v| v.1).unwrap_or("closed")
     }
 
     fn set(&self, key: &AgentKey, n: u32) {
-        if n == 0 {
-            self.0.remove(key);
-        } else {
-            self.0.insert(key.clone(), n);
+        self.0.entry(key.clone()).or_insert((0, "closed")).0 = n;
+    }
+
+    fn set_circuit(&self, key: &AgentKey, circuit: &Circuit) {
+        self.0.entry(key.clone()).or_insert((0, "closed")).1 = circuit.name();
+    }
+
+    fn forget(&self, key: &AgentKey) {
+        self.0.remove(key);
+    }
+}
+
+/// An agent's circuit breaker. After `circuit_failures` failed attempts in a row it opens and
+/// the agent gets nothing; after the cool-down one probe attempt decides between closed and
+/// open again. Failures the agent blames on its input (`bad_input`) do not count.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Circuit {
+    Closed { failures: u32 },
+    Open { until: Instant },
+    HalfOpen { probing: bool },
+}
+
+impl Circuit {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Circuit::Closed { .. } => "closed",
+            Circuit::Open { .. } => "open",
+            Circuit::HalfOpen { .. } => "half_open",
         }
     }
+
+    /// Whether the agent may get an attempt now.
+    fn admits(&self, now: Instant) -> bool {
+        match *self {
+            Circuit::Closed { .. } => true,
+            Circuit::Open { until } => now >= until,
+            Circuit::HalfOpen { probing } => !probing,
+        }
+    }
+
+    /// The state after an attempt's outcome (`failed`: a failure that counts).
+    pub fn after(self, failed: bool, threshold: u32, cool_down: Duration, now: Instant) -> Circuit {
+        match (self, failed) {
+            (Circuit::Open { .. }, _) => self,
+            (_, false) => Circuit::Closed { failures: 0 },
+            (Circuit::HalfOpen { .. }, true) => Circuit::Open {
+                until: now + cool_down,
+            },
+            (Circuit::Closed { failures }, true) if threshold > 0 && failures + 1 >= threshold => {
+                Circuit::Open {
+                    until: now + cool_down,
+                }
+            }
+            (Circuit::Closed { failures }, true) => Circuit::Closed {
+                failures: failures + 1,
+            },
+        }
+    }
+}
+
+/// Whether an attempt's outcome counts against its agent's circuit.
+pub fn counts_against_agent(outcome: &TaskOutcome) -> bool {
+    matches!(outcome, Err(e) if e.code != "bad_input")
 }
 
 /// A step attempt the run wants dispatched.
@@ -100,12 +163,13 @@ pub struct AgentSlot {
     pub card: AgentCard,
     pub in_flight: u32,
     pub dispatchable: bool,
+    pub circuit: Circuit,
     pub tx: NodeTx,
 }
 
 impl AgentSlot {
-    fn free(&self) -> bool {
-        self.dispatchable && self.in_flight < self.card.max_concurrency
+    fn free(&self, now: Instant) -> bool {
+        self.dispatchable && self.in_flight < self.card.max_concurrency && self.circuit.admits(now)
     }
 }
 
@@ -171,11 +235,11 @@ impl<R: Clone> DispatchState<R> {
     }
 
     /// Least loaded free agent with the skill; round robin among equals.
-    pub fn pick(&mut self, skill: &str) -> Option<usize> {
+    pub fn pick(&mut self, skill: &str, now: Instant) -> Option<usize> {
         let mut best: Vec<usize> = Vec::new();
         let mut best_load = u32::MAX;
         for (i, a) in self.agents.iter().enumerate() {
-            if !a.free() || !a.card.has_skill(skill) {
+            if !a.free(now) || !a.card.has_skill(skill) {
                 continue;
             }
             match a.in_flight.cmp(&best_load) {
@@ -193,6 +257,35 @@ impl<R: Clone> DispatchState<R> {
         }
         self.rr = self.rr.wrapping_add(1);
         Some(best[self.rr % best.len()])
+    }
+
+    /// Moves the agent's circuit after an attempt's outcome; returns the new state when it
+    /// changed between closed, open and half-open.
+    pub fn record_outcome(
+        &mut self,
+        agent: &AgentKey,
+        instance: u64,
+        failed: bool,
+        threshold: u32,
+        cool_down: Duration,
+        now: Instant,
+    ) -> Option<Circuit> {
+        let slot = self
+            .agents
+            .iter_mut()
+            .find(|a| &a.key == agent && a.instance == instance)?;
+        let before = slot.circuit;
+        slot.circuit = before.after(failed, threshold, cool_down, now);
+        self.load.set_circuit(agent, &slot.circuit);
+        (before.name() != slot.circuit.name()).then_some(slot.circuit)
+    }
+
+    /// Agents whose circuit is not closed.
+    pub fn open_circuits(&self) -> usize {
+        self.agents
+            .iter()
+            .filter(|a| !matches!(a.circuit, Circuit::Closed { .. }))
+            .count()
     }
 
     /// Whether any registered agent has the skill, free or not.
@@ -248,7 +341,7 @@ impl<R: Clone> DispatchState<R> {
         if let Some(old) = self.in_flight.remove(&step_key) {
             self.release(&old.agent, old.instance);
         }
-        let Some(i) = self.pick(&req.skill) else {
+        let Some(i) = self.pick(&req.skill, now) else {
             return Err(req);
         };
         let slot = &self.agents[i];
@@ -278,6 +371,11 @@ impl<R: Clone> DispatchState<R> {
         };
         self.in_flight.insert(step_key, inflight);
         self.set_load(i, 1);
+        if !matches!(self.agents[i].circuit, Circuit::Closed { .. }) {
+            // The cool-down is over: this attempt is the probe.
+            self.agents[i].circuit = Circuit::HalfOpen { probing: true };
+            self.load.set_circuit(&agent, &self.agents[i].circuit);
+        }
         metrics::histogram!(m::DISPATCH_LATENCY)
             .record(now.saturating_duration_since(req.ready_at).as_secs_f64());
         Ok(agent)
@@ -292,7 +390,7 @@ impl<R: Clone> DispatchState<R> {
         let mut sent = Vec::new();
         let mut keep = VecDeque::with_capacity(self.pending.len());
         while let Some(req) = self.pending.pop_front() {
-            if !self.agents.iter().any(AgentSlot::free) {
+            if !self.agents.iter().any(|a| a.free(now)) {
                 keep.push_back(req);
                 keep.extend(self.pending.drain(..));
                 break;
@@ -343,6 +441,7 @@ impl<R: Clone> DispatchState<R> {
                 card,
                 in_flight: 0,
                 dispatchable: true,
+                circuit: Circuit::Closed { failures: 0 },
                 tx: tx.clone(),
             });
         }
@@ -358,7 +457,7 @@ impl<R: Clone> DispatchState<R> {
             .collect();
         self.agents.retain(|a| !lost(a));
         for (key, _) in &gone {
-            self.load.set(key, 0);
+            self.load.forget(key);
         }
         let keys: Vec<_> = self
             .in_flight
@@ -451,6 +550,7 @@ impl<R: Clone> DispatchState<R> {
     }
 
     fn publish_gauges(&self) {
+        metrics::gauge!(m::OPEN_CIRCUITS).set(self.open_circuits() as f64);
         metrics::gauge!(m::DISPATCH_PENDING).set(self.pending.len() as f64);
         metrics::gauge!(m::DISPATCH_IN_FLIGHT).set(self.in_flight.len() as f64);
     }
@@ -469,6 +569,21 @@ pub struct DispatcherActorState {
 }
 
 impl DispatcherActorState {
+    /// Moves the circuit of the attempt's agent after its outcome.
+    fn circuit(&mut self, attempt: &InFlight<ActorRef<RunMsg>>, failed: bool, now: Instant) {
+        let (threshold, cool_down) = (self.config.circuit_failures, self.config.circuit_cool_down);
+        if let Some(state) = self.core.record_outcome(
+            &attempt.agent,
+            attempt.instance,
+            failed,
+            threshold,
+            cool_down,
+            now,
+        ) {
+            warn!(agent = %attempt.agent, circuit = state.name(), "agent circuit changed");
+        }
+    }
+
     fn deadline_ms(&self) -> u64 {
         self.config.attempt_timeout.as_millis() as u64
     }
@@ -598,6 +713,7 @@ impl Actor for Dispatcher {
                             now.saturating_duration_since(inflight.sent_at)
                                 .as_secs_f64(),
                         );
+                        st.circuit(&inflight, counts_against_agent(&result.outcome), now);
                         // The run acknowledges once the result is journaled.
                         let _ = inflight.run.cast(RunMsg::Result { result, ack: tx });
                         st.pump();
@@ -645,6 +761,7 @@ impl Actor for Dispatcher {
                 }
                 for f in timed_out {
                     warn!(token = %f.token, agent = %f.agent, "attempt timed out");
+                    st.circuit(&f, true, now);
                     let _ = f.tx.try_send(Outbound::Frame(ToNode::Cancel {
                         token: f.token.clone(),
                         reason: "attempt timed out".into(),
@@ -832,5 +949,66 @@ mod tests {
         );
         assert_eq!(expired.len(), 1);
         assert!(st.pending.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_agent_is_left_out_until_a_probe_succeeds() {
+        let (mut st, _rx) =
+            state_with(&[("n1", vec![card("bad", "echo", 4), card("good", "echo", 4)])]);
+        let bad = AgentKey {
+            node: "n1".into(),
+            agent: "bad".into(),
+        };
+        let cool = Duration::from_secs(10);
+        assert_eq!(
+            st.record_outcome(&bad, 1, true, 2, cool, Instant::now()),
+            None
+        );
+        let opened = st.record_outcome(&bad, 1, true, 2, cool, Instant::now());
+        assert!(matches!(opened, Some(Circuit::Open { .. })), "{opened:?}");
+        assert_eq!(st.load.circuit(&bad), "open");
+        for i in 0..4 {
+            let to =
+                sent_to(st.dispatch(req(&format!("s{i}"), 1, "echo"), 1000, 10, Instant::now()));
+            assert_eq!(to, "n1/good", "an open circuit gets nothing");
+        }
+        assert_eq!(
+            sent_to(st.dispatch(req("w", 1, "echo"), 1000, 10, Instant::now())),
+            "queued"
+        );
+        // After the cool-down exactly one probe goes through.
+        tokio::time::advance(cool).await;
+        let probe = st.drain_pending(1000, Instant::now());
+        assert_eq!(probe.len(), 1);
+        assert_eq!(probe[0].2, bad);
+        assert_eq!(
+            sent_to(st.dispatch(req("x", 1, "echo"), 1000, 10, Instant::now())),
+            "queued"
+        );
+        // A failed probe opens it again; a good one closes it.
+        let again = st.record_outcome(&bad, 1, true, 2, cool, Instant::now());
+        assert!(matches!(again, Some(Circuit::Open { .. })), "{again:?}");
+        tokio::time::advance(cool).await;
+        assert_eq!(st.drain_pending(1000, Instant::now()).len(), 1);
+        let closed = st.record_outcome(&bad, 1, false, 2, cool, Instant::now());
+        assert_eq!(closed, Some(Circuit::Closed { failures: 0 }));
+    }
+
+    #[test]
+    fn the_callers_fault_does_not_count_against_an_agent() {
+        let err = |code: &str| -> TaskOutcome {
+            Err(TaskError {
+                code: code.into(),
+                message: String::new(),
+                retryable: false,
+            })
+        };
+        assert!(!counts_against_agent(&err("bad_input")));
+        assert!(counts_against_agent(&err("flaky")));
+        assert!(!counts_against_agent(&Ok(json!(1))));
+        // A threshold of 0 never opens.
+        let c =
+            Circuit::Closed { failures: 0 }.after(true, 0, Duration::from_secs(1), Instant::now());
+        assert_eq!(c, Circuit::Closed { failures: 1 });
     }
 }

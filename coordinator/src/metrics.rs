@@ -9,6 +9,7 @@ pub const DISPATCH_LATENCY: &str = "mesh_dispatch_latency_seconds";
 pub const DISPATCH_PENDING: &str = "mesh_dispatch_pending_steps";
 pub const DISPATCH_IN_FLIGHT: &str = "mesh_dispatch_in_flight_attempts";
 pub const ATTEMPTS_REDISPATCHED: &str = "mesh_dispatch_redispatched_attempts_total";
+pub const OPEN_CIRCUITS: &str = "mesh_dispatch_open_circuits";
 pub const STALE_RESULTS: &str = "mesh_dispatch_stale_results_total";
 pub const STEP_OUTCOMES: &str = "mesh_step_outcomes_total";
 pub const STEP_DURATION: &str = "mesh_step_duration_seconds";
@@ -33,6 +34,10 @@ pub fn describe() {
     describe_counter!(
         ATTEMPTS_REDISPATCHED,
         "Attempts lost with their node or agent and dispatched again"
+    );
+    describe_gauge!(
+        OPEN_CIRCUITS,
+        "Agents whose circuit breaker is open or half-open"
     );
     describe_counter!(
         STALE_RESULTS,

@@ -281,6 +281,10 @@ impl RegistryState {
                 .iter()
                 .filter(|c| skill.is_none_or(|s| c.has_skill(s)))
             {
+                let key = AgentKey {
+                    node: id.clone(),
+                    agent: card.name.clone(),
+                };
                 views.push(AgentView {
                     node_id: id.clone(),
                     instance: e.instance,
@@ -289,11 +293,9 @@ impl RegistryState {
                     skills: card.skills.iter().map(|s| s.name.clone()).collect(),
                     health: e.health,
                     heartbeat_age_ms: now.saturating_duration_since(e.last_beat).as_millis() as u64,
-                    in_flight: load.in_flight(&AgentKey {
-                        node: id.clone(),
-                        agent: card.name.clone(),
-                    }),
+                    in_flight: load.in_flight(&key),
                     max_concurrency: card.max_concurrency,
+                    circuit: load.circuit(&key).to_owned(),
                 });
             }
         }

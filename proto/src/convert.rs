@@ -839,6 +839,7 @@ impl From<AgentView> for pb::AgentView {
             heartbeat_age_ms: a.heartbeat_age_ms,
             in_flight: a.in_flight,
             max_concurrency: a.max_concurrency,
+            circuit: a.circuit,
         }
     }
 }
@@ -855,6 +856,7 @@ impl From<pb::AgentView> for AgentView {
             heartbeat_age_ms: a.heartbeat_age_ms,
             in_flight: a.in_flight,
             max_concurrency: a.max_concurrency,
+            circuit: a.circuit,
         }
     }
 }

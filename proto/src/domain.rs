@@ -489,4 +489,6 @@ pub struct AgentView {
     pub heartbeat_age_ms: u64,
     pub in_flight: u32,
     pub max_concurrency: u32,
+    /// Circuit breaker: `closed`, `open` or `half_open`.
+    pub circuit: String,
 }

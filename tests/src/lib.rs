@@ -188,6 +188,8 @@ pub struct Timings {
     pub sweep_ms: u64,
     pub unschedulable_ms: u64,
     pub retry_backoff_ms: u64,
+    pub circuit_failures: u32,
+    pub circuit_cool_down_ms: u64,
 }
 
 impl Default for Timings {
@@ -198,6 +200,8 @@ impl Default for Timings {
             sweep_ms: 100,
             unschedulable_ms: 3000,
             retry_backoff_ms: 50,
+            circuit_failures: 5,
+            circuit_cool_down_ms: 30_000,
         }
     }
 }
@@ -250,6 +254,8 @@ sweep_every = "{sweep}ms"
 [dispatch]
 unschedulable_timeout = "{unsched}ms"
 retry_backoff = "{backoff}ms"
+circuit_failures = {circuit}
+circuit_cool_down = "{cool}ms"
 "#,
             grpc = self.grpc_port,
             http = self.http_port,
@@ -259,6 +265,8 @@ retry_backoff = "{backoff}ms"
             sweep = t.sweep_ms,
             unsched = t.unschedulable_ms,
             backoff = t.retry_backoff_ms,
+            circuit = t.circuit_failures,
+            cool = t.circuit_cool_down_ms,
         );
         let path = self.dir.path().join("coordinator.toml");
         std::fs::write(&path, config).expect("write config");

@@ -408,3 +408,66 @@ async fn an_operator_drain_lets_in_flight_work_finish_and_sends_new_work_elsewhe
     let err = client.drain_node("ghost", "").await.unwrap_err();
     assert_eq!(err.code(), Some(mesh_agent_sdk::RpcCode::NotFound), "{err}");
 }
+
+#[tokio::test]
+async fn an_agent_that_keeps_failing_is_cut_out_by_its_circuit_breaker() {
+    let timings = Timings {
+        circuit_failures: 2,
+        circuit_cool_down_ms: 60_000,
+        ..Timings::default()
+    };
+    let mut mesh = Mesh::start(timings).await;
+    let agents = "[[agents]]\nkind = \"flaky\"\nname = \"broken\"\nskills = [\"work\"]\nfail_first = 1000\n\
+                  [[agents]]\nkind = \"echo\"\nname = \"fine\"\nskills = [\"work\"]\n";
+    mesh.start_node("n1", agents).await;
+    let client = mesh.client().await;
+    let submit_batch = |label: &'static str| {
+        let client = client.clone();
+        async move {
+            let mut runs = Vec::new();
+            for i in 0..10 {
+                let g = goal(&format!("{label} {i}"), &[("w", "work", json!({}), &[])]);
+                runs.push(client.submit(g).await.unwrap().run_id);
+            }
+            for run in &runs {
+                let view = tokio::time::timeout(Duration::from_secs(20), client.wait(run))
+                    .await
+                    .expect("run finished")
+                    .unwrap();
+                assert_eq!(view.state, RunState::Succeeded, "{view:?}");
+                assert_eq!(view.steps[0].agent.as_ref().unwrap().agent, "fine");
+            }
+        }
+    };
+    submit_batch("first").await;
+    let broken = |mesh: &Mesh| -> u32 {
+        let text = std::fs::read_to_string(mesh.exec_log("n1")).unwrap_or_default();
+        text.lines()
+            .filter(|l| l.contains("\"agent\":\"broken\""))
+            .count() as u32
+    };
+    let failed_before = broken(&mesh);
+    assert!(
+        failed_before >= 2,
+        "the broken agent failed at least twice before its circuit opened"
+    );
+    let views = client.agents(Some("work")).await.unwrap();
+    let circuit = |name: &str| {
+        views
+            .iter()
+            .find(|a| a.name == name)
+            .unwrap()
+            .circuit
+            .clone()
+    };
+    assert_eq!(circuit("broken"), "open");
+    assert_eq!(circuit("fine"), "closed");
+    assert_eq!(mesh.metric("mesh_dispatch_open_circuits"), 1.0);
+    // While open, the broken agent gets nothing.
+    submit_batch("second").await;
+    assert_eq!(
+        broken(&mesh),
+        failed_before,
+        "no attempt reached the open circuit"
+    );
+}
