@@ -85,6 +85,8 @@ pub struct DispatchConfig {
     pub max_retry_backoff: Duration,
     /// Frames buffered per node stream.
     pub node_queue: usize,
+    /// Runs in progress at once; past it `SubmitGoal` answers RESOURCE_EXHAUSTED.
+    pub max_active_runs: usize,
     /// Failed attempts in a row after which an agent's circuit opens (0: never).
     pub circuit_failures: u32,
     /// How long an open circuit keeps its agent out before one probe attempt.
@@ -103,6 +105,7 @@ impl Default for DispatchConfig {
             retry_backoff: Duration::from_millis(200),
             max_retry_backoff: Duration::from_secs(10),
             node_queue: 1024,
+            max_active_runs: 100_000,
             circuit_failures: 5,
             circuit_cool_down: Duration::from_secs(30),
         }

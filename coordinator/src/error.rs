@@ -37,7 +37,15 @@ impl From<Error> for tonic::Status {
             Error::InvalidArgument(_) => tonic::Status::invalid_argument(msg),
             Error::RunNotFound(_) | Error::NodeNotFound(_) => tonic::Status::not_found(msg),
             Error::FailedPrecondition(_) => tonic::Status::failed_precondition(msg),
-            Error::ResourceExhausted(_) => tonic::Status::resource_exhausted(msg),
+            Error::ResourceExhausted(_) => {
+                let mut status = tonic::Status::resource_exhausted(msg);
+                // A machine-readable hint for clients that back off.
+                status.metadata_mut().insert(
+                    "retry-after-ms",
+                    tonic::metadata::MetadataValue::from_static("1000"),
+                );
+                status
+            }
             Error::Timeout(_) => tonic::Status::deadline_exceeded(msg),
             Error::Unavailable(_) => tonic::Status::unavailable(msg),
             Error::Store(_) | Error::Corrupt(_) | Error::Commit(_) | Error::Io(_) => {

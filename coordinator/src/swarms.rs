@@ -42,11 +42,21 @@ async fn start_swarm(
 /// Stores a goal and its run (durable when this returns) and starts its swarm; a goal whose
 /// idempotency key is known returns the existing run instead. Submissions run side by side:
 /// the store commits them in groups, and spawning happens on the caller's task.
+///
+/// Past `max_active_runs` live runs a new goal is refused with `ResourceExhausted` before
+/// anything is stored (concurrent submissions may overshoot by their number).
 pub async fn submit(
     deps: &RunDeps,
     supervisor: &ActorRef<SwarmsMsg>,
     goal: GoalSpec,
+    max_active_runs: usize,
 ) -> Result<RunRef> {
+    let active = deps.directory.len();
+    if active >= max_active_runs {
+        return Err(Error::ResourceExhausted(format!(
+            "{active} runs in progress, the limit (max_active_runs) is {max_active_runs}; retry in a few seconds"
+        )));
+    }
     let run = deps.store.submit(&goal).await?;
     if run.created {
         info!(run_id = %run.run_id, goal_id = %run.goal_id, steps = goal.steps.len(), "goal accepted");

@@ -190,6 +190,7 @@ pub struct Timings {
     pub retry_backoff_ms: u64,
     pub circuit_failures: u32,
     pub circuit_cool_down_ms: u64,
+    pub max_active_runs: usize,
 }
 
 impl Default for Timings {
@@ -202,6 +203,7 @@ impl Default for Timings {
             retry_backoff_ms: 50,
             circuit_failures: 5,
             circuit_cool_down_ms: 30_000,
+            max_active_runs: 100_000,
         }
     }
 }
@@ -256,6 +258,7 @@ unschedulable_timeout = "{unsched}ms"
 retry_backoff = "{backoff}ms"
 circuit_failures = {circuit}
 circuit_cool_down = "{cool}ms"
+max_active_runs = {max_runs}
 "#,
             grpc = self.grpc_port,
             http = self.http_port,
@@ -267,6 +270,7 @@ circuit_cool_down = "{cool}ms"
             backoff = t.retry_backoff_ms,
             circuit = t.circuit_failures,
             cool = t.circuit_cool_down_ms,
+            max_runs = t.max_active_runs,
         );
         let path = self.dir.path().join("coordinator.toml");
         std::fs::write(&path, config).expect("write config");

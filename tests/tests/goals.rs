@@ -235,3 +235,49 @@ async fn a_hundred_concurrent_submissions_with_one_key_create_exactly_one_run() 
     let executed: u32 = mesh.executions("n1").values().sum();
     assert_eq!(executed, 1, "the step ran once");
 }
+
+#[tokio::test]
+async fn past_max_active_runs_a_submission_is_refused_with_a_retry_hint() {
+    let timings = Timings {
+        max_active_runs: 3,
+        ..Timings::default()
+    };
+    let mut mesh = Mesh::start(timings).await;
+    mesh.start_node("n1", AGENTS).await;
+    let client = mesh.client().await;
+    let long = || goal("long", &[("s", "sleep", json!({ "ms": 60000 }), &[])]);
+    let mut runs = Vec::new();
+    for _ in 0..3 {
+        runs.push(client.submit(long()).await.unwrap().run_id);
+    }
+    let err = client.submit(long()).await.unwrap_err();
+    assert_eq!(
+        err.code(),
+        Some(mesh_agent_sdk::RpcCode::ResourceExhausted),
+        "{err}"
+    );
+    assert!(err.to_string().contains("max_active_runs"), "{err}");
+    // Raw gRPC clients get the hint as metadata too.
+    let channel = tonic::transport::Channel::from_shared(mesh.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut raw = mesh_proto::pb::goal_service_client::GoalServiceClient::new(channel);
+    let status = raw
+        .submit_goal(mesh_proto::pb::SubmitGoalRequest::from(long()))
+        .await
+        .unwrap_err();
+    assert_eq!(status.metadata().get("retry-after-ms").unwrap(), "1000");
+    assert_eq!(
+        client.list_runs(None, 100, None).await.unwrap().runs.len(),
+        3,
+        "nothing refused was stored"
+    );
+    // Room again once a run ends.
+    client.cancel_run(&runs[0], "make room").await.unwrap();
+    mesh_tests::wait_for("a slot to free", Duration::from_secs(10), || async {
+        client.submit(long()).await.ok().map(|_| ())
+    })
+    .await;
+}

@@ -75,7 +75,12 @@ impl pb::goal_service_server::GoalService for GoalApi {
         let goal = GoalSpec::try_from(request.into_inner()).map_err(|e| status(e.into()))?;
         let run = tokio::time::timeout(
             SUBMIT_TIMEOUT,
-            swarms::submit(&self.handles.deps, &self.handles.swarms.get(), goal),
+            swarms::submit(
+                &self.handles.deps,
+                &self.handles.swarms.get(),
+                goal,
+                self.handles.config.dispatch.max_active_runs,
+            ),
         )
         .await
         .map_err(|_| status(Error::Timeout("store")))?
