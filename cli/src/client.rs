@@ -106,6 +106,19 @@ pub async fn watch_run(client: &GoalClient, run_id: &RunId, format: Output) -> R
                     eprintln!("{}", step_line(&step));
                 }
             }
+            RunEvent::Progress {
+                step,
+                attempt,
+                message,
+                fraction,
+            } => {
+                if format == Output::Table {
+                    let pct = fraction
+                        .map(|f| format!(" {:>3.0}%", f * 100.0))
+                        .unwrap_or_default();
+                    eprintln!("step {step:<16} progress{pct}  attempt {attempt}  {message}");
+                }
+            }
             RunEvent::Finished { .. } => {}
         }
     }

@@ -147,6 +147,12 @@ pub enum DispatcherMsg {
         result: TaskResult,
         tx: NodeTx,
     },
+    /// Progress an agent reported; passed to the run if the attempt is current.
+    Progress {
+        node: NodeId,
+        instance: u64,
+        progress: TaskProgress,
+    },
     /// Drop the run's pending attempts and cancel its in-flight ones.
     CancelRun {
         run_id: RunId,
@@ -726,6 +732,28 @@ impl Actor for Dispatcher {
                             code: AckCode::Stale,
                             message: format!("stale fencing token: {stale}"),
                         }));
+                    }
+                }
+            }
+            DispatcherMsg::Progress {
+                node,
+                instance,
+                progress,
+            } => {
+                let key = (
+                    progress.token.run_id.clone(),
+                    progress.token.step_id.clone(),
+                );
+                match st.core.in_flight.get(&key) {
+                    Some(f)
+                        if f.token == progress.token
+                            && f.agent.node == node
+                            && f.instance == instance =>
+                    {
+                        let _ = f.run.cast(RunMsg::Progress(progress));
+                    }
+                    _ => {
+                        debug!(token = %progress.token, "progress for an attempt that is not current dropped")
                     }
                 }
             }

@@ -159,8 +159,12 @@ impl Actor for NodeSession {
                         result,
                         tx: st.args.tx.clone(),
                     }),
-                    FromNode::Progress(p) => {
-                        debug!(token = %p.token, message = %p.message, fraction = ?p.fraction, "task progress");
+                    FromNode::Progress(progress) => {
+                        st.args.dispatcher.cast(DispatcherMsg::Progress {
+                            node,
+                            instance,
+                            progress,
+                        })
                     }
                     FromNode::Draining => {
                         st.draining = true;

@@ -58,6 +58,8 @@ pub enum RunMsg {
     },
     /// The dispatcher restarted and forgot the in-flight attempts.
     Redispatch,
+    /// Progress of the current attempt of a step, for watchers.
+    Progress(TaskProgress),
     Cancel {
         reason: String,
         reply: RpcReplyPort<Result<RunView>>,
@@ -740,6 +742,20 @@ impl Actor for Run {
                     Err(e) => Err(e),
                 };
                 let _ = reply.send(result);
+            }
+            RunMsg::Progress(p) => {
+                if st
+                    .machine
+                    .step(&p.token.step_id)
+                    .is_some_and(|s| s.attempt == p.token.attempt)
+                {
+                    st.publish(RunEvent::Progress {
+                        step: p.token.step_id,
+                        attempt: p.token.attempt,
+                        message: p.message,
+                        fraction: p.fraction,
+                    });
+                }
             }
             RunMsg::Subscribe(reply) => {
                 let view = st.view();

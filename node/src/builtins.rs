@@ -59,8 +59,14 @@ impl Agent for Builtin {
                 let ms = input["with"]["ms"].as_u64().ok_or_else(|| {
                     AgentError::bad_input("with.ms must be a whole number of milliseconds")
                 })?;
+                // Half-way, report progress (a long job shows it).
+                let half = Duration::from_millis(ms / 2);
                 tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_millis(ms)) => Ok(json!({ "slept_ms": ms, "with": input["with"] })),
+                    _ = async {
+                        tokio::time::sleep(half).await;
+                        ctx.progress(format!("slept {} of {ms} ms", ms / 2), Some(0.5));
+                        tokio::time::sleep(Duration::from_millis(ms) - half).await;
+                    } => Ok(json!({ "slept_ms": ms, "with": input["with"] })),
                     _ = ctx.cancelled() => Err(AgentError::fatal("cancelled", "sleep cancelled")),
                 }
             }

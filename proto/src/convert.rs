@@ -740,6 +740,17 @@ impl From<RunEvent> for pb::RunEvent {
             RunEvent::Step(s) => Kind::Step(pb::StepChanged {
                 step: Some(s.into()),
             }),
+            RunEvent::Progress {
+                step,
+                attempt,
+                message,
+                fraction,
+            } => Kind::Progress(pb::StepProgress {
+                step_id: step.0,
+                attempt,
+                message,
+                fraction: fraction.unwrap_or(-1.0),
+            }),
             RunEvent::Finished {
                 state,
                 output,
@@ -767,6 +778,12 @@ impl TryFrom<pb::RunEvent> for RunEvent {
                         .ok_or_else(|| FieldError::new("step.step", "missing"))?
                         .into(),
                 ),
+                Kind::Progress(p) => RunEvent::Progress {
+                    step: StepId(p.step_id),
+                    attempt: p.attempt,
+                    message: p.message,
+                    fraction: (p.fraction >= 0.0).then_some(p.fraction.min(1.0)),
+                },
                 Kind::Finished(f) => RunEvent::Finished {
                     state: run_state_or_running(f.state),
                     output: opt_value(&f.output_json),

@@ -434,6 +434,13 @@ pub struct ListRunsQuery {
 pub enum RunEvent {
     Snapshot(RunView),
     Step(StepView),
+    /// What the agent running a step reported; not journaled.
+    Progress {
+        step: StepId,
+        attempt: u32,
+        message: String,
+        fraction: Option<f64>,
+    },
     Finished {
         state: RunState,
         output: Option<Value>,

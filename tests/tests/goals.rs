@@ -41,6 +41,7 @@ async fn five_steps_with_two_parallel_branches_complete_with_the_right_outputs()
     let mut events = Box::pin(client.watch(&run.run_id).await.unwrap());
     let mut running = HashSet::new();
     let mut overlapped = false;
+    let mut progress = HashSet::new();
     let finished = tokio::time::timeout(Duration::from_secs(20), async {
         while let Some(event) = events.next().await {
             match event.unwrap() {
@@ -50,6 +51,10 @@ async fn five_steps_with_two_parallel_branches_complete_with_the_right_outputs()
                         _ => running.remove(s.id.as_str()),
                     };
                     overlapped |= running.contains("b") && running.contains("c");
+                }
+                RunEvent::Progress { step, fraction, .. } => {
+                    assert_eq!(fraction, Some(0.5), "the sleep agent reports half-way");
+                    progress.insert(step.0);
                 }
                 RunEvent::Finished { state, .. } => return state,
                 RunEvent::Snapshot(view) => {
@@ -69,6 +74,11 @@ async fn five_steps_with_two_parallel_branches_complete_with_the_right_outputs()
     .expect("run finished in time");
     assert_eq!(finished, RunState::Succeeded);
     assert!(overlapped, "the branches b and c ran in parallel");
+    assert_eq!(
+        progress,
+        HashSet::from(["b".to_owned(), "c".to_owned()]),
+        "watchers see the sleeps' progress"
+    );
 
     let view = client.get_run(&run.run_id).await.unwrap();
     assert_eq!(view.state, RunState::Succeeded);
