@@ -7,7 +7,7 @@ use std::time::Duration;
 use criterion::{Criterion, criterion_group, criterion_main};
 use mesh_coordinator::dispatcher::{DispatchRequest, DispatchState, LoadBoard, Sent};
 use mesh_coordinator::run::{RetryPolicy, RunMachine};
-use mesh_coordinator::store::{JournalEvent, Store, StoredRun, StoredStep};
+use mesh_coordinator::store::{JournalEvent, Store, StoredRun};
 use mesh_proto::domain::*;
 use serde_json::json;
 use tokio::time::Instant;
@@ -122,29 +122,7 @@ fn journal_append(c: &mut Criterion) {
 }
 
 fn run_transition(c: &mut Criterion) {
-    let goal = chain(10);
-    let stored = StoredRun {
-        run_id: "r".into(),
-        goal_id: "g".into(),
-        state: RunState::Running,
-        steps: goal
-            .steps
-            .iter()
-            .map(|s| StoredStep {
-                id: s.id.clone(),
-                state: StepState::Pending,
-                attempt: 0,
-                failures: 0,
-                agent: None,
-                output: None,
-                error: None,
-            })
-            .collect(),
-        goal,
-        swarm: Vec::new(),
-        next_seq: 1,
-        created_at_ms: 0,
-    };
+    let stored = StoredRun::fresh("r".into(), "g".into(), chain(10));
     let policy = RetryPolicy {
         max_attempts: 3,
         max_total_attempts: 10,

@@ -786,7 +786,6 @@ async fn apply_decision(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::StoredStep;
 
     fn spec(id: &str, needs: &[&str]) -> StepSpec {
         StepSpec {
@@ -807,32 +806,13 @@ mod tests {
     }
 
     fn machine(steps: Vec<StepSpec>) -> RunMachine {
-        let stored = StoredRun {
-            run_id: "r1".into(),
-            goal_id: "g1".into(),
-            state: RunState::Running,
-            steps: steps
-                .iter()
-                .map(|s| StoredStep {
-                    id: s.id.clone(),
-                    state: StepState::Pending,
-                    attempt: 0,
-                    failures: 0,
-                    agent: None,
-                    output: None,
-                    error: None,
-                })
-                .collect(),
-            goal: GoalSpec {
-                objective: "t".into(),
-                inputs: json!({}),
-                steps,
-                idempotency_key: None,
-            },
-            swarm: Vec::new(),
-            next_seq: 1,
-            created_at_ms: 0,
+        let goal = GoalSpec {
+            objective: "t".into(),
+            inputs: json!({}),
+            steps,
+            idempotency_key: None,
         };
+        let stored = StoredRun::fresh("r1".into(), "g1".into(), goal);
         RunMachine::from_stored(stored, 1, policy()).unwrap()
     }
 

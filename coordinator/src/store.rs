@@ -177,6 +177,35 @@ pub struct StoredRun {
     pub created_at_ms: i64,
 }
 
+impl StoredRun {
+    /// A run as `submit` stores it: every step pending, nothing journaled but its creation.
+    pub fn fresh(run_id: RunId, goal_id: GoalId, goal: GoalSpec) -> Self {
+        let steps = goal
+            .steps
+            .iter()
+            .map(|s| StoredStep {
+                id: s.id.clone(),
+                state: StepState::Pending,
+                attempt: 0,
+                failures: 0,
+                agent: None,
+                output: None,
+                error: None,
+            })
+            .collect();
+        Self {
+            run_id,
+            goal_id,
+            goal,
+            state: RunState::Running,
+            steps,
+            swarm: Vec::new(),
+            next_seq: 1,
+            created_at_ms: now_ms(),
+        }
+    }
+}
+
 /// Writes waiting for the writer thread; past it callers wait (backpressure).
 const WRITE_QUEUE: usize = 4096;
 /// Most writes committed together.
