@@ -50,6 +50,11 @@ impl LoadBoard {
     fn forget(&self, key: &AgentKey) {
         self.0.remove(key);
     }
+
+    /// A new slot: nothing in flight, circuit closed (whatever an earlier instance left).
+    fn reset(&self, key: &AgentKey) {
+        self.0.insert(key.clone(), (0, "closed"));
+    }
 }
 
 /// An agent's circuit breaker. After `circuit_failures` failed attempts in a row it opens and
@@ -440,7 +445,7 @@ impl<R: Clone> DispatchState<R> {
                 node: node.clone(),
                 agent: card.name.clone(),
             };
-            self.load.set(&key, 0);
+            self.load.reset(&key);
             self.agents.push(AgentSlot {
                 key,
                 instance,
@@ -1038,5 +1043,27 @@ mod tests {
         let c =
             Circuit::Closed { failures: 0 }.after(true, 0, Duration::from_secs(1), Instant::now());
         assert_eq!(c, Circuit::Closed { failures: 1 });
+    }
+
+    #[test]
+    fn a_new_instance_starts_with_a_closed_circuit_and_nothing_in_flight() {
+        let (mut st, _rx) = state_with(&[("n1", vec![card("e", "echo", 4)])]);
+        let key = AgentKey {
+            node: "n1".into(),
+            agent: "e".into(),
+        };
+        st.dispatch(req("a", 1, "echo"), 1000, 10, Instant::now());
+        st.record_outcome(&key, 1, true, 1, Duration::from_secs(60), Instant::now());
+        assert_eq!(
+            (st.load.in_flight(&key), st.load.circuit(&key)),
+            (1, "open")
+        );
+        // The node registers again (as after a dispatcher restart, without a NodeDown first).
+        let (tx, _rx2) = mpsc::channel(16);
+        st.node_up(&"n1".into(), 2, vec![card("e", "echo", 4)], tx);
+        assert_eq!(
+            (st.load.in_flight(&key), st.load.circuit(&key)),
+            (0, "closed")
+        );
     }
 }
