@@ -693,14 +693,14 @@ impl Actor for Dispatcher {
                         warn!(token = %req.token, "dispatch queue full");
                         let _ = run.cast(RunMsg::AttemptFailed {
                             token,
-                            error: TaskError {
-                                code: "queue_full".into(),
-                                message: format!(
+                            error: TaskError::new(
+                                "queue_full",
+                                format!(
                                     "{} steps already wait for an agent (max_pending)",
                                     st.config.max_pending
                                 ),
-                                retryable: true,
-                            },
+                                true,
+                            ),
                         });
                     }
                 }
@@ -781,15 +781,15 @@ impl Actor for Dispatcher {
                     warn!(token = %req.token, skill = %req.skill, "no agent has the skill; step unschedulable");
                     let _ = req.run.cast(RunMsg::AttemptFailed {
                         token: req.token,
-                        error: TaskError {
-                            code: "unschedulable".into(),
-                            message: format!(
+                        error: TaskError::new(
+                            "unschedulable",
+                            format!(
                                 "no registered agent has skill `{}` (waited {})",
                                 req.skill,
                                 humantime::format_duration(st.config.unschedulable_timeout)
                             ),
-                            retryable: false,
-                        },
+                            false,
+                        ),
                     });
                 }
                 for f in timed_out {
@@ -801,11 +801,11 @@ impl Actor for Dispatcher {
                     }));
                     let _ = f.run.cast(RunMsg::AttemptFailed {
                         token: f.token,
-                        error: TaskError {
-                            code: "timeout".into(),
-                            message: format!("no result within {} ms", st.deadline_ms()),
-                            retryable: true,
-                        },
+                        error: TaskError::new(
+                            "timeout",
+                            format!("no result within {} ms", st.deadline_ms()),
+                            true,
+                        ),
                     });
                 }
                 st.pump();

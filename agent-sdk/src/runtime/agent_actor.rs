@@ -48,14 +48,6 @@ pub struct AgentState<A> {
     running: HashMap<FencingToken, CancellationToken>,
 }
 
-fn error(code: &str, message: String, retryable: bool) -> TaskError {
-    TaskError {
-        code: code.to_owned(),
-        message,
-        retryable,
-    }
-}
-
 fn panic_message(e: tokio::task::JoinError) -> String {
     match e.try_into_panic() {
         Ok(payload) => payload
@@ -93,7 +85,7 @@ impl<A: Agent> Actor for AgentActor<A> {
             AgentMsg::Run(task) => {
                 let name = st.args.card.name.clone();
                 if st.running.len() >= st.args.card.max_concurrency as usize {
-                    let outcome = Err(error(
+                    let outcome = Err(TaskError::new(
                         "busy",
                         format!(
                             "agent `{name}` is running {} attempts, its max_concurrency",
@@ -127,8 +119,8 @@ impl<A: Agent> Actor for AgentActor<A> {
                     async move {
                         tokio::select! {
                             result = agent.handle(ctx, task.input) => result.map_err(TaskError::from),
-                            _ = tokio::time::sleep(deadline) => Err(error("timeout", format!("no result within {} ms", deadline.as_millis()), true)),
-                            _ = cancel.cancelled() => Err(error("cancelled", "the attempt was cancelled".into(), false)),
+                            _ = tokio::time::sleep(deadline) => Err(TaskError::new("timeout", format!("no result within {} ms", deadline.as_millis()), true)),
+                            _ = cancel.cancelled() => Err(TaskError::new("cancelled", "the attempt was cancelled", false)),
                         }
                     }
                     .instrument(span),
@@ -139,7 +131,7 @@ impl<A: Agent> Actor for AgentActor<A> {
                         Err(e) => {
                             let message = panic_message(e);
                             let _ = myself.cast(AgentMsg::Panicked(message.clone()));
-                            Err(error(
+                            Err(TaskError::new(
                                 "agent_panicked",
                                 format!("agent `{name}` panicked: {message}"),
                                 true,

@@ -134,6 +134,16 @@ impl ConnState {
         }
     }
 
+    /// Answers an attempt this node will not run; kept until acknowledged like any result.
+    async fn fail(&mut self, myself: &ActorRef<ConnMsg>, token: FencingToken, error: TaskError) {
+        let result = TaskResult {
+            token,
+            outcome: Err(error),
+        };
+        self.unacked.insert(result.token.clone(), result.clone());
+        self.send_result(myself, result).await;
+    }
+
     fn drop_link(&mut self) {
         if let Some(h) = self.link.take().and_then(|link| link.heartbeat) {
             h.abort();
@@ -253,18 +263,9 @@ impl ConnState {
             }
             ToNode::Task(task) => {
                 let token = task.token.clone();
-                let refuse = |code: &str, message: String, retryable: bool| TaskResult {
-                    token: token.clone(),
-                    outcome: Err(TaskError {
-                        code: code.to_owned(),
-                        message,
-                        retryable,
-                    }),
-                };
                 if self.draining {
-                    let result = refuse("draining", "the node is draining".into(), true);
-                    self.unacked.insert(token, result.clone());
-                    self.send_result(myself, result).await;
+                    let error = TaskError::new("draining", "the node is draining", true);
+                    self.fail(myself, token, error).await;
                     return;
                 }
                 match self.args.agents.get(&task.agent) {
@@ -278,13 +279,12 @@ impl ConnState {
                         self.parked.push(task);
                     }
                     AgentSlot::Absent => {
-                        let result = refuse(
+                        let error = TaskError::new(
                             "agent_unavailable",
                             format!("agent `{}` is down or not hosted on this node", task.agent),
                             true,
                         );
-                        self.unacked.insert(token, result.clone());
-                        self.send_result(myself, result).await;
+                        self.fail(myself, token, error).await;
                     }
                 }
             }
@@ -409,16 +409,13 @@ impl Actor for Connection {
                 st.parked = kept;
                 for task in failed {
                     st.tasks.remove(&task.token);
-                    let result = TaskResult {
-                        token: task.token,
-                        outcome: Err(TaskError {
-                            code: "agent_down".into(),
-                            message: format!("agent `{agent}` is down: {reason}"),
-                            retryable: true,
-                        }),
-                    };
-                    st.unacked.insert(result.token.clone(), result.clone());
-                    st.send_result(&myself, result).await;
+                    let message = format!("agent `{agent}` is down: {reason}");
+                    st.fail(
+                        &myself,
+                        task.token,
+                        TaskError::new("agent_down", message, true),
+                    )
+                    .await;
                 }
                 st.send(FromNode::AgentDown { agent, reason });
             }
