@@ -1,0 +1,12 @@
+//! The workflow language: definitions in YAML or JSON ([`def`]), CEL expressions and
+//! `${{ … }}` templates ([`expr`]), and validation that compiles every expression once and
+//! names the path of each problem ([`validate`]). The coordinator runs what comes out,
+//! a [`Workflow`]; the CLI uses the same code to check a file before sending it.
+
+pub mod def;
+pub mod expr;
+pub mod validate;
+
+pub use def::{OnFailure, RetryDef, StepDef, WorkflowDef};
+pub use expr::{Expr, Template};
+pub use validate::{Action, Invalid, Limits, Problem, Step, Workflow, load, parse, validate};
