@@ -98,6 +98,7 @@ impl Context {
                 step_id: step.into(),
                 attempt,
                 epoch: 1,
+                index: 0,
             },
             skill: String::new(),
             idempotency_key: format!("{run}/{step}"),

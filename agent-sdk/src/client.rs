@@ -143,6 +143,49 @@ impl GoalClient {
         Ok(r.into_inner().into())
     }
 
+    /// Approves (`approved`) or rejects a step that awaits approval.
+    pub async fn decide(
+        &self,
+        run_id: &RunId,
+        step: &str,
+        approved: bool,
+        comment: &str,
+        by: &str,
+    ) -> Result<RunView, ClientError> {
+        let req = request(pb::DecideRequest {
+            run_id: run_id.0.clone(),
+            step_id: step.to_owned(),
+            comment: comment.to_owned(),
+            by: by.to_owned(),
+        });
+        let mut goals = self.goals.clone();
+        let r = if approved {
+            goals.approve(req).await?
+        } else {
+            goals.reject(req).await?
+        };
+        Ok(r.into_inner().into())
+    }
+
+    /// Sends a named signal, with a JSON payload, to a run.
+    pub async fn signal(
+        &self,
+        run_id: &RunId,
+        name: &str,
+        payload: &serde_json::Value,
+    ) -> Result<RunView, ClientError> {
+        let r = self
+            .goals
+            .clone()
+            .signal(request(pb::SignalRequest {
+                run_id: run_id.0.clone(),
+                name: name.to_owned(),
+                payload_json: payload.to_string(),
+            }))
+            .await?;
+        Ok(r.into_inner().into())
+    }
+
     pub async fn list_runs(
         &self,
         state: Option<RunState>,

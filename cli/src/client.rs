@@ -13,13 +13,19 @@ use crate::output::{self, step_line, table};
 
 #[derive(Subcommand)]
 pub enum GoalCommand {
-    /// Submit a goal file (YAML or JSON).
+    /// Submit a workflow file (YAML or JSON) as a goal; it is validated first.
     Submit {
         file: PathBuf,
+        /// An input of the workflow, `key=value` (the value as JSON if it parses, else text).
+        #[arg(long = "input", value_name = "KEY=VALUE")]
+        inputs: Vec<String>,
+        /// What the goal is for; the workflow's description by default.
+        #[arg(long)]
+        objective: Option<String>,
         /// Watch the run until it finishes; exit non-zero unless it succeeds.
         #[arg(long)]
         watch: bool,
-        /// Overrides the file's idempotency key.
+        /// Submitting again with the same key returns the first run.
         #[arg(long)]
         idempotency_key: Option<String>,
     },
@@ -36,6 +42,34 @@ pub enum RunCommand {
         run_id: String,
         #[arg(long, default_value = "cancelled from the CLI")]
         reason: String,
+    },
+    /// Approve a step that awaits approval.
+    Approve {
+        run_id: String,
+        step: String,
+        #[arg(long, default_value = "")]
+        comment: String,
+        /// Who approves, for the record; $USER by default.
+        #[arg(long, env = "USER", default_value = "")]
+        by: String,
+    },
+    /// Reject a step that awaits approval: it fails (and the run with it, unless the step
+    /// says `on_failure: continue`).
+    Reject {
+        run_id: String,
+        step: String,
+        #[arg(long, default_value = "")]
+        comment: String,
+        #[arg(long, env = "USER", default_value = "")]
+        by: String,
+    },
+    /// Send a named signal to a run; steps waiting for it complete with the payload.
+    Signal {
+        run_id: String,
+        name: String,
+        /// JSON payload (text that is not JSON is sent as a string).
+        #[arg(long, default_value = "null")]
+        payload: String,
     },
     /// List runs, newest first.
     Ls {
@@ -55,13 +89,15 @@ pub async fn goal(url: &str, format: Output, command: GoalCommand) -> Result<()>
     match command {
         GoalCommand::Submit {
             file,
+            inputs,
+            objective,
             watch,
             idempotency_key,
         } => {
-            let mut goal = crate::goalfile::read(&file)?;
-            if idempotency_key.is_some() {
-                goal.idempotency_key = idempotency_key;
-            }
+            let (name, text) = crate::goalfile::read(&file)?;
+            let inputs = crate::goalfile::inputs(&inputs)?;
+            let mut goal = crate::goalfile::goal(&name, &text, inputs, objective)?;
+            goal.idempotency_key = idempotency_key;
             let run = client.submit(goal).await?;
             match format {
                 Output::Json if !watch => output::json(&serde_json::json!({
@@ -147,6 +183,38 @@ pub async fn run(url: &str, format: Output, command: RunCommand) -> Result<()> {
         RunCommand::Watch { run_id: id } => watch_run(&client, &run_id(id)?, format).await?,
         RunCommand::Cancel { run_id: id, reason } => {
             let view = client.cancel_run(&run_id(id)?, &reason).await?;
+            output::run(&view, format);
+        }
+        RunCommand::Approve {
+            run_id: id,
+            step,
+            comment,
+            by,
+        } => {
+            let view = client
+                .decide(&run_id(id)?, &step, true, &comment, &by)
+                .await?;
+            output::run(&view, format);
+        }
+        RunCommand::Reject {
+            run_id: id,
+            step,
+            comment,
+            by,
+        } => {
+            let view = client
+                .decide(&run_id(id)?, &step, false, &comment, &by)
+                .await?;
+            output::run(&view, format);
+        }
+        RunCommand::Signal {
+            run_id: id,
+            name,
+            payload,
+        } => {
+            let payload =
+                serde_json::from_str(&payload).unwrap_or(serde_json::Value::String(payload));
+            let view = client.signal(&run_id(id)?, &name, &payload).await?;
             output::run(&view, format);
         }
         RunCommand::Ls {

@@ -90,10 +90,14 @@ pub async fn run(args: DevArgs, prometheus: PrometheusHandle) -> Result<()> {
 }
 
 async fn demo(url: &str, goal: Option<&std::path::Path>, started: Instant) -> Result<()> {
-    let goal = match goal {
+    let (name, text) = match goal {
         Some(path) => crate::goalfile::read(path)?,
-        None => crate::goalfile::parse("examples/goals/hello.yaml", SAMPLE_GOAL)?,
+        None => (
+            "examples/goals/hello.yaml".to_owned(),
+            SAMPLE_GOAL.to_owned(),
+        ),
     };
+    let goal = crate::goalfile::goal(&name, &text, serde_json::json!({}), None)?;
     let client = GoalClient::connect(url).await?;
     let deadline = Instant::now() + Duration::from_secs(10);
     while client

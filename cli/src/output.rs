@@ -49,6 +49,15 @@ pub fn step_line(step: &StepView) -> String {
         step.attempt,
         agent_of(step)
     );
+    if step.items_total > 0 {
+        line.push_str(&format!("  items {}/{}", step.items_done, step.items_total));
+    }
+    if step.iteration > 0 {
+        line.push_str(&format!("  iteration {}", step.iteration));
+    }
+    if let Some(d) = &step.detail {
+        line.push_str(&format!("  [{d}]"));
+    }
     if let Some(e) = &step.error {
         line.push_str(&format!("  ({e})"));
     }

@@ -2,13 +2,14 @@
 //! run state transition and goal validation. `cargo bench -p mesh-coordinator`.
 
 use std::hint::black_box;
-use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use mesh_coordinator::dispatcher::{DispatchRequest, DispatchState, LoadBoard, Sent};
 use mesh_coordinator::run::{RetryPolicy, RunMachine};
-use mesh_coordinator::store::{JournalEvent, Store, StoredRun};
+use mesh_coordinator::store::{JournalEvent, Store, StoredGoal};
+use mesh_coordinator::swarms;
 use mesh_proto::domain::*;
+use mesh_workflow::Limits;
 use serde_json::json;
 use tokio::time::Instant;
 
@@ -33,6 +34,7 @@ fn chain(n: usize) -> GoalSpec {
             })
             .collect(),
         idempotency_key: None,
+        workflow: None,
     }
 }
 
@@ -57,10 +59,12 @@ fn dispatcher_selection(c: &mut Criterion) {
                     step_id: StepId(format!("s{i}")),
                     attempt: 1,
                     epoch: 1,
+                    index: 0,
                 },
                 skill: "echo".into(),
                 input: json!({}),
                 idempotency_key: String::new(),
+                timeout: None,
                 run: 0u32,
                 ready_at: Instant::now(),
             };
@@ -75,13 +79,18 @@ fn dispatcher_selection(c: &mut Criterion) {
     });
 }
 
+fn stored(goal: GoalSpec) -> StoredGoal {
+    swarms::prepare(goal, &Limits::default()).unwrap()
+}
+
 fn journal_append(c: &mut Criterion) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
-    let run = rt.block_on(store.submit(&chain(2))).unwrap().run_id;
+    let run = rt.block_on(store.submit(&stored(chain(2)))).unwrap().run_id;
     let event = || JournalEvent::StepAssigned {
         step: "s0".into(),
+        index: 0,
         attempt: 1,
         agent: AgentKey {
             node: "n1".into(),
@@ -97,7 +106,7 @@ fn journal_append(c: &mut Criterion) {
     });
     // 64 runs writing at once: their writes share commits.
     let runs: Vec<RunId> = (0..64)
-        .map(|_| rt.block_on(store.submit(&chain(2))).unwrap().run_id)
+        .map(|_| rt.block_on(store.submit(&stored(chain(2)))).unwrap().run_id)
         .collect();
     let mut seqs = vec![1u64; runs.len()];
     c.bench_function(
@@ -122,39 +131,41 @@ fn journal_append(c: &mut Criterion) {
 }
 
 fn run_transition(c: &mut Criterion) {
-    let stored = StoredRun::fresh("r".into(), "g".into(), chain(10));
-    let policy = RetryPolicy {
-        max_attempts: 3,
-        max_total_attempts: 10,
-        backoff: Duration::from_millis(100),
-        max_backoff: Duration::from_secs(1),
-    };
+    let goal = stored(chain(10));
+    let mut policy = RetryPolicy::from_config(&Default::default());
+    policy.max_attempts = 3;
     c.bench_function("run: ten-step chain through the state machine", |b| {
         b.iter(|| {
-            let mut m = RunMachine::from_stored(stored.clone(), 1, policy.clone()).unwrap();
-            let mut events = m.next();
+            let mut m = RunMachine::new(
+                "r".into(),
+                "g".into(),
+                goal.clone(),
+                1,
+                policy.clone(),
+                Limits::default(),
+            )
+            .unwrap();
+            let mut events = m.advance();
             while !events.is_empty() {
-                for e in &events {
-                    m.apply(e);
-                }
-                let running: Vec<_> = m
-                    .steps
+                let started: Vec<_> = events
                     .iter()
-                    .filter(|s| s.state == StepState::Running)
-                    .map(|s| m.token(s))
+                    .filter_map(|e| match e {
+                        JournalEvent::StepStarted { step, index, .. } => {
+                            Some(m.token(m.position(step).unwrap(), *index))
+                        }
+                        _ => None,
+                    })
                     .collect();
-                for token in running {
+                events = Vec::new();
+                for token in started {
                     let d = m
                         .on_result(&TaskResult {
                             token,
                             outcome: Ok(json!({ "ok": true })),
                         })
                         .unwrap();
-                    for e in &d.events {
-                        m.apply(e);
-                    }
+                    events.extend(d.events);
                 }
-                events = m.next();
             }
             black_box(m.state)
         })
@@ -166,6 +177,23 @@ fn goal_validation(c: &mut Criterion) {
     c.bench_function("validate: 1,000-step goal", |b| {
         b.iter(|| black_box(&goal).validate().unwrap())
     });
+    // A 10,000-step chain in the workflow language, each step with a template.
+    let steps: Vec<serde_json::Value> = (0..10_000)
+        .map(|i| {
+            let mut s = json!({ "id": format!("s{i}"), "uses": "echo", "with": { "n": "${{ inputs.n }}" } });
+            if i > 0 {
+                s["needs"] = json!([format!("s{}", i - 1)]);
+            }
+            s
+        })
+        .collect();
+    let text = serde_json::to_string(&json!({ "steps": steps })).unwrap();
+    let mut group = c.benchmark_group("workflow");
+    group.sample_size(10);
+    group.bench_function("validate: 10,000-step definition (parse + compile)", |b| {
+        b.iter(|| black_box(mesh_workflow::load(&text, &Limits::default()).unwrap()))
+    });
+    group.finish();
 }
 
 criterion_group!(

@@ -117,6 +117,8 @@ pub struct DispatchRequest<R = ActorRef<RunMsg>> {
     pub skill: String,
     pub input: Value,
     pub idempotency_key: String,
+    /// The step's own limit on an attempt; the configured `attempt_timeout` otherwise.
+    pub timeout: Option<Duration>,
     pub run: R,
     pub ready_at: Instant,
 }
@@ -191,7 +193,17 @@ pub struct InFlight<R> {
     pub instance: u64,
     pub run: R,
     pub sent_at: Instant,
+    /// How long the attempt may take before it is cancelled and failed.
+    pub timeout: Duration,
     pub tx: NodeTx,
+}
+
+/// An attempt in flight is known by its run, step and task (a `foreach` step runs many
+/// tasks at once); a newer attempt of the same task replaces the older one.
+pub type TaskKey = (RunId, StepId, u32);
+
+fn task_key(token: &FencingToken) -> TaskKey {
+    (token.run_id.clone(), token.step_id.clone(), token.index)
 }
 
 /// Why a result was not accepted.
@@ -219,7 +231,7 @@ impl std::fmt::Display for Stale {
 #[derive(Debug)]
 pub struct DispatchState<R> {
     pub agents: Vec<AgentSlot>,
-    pub in_flight: HashMap<(RunId, StepId), InFlight<R>>,
+    pub in_flight: HashMap<TaskKey, InFlight<R>>,
     pub pending: VecDeque<DispatchRequest<R>>,
     rr: usize,
     load: LoadBoard,
@@ -347,8 +359,8 @@ impl<R: Clone> DispatchState<R> {
         deadline_ms: u64,
         now: Instant,
     ) -> Result<AgentKey, DispatchRequest<R>> {
-        // A newer attempt of the same step replaces the old one.
-        let step_key = (req.token.run_id.clone(), req.token.step_id.clone());
+        // A newer attempt of the same task replaces the old one.
+        let step_key = task_key(&req.token);
         if let Some(old) = self.in_flight.remove(&step_key) {
             self.release(&old.agent, old.instance);
         }
@@ -361,7 +373,7 @@ impl<R: Clone> DispatchState<R> {
             agent: slot.card.name.clone(),
             skill: req.skill.clone(),
             input: req.input.clone(),
-            deadline_ms,
+            deadline_ms: req.timeout.map_or(deadline_ms, |t| t.as_millis() as u64),
             idempotency_key: req.idempotency_key.clone(),
         };
         match slot.tx.try_send(Outbound::Frame(ToNode::Task(task))) {
@@ -378,6 +390,7 @@ impl<R: Clone> DispatchState<R> {
             instance: slot.instance,
             run: req.run,
             sent_at: now,
+            timeout: req.timeout.unwrap_or(Duration::from_millis(deadline_ms)),
             tx: slot.tx.clone(),
         };
         self.in_flight.insert(step_key, inflight);
@@ -423,7 +436,7 @@ impl<R: Clone> DispatchState<R> {
         instance: u64,
         token: &FencingToken,
     ) -> Result<InFlight<R>, Stale> {
-        let key = (token.run_id.clone(), token.step_id.clone());
+        let key = task_key(token);
         let current = self.in_flight.get(&key).ok_or(Stale::NotInFlight)?;
         if &current.token != token {
             return Err(Stale::Superseded {
@@ -511,7 +524,7 @@ impl<R: Clone> DispatchState<R> {
         let keys: Vec<_> = self
             .in_flight
             .keys()
-            .filter(|(r, _)| r == run_id)
+            .filter(|(r, _, _)| r == run_id)
             .cloned()
             .collect();
         let removed: Vec<_> = keys
@@ -525,12 +538,11 @@ impl<R: Clone> DispatchState<R> {
     }
 
     /// Queued requests whose skill no agent has had for `unschedulable`, and in-flight
-    /// attempts older than `attempt_timeout`; both leave the dispatcher.
+    /// attempts older than their timeout; both leave the dispatcher.
     pub fn sweep(
         &mut self,
         now: Instant,
         unschedulable: Duration,
-        attempt_timeout: Duration,
     ) -> (Vec<DispatchRequest<R>>, Vec<InFlight<R>>) {
         let mut expired = Vec::new();
         let mut keep = VecDeque::with_capacity(self.pending.len());
@@ -547,7 +559,7 @@ impl<R: Clone> DispatchState<R> {
         let late: Vec<_> = self
             .in_flight
             .iter()
-            .filter(|(_, f)| now.saturating_duration_since(f.sent_at) >= attempt_timeout)
+            .filter(|(_, f)| now.saturating_duration_since(f.sent_at) >= f.timeout)
             .map(|(k, _)| k.clone())
             .collect();
         let timed_out: Vec<_> = late
@@ -744,24 +756,18 @@ impl Actor for Dispatcher {
                 node,
                 instance,
                 progress,
-            } => {
-                let key = (
-                    progress.token.run_id.clone(),
-                    progress.token.step_id.clone(),
-                );
-                match st.core.in_flight.get(&key) {
-                    Some(f)
-                        if f.token == progress.token
-                            && f.agent.node == node
-                            && f.instance == instance =>
-                    {
-                        let _ = f.run.cast(RunMsg::Progress(progress));
-                    }
-                    _ => {
-                        debug!(token = %progress.token, "progress for an attempt that is not current dropped")
-                    }
+            } => match st.core.in_flight.get(&task_key(&progress.token)) {
+                Some(f)
+                    if f.token == progress.token
+                        && f.agent.node == node
+                        && f.instance == instance =>
+                {
+                    let _ = f.run.cast(RunMsg::Progress(progress));
                 }
-            }
+                _ => {
+                    debug!(token = %progress.token, "progress for an attempt that is not current dropped")
+                }
+            },
             DispatcherMsg::CancelRun { run_id, reason } => {
                 for f in st.core.cancel_run(&run_id) {
                     let _ = f.tx.try_send(Outbound::Frame(ToNode::Cancel {
@@ -772,11 +778,8 @@ impl Actor for Dispatcher {
                 st.pump();
             }
             DispatcherMsg::Sweep => {
-                let (unschedulable, timed_out) = st.core.sweep(
-                    now,
-                    st.config.unschedulable_timeout,
-                    st.config.attempt_timeout,
-                );
+                let (unschedulable, timed_out) =
+                    st.core.sweep(now, st.config.unschedulable_timeout);
                 for req in unschedulable {
                     warn!(token = %req.token, skill = %req.skill, "no agent has the skill; step unschedulable");
                     let _ = req.run.cast(RunMsg::AttemptFailed {
@@ -803,7 +806,7 @@ impl Actor for Dispatcher {
                         token: f.token,
                         error: TaskError::new(
                             "timeout",
-                            format!("no result within {} ms", st.deadline_ms()),
+                            format!("no result within {}", humantime::format_duration(f.timeout)),
                             true,
                         ),
                     });
@@ -840,10 +843,12 @@ mod tests {
                 step_id: step.into(),
                 attempt,
                 epoch: 1,
+                index: 0,
             },
             skill: skill.into(),
             input: json!({}),
             idempotency_key: format!("r/{step}"),
+            timeout: None,
             run: 0,
             ready_at: Instant::now(),
         }
@@ -968,20 +973,25 @@ mod tests {
     async fn unknown_skills_expire_after_the_timeout() {
         let (mut st, _rx) = state_with(&[("n1", vec![card("e", "echo", 4)])]);
         st.dispatch(req("a", 1, "translate"), 1000, 10, Instant::now());
-        let (expired, _) = st.sweep(
-            Instant::now(),
-            Duration::from_secs(5),
-            Duration::from_secs(60),
-        );
+        let (expired, _) = st.sweep(Instant::now(), Duration::from_secs(5));
         assert!(expired.is_empty());
         tokio::time::advance(Duration::from_secs(5)).await;
-        let (expired, _) = st.sweep(
-            Instant::now(),
-            Duration::from_secs(5),
-            Duration::from_secs(60),
-        );
+        let (expired, _) = st.sweep(Instant::now(), Duration::from_secs(5));
         assert_eq!(expired.len(), 1);
         assert!(st.pending.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_step_timeout_overrides_the_configured_one() {
+        let (mut st, _rx) = state_with(&[("n1", vec![card("e", "echo", 4)])]);
+        let mut short = req("a", 1, "echo");
+        short.timeout = Some(Duration::from_secs(2));
+        st.dispatch(short, 60_000, 10, Instant::now());
+        st.dispatch(req("b", 1, "echo"), 60_000, 10, Instant::now());
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let (_, timed_out) = st.sweep(Instant::now(), Duration::from_secs(5));
+        let ids: Vec<&str> = timed_out.iter().map(|f| f.token.step_id.as_str()).collect();
+        assert_eq!(ids, ["a"], "b keeps the configured 60 s");
     }
 
     #[tokio::test(start_paused = true)]

@@ -8,6 +8,8 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub enum Error {
     #[error("{0}")]
     InvalidArgument(#[from] FieldError),
+    #[error("invalid workflow: {0}")]
+    InvalidWorkflow(#[from] mesh_workflow::Invalid),
     #[error("run `{0}` not found")]
     RunNotFound(String),
     #[error("node `{0}` is not live")]
@@ -34,7 +36,9 @@ impl From<Error> for tonic::Status {
     fn from(e: Error) -> Self {
         let msg = e.to_string();
         match e {
-            Error::InvalidArgument(_) => tonic::Status::invalid_argument(msg),
+            Error::InvalidArgument(_) | Error::InvalidWorkflow(_) => {
+                tonic::Status::invalid_argument(msg)
+            }
             Error::RunNotFound(_) | Error::NodeNotFound(_) => tonic::Status::not_found(msg),
             Error::FailedPrecondition(_) => tonic::Status::failed_precondition(msg),
             Error::ResourceExhausted(_) => {

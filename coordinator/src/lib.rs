@@ -9,6 +9,7 @@ pub mod dispatcher;
 pub mod error;
 pub mod grpc;
 mod http;
+pub mod machine;
 pub mod metrics;
 pub mod node_session;
 pub mod registry;

@@ -130,6 +130,7 @@ impl Actor for CoordinatorRoot {
             directory: directory.clone(),
             epoch: args.epoch,
             policy: RetryPolicy::from_config(&args.config.dispatch),
+            limits: mesh_workflow::Limits::default(),
         };
         let swarms = Slot::new(spawn_swarms(root.clone(), &deps).await?);
         let ids = [

@@ -1,29 +1,29 @@
-//! One actor per run: a state machine over the run's steps. Every change is written to the
-//! run's journal before it takes effect; effects (dispatching an attempt, telling watchers)
-//! follow. A restarted run loads its steps from the store: completed steps stay completed,
-//! steps that were in flight get a new attempt.
+//! One actor per run. It holds the run's [`RunMachine`], journals every change the machine
+//! decides before acting on it, then acts: dispatching attempts, arming timers (retries,
+//! waits, the run's deadline), telling watchers. A restarted run replays its journal:
+//! completed steps stay completed, tasks that were in flight get a new attempt, waits and
+//! the deadline are armed again for the time they have left.
 //! Child of its `Swarm`.
-//!
-//! Invariant: a step accepts exactly one result, the one carrying its current fencing token.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
 use mesh_proto::domain::*;
+use mesh_workflow::Limits;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
-use serde_json::{Map, Value, json};
+use serde_json::Value;
 use tokio::sync::broadcast;
 use tracing::{debug, info, warn};
 
-use crate::config::DispatchConfig;
 use crate::dispatcher::{DispatchRequest, DispatcherMsg};
 use crate::error::{Error, Result};
+pub use crate::machine::{Decision, RetryPolicy, RunMachine};
 use crate::metrics as m;
 use crate::node_session::{NodeTx, Outbound};
 use crate::slot::Slot;
-use crate::store::{JournalEvent, Store, StoredRun};
+use crate::store::{JournalEvent, Store, StoredRun, now_ms};
 use crate::swarm::{RunDirectory, SwarmMsg};
 
 /// Events a watcher may fall behind by before its watch ends.
@@ -54,8 +54,13 @@ pub enum RunMsg {
     /// Sent to itself when a retry's backoff has passed.
     Retry {
         step: StepId,
+        index: u32,
         attempt: u32,
     },
+    /// Sent to itself when a wait (approval, signal) may have timed out.
+    WaitExpired(StepId),
+    /// Sent to itself when the run's deadline passes.
+    DeadlinePassed,
     /// The dispatcher restarted and forgot the in-flight attempts.
     Redispatch,
     /// Progress of the current attempt of a step, for watchers.
@@ -64,411 +69,21 @@ pub enum RunMsg {
         reason: String,
         reply: RpcReplyPort<Result<RunView>>,
     },
+    /// Approve (or reject) a step awaiting approval.
+    Decide {
+        step: StepId,
+        approved: bool,
+        comment: String,
+        by: String,
+        reply: RpcReplyPort<Result<RunView>>,
+    },
+    Signal {
+        name: String,
+        payload: Value,
+        reply: RpcReplyPort<Result<RunView>>,
+    },
+    View(RpcReplyPort<RunView>),
     Subscribe(RpcReplyPort<(RunView, broadcast::Receiver<RunEvent>)>),
-}
-
-/// How a step's failures are retried.
-#[derive(Clone, Debug)]
-pub struct RetryPolicy {
-    pub max_attempts: u32,
-    pub max_total_attempts: u32,
-    pub backoff: Duration,
-    pub max_backoff: Duration,
-}
-
-impl RetryPolicy {
-    pub fn from_config(c: &DispatchConfig) -> Self {
-        Self {
-            max_attempts: c.max_attempts.max(1),
-            max_total_attempts: c.max_total_attempts.max(1),
-            backoff: c.retry_backoff,
-            max_backoff: c.max_retry_backoff,
-        }
-    }
-
-    /// Wait before the retry that follows the `failures`-th failure.
-    pub fn backoff(&self, failures: u32) -> Duration {
-        let factor = 1u32
-            .checked_shl(failures.saturating_sub(1))
-            .unwrap_or(u32::MAX);
-        self.backoff.saturating_mul(factor).min(self.max_backoff)
-    }
-}
-
-#[derive(Clone, Debug)]
-pub struct StepRt {
-    pub spec: StepSpec,
-    pub state: StepState,
-    pub attempt: u32,
-    pub epoch: u64,
-    pub failures: u32,
-    pub agent: Option<AgentKey>,
-    pub output: Option<Value>,
-    pub error: Option<String>,
-}
-
-/// What a result or failure leads to.
-#[derive(Debug, Default, PartialEq)]
-pub struct Decision {
-    pub events: Vec<JournalEvent>,
-    /// Retry this step's attempt after the delay.
-    pub retry_after: Option<(StepId, u32, Duration)>,
-}
-
-/// The run's decisions, free of any actor runtime.
-#[derive(Debug)]
-pub struct RunMachine {
-    pub run_id: RunId,
-    pub goal_id: GoalId,
-    pub goal: GoalSpec,
-    pub epoch: u64,
-    pub state: RunState,
-    pub steps: Vec<StepRt>,
-    index: HashMap<StepId, usize>,
-    pub output: Option<Value>,
-    pub error: Option<String>,
-    policy: RetryPolicy,
-}
-
-impl RunMachine {
-    pub fn from_stored(stored: StoredRun, epoch: u64, policy: RetryPolicy) -> Result<Self> {
-        if stored.steps.len() != stored.goal.steps.len() {
-            return Err(Error::Corrupt(format!(
-                "run {} has mismatched steps",
-                stored.run_id
-            )));
-        }
-        let steps: Vec<StepRt> = stored
-            .goal
-            .steps
-            .iter()
-            .zip(stored.steps)
-            .map(|(spec, s)| StepRt {
-                spec: spec.clone(),
-                state: s.state,
-                attempt: s.attempt,
-                epoch: 0,
-                failures: s.failures,
-                agent: s.agent,
-                output: s.output,
-                error: s.error,
-            })
-            .collect();
-        let index = steps
-            .iter()
-            .enumerate()
-            .map(|(i, s)| (s.spec.id.clone(), i))
-            .collect();
-        Ok(Self {
-            run_id: stored.run_id,
-            goal_id: stored.goal_id,
-            goal: stored.goal,
-            epoch,
-            state: stored.state,
-            steps,
-            index,
-            output: None,
-            error: None,
-            policy,
-        })
-    }
-
-    pub fn step(&self, id: &StepId) -> Option<&StepRt> {
-        self.index.get(id).map(|&i| &self.steps[i])
-    }
-
-    pub fn token(&self, step: &StepRt) -> FencingToken {
-        FencingToken {
-            run_id: self.run_id.clone(),
-            step_id: step.spec.id.clone(),
-            attempt: step.attempt,
-            epoch: step.epoch,
-        }
-    }
-
-    /// The running step this token is current for.
-    fn current(&self, token: &FencingToken) -> Option<&StepRt> {
-        self.step(&token.step_id).filter(|s| {
-            s.state == StepState::Running && s.attempt == token.attempt && s.epoch == token.epoch
-        })
-    }
-
-    fn started(&self, step: &StepRt) -> JournalEvent {
-        JournalEvent::StepStarted {
-            step: step.spec.id.clone(),
-            attempt: step.attempt + 1,
-            epoch: self.epoch,
-        }
-    }
-
-    /// New attempts for every step that was in flight (after a restart).
-    pub fn restart_running(&self) -> Vec<JournalEvent> {
-        if self.state.is_terminal() {
-            return Vec::new();
-        }
-        self.steps
-            .iter()
-            .filter(|s| s.state == StepState::Running)
-            .map(|s| self.started(s))
-            .collect()
-    }
-
-    /// The events that move the run forward from its current state.
-    pub fn next(&self) -> Vec<JournalEvent> {
-        if self.state.is_terminal() {
-            return Vec::new();
-        }
-        if let Some(failed) = self.steps.iter().find(|s| s.state == StepState::Failed) {
-            let error = format!(
-                "step `{}` failed: {}",
-                failed.spec.id,
-                failed.error.as_deref().unwrap_or("unknown error")
-            );
-            return self.finish(RunState::Failed, None, Some(error));
-        }
-        let ready: Vec<JournalEvent> = self
-            .steps
-            .iter()
-            .filter(|s| s.state == StepState::Pending && self.needs_met(s))
-            .map(|s| self.started(s))
-            .collect();
-        if !ready.is_empty() {
-            return ready;
-        }
-        if self.steps.iter().all(|s| s.state == StepState::Succeeded) {
-            return self.finish(RunState::Succeeded, Some(self.final_output()), None);
-        }
-        Vec::new()
-    }
-
-    fn needs_met(&self, step: &StepRt) -> bool {
-        step.spec.needs.iter().all(|n| {
-            self.step(n)
-                .is_some_and(|s| s.state == StepState::Succeeded)
-        })
-    }
-
-    /// Outputs of the steps no other step needs, by step id.
-    pub fn final_output(&self) -> Value {
-        let needed: HashSet<&StepId> = self
-            .steps
-            .iter()
-            .flat_map(|s| s.spec.needs.iter())
-            .collect();
-        let out: Map<String, Value> = self
-            .steps
-            .iter()
-            .filter(|s| !needed.contains(&s.spec.id))
-            .map(|s| (s.spec.id.0.clone(), s.output.clone().unwrap_or(Value::Null)))
-            .collect();
-        Value::Object(out)
-    }
-
-    /// The task input of a step: its `with`, the goal's inputs and the outputs of its needs.
-    pub fn task_input(&self, step: &StepRt) -> Value {
-        let needs: Map<String, Value> = step
-            .spec
-            .needs
-            .iter()
-            .filter_map(|n| {
-                self.step(n)
-                    .map(|s| (n.0.clone(), s.output.clone().unwrap_or(Value::Null)))
-            })
-            .collect();
-        json!({ "with": step.spec.with, "inputs": self.goal.inputs, "needs": needs })
-    }
-
-    /// Ends the run: running steps are cancelled, pending ones skipped.
-    pub fn finish(
-        &self,
-        state: RunState,
-        output: Option<Value>,
-        error: Option<String>,
-    ) -> Vec<JournalEvent> {
-        let mut events: Vec<JournalEvent> = self
-            .steps
-            .iter()
-            .filter_map(|s| match s.state {
-                StepState::Running => Some(JournalEvent::StepCancelled {
-                    step: s.spec.id.clone(),
-                }),
-                StepState::Pending => Some(JournalEvent::StepSkipped {
-                    step: s.spec.id.clone(),
-                }),
-                _ => None,
-            })
-            .collect();
-        events.push(JournalEvent::RunFinished {
-            state,
-            output,
-            error,
-        });
-        events
-    }
-
-    pub fn on_result(&self, result: &TaskResult) -> Option<Decision> {
-        let step = self.current(&result.token)?;
-        Some(match &result.outcome {
-            Ok(output) => Decision {
-                events: vec![JournalEvent::StepSucceeded {
-                    step: step.spec.id.clone(),
-                    attempt: step.attempt,
-                    output: output.clone(),
-                }],
-                retry_after: None,
-            },
-            Err(error) => self.failure(step, error.clone()),
-        })
-    }
-
-    pub fn on_failed(&self, token: &FencingToken, error: TaskError) -> Option<Decision> {
-        let step = self.current(token)?;
-        Some(self.failure(step, error))
-    }
-
-    fn failure(&self, step: &StepRt, error: TaskError) -> Decision {
-        let failures = step.failures + 1;
-        let id = step.spec.id.clone();
-        let mut events = vec![JournalEvent::StepAttemptFailed {
-            step: id.clone(),
-            attempt: step.attempt,
-            error: error.clone(),
-        }];
-        let exhausted =
-            failures >= self.policy.max_attempts || step.attempt >= self.policy.max_total_attempts;
-        if !error.retryable || exhausted {
-            let why = if error.retryable {
-                format!("{error} (after {failures} failed attempts)")
-            } else {
-                error.to_string()
-            };
-            events.push(JournalEvent::StepFailed {
-                step: id,
-                error: why,
-            });
-            return Decision {
-                events,
-                retry_after: None,
-            };
-        }
-        Decision {
-            events,
-            retry_after: Some((id, step.attempt, self.policy.backoff(failures))),
-        }
-    }
-
-    /// The attempt's node went away: a new attempt at once, within the cap on attempts.
-    pub fn on_lost(&self, token: &FencingToken, reason: &str) -> Option<Vec<JournalEvent>> {
-        let step = self.current(token)?;
-        if step.attempt >= self.policy.max_total_attempts {
-            return Some(vec![JournalEvent::StepFailed {
-                step: step.spec.id.clone(),
-                error: format!("{} attempts lost or failed; last: {reason}", step.attempt),
-            }]);
-        }
-        Some(vec![self.started(step)])
-    }
-
-    /// A retry whose backoff passed; nothing if the step moved on meanwhile.
-    pub fn on_retry(&self, id: &StepId, attempt: u32) -> Vec<JournalEvent> {
-        match self.step(id) {
-            Some(s)
-                if s.state == StepState::Running
-                    && s.attempt == attempt
-                    && !self.state.is_terminal() =>
-            {
-                vec![self.started(s)]
-            }
-            _ => Vec::new(),
-        }
-    }
-
-    pub fn on_assigned(&self, token: &FencingToken, agent: &AgentKey) -> Option<JournalEvent> {
-        let step = self.current(token)?;
-        Some(JournalEvent::StepAssigned {
-            step: step.spec.id.clone(),
-            attempt: step.attempt,
-            agent: agent.clone(),
-        })
-    }
-
-    pub fn apply(&mut self, event: &JournalEvent) {
-        let at = |m: &mut Self, id: &StepId| m.index.get(id).copied();
-        match event {
-            JournalEvent::RunCreated => {}
-            JournalEvent::StepStarted {
-                step,
-                attempt,
-                epoch,
-            } => {
-                if let Some(i) = at(self, step) {
-                    let s = &mut self.steps[i];
-                    s.state = StepState::Running;
-                    s.attempt = *attempt;
-                    s.epoch = *epoch;
-                    s.agent = None;
-                }
-            }
-            JournalEvent::StepAssigned { step, agent, .. } => {
-                if let Some(i) = at(self, step) {
-                    self.steps[i].agent = Some(agent.clone());
-                }
-            }
-            JournalEvent::StepSucceeded { step, output, .. } => {
-                if let Some(i) = at(self, step) {
-                    let s = &mut self.steps[i];
-                    s.state = StepState::Succeeded;
-                    s.output = Some(output.clone());
-                    s.error = None;
-                }
-            }
-            JournalEvent::StepAttemptFailed { step, error, .. } => {
-                if let Some(i) = at(self, step) {
-                    let s = &mut self.steps[i];
-                    s.failures += 1;
-                    s.error = Some(error.to_string());
-                }
-            }
-            JournalEvent::StepFailed { step, error } => {
-                if let Some(i) = at(self, step) {
-                    let s = &mut self.steps[i];
-                    s.state = StepState::Failed;
-                    s.error = Some(error.clone());
-                }
-            }
-            JournalEvent::StepCancelled { step } => {
-                if let Some(i) = at(self, step) {
-                    self.steps[i].state = StepState::Cancelled;
-                }
-            }
-            JournalEvent::StepSkipped { step } => {
-                if let Some(i) = at(self, step) {
-                    self.steps[i].state = StepState::Skipped;
-                }
-            }
-            JournalEvent::RunFinished {
-                state,
-                output,
-                error,
-            } => {
-                self.state = *state;
-                self.output = output.clone();
-                self.error = error.clone();
-            }
-        }
-    }
-
-    pub fn step_view(&self, s: &StepRt) -> StepView {
-        StepView {
-            id: s.spec.id.clone(),
-            uses: s.spec.uses.clone(),
-            state: s.state,
-            attempt: s.attempt,
-            agent: s.agent.clone(),
-            output: s.output.clone(),
-            error: s.error.clone(),
-        }
-    }
 }
 
 pub struct Run;
@@ -481,12 +96,60 @@ pub struct RunDeps {
     pub directory: RunDirectory,
     pub epoch: u64,
     pub policy: RetryPolicy,
+    pub limits: Limits,
 }
 
 pub struct RunArgs {
     pub run_id: RunId,
     pub swarm: ActorRef<SwarmMsg>,
     pub deps: RunDeps,
+}
+
+/// Rebuilds a run from the store: its machine, replayed from the journal.
+pub fn load(deps: &RunDeps, run_id: &RunId) -> Result<(RunMachine, StoredRun)> {
+    let mut stored = deps.store.load_run(run_id)?;
+    let events = std::mem::take(&mut stored.events);
+    let machine = RunMachine::new(
+        stored.run_id.clone(),
+        stored.goal_id.clone(),
+        stored.goal.clone(),
+        deps.epoch,
+        deps.policy.clone(),
+        deps.limits.clone(),
+    )?
+    .replay(&events);
+    Ok((machine, stored))
+}
+
+/// The view of a run that is not live (finished, or waiting to be resumed).
+pub fn stored_view(deps: &RunDeps, run_id: &RunId) -> Result<RunView> {
+    let (machine, stored) = load(deps, run_id)?;
+    Ok(view(
+        &machine,
+        stored.swarm,
+        stored.created_at_ms,
+        stored.updated_at_ms,
+    ))
+}
+
+fn view(
+    m: &RunMachine,
+    swarm: Vec<SwarmMember>,
+    created_at_ms: i64,
+    updated_at_ms: i64,
+) -> RunView {
+    RunView {
+        run_id: m.run_id.clone(),
+        goal_id: m.goal_id.clone(),
+        objective: m.objective.clone(),
+        state: m.state,
+        steps: m.step_views(),
+        output: m.output.clone(),
+        error: m.error.clone(),
+        swarm,
+        created_at_ms,
+        updated_at_ms,
+    }
 }
 
 pub struct RunActorState {
@@ -506,9 +169,8 @@ pub struct RunActorState {
 
 impl RunActorState {
     /// The run as clients see it, from memory: it equals the store's view because every
-    /// change is journaled before it is applied here.
+    /// change is journaled before anyone can ask.
     fn view(&self) -> RunView {
-        let m = &self.machine;
         let mut swarm: Vec<SwarmMember> = self
             .picked
             .iter()
@@ -518,18 +180,7 @@ impl RunActorState {
             })
             .collect();
         swarm.sort_by(|a, b| (&a.skill, &a.agent).cmp(&(&b.skill, &b.agent)));
-        RunView {
-            run_id: m.run_id.clone(),
-            goal_id: m.goal_id.clone(),
-            objective: m.goal.objective.clone(),
-            state: m.state,
-            steps: m.steps.iter().map(|s| m.step_view(s)).collect(),
-            output: m.output.clone(),
-            error: m.error.clone(),
-            swarm,
-            created_at_ms: self.created_at_ms,
-            updated_at_ms: self.updated_at_ms,
-        }
+        view(&self.machine, swarm, self.created_at_ms, self.updated_at_ms)
     }
 
     fn publish(&self, event: RunEvent) {
@@ -538,86 +189,131 @@ impl RunActorState {
         }
     }
 
-    /// Journals the events (one write, committed with other runs' writes), applies them,
-    /// performs their effects, then keeps moving the run forward until it has nothing more
-    /// to do.
-    async fn commit(
-        &mut self,
-        myself: &ActorRef<RunMsg>,
-        mut events: Vec<JournalEvent>,
-    ) -> Result<()> {
-        loop {
-            if !events.is_empty() {
-                let n = events.len() as u64;
-                let written = self
-                    .deps
-                    .store
-                    .record(&self.machine.run_id, self.next_seq, events)
-                    .await?;
-                self.next_seq += n;
-                self.updated_at_ms = crate::store::now_ms();
-                for event in &written {
-                    self.machine.apply(event);
-                    self.effect(myself, event);
-                }
-            }
-            events = self.machine.next();
-            if events.is_empty() {
-                return Ok(());
+    /// Journals the events the machine decided (one write, committed with other runs'
+    /// writes), then performs their effects. If the write fails the actor fails and is
+    /// rebuilt from the journal, which never held these events.
+    async fn commit(&mut self, myself: &ActorRef<RunMsg>, events: Vec<JournalEvent>) -> Result<()> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let n = events.len() as u64;
+        let written = self
+            .deps
+            .store
+            .record(&self.machine.run_id, self.next_seq, events)
+            .await?;
+        self.next_seq += n;
+        self.updated_at_ms = now_ms();
+        let mut changed: Vec<usize> = Vec::new();
+        for event in &written {
+            self.effect(myself, event);
+            if let Some(i) = event.step().and_then(|s| self.machine.position(s))
+                && changed.last() != Some(&i)
+            {
+                changed.push(i);
             }
         }
+        if self.watchers.is_some() {
+            changed.dedup();
+            for i in changed {
+                self.publish(RunEvent::Step(self.machine.step_view(i)));
+            }
+            if let Some(JournalEvent::RunFinished {
+                state,
+                output,
+                error,
+            }) = written.last()
+            {
+                self.publish(RunEvent::Finished {
+                    state: *state,
+                    output: output.clone(),
+                    error: error.clone(),
+                });
+            }
+        }
+        Ok(())
     }
 
     fn effect(&mut self, myself: &ActorRef<RunMsg>, event: &JournalEvent) {
-        let publish_step = |st: &Self, id: &StepId| {
-            if let Some(s) = st.machine.step(id) {
-                st.publish(RunEvent::Step(st.machine.step_view(s)));
-            }
-        };
         match event {
-            JournalEvent::RunCreated => {}
-            JournalEvent::StepStarted { step, .. } => {
-                let Some(s) = self.machine.step(step) else {
+            JournalEvent::StepStarted {
+                step,
+                index,
+                attempt,
+                ..
+            } => {
+                let Some(i) = self.machine.position(step) else {
                     return;
                 };
-                let token = self.machine.token(s);
-                debug!(%token, skill = %s.spec.uses, "dispatching attempt");
+                // Only the newest attempt is dispatched: a later event of this batch may
+                // already have ended the task.
+                let current = self.machine.steps[i]
+                    .tasks
+                    .get(*index as usize)
+                    .is_some_and(|t| t.attempt == *attempt && t.state == StepState::Running);
+                if !current {
+                    return;
+                }
+                let token = self.machine.token(i, *index);
+                let spec = self.machine.spec(i);
+                let input = match self.machine.task_input(i, *index) {
+                    Ok(input) => input,
+                    Err(e) => {
+                        let _ = myself.cast(RunMsg::AttemptFailed {
+                            token,
+                            error: TaskError::new("input", e, false),
+                        });
+                        return;
+                    }
+                };
+                debug!(%token, skill = %spec.skill(), "dispatching attempt");
                 self.deps
                     .dispatcher
                     .cast(DispatcherMsg::Dispatch(DispatchRequest {
-                        skill: s.spec.uses.clone(),
-                        input: self.machine.task_input(s),
-                        idempotency_key: format!("{}/{}", self.machine.run_id, s.spec.id),
+                        skill: spec.skill().to_owned(),
+                        input,
+                        idempotency_key: format!("{}/{}/{}", self.machine.run_id, step, index),
+                        timeout: spec.timeout,
                         token,
                         run: myself.clone(),
                         ready_at: Instant::now(),
                     }));
-                publish_step(self, step);
             }
-            JournalEvent::StepAssigned { step, .. }
-            | JournalEvent::StepSucceeded { step, .. }
-            | JournalEvent::StepAttemptFailed { step, .. }
-            | JournalEvent::StepFailed { step, .. }
-            | JournalEvent::StepCancelled { step }
-            | JournalEvent::StepSkipped { step } => publish_step(self, step),
-            JournalEvent::RunFinished {
-                state,
-                output,
-                error,
-            } => {
+            JournalEvent::StepWaiting {
+                step,
+                until_ms: Some(until),
+                ..
+            } => self.arm_wait(myself, step.clone(), *until),
+            JournalEvent::RunFinished { state, .. } => {
                 info!(run_id = %self.machine.run_id, %state, elapsed_ms = self.started.elapsed().as_millis() as u64, "run finished");
                 metrics::counter!(m::RUNS_FINISHED, "state" => state.as_str()).increment(1);
                 self.deps.dispatcher.cast(DispatcherMsg::CancelRun {
                     run_id: self.machine.run_id.clone(),
                     reason: format!("run {state}"),
                 });
-                self.publish(RunEvent::Finished {
-                    state: *state,
-                    output: output.clone(),
-                    error: error.clone(),
-                });
-                myself.stop(Some(state.as_str().to_owned()));
             }
+            _ => {}
+        }
+    }
+
+    fn arm_wait(&self, myself: &ActorRef<RunMsg>, step: StepId, until_ms: i64) {
+        let left = Duration::from_millis(until_ms.saturating_sub(now_ms()).max(0) as u64);
+        myself.send_after(left, move || RunMsg::WaitExpired(step));
+    }
+
+    /// After a restart: waits and the deadline get timers for the time they have left.
+    fn arm_timers(&self, myself: &ActorRef<RunMsg>) {
+        for (i, s) in self.machine.steps.iter().enumerate() {
+            if let Some(until) = s.until_ms
+                && matches!(s.state, StepState::Waiting | StepState::AwaitingApproval)
+            {
+                self.arm_wait(myself, StepId(self.machine.spec(i).id.clone()), until);
+            }
+        }
+        if let Some(deadline) = self.machine.workflow.def.deadline {
+            let at = self.created_at_ms + deadline.as_millis() as i64;
+            let left = Duration::from_millis(at.saturating_sub(now_ms()).max(0) as u64);
+            myself.send_after(left, || RunMsg::DeadlinePassed);
         }
     }
 }
@@ -632,15 +328,12 @@ impl Actor for Run {
         myself: ActorRef<Self::Msg>,
         args: RunArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
-        let stored = args.deps.store.load_run(&args.run_id)?;
-        let next_seq = stored.next_seq;
-        let created_at_ms = stored.created_at_ms;
+        let (machine, stored) = load(&args.deps, &args.run_id)?;
         let picked = stored
             .swarm
             .iter()
             .map(|m| (m.skill.clone(), m.agent.clone()))
             .collect();
-        let machine = RunMachine::from_stored(stored, args.deps.epoch, args.deps.policy.clone())?;
         args.deps
             .directory
             .insert(machine.run_id.clone(), myself.clone());
@@ -648,13 +341,13 @@ impl Actor for Run {
         myself.cast(RunMsg::Start)?;
         Ok(RunActorState {
             machine,
-            next_seq,
+            next_seq: stored.next_seq,
             deps: args.deps,
             swarm: args.swarm,
             watchers: None,
             picked,
-            created_at_ms,
-            updated_at_ms: created_at_ms,
+            created_at_ms: stored.created_at_ms,
+            updated_at_ms: stored.updated_at_ms,
             started: Instant::now(),
         })
     }
@@ -676,7 +369,12 @@ impl Actor for Run {
         st: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            RunMsg::Start | RunMsg::Redispatch => {
+            RunMsg::Start => {
+                st.arm_timers(&myself);
+                let events = st.machine.restart_running();
+                st.commit(&myself, events).await?;
+            }
+            RunMsg::Redispatch => {
                 let events = st.machine.restart_running();
                 st.commit(&myself, events).await?;
             }
@@ -684,8 +382,8 @@ impl Actor for Run {
                 if let Some(event) = st.machine.on_assigned(&token, &agent) {
                     let skill = st
                         .machine
-                        .step(&token.step_id)
-                        .map(|s| s.spec.uses.clone())
+                        .position(&token.step_id)
+                        .map(|i| st.machine.spec(i).skill().to_owned())
                         .unwrap_or_default();
                     if st.picked.insert((skill.clone(), agent.clone())) {
                         let _ = st
@@ -727,8 +425,20 @@ impl Actor for Run {
                     st.commit(&myself, events).await?;
                 }
             }
-            RunMsg::Retry { step, attempt } => {
-                let events = st.machine.on_retry(&step, attempt);
+            RunMsg::Retry {
+                step,
+                index,
+                attempt,
+            } => {
+                let events = st.machine.on_retry(&step, index, attempt);
+                st.commit(&myself, events).await?;
+            }
+            RunMsg::WaitExpired(step) => {
+                let events = st.machine.on_wait_expired(&step, now_ms());
+                st.commit(&myself, events).await?;
+            }
+            RunMsg::DeadlinePassed => {
+                let events = st.machine.on_deadline();
                 st.commit(&myself, events).await?;
             }
             RunMsg::Cancel { reason, reply } => {
@@ -737,18 +447,49 @@ impl Actor for Run {
                     None,
                     Some(format!("cancelled: {reason}")),
                 );
-                let result = match st.commit(&myself, events).await {
-                    Ok(()) => Ok(st.view()),
+                let result = st.commit(&myself, events).await.map(|()| st.view());
+                let _ = reply.send(result);
+            }
+            RunMsg::Decide {
+                step,
+                approved,
+                comment,
+                by,
+                reply,
+            } => {
+                let result = match st.machine.on_decision(&step, approved, &comment, &by) {
+                    Ok(events) => {
+                        info!(run_id = %st.machine.run_id, %step, approved, "approval decided");
+                        st.commit(&myself, events).await.map(|()| st.view())
+                    }
                     Err(e) => Err(e),
                 };
                 let _ = reply.send(result);
             }
+            RunMsg::Signal {
+                name,
+                payload,
+                reply,
+            } => {
+                let result = if st.machine.state.is_terminal() {
+                    Err(Error::FailedPrecondition(format!(
+                        "run {} is {}",
+                        st.machine.run_id, st.machine.state
+                    )))
+                } else {
+                    let events = st.machine.on_signal(&name, payload);
+                    st.commit(&myself, events).await.map(|()| st.view())
+                };
+                let _ = reply.send(result);
+            }
             RunMsg::Progress(p) => {
-                if st
-                    .machine
-                    .step(&p.token.step_id)
-                    .is_some_and(|s| s.attempt == p.token.attempt)
-                {
+                let current = st.machine.position(&p.token.step_id).is_some_and(|i| {
+                    st.machine.steps[i]
+                        .tasks
+                        .get(p.token.index as usize)
+                        .is_some_and(|t| t.attempt == p.token.attempt)
+                });
+                if current {
                     st.publish(RunEvent::Progress {
                         step: p.token.step_id,
                         attempt: p.token.attempt,
@@ -756,6 +497,9 @@ impl Actor for Run {
                         fraction: p.fraction,
                     });
                 }
+            }
+            RunMsg::View(reply) => {
+                let _ = reply.send(st.view());
             }
             RunMsg::Subscribe(reply) => {
                 let view = st.view();
@@ -765,6 +509,9 @@ impl Actor for Run {
                     .subscribe();
                 let _ = reply.send((view, rx));
             }
+        }
+        if st.machine.state.is_terminal() {
+            myself.stop(Some(st.machine.state.as_str().to_owned()));
         }
         Ok(())
     }
@@ -776,255 +523,15 @@ async fn apply_decision(
     decision: Decision,
 ) -> Result<()> {
     st.commit(myself, decision.events).await?;
-    if let Some((step, attempt, delay)) = decision.retry_after {
-        debug!(%step, attempt, delay_ms = delay.as_millis() as u64, "retrying after backoff");
-        myself.send_after(delay, move || RunMsg::Retry { step, attempt });
+    if let Some(r) = decision.retry_after {
+        let delay = crate::machine::jittered(r.delay, r.jitter, fastrand::f64());
+        debug!(step = %r.step, index = r.index, attempt = r.attempt, delay_ms = delay.as_millis() as u64, "retrying after backoff");
+        let (step, index, attempt) = (r.step, r.index, r.attempt);
+        myself.send_after(delay, move || RunMsg::Retry {
+            step,
+            index,
+            attempt,
+        });
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn spec(id: &str, needs: &[&str]) -> StepSpec {
-        StepSpec {
-            id: id.into(),
-            uses: "echo".into(),
-            with: json!({ "id": id }),
-            needs: needs.iter().map(|&n| n.into()).collect(),
-        }
-    }
-
-    fn policy() -> RetryPolicy {
-        RetryPolicy {
-            max_attempts: 3,
-            max_total_attempts: 5,
-            backoff: Duration::from_millis(100),
-            max_backoff: Duration::from_millis(250),
-        }
-    }
-
-    fn machine(steps: Vec<StepSpec>) -> RunMachine {
-        let goal = GoalSpec {
-            objective: "t".into(),
-            inputs: json!({}),
-            steps,
-            idempotency_key: None,
-        };
-        let stored = StoredRun::fresh("r1".into(), "g1".into(), goal);
-        RunMachine::from_stored(stored, 1, policy()).unwrap()
-    }
-
-    fn apply_all(m: &mut RunMachine, events: &[JournalEvent]) {
-        for e in events {
-            m.apply(e);
-        }
-    }
-
-    fn started_ids(events: &[JournalEvent]) -> Vec<String> {
-        events
-            .iter()
-            .filter_map(|e| match e {
-                JournalEvent::StepStarted { step, .. } => Some(step.0.clone()),
-                _ => None,
-            })
-            .collect()
-    }
-
-    fn succeed(m: &mut RunMachine, id: &str) {
-        let token = m.token(m.step(&id.into()).unwrap());
-        let d = m
-            .on_result(&TaskResult {
-                token,
-                outcome: Ok(json!({ "done": id })),
-            })
-            .unwrap();
-        apply_all(m, &d.events);
-    }
-
-    #[test]
-    fn runs_parallel_branches_and_gathers_final_outputs() {
-        let mut m = machine(vec![
-            spec("a", &[]),
-            spec("b", &["a"]),
-            spec("c", &["a"]),
-            spec("d", &["b"]),
-            spec("e", &["c", "d"]),
-        ]);
-        let e = m.next();
-        assert_eq!(started_ids(&e), ["a"]);
-        apply_all(&mut m, &e);
-        succeed(&mut m, "a");
-        let e = m.next();
-        assert_eq!(started_ids(&e), ["b", "c"], "b and c run in parallel");
-        apply_all(&mut m, &e);
-        let input = m.task_input(m.step(&"b".into()).unwrap());
-        assert_eq!(input["needs"]["a"], json!({ "done": "a" }));
-        succeed(&mut m, "c");
-        assert!(m.next().is_empty(), "e waits for d, d for b");
-        succeed(&mut m, "b");
-        let e = m.next();
-        assert_eq!(started_ids(&e), ["d"]);
-        apply_all(&mut m, &e);
-        succeed(&mut m, "d");
-        let e = m.next();
-        apply_all(&mut m, &e);
-        succeed(&mut m, "e");
-        let e = m.next();
-        assert_eq!(
-            e,
-            vec![JournalEvent::RunFinished {
-                state: RunState::Succeeded,
-                output: Some(json!({ "e": { "done": "e" } })),
-                error: None
-            }]
-        );
-    }
-
-    #[test]
-    fn accepts_exactly_one_result_per_step() {
-        let mut m = machine(vec![spec("a", &[])]);
-        let e = m.next();
-        apply_all(&mut m, &e);
-        let first = m.token(m.step(&"a".into()).unwrap());
-        // The node died: attempt 2 replaces attempt 1.
-        let lost = m.on_lost(&first, "node lost").unwrap();
-        apply_all(&mut m, &lost);
-        let second = m.token(m.step(&"a".into()).unwrap());
-        assert_eq!(second.attempt, 2);
-        assert!(
-            m.on_result(&TaskResult {
-                token: first,
-                outcome: Ok(json!(1))
-            })
-            .is_none()
-        );
-        let d = m
-            .on_result(&TaskResult {
-                token: second.clone(),
-                outcome: Ok(json!(2)),
-            })
-            .unwrap();
-        apply_all(&mut m, &d.events);
-        assert!(
-            m.on_result(&TaskResult {
-                token: second,
-                outcome: Ok(json!(3))
-            })
-            .is_none()
-        );
-        assert_eq!(m.step(&"a".into()).unwrap().output, Some(json!(2)));
-    }
-
-    #[test]
-    fn retries_with_capped_backoff_then_fails_the_run() {
-        let mut m = machine(vec![spec("a", &[]), spec("b", &["a"])]);
-        let e = m.next();
-        apply_all(&mut m, &e);
-        let err = TaskError {
-            code: "flaky".into(),
-            message: "try again".into(),
-            retryable: true,
-        };
-        let mut delays = Vec::new();
-        for _ in 0..2 {
-            let token = m.token(m.step(&"a".into()).unwrap());
-            let d = m
-                .on_result(&TaskResult {
-                    token: token.clone(),
-                    outcome: Err(err.clone()),
-                })
-                .unwrap();
-            apply_all(&mut m, &d.events);
-            let (step, attempt, delay) = d.retry_after.unwrap();
-            delays.push(delay);
-            let e = m.on_retry(&step, attempt);
-            assert_eq!(started_ids(&e), ["a"]);
-            apply_all(&mut m, &e);
-        }
-        assert_eq!(
-            delays,
-            [Duration::from_millis(100), Duration::from_millis(200)]
-        );
-        let token = m.token(m.step(&"a".into()).unwrap());
-        let d = m
-            .on_result(&TaskResult {
-                token,
-                outcome: Err(err),
-            })
-            .unwrap();
-        assert!(
-            d.retry_after.is_none(),
-            "third failure exhausts max_attempts"
-        );
-        apply_all(&mut m, &d.events);
-        let e = m.next();
-        assert!(matches!(
-            e.last(),
-            Some(JournalEvent::RunFinished {
-                state: RunState::Failed,
-                ..
-            })
-        ));
-        assert!(e.contains(&JournalEvent::StepSkipped { step: "b".into() }));
-        assert_eq!(policy().backoff(10), Duration::from_millis(250));
-    }
-
-    #[test]
-    fn a_non_retryable_error_fails_at_once() {
-        let mut m = machine(vec![spec("a", &[])]);
-        let e = m.next();
-        apply_all(&mut m, &e);
-        let token = m.token(m.step(&"a".into()).unwrap());
-        let err = TaskError {
-            code: "bad_input".into(),
-            message: "no".into(),
-            retryable: false,
-        };
-        let d = m.on_failed(&token, err).unwrap();
-        assert!(d.retry_after.is_none());
-        assert!(matches!(
-            d.events.last(),
-            Some(JournalEvent::StepFailed { .. })
-        ));
-    }
-
-    #[test]
-    fn a_restart_gives_in_flight_steps_a_new_attempt_and_keeps_completed_ones() {
-        let mut m = machine(vec![spec("a", &[]), spec("b", &["a"])]);
-        let e = m.next();
-        apply_all(&mut m, &e);
-        succeed(&mut m, "a");
-        let e = m.next();
-        apply_all(&mut m, &e);
-        // Restart: a new epoch, state as stored.
-        m.epoch = 2;
-        let e = m.restart_running();
-        assert_eq!(
-            e,
-            vec![JournalEvent::StepStarted {
-                step: "b".into(),
-                attempt: 2,
-                epoch: 2
-            }]
-        );
-        assert_eq!(m.step(&"a".into()).unwrap().state, StepState::Succeeded);
-    }
-
-    #[test]
-    fn lost_attempts_are_capped() {
-        let mut m = machine(vec![spec("a", &[])]);
-        let e = m.next();
-        apply_all(&mut m, &e);
-        for _ in 0..4 {
-            let token = m.token(m.step(&"a".into()).unwrap());
-            let e = m.on_lost(&token, "node lost").unwrap();
-            apply_all(&mut m, &e);
-        }
-        let token = m.token(m.step(&"a".into()).unwrap());
-        assert_eq!(token.attempt, 5);
-        let e = m.on_lost(&token, "node lost").unwrap();
-        assert!(matches!(e[0], JournalEvent::StepFailed { .. }));
-    }
 }

@@ -1,8 +1,9 @@
 //! The durable store: goals, runs, step states, the append-only journal of every run and
 //! the members of each swarm, in an embedded SQLite database (`<data-dir>/mesh.db`).
 //!
-//! The journal is the record; `runs` and `steps` are its projection, updated in the same
-//! transaction as each journal row, so both always agree.
+//! The journal is the record: a run is rebuilt by replaying it (`run::RunMachine::replay`).
+//! `runs` holds each run's state and times for listing, updated in the same transaction as
+//! the journal rows, so both always agree.
 //!
 //! Writes go to one writer thread that commits in groups: it takes every write waiting in
 //! its bounded queue (up to [`MAX_GROUP`]), applies each inside its own savepoint, commits
@@ -20,6 +21,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot};
 
 use mesh_proto::domain::*;
+use mesh_workflow::WorkflowDef;
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -45,20 +47,6 @@ CREATE TABLE IF NOT EXISTS runs (
     updated_at_ms INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS runs_by_state ON runs (state, run_id);
-CREATE TABLE IF NOT EXISTS steps (
-    run_id TEXT NOT NULL,
-    step_id TEXT NOT NULL,
-    position INTEGER NOT NULL,
-    uses TEXT NOT NULL,
-    state TEXT NOT NULL,
-    attempt INTEGER NOT NULL DEFAULT 0,
-    failures INTEGER NOT NULL DEFAULT 0,
-    node_id TEXT,
-    agent TEXT,
-    output TEXT,
-    error TEXT,
-    PRIMARY KEY (run_id, step_id)
-);
 CREATE TABLE IF NOT EXISTS journal (
     run_id TEXT NOT NULL,
     seq INTEGER NOT NULL,
@@ -77,43 +65,72 @@ CREATE TABLE IF NOT EXISTS swarm_members (
 );
 "#;
 
-/// One entry of a run's journal.
+/// The store's layout; a store written by another layout is refused at open.
+const SCHEMA_VERSION: &str = "2";
+
+/// One entry of a run's journal. `index` names the task of a step: a `foreach` element or a
+/// `loop` iteration (0 for a plain step).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum JournalEvent {
     RunCreated,
-    /// A new attempt is about to be dispatched.
+    /// A `foreach` was evaluated: one task per item.
+    StepExpanded {
+        step: StepId,
+        items: Vec<Value>,
+    },
+    /// A new attempt of a task is about to be dispatched.
     StepStarted {
         step: StepId,
+        index: u32,
         attempt: u32,
         epoch: u64,
     },
     /// The dispatcher handed the attempt to an agent.
     StepAssigned {
         step: StepId,
+        index: u32,
         attempt: u32,
         agent: AgentKey,
     },
-    /// The one accepted result of the step.
-    StepSucceeded {
+    /// The one accepted result of a task.
+    TaskSucceeded {
         step: StepId,
+        index: u32,
         attempt: u32,
         output: Value,
     },
     /// An attempt failed; another may follow.
-    StepAttemptFailed {
+    TaskFailed {
         step: StepId,
+        index: u32,
         attempt: u32,
         error: TaskError,
+    },
+    /// The step waits for a person or a signal, until `until_ms` (Unix ms) at most.
+    StepWaiting {
+        step: StepId,
+        until_ms: Option<i64>,
+        detail: String,
+    },
+    /// A signal sent to the run, kept for every step that waits for it.
+    SignalReceived {
+        name: String,
+        payload: Value,
+    },
+    StepSucceeded {
+        step: StepId,
+        output: Value,
     },
     StepFailed {
         step: StepId,
         error: String,
     },
-    StepCancelled {
-        step: StepId,
-    },
     StepSkipped {
+        step: StepId,
+        reason: String,
+    },
+    StepCancelled {
         step: StepId,
     },
     RunFinished {
@@ -127,81 +144,76 @@ impl JournalEvent {
     pub fn kind(&self) -> &'static str {
         match self {
             JournalEvent::RunCreated => "run_created",
+            JournalEvent::StepExpanded { .. } => "step_expanded",
             JournalEvent::StepStarted { .. } => "step_started",
             JournalEvent::StepAssigned { .. } => "step_assigned",
+            JournalEvent::TaskSucceeded { .. } => "task_succeeded",
+            JournalEvent::TaskFailed { .. } => "task_failed",
+            JournalEvent::StepWaiting { .. } => "step_waiting",
+            JournalEvent::SignalReceived { .. } => "signal_received",
             JournalEvent::StepSucceeded { .. } => "step_succeeded",
-            JournalEvent::StepAttemptFailed { .. } => "step_attempt_failed",
             JournalEvent::StepFailed { .. } => "step_failed",
-            JournalEvent::StepCancelled { .. } => "step_cancelled",
             JournalEvent::StepSkipped { .. } => "step_skipped",
+            JournalEvent::StepCancelled { .. } => "step_cancelled",
             JournalEvent::RunFinished { .. } => "run_finished",
         }
     }
 
-    fn step(&self) -> Option<&StepId> {
+    pub fn step(&self) -> Option<&StepId> {
         match self {
-            JournalEvent::RunCreated | JournalEvent::RunFinished { .. } => None,
-            JournalEvent::StepStarted { step, .. }
+            JournalEvent::RunCreated
+            | JournalEvent::SignalReceived { .. }
+            | JournalEvent::RunFinished { .. } => None,
+            JournalEvent::StepExpanded { step, .. }
+            | JournalEvent::StepStarted { step, .. }
             | JournalEvent::StepAssigned { step, .. }
+            | JournalEvent::TaskSucceeded { step, .. }
+            | JournalEvent::TaskFailed { step, .. }
+            | JournalEvent::StepWaiting { step, .. }
             | JournalEvent::StepSucceeded { step, .. }
-            | JournalEvent::StepAttemptFailed { step, .. }
             | JournalEvent::StepFailed { step, .. }
-            | JournalEvent::StepCancelled { step }
-            | JournalEvent::StepSkipped { step } => Some(step),
+            | JournalEvent::StepSkipped { step, .. }
+            | JournalEvent::StepCancelled { step } => Some(step),
         }
     }
 }
 
-/// A step as stored, for resuming a run.
-#[derive(Clone, Debug, PartialEq)]
-pub struct StoredStep {
-    pub id: StepId,
-    pub state: StepState,
-    pub attempt: u32,
-    pub failures: u32,
-    pub agent: Option<AgentKey>,
-    pub output: Option<Value>,
-    pub error: Option<String>,
+/// A goal as stored: its workflow validated, its inputs checked and defaulted.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StoredGoal {
+    pub objective: String,
+    pub inputs: Value,
+    pub workflow: WorkflowDef,
+    pub idempotency_key: Option<String>,
 }
 
-/// Everything needed to rebuild a run after a restart.
+/// Everything needed to rebuild a run: its goal and its journal.
 #[derive(Clone, Debug, PartialEq)]
 pub struct StoredRun {
     pub run_id: RunId,
     pub goal_id: GoalId,
-    pub goal: GoalSpec,
+    pub goal: StoredGoal,
     pub state: RunState,
-    pub steps: Vec<StoredStep>,
+    pub events: Vec<JournalEvent>,
     pub swarm: Vec<SwarmMember>,
     pub next_seq: u64,
     pub created_at_ms: i64,
+    pub updated_at_ms: i64,
 }
 
 impl StoredRun {
-    /// A run as `submit` stores it: every step pending, nothing journaled but its creation.
-    pub fn fresh(run_id: RunId, goal_id: GoalId, goal: GoalSpec) -> Self {
-        let steps = goal
-            .steps
-            .iter()
-            .map(|s| StoredStep {
-                id: s.id.clone(),
-                state: StepState::Pending,
-                attempt: 0,
-                failures: 0,
-                agent: None,
-                output: None,
-                error: None,
-            })
-            .collect();
+    /// A run as `submit` stores it: nothing journaled but its creation.
+    pub fn fresh(run_id: RunId, goal_id: GoalId, goal: StoredGoal) -> Self {
         Self {
             run_id,
             goal_id,
             goal,
             state: RunState::Running,
-            steps,
+            events: vec![JournalEvent::RunCreated],
             swarm: Vec::new(),
             next_seq: 1,
             created_at_ms: now_ms(),
+            updated_at_ms: now_ms(),
         }
     }
 }
@@ -214,7 +226,7 @@ pub const MAX_GROUP: usize = 512;
 /// A write for the writer thread, with where to send its answer.
 enum WriteOp {
     BumpEpoch(oneshot::Sender<Result<u64>>),
-    Submit(Box<GoalSpec>, oneshot::Sender<Result<RunRef>>),
+    Submit(Box<StoredGoal>, oneshot::Sender<Result<RunRef>>),
     Record {
         run_id: RunId,
         seq: u64,
@@ -245,13 +257,6 @@ pub fn now_ms() -> i64 {
 
 fn json_text(v: &Value) -> String {
     v.to_string()
-}
-
-fn parse_opt_json(text: Option<String>) -> Result<Option<Value>> {
-    text.map(|t| {
-        serde_json::from_str(&t).map_err(|e| Error::Corrupt(format!("bad JSON in store: {e}")))
-    })
-    .transpose()
 }
 
 fn parse_state<T>(text: &str, parse: fn(&str) -> Option<T>) -> Result<T> {
@@ -287,6 +292,7 @@ impl Store {
         let path = dir.join("mesh.db");
         let mut write_conn = connect(&path)?;
         write_conn.execute_batch(SCHEMA)?;
+        check_schema(&write_conn, &path)?;
         let reader = connect(&path)?;
         let (writer, rx) = mpsc::channel(WRITE_QUEUE);
         std::thread::Builder::new()
@@ -317,13 +323,13 @@ impl Store {
 
     /// Stores a new goal and its run, or returns the run of an earlier goal with the same
     /// idempotency key. Durable when it returns.
-    pub async fn submit(&self, goal: &GoalSpec) -> Result<RunRef> {
+    pub async fn submit(&self, goal: &StoredGoal) -> Result<RunRef> {
         self.write(|reply| WriteOp::Submit(Box::new(goal.clone()), reply))
             .await?
     }
 
-    /// Appends `events` as entries `seq..` of the run's journal and applies them to the
-    /// projection. Durable when it returns; hands the events back.
+    /// Appends `events` as entries `seq..` of the run's journal. Durable when it returns;
+    /// hands the events back.
     pub async fn record(
         &self,
         run_id: &RunId,
@@ -360,83 +366,45 @@ impl Store {
             .collect())
     }
 
-    /// Loads a run for resuming it.
+    /// Loads a run and its whole journal, for replaying it.
     pub fn load_run(&self, run_id: &RunId) -> Result<StoredRun> {
         let conn = self.read();
-        let (goal_id, spec, state, created_at_ms): (String, String, String, i64) = conn
+        let row: Option<(String, String, String, i64, i64)> = conn
             .prepare_cached(
-                "SELECT r.goal_id, g.spec, r.state, r.created_at_ms FROM runs r JOIN goals g ON g.goal_id = r.goal_id
-                 WHERE r.run_id = ?1",
+                "SELECT r.goal_id, g.spec, r.state, r.created_at_ms, r.updated_at_ms
+                 FROM runs r JOIN goals g ON g.goal_id = r.goal_id WHERE r.run_id = ?1",
             )?
-            .query_row(params![run_id.0], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
-            .optional()?
-            .ok_or_else(|| Error::RunNotFound(run_id.0.clone()))?;
-        let goal: GoalSpec =
+            .query_row(params![run_id.0], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })
+            .optional()?;
+        let (goal_id, spec, state, created_at_ms, updated_at_ms) =
+            row.ok_or_else(|| Error::RunNotFound(run_id.0.clone()))?;
+        let goal: StoredGoal =
             serde_json::from_str(&spec).map_err(|e| Error::Corrupt(format!("goal spec: {e}")))?;
-        let steps = load_steps(&conn, run_id)?
-            .into_iter()
-            .map(|(_, s)| s)
-            .collect();
-        let next_seq: i64 = conn
-            .prepare_cached("SELECT COALESCE(MAX(seq), -1) + 1 FROM journal WHERE run_id = ?1")?
-            .query_row(params![run_id.0], |r| r.get(0))?;
+        let mut stmt =
+            conn.prepare_cached("SELECT seq, event FROM journal WHERE run_id = ?1 ORDER BY seq")?;
+        let mut next_seq = 0u64;
+        let events = stmt
+            .query_map(params![run_id.0], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+            })?
+            .map(|row| {
+                let (seq, text) = row?;
+                next_seq = seq as u64 + 1;
+                serde_json::from_str(&text)
+                    .map_err(|e| Error::Corrupt(format!("journal entry {seq} of {run_id}: {e}")))
+            })
+            .collect::<Result<Vec<JournalEvent>>>()?;
         let swarm = load_swarm(&conn, &goal_id)?;
         Ok(StoredRun {
             run_id: run_id.clone(),
             goal_id: GoalId(goal_id),
             goal,
             state: parse_state(&state, RunState::parse)?,
-            steps,
+            events,
             swarm,
-            next_seq: next_seq as u64,
-            created_at_ms,
-        })
-    }
-
-    /// The run as clients see it.
-    pub fn run_view(&self, run_id: &RunId) -> Result<RunView> {
-        let conn = self.read();
-        let row = conn
-            .prepare_cached(
-                "SELECT r.goal_id, g.objective, r.state, r.output, r.error, r.created_at_ms, r.updated_at_ms
-                 FROM runs r JOIN goals g ON g.goal_id = r.goal_id WHERE r.run_id = ?1",
-            )?
-            .query_row(params![run_id.0], |r| {
-                    Ok((
-                        r.get::<_, String>(0)?,
-                        r.get::<_, String>(1)?,
-                        r.get::<_, String>(2)?,
-                        r.get::<_, Option<String>>(3)?,
-                        r.get::<_, Option<String>>(4)?,
-                        r.get::<_, i64>(5)?,
-                        r.get::<_, i64>(6)?,
-                    ))
-            })
-            .optional()?
-            .ok_or_else(|| Error::RunNotFound(run_id.0.clone()))?;
-        let (goal_id, objective, state, output, error, created_at_ms, updated_at_ms) = row;
-        let steps = load_steps(&conn, run_id)?
-            .into_iter()
-            .map(|(uses, s)| StepView {
-                id: s.id,
-                uses,
-                state: s.state,
-                attempt: s.attempt,
-                agent: s.agent,
-                output: s.output,
-                error: s.error,
-            })
-            .collect();
-        let swarm = load_swarm(&conn, &goal_id)?;
-        Ok(RunView {
-            run_id: run_id.clone(),
-            goal_id: GoalId(goal_id),
-            objective,
-            state: parse_state(&state, RunState::parse)?,
-            steps,
-            output: parse_opt_json(output)?,
-            error,
-            swarm,
+            next_seq,
             created_at_ms,
             updated_at_ms,
         })
@@ -625,7 +593,7 @@ fn bump_epoch(conn: &Connection) -> Result<u64> {
     Ok(next)
 }
 
-fn submit(conn: &Connection, goal: &GoalSpec, now: i64) -> Result<RunRef> {
+fn submit(conn: &Connection, goal: &StoredGoal, now: i64) -> Result<RunRef> {
     if let Some(key) = &goal.idempotency_key {
         let existing: Option<(String, String)> = conn
             .prepare_cached(
@@ -653,12 +621,6 @@ fn submit(conn: &Connection, goal: &GoalSpec, now: i64) -> Result<RunRef> {
         "INSERT INTO runs (run_id, goal_id, state, created_at_ms, updated_at_ms) VALUES (?1, ?2, 'running', ?3, ?3)",
     )?
     .execute(params![run_id.0, goal_id.0, now])?;
-    let mut insert = conn.prepare_cached(
-        "INSERT INTO steps (run_id, step_id, position, uses, state) VALUES (?1, ?2, ?3, ?4, 'pending')",
-    )?;
-    for (i, step) in goal.steps.iter().enumerate() {
-        insert.execute(params![run_id.0, step.id.0, i as i64, step.uses])?;
-    }
     append(conn, &run_id, 0, &JournalEvent::RunCreated, now)?;
     Ok(RunRef {
         goal_id,
@@ -677,69 +639,56 @@ fn record(
     let run = &run_id.0;
     for (i, event) in events.iter().enumerate() {
         append(conn, run_id, seq + i as u64, event, now)?;
-        match event {
-            JournalEvent::RunCreated => {}
-            JournalEvent::StepStarted { step, attempt, .. } => {
-                conn.prepare_cached(
-                    "UPDATE steps SET state = 'running', attempt = ?3, node_id = NULL, agent = NULL
-                     WHERE run_id = ?1 AND step_id = ?2",
-                )?
-                .execute(params![run, step.0, attempt])?;
-            }
-            JournalEvent::StepAssigned { step, agent, .. } => {
-                conn.prepare_cached(
-                    "UPDATE steps SET node_id = ?3, agent = ?4 WHERE run_id = ?1 AND step_id = ?2",
-                )?
-                .execute(params![run, step.0, agent.node.0, agent.agent])?;
-            }
-            JournalEvent::StepSucceeded { step, output, .. } => {
-                conn.prepare_cached(
-                    "UPDATE steps SET state = 'succeeded', output = ?3, error = NULL WHERE run_id = ?1 AND step_id = ?2",
-                )?
-                .execute(params![run, step.0, json_text(output)])?;
-            }
-            JournalEvent::StepAttemptFailed { step, error, .. } => {
-                conn.prepare_cached(
-                    "UPDATE steps SET failures = failures + 1, error = ?3 WHERE run_id = ?1 AND step_id = ?2",
-                )?
-                .execute(params![run, step.0, error.to_string()])?;
-            }
-            JournalEvent::StepFailed { step, error } => {
-                conn.prepare_cached("UPDATE steps SET state = 'failed', error = ?3 WHERE run_id = ?1 AND step_id = ?2")?
-                    .execute(params![run, step.0, error])?;
-            }
-            JournalEvent::StepCancelled { step } => {
-                conn.prepare_cached(
-                    "UPDATE steps SET state = 'cancelled' WHERE run_id = ?1 AND step_id = ?2",
-                )?
-                .execute(params![run, step.0])?;
-            }
-            JournalEvent::StepSkipped { step } => {
-                conn.prepare_cached(
-                    "UPDATE steps SET state = 'skipped' WHERE run_id = ?1 AND step_id = ?2",
-                )?
-                .execute(params![run, step.0])?;
-            }
-            JournalEvent::RunFinished {
-                state,
-                output,
-                error,
-            } => {
-                conn.prepare_cached(
-                    "UPDATE runs SET state = ?2, output = ?3, error = ?4 WHERE run_id = ?1",
-                )?
-                .execute(params![
-                    run,
-                    state.as_str(),
-                    output.as_ref().map(json_text),
-                    error
-                ])?;
-            }
+        if let JournalEvent::RunFinished {
+            state,
+            output,
+            error,
+        } = event
+        {
+            conn.prepare_cached(
+                "UPDATE runs SET state = ?2, output = ?3, error = ?4 WHERE run_id = ?1",
+            )?
+            .execute(params![
+                run,
+                state.as_str(),
+                output.as_ref().map(json_text),
+                error
+            ])?;
         }
     }
     conn.prepare_cached("UPDATE runs SET updated_at_ms = ?2 WHERE run_id = ?1")?
         .execute(params![run, now])?;
     Ok(())
+}
+
+/// Marks a new store with this layout; refuses one written with another.
+fn check_schema(conn: &Connection, path: &Path) -> Result<()> {
+    let version: Option<String> = conn
+        .query_row("SELECT value FROM meta WHERE key = 'schema'", [], |r| {
+            r.get(0)
+        })
+        .optional()?;
+    match version {
+        Some(v) if v == SCHEMA_VERSION => Ok(()),
+        Some(v) => Err(Error::Corrupt(format!(
+            "{} has layout {v}; this build reads layout {SCHEMA_VERSION}: move it away or use the matching build",
+            path.display()
+        ))),
+        None => {
+            let runs: i64 = conn.query_row("SELECT COUNT(*) FROM runs", [], |r| r.get(0))?;
+            if runs > 0 {
+                return Err(Error::Corrupt(format!(
+                    "{} was written by an earlier build (layout 1); this build reads layout {SCHEMA_VERSION}: move it away",
+                    path.display()
+                )));
+            }
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES ('schema', ?1)",
+                params![SCHEMA_VERSION],
+            )?;
+            Ok(())
+        }
+    }
 }
 
 fn add_member(conn: &Connection, goal_id: &GoalId, member: &SwarmMember) -> Result<()> {
@@ -790,72 +739,23 @@ fn load_swarm(conn: &Connection, goal_id: &str) -> Result<Vec<SwarmMember>> {
     Ok(members)
 }
 
-fn load_steps(conn: &Connection, run_id: &RunId) -> Result<Vec<(String, StoredStep)>> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT step_id, uses, state, attempt, failures, node_id, agent, output, error
-         FROM steps WHERE run_id = ?1 ORDER BY position",
-    )?;
-    let rows = stmt
-        .query_map(params![run_id.0], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, u32>(3)?,
-                r.get::<_, u32>(4)?,
-                r.get::<_, Option<String>>(5)?,
-                r.get::<_, Option<String>>(6)?,
-                r.get::<_, Option<String>>(7)?,
-                r.get::<_, Option<String>>(8)?,
-            ))
-        })?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
-    rows.into_iter()
-        .map(
-            |(id, uses, state, attempt, failures, node, agent, output, error)| {
-                Ok((
-                    uses,
-                    StoredStep {
-                        id: StepId(id),
-                        state: parse_state(&state, StepState::parse)?,
-                        attempt,
-                        failures,
-                        agent: node.zip(agent).map(|(node, agent)| AgentKey {
-                            node: NodeId(node),
-                            agent,
-                        }),
-                        output: parse_opt_json(output)?,
-                        error,
-                    },
-                ))
-            },
-        )
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
 
-    fn goal(key: Option<&str>) -> GoalSpec {
-        GoalSpec {
+    fn goal(key: Option<&str>) -> StoredGoal {
+        let workflow: WorkflowDef = serde_json::from_value(json!({
+            "steps": [
+                { "id": "a", "uses": "echo", "with": { "x": 1 } },
+                { "id": "b", "uses": "echo", "needs": ["a"] },
+            ]
+        }))
+        .unwrap();
+        StoredGoal {
             objective: "test".into(),
             inputs: json!({}),
-            steps: vec![
-                StepSpec {
-                    id: "a".into(),
-                    uses: "echo".into(),
-                    with: json!({"x": 1}),
-                    needs: vec![],
-                },
-                StepSpec {
-                    id: "b".into(),
-                    uses: "echo".into(),
-                    with: json!({}),
-                    needs: vec!["a".into()],
-                },
-            ],
+            workflow,
             idempotency_key: key.map(str::to_owned),
         }
     }
@@ -874,7 +774,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn journal_and_projection_agree_after_reopen() {
+    async fn the_journal_survives_a_reopen_whole_and_in_order() {
         let dir = tempfile::tempdir().unwrap();
         let run = {
             let store = Store::open(dir.path()).unwrap();
@@ -884,12 +784,12 @@ mod tests {
             let events = vec![
                 JournalEvent::StepStarted {
                     step: a.clone(),
+                    index: 0,
                     attempt: 1,
                     epoch: 1,
                 },
                 JournalEvent::StepSucceeded {
                     step: a,
-                    attempt: 1,
                     output: json!({"ok": true}),
                 },
             ];
@@ -901,17 +801,20 @@ mod tests {
         assert_eq!(store.bump_epoch().await.unwrap(), 2);
         let stored = store.load_run(&run.run_id).unwrap();
         assert_eq!(stored.next_seq, 3);
-        assert_eq!(stored.steps[0].state, StepState::Succeeded);
-        assert_eq!(stored.steps[0].output, Some(json!({"ok": true})));
-        assert_eq!(stored.steps[1].state, StepState::Pending);
+        assert_eq!(stored.goal, goal(None));
+        assert_eq!(stored.events.len(), 3);
+        assert_eq!(stored.events[0], JournalEvent::RunCreated);
+        assert!(
+            matches!(&stored.events[2], JournalEvent::StepSucceeded { output, .. } if output == &json!({"ok": true}))
+        );
         assert_eq!(store.unfinished_runs().unwrap(), vec![run.run_id.clone()]);
         // A journal entry cannot be written twice, and the failed write changes nothing.
-        let dup = vec![JournalEvent::StepSkipped { step: "b".into() }];
+        let dup = vec![JournalEvent::StepSkipped {
+            step: "b".into(),
+            reason: "test".into(),
+        }];
         assert!(store.record(&run.run_id, 2, dup).await.is_err());
-        assert_eq!(
-            store.load_run(&run.run_id).unwrap().steps[1].state,
-            StepState::Pending
-        );
+        assert_eq!(store.load_run(&run.run_id).unwrap().events, stored.events);
     }
 
     #[tokio::test]
@@ -929,6 +832,7 @@ mod tests {
             writes.push(tokio::spawn(async move {
                 let event = JournalEvent::StepAssigned {
                     step: "a".into(),
+                    index: 0,
                     attempt: 1,
                     agent: AgentKey {
                         node: "n".into(),
@@ -990,5 +894,20 @@ mod tests {
             page_token: None,
         };
         assert!(store.list_runs(&done).unwrap().runs.is_empty());
+    }
+
+    #[test]
+    fn a_store_of_another_layout_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(Store::open(dir.path()).unwrap());
+        let conn = Connection::open(dir.path().join("mesh.db")).unwrap();
+        conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema'", [])
+            .unwrap();
+        drop(conn);
+        let err = Store::open(dir.path()).unwrap_err().to_string();
+        assert!(
+            err.contains("has layout 1; this build reads layout 2"),
+            "{err}"
+        );
     }
 }

@@ -12,7 +12,9 @@ use tracing::{info, warn};
 use crate::error::{Error, Result};
 use crate::metrics as m;
 use crate::run::{RunDeps, RunMsg};
+use crate::store::StoredGoal;
 use crate::swarm::{Swarm, SwarmArgs};
+use mesh_workflow::{Limits, StepDef, WorkflowDef};
 
 pub enum SwarmsMsg {
     /// Start runs that are unfinished in the store and not live (at start-up and after a restart).
@@ -39,6 +41,42 @@ async fn start_swarm(
     Ok(())
 }
 
+/// Turns a submitted goal into what is stored: its workflow (given as text, or as plain
+/// `steps`) parsed and validated, its inputs checked and defaulted. Nothing is stored when
+/// anything is wrong, and the error names the field.
+pub fn prepare(goal: GoalSpec, limits: &Limits) -> Result<StoredGoal> {
+    let def = match &goal.workflow {
+        Some(text) => mesh_workflow::parse(text, limits)?,
+        None => WorkflowDef {
+            steps: goal
+                .steps
+                .iter()
+                .map(|s| StepDef {
+                    id: s.id.0.clone(),
+                    uses: Some(s.uses.clone()),
+                    with: s.with.clone(),
+                    needs: s.needs.iter().map(|n| n.0.clone()).collect(),
+                    ..StepDef::default()
+                })
+                .collect(),
+            ..WorkflowDef::default()
+        },
+    };
+    let workflow = mesh_workflow::validate(def, limits)?;
+    let inputs = workflow.bind_inputs(&goal.inputs)?;
+    let objective = if goal.objective.is_empty() {
+        workflow.def.description.clone()
+    } else {
+        goal.objective
+    };
+    Ok(StoredGoal {
+        objective,
+        inputs,
+        workflow: workflow.def,
+        idempotency_key: goal.idempotency_key,
+    })
+}
+
 /// Stores a goal and its run (durable when this returns) and starts its swarm; a goal whose
 /// idempotency key is known returns the existing run instead. Submissions run side by side:
 /// the store commits them in groups, and spawning happens on the caller's task.
@@ -57,9 +95,10 @@ pub async fn submit(
             "{active} runs in progress, the limit (max_active_runs) is {max_active_runs}; retry in a few seconds"
         )));
     }
+    let goal = prepare(goal, &deps.limits)?;
     let run = deps.store.submit(&goal).await?;
     if run.created {
-        info!(run_id = %run.run_id, goal_id = %run.goal_id, steps = goal.steps.len(), "goal accepted");
+        info!(run_id = %run.run_id, goal_id = %run.goal_id, steps = goal.workflow.steps.len(), "goal accepted");
         if let Err(e) = start_swarm(deps, supervisor, run.goal_id.clone(), run.run_id.clone()).await
         {
             // The goal is durable: the next resume starts it.

@@ -84,6 +84,27 @@ fn opt_json(value: &Option<Value>) -> String {
 impl GoalSpec {
     /// Checks the step graph: ids, skills, dangling `needs`, cycles and limits.
     pub fn validate(&self) -> Result<()> {
+        if !self.inputs.is_object() {
+            return Err(FieldError::new("inputs", "must be a JSON object"));
+        }
+        if let Some(key) = &self.idempotency_key {
+            check_id("idempotency_key", key)?;
+        }
+        if let Some(workflow) = &self.workflow {
+            if !self.steps.is_empty() {
+                return Err(FieldError::new(
+                    "steps",
+                    "give either `steps` or `workflow`, not both",
+                ));
+            }
+            if workflow.len() > MAX_JSON_BYTES {
+                return Err(FieldError::new(
+                    "workflow",
+                    format!("is {} bytes, the limit is {MAX_JSON_BYTES}", workflow.len()),
+                ));
+            }
+            return Ok(());
+        }
         if self.steps.is_empty() {
             return Err(FieldError::new("steps", "a goal needs at least one step"));
         }
@@ -92,12 +113,6 @@ impl GoalSpec {
                 "steps",
                 format!("has {} steps, the limit is {MAX_STEPS}", self.steps.len()),
             ));
-        }
-        if !self.inputs.is_object() {
-            return Err(FieldError::new("inputs", "must be a JSON object"));
-        }
-        if let Some(key) = &self.idempotency_key {
-            check_id("idempotency_key", key)?;
         }
         let mut index: HashMap<&StepId, usize> = HashMap::with_capacity(self.steps.len());
         for (i, step) in self.steps.iter().enumerate() {
@@ -195,6 +210,7 @@ impl TryFrom<pb::SubmitGoalRequest> for GoalSpec {
             objective: req.objective,
             inputs,
             steps,
+            workflow: (!req.workflow.is_empty()).then_some(req.workflow),
             idempotency_key: (!req.idempotency_key.is_empty()).then_some(req.idempotency_key),
         };
         goal.validate()?;
@@ -222,6 +238,7 @@ impl From<GoalSpec> for pb::SubmitGoalRequest {
                 })
                 .collect(),
             idempotency_key: g.idempotency_key.unwrap_or_default(),
+            workflow: g.workflow.unwrap_or_default(),
         }
     }
 }
@@ -249,6 +266,7 @@ impl TryFrom<Option<pb::FencingToken>> for FencingToken {
             step_id: StepId(t.step_id),
             attempt: t.attempt,
             epoch: t.epoch,
+            index: t.index,
         })
     }
 }
@@ -260,6 +278,7 @@ impl From<FencingToken> for pb::FencingToken {
             step_id: t.step_id.0,
             attempt: t.attempt,
             epoch: t.epoch,
+            index: t.index,
         }
     }
 }
@@ -561,6 +580,8 @@ impl From<StepState> for pb::StepState {
             StepState::Failed => pb::StepState::Failed,
             StepState::Cancelled => pb::StepState::Cancelled,
             StepState::Skipped => pb::StepState::Skipped,
+            StepState::Waiting => pb::StepState::Waiting,
+            StepState::AwaitingApproval => pb::StepState::AwaitingApproval,
         }
     }
 }
@@ -572,6 +593,8 @@ fn step_state_from_pb(value: i32) -> StepState {
         Ok(pb::StepState::Failed) => StepState::Failed,
         Ok(pb::StepState::Cancelled) => StepState::Cancelled,
         Ok(pb::StepState::Skipped) => StepState::Skipped,
+        Ok(pb::StepState::Waiting) => StepState::Waiting,
+        Ok(pb::StepState::AwaitingApproval) => StepState::AwaitingApproval,
         Ok(pb::StepState::Pending | pb::StepState::Unspecified) | Err(_) => StepState::Pending,
     }
 }
@@ -600,6 +623,10 @@ impl From<StepView> for pb::Step {
             node_id,
             output_json: opt_json(&s.output),
             error: s.error.unwrap_or_default(),
+            items_done: s.items_done,
+            items_total: s.items_total,
+            iteration: s.iteration,
+            detail: s.detail.unwrap_or_default(),
         }
     }
 }
@@ -617,6 +644,10 @@ impl From<pb::Step> for StepView {
             state: step_state_from_pb(s.state),
             attempt: s.attempt,
             error: opt_str(s.error),
+            items_done: s.items_done,
+            items_total: s.items_total,
+            iteration: s.iteration,
+            detail: opt_str(s.detail),
         }
     }
 }
@@ -959,6 +990,7 @@ mod tests {
             step_id: "s1".into(),
             attempt: 2,
             epoch: 7,
+            index: 3,
         };
         let frame = FromNode::Result(TaskResult {
             token: token.clone(),
@@ -990,6 +1022,7 @@ mod tests {
             step_id: "s".into(),
             attempt: 0,
             epoch: 1,
+            index: 0,
         }))
         .unwrap_err();
         assert_eq!(err.field, "token.attempt");

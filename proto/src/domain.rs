@@ -72,14 +72,17 @@ pub struct FencingToken {
     pub attempt: u32,
     /// The coordinator incarnation that issued the attempt.
     pub epoch: u64,
+    /// Which task of the step: a `foreach` element or a `loop` iteration; 0 otherwise.
+    #[serde(default)]
+    pub index: u32,
 }
 
 impl fmt::Display for FencingToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{}/{}#{}@{}",
-            self.run_id, self.step_id, self.attempt, self.epoch
+            "{}/{}[{}]#{}@{}",
+            self.run_id, self.step_id, self.index, self.attempt, self.epoch
         )
     }
 }
@@ -285,6 +288,10 @@ pub struct GoalSpec {
     pub objective: String,
     pub inputs: Value,
     pub steps: Vec<StepSpec>,
+    /// A workflow definition (YAML or JSON text), given instead of `steps`; the
+    /// coordinator validates it.
+    #[serde(default)]
+    pub workflow: Option<String>,
     pub idempotency_key: Option<String>,
 }
 
@@ -336,20 +343,30 @@ impl fmt::Display for RunState {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StepState {
+    #[default]
     Pending,
     Running,
     Succeeded,
     Failed,
     Cancelled,
     Skipped,
+    /// Waiting for a signal.
+    Waiting,
+    AwaitingApproval,
 }
 
 impl StepState {
     pub fn is_terminal(self) -> bool {
-        !matches!(self, StepState::Pending | StepState::Running)
+        !matches!(
+            self,
+            StepState::Pending
+                | StepState::Running
+                | StepState::Waiting
+                | StepState::AwaitingApproval
+        )
     }
 
     pub fn as_str(self) -> &'static str {
@@ -360,6 +377,8 @@ impl StepState {
             StepState::Failed => "failed",
             StepState::Cancelled => "cancelled",
             StepState::Skipped => "skipped",
+            StepState::Waiting => "waiting",
+            StepState::AwaitingApproval => "awaiting_approval",
         }
     }
 
@@ -371,6 +390,8 @@ impl StepState {
             "failed" => StepState::Failed,
             "cancelled" => StepState::Cancelled,
             "skipped" => StepState::Skipped,
+            "waiting" => StepState::Waiting,
+            "awaiting_approval" => StepState::AwaitingApproval,
             _ => return None,
         })
     }
@@ -392,6 +413,17 @@ pub struct StepView {
     pub agent: Option<AgentKey>,
     pub output: Option<Value>,
     pub error: Option<String>,
+    /// `foreach`: tasks finished, and in all.
+    #[serde(default)]
+    pub items_done: u32,
+    #[serde(default)]
+    pub items_total: u32,
+    /// `loop`: iterations started.
+    #[serde(default)]
+    pub iteration: u32,
+    /// What a waiting step waits for.
+    #[serde(default)]
+    pub detail: Option<String>,
 }
 
 /// The agent a swarm picked for a skill.

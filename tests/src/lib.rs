@@ -440,5 +440,6 @@ pub fn goal(
             })
             .collect(),
         idempotency_key: None,
+        workflow: None,
     }
 }

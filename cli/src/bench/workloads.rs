@@ -46,6 +46,7 @@ fn goal(objective: &str, steps: Vec<StepSpec>) -> GoalSpec {
         inputs: json!({}),
         steps,
         idempotency_key: None,
+        workflow: None,
     }
 }
 

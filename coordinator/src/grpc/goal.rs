@@ -4,7 +4,7 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use futures::{Stream, StreamExt, stream};
-use mesh_proto::convert::run_id;
+use mesh_proto::convert::{check_id, parse_json, run_id};
 use mesh_proto::domain::*;
 use mesh_proto::pb;
 use tokio_stream::wrappers::BroadcastStream;
@@ -13,7 +13,7 @@ use tonic::{Request, Response, Status};
 use super::status;
 use crate::error::{Error, call_result};
 use crate::root::Handles;
-use crate::run::RunMsg;
+use crate::run::{self, RunMsg};
 use crate::swarms;
 
 const SUBMIT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -65,6 +65,68 @@ fn live_events(view: RunView, rx: tokio::sync::broadcast::Receiver<RunEvent>) ->
     Box::pin(first.chain(live))
 }
 
+impl GoalApi {
+    /// A live run answers from memory; any other from its replayed journal.
+    async fn view(&self, id: &RunId) -> Result<RunView, Status> {
+        if let Some(run) = self.handles.directory.get(id)
+            && let Ok(view) =
+                call_result("run", run.call(RunMsg::View, Some(RUN_CALL_TIMEOUT)).await)
+        {
+            return Ok(view);
+        }
+        run::stored_view(&self.handles.deps, id).map_err(status)
+    }
+
+    /// Asks a live run; a run that is not live is finished (or about to be resumed).
+    async fn call_live(
+        &self,
+        id: &RunId,
+        msg: impl FnOnce(ractor::RpcReplyPort<crate::error::Result<RunView>>) -> RunMsg,
+    ) -> Result<RunView, Status> {
+        if let Some(run) = self.handles.directory.get(id) {
+            let answer = run.call(msg, Some(RUN_CALL_TIMEOUT)).await;
+            if let Ok(result) = call_result("run", answer) {
+                return result.map_err(status);
+            }
+        }
+        let view = run::stored_view(&self.handles.deps, id).map_err(status)?;
+        Err(status(if view.state.is_terminal() {
+            Error::FailedPrecondition(format!("run `{id}` already {}", view.state))
+        } else {
+            Error::Unavailable("the run (it is being resumed; try again)")
+        }))
+    }
+
+    async fn decide(
+        &self,
+        req: pb::DecideRequest,
+        approved: bool,
+    ) -> Result<Response<pb::Run>, Status> {
+        let id = run_id("run_id", req.run_id).map_err(|e| status(e.into()))?;
+        check_id("step_id", &req.step_id).map_err(|e| status(e.into()))?;
+        if req.comment.len() > MAX_COMMENT {
+            return Err(status(Error::InvalidArgument(mesh_proto::FieldError::new(
+                "comment",
+                format!("is {} bytes, the limit is {MAX_COMMENT}", req.comment.len()),
+            ))));
+        }
+        let (step, comment, by) = (StepId(req.step_id), req.comment, req.by);
+        let view = self
+            .call_live(&id, |reply| RunMsg::Decide {
+                step,
+                approved,
+                comment,
+                by,
+                reply,
+            })
+            .await?;
+        Ok(Response::new(view.into()))
+    }
+}
+
+/// Longest approval comment kept.
+const MAX_COMMENT: usize = 4096;
+
 #[tonic::async_trait]
 impl pb::goal_service_server::GoalService for GoalApi {
     #[tracing::instrument(name = "grpc.submit_goal", skip_all)]
@@ -98,8 +160,7 @@ impl pb::goal_service_server::GoalService for GoalApi {
         request: Request<pb::GetRunRequest>,
     ) -> Result<Response<pb::Run>, Status> {
         let id = run_id("run_id", request.into_inner().run_id).map_err(|e| status(e.into()))?;
-        let view = self.handles.store.run_view(&id).map_err(status)?;
-        Ok(Response::new(view.into()))
+        Ok(Response::new(self.view(&id).await?.into()))
     }
 
     type WatchRunStream = EventStream;
@@ -121,7 +182,7 @@ impl pb::goal_service_server::GoalService for GoalApi {
             {
                 return Ok(Response::new(live_events(view, rx)));
             }
-            let view = self.handles.store.run_view(&id).map_err(status)?;
+            let view = run::stored_view(&self.handles.deps, &id).map_err(status)?;
             if view.state.is_terminal() || tokio::time::Instant::now() >= give_up {
                 // Finished: the store has the whole story.
                 return Ok(Response::new(Box::pin(stream::iter(finished_events(view)))));
@@ -153,11 +214,48 @@ impl pb::goal_service_server::GoalService for GoalApi {
                 return Ok(Response::new(result.map_err(status)?.into()));
             }
         }
-        let view = self.handles.store.run_view(&id).map_err(status)?;
+        let view = run::stored_view(&self.handles.deps, &id).map_err(status)?;
         Err(status(Error::FailedPrecondition(format!(
             "run `{id}` already {}",
             view.state
         ))))
+    }
+
+    #[tracing::instrument(name = "grpc.approve", skip_all)]
+    async fn approve(
+        &self,
+        request: Request<pb::DecideRequest>,
+    ) -> Result<Response<pb::Run>, Status> {
+        self.decide(request.into_inner(), true).await
+    }
+
+    #[tracing::instrument(name = "grpc.reject", skip_all)]
+    async fn reject(
+        &self,
+        request: Request<pb::DecideRequest>,
+    ) -> Result<Response<pb::Run>, Status> {
+        self.decide(request.into_inner(), false).await
+    }
+
+    #[tracing::instrument(name = "grpc.signal", skip_all)]
+    async fn signal(
+        &self,
+        request: Request<pb::SignalRequest>,
+    ) -> Result<Response<pb::Run>, Status> {
+        let req = request.into_inner();
+        let id = run_id("run_id", req.run_id).map_err(|e| status(e.into()))?;
+        check_id("name", &req.name).map_err(|e| status(e.into()))?;
+        let payload = parse_json("payload_json", &req.payload_json, serde_json::Value::Null)
+            .map_err(|e| status(e.into()))?;
+        let name = req.name;
+        let view = self
+            .call_live(&id, |reply| RunMsg::Signal {
+                name,
+                payload,
+                reply,
+            })
+            .await?;
+        Ok(Response::new(view.into()))
     }
 
     #[tracing::instrument(name = "grpc.list_runs", skip_all)]

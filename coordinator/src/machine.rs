@@ -1,0 +1,1412 @@
+//! A run's decisions, free of any actor runtime: which steps start, what a result or a
+//! failure leads to, when the run ends. Every change is a [`JournalEvent`]; [`RunMachine::apply`]
+//! is the only code that changes the state, both when a decision is made and when a run is
+//! rebuilt from its journal ([`RunMachine::replay`]), so the two cannot disagree.
+//!
+//! Decision methods apply the events they make as they go (a `foreach` must be expanded
+//! before its tasks start) and return them; the `Run` actor journals them before it acts on
+//! them, and fails (to be rebuilt from the journal) if it cannot.
+//!
+//! Invariant: a task accepts exactly one result, the one carrying its current fencing token.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mesh_proto::domain::*;
+use mesh_workflow::validate::{Action, Step};
+use mesh_workflow::{Limits, OnFailure, Workflow};
+use serde_json::{Map, Value, json};
+
+use crate::config::DispatchConfig;
+use crate::error::{Error, Result};
+use crate::store::{JournalEvent, StoredGoal, now_ms};
+
+/// How a step's failed attempts are retried.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RetryPolicy {
+    /// Failed attempts before the step fails.
+    pub max_attempts: u32,
+    /// Attempts of any kind (failed or lost with their node) before the step fails.
+    pub max_total_attempts: u32,
+    pub backoff: Duration,
+    pub multiplier: f64,
+    pub max_backoff: Duration,
+    /// Each wait is shortened by a random fraction of up to this much.
+    pub jitter: f64,
+    pub non_retryable: Vec<String>,
+}
+
+impl RetryPolicy {
+    pub fn from_config(c: &DispatchConfig) -> Self {
+        Self {
+            max_attempts: c.max_attempts.max(1),
+            max_total_attempts: c.max_total_attempts.max(1),
+            backoff: c.retry_backoff,
+            multiplier: 2.0,
+            max_backoff: c.max_retry_backoff,
+            jitter: 0.0,
+            non_retryable: Vec::new(),
+        }
+    }
+
+    /// A step's own `retry`, over the coordinator's defaults.
+    fn for_step(&self, step: &Step) -> Self {
+        match &step.retry {
+            None => self.clone(),
+            Some(r) => Self {
+                max_attempts: r.max_attempts,
+                max_total_attempts: self.max_total_attempts.max(r.max_attempts),
+                backoff: r.backoff,
+                multiplier: r.multiplier,
+                max_backoff: r.max_backoff,
+                jitter: r.jitter,
+                non_retryable: r.non_retryable.clone(),
+            },
+        }
+    }
+
+    /// Wait before the retry that follows the `failures`-th failure, before jitter.
+    pub fn backoff(&self, failures: u32) -> Duration {
+        let exp = failures.saturating_sub(1).min(64) as i32;
+        let secs = self.backoff.as_secs_f64() * self.multiplier.powi(exp);
+        if !secs.is_finite() || secs >= self.max_backoff.as_secs_f64() {
+            self.max_backoff
+        } else {
+            Duration::from_secs_f64(secs)
+        }
+    }
+}
+
+/// A wait shortened by up to `jitter` of itself; `random` is uniform in `0..1`.
+pub fn jittered(delay: Duration, jitter: f64, random: f64) -> Duration {
+    delay.mul_f64(1.0 - jitter.clamp(0.0, 1.0) * random.clamp(0.0, 1.0))
+}
+
+/// One task of a step: the only one of a plain step, one per `foreach` element, one per
+/// `loop` iteration.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Task {
+    pub state: StepState,
+    pub attempt: u32,
+    pub epoch: u64,
+    pub failures: u32,
+    pub agent: Option<AgentKey>,
+    pub output: Option<Value>,
+    pub error: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct StepRt {
+    pub state: StepState,
+    pub tasks: Vec<Task>,
+    /// A `foreach` step's elements, once evaluated.
+    pub items: Option<Vec<Value>>,
+    pub output: Option<Value>,
+    pub error: Option<String>,
+    /// What a waiting step waits for, or why a step was skipped.
+    pub detail: Option<String>,
+    /// When a wait times out (Unix ms).
+    pub until_ms: Option<i64>,
+}
+
+/// A retry to schedule after a failed attempt.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RetryAfter {
+    pub step: StepId,
+    pub index: u32,
+    pub attempt: u32,
+    pub delay: Duration,
+    pub jitter: f64,
+}
+
+/// What a result or failure leads to.
+#[derive(Debug, Default, PartialEq)]
+pub struct Decision {
+    pub events: Vec<JournalEvent>,
+    pub retry_after: Option<RetryAfter>,
+}
+
+impl From<Vec<JournalEvent>> for Decision {
+    fn from(events: Vec<JournalEvent>) -> Self {
+        Self {
+            events,
+            retry_after: None,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct RunMachine {
+    pub run_id: RunId,
+    pub goal_id: GoalId,
+    pub objective: String,
+    pub inputs: Value,
+    pub workflow: Arc<Workflow>,
+    pub epoch: u64,
+    pub state: RunState,
+    pub steps: Vec<StepRt>,
+    pub output: Option<Value>,
+    pub error: Option<String>,
+    /// Signals received, by name (the latest payload).
+    pub signals: BTreeMap<String, Value>,
+    policy: RetryPolicy,
+    limits: Limits,
+}
+
+impl RunMachine {
+    /// A machine for a stored goal, before any journal entry.
+    pub fn new(
+        run_id: RunId,
+        goal_id: GoalId,
+        goal: StoredGoal,
+        epoch: u64,
+        policy: RetryPolicy,
+        limits: Limits,
+    ) -> Result<Self> {
+        let workflow = mesh_workflow::validate(goal.workflow, &limits)
+            .map_err(|e| Error::Corrupt(format!("workflow of run {run_id}: {e}")))?;
+        let steps = vec![StepRt::default(); workflow.steps.len()];
+        Ok(Self {
+            run_id,
+            goal_id,
+            objective: goal.objective,
+            inputs: goal.inputs,
+            workflow: Arc::new(workflow),
+            epoch,
+            state: RunState::Running,
+            steps,
+            output: None,
+            error: None,
+            signals: BTreeMap::new(),
+            policy,
+            limits,
+        })
+    }
+
+    /// Rebuilds a run from its journal.
+    pub fn replay(mut self, events: &[JournalEvent]) -> Self {
+        for e in events {
+            self.apply(e);
+        }
+        self
+    }
+
+    fn index_of(&self, id: &StepId) -> Option<usize> {
+        self.workflow.index_of(id.as_str())
+    }
+
+    pub fn step(&self, id: &StepId) -> Option<&StepRt> {
+        self.index_of(id).map(|i| &self.steps[i])
+    }
+
+    pub fn spec(&self, i: usize) -> &Step {
+        &self.workflow.steps[i]
+    }
+
+    fn id(&self, i: usize) -> StepId {
+        StepId(self.workflow.steps[i].id.clone())
+    }
+
+    pub fn token(&self, i: usize, index: u32) -> FencingToken {
+        let task = &self.steps[i].tasks[index as usize];
+        FencingToken {
+            run_id: self.run_id.clone(),
+            step_id: self.id(i),
+            attempt: task.attempt,
+            epoch: task.epoch,
+            index,
+        }
+    }
+
+    /// The step and task this token is current for.
+    fn current(&self, token: &FencingToken) -> Option<(usize, u32)> {
+        let i = self.index_of(&token.step_id)?;
+        let s = &self.steps[i];
+        let t = s.tasks.get(token.index as usize)?;
+        (s.state == StepState::Running
+            && t.state == StepState::Running
+            && t.attempt == token.attempt
+            && t.epoch == token.epoch)
+            .then_some((i, token.index))
+    }
+
+    fn emit(&mut self, out: &mut Vec<JournalEvent>, event: JournalEvent) {
+        self.apply(&event);
+        out.push(event);
+    }
+
+    // ------------------------------------------------------------ expressions
+
+    /// Values an expression of step `i` may read: inputs, and the steps it names.
+    fn bindings(&self, named: impl IntoIterator<Item = String>) -> Map<String, Value> {
+        let mut steps = Map::new();
+        for id in named {
+            if let Some(j) = self.workflow.index_of(&id) {
+                let s = &self.steps[j];
+                steps.insert(
+                    id,
+                    json!({ "output": s.output.clone().unwrap_or(Value::Null), "state": s.state.as_str() }),
+                );
+            }
+        }
+        let mut b = Map::new();
+        b.insert("inputs".into(), self.inputs.clone());
+        b.insert("steps".into(), Value::Object(steps));
+        b
+    }
+
+    fn step_bindings(&self, i: usize) -> Map<String, Value> {
+        let named: Vec<String> = self
+            .spec(i)
+            .exprs()
+            .iter()
+            .flat_map(|e| e.steps.iter().cloned())
+            .collect();
+        self.bindings(named)
+    }
+
+    /// The input of task `index` of step `i`: its rendered `with`, the run's inputs, the
+    /// outputs of its needs, and `item`/`index` or `iteration` where they apply.
+    pub fn task_input(&self, i: usize, index: u32) -> std::result::Result<Value, String> {
+        let spec = self.spec(i);
+        let mut b = self.step_bindings(i);
+        let mut extra = Map::new();
+        if spec.foreach.is_some() {
+            let item = self
+                .items(i)
+                .get(index as usize)
+                .cloned()
+                .unwrap_or(Value::Null);
+            b.insert("item".into(), item.clone());
+            b.insert("index".into(), json!(index));
+            extra.insert("item".into(), item);
+            extra.insert("index".into(), json!(index));
+        }
+        if spec.repeat.is_some() {
+            let previous = index
+                .checked_sub(1)
+                .and_then(|p| self.steps[i].tasks.get(p as usize))
+                .and_then(|t| t.output.clone())
+                .unwrap_or(Value::Null);
+            b.insert("iteration".into(), json!(index));
+            b.insert("output".into(), previous);
+            extra.insert("iteration".into(), json!(index));
+        }
+        let with = spec.with.render(&b).map_err(|e| format!("with: {e}"))?;
+        let needs: Map<String, Value> = spec
+            .needs
+            .iter()
+            .map(|&j| {
+                (
+                    self.workflow.steps[j].id.clone(),
+                    self.steps[j].output.clone().unwrap_or(Value::Null),
+                )
+            })
+            .collect();
+        let mut input = Map::new();
+        input.insert("with".into(), if with.is_null() { json!({}) } else { with });
+        input.insert("inputs".into(), self.inputs.clone());
+        input.insert("needs".into(), Value::Object(needs));
+        input.extend(extra);
+        Ok(Value::Object(input))
+    }
+
+    fn items(&self, i: usize) -> &[Value] {
+        self.steps[i].items.as_deref().unwrap_or(&[])
+    }
+
+    // ------------------------------------------------------------ moving forward
+
+    /// A need is met when the needed step succeeded, was skipped, or failed with
+    /// `on_failure: continue`.
+    fn done_for_dependents(&self, j: usize) -> bool {
+        match self.steps[j].state {
+            StepState::Succeeded | StepState::Skipped => true,
+            StepState::Failed => self.spec(j).on_failure == OnFailure::Continue,
+            _ => false,
+        }
+    }
+
+    /// Starts whatever can start, and ends the run when nothing is left to do.
+    pub fn advance(&mut self) -> Vec<JournalEvent> {
+        let mut out = Vec::new();
+        self.advance_into(&mut out);
+        out
+    }
+
+    fn advance_into(&mut self, out: &mut Vec<JournalEvent>) {
+        if self.state.is_terminal() {
+            return;
+        }
+        loop {
+            if let Some(i) = (0..self.steps.len()).find(|&i| {
+                self.steps[i].state == StepState::Failed
+                    && self.spec(i).on_failure == OnFailure::Fail
+            }) {
+                let error = format!(
+                    "step `{}` failed: {}",
+                    self.spec(i).id,
+                    self.steps[i].error.as_deref().unwrap_or("unknown error")
+                );
+                self.finish_into(out, RunState::Failed, None, Some(error));
+                return;
+            }
+            let before = out.len();
+            for i in 0..self.steps.len() {
+                match self.steps[i].state {
+                    StepState::Pending
+                        if self
+                            .spec(i)
+                            .needs
+                            .iter()
+                            .all(|&j| self.done_for_dependents(j)) =>
+                    {
+                        self.begin(i, out)
+                    }
+                    StepState::Running if self.spec(i).foreach.is_some() => self.fill(i, out),
+                    _ => {}
+                }
+            }
+            if out.len() == before {
+                break;
+            }
+        }
+        if self.steps.iter().all(|s| s.state.is_terminal()) {
+            match self.final_output() {
+                Ok(output) => self.finish_into(out, RunState::Succeeded, Some(output), None),
+                Err(e) => self.finish_into(out, RunState::Failed, None, Some(e)),
+            }
+        }
+    }
+
+    fn fail_step(&mut self, i: usize, out: &mut Vec<JournalEvent>, error: String) {
+        let step = self.id(i);
+        self.emit(out, JournalEvent::StepFailed { step, error });
+    }
+
+    /// A step whose needs are met: its condition, then its action.
+    fn begin(&mut self, i: usize, out: &mut Vec<JournalEvent>) {
+        let step = self.id(i);
+        let spec = self.workflow.steps[i].clone();
+        if let Some(when) = &spec.when {
+            match when.eval_bool(&self.step_bindings(i)) {
+                Ok(true) => {}
+                Ok(false) => {
+                    let reason = format!("`when` was false: {}", when.source());
+                    return self.emit(out, JournalEvent::StepSkipped { step, reason });
+                }
+                Err(e) => return self.fail_step(i, out, format!("when: {e}")),
+            }
+        }
+        match &spec.action {
+            Action::Task { .. } => match &spec.foreach {
+                Some(f) => {
+                    let items = match f.items.eval(&self.step_bindings(i)) {
+                        Ok(Value::Array(items)) => items,
+                        Ok(other) => {
+                            let e = format!(
+                                "foreach: `{}` gave {}, not a list",
+                                f.items.source(),
+                                mesh_workflow::expr::kind(&other)
+                            );
+                            return self.fail_step(i, out, e);
+                        }
+                        Err(e) => return self.fail_step(i, out, format!("foreach: {e}")),
+                    };
+                    if items.len() > self.limits.max_items {
+                        let e = format!(
+                            "foreach: {} items, over the limit of {}",
+                            items.len(),
+                            self.limits.max_items
+                        );
+                        return self.fail_step(i, out, e);
+                    }
+                    let empty = items.is_empty();
+                    self.emit(
+                        out,
+                        JournalEvent::StepExpanded {
+                            step: step.clone(),
+                            items,
+                        },
+                    );
+                    if empty {
+                        let output = json!([]);
+                        return self.emit(out, JournalEvent::StepSucceeded { step, output });
+                    }
+                    self.fill(i, out);
+                }
+                None => self.start(i, 0, out),
+            },
+            Action::Approval { message, timeout } => {
+                let detail = match message.render(&self.step_bindings(i)) {
+                    Ok(Value::String(m)) if !m.is_empty() => m,
+                    Ok(_) => "approval".to_owned(),
+                    Err(e) => return self.fail_step(i, out, format!("approval.message: {e}")),
+                };
+                let until_ms = timeout.map(|t| now_ms() + t.as_millis() as i64);
+                self.emit(
+                    out,
+                    JournalEvent::StepWaiting {
+                        step,
+                        until_ms,
+                        detail,
+                    },
+                );
+            }
+            Action::Signal { name, timeout } => match self.signals.get(name) {
+                Some(payload) => {
+                    let output = payload.clone();
+                    self.emit(out, JournalEvent::StepSucceeded { step, output });
+                }
+                None => {
+                    let until_ms = timeout.map(|t| now_ms() + t.as_millis() as i64);
+                    let detail = format!("signal `{name}`");
+                    self.emit(
+                        out,
+                        JournalEvent::StepWaiting {
+                            step,
+                            until_ms,
+                            detail,
+                        },
+                    );
+                }
+            },
+        }
+    }
+
+    /// A new attempt of task `index`, if its input renders.
+    fn start(&mut self, i: usize, index: u32, out: &mut Vec<JournalEvent>) {
+        // A step whose input cannot be made fails, rather than each attempt.
+        if let Err(e) = self.task_input(i, index) {
+            return self.fail_step(i, out, e);
+        }
+        let attempt = self.steps[i]
+            .tasks
+            .get(index as usize)
+            .map_or(0, |t| t.attempt)
+            + 1;
+        let event = JournalEvent::StepStarted {
+            step: self.id(i),
+            index,
+            attempt,
+            epoch: self.epoch,
+        };
+        self.emit(out, event);
+    }
+
+    /// Starts pending `foreach` tasks up to `parallel` at once.
+    fn fill(&mut self, i: usize, out: &mut Vec<JournalEvent>) {
+        let Some(parallel) = self.spec(i).foreach.as_ref().map(|f| f.parallel as usize) else {
+            return;
+        };
+        let tasks = &self.steps[i].tasks;
+        let running = tasks
+            .iter()
+            .filter(|t| t.state == StepState::Running)
+            .count();
+        let pending: Vec<u32> = tasks
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| t.state == StepState::Pending)
+            .map(|(k, _)| k as u32)
+            .take(parallel.saturating_sub(running))
+            .collect();
+        for k in pending {
+            // Starting a task may fail the step (its input does not render).
+            if self.steps[i].state != StepState::Running {
+                break;
+            }
+            self.start(i, k, out);
+        }
+    }
+
+    pub fn on_result(&mut self, result: &TaskResult) -> Option<Decision> {
+        let (i, index) = self.current(&result.token)?;
+        Some(match &result.outcome {
+            Ok(output) => {
+                let mut out = Vec::new();
+                self.succeeded(i, index, output.clone(), &mut out);
+                self.advance_into(&mut out);
+                out.into()
+            }
+            Err(error) => self.failure(i, index, error.clone()),
+        })
+    }
+
+    fn succeeded(&mut self, i: usize, index: u32, output: Value, out: &mut Vec<JournalEvent>) {
+        let step = self.id(i);
+        let attempt = self.steps[i].tasks[index as usize].attempt;
+        self.emit(
+            out,
+            JournalEvent::TaskSucceeded {
+                step: step.clone(),
+                index,
+                attempt,
+                output: output.clone(),
+            },
+        );
+        let spec = self.workflow.steps[i].clone();
+        if spec.foreach.is_some() {
+            let tasks = &self.steps[i].tasks;
+            if tasks.iter().all(|t| t.state == StepState::Succeeded) {
+                let output = Value::Array(
+                    tasks
+                        .iter()
+                        .map(|t| t.output.clone().unwrap_or(Value::Null))
+                        .collect(),
+                );
+                self.emit(out, JournalEvent::StepSucceeded { step, output });
+            } else {
+                self.fill(i, out);
+            }
+        } else if let Some(l) = &spec.repeat {
+            let mut b = self.step_bindings(i);
+            b.insert("output".into(), output.clone());
+            b.insert("iteration".into(), json!(index));
+            match l.until.eval_bool(&b) {
+                Ok(true) => self.emit(out, JournalEvent::StepSucceeded { step, output }),
+                Ok(false) if index + 1 < l.max_iterations => self.start(i, index + 1, out),
+                Ok(false) => self.fail_step(
+                    i,
+                    out,
+                    format!(
+                        "loop: `{}` still false after {} iterations (max_iterations)",
+                        l.until.source(),
+                        l.max_iterations
+                    ),
+                ),
+                Err(e) => self.fail_step(i, out, format!("loop.until: {e}")),
+            }
+        } else {
+            self.emit(out, JournalEvent::StepSucceeded { step, output });
+        }
+    }
+
+    pub fn on_failed(&mut self, token: &FencingToken, error: TaskError) -> Option<Decision> {
+        let (i, index) = self.current(token)?;
+        Some(self.failure(i, index, error))
+    }
+
+    fn failure(&mut self, i: usize, index: u32, error: TaskError) -> Decision {
+        let policy = self.policy.for_step(self.spec(i));
+        let step = self.id(i);
+        let task = &self.steps[i].tasks[index as usize];
+        let (attempt, failures) = (task.attempt, task.failures + 1);
+        let mut out = Vec::new();
+        self.emit(
+            &mut out,
+            JournalEvent::TaskFailed {
+                step: step.clone(),
+                index,
+                attempt,
+                error: error.clone(),
+            },
+        );
+        let retryable = error.retryable && !policy.non_retryable.contains(&error.code);
+        let exhausted = failures >= policy.max_attempts || attempt >= policy.max_total_attempts;
+        if !retryable || exhausted {
+            let why = if retryable {
+                format!("{error} (after {failures} failed attempts)")
+            } else {
+                error.to_string()
+            };
+            let why = match self.spec(i).foreach {
+                Some(_) => format!("item {index}: {why}"),
+                None => why,
+            };
+            self.fail_step(i, &mut out, why);
+            self.advance_into(&mut out);
+            return out.into();
+        }
+        Decision {
+            events: out,
+            retry_after: Some(RetryAfter {
+                step,
+                index,
+                attempt,
+                delay: policy.backoff(failures),
+                jitter: policy.jitter,
+            }),
+        }
+    }
+
+    /// The attempt's node went away: a new attempt at once, within the cap on attempts.
+    pub fn on_lost(&mut self, token: &FencingToken, reason: &str) -> Option<Vec<JournalEvent>> {
+        let (i, index) = self.current(token)?;
+        let policy = self.policy.for_step(self.spec(i));
+        let mut out = Vec::new();
+        if token.attempt >= policy.max_total_attempts {
+            let e = format!("{} attempts lost or failed; last: {reason}", token.attempt);
+            self.fail_step(i, &mut out, e);
+            self.advance_into(&mut out);
+        } else {
+            self.start(i, index, &mut out);
+        }
+        Some(out)
+    }
+
+    /// A retry whose backoff passed; nothing if the task moved on meanwhile.
+    pub fn on_retry(&mut self, id: &StepId, index: u32, attempt: u32) -> Vec<JournalEvent> {
+        let token = FencingToken {
+            run_id: self.run_id.clone(),
+            step_id: id.clone(),
+            attempt,
+            index,
+            epoch: self.epoch,
+        };
+        let mut out = Vec::new();
+        if let Some((i, index)) = self.current(&token).filter(|_| !self.state.is_terminal()) {
+            self.start(i, index, &mut out);
+        }
+        out
+    }
+
+    pub fn on_assigned(&mut self, token: &FencingToken, agent: &AgentKey) -> Option<JournalEvent> {
+        self.current(token)?;
+        let event = JournalEvent::StepAssigned {
+            step: token.step_id.clone(),
+            index: token.index,
+            attempt: token.attempt,
+            agent: agent.clone(),
+        };
+        self.apply(&event);
+        Some(event)
+    }
+
+    /// New attempts for every task that was in flight (after a restart), then onwards.
+    pub fn restart_running(&mut self) -> Vec<JournalEvent> {
+        let mut out = Vec::new();
+        if self.state.is_terminal() {
+            return out;
+        }
+        for i in 0..self.steps.len() {
+            if self.steps[i].state != StepState::Running {
+                continue;
+            }
+            let running: Vec<u32> = (self.steps[i].tasks.iter().enumerate())
+                .filter(|(_, t)| t.state == StepState::Running)
+                .map(|(k, _)| k as u32)
+                .collect();
+            for k in running {
+                self.start(i, k, &mut out);
+            }
+        }
+        self.advance_into(&mut out);
+        out
+    }
+
+    /// A person approved or rejected step `id`.
+    pub fn on_decision(
+        &mut self,
+        id: &StepId,
+        approved: bool,
+        comment: &str,
+        by: &str,
+    ) -> Result<Vec<JournalEvent>> {
+        let i = self
+            .index_of(id)
+            .ok_or_else(|| Error::FailedPrecondition(format!("run has no step `{id}`")))?;
+        let state = self.steps[i].state;
+        if state != StepState::AwaitingApproval {
+            return Err(Error::FailedPrecondition(format!(
+                "step `{id}` does not await approval (it is {state})"
+            )));
+        }
+        let mut out = Vec::new();
+        if approved {
+            let output = json!({ "approved": true, "comment": comment, "by": by });
+            self.emit(
+                &mut out,
+                JournalEvent::StepSucceeded {
+                    step: id.clone(),
+                    output,
+                },
+            );
+        } else {
+            let who = if by.is_empty() {
+                String::new()
+            } else {
+                format!(" by {by}")
+            };
+            self.fail_step(i, &mut out, format!("rejected{who}: {comment}"));
+        }
+        self.advance_into(&mut out);
+        Ok(out)
+    }
+
+    /// A signal: kept, and given to every step waiting for it.
+    pub fn on_signal(&mut self, name: &str, payload: Value) -> Vec<JournalEvent> {
+        let mut out = Vec::new();
+        if self.state.is_terminal() {
+            return out;
+        }
+        self.emit(
+            &mut out,
+            JournalEvent::SignalReceived {
+                name: name.to_owned(),
+                payload: payload.clone(),
+            },
+        );
+        for i in 0..self.steps.len() {
+            let waits = matches!(&self.spec(i).action, Action::Signal { name: n, .. } if n == name);
+            if waits && self.steps[i].state == StepState::Waiting {
+                let step = self.id(i);
+                let output = payload.clone();
+                self.emit(&mut out, JournalEvent::StepSucceeded { step, output });
+            }
+        }
+        self.advance_into(&mut out);
+        out
+    }
+
+    /// A wait's timer fired: the step fails if it still waits and its time is up.
+    pub fn on_wait_expired(&mut self, id: &StepId, now_ms: i64) -> Vec<JournalEvent> {
+        let mut out = Vec::new();
+        let Some(i) = self.index_of(id) else {
+            return out;
+        };
+        let s = &self.steps[i];
+        let waiting = matches!(s.state, StepState::Waiting | StepState::AwaitingApproval);
+        if !waiting || s.until_ms.is_none_or(|u| u > now_ms) {
+            return out;
+        }
+        let e = match &self.spec(i).action {
+            Action::Approval { timeout, .. } => format!(
+                "approval_timeout: no decision within {}",
+                humantime::format_duration(timeout.unwrap_or_default())
+            ),
+            Action::Signal { name, timeout } => format!(
+                "signal_timeout: no signal `{name}` within {}",
+                humantime::format_duration(timeout.unwrap_or_default())
+            ),
+            Action::Task { .. } => return out,
+        };
+        self.fail_step(i, &mut out, e);
+        self.advance_into(&mut out);
+        out
+    }
+
+    /// The run's `deadline` passed.
+    pub fn on_deadline(&mut self) -> Vec<JournalEvent> {
+        let mut out = Vec::new();
+        if !self.state.is_terminal() {
+            let d = self.workflow.def.deadline.unwrap_or_default();
+            let e = format!("deadline of {} exceeded", humantime::format_duration(d));
+            self.finish_into(&mut out, RunState::Failed, None, Some(e));
+        }
+        out
+    }
+
+    /// The run's output: the workflow's `outputs`, or else every leaf step's output.
+    fn final_output(&self) -> std::result::Result<Value, String> {
+        if self.workflow.outputs.is_empty() {
+            let mut needed = vec![false; self.steps.len()];
+            for s in &self.workflow.steps {
+                for &j in &s.needs {
+                    needed[j] = true;
+                }
+            }
+            return Ok(Value::Object(
+                (0..self.steps.len())
+                    .filter(|&i| !needed[i])
+                    .map(|i| {
+                        let out = self.steps[i].output.clone().unwrap_or(Value::Null);
+                        (self.spec(i).id.clone(), out)
+                    })
+                    .collect(),
+            ));
+        }
+        let named: Vec<String> = self
+            .workflow
+            .outputs
+            .iter()
+            .flat_map(|(_, t)| t.exprs())
+            .flat_map(|e| e.steps.iter().cloned())
+            .collect();
+        let b = self.bindings(named);
+        let mut out = Map::new();
+        for (name, t) in &self.workflow.outputs {
+            let v = t.render(&b).map_err(|e| format!("outputs.{name}: {e}"))?;
+            out.insert(name.clone(), v);
+        }
+        Ok(Value::Object(out))
+    }
+
+    /// Ends the run: running steps are cancelled, the others that have not finished skipped.
+    pub fn finish(
+        &mut self,
+        state: RunState,
+        output: Option<Value>,
+        error: Option<String>,
+    ) -> Vec<JournalEvent> {
+        let mut out = Vec::new();
+        if !self.state.is_terminal() {
+            self.finish_into(&mut out, state, output, error);
+        }
+        out
+    }
+
+    fn finish_into(
+        &mut self,
+        out: &mut Vec<JournalEvent>,
+        state: RunState,
+        output: Option<Value>,
+        error: Option<String>,
+    ) {
+        for i in 0..self.steps.len() {
+            let step = self.id(i);
+            match self.steps[i].state {
+                StepState::Running => self.emit(out, JournalEvent::StepCancelled { step }),
+                StepState::Pending | StepState::Waiting | StepState::AwaitingApproval => {
+                    let reason = format!("the run {state}");
+                    self.emit(out, JournalEvent::StepSkipped { step, reason })
+                }
+                _ => {}
+            }
+        }
+        self.emit(
+            out,
+            JournalEvent::RunFinished {
+                state,
+                output,
+                error,
+            },
+        );
+    }
+
+    // ------------------------------------------------------------ state
+
+    /// The only place state changes.
+    pub fn apply(&mut self, event: &JournalEvent) {
+        let at = |m: &Self, id: &StepId| m.index_of(id);
+        match event {
+            JournalEvent::RunCreated => {}
+            JournalEvent::StepExpanded { step, items } => {
+                if let Some(i) = at(self, step) {
+                    let s = &mut self.steps[i];
+                    s.state = StepState::Running;
+                    s.tasks = vec![Task::default(); items.len()];
+                    s.items = Some(items.clone());
+                }
+            }
+            JournalEvent::StepStarted {
+                step,
+                index,
+                attempt,
+                epoch,
+            } => {
+                if let Some(i) = at(self, step) {
+                    let s = &mut self.steps[i];
+                    s.state = StepState::Running;
+                    let k = *index as usize;
+                    if s.tasks.len() <= k {
+                        s.tasks.resize(k + 1, Task::default());
+                    }
+                    let t = &mut s.tasks[k];
+                    t.state = StepState::Running;
+                    t.attempt = *attempt;
+                    t.epoch = *epoch;
+                    t.agent = None;
+                }
+            }
+            JournalEvent::StepAssigned {
+                step, index, agent, ..
+            } => {
+                if let Some(t) = self.task_mut(step, *index) {
+                    t.agent = Some(agent.clone());
+                }
+            }
+            JournalEvent::TaskSucceeded {
+                step,
+                index,
+                output,
+                ..
+            } => {
+                if let Some(t) = self.task_mut(step, *index) {
+                    t.state = StepState::Succeeded;
+                    t.output = Some(output.clone());
+                    t.error = None;
+                }
+            }
+            JournalEvent::TaskFailed {
+                step, index, error, ..
+            } => {
+                if let Some(t) = self.task_mut(step, *index) {
+                    t.failures += 1;
+                    t.error = Some(error.to_string());
+                }
+            }
+            JournalEvent::StepWaiting {
+                step,
+                until_ms,
+                detail,
+            } => {
+                if let Some(i) = at(self, step) {
+                    let approval = matches!(self.spec(i).action, Action::Approval { .. });
+                    let s = &mut self.steps[i];
+                    s.state = if approval {
+                        StepState::AwaitingApproval
+                    } else {
+                        StepState::Waiting
+                    };
+                    s.until_ms = *until_ms;
+                    s.detail = Some(detail.clone());
+                }
+            }
+            JournalEvent::SignalReceived { name, payload } => {
+                self.signals.insert(name.clone(), payload.clone());
+            }
+            JournalEvent::StepSucceeded { step, output } => {
+                self.end_step(step, StepState::Succeeded, |s| {
+                    s.output = Some(output.clone());
+                    s.error = None;
+                });
+            }
+            JournalEvent::StepFailed { step, error } => {
+                self.end_step(step, StepState::Failed, |s| s.error = Some(error.clone()));
+            }
+            JournalEvent::StepSkipped { step, reason } => {
+                self.end_step(step, StepState::Skipped, |s| {
+                    s.detail = Some(reason.clone())
+                });
+            }
+            JournalEvent::StepCancelled { step } => {
+                self.end_step(step, StepState::Cancelled, |_| {});
+            }
+            JournalEvent::RunFinished {
+                state,
+                output,
+                error,
+            } => {
+                self.state = *state;
+                self.output = output.clone();
+                self.error = error.clone();
+            }
+        }
+    }
+
+    fn task_mut(&mut self, step: &StepId, index: u32) -> Option<&mut Task> {
+        let i = self.index_of(step)?;
+        self.steps[i].tasks.get_mut(index as usize)
+    }
+
+    /// A step ends: tasks still running are cancelled (their results will be stale).
+    fn end_step(&mut self, step: &StepId, state: StepState, f: impl FnOnce(&mut StepRt)) {
+        if let Some(i) = self.index_of(step) {
+            let s = &mut self.steps[i];
+            s.state = state;
+            s.until_ms = None;
+            for t in &mut s.tasks {
+                if t.state == StepState::Running {
+                    t.state = StepState::Cancelled;
+                }
+            }
+            f(s);
+        }
+    }
+
+    // ------------------------------------------------------------ views
+
+    pub fn step_view(&self, i: usize) -> StepView {
+        let s = &self.steps[i];
+        let spec = self.spec(i);
+        let last = s.tasks.iter().rev().find(|t| t.attempt > 0);
+        let foreach = spec.foreach.is_some();
+        StepView {
+            id: self.id(i),
+            uses: spec.skill().to_owned(),
+            state: s.state,
+            attempt: last.map_or(0, |t| t.attempt),
+            agent: last.and_then(|t| t.agent.clone()),
+            output: s.output.clone(),
+            error: s
+                .error
+                .clone()
+                .or_else(|| last.and_then(|t| t.error.clone())),
+            items_done: if foreach {
+                s.tasks.iter().filter(|t| t.state.is_terminal()).count() as u32
+            } else {
+                0
+            },
+            items_total: if foreach { s.tasks.len() as u32 } else { 0 },
+            iteration: if spec.repeat.is_some() {
+                s.tasks.len() as u32
+            } else {
+                0
+            },
+            detail: s.detail.clone(),
+        }
+    }
+
+    pub fn step_views(&self) -> Vec<StepView> {
+        (0..self.steps.len()).map(|i| self.step_view(i)).collect()
+    }
+
+    /// Index of a step, for callers holding an event.
+    pub fn position(&self, id: &StepId) -> Option<usize> {
+        self.index_of(id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::StoredGoal;
+
+    fn policy() -> RetryPolicy {
+        RetryPolicy {
+            max_attempts: 3,
+            max_total_attempts: 5,
+            backoff: Duration::from_millis(100),
+            multiplier: 2.0,
+            max_backoff: Duration::from_millis(250),
+            jitter: 0.0,
+            non_retryable: Vec::new(),
+        }
+    }
+
+    fn machine(yaml: &str, inputs: Value) -> RunMachine {
+        let workflow = mesh_workflow::load(yaml, &Limits::default()).unwrap();
+        let inputs = workflow.bind_inputs(&inputs).unwrap();
+        let goal = StoredGoal {
+            objective: "t".into(),
+            inputs,
+            workflow: workflow.def,
+            idempotency_key: None,
+        };
+        RunMachine::new(
+            "r1".into(),
+            "g1".into(),
+            goal,
+            1,
+            policy(),
+            Limits::default(),
+        )
+        .unwrap()
+    }
+
+    /// (step, index) of every attempt started by these events.
+    fn started(events: &[JournalEvent]) -> Vec<(String, u32)> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                JournalEvent::StepStarted { step, index, .. } => Some((step.0.clone(), *index)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn finished(events: &[JournalEvent]) -> Option<(RunState, Option<Value>, Option<String>)> {
+        events.iter().find_map(|e| match e {
+            JournalEvent::RunFinished {
+                state,
+                output,
+                error,
+            } => Some((*state, output.clone(), error.clone())),
+            _ => None,
+        })
+    }
+
+    fn token(m: &RunMachine, step: &str, index: u32) -> FencingToken {
+        m.token(m.position(&step.into()).unwrap(), index)
+    }
+
+    fn ok(m: &mut RunMachine, step: &str, index: u32, output: Value) -> Vec<JournalEvent> {
+        let token = token(m, step, index);
+        m.on_result(&TaskResult {
+            token,
+            outcome: Ok(output),
+        })
+        .expect("current token")
+        .events
+    }
+
+    fn state(m: &RunMachine, step: &str) -> StepState {
+        m.step(&step.into()).unwrap().state
+    }
+
+    #[test]
+    fn runs_parallel_branches_and_gathers_leaf_outputs() {
+        let mut m = machine(
+            "steps:\n  - {id: a, uses: echo}\n  - {id: b, uses: echo, needs: [a]}\n  - {id: c, uses: echo, needs: [a]}\n  - {id: d, uses: echo, needs: [b, c]}\n",
+            json!({}),
+        );
+        assert_eq!(started(&m.advance()), [("a".into(), 0)]);
+        let e = ok(&mut m, "a", 0, json!(1));
+        assert_eq!(started(&e), [("b".into(), 0), ("c".into(), 0)]);
+        let input = m.task_input(m.position(&"b".into()).unwrap(), 0).unwrap();
+        assert_eq!(input["needs"]["a"], json!(1));
+        assert!(
+            started(&ok(&mut m, "b", 0, json!(2))).is_empty(),
+            "d waits for c"
+        );
+        assert_eq!(started(&ok(&mut m, "c", 0, json!(3))), [("d".into(), 0)]);
+        let e = ok(&mut m, "d", 0, json!(4));
+        assert_eq!(
+            finished(&e),
+            Some((RunState::Succeeded, Some(json!({ "d": 4 })), None))
+        );
+    }
+
+    #[test]
+    fn when_skips_a_branch_and_dependents_still_run() {
+        let yaml = "steps:\n  - {id: classify, uses: echo}\n  - {id: yes, uses: echo, needs: [classify], when: \"${{ steps.classify.output.label == 'a' }}\"}\n  - {id: no, uses: echo, needs: [classify], when: \"${{ steps.classify.output.label != 'a' }}\"}\n  - {id: after, uses: echo, needs: [yes, no]}\n";
+        let mut m = machine(yaml, json!({}));
+        m.advance();
+        let e = ok(&mut m, "classify", 0, json!({ "label": "b" }));
+        assert_eq!(started(&e), [("no".into(), 0)]);
+        assert_eq!(state(&m, "yes"), StepState::Skipped);
+        let e = ok(&mut m, "no", 0, json!("handled"));
+        assert_eq!(started(&e), [("after".into(), 0)]);
+    }
+
+    #[test]
+    fn foreach_keeps_parallel_tasks_in_flight_and_gathers_in_order() {
+        let yaml = "inputs: {xs: array}\nsteps:\n  - {id: fan, uses: echo, foreach: '${{ inputs.xs }}', parallel: 2, with: {x: '${{ item }}', i: '${{ index }}'}}\n";
+        let mut m = machine(yaml, json!({ "xs": ["a", "b", "c", "d", "e"] }));
+        let e = m.advance();
+        assert_eq!(started(&e), [("fan".into(), 0), ("fan".into(), 1)]);
+        let input = m.task_input(0, 1).unwrap();
+        assert_eq!(
+            (input["with"].clone(), input["item"].clone()),
+            (json!({ "x": "b", "i": 1 }), json!("b"))
+        );
+        // Out of order: task 1 finishes first and frees a slot for task 2.
+        assert_eq!(
+            started(&ok(&mut m, "fan", 1, json!("B"))),
+            [("fan".into(), 2)]
+        );
+        assert_eq!(
+            started(&ok(&mut m, "fan", 0, json!("A"))),
+            [("fan".into(), 3)]
+        );
+        assert_eq!(m.step_view(0).items_done, 2);
+        assert_eq!(m.step_view(0).items_total, 5);
+        assert_eq!(
+            started(&ok(&mut m, "fan", 3, json!("D"))),
+            [("fan".into(), 4)]
+        );
+        ok(&mut m, "fan", 4, json!("E"));
+        let e = ok(&mut m, "fan", 2, json!("C"));
+        assert_eq!(
+            finished(&e).unwrap().1,
+            Some(json!({ "fan": ["A", "B", "C", "D", "E"] }))
+        );
+    }
+
+    #[test]
+    fn a_failed_item_fails_the_step_and_stale_siblings_are_fenced() {
+        let yaml = "steps:\n  - {id: fan, uses: echo, foreach: '${{ [1, 2] }}', retry: {max_attempts: 1}}\n";
+        let mut m = machine(yaml, json!({}));
+        m.advance();
+        let sibling = token(&m, "fan", 1);
+        let t0 = token(&m, "fan", 0);
+        let d = m
+            .on_result(&TaskResult {
+                token: t0,
+                outcome: Err(TaskError::new("boom", "no", true)),
+            })
+            .unwrap();
+        let (state, _, error) = finished(&d.events).unwrap();
+        assert_eq!(state, RunState::Failed);
+        assert!(error.unwrap().contains("item 0: boom: no"));
+        assert!(
+            m.on_result(&TaskResult {
+                token: sibling,
+                outcome: Ok(json!(2))
+            })
+            .is_none()
+        );
+    }
+
+    #[test]
+    fn a_loop_repeats_until_its_condition_holds_and_sees_the_previous_output() {
+        let yaml = "steps:\n  - id: review\n    uses: echo\n    with: {round: '${{ iteration }}', last: '${{ output }}'}\n    loop: {until: '${{ output.score >= 2 }}', max_iterations: 5}\n";
+        let mut m = machine(yaml, json!({}));
+        assert_eq!(started(&m.advance()), [("review".into(), 0)]);
+        assert_eq!(
+            started(&ok(&mut m, "review", 0, json!({ "score": 0 }))),
+            [("review".into(), 1)]
+        );
+        let input = m.task_input(0, 1).unwrap();
+        assert_eq!(input["with"], json!({ "round": 1, "last": { "score": 0 } }));
+        ok(&mut m, "review", 1, json!({ "score": 1 }));
+        let e = ok(&mut m, "review", 2, json!({ "score": 2 }));
+        assert_eq!(
+            finished(&e).unwrap().1,
+            Some(json!({ "review": { "score": 2 } }))
+        );
+        assert_eq!(m.step_view(0).iteration, 3);
+    }
+
+    #[test]
+    fn a_loop_that_never_converges_fails_at_its_cap() {
+        let yaml = "steps:\n  - {id: l, uses: echo, loop: {until: 'false', max_iterations: 2}}\n";
+        let mut m = machine(yaml, json!({}));
+        m.advance();
+        ok(&mut m, "l", 0, json!(0));
+        let e = ok(&mut m, "l", 1, json!(1));
+        let error = finished(&e).unwrap().2.unwrap();
+        assert!(error.contains("still false after 2 iterations"), "{error}");
+    }
+
+    #[test]
+    fn retries_follow_the_step_policy_and_skip_non_retryable_codes() {
+        let yaml = "steps:\n  - {id: a, uses: flaky, retry: {max_attempts: 4, backoff: 1s, multiplier: 3, max_backoff: 5s, non_retryable: [bad_prompt]}}\n";
+        let mut m = machine(yaml, json!({}));
+        m.advance();
+        let mut delays = Vec::new();
+        for _ in 0..3 {
+            let token = token(&m, "a", 0);
+            let d = m
+                .on_failed(&token, TaskError::new("flaky", "again", true))
+                .unwrap();
+            let r = d.retry_after.expect("retried");
+            delays.push(r.delay);
+            assert_eq!(
+                started(&m.on_retry(&r.step, r.index, r.attempt)),
+                [("a".into(), 0)]
+            );
+        }
+        assert_eq!(
+            delays,
+            [
+                Duration::from_secs(1),
+                Duration::from_secs(3),
+                Duration::from_secs(5)
+            ]
+        );
+        let token = token(&m, "a", 0);
+        let d = m
+            .on_failed(&token, TaskError::new("bad_prompt", "no", true))
+            .unwrap();
+        assert!(
+            d.retry_after.is_none(),
+            "a non_retryable code is not retried"
+        );
+        assert_eq!(finished(&d.events).unwrap().0, RunState::Failed);
+        assert_eq!(
+            jittered(Duration::from_secs(10), 0.1, 1.0),
+            Duration::from_secs(9)
+        );
+    }
+
+    #[test]
+    fn on_failure_continue_lets_the_run_go_on() {
+        let yaml = "steps:\n  - {id: a, uses: x, on_failure: continue}\n  - {id: b, uses: x, needs: [a], with: {s: '${{ steps.a.state }}'}}\n";
+        let mut m = machine(yaml, json!({}));
+        m.advance();
+        let token = token(&m, "a", 0);
+        let d = m
+            .on_failed(&token, TaskError::new("bad_input", "no", false))
+            .unwrap();
+        assert_eq!(started(&d.events), [("b".into(), 0)]);
+        assert_eq!(
+            m.task_input(1, 0).unwrap()["with"],
+            json!({ "s": "failed" })
+        );
+        let e = ok(&mut m, "b", 0, json!("done"));
+        assert_eq!(finished(&e).unwrap().0, RunState::Succeeded);
+    }
+
+    #[test]
+    fn approvals_wait_for_a_decision_and_time_out() {
+        let yaml = "steps:\n  - {id: gate, approval: {message: 'ship ${{ inputs.v }}?', timeout: 1h}}\n  - {id: ship, uses: echo, needs: [gate]}\n";
+        let mut m = machine(yaml, json!({ "v": 2 }));
+        m.advance();
+        assert_eq!(state(&m, "gate"), StepState::AwaitingApproval);
+        assert_eq!(m.step_view(0).detail.as_deref(), Some("ship 2?"));
+        let err = m.on_decision(&"ship".into(), true, "", "").unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("does not await approval (it is pending)")
+        );
+        // Too early: the timer fired before the wait's end (a clock step): nothing happens.
+        assert!(m.on_wait_expired(&"gate".into(), now_ms()).is_empty());
+        let e = m.on_decision(&"gate".into(), true, "fine", "ana").unwrap();
+        assert_eq!(started(&e), [("ship".into(), 0)]);
+        assert_eq!(
+            m.step(&"gate".into()).unwrap().output,
+            Some(json!({ "approved": true, "comment": "fine", "by": "ana" }))
+        );
+
+        let mut m = machine(yaml, json!({ "v": 3 }));
+        m.advance();
+        let e = m.on_wait_expired(&"gate".into(), now_ms() + 3_600_001);
+        assert!(
+            finished(&e)
+                .unwrap()
+                .2
+                .unwrap()
+                .contains("approval_timeout: no decision within 1h")
+        );
+
+        let mut m = machine(yaml, json!({ "v": 4 }));
+        m.advance();
+        let e = m
+            .on_decision(&"gate".into(), false, "not now", "bo")
+            .unwrap();
+        assert!(
+            finished(&e)
+                .unwrap()
+                .2
+                .unwrap()
+                .contains("rejected by bo: not now")
+        );
+    }
+
+    #[test]
+    fn signals_complete_waiting_steps_and_are_kept_for_later_ones() {
+        let yaml =
+            "steps:\n  - {id: a, uses: echo}\n  - {id: w, needs: [a], wait_for: {signal: go}}\n";
+        let mut m = machine(yaml, json!({}));
+        m.advance();
+        // Sent before anyone waits: kept.
+        assert!(started(&m.on_signal("go", json!({ "n": 1 }))).is_empty());
+        let e = ok(&mut m, "a", 0, json!(0));
+        assert_eq!(finished(&e).unwrap().1, Some(json!({ "w": { "n": 1 } })));
+
+        let mut m = machine(yaml, json!({}));
+        m.advance();
+        ok(&mut m, "a", 0, json!(0));
+        assert_eq!(state(&m, "w"), StepState::Waiting);
+        let e = m.on_signal("go", json!(7));
+        assert_eq!(finished(&e).unwrap().0, RunState::Succeeded);
+    }
+
+    #[test]
+    fn replaying_the_journal_rebuilds_the_run_mid_loop_mid_fan_out_and_mid_wait() {
+        let yaml = "steps:\n  - {id: fan, uses: echo, foreach: '${{ [1, 2, 3] }}', parallel: 2}\n  - {id: l, uses: echo, loop: {until: 'output > 1', max_iterations: 5}}\n  - {id: gate, approval: {}}\n";
+        let mut m = machine(yaml, json!({}));
+        let mut journal = m.advance();
+        journal.extend(ok(&mut m, "fan", 0, json!("x")));
+        journal.extend(ok(&mut m, "l", 0, json!(0)));
+        assert_eq!(state(&m, "gate"), StepState::AwaitingApproval);
+        // A coordinator restart: a new epoch, the state from the journal alone.
+        let mut again = machine(yaml, json!({}));
+        again.epoch = 2;
+        let mut again = again.replay(&journal);
+        assert_eq!(again.steps, m.steps);
+        let e = again.restart_running();
+        assert_eq!(
+            started(&e),
+            [("fan".into(), 1), ("fan".into(), 2), ("l".into(), 1)],
+            "in-flight tasks get new attempts; task 0 and iteration 0 are not run again"
+        );
+        assert!(
+            e.iter()
+                .all(|e| !matches!(e, JournalEvent::StepStarted { epoch, .. } if *epoch != 2))
+        );
+        assert_eq!(state(&again, "gate"), StepState::AwaitingApproval);
+    }
+
+    #[test]
+    fn an_expression_error_fails_the_step_with_its_reason() {
+        let yaml = "steps:\n  - {id: a, uses: echo, foreach: '${{ inputs.missing }}'}\n";
+        let mut m = machine(yaml, json!({}));
+        let (state, _, error) = finished(&m.advance()).unwrap();
+        assert_eq!(state, RunState::Failed);
+        assert!(error.unwrap().contains("foreach:"), "names the field");
+    }
+}
