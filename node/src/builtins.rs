@@ -31,6 +31,7 @@ impl ExecutionLog {
                 "agent": agent,
                 "run_id": ctx.run_id(),
                 "step_id": ctx.step_id(),
+                "index": ctx.token().index,
                 "attempt": ctx.attempt(),
                 "epoch": ctx.token().epoch,
             });

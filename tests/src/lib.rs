@@ -389,6 +389,41 @@ drain_grace = "20s"
             .expect("rows")
     }
 
+    /// Accepted task results per (run, step, task index), from the journal.
+    pub fn accepted_tasks(&self) -> HashMap<(String, String, u32), u32> {
+        let conn = rusqlite::Connection::open_with_flags(
+            self.db_path(),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .expect("open the store");
+        let mut stmt = conn
+            .prepare(
+                "SELECT run_id, step_id, json_extract(event, '$.index'), COUNT(*) FROM journal
+                 WHERE kind = 'task_succeeded' GROUP BY 1, 2, 3",
+            )
+            .expect("query");
+        stmt.query_map([], |r| Ok(((r.get(0)?, r.get(1)?, r.get(2)?), r.get(3)?)))
+            .expect("rows")
+            .collect::<Result<_, _>>()
+            .expect("rows")
+    }
+
+    /// Attempts started per (run, step, task index) on a node, from its execution log.
+    pub fn task_executions(&self, node: &str) -> HashMap<(String, String, u32), u32> {
+        let text = std::fs::read_to_string(self.exec_log(node)).unwrap_or_default();
+        let mut counts = HashMap::new();
+        for line in text.lines() {
+            let v: serde_json::Value = serde_json::from_str(line).expect("execution log line");
+            let key = (
+                v["run_id"].as_str().unwrap().to_owned(),
+                v["step_id"].as_str().unwrap().to_owned(),
+                v["index"].as_u64().unwrap_or(0) as u32,
+            );
+            *counts.entry(key).or_insert(0) += 1;
+        }
+        counts
+    }
+
     /// Attempts started per (run, step) on a node, from its execution log.
     pub fn executions(&self, node: &str) -> HashMap<(String, String), u32> {
         let text = std::fs::read_to_string(self.exec_log(node)).unwrap_or_default();

@@ -1,0 +1,401 @@
+//! Workflows through real processes: every file of `examples/workflows/` on a coordinator
+//! and a node with the built-in agents, approvals and signals sent with the `mesh` CLI, bad
+//! definitions refused with their paths, and a coordinator killed with `kill -9` in the
+//! middle of a loop, a fan-out and an approval wait.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use mesh_agent_sdk::{
+    ClientError, GoalClient, GoalSpec, RpcCode, RunId, RunState, RunView, StepState,
+};
+use mesh_tests::{Mesh, Timings, mesh_bin, wait_for};
+use serde_json::{Value, json};
+
+const AGENTS: &str = r#"
+[[agents]]
+kind = "echo"
+max_concurrency = 16
+[[agents]]
+kind = "sleep"
+max_concurrency = 16
+[[agents]]
+kind = "flaky"
+max_concurrency = 4
+"#;
+
+fn example(name: &str) -> String {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples/workflows")
+        .join(name);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn workflow_goal(text: &str, inputs: Value) -> GoalSpec {
+    GoalSpec {
+        objective: String::new(),
+        inputs,
+        steps: Vec::new(),
+        workflow: Some(text.to_owned()),
+        idempotency_key: None,
+    }
+}
+
+async fn run_to_end(client: &GoalClient, text: &str, inputs: Value) -> RunView {
+    let run = client.submit(workflow_goal(text, inputs)).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(30), client.wait(&run.run_id))
+        .await
+        .expect("the run finishes within 30 s")
+        .unwrap()
+}
+
+fn step<'a>(view: &'a RunView, id: &str) -> &'a mesh_agent_sdk::StepView {
+    view.steps.iter().find(|s| s.id.as_str() == id).unwrap()
+}
+
+async fn wait_step(client: &GoalClient, run: &RunId, id: &str, state: StepState) -> RunView {
+    wait_for(
+        &format!("step {id} {state}"),
+        Duration::from_secs(20),
+        || async {
+            let view = client.get_run(run).await.ok()?;
+            (step(&view, id).state == state).then_some(view)
+        },
+    )
+    .await
+}
+
+/// Runs the `mesh` CLI against the mesh; returns its stdout.
+fn cli(mesh: &Mesh, args: &[&str]) -> String {
+    let out = Command::new(mesh_bin())
+        .args(["--coordinator", &mesh.url()])
+        .args(args)
+        .output()
+        .expect("run mesh");
+    assert!(
+        out.status.success(),
+        "mesh {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test]
+async fn every_example_workflow_runs_with_the_built_in_agents() {
+    let mut mesh = Mesh::start(Timings::default()).await;
+    mesh.start_node("n1", AGENTS).await;
+    let client = mesh.client().await;
+
+    let view = run_to_end(&client, &example("review-loop.yaml"), json!({})).await;
+    assert_eq!(view.state, RunState::Succeeded, "{:?}", view.error);
+    let out = view.output.clone().unwrap();
+    assert_eq!(
+        out["rounds"],
+        json!(3),
+        "0.3, 0.6, 0.9: three rounds to pass 0.8"
+    );
+    assert!(out["score"].as_f64().unwrap() > 0.8);
+    assert_eq!(step(&view, "review").iteration, 3);
+
+    let view = run_to_end(&client, &example("research-fanout.yaml"), json!({})).await;
+    assert_eq!(view.state, RunState::Succeeded, "{:?}", view.error);
+    assert_eq!(
+        view.output.clone().unwrap()["summary"],
+        json!({ "count": 4, "topics": ["actors", "leases", "fencing tokens", "group commit"] }),
+        "results are gathered in the order of the items"
+    );
+    let research = step(&view, "research");
+    assert_eq!((research.items_done, research.items_total), (4, 4));
+
+    let view = run_to_end(
+        &client,
+        &example("classify-branch.yaml"),
+        json!({ "text": "a refund please" }),
+    )
+    .await;
+    assert_eq!(view.output.clone().unwrap()["routed_to"], json!("billing"));
+    assert_eq!(step(&view, "general").state, StepState::Skipped);
+    let view = run_to_end(
+        &client,
+        &example("classify-branch.yaml"),
+        json!({ "text": "hello" }),
+    )
+    .await;
+    assert_eq!(view.output.clone().unwrap()["routed_to"], json!("general"));
+    assert_eq!(step(&view, "billing").state, StepState::Skipped);
+
+    let view = run_to_end(&client, &example("flaky-retries.yaml"), json!({})).await;
+    assert_eq!(view.state, RunState::Succeeded, "{:?}", view.error);
+    assert_eq!(
+        step(&view, "call-model").attempt,
+        2,
+        "one retry after the failure"
+    );
+    assert_eq!(step(&view, "optional-enrichment").state, StepState::Failed);
+    assert_eq!(
+        step(&view, "report").output.as_ref().unwrap()["with"],
+        json!({ "attempts": 2, "enrichment": "failed" })
+    );
+
+    // An approval, given with the CLI.
+    let run = client
+        .submit(workflow_goal(&example("approval-gate.yaml"), json!({})))
+        .await
+        .unwrap();
+    let view = wait_step(
+        &client,
+        &run.run_id,
+        "sign-off",
+        StepState::AwaitingApproval,
+    )
+    .await;
+    assert_eq!(
+        step(&view, "sign-off").detail.as_deref(),
+        Some("Publish 'Release notes'?")
+    );
+    assert_eq!(step(&view, "publish").state, StepState::Pending);
+    cli(
+        &mesh,
+        &[
+            "run",
+            "approve",
+            run.run_id.as_str(),
+            "sign-off",
+            "--comment",
+            "ship it",
+            "--by",
+            "tester",
+        ],
+    );
+    let view = client.wait(&run.run_id).await.unwrap();
+    assert_eq!(view.state, RunState::Succeeded);
+    assert_eq!(
+        step(&view, "publish").output.as_ref().unwrap()["with"],
+        json!({ "approved_by": "tester" })
+    );
+
+    // A rejection fails the run and says who and why.
+    let run = client
+        .submit(workflow_goal(&example("approval-gate.yaml"), json!({})))
+        .await
+        .unwrap();
+    wait_step(
+        &client,
+        &run.run_id,
+        "sign-off",
+        StepState::AwaitingApproval,
+    )
+    .await;
+    cli(
+        &mesh,
+        &[
+            "run",
+            "reject",
+            run.run_id.as_str(),
+            "sign-off",
+            "--comment",
+            "not yet",
+            "--by",
+            "qa",
+        ],
+    );
+    let view = client.wait(&run.run_id).await.unwrap();
+    assert_eq!(view.state, RunState::Failed);
+    assert!(view.error.unwrap().contains("rejected by qa: not yet"));
+
+    // A signal, sent with the CLI.
+    let run = client
+        .submit(workflow_goal(&example("wait-for-signal.yaml"), json!({})))
+        .await
+        .unwrap();
+    wait_step(&client, &run.run_id, "wait", StepState::Waiting).await;
+    cli(
+        &mesh,
+        &[
+            "run",
+            "signal",
+            run.run_id.as_str(),
+            "go",
+            "--payload",
+            r#"{"ticket": 7}"#,
+        ],
+    );
+    let view = client.wait(&run.run_id).await.unwrap();
+    assert_eq!(view.state, RunState::Succeeded);
+    assert_eq!(
+        step(&view, "finish").output.as_ref().unwrap()["with"],
+        json!({ "ticket": 7 })
+    );
+    // A finished run takes no more signals.
+    let err = client
+        .signal(&run.run_id, "go", &json!(1))
+        .await
+        .unwrap_err();
+    assert!(err.code() == Some(RpcCode::FailedPrecondition), "{err}");
+}
+
+#[tokio::test]
+async fn invalid_workflows_are_refused_with_the_path_of_each_problem() {
+    let mesh = Mesh::start(Timings::default()).await;
+    let client = mesh.client().await;
+    let cases = [
+        (
+            "steps:\n  - {id: a, uses: echo, loop: {until: 'true'}}\n",
+            "steps[0].loop.max_iterations: required",
+        ),
+        (
+            "steps:\n  - {id: a, uses: echo, with: {q: '${{ steps.nope.output }}'}}\n",
+            "steps[0]: `steps.nope` names no step",
+        ),
+        (
+            "steps:\n  - {id: a, uses: echo, timeout: forever}\n",
+            "steps[0].timeout",
+        ),
+        (
+            "inputs: {n: integer}\nsteps:\n  - {id: a, uses: echo}\n",
+            "inputs.n: required",
+        ),
+    ];
+    for (text, want) in cases {
+        let err = client
+            .submit(workflow_goal(text, json!({})))
+            .await
+            .unwrap_err();
+        match &err {
+            ClientError::Rpc { code, message } => {
+                assert_eq!(*code, RpcCode::InvalidArgument, "{text}");
+                assert!(message.contains(want), "{text}: {message}");
+            }
+            other => panic!("{text}: {other}"),
+        }
+    }
+    // Nothing was stored.
+    assert!(
+        client
+            .list_runs(None, 10, None)
+            .await
+            .unwrap()
+            .runs
+            .is_empty()
+    );
+    // Deciding a step that does not await approval says so.
+    let run = client
+        .submit(workflow_goal(
+            "steps:\n  - {id: a, uses: nobody-has-this}\n",
+            json!({}),
+        ))
+        .await
+        .unwrap();
+    let err = client
+        .decide(&run.run_id, "a", true, "", "")
+        .await
+        .unwrap_err();
+    match &err {
+        ClientError::Rpc { code, message } => {
+            assert_eq!(*code, RpcCode::FailedPrecondition);
+            assert!(message.contains("does not await approval"), "{message}");
+        }
+        other => panic!("{other}"),
+    }
+}
+
+#[tokio::test]
+async fn a_coordinator_killed_mid_loop_mid_fan_out_and_mid_approval_resumes_without_rerunning_done_work()
+ {
+    let mut mesh = Mesh::start(Timings::default()).await;
+    mesh.start_node("n1", AGENTS).await;
+    let client = mesh.client().await;
+    let text = r#"
+steps:
+  - id: gate
+    approval: { message: "go on?", timeout: 1h }
+  - id: fan
+    uses: sleep
+    foreach: "${{ [0, 1, 2, 3, 4, 5, 6, 7] }}"
+    parallel: 2
+    with: { ms: 300, item: "${{ item }}" }
+  - id: loop
+    uses: sleep
+    with: { ms: 300, round: "${{ iteration }}" }
+    loop: { until: "${{ output.with.round >= 5 }}", max_iterations: 10 }
+  - id: after
+    uses: echo
+    needs: [gate, fan, loop]
+"#;
+    let run = client
+        .submit(workflow_goal(text, json!({})))
+        .await
+        .unwrap()
+        .run_id;
+    // Kill the coordinator once some of the fan-out and some iterations are done.
+    let before = wait_for("some work done", Duration::from_secs(20), || async {
+        let view = client.get_run(&run).await.ok()?;
+        let (fan, lp) = (step(&view, "fan"), step(&view, "loop"));
+        (fan.items_done >= 2 && lp.iteration >= 2).then_some(view)
+    })
+    .await;
+    assert_eq!(step(&before, "gate").state, StepState::AwaitingApproval);
+    mesh.coordinator.as_mut().unwrap().kill9();
+    mesh.start_coordinator().await;
+    let client = mesh.client().await;
+    let view = wait_step(&client, &run, "gate", StepState::AwaitingApproval).await;
+    assert_eq!(
+        view.state,
+        RunState::Running,
+        "still waiting for its approval"
+    );
+    client
+        .decide(&run, "gate", true, "after the restart", "ops")
+        .await
+        .unwrap();
+    let view = tokio::time::timeout(Duration::from_secs(30), client.wait(&run))
+        .await
+        .expect("finishes")
+        .unwrap();
+    assert_eq!(view.state, RunState::Succeeded, "{:?}", view.error);
+    assert_eq!(step(&view, "loop").iteration, 6);
+    assert_eq!(
+        step(&view, "fan")
+            .output
+            .as_ref()
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len(),
+        8
+    );
+
+    // Exactly one accepted result per task; every task that had finished before the kill
+    // ran exactly once.
+    let accepted = mesh.accepted_tasks();
+    let executions = mesh.task_executions("n1");
+    for k in 0..8u32 {
+        let key = (run.0.clone(), "fan".to_owned(), k);
+        assert_eq!(accepted.get(&key), Some(&1), "fan[{k}]");
+    }
+    for k in 0..6u32 {
+        let key = (run.0.clone(), "loop".to_owned(), k);
+        assert_eq!(accepted.get(&key), Some(&1), "loop[{k}]");
+    }
+    // The loop's iterations before the last one seen had finished; fan-out tasks that
+    // had finished are never run again, so at most the two in flight ran twice.
+    let loop_done = step(&before, "loop").iteration - 1;
+    for k in 0..loop_done {
+        let key = (run.0.clone(), "loop".to_owned(), k);
+        assert_eq!(
+            executions.get(&key),
+            Some(&1),
+            "loop[{k}] finished before the kill"
+        );
+    }
+    let fan_runs: u32 = executions
+        .iter()
+        .filter(|((r, s, _), _)| r == &run.0 && s == "fan")
+        .map(|(_, n)| n)
+        .sum();
+    assert!(
+        (8..=10).contains(&fan_runs),
+        "8 tasks, at most 2 in flight at the kill: {fan_runs} executions"
+    );
+}
