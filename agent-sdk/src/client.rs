@@ -7,6 +7,7 @@ use mesh_proto::domain::*;
 use mesh_proto::pb;
 use mesh_proto::pb::goal_service_client::GoalServiceClient;
 use mesh_proto::pb::registry_service_client::RegistryServiceClient;
+use mesh_proto::pb::workflow_service_client::WorkflowServiceClient;
 use tonic::transport::{Channel, Endpoint};
 
 /// The gRPC status of a failed call, without the transport's types.
@@ -77,6 +78,14 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(15);
 pub struct GoalClient {
     goals: GoalServiceClient<Channel>,
     registry: RegistryServiceClient<Channel>,
+    workflows: WorkflowServiceClient<Channel>,
+}
+
+/// One problem of a workflow definition, as `validate_workflow` reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkflowProblem {
+    pub path: String,
+    pub message: String,
 }
 
 fn request<T>(msg: T) -> tonic::Request<T> {
@@ -101,7 +110,8 @@ impl GoalClient {
             .map_err(|e| err(e.to_string()))?;
         Ok(Self {
             goals: GoalServiceClient::new(channel.clone()),
-            registry: RegistryServiceClient::new(channel),
+            registry: RegistryServiceClient::new(channel.clone()),
+            workflows: WorkflowServiceClient::new(channel),
         })
     }
 
@@ -143,6 +153,84 @@ impl GoalClient {
         Ok(r.into_inner().into())
     }
 
+    /// Registers a workflow definition (YAML or JSON text with `name` and `version`);
+    /// `created` is false when this exact version was registered before.
+    pub async fn register_workflow(
+        &self,
+        definition: &str,
+    ) -> Result<(WorkflowRecord, bool), ClientError> {
+        let r = self
+            .workflows
+            .clone()
+            .register(request(pb::RegisterWorkflowRequest {
+                definition: definition.to_owned(),
+            }))
+            .await?
+            .into_inner();
+        let created = r.created;
+        Ok((r.into(), created))
+    }
+
+    /// A registered workflow; its newest version when `version` is `None`.
+    pub async fn get_workflow(
+        &self,
+        name: &str,
+        version: Option<u32>,
+    ) -> Result<WorkflowRecord, ClientError> {
+        let r = self
+            .workflows
+            .clone()
+            .get(request(pb::GetWorkflowRequest {
+                name: name.to_owned(),
+                version: version.unwrap_or(0),
+            }))
+            .await?;
+        Ok(r.into_inner().into())
+    }
+
+    /// One page of registered workflows, by name then newest version first.
+    pub async fn list_workflows(
+        &self,
+        name: Option<&str>,
+        page_size: u32,
+        page_token: Option<String>,
+    ) -> Result<(Vec<WorkflowRecord>, Option<String>), ClientError> {
+        let r = self
+            .workflows
+            .clone()
+            .list(request(pb::ListWorkflowsRequest {
+                name: name.unwrap_or_default().to_owned(),
+                page_size,
+                page_token: page_token.unwrap_or_default(),
+            }))
+            .await?
+            .into_inner();
+        let next = (!r.next_page_token.is_empty()).then_some(r.next_page_token);
+        Ok((r.workflows.into_iter().map(Into::into).collect(), next))
+    }
+
+    /// Checks a definition on the coordinator without storing it.
+    pub async fn validate_workflow(
+        &self,
+        definition: &str,
+    ) -> Result<Vec<WorkflowProblem>, ClientError> {
+        let r = self
+            .workflows
+            .clone()
+            .validate(request(pb::ValidateWorkflowRequest {
+                definition: definition.to_owned(),
+            }))
+            .await?
+            .into_inner();
+        Ok(r.problems
+            .into_iter()
+            .map(|p| WorkflowProblem {
+                path: p.path,
+                message: p.message,
+            })
+            .collect())
+    }
+
     /// Approves (`approved`) or rejects a step that awaits approval.
     pub async fn decide(
         &self,
@@ -164,6 +252,38 @@ impl GoalClient {
         } else {
             goals.reject(req).await?
         };
+        Ok(r.into_inner().into())
+    }
+
+    /// Runs a failed or parked step again, with every step that depends on it.
+    pub async fn retry_run(&self, run_id: &RunId, from_step: &str) -> Result<RunView, ClientError> {
+        let r = self
+            .goals
+            .clone()
+            .retry_run(request(pb::RetryRunRequest {
+                run_id: run_id.0.clone(),
+                from_step: from_step.to_owned(),
+            }))
+            .await?;
+        Ok(r.into_inner().into())
+    }
+
+    /// Skips a parked step: its dependents go on without it.
+    pub async fn skip_step(
+        &self,
+        run_id: &RunId,
+        step: &str,
+        comment: &str,
+    ) -> Result<RunView, ClientError> {
+        let r = self
+            .goals
+            .clone()
+            .skip_step(request(pb::SkipStepRequest {
+                run_id: run_id.0.clone(),
+                step_id: step.to_owned(),
+                comment: comment.to_owned(),
+            }))
+            .await?;
         Ok(r.into_inner().into())
     }
 

@@ -45,11 +45,11 @@ mod metrics;
 mod runtime;
 
 pub use agent::{Agent, AgentCard, AgentError, Context, Progress};
-pub use client::{ClientError, GoalClient, RpcCode};
+pub use client::{ClientError, GoalClient, RpcCode, WorkflowProblem};
 pub use error::{Error, Result};
 pub use mesh_proto::domain::{
     AgentKey, AgentView, FencingToken, GoalSpec, Health, NodeView, RunEvent, RunId, RunPage,
     RunRef, RunState, RunSummary, RunView, SkillSpec, StepId, StepSpec, StepState, StepView,
-    SwarmMember,
+    SwarmMember, WorkflowRecord,
 };
 pub use runtime::{NodeRuntime, NodeRuntimeBuilder, RuntimeConfig};

@@ -13,9 +13,15 @@ use crate::output::{self, step_line, table};
 
 #[derive(Subcommand)]
 pub enum GoalCommand {
-    /// Submit a workflow file (YAML or JSON) as a goal; it is validated first.
+    /// Submit a workflow file (YAML or JSON) as a goal, validated first; or, with
+    /// `--workflow NAME@VERSION`, a registered workflow; or, with only `--objective`, a text
+    /// goal that an agent with the `plan` skill turns into a workflow.
     Submit {
-        file: PathBuf,
+        #[arg(required_unless_present_any = ["workflow", "objective"], conflicts_with = "workflow")]
+        file: Option<PathBuf>,
+        /// A registered workflow, `NAME@VERSION` or `NAME` (its newest version).
+        #[arg(long)]
+        workflow: Option<String>,
         /// An input of the workflow, `key=value` (the value as JSON if it parses, else text).
         #[arg(long = "input", value_name = "KEY=VALUE")]
         inputs: Vec<String>,
@@ -63,6 +69,21 @@ pub enum RunCommand {
         #[arg(long, env = "USER", default_value = "")]
         by: String,
     },
+    /// Run a failed or parked step again, with every step that depends on it; a failed run
+    /// runs again from there. Every other result is kept.
+    Retry {
+        run_id: String,
+        /// The step to run again.
+        #[arg(long = "from")]
+        from: String,
+    },
+    /// Skip a parked step: its dependents go on without it.
+    Skip {
+        run_id: String,
+        step: String,
+        #[arg(long, default_value = "")]
+        comment: String,
+    },
     /// Send a named signal to a run; steps waiting for it complete with the payload.
     Signal {
         run_id: String,
@@ -89,14 +110,27 @@ pub async fn goal(url: &str, format: Output, command: GoalCommand) -> Result<()>
     match command {
         GoalCommand::Submit {
             file,
+            workflow,
             inputs,
             objective,
             watch,
             idempotency_key,
         } => {
-            let (name, text) = crate::goalfile::read(&file)?;
             let inputs = crate::goalfile::inputs(&inputs)?;
-            let mut goal = crate::goalfile::goal(&name, &text, inputs, objective)?;
+            let mut goal = match (file, workflow) {
+                (Some(file), _) => {
+                    let (name, text) = crate::goalfile::read(&file)?;
+                    crate::goalfile::goal(&name, &text, inputs, objective)?
+                }
+                (None, reference) => GoalSpec {
+                    objective: objective.unwrap_or_default(),
+                    inputs,
+                    steps: Vec::new(),
+                    workflow: None,
+                    workflow_ref: reference,
+                    idempotency_key: None,
+                },
+            };
             goal.idempotency_key = idempotency_key;
             let run = client.submit(goal).await?;
             match format {
@@ -205,6 +239,18 @@ pub async fn run(url: &str, format: Output, command: RunCommand) -> Result<()> {
             let view = client
                 .decide(&run_id(id)?, &step, false, &comment, &by)
                 .await?;
+            output::run(&view, format);
+        }
+        RunCommand::Retry { run_id: id, from } => {
+            let view = client.retry_run(&run_id(id)?, &from).await?;
+            output::run(&view, format);
+        }
+        RunCommand::Skip {
+            run_id: id,
+            step,
+            comment,
+        } => {
+            let view = client.skip_step(&run_id(id)?, &step, &comment).await?;
             output::run(&view, format);
         }
         RunCommand::Signal {

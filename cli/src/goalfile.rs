@@ -41,6 +41,7 @@ pub fn goal(name: &str, text: &str, inputs: Value, objective: Option<String>) ->
         inputs,
         steps: Vec::new(),
         workflow: Some(text.to_owned()),
+        workflow_ref: None,
         idempotency_key: None,
     })
 }

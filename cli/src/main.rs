@@ -5,6 +5,7 @@ mod client;
 mod dev;
 mod goalfile;
 mod output;
+mod workflows;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -88,6 +89,11 @@ enum Command {
     Goal {
         #[command(subcommand)]
         command: client::GoalCommand,
+    },
+    /// Register, read, list and validate workflow definitions.
+    Workflow {
+        #[command(subcommand)]
+        command: workflows::WorkflowCommand,
     },
     /// Read, watch, cancel and list runs.
     Run {
@@ -218,6 +224,10 @@ async fn main() -> Result<()> {
         Command::Goal { command } => {
             init_tracing("warn");
             client::goal(&cli.coordinator, cli.output, command).await
+        }
+        Command::Workflow { command } => {
+            init_tracing("warn");
+            workflows::workflow(&cli.coordinator, cli.output, command).await
         }
         Command::Run { command } => {
             init_tracing("warn");

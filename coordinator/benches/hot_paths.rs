@@ -35,6 +35,7 @@ fn chain(n: usize) -> GoalSpec {
             .collect(),
         idempotency_key: None,
         workflow: None,
+        workflow_ref: None,
     }
 }
 
@@ -80,7 +81,9 @@ fn dispatcher_selection(c: &mut Criterion) {
 }
 
 fn stored(goal: GoalSpec) -> StoredGoal {
-    swarms::prepare(goal, &Limits::default()).unwrap()
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    swarms::prepare(goal, &Limits::default(), &store).unwrap()
 }
 
 fn journal_append(c: &mut Criterion) {

@@ -12,6 +12,10 @@ pub enum Error {
     InvalidWorkflow(#[from] mesh_workflow::Invalid),
     #[error("run `{0}` not found")]
     RunNotFound(String),
+    #[error("workflow `{0}` is not registered")]
+    WorkflowNotFound(String),
+    #[error("{0}")]
+    AlreadyExists(String),
     #[error("node `{0}` is not live")]
     NodeNotFound(String),
     #[error("{0}")]
@@ -39,7 +43,10 @@ impl From<Error> for tonic::Status {
             Error::InvalidArgument(_) | Error::InvalidWorkflow(_) => {
                 tonic::Status::invalid_argument(msg)
             }
-            Error::RunNotFound(_) | Error::NodeNotFound(_) => tonic::Status::not_found(msg),
+            Error::RunNotFound(_) | Error::NodeNotFound(_) | Error::WorkflowNotFound(_) => {
+                tonic::Status::not_found(msg)
+            }
+            Error::AlreadyExists(_) => tonic::Status::already_exists(msg),
             Error::FailedPrecondition(_) => tonic::Status::failed_precondition(msg),
             Error::ResourceExhausted(_) => {
                 let mut status = tonic::Status::resource_exhausted(msg);

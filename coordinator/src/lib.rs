@@ -148,6 +148,7 @@ async fn serve_grpc(
     use pb::goal_service_server::GoalServiceServer;
     use pb::node_service_server::NodeServiceServer;
     use pb::registry_service_server::RegistryServiceServer;
+    use pb::workflow_service_server::WorkflowServiceServer;
 
     let max = grpc::MAX_MESSAGE_BYTES;
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -159,6 +160,9 @@ async fn serve_grpc(
         .await;
     health_reporter
         .set_serving::<RegistryServiceServer<grpc::RegistryApi>>()
+        .await;
+    health_reporter
+        .set_serving::<WorkflowServiceServer<grpc::WorkflowApi>>()
         .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(mesh_proto::FILE_DESCRIPTOR_SET)
@@ -191,6 +195,13 @@ async fn serve_grpc(
         )
         .add_service(
             GoalServiceServer::new(grpc::GoalApi {
+                handles: handles.clone(),
+            })
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max),
+        )
+        .add_service(
+            WorkflowServiceServer::new(grpc::WorkflowApi {
                 handles: handles.clone(),
             })
             .max_decoding_message_size(max)

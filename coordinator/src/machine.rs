@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use mesh_proto::domain::*;
 use mesh_workflow::validate::{Action, Step};
-use mesh_workflow::{Limits, OnFailure, Workflow};
+use mesh_workflow::{Limits, OnFailure, Workflow, WorkflowDef};
 use serde_json::{Map, Value, json};
 
 use crate::config::DispatchConfig;
@@ -82,6 +82,9 @@ impl RetryPolicy {
 pub fn jittered(delay: Duration, jitter: f64, random: f64) -> Duration {
     delay.mul_f64(1.0 - jitter.clamp(0.0, 1.0) * random.clamp(0.0, 1.0))
 }
+
+/// How a step skipped because its run ended says so; a retried run runs such steps again.
+const RUN_ENDED: &str = "the run ended: ";
 
 /// One task of a step: the only one of a plain step, one per `foreach` element, one per
 /// `loop` iteration.
@@ -150,6 +153,8 @@ pub struct RunMachine {
     pub error: Option<String>,
     /// Signals received, by name (the latest payload).
     pub signals: BTreeMap<String, Value>,
+    /// A text goal whose planner has not answered yet: the success of step 0 is a workflow.
+    pub planning: bool,
     policy: RetryPolicy,
     limits: Limits,
 }
@@ -179,6 +184,7 @@ impl RunMachine {
             output: None,
             error: None,
             signals: BTreeMap::new(),
+            planning: goal.planned,
             policy,
             limits,
         })
@@ -380,9 +386,102 @@ impl RunMachine {
         }
     }
 
+    /// The step failed for good: `failed`, or `parked` when it says `on_failure: park`.
     fn fail_step(&mut self, i: usize, out: &mut Vec<JournalEvent>, error: String) {
         let step = self.id(i);
-        self.emit(out, JournalEvent::StepFailed { step, error });
+        let event = match self.spec(i).on_failure {
+            OnFailure::Park => JournalEvent::StepParked { step, error },
+            OnFailure::Fail | OnFailure::Continue => JournalEvent::StepFailed { step, error },
+        };
+        self.emit(out, event);
+    }
+
+    /// An operator skips a parked step: its dependents go on without it.
+    pub fn on_skip(&mut self, id: &StepId, comment: &str) -> Result<Vec<JournalEvent>> {
+        let i = self.known_step(id)?;
+        let state = self.steps[i].state;
+        if state != StepState::Parked {
+            return Err(Error::FailedPrecondition(format!(
+                "step `{id}` is not parked (it is {state}); only a parked step can be skipped"
+            )));
+        }
+        let mut out = Vec::new();
+        let reason = if comment.is_empty() {
+            "skipped by an operator".to_owned()
+        } else {
+            format!("skipped by an operator: {comment}")
+        };
+        self.emit(
+            &mut out,
+            JournalEvent::StepSkipped {
+                step: id.clone(),
+                reason,
+            },
+        );
+        self.advance_into(&mut out);
+        Ok(out)
+    }
+
+    /// An operator runs step `id` again, with every step that depends on it; every other
+    /// result is kept. A failed run runs again from there, and steps its failure cut short
+    /// (cancelled, or skipped because the run ended) run too.
+    pub fn on_retry_from(&mut self, id: &StepId) -> Result<Vec<JournalEvent>> {
+        let i = self.known_step(id)?;
+        let state = self.steps[i].state;
+        match (self.state, state) {
+            (RunState::Running, StepState::Parked | StepState::Failed)
+            | (RunState::Failed, StepState::Failed | StepState::Parked) => {}
+            (RunState::Running | RunState::Failed, s) => {
+                return Err(Error::FailedPrecondition(format!(
+                    "step `{id}` is {s}; only a failed or parked step can be retried"
+                )));
+            }
+            (run, _) => {
+                return Err(Error::FailedPrecondition(format!(
+                    "run {} {run}; only a running or failed run can be retried",
+                    self.run_id
+                )));
+            }
+        }
+        let mut reset = vec![false; self.steps.len()];
+        reset[i] = true;
+        // Steps come in an order where needs may follow; iterate to a fixed point.
+        let mut changed = true;
+        while changed {
+            changed = false;
+            for j in 0..self.steps.len() {
+                if !reset[j] && self.spec(j).needs.iter().any(|&n| reset[n]) {
+                    reset[j] = true;
+                    changed = true;
+                }
+            }
+        }
+        let mut out = Vec::new();
+        if self.state == RunState::Failed {
+            self.emit(&mut out, JournalEvent::RunResumed);
+            for (j, r) in reset.iter_mut().enumerate() {
+                let s = &self.steps[j];
+                let cut_short = s.state == StepState::Cancelled
+                    || (s.state == StepState::Skipped
+                        && s.detail
+                            .as_deref()
+                            .is_some_and(|d| d.starts_with(RUN_ENDED)));
+                *r |= cut_short;
+            }
+        }
+        for (j, r) in reset.into_iter().enumerate() {
+            if r && self.steps[j].state != StepState::Pending {
+                let step = self.id(j);
+                self.emit(&mut out, JournalEvent::StepReset { step });
+            }
+        }
+        self.advance_into(&mut out);
+        Ok(out)
+    }
+
+    fn known_step(&self, id: &StepId) -> Result<usize> {
+        self.index_of(id)
+            .ok_or_else(|| Error::FailedPrecondition(format!("run has no step `{id}`")))
     }
 
     /// A step whose needs are met: its condition, then its action.
@@ -535,6 +634,9 @@ impl RunMachine {
     }
 
     fn succeeded(&mut self, i: usize, index: u32, output: Value, out: &mut Vec<JournalEvent>) {
+        if self.planning && i == 0 {
+            return self.planned(output, out);
+        }
         let step = self.id(i);
         let attempt = self.steps[i].tasks[index as usize].attempt;
         self.emit(
@@ -581,6 +683,49 @@ impl RunMachine {
         } else {
             self.emit(out, JournalEvent::StepSucceeded { step, output });
         }
+    }
+
+    /// The planner answered: its workflow (a definition as an object or as YAML/JSON text,
+    /// alone or under `workflow`) is validated like any other, then its steps follow.
+    fn planned(&mut self, output: Value, out: &mut Vec<JournalEvent>) {
+        let step = self.id(0);
+        let attempt = self.steps[0].tasks[0].attempt;
+        self.emit(
+            out,
+            JournalEvent::TaskSucceeded {
+                step: step.clone(),
+                index: 0,
+                attempt,
+                output: output.clone(),
+            },
+        );
+        match self.plan(&output) {
+            Ok((workflow, inputs)) => {
+                self.emit(out, JournalEvent::StepSucceeded { step, output });
+                self.emit(out, JournalEvent::WorkflowPlanned { workflow, inputs });
+            }
+            Err(e) => self.fail_step(0, out, format!("the planner's workflow is invalid: {e}")),
+        }
+    }
+
+    fn plan(&self, output: &Value) -> std::result::Result<(WorkflowDef, Value), String> {
+        let answer = output.get("workflow").unwrap_or(output);
+        let def = match answer {
+            Value::String(text) => mesh_workflow::parse(text, &self.limits),
+            other => mesh_workflow::validate::from_value(other.clone()),
+        }
+        .map_err(|e| e.to_string())?;
+        // Checked alone first, so that problems name the planner's own paths.
+        mesh_workflow::validate(def.clone(), &self.limits).map_err(|e| e.to_string())?;
+        let mut combined = def;
+        combined.steps.insert(0, self.workflow.def.steps[0].clone());
+        combined.description = self.workflow.def.description.clone();
+        let workflow =
+            mesh_workflow::validate(combined, &self.limits).map_err(|e| e.to_string())?;
+        let inputs = workflow
+            .bind_inputs(&self.inputs)
+            .map_err(|e| e.to_string())?;
+        Ok((workflow.def, inputs))
     }
 
     pub fn on_failed(&mut self, token: &FencingToken, error: TaskError) -> Option<Decision> {
@@ -704,9 +849,7 @@ impl RunMachine {
         comment: &str,
         by: &str,
     ) -> Result<Vec<JournalEvent>> {
-        let i = self
-            .index_of(id)
-            .ok_or_else(|| Error::FailedPrecondition(format!("run has no step `{id}`")))?;
+        let i = self.known_step(id)?;
         let state = self.steps[i].state;
         if state != StepState::AwaitingApproval {
             return Err(Error::FailedPrecondition(format!(
@@ -858,8 +1001,11 @@ impl RunMachine {
             let step = self.id(i);
             match self.steps[i].state {
                 StepState::Running => self.emit(out, JournalEvent::StepCancelled { step }),
-                StepState::Pending | StepState::Waiting | StepState::AwaitingApproval => {
-                    let reason = format!("the run {state}");
+                StepState::Pending
+                | StepState::Waiting
+                | StepState::AwaitingApproval
+                | StepState::Parked => {
+                    let reason = format!("{RUN_ENDED}{state}");
                     self.emit(out, JournalEvent::StepSkipped { step, reason })
                 }
                 _ => {}
@@ -886,7 +1032,14 @@ impl RunMachine {
                 if let Some(i) = at(self, step) {
                     let s = &mut self.steps[i];
                     s.state = StepState::Running;
-                    s.tasks = vec![Task::default(); items.len()];
+                    // Attempt numbers survive a retry of the step: tokens stay unique.
+                    let tasks = (0..items.len())
+                        .map(|k| Task {
+                            attempt: s.tasks.get(k).map_or(0, |t| t.attempt),
+                            ..Task::default()
+                        })
+                        .collect();
+                    s.tasks = tasks;
                     s.items = Some(items.clone());
                 }
             }
@@ -954,6 +1107,15 @@ impl RunMachine {
                     s.detail = Some(detail.clone());
                 }
             }
+            JournalEvent::WorkflowPlanned { workflow, inputs } => {
+                // Validated before it was journaled; validation is deterministic.
+                if let Ok(w) = mesh_workflow::validate(workflow.clone(), &self.limits) {
+                    self.steps.resize(w.steps.len(), StepRt::default());
+                    self.workflow = Arc::new(w);
+                    self.inputs = inputs.clone();
+                    self.planning = false;
+                }
+            }
             JournalEvent::SignalReceived { name, payload } => {
                 self.signals.insert(name.clone(), payload.clone());
             }
@@ -973,6 +1135,31 @@ impl RunMachine {
             }
             JournalEvent::StepCancelled { step } => {
                 self.end_step(step, StepState::Cancelled, |_| {});
+            }
+            JournalEvent::StepParked { step, error } => {
+                self.end_step(step, StepState::Parked, |s| s.error = Some(error.clone()));
+            }
+            JournalEvent::StepReset { step } => {
+                if let Some(i) = at(self, step) {
+                    let s = &mut self.steps[i];
+                    s.state = StepState::Pending;
+                    s.output = None;
+                    s.error = None;
+                    s.detail = None;
+                    s.until_ms = None;
+                    s.items = None;
+                    for t in &mut s.tasks {
+                        *t = Task {
+                            attempt: t.attempt,
+                            ..Task::default()
+                        };
+                    }
+                }
+            }
+            JournalEvent::RunResumed => {
+                self.state = RunState::Running;
+                self.output = None;
+                self.error = None;
             }
             JournalEvent::RunFinished {
                 state,
@@ -1024,14 +1211,17 @@ impl RunMachine {
                 .error
                 .clone()
                 .or_else(|| last.and_then(|t| t.error.clone())),
-            items_done: if foreach {
+            items_done: if foreach && s.items.is_some() {
                 s.tasks.iter().filter(|t| t.state.is_terminal()).count() as u32
             } else {
                 0
             },
-            items_total: if foreach { s.tasks.len() as u32 } else { 0 },
+            items_total: s.items.as_ref().map_or(0, |items| items.len() as u32),
             iteration: if spec.repeat.is_some() {
-                s.tasks.len() as u32
+                s.tasks
+                    .iter()
+                    .filter(|t| t.state != StepState::Pending)
+                    .count() as u32
             } else {
                 0
             },
@@ -1074,6 +1264,7 @@ mod tests {
             inputs,
             workflow: workflow.def,
             idempotency_key: None,
+            planned: false,
         };
         RunMachine::new(
             "r1".into(),
@@ -1408,5 +1599,139 @@ mod tests {
         let (state, _, error) = finished(&m.advance()).unwrap();
         assert_eq!(state, RunState::Failed);
         assert!(error.unwrap().contains("foreach:"), "names the field");
+    }
+
+    #[test]
+    fn a_parked_step_holds_its_dependents_until_retried_or_skipped() {
+        let yaml = "steps:\n  - {id: a, uses: x}\n  - {id: b, uses: x, on_failure: park, retry: {max_attempts: 1}}\n  - {id: c, uses: x, needs: [a, b]}\n";
+        let mut m = machine(yaml, json!({}));
+        m.advance();
+        ok(&mut m, "a", 0, json!("A"));
+        let first = token(&m, "b", 0);
+        let d = m
+            .on_failed(&first, TaskError::new("boom", "no", true))
+            .unwrap();
+        assert!(
+            finished(&d.events).is_none(),
+            "a parked step keeps the run running"
+        );
+        assert_eq!(state(&m, "b"), StepState::Parked);
+        assert_eq!(state(&m, "c"), StepState::Pending);
+        // Retry: b runs again with a new attempt number (never a token twice); a is kept.
+        let e = m.on_retry_from(&"b".into()).unwrap();
+        assert_eq!(started(&e), [("b".into(), 0)]);
+        assert_eq!(token(&m, "b", 0).attempt, 2);
+        assert_eq!(state(&m, "a"), StepState::Succeeded);
+        let second = token(&m, "b", 0);
+        m.on_failed(&second, TaskError::new("boom", "again", true))
+            .unwrap();
+        // Skip: c goes on without b.
+        let e = m.on_skip(&"b".into(), "not needed").unwrap();
+        assert_eq!(started(&e), [("c".into(), 0)]);
+        assert!(
+            m.on_skip(&"a".into(), "")
+                .unwrap_err()
+                .to_string()
+                .contains("is not parked")
+        );
+    }
+
+    #[test]
+    fn retrying_a_failed_run_keeps_earlier_results_and_reruns_what_was_cut_short() {
+        let yaml = "steps:\n  - {id: a, uses: x}\n  - {id: b, uses: x, needs: [a], retry: {max_attempts: 1}}\n  - {id: c, uses: x, needs: [a]}\n  - {id: d, uses: x, needs: [b, c]}\n";
+        let mut m = machine(yaml, json!({}));
+        m.advance();
+        ok(&mut m, "a", 0, json!("A"));
+        let token = token(&m, "b", 0);
+        let d = m
+            .on_failed(&token, TaskError::new("boom", "no", true))
+            .unwrap();
+        assert_eq!(finished(&d.events).unwrap().0, RunState::Failed);
+        assert_eq!(
+            state(&m, "c"),
+            StepState::Cancelled,
+            "c was running when b failed"
+        );
+        let e = m.on_retry_from(&"b".into()).unwrap();
+        assert_eq!(e[0], JournalEvent::RunResumed);
+        assert_eq!(started(&e), [("b".into(), 0), ("c".into(), 0)]);
+        assert_eq!(m.state, RunState::Running);
+        assert_eq!(
+            m.step(&"a".into()).unwrap().output,
+            Some(json!("A")),
+            "a is not run again"
+        );
+        ok(&mut m, "b", 0, json!("B"));
+        ok(&mut m, "c", 0, json!("C"));
+        let e = ok(&mut m, "d", 0, json!("D"));
+        assert_eq!(finished(&e).unwrap().0, RunState::Succeeded);
+        let err = m.on_retry_from(&"a".into()).unwrap_err().to_string();
+        assert!(
+            err.contains("only a running or failed run can be retried"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_planner_answer_becomes_the_workflow_that_runs_next() {
+        let goal = StoredGoal {
+            objective: "say hi".into(),
+            inputs: json!({}),
+            workflow: serde_json::from_value(json!({
+                "steps": [{ "id": "planner", "uses": "plan", "with": { "objective": "say hi" } }]
+            }))
+            .unwrap(),
+            idempotency_key: None,
+            planned: true,
+        };
+        let mut m = RunMachine::new(
+            "r".into(),
+            "g".into(),
+            goal.clone(),
+            1,
+            policy(),
+            Limits::default(),
+        )
+        .unwrap();
+        let mut journal = m.advance();
+        let plan = json!({ "workflow": "steps:\n  - {id: hi, uses: echo, with: {q: '${{ inputs.who }}'}}\ninputs: {who: {type: string, default: you}}\n" });
+        let e = ok(&mut m, "planner", 0, plan);
+        assert!(
+            e.iter()
+                .any(|e| matches!(e, JournalEvent::WorkflowPlanned { .. }))
+        );
+        assert_eq!(started(&e), [("hi".into(), 0)]);
+        assert_eq!(m.task_input(1, 0).unwrap()["with"], json!({ "q": "you" }));
+        journal.extend(e);
+        // The plan is in the journal: a replay runs the same workflow.
+        let again = RunMachine::new(
+            "r".into(),
+            "g".into(),
+            goal.clone(),
+            2,
+            policy(),
+            Limits::default(),
+        )
+        .unwrap()
+        .replay(&journal);
+        assert_eq!(again.steps.len(), 2);
+        assert_eq!(again.step_view(1).id.as_str(), "hi");
+
+        // An invalid plan fails the run and says why.
+        let mut m =
+            RunMachine::new("r".into(), "g".into(), goal, 1, policy(), Limits::default()).unwrap();
+        m.advance();
+        let e = ok(
+            &mut m,
+            "planner",
+            0,
+            json!({ "steps": [{ "id": "x", "uses": "echo", "needs": ["y"] }] }),
+        );
+        let error = finished(&e).unwrap().2.unwrap();
+        assert!(
+            error
+                .contains("the planner's workflow is invalid: steps[0].needs[0]: unknown step `y`"),
+            "{error}"
+        );
     }
 }

@@ -82,6 +82,17 @@ pub enum RunMsg {
         payload: Value,
         reply: RpcReplyPort<Result<RunView>>,
     },
+    /// Run a failed or parked step again, with its dependents.
+    RetryFrom {
+        step: StepId,
+        reply: RpcReplyPort<Result<RunView>>,
+    },
+    /// Skip a parked step.
+    Skip {
+        step: StepId,
+        comment: String,
+        reply: RpcReplyPort<Result<RunView>>,
+    },
     View(RpcReplyPort<RunView>),
     Subscribe(RpcReplyPort<(RunView, broadcast::Receiver<RunEvent>)>),
 }
@@ -497,6 +508,27 @@ impl Actor for Run {
                         fraction: p.fraction,
                     });
                 }
+            }
+            RunMsg::RetryFrom { step, reply } => {
+                let result = match st.machine.on_retry_from(&step) {
+                    Ok(events) => {
+                        info!(run_id = %st.machine.run_id, %step, "retrying from a step");
+                        st.commit(&myself, events).await.map(|()| st.view())
+                    }
+                    Err(e) => Err(e),
+                };
+                let _ = reply.send(result);
+            }
+            RunMsg::Skip {
+                step,
+                comment,
+                reply,
+            } => {
+                let result = match st.machine.on_skip(&step, &comment) {
+                    Ok(events) => st.commit(&myself, events).await.map(|()| st.view()),
+                    Err(e) => Err(e),
+                };
+                let _ = reply.send(result);
             }
             RunMsg::View(reply) => {
                 let _ = reply.send(st.view());

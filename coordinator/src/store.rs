@@ -56,6 +56,16 @@ CREATE TABLE IF NOT EXISTS journal (
     event TEXT NOT NULL,
     PRIMARY KEY (run_id, seq)
 );
+CREATE TABLE IF NOT EXISTS workflows (
+    name TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    description TEXT NOT NULL,
+    source TEXT NOT NULL,
+    canonical TEXT NOT NULL,
+    steps INTEGER NOT NULL,
+    created_at_ms INTEGER NOT NULL,
+    PRIMARY KEY (name, version)
+);
 CREATE TABLE IF NOT EXISTS swarm_members (
     goal_id TEXT NOT NULL,
     skill TEXT NOT NULL,
@@ -113,6 +123,12 @@ pub enum JournalEvent {
         until_ms: Option<i64>,
         detail: String,
     },
+    /// The planner's workflow, validated, with the run's inputs bound to it; its steps follow
+    /// the planner step.
+    WorkflowPlanned {
+        workflow: WorkflowDef,
+        inputs: Value,
+    },
     /// A signal sent to the run, kept for every step that waits for it.
     SignalReceived {
         name: String,
@@ -133,6 +149,18 @@ pub enum JournalEvent {
     StepCancelled {
         step: StepId,
     },
+    /// Failed with `on_failure: park`.
+    StepParked {
+        step: StepId,
+        error: String,
+    },
+    /// An operator asked to run the step again: back to pending, results dropped, attempt
+    /// numbers kept (so that no fencing token is ever issued twice).
+    StepReset {
+        step: StepId,
+    },
+    /// A failed run runs again (after `StepReset`s).
+    RunResumed,
     RunFinished {
         state: RunState,
         output: Option<Value>,
@@ -151,10 +179,14 @@ impl JournalEvent {
             JournalEvent::TaskFailed { .. } => "task_failed",
             JournalEvent::StepWaiting { .. } => "step_waiting",
             JournalEvent::SignalReceived { .. } => "signal_received",
+            JournalEvent::WorkflowPlanned { .. } => "workflow_planned",
             JournalEvent::StepSucceeded { .. } => "step_succeeded",
             JournalEvent::StepFailed { .. } => "step_failed",
             JournalEvent::StepSkipped { .. } => "step_skipped",
             JournalEvent::StepCancelled { .. } => "step_cancelled",
+            JournalEvent::StepParked { .. } => "step_parked",
+            JournalEvent::StepReset { .. } => "step_reset",
+            JournalEvent::RunResumed => "run_resumed",
             JournalEvent::RunFinished { .. } => "run_finished",
         }
     }
@@ -163,6 +195,8 @@ impl JournalEvent {
         match self {
             JournalEvent::RunCreated
             | JournalEvent::SignalReceived { .. }
+            | JournalEvent::WorkflowPlanned { .. }
+            | JournalEvent::RunResumed
             | JournalEvent::RunFinished { .. } => None,
             JournalEvent::StepExpanded { step, .. }
             | JournalEvent::StepStarted { step, .. }
@@ -173,7 +207,9 @@ impl JournalEvent {
             | JournalEvent::StepSucceeded { step, .. }
             | JournalEvent::StepFailed { step, .. }
             | JournalEvent::StepSkipped { step, .. }
-            | JournalEvent::StepCancelled { step } => Some(step),
+            | JournalEvent::StepCancelled { step }
+            | JournalEvent::StepParked { step, .. }
+            | JournalEvent::StepReset { step } => Some(step),
         }
     }
 }
@@ -185,6 +221,10 @@ pub struct StoredGoal {
     pub inputs: Value,
     pub workflow: WorkflowDef,
     pub idempotency_key: Option<String>,
+    /// A text goal: its workflow is one `plan` step, whose output is the workflow that
+    /// runs next.
+    #[serde(default)]
+    pub planned: bool,
 }
 
 /// Everything needed to rebuild a run: its goal and its journal.
@@ -234,6 +274,17 @@ enum WriteOp {
         reply: oneshot::Sender<(Vec<JournalEvent>, Result<()>)>,
     },
     AddMember(GoalId, SwarmMember, oneshot::Sender<Result<()>>),
+    Register(
+        Box<NewWorkflow>,
+        oneshot::Sender<Result<(WorkflowRecord, bool)>>,
+    ),
+}
+
+/// A workflow version to register: its text as given, and its validated definition.
+#[derive(Clone, Debug)]
+pub struct NewWorkflow {
+    pub source: String,
+    pub def: WorkflowDef,
 }
 
 #[derive(Clone)]
@@ -351,6 +402,72 @@ impl Store {
     pub async fn add_swarm_member(&self, goal_id: &GoalId, member: &SwarmMember) -> Result<()> {
         self.write(|reply| WriteOp::AddMember(goal_id.clone(), member.clone(), reply))
             .await?
+    }
+
+    /// Registers a workflow version; `false` when this exact content was registered before.
+    /// Other content under a taken version is `AlreadyExists`.
+    pub async fn register_workflow(&self, new: NewWorkflow) -> Result<(WorkflowRecord, bool)> {
+        self.write(|reply| WriteOp::Register(Box::new(new), reply))
+            .await?
+    }
+
+    /// A workflow version, or its newest version when `version` is `None`.
+    pub fn workflow(&self, name: &str, version: Option<u32>) -> Result<WorkflowRecord> {
+        let conn = self.read();
+        let found = conn
+            .prepare_cached(
+                "SELECT name, version, description, source, steps, created_at_ms FROM workflows
+                 WHERE name = ?1 AND (?2 IS NULL OR version = ?2) ORDER BY version DESC LIMIT 1",
+            )?
+            .query_row(params![name, version], workflow_row)
+            .optional()?;
+        found.ok_or_else(|| {
+            Error::WorkflowNotFound(match version {
+                Some(v) => format!("{name}@{v}"),
+                None => name.to_owned(),
+            })
+        })
+    }
+
+    /// Workflows by name, then version, newest first; `after` is the last `name@version` of the
+    /// previous page.
+    pub fn list_workflows(
+        &self,
+        name: Option<&str>,
+        page_size: u32,
+        after: Option<(String, u32)>,
+    ) -> Result<(Vec<WorkflowRecord>, Option<String>)> {
+        let conn = self.read();
+        let (after_name, after_version) = after.map_or((None, None), |(n, v)| (Some(n), Some(v)));
+        let mut rows = conn
+            .prepare_cached(
+                "SELECT name, version, description, source, steps, created_at_ms FROM workflows
+                 WHERE (?1 IS NULL OR name = ?1)
+                   AND (?2 IS NULL OR name > ?2 OR (name = ?2 AND version < ?3))
+                 ORDER BY name, version DESC LIMIT ?4",
+            )?
+            .query_map(
+                params![name, after_name, after_version, page_size as i64 + 1],
+                workflow_row,
+            )?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        let next = if rows.len() > page_size as usize {
+            rows.truncate(page_size as usize);
+            rows.last().map(|w| format!("{}@{}", w.name, w.version))
+        } else {
+            None
+        };
+        Ok((rows, next))
+    }
+
+    /// Whether a goal with this idempotency key is stored.
+    pub fn knows_idempotency_key(&self, key: &str) -> Result<bool> {
+        let conn = self.read();
+        let found = conn
+            .prepare_cached("SELECT 1 FROM goals WHERE idempotency_key = ?1")?
+            .query_row(params![key], |_| Ok(()))
+            .optional()?;
+        Ok(found.is_some())
     }
 
     /// Runs not finished yet, oldest first.
@@ -492,6 +609,10 @@ enum Applied {
         Result<()>,
     ),
     Member(oneshot::Sender<Result<()>>, Result<()>),
+    Register(
+        oneshot::Sender<Result<(WorkflowRecord, bool)>>,
+        Result<(WorkflowRecord, bool)>,
+    ),
 }
 
 /// Applies each write in its own savepoint (a failed write leaves the others whole), commits
@@ -528,6 +649,10 @@ fn commit_group(conn: &mut Connection, batch: impl Iterator<Item = WriteOp>) {
                 reply,
                 in_savepoint(&mut tx, |c| add_member(c, &goal_id, &member)),
             ),
+            WriteOp::Register(new, reply) => Applied::Register(
+                reply,
+                in_savepoint(&mut tx, |c| register_workflow(c, &new, now)),
+            ),
         });
     }
     let commit_error = tx.commit().err().map(|e| format!("commit failed: {e}"));
@@ -546,6 +671,7 @@ impl Applied {
             WriteOp::Submit(_, reply) => Applied::Submit(reply, err(why)),
             WriteOp::Record { events, reply, .. } => Applied::Record(reply, events, err(why)),
             WriteOp::AddMember(_, _, reply) => Applied::Member(reply, err(why)),
+            WriteOp::Register(_, reply) => Applied::Register(reply, err(why)),
         }
     }
 
@@ -564,6 +690,7 @@ impl Applied {
                 drop(reply.send((events, or_commit(r, commit_error))))
             }
             Applied::Member(reply, r) => drop(reply.send(or_commit(r, commit_error))),
+            Applied::Register(reply, r) => drop(reply.send(or_commit(r, commit_error))),
         }
     }
 }
@@ -639,6 +766,12 @@ fn record(
     let run = &run_id.0;
     for (i, event) in events.iter().enumerate() {
         append(conn, run_id, seq + i as u64, event, now)?;
+        if let JournalEvent::RunResumed = event {
+            conn.prepare_cached(
+                "UPDATE runs SET state = 'running', output = NULL, error = NULL WHERE run_id = ?1",
+            )?
+            .execute(params![run])?;
+        }
         if let JournalEvent::RunFinished {
             state,
             output,
@@ -687,6 +820,70 @@ fn check_schema(conn: &Connection, path: &Path) -> Result<()> {
                 params![SCHEMA_VERSION],
             )?;
             Ok(())
+        }
+    }
+}
+
+fn workflow_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<WorkflowRecord> {
+    Ok(WorkflowRecord {
+        name: r.get(0)?,
+        version: r.get(1)?,
+        description: r.get(2)?,
+        definition: r.get(3)?,
+        steps: r.get(4)?,
+        created_at_ms: r.get(5)?,
+    })
+}
+
+fn register_workflow(
+    conn: &Connection,
+    new: &NewWorkflow,
+    now: i64,
+) -> Result<(WorkflowRecord, bool)> {
+    let version = new.def.version.unwrap_or(0);
+    let canonical = serde_json::to_string(&new.def).map_err(|e| Error::Corrupt(e.to_string()))?;
+    let existing: Option<String> = conn
+        .prepare_cached("SELECT canonical FROM workflows WHERE name = ?1 AND version = ?2")?
+        .query_row(params![new.def.name, version], |r| r.get(0))
+        .optional()?;
+    let record = WorkflowRecord {
+        name: new.def.name.clone(),
+        version,
+        description: new.def.description.clone(),
+        definition: new.source.clone(),
+        steps: new.def.steps.len() as u32,
+        created_at_ms: now,
+    };
+    match existing {
+        Some(c) if c == canonical => {
+            let stored = conn
+                .prepare_cached(
+                    "SELECT name, version, description, source, steps, created_at_ms FROM workflows
+                     WHERE name = ?1 AND version = ?2",
+                )?
+                .query_row(params![new.def.name, version], workflow_row)?;
+            Ok((stored, false))
+        }
+        Some(_) => Err(Error::AlreadyExists(format!(
+            "workflow {}@{version} is registered with other content; versions never change: register version {}",
+            new.def.name,
+            version + 1
+        ))),
+        None => {
+            conn.prepare_cached(
+                "INSERT INTO workflows (name, version, description, source, canonical, steps, created_at_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?
+            .execute(params![
+                record.name,
+                version,
+                record.description,
+                record.definition,
+                canonical,
+                record.steps,
+                now
+            ])?;
+            Ok((record, true))
         }
     }
 }
@@ -757,6 +954,7 @@ mod tests {
             inputs: json!({}),
             workflow,
             idempotency_key: key.map(str::to_owned),
+            planned: false,
         }
     }
 

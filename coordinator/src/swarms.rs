@@ -12,7 +12,7 @@ use tracing::{info, warn};
 use crate::error::{Error, Result};
 use crate::metrics as m;
 use crate::run::{RunDeps, RunMsg};
-use crate::store::StoredGoal;
+use crate::store::{Store, StoredGoal};
 use crate::swarm::{Swarm, SwarmArgs};
 use mesh_workflow::{Limits, StepDef, WorkflowDef};
 
@@ -24,7 +24,7 @@ pub enum SwarmsMsg {
 }
 
 /// Starts the swarm of a stored goal under `supervisor`.
-async fn start_swarm(
+pub async fn start_swarm(
     deps: &RunDeps,
     supervisor: &ActorRef<SwarmsMsg>,
     goal_id: GoalId,
@@ -41,13 +41,43 @@ async fn start_swarm(
     Ok(())
 }
 
+/// The skill of agents that turn an objective into a workflow.
+pub const PLAN_SKILL: &str = "plan";
+/// The id of a text goal's first step, the planner's.
+pub const PLANNER_STEP: &str = "planner";
+
 /// Turns a submitted goal into what is stored: its workflow (given as text, or as plain
 /// `steps`) parsed and validated, its inputs checked and defaulted. Nothing is stored when
 /// anything is wrong, and the error names the field.
-pub fn prepare(goal: GoalSpec, limits: &Limits) -> Result<StoredGoal> {
-    let def = match &goal.workflow {
-        Some(text) => mesh_workflow::parse(text, limits)?,
-        None => WorkflowDef {
+pub fn prepare(goal: GoalSpec, limits: &Limits, store: &Store) -> Result<StoredGoal> {
+    let def = match (&goal.workflow, &goal.workflow_ref) {
+        (Some(text), _) => mesh_workflow::parse(text, limits)?,
+        // The definition is copied into the goal: the run stays on this version.
+        (None, Some(reference)) => {
+            let (name, version) = mesh_proto::convert::parse_workflow_ref(reference)?;
+            let record = store.workflow(&name, version)?;
+            mesh_workflow::parse(&record.definition, limits)?
+        }
+        // A text goal: an agent with the `plan` skill writes the workflow.
+        (None, None) if goal.steps.is_empty() => {
+            return Ok(StoredGoal {
+                workflow: WorkflowDef {
+                    description: goal.objective.clone(),
+                    steps: vec![StepDef {
+                        id: PLANNER_STEP.to_owned(),
+                        uses: Some(PLAN_SKILL.to_owned()),
+                        with: serde_json::json!({ "objective": goal.objective }),
+                        ..StepDef::default()
+                    }],
+                    ..WorkflowDef::default()
+                },
+                objective: goal.objective,
+                inputs: goal.inputs,
+                idempotency_key: goal.idempotency_key,
+                planned: true,
+            });
+        }
+        (None, None) => WorkflowDef {
             steps: goal
                 .steps
                 .iter()
@@ -74,6 +104,7 @@ pub fn prepare(goal: GoalSpec, limits: &Limits) -> Result<StoredGoal> {
         inputs,
         workflow: workflow.def,
         idempotency_key: goal.idempotency_key,
+        planned: false,
     })
 }
 
@@ -95,7 +126,7 @@ pub async fn submit(
             "{active} runs in progress, the limit (max_active_runs) is {max_active_runs}; retry in a few seconds"
         )));
     }
-    let goal = prepare(goal, &deps.limits)?;
+    let goal = prepare(goal, &deps.limits, &deps.store)?;
     let run = deps.store.submit(&goal).await?;
     if run.created {
         info!(run_id = %run.run_id, goal_id = %run.goal_id, steps = goal.workflow.steps.len(), "goal accepted");

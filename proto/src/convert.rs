@@ -81,6 +81,24 @@ fn opt_json(value: &Option<Value>) -> String {
     value.as_ref().map(to_json).unwrap_or_default()
 }
 
+/// `NAME@VERSION` or `NAME`: the name and, when given, the version.
+pub fn parse_workflow_ref(reference: &str) -> Result<(String, Option<u32>)> {
+    let (name, version) = match reference.split_once('@') {
+        Some((name, v)) => {
+            let v = v.parse::<u32>().ok().filter(|&v| v > 0).ok_or_else(|| {
+                FieldError::new(
+                    "workflow_ref",
+                    format!("`{reference}`: the version must be a whole number from 1"),
+                )
+            })?;
+            (name, Some(v))
+        }
+        None => (reference, None),
+    };
+    check_id("workflow_ref", name)?;
+    Ok((name.to_owned(), version))
+}
+
 impl GoalSpec {
     /// Checks the step graph: ids, skills, dangling `needs`, cycles and limits.
     pub fn validate(&self) -> Result<()> {
@@ -90,13 +108,20 @@ impl GoalSpec {
         if let Some(key) = &self.idempotency_key {
             check_id("idempotency_key", key)?;
         }
+        let given = usize::from(!self.steps.is_empty())
+            + usize::from(self.workflow.is_some())
+            + usize::from(self.workflow_ref.is_some());
+        if given > 1 {
+            return Err(FieldError::new(
+                "workflow",
+                "give one of `steps`, `workflow` and `workflow_ref`",
+            ));
+        }
+        if let Some(reference) = &self.workflow_ref {
+            parse_workflow_ref(reference)?;
+            return Ok(());
+        }
         if let Some(workflow) = &self.workflow {
-            if !self.steps.is_empty() {
-                return Err(FieldError::new(
-                    "steps",
-                    "give either `steps` or `workflow`, not both",
-                ));
-            }
             if workflow.len() > MAX_JSON_BYTES {
                 return Err(FieldError::new(
                     "workflow",
@@ -106,7 +131,14 @@ impl GoalSpec {
             return Ok(());
         }
         if self.steps.is_empty() {
-            return Err(FieldError::new("steps", "a goal needs at least one step"));
+            if self.objective.trim().is_empty() {
+                return Err(FieldError::new(
+                    "steps",
+                    "a goal needs steps, a workflow, a workflow_ref, or an objective for a planner",
+                ));
+            }
+            // A text goal: a planner agent writes its workflow.
+            return Ok(());
         }
         if self.steps.len() > MAX_STEPS {
             return Err(FieldError::new(
@@ -211,6 +243,7 @@ impl TryFrom<pb::SubmitGoalRequest> for GoalSpec {
             inputs,
             steps,
             workflow: (!req.workflow.is_empty()).then_some(req.workflow),
+            workflow_ref: (!req.workflow_ref.is_empty()).then_some(req.workflow_ref),
             idempotency_key: (!req.idempotency_key.is_empty()).then_some(req.idempotency_key),
         };
         goal.validate()?;
@@ -239,6 +272,7 @@ impl From<GoalSpec> for pb::SubmitGoalRequest {
                 .collect(),
             idempotency_key: g.idempotency_key.unwrap_or_default(),
             workflow: g.workflow.unwrap_or_default(),
+            workflow_ref: g.workflow_ref.unwrap_or_default(),
         }
     }
 }
@@ -582,6 +616,7 @@ impl From<StepState> for pb::StepState {
             StepState::Skipped => pb::StepState::Skipped,
             StepState::Waiting => pb::StepState::Waiting,
             StepState::AwaitingApproval => pb::StepState::AwaitingApproval,
+            StepState::Parked => pb::StepState::Parked,
         }
     }
 }
@@ -595,6 +630,7 @@ fn step_state_from_pb(value: i32) -> StepState {
         Ok(pb::StepState::Skipped) => StepState::Skipped,
         Ok(pb::StepState::Waiting) => StepState::Waiting,
         Ok(pb::StepState::AwaitingApproval) => StepState::AwaitingApproval,
+        Ok(pb::StepState::Parked) => StepState::Parked,
         Ok(pb::StepState::Pending | pb::StepState::Unspecified) | Err(_) => StepState::Pending,
     }
 }
@@ -733,6 +769,33 @@ impl From<pb::RunSummary> for RunSummary {
             objective: r.objective,
             created_at_ms: r.created_at_ms,
             updated_at_ms: r.updated_at_ms,
+        }
+    }
+}
+
+impl From<WorkflowRecord> for pb::Workflow {
+    fn from(w: WorkflowRecord) -> Self {
+        pb::Workflow {
+            name: w.name,
+            version: w.version,
+            description: w.description,
+            definition: w.definition,
+            created_at_ms: w.created_at_ms,
+            steps: w.steps,
+            created: false,
+        }
+    }
+}
+
+impl From<pb::Workflow> for WorkflowRecord {
+    fn from(w: pb::Workflow) -> Self {
+        WorkflowRecord {
+            name: w.name,
+            version: w.version,
+            description: w.description,
+            definition: w.definition,
+            steps: w.steps,
+            created_at_ms: w.created_at_ms,
         }
     }
 }
@@ -949,7 +1012,29 @@ mod tests {
 
     #[test]
     fn names_the_offending_field() {
-        assert_eq!(field_of(goal(vec![])), "steps");
+        let mut empty = goal(vec![]);
+        empty.objective = "  ".into();
+        assert_eq!(field_of(empty), "steps", "no steps, workflow or objective");
+        let text = GoalSpec::try_from(goal(vec![])).unwrap();
+        assert!(
+            text.steps.is_empty(),
+            "an objective alone is a goal for a planner"
+        );
+        let mut both = goal(vec![step("a", &[])]);
+        both.workflow = "steps: []".into();
+        assert_eq!(field_of(both), "workflow");
+        let mut bad_ref = goal(vec![]);
+        bad_ref.workflow_ref = "brief@0".into();
+        assert_eq!(field_of(bad_ref), "workflow_ref");
+        let mut good_ref = goal(vec![]);
+        good_ref.workflow_ref = "brief@3".into();
+        assert_eq!(
+            GoalSpec::try_from(good_ref)
+                .unwrap()
+                .workflow_ref
+                .as_deref(),
+            Some("brief@3")
+        );
         assert_eq!(field_of(goal(vec![step("", &[])])), "steps[0].id");
         assert_eq!(
             field_of(goal(vec![step("a", &[]), step("a", &[])])),

@@ -292,7 +292,22 @@ pub struct GoalSpec {
     /// coordinator validates it.
     #[serde(default)]
     pub workflow: Option<String>,
+    /// A registered workflow, `NAME@VERSION` or `NAME` (its newest version).
+    #[serde(default)]
+    pub workflow_ref: Option<String>,
     pub idempotency_key: Option<String>,
+}
+
+/// A registered workflow version.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WorkflowRecord {
+    pub name: String,
+    pub version: u32,
+    pub description: String,
+    /// The definition's text as registered.
+    pub definition: String,
+    pub steps: u32,
+    pub created_at_ms: i64,
 }
 
 /// Reference to the run a submission created or found.
@@ -356,6 +371,8 @@ pub enum StepState {
     /// Waiting for a signal.
     Waiting,
     AwaitingApproval,
+    /// Failed with `on_failure: park`: waits for an operator to retry or skip it.
+    Parked,
 }
 
 impl StepState {
@@ -366,6 +383,7 @@ impl StepState {
                 | StepState::Running
                 | StepState::Waiting
                 | StepState::AwaitingApproval
+                | StepState::Parked
         )
     }
 
@@ -379,6 +397,7 @@ impl StepState {
             StepState::Skipped => "skipped",
             StepState::Waiting => "waiting",
             StepState::AwaitingApproval => "awaiting_approval",
+            StepState::Parked => "parked",
         }
     }
 
@@ -392,6 +411,7 @@ impl StepState {
             "skipped" => StepState::Skipped,
             "waiting" => StepState::Waiting,
             "awaiting_approval" => StepState::AwaitingApproval,
+            "parked" => StepState::Parked,
             _ => return None,
         })
     }

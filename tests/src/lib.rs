@@ -39,6 +39,21 @@ pub fn mesh_bin() -> PathBuf {
     bin
 }
 
+/// Path of an example binary of the workspace (`target/<profile>/examples/<name>`), built
+/// by `cargo build --workspace --examples` (as `scripts/check` does).
+pub fn example_bin(name: &str) -> PathBuf {
+    let bin = mesh_bin()
+        .parent()
+        .map(|d| d.join("examples").join(name))
+        .expect("target directory");
+    assert!(
+        bin.exists(),
+        "{} not found: build it first (cargo build --workspace --examples)",
+        bin.display()
+    );
+    bin
+}
+
 /// A free port on 127.0.0.1 (bound, then released).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -90,13 +105,25 @@ pub struct Proc {
 
 impl Proc {
     fn spawn(name: &str, dir: &Path, args: &[&str]) -> Proc {
+        Self::spawn_program(&mesh_bin(), name, dir, args, &[])
+    }
+
+    /// Starts `program` with `args` and `env`, its output in `<dir>/<name>.log`.
+    pub fn spawn_program(
+        program: &Path,
+        name: &str,
+        dir: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Proc {
         let log = dir.join(format!("{name}.log"));
         let out = File::create(&log).expect("log file");
         let err = out.try_clone().expect("log file");
-        let child = Command::new(mesh_bin())
+        let child = Command::new(program)
             .args(args)
             .env("MESH_LOG", "info,ractor=warn")
             .env_remove("MESH_COORDINATOR")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
@@ -476,5 +503,6 @@ pub fn goal(
             .collect(),
         idempotency_key: None,
         workflow: None,
+        workflow_ref: None,
     }
 }

@@ -40,7 +40,14 @@ async fn malformed_goals_get_invalid_argument_naming_the_field() {
     let mut bad_with = step("a", "echo", &[]);
     bad_with.with_json = "{not json".into();
     let cases = vec![
-        (submit(vec![]), "steps"),
+        // No steps, no workflow and no objective (an objective alone is a text goal).
+        (
+            pb::SubmitGoalRequest {
+                objective: String::new(),
+                ..submit(vec![])
+            },
+            "steps",
+        ),
         (submit(vec![step("", "echo", &[])]), "steps[0].id"),
         (submit(vec![step("a", "", &[])]), "steps[0].uses"),
         (

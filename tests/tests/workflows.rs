@@ -38,6 +38,7 @@ fn workflow_goal(text: &str, inputs: Value) -> GoalSpec {
         inputs,
         steps: Vec::new(),
         workflow: Some(text.to_owned()),
+        workflow_ref: None,
         idempotency_key: None,
     }
 }
@@ -397,5 +398,210 @@ steps:
     assert!(
         (8..=10).contains(&fan_runs),
         "8 tasks, at most 2 in flight at the kill: {fan_runs} executions"
+    );
+}
+
+#[tokio::test]
+async fn registered_workflows_are_versioned_and_runs_stay_on_their_version() {
+    let mut mesh = Mesh::start(Timings::default()).await;
+    mesh.start_node("n1", AGENTS).await;
+    let client = mesh.client().await;
+    let v1 = "name: greet\nversion: 1\nsteps:\n  - {id: hi, uses: echo, with: {v: 1}}\n";
+    let v2 = "name: greet\nversion: 2\nsteps:\n  - {id: hi, uses: echo, with: {v: 2}}\n";
+    let (w, created) = client.register_workflow(v1).await.unwrap();
+    assert!(created);
+    assert_eq!((w.name.as_str(), w.version, w.steps), ("greet", 1, 1));
+    // The same content again is fine; other content under a taken version is not.
+    assert!(!client.register_workflow(v1).await.unwrap().1);
+    let err = client
+        .register_workflow(&v1.replace("{v: 1}", "{v: 9}"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(RpcCode::AlreadyExists), "{err}");
+    let err = client
+        .register_workflow("steps:\n  - {id: a, uses: echo}\n")
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("definition.name"), "{err}");
+
+    // A run of `greet` (newest, 1 at the time) stays on version 1 after version 2 arrives.
+    let mut goal = workflow_goal("", json!({}));
+    goal.workflow = None;
+    goal.workflow_ref = Some("greet".into());
+    let first = client.submit(goal.clone()).await.unwrap();
+    client.register_workflow(v2).await.unwrap();
+    let second = client.submit(goal).await.unwrap();
+    let out = |v: RunView| step(&v, "hi").output.clone().unwrap()["with"]["v"].clone();
+    assert_eq!(out(client.wait(&first.run_id).await.unwrap()), json!(1));
+    assert_eq!(out(client.wait(&second.run_id).await.unwrap()), json!(2));
+
+    // Read and list, with the CLI too.
+    assert_eq!(
+        client
+            .get_workflow("greet", Some(1))
+            .await
+            .unwrap()
+            .definition,
+        v1
+    );
+    assert_eq!(client.get_workflow("greet", None).await.unwrap().version, 2);
+    let err = client.get_workflow("greet", Some(7)).await.unwrap_err();
+    assert_eq!(err.code(), Some(RpcCode::NotFound));
+    let (page, next) = client.list_workflows(None, 1, None).await.unwrap();
+    assert_eq!((page[0].version, next.as_deref()), (2, Some("greet@2")));
+    let (page, next) = client.list_workflows(None, 1, next).await.unwrap();
+    assert_eq!((page[0].version, next), (1, None));
+    let listed = cli(&mesh, &["workflow", "ls"]);
+    assert!(
+        listed.contains("greet") && listed.lines().count() == 3,
+        "{listed}"
+    );
+    let problems = client
+        .validate_workflow("steps:\n  - {id: a, uses: x, loop: {until: 'true'}}\n")
+        .await
+        .unwrap();
+    assert_eq!(problems[0].path, "steps[0].loop.max_iterations");
+    // An unknown workflow is named in the error.
+    let mut unknown = workflow_goal("", json!({}));
+    unknown.workflow = None;
+    unknown.workflow_ref = Some("nope@1".into());
+    let err = client.submit(unknown).await.unwrap_err();
+    assert!(
+        err.to_string().contains("`nope@1` is not registered"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_text_goal_is_planned_by_the_planner_agent_or_refused_without_one() {
+    let mut mesh = Mesh::start(Timings::default()).await;
+    mesh.start_node("n1", AGENTS).await;
+    let client = mesh.client().await;
+    let text_goal = |objective: &str| GoalSpec {
+        objective: objective.to_owned(),
+        inputs: json!({}),
+        steps: Vec::new(),
+        workflow: None,
+        workflow_ref: None,
+        idempotency_key: None,
+    };
+    let err = client
+        .submit(text_goal("compare a and b"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(RpcCode::FailedPrecondition));
+    assert!(err.to_string().contains("`plan` skill"), "{err}");
+
+    let url = mesh.url();
+    let _planner = mesh_tests::Proc::spawn_program(
+        &mesh_tests::example_bin("planner"),
+        "planner",
+        mesh.dir.path(),
+        &[],
+        &[
+            ("MESH_COORDINATOR", &url),
+            ("MESH_NODE_NAME", "planner-node"),
+        ],
+    );
+    mesh.wait_healthy("planner-node").await;
+    let run = client
+        .submit(text_goal("compare actors, leases and fencing tokens"))
+        .await
+        .unwrap();
+    let view = tokio::time::timeout(Duration::from_secs(30), client.wait(&run.run_id))
+        .await
+        .expect("finishes")
+        .unwrap();
+    assert_eq!(view.state, RunState::Succeeded, "{:?}", view.error);
+    let ids: Vec<&str> = view.steps.iter().map(|s| s.id.as_str()).collect();
+    assert_eq!(
+        ids,
+        ["planner", "research", "summary"],
+        "the plan is recorded with the run"
+    );
+    assert_eq!(
+        view.output.unwrap()["summary"],
+        json!({ "topics": ["actors", "leases", "fencing tokens"] })
+    );
+}
+
+#[tokio::test]
+async fn parked_steps_wait_for_an_operator_and_failed_runs_retry_from_a_step() {
+    let mut mesh = Mesh::start(Timings::default()).await;
+    mesh.start_node("n1", AGENTS).await;
+    let client = mesh.client().await;
+    // `flaky` fails the first attempt of each task; with one attempt allowed it fails once.
+    let parked = r#"
+steps:
+  - { id: fetch, uses: echo, with: { n: 1 } }
+  - { id: call, uses: flaky, needs: [fetch], retry: { max_attempts: 1 }, on_failure: park }
+  - { id: report, uses: echo, needs: [call] }
+"#;
+    let run = client
+        .submit(workflow_goal(parked, json!({})))
+        .await
+        .unwrap()
+        .run_id;
+    let view = wait_step(&client, &run, "call", StepState::Parked).await;
+    assert_eq!(view.state, RunState::Running);
+    assert_eq!(step(&view, "report").state, StepState::Pending);
+    cli(&mesh, &["run", "retry", run.as_str(), "--from", "call"]);
+    let view = client.wait(&run).await.unwrap();
+    assert_eq!(view.state, RunState::Succeeded, "{:?}", view.error);
+    assert_eq!(step(&view, "call").attempt, 2);
+
+    // Skip instead of retry.
+    let run = client
+        .submit(workflow_goal(parked, json!({})))
+        .await
+        .unwrap()
+        .run_id;
+    wait_step(&client, &run, "call", StepState::Parked).await;
+    cli(
+        &mesh,
+        &[
+            "run",
+            "skip",
+            run.as_str(),
+            "call",
+            "--comment",
+            "not needed",
+        ],
+    );
+    let view = client.wait(&run).await.unwrap();
+    assert_eq!(view.state, RunState::Succeeded);
+    assert_eq!(step(&view, "call").state, StepState::Skipped);
+
+    // A failed run retried from its failed step: fetch is not run again.
+    let failing = parked.replace(", on_failure: park", "");
+    let run = client
+        .submit(workflow_goal(&failing, json!({})))
+        .await
+        .unwrap()
+        .run_id;
+    let view = client.wait(&run).await.unwrap();
+    assert_eq!(view.state, RunState::Failed);
+    let view = client.retry_run(&run, "call").await.unwrap();
+    assert_eq!(view.state, RunState::Running);
+    let view = tokio::time::timeout(Duration::from_secs(20), client.wait(&run))
+        .await
+        .expect("finishes")
+        .unwrap();
+    assert_eq!(view.state, RunState::Succeeded, "{:?}", view.error);
+    let fetches = mesh
+        .task_executions("n1")
+        .iter()
+        .filter(|((r, s, _), _)| r == &run.0 && s == "fetch")
+        .map(|(_, n)| *n)
+        .sum::<u32>();
+    assert_eq!(
+        fetches, 1,
+        "the step before the retried one kept its result"
+    );
+    let err = client.retry_run(&run, "call").await.unwrap_err();
+    assert_eq!(
+        err.code(),
+        Some(RpcCode::FailedPrecondition),
+        "a succeeded run: {err}"
     );
 }

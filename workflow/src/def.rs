@@ -131,6 +131,9 @@ pub enum OnFailure {
     Fail,
     /// The step stays failed and the run goes on; dependents run.
     Continue,
+    /// The step waits, `parked`, for an operator: `retry` runs it (and what depends on it)
+    /// again, `skip` lets its dependents go on without it. The run stays running meanwhile.
+    Park,
 }
 
 impl OnFailure {

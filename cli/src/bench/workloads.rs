@@ -47,6 +47,7 @@ fn goal(objective: &str, steps: Vec<StepSpec>) -> GoalSpec {
         steps,
         idempotency_key: None,
         workflow: None,
+        workflow_ref: None,
     }
 }
 

@@ -97,6 +97,30 @@ impl GoalApi {
         }))
     }
 
+    /// A text goal needs a live agent with the `plan` skill to write its workflow.
+    async fn require_planner(&self) -> Result<(), Status> {
+        let registry = self.handles.registry.get();
+        let skill = Some(swarms::PLAN_SKILL.to_owned());
+        let agents = call_result(
+            "registry",
+            registry
+                .call(
+                    |reply| crate::registry::RegistryMsg::ListAgents(skill, reply),
+                    Some(RUN_CALL_TIMEOUT),
+                )
+                .await,
+        )
+        .map_err(status)?;
+        if agents.iter().any(|a| a.health == Health::Healthy) {
+            Ok(())
+        } else {
+            Err(status(Error::FailedPrecondition(format!(
+                "a goal with only an objective needs an agent with the `{}` skill to write its workflow, and none is registered; give `steps`, `workflow` or `workflow_ref`, or start a planner (agent-sdk/examples/planner.rs)",
+                swarms::PLAN_SKILL
+            ))))
+        }
+    }
+
     async fn decide(
         &self,
         req: pb::DecideRequest,
@@ -104,12 +128,7 @@ impl GoalApi {
     ) -> Result<Response<pb::Run>, Status> {
         let id = run_id("run_id", req.run_id).map_err(|e| status(e.into()))?;
         check_id("step_id", &req.step_id).map_err(|e| status(e.into()))?;
-        if req.comment.len() > MAX_COMMENT {
-            return Err(status(Error::InvalidArgument(mesh_proto::FieldError::new(
-                "comment",
-                format!("is {} bytes, the limit is {MAX_COMMENT}", req.comment.len()),
-            ))));
-        }
+        check_comment(&req.comment)?;
         let (step, comment, by) = (StepId(req.step_id), req.comment, req.by);
         let view = self
             .call_live(&id, |reply| RunMsg::Decide {
@@ -124,8 +143,18 @@ impl GoalApi {
     }
 }
 
-/// Longest approval comment kept.
+/// Longest comment kept with an approval, a rejection or a skip.
 const MAX_COMMENT: usize = 4096;
+
+fn check_comment(comment: &str) -> Result<(), Status> {
+    if comment.len() > MAX_COMMENT {
+        return Err(status(Error::InvalidArgument(mesh_proto::FieldError::new(
+            "comment",
+            format!("is {} bytes, the limit is {MAX_COMMENT}", comment.len()),
+        ))));
+    }
+    Ok(())
+}
 
 #[tonic::async_trait]
 impl pb::goal_service_server::GoalService for GoalApi {
@@ -135,6 +164,20 @@ impl pb::goal_service_server::GoalService for GoalApi {
         request: Request<pb::SubmitGoalRequest>,
     ) -> Result<Response<pb::SubmitGoalResponse>, Status> {
         let goal = GoalSpec::try_from(request.into_inner()).map_err(|e| status(e.into()))?;
+        let text_goal =
+            goal.steps.is_empty() && goal.workflow.is_none() && goal.workflow_ref.is_none();
+        // A retried submission finds its run even if the planner left meanwhile.
+        let known = match (&goal.idempotency_key, text_goal) {
+            (Some(k), true) => self
+                .handles
+                .store
+                .knows_idempotency_key(k)
+                .map_err(status)?,
+            _ => false,
+        };
+        if text_goal && !known {
+            self.require_planner().await?;
+        }
         let run = tokio::time::timeout(
             SUBMIT_TIMEOUT,
             swarms::submit(
@@ -235,6 +278,60 @@ impl pb::goal_service_server::GoalService for GoalApi {
         request: Request<pb::DecideRequest>,
     ) -> Result<Response<pb::Run>, Status> {
         self.decide(request.into_inner(), false).await
+    }
+
+    #[tracing::instrument(name = "grpc.retry_run", skip_all)]
+    async fn retry_run(
+        &self,
+        request: Request<pb::RetryRunRequest>,
+    ) -> Result<Response<pb::Run>, Status> {
+        let req = request.into_inner();
+        let id = run_id("run_id", req.run_id).map_err(|e| status(e.into()))?;
+        check_id("from_step", &req.from_step).map_err(|e| status(e.into()))?;
+        let step = StepId(req.from_step);
+        if self.handles.directory.contains(&id) {
+            let view = self
+                .call_live(&id, |reply| RunMsg::RetryFrom { step, reply })
+                .await?;
+            return Ok(Response::new(view.into()));
+        }
+        // A finished run: journal the retry, then start it again; it replays to here.
+        let deps = &self.handles.deps;
+        let (mut machine, stored) = run::load(deps, &id).map_err(status)?;
+        let events = machine.on_retry_from(&step).map_err(status)?;
+        deps.store
+            .record(&id, stored.next_seq, events)
+            .await
+            .map_err(|_| {
+                status(Error::FailedPrecondition(format!(
+                    "run `{id}` changed meanwhile (another retry?); get it and try again"
+                )))
+            })?;
+        tracing::info!(run_id = %id, %step, "failed run retried");
+        swarms::start_swarm(deps, &self.handles.swarms.get(), stored.goal_id, id.clone())
+            .await
+            .map_err(status)?;
+        Ok(Response::new(self.view(&id).await?.into()))
+    }
+
+    #[tracing::instrument(name = "grpc.skip_step", skip_all)]
+    async fn skip_step(
+        &self,
+        request: Request<pb::SkipStepRequest>,
+    ) -> Result<Response<pb::Run>, Status> {
+        let req = request.into_inner();
+        let id = run_id("run_id", req.run_id).map_err(|e| status(e.into()))?;
+        check_id("step_id", &req.step_id).map_err(|e| status(e.into()))?;
+        check_comment(&req.comment)?;
+        let (step, comment) = (StepId(req.step_id), req.comment);
+        let view = self
+            .call_live(&id, |reply| RunMsg::Skip {
+                step,
+                comment,
+                reply,
+            })
+            .await?;
+        Ok(Response::new(view.into()))
     }
 
     #[tracing::instrument(name = "grpc.signal", skip_all)]

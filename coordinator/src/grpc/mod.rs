@@ -3,10 +3,12 @@
 mod goal;
 mod node;
 mod registry;
+mod workflow;
 
 pub use goal::GoalApi;
 pub use node::NodeApi;
 pub use registry::RegistryApi;
+pub use workflow::WorkflowApi;
 
 use crate::error::Error;
 
