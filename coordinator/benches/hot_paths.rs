@@ -66,6 +66,7 @@ fn dispatcher_selection(c: &mut Criterion) {
                 input: json!({}),
                 idempotency_key: String::new(),
                 timeout: None,
+                agent: None,
                 run: 0u32,
                 ready_at: Instant::now(),
             };

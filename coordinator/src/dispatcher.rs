@@ -115,12 +115,32 @@ pub fn counts_against_agent(outcome: &TaskOutcome) -> bool {
 pub struct DispatchRequest<R = ActorRef<RunMsg>> {
     pub token: FencingToken,
     pub skill: String,
+    /// The agent of this name, whatever its skills (a step's `agent:`), instead of `skill`.
+    pub agent: Option<String>,
     pub input: Value,
     pub idempotency_key: String,
     /// The step's own limit on an attempt; the configured `attempt_timeout` otherwise.
     pub timeout: Option<Duration>,
     pub run: R,
     pub ready_at: Instant,
+}
+
+impl<R> DispatchRequest<R> {
+    /// Whether an agent with this card can take the request.
+    pub fn wants(&self, card: &AgentCard) -> bool {
+        match &self.agent {
+            Some(name) => card.name == *name,
+            None => card.has_skill(&self.skill),
+        }
+    }
+
+    /// What the request waits for, for messages.
+    pub fn wanted(&self) -> String {
+        match &self.agent {
+            Some(name) => format!("agent `{name}`"),
+            None => format!("skill `{}`", self.skill),
+        }
+    }
 }
 
 pub enum DispatcherMsg {
@@ -258,11 +278,11 @@ impl<R: Clone> DispatchState<R> {
     }
 
     /// Least loaded free agent with the skill; round robin among equals.
-    pub fn pick(&mut self, skill: &str, now: Instant) -> Option<usize> {
+    pub fn pick(&mut self, wants: impl Fn(&AgentCard) -> bool, now: Instant) -> Option<usize> {
         let mut best: Vec<usize> = Vec::new();
         let mut best_load = u32::MAX;
         for (i, a) in self.agents.iter().enumerate() {
-            if !a.free(now) || !a.card.has_skill(skill) {
+            if !a.free(now) || !wants(&a.card) {
                 continue;
             }
             match a.in_flight.cmp(&best_load) {
@@ -364,7 +384,7 @@ impl<R: Clone> DispatchState<R> {
         if let Some(old) = self.in_flight.remove(&step_key) {
             self.release(&old.agent, old.instance);
         }
-        let Some(i) = self.pick(&req.skill, now) else {
+        let Some(i) = self.pick(|card| req.wants(card), now) else {
             return Err(req);
         };
         let slot = &self.agents[i];
@@ -548,7 +568,7 @@ impl<R: Clone> DispatchState<R> {
         let mut keep = VecDeque::with_capacity(self.pending.len());
         for req in self.pending.drain(..) {
             if now.saturating_duration_since(req.ready_at) >= unschedulable
-                && !self.agents.iter().any(|a| a.card.has_skill(&req.skill))
+                && !self.agents.iter().any(|a| req.wants(&a.card))
             {
                 expired.push(req);
             } else {
@@ -781,14 +801,14 @@ impl Actor for Dispatcher {
                 let (unschedulable, timed_out) =
                     st.core.sweep(now, st.config.unschedulable_timeout);
                 for req in unschedulable {
-                    warn!(token = %req.token, skill = %req.skill, "no agent has the skill; step unschedulable");
+                    let wanted = req.wanted();
+                    warn!(token = %req.token, %wanted, "no agent can take the step; unschedulable");
                     let _ = req.run.cast(RunMsg::AttemptFailed {
                         token: req.token,
                         error: TaskError::new(
                             "unschedulable",
                             format!(
-                                "no registered agent has skill `{}` (waited {})",
-                                req.skill,
+                                "no registered agent has {wanted} (waited {})",
                                 humantime::format_duration(st.config.unschedulable_timeout)
                             ),
                             false,
@@ -846,6 +866,7 @@ mod tests {
                 index: 0,
             },
             skill: skill.into(),
+            agent: None,
             input: json!({}),
             idempotency_key: format!("r/{step}"),
             timeout: None,

@@ -92,6 +92,9 @@ const RUN_ENDED: &str = "the run ended: ";
 pub struct Task {
     pub state: StepState,
     pub attempt: u32,
+    /// How often an operator reset the task's step (`RetryRun`); with `failures`, tells a
+    /// sub-workflow task's runs apart.
+    pub resets: u32,
     pub epoch: u64,
     pub failures: u32,
     pub agent: Option<AgentKey>,
@@ -1036,6 +1039,7 @@ impl RunMachine {
                     let tasks = (0..items.len())
                         .map(|k| Task {
                             attempt: s.tasks.get(k).map_or(0, |t| t.attempt),
+                            resets: s.tasks.get(k).map_or(0, |t| t.resets),
                             ..Task::default()
                         })
                         .collect();
@@ -1151,6 +1155,7 @@ impl RunMachine {
                     for t in &mut s.tasks {
                         *t = Task {
                             attempt: t.attempt,
+                            resets: t.resets + 1,
                             ..Task::default()
                         };
                     }

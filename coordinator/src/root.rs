@@ -131,8 +131,10 @@ impl Actor for CoordinatorRoot {
             epoch: args.epoch,
             policy: RetryPolicy::from_config(&args.config.dispatch),
             limits: mesh_workflow::Limits::default(),
+            supervisor: Default::default(),
         };
         let swarms = Slot::new(spawn_swarms(root.clone(), &deps).await?);
+        let _ = deps.supervisor.set(swarms.clone());
         let ids = [
             dispatcher.get().get_id(),
             registry.get().get_id(),

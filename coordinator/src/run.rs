@@ -6,12 +6,13 @@
 //! Child of its `Swarm`.
 
 use std::collections::HashSet;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::time::Instant;
 
 use mesh_proto::domain::*;
-use mesh_workflow::Limits;
+use mesh_workflow::{Action, Limits, Target};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde_json::Value;
 use tokio::sync::broadcast;
@@ -25,6 +26,7 @@ use crate::node_session::{NodeTx, Outbound};
 use crate::slot::Slot;
 use crate::store::{JournalEvent, Store, StoredRun, now_ms};
 use crate::swarm::{RunDirectory, SwarmMsg};
+use crate::swarms::SwarmsMsg;
 
 /// Events a watcher may fall behind by before its watch ends.
 const WATCH_BUFFER: usize = 256;
@@ -93,6 +95,13 @@ pub enum RunMsg {
         comment: String,
         reply: RpcReplyPort<Result<RunView>>,
     },
+    /// A sub-workflow task's child run was created (or found again).
+    ChildStarted(RunId),
+    /// A sub-workflow task's child run ended: its output, or why it failed.
+    ChildFinished {
+        token: FencingToken,
+        outcome: TaskOutcome,
+    },
     View(RpcReplyPort<RunView>),
     Subscribe(RpcReplyPort<(RunView, broadcast::Receiver<RunEvent>)>),
 }
@@ -108,6 +117,8 @@ pub struct RunDeps {
     pub epoch: u64,
     pub policy: RetryPolicy,
     pub limits: Limits,
+    /// The swarm supervisor, for starting sub-workflows' child runs; set once it exists.
+    pub supervisor: Arc<OnceLock<Slot<SwarmsMsg>>>,
 }
 
 pub struct RunArgs {
@@ -172,6 +183,9 @@ pub struct RunActorState {
     /// buffer up front, which most runs (never watched) should not pay for.
     watchers: Option<broadcast::Sender<RunEvent>>,
     picked: HashSet<(String, AgentKey)>,
+    /// Child runs of sub-workflow tasks, and the tasks that wait for them.
+    children: Vec<RunId>,
+    child_waits: Vec<tokio::task::AbortHandle>,
     created_at_ms: i64,
     /// When this run last wrote to its journal (Unix ms).
     updated_at_ms: i64,
@@ -266,7 +280,7 @@ impl RunActorState {
                     return;
                 }
                 let token = self.machine.token(i, *index);
-                let spec = self.machine.spec(i);
+                let spec = self.machine.spec(i).clone();
                 let input = match self.machine.task_input(i, *index) {
                     Ok(input) => input,
                     Err(e) => {
@@ -277,11 +291,21 @@ impl RunActorState {
                         return;
                     }
                 };
+                let (skill, agent) = match &spec.action {
+                    Action::Task(Target::Skill(skill)) => (skill.clone(), None),
+                    Action::Task(Target::Agent(name)) => (String::new(), Some(name.clone())),
+                    Action::Task(Target::Workflow { name, version }) => {
+                        let child = format!("{name}@{version}");
+                        return self.start_child(myself, i, token, input, child);
+                    }
+                    Action::Approval { .. } | Action::Signal { .. } => return,
+                };
                 debug!(%token, skill = %spec.skill(), "dispatching attempt");
                 self.deps
                     .dispatcher
                     .cast(DispatcherMsg::Dispatch(DispatchRequest {
-                        skill: spec.skill().to_owned(),
+                        skill,
+                        agent,
                         input,
                         idempotency_key: format!("{}/{}/{}", self.machine.run_id, step, index),
                         timeout: spec.timeout,
@@ -305,6 +329,83 @@ impl RunActorState {
             }
             _ => {}
         }
+    }
+
+    /// A sub-workflow task: its child run is submitted like any goal (idempotently: after a
+    /// restart the same child is found again, not started twice) and watched until it ends.
+    fn start_child(
+        &mut self,
+        myself: &ActorRef<RunMsg>,
+        i: usize,
+        token: FencingToken,
+        input: Value,
+        reference: String,
+    ) {
+        let task = &self.machine.steps[i].tasks[token.index as usize];
+        let key = format!(
+            "sub:{}:{}:{}:{}.{}",
+            self.machine.run_id, token.step_id, token.index, task.resets, task.failures
+        );
+        let retryable = self.machine.spec(i).retry.is_some();
+        let goal = GoalSpec {
+            objective: format!(
+                "{reference}, for {}/{}[{}]",
+                self.machine.run_id, token.step_id, token.index
+            ),
+            inputs: match input.get("with") {
+                Some(Value::Object(with)) => Value::Object(with.clone()),
+                _ => Value::Object(Default::default()),
+            },
+            steps: Vec::new(),
+            workflow: None,
+            workflow_ref: Some(reference.clone()),
+            idempotency_key: Some(key),
+        };
+        let (deps, parent) = (self.deps.clone(), myself.clone());
+        debug!(%token, %reference, "starting a sub-workflow");
+        let wait = tokio::spawn(async move {
+            // At start-up, resumed runs may get here before the supervisor is published.
+            let mut supervisor = deps.supervisor.get().map(Slot::get);
+            for _ in 0..500 {
+                if supervisor.is_some() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                supervisor = deps.supervisor.get().map(Slot::get);
+            }
+            let submitted = match &supervisor {
+                Some(s) => crate::swarms::submit(&deps, s, goal, usize::MAX).await,
+                None => Err(Error::Unavailable("the swarm supervisor")),
+            };
+            let outcome = match submitted {
+                Err(e) => Err(TaskError::new(
+                    "sub_workflow",
+                    format!("cannot start {reference}: {e}"),
+                    false,
+                )),
+                Ok(child) => {
+                    let _ = parent.cast(RunMsg::ChildStarted(child.run_id.clone()));
+                    match wait_until_finished(&deps, &child.run_id).await {
+                        Ok(view) if view.state == RunState::Succeeded => {
+                            Ok(view.output.unwrap_or(Value::Null))
+                        }
+                        Ok(view) => Err(TaskError::new(
+                            "sub_workflow_failed",
+                            format!(
+                                "{reference} (run {}) {}: {}",
+                                child.run_id,
+                                view.state,
+                                view.error.unwrap_or_default()
+                            ),
+                            retryable,
+                        )),
+                        Err(e) => Err(TaskError::new("sub_workflow", e.to_string(), true)),
+                    }
+                }
+            };
+            let _ = parent.cast(RunMsg::ChildFinished { token, outcome });
+        });
+        self.child_waits.push(wait.abort_handle());
     }
 
     fn arm_wait(&self, myself: &ActorRef<RunMsg>, step: StepId, until_ms: i64) {
@@ -357,6 +458,8 @@ impl Actor for Run {
             swarm: args.swarm,
             watchers: None,
             picked,
+            children: Vec::new(),
+            child_waits: Vec::new(),
             created_at_ms: stored.created_at_ms,
             updated_at_ms: stored.updated_at_ms,
             started: Instant::now(),
@@ -370,6 +473,24 @@ impl Actor for Run {
     ) -> Result<(), ActorProcessingErr> {
         st.deps.directory.remove_if(&st.machine.run_id, &myself);
         metrics::gauge!(m::RUNS_ACTIVE).decrement(1.0);
+        for wait in st.child_waits.drain(..) {
+            wait.abort();
+        }
+        // A run that failed or was cancelled takes its sub-workflows with it.
+        if matches!(st.machine.state, RunState::Failed | RunState::Cancelled) {
+            for child in &st.children {
+                if let Some(run) = st.deps.directory.get(child) {
+                    let (reply, _) = ractor::concurrency::oneshot();
+                    let _ = run.cast(RunMsg::Cancel {
+                        reason: format!(
+                            "its parent run {} {}",
+                            st.machine.run_id, st.machine.state
+                        ),
+                        reply: reply.into(),
+                    });
+                }
+            }
+        }
         Ok(())
     }
 
@@ -530,6 +651,17 @@ impl Actor for Run {
                 };
                 let _ = reply.send(result);
             }
+            RunMsg::ChildStarted(child) => {
+                if !st.children.contains(&child) {
+                    st.children.push(child);
+                }
+            }
+            RunMsg::ChildFinished { token, outcome } => {
+                let result = TaskResult { token, outcome };
+                if let Some(decision) = st.machine.on_result(&result) {
+                    apply_decision(st, &myself, decision).await?;
+                }
+            }
             RunMsg::View(reply) => {
                 let _ = reply.send(st.view());
             }
@@ -546,6 +678,35 @@ impl Actor for Run {
             myself.stop(Some(st.machine.state.as_str().to_owned()));
         }
         Ok(())
+    }
+}
+
+/// Waits for a run to end: from its live actor's events, or from the store once it is not
+/// live. A run that is being resumed is polled until it is live again.
+pub async fn wait_until_finished(deps: &RunDeps, id: &RunId) -> Result<RunView> {
+    loop {
+        if let Some(run) = deps.directory.get(id)
+            && let Ok(ractor::rpc::CallResult::Success((view, mut rx))) = run
+                .call(RunMsg::Subscribe, Some(Duration::from_secs(5)))
+                .await
+        {
+            if view.state.is_terminal() {
+                return Ok(view);
+            }
+            loop {
+                match rx.recv().await {
+                    Ok(RunEvent::Finished { .. }) | Err(broadcast::error::RecvError::Closed) => {
+                        break;
+                    }
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                }
+            }
+        }
+        let view = stored_view(deps, id)?;
+        if view.state.is_terminal() {
+            return Ok(view);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

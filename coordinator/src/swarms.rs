@@ -14,7 +14,7 @@ use crate::metrics as m;
 use crate::run::{RunDeps, RunMsg};
 use crate::store::{Store, StoredGoal};
 use crate::swarm::{Swarm, SwarmArgs};
-use mesh_workflow::{Limits, StepDef, WorkflowDef};
+use mesh_workflow::{Limits, StepDef, Workflow, WorkflowDef};
 
 pub enum SwarmsMsg {
     /// Start runs that are unfinished in the store and not live (at start-up and after a restart).
@@ -93,6 +93,7 @@ pub fn prepare(goal: GoalSpec, limits: &Limits, store: &Store) -> Result<StoredG
         },
     };
     let workflow = mesh_workflow::validate(def, limits)?;
+    check_sub_workflows(&workflow, limits, store)?;
     let inputs = workflow.bind_inputs(&goal.inputs)?;
     let objective = if goal.objective.is_empty() {
         workflow.def.description.clone()
@@ -106,6 +107,17 @@ pub fn prepare(goal: GoalSpec, limits: &Limits, store: &Store) -> Result<StoredG
         idempotency_key: goal.idempotency_key,
         planned: false,
     })
+}
+
+/// Every sub-workflow the workflow names must be registered (and valid, and not nested
+/// too deep).
+pub fn check_sub_workflows(workflow: &Workflow, limits: &Limits, store: &Store) -> Result<()> {
+    let resolve = |name: &str, version: u32| {
+        let record = store.workflow(name, Some(version)).ok()?;
+        mesh_workflow::parse(&record.definition, limits).ok()
+    };
+    mesh_workflow::check_sub_workflows(workflow, limits, &resolve)?;
+    Ok(())
 }
 
 /// Stores a goal and its run (durable when this returns) and starts its swarm; a goal whose

@@ -25,10 +25,14 @@ kind = "flaky"
 max_concurrency = 4
 "#;
 
-fn example(name: &str) -> String {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+fn example_path(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../examples/workflows")
-        .join(name);
+        .join(name)
+}
+
+fn example(name: &str) -> String {
+    let path = example_path(name);
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
@@ -138,6 +142,29 @@ async fn every_example_workflow_runs_with_the_built_in_agents() {
         step(&view, "report").output.as_ref().unwrap()["with"],
         json!({ "attempts": 2, "enrichment": "failed" })
     );
+
+    // A sub-workflow fanned out: registered first, each element a child run.
+    let child = example_path("draft-and-review.yaml");
+    cli(&mesh, &["workflow", "register", child.to_str().unwrap()]);
+    let view = run_to_end(&client, &example("sub-workflow-fanout.yaml"), json!({})).await;
+    assert_eq!(view.state, RunState::Succeeded, "{:?}", view.error);
+    assert_eq!(
+        view.output.clone().unwrap()["report"],
+        json!({
+            "texts": ["About intro", "About design", "About results", "About outlook"],
+            "all_ok": true
+        })
+    );
+    assert_eq!(step(&view, "report").agent.as_ref().unwrap().agent, "echo");
+    let children = client
+        .list_runs(None, 50, None)
+        .await
+        .unwrap()
+        .runs
+        .into_iter()
+        .filter(|r| r.objective.contains(view.run_id.as_str()))
+        .count();
+    assert_eq!(children, 4, "one child run per section");
 
     // An approval, given with the CLI.
     let run = client

@@ -36,7 +36,8 @@ pub struct WorkflowDef {
     pub deadline: Option<Duration>,
 }
 
-/// One step. Exactly one of `uses`, `approval` and `wait_for` says what it does.
+/// One step. Exactly one of `uses`, `agent`, `workflow`, `approval` and `wait_for` says
+/// what it does.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StepDef {
@@ -44,6 +45,13 @@ pub struct StepDef {
     /// The skill an agent must have.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uses: Option<String>,
+    /// A named agent (on whichever node hosts it), instead of a skill.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    /// A registered workflow, `NAME@VERSION`, run as a child run per task: a group of steps
+    /// that can be looped or fanned out. `with` gives its inputs; its output is the task's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workflow: Option<String>,
     /// Input of the task, templated with `${{ … }}`.
     #[serde(default, skip_serializing_if = "Value::is_null")]
     pub with: Value,

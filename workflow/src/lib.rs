@@ -9,4 +9,7 @@ pub mod validate;
 
 pub use def::{OnFailure, RetryDef, StepDef, WorkflowDef};
 pub use expr::{Expr, Template};
-pub use validate::{Action, Invalid, Limits, Problem, Step, Workflow, load, parse, validate};
+pub use validate::{
+    Action, Invalid, Limits, Problem, Step, Target, Workflow, check_sub_workflows, load, parse,
+    validate,
+};

@@ -25,6 +25,8 @@ pub struct Limits {
     /// Sum of every loop's `max_iterations`.
     pub max_total_iterations: u64,
     pub max_attempts: u32,
+    /// Sub-workflows within sub-workflows.
+    pub max_nesting: usize,
 }
 
 impl Default for Limits {
@@ -37,6 +39,7 @@ impl Default for Limits {
             max_items: 10_000,
             max_total_iterations: 100_000,
             max_attempts: 100,
+            max_nesting: 4,
         }
     }
 }
@@ -84,11 +87,22 @@ impl From<Problem> for Invalid {
     }
 }
 
+/// Who runs a step's tasks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// An agent with this skill.
+    Skill(String),
+    /// The agent of this name.
+    Agent(String),
+    /// A child run of this registered workflow.
+    Workflow { name: String, version: u32 },
+}
+
 /// What a step does.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Action {
-    /// Hand a task to an agent with this skill.
-    Task { skill: String },
+    /// Tasks, one per `foreach` element or `loop` iteration (one otherwise).
+    Task(Target),
     /// Wait for a person's decision.
     Approval {
         message: Template,
@@ -131,7 +145,9 @@ pub struct Step {
 impl Step {
     pub fn skill(&self) -> &str {
         match &self.action {
-            Action::Task { skill } => skill,
+            Action::Task(Target::Skill(skill)) => skill,
+            Action::Task(Target::Agent(name)) => name,
+            Action::Task(Target::Workflow { name, .. }) => name,
             Action::Approval { .. } => "approval",
             Action::Signal { .. } => "signal",
         }
@@ -234,6 +250,74 @@ fn has_type(v: &Value, ty: &str) -> bool {
         "object" => v.is_object(),
         "array" => v.is_array(),
         _ => true,
+    }
+}
+
+/// `NAME@VERSION`, the version a whole number from 1.
+pub fn parse_reference(reference: &str) -> Option<(String, u32)> {
+    let (name, version) = reference.split_once('@')?;
+    let version = version.parse::<u32>().ok().filter(|&v| v > 0)?;
+    valid_id(name).then(|| (name.to_owned(), version))
+}
+
+/// Checks that every sub-workflow a workflow names (and every one they name, down to
+/// `max_nesting`) is registered and valid; `resolve` finds a registered definition.
+pub fn check_sub_workflows(
+    workflow: &Workflow,
+    limits: &Limits,
+    resolve: &dyn Fn(&str, u32) -> Option<WorkflowDef>,
+) -> Result<(), Invalid> {
+    fn walk(
+        w: &Workflow,
+        limits: &Limits,
+        resolve: &dyn Fn(&str, u32) -> Option<WorkflowDef>,
+        depth: usize,
+        prefix: &str,
+        problems: &mut Vec<Problem>,
+    ) {
+        for (i, step) in w.steps.iter().enumerate() {
+            let Action::Task(Target::Workflow { name, version }) = &step.action else {
+                continue;
+            };
+            let path = format!("{prefix}steps[{i}].workflow");
+            if depth >= limits.max_nesting {
+                problems.push(Problem::new(
+                    path,
+                    format!(
+                        "sub-workflows nest deeper than {} levels",
+                        limits.max_nesting
+                    ),
+                ));
+                continue;
+            }
+            match resolve(name, *version) {
+                None => problems.push(Problem::new(
+                    path,
+                    format!("`{name}@{version}` is not registered"),
+                )),
+                Some(def) => match validate(def, limits) {
+                    Ok(child) => walk(
+                        &child,
+                        limits,
+                        resolve,
+                        depth + 1,
+                        &format!("{path}({name}@{version})."),
+                        problems,
+                    ),
+                    Err(Invalid(ps)) => problems.extend(ps.into_iter().map(|p| {
+                        Problem::new(format!("{path}({name}@{version}).{}", p.path), p.message)
+                    })),
+                },
+            }
+        }
+    }
+    let mut problems = Vec::new();
+    walk(workflow, limits, resolve, 0, "", &mut problems);
+    problems.truncate(MAX_PROBLEMS);
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(Invalid(problems))
     }
 }
 
@@ -419,16 +503,42 @@ pub fn validate(def: WorkflowDef, limits: &Limits) -> Result<Workflow, Invalid> 
                 None => c.problem(at(&format!("needs[{k}]")), format!("unknown step `{n}`")),
             }
         }
-        let action = match (&s.uses, &s.approval, &s.wait_for) {
-            (Some(skill), None, None) => {
-                if skill.trim().is_empty() {
-                    c.problem(at("uses"), "must name a skill");
-                }
-                Action::Task {
-                    skill: skill.clone(),
-                }
+        let kinds = [
+            s.uses.is_some(),
+            s.agent.is_some(),
+            s.workflow.is_some(),
+            s.approval.is_some(),
+            s.wait_for.is_some(),
+        ];
+        let action = match (
+            kinds.iter().filter(|&&k| k).count(),
+            &s.approval,
+            &s.wait_for,
+        ) {
+            (1, None, None) => {
+                let target = if let Some(skill) = &s.uses {
+                    if skill.trim().is_empty() {
+                        c.problem(at("uses"), "must name a skill");
+                    }
+                    Target::Skill(skill.clone())
+                } else if let Some(agent) = &s.agent {
+                    if agent.trim().is_empty() {
+                        c.problem(at("agent"), "must name an agent");
+                    }
+                    Target::Agent(agent.clone())
+                } else {
+                    let reference = s.workflow.as_deref().unwrap_or_default();
+                    match parse_reference(reference) {
+                        Some((name, version)) => Target::Workflow { name, version },
+                        None => {
+                            c.problem(at("workflow"), format!("`{reference}` is not NAME@VERSION"));
+                            Target::Skill(String::new())
+                        }
+                    }
+                };
+                Action::Task(target)
             }
-            (None, Some(a), None) => {
+            (1, Some(a), None) => {
                 c.duration(&at("approval.timeout"), a.timeout);
                 let message = c
                     .value(&at("approval.message"), &Value::String(a.message.clone()))
@@ -441,7 +551,7 @@ pub fn validate(def: WorkflowDef, limits: &Limits) -> Result<Workflow, Invalid> 
                     timeout: a.timeout,
                 }
             }
-            (None, None, Some(w)) => {
+            (1, None, Some(w)) => {
                 if !valid_id(&w.signal) {
                     c.problem(
                         at("wait_for.signal"),
@@ -457,14 +567,18 @@ pub fn validate(def: WorkflowDef, limits: &Limits) -> Result<Workflow, Invalid> 
             _ => {
                 c.problem(
                     format!("steps[{i}]"),
-                    "needs exactly one of `uses`, `approval` and `wait_for`",
+                    "needs exactly one of `uses`, `agent`, `workflow`, `approval` and `wait_for`",
                 );
-                Action::Task {
-                    skill: String::new(),
-                }
+                Action::Task(Target::Skill(String::new()))
             }
         };
-        let is_task = matches!(action, Action::Task { .. });
+        let is_task = matches!(action, Action::Task(_));
+        if s.timeout.is_some() && matches!(action, Action::Task(Target::Workflow { .. })) {
+            c.problem(
+                at("timeout"),
+                "a sub-workflow step has no attempt timeout: give the sub-workflow a `deadline`",
+            );
+        }
         for (field, set) in [
             ("with", !s.with.is_null()),
             ("foreach", s.foreach.is_some()),
@@ -473,7 +587,10 @@ pub fn validate(def: WorkflowDef, limits: &Limits) -> Result<Workflow, Invalid> 
             ("timeout", s.timeout.is_some()),
         ] {
             if set && !is_task {
-                c.problem(at(field), "only a step with `uses` can have this");
+                c.problem(
+                    at(field),
+                    "only a step with `uses`, `agent` or `workflow` can have this",
+                );
             }
         }
         if s.foreach.is_some() && s.loop_.is_some() {
@@ -811,11 +928,11 @@ outputs: { brief: "${{ steps.review.output.text }}" }
             ),
             (
                 "steps:\n  - {id: a, uses: x, approval: {}}\n",
-                "steps[0]: needs exactly one of `uses`, `approval` and `wait_for`",
+                "steps[0]: needs exactly one of `uses`, `agent`, `workflow`, `approval` and `wait_for`",
             ),
             (
                 "steps:\n  - {id: a, approval: {}, retry: {max_attempts: 2}}\n",
-                "steps[0].retry: only a step with `uses` can have this",
+                "steps[0].retry: only a step with `uses`, `agent` or `workflow` can have this",
             ),
             (
                 "steps:\n  - {id: a, uses: x, retry: {max_attempts: 0}}\n",
@@ -896,5 +1013,56 @@ outputs: { brief: "${{ steps.review.output.text }}" }
         assert_eq!(w.steps.len(), 10_000);
         // Not a timing assertion: `cargo bench -p mesh-coordinator` measures it.
         eprintln!("10,000 steps validated in {:?}", started.elapsed());
+    }
+
+    #[test]
+    fn sub_workflows_must_be_registered_valid_and_not_too_deep() {
+        let parent = load(
+            "steps:\n  - {id: a, workflow: child@1, foreach: '${{ [1, 2] }}', with: {n: '${{ item }}'}}\n  - {id: b, agent: reviewer, needs: [a]}\n",
+            &Limits::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            parent.steps[0].action,
+            Action::Task(Target::Workflow {
+                name: "child".into(),
+                version: 1
+            })
+        );
+        assert_eq!(
+            parent.steps[1].action,
+            Action::Task(Target::Agent("reviewer".into()))
+        );
+        let child: WorkflowDef =
+            parse("steps:\n  - {id: c, uses: echo}\n", &Limits::default()).unwrap();
+        let known = |name: &str, v: u32| (name == "child" && v == 1).then(|| child.clone());
+        check_sub_workflows(&parent, &Limits::default(), &known).unwrap();
+        let none = |_: &str, _: u32| None;
+        let err = check_sub_workflows(&parent, &Limits::default(), &none).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "steps[0].workflow: `child@1` is not registered"
+        );
+        // A workflow that names itself nests without end: the depth limit stops it.
+        let selfish: WorkflowDef = parse(
+            "steps:\n  - {id: again, workflow: child@1}\n",
+            &Limits::default(),
+        )
+        .unwrap();
+        let loops = |_: &str, _: u32| Some(selfish.clone());
+        let err = check_sub_workflows(&parent, &Limits::default(), &loops).unwrap_err();
+        assert!(
+            err.to_string().contains("nest deeper than 4 levels"),
+            "{err}"
+        );
+        let problems = |doc: &str| load(doc, &Limits::default()).unwrap_err().to_string();
+        assert!(
+            problems("steps:\n  - {id: a, workflow: child}\n")
+                .contains("steps[0].workflow: `child` is not NAME@VERSION")
+        );
+        assert!(
+            problems("steps:\n  - {id: a, workflow: c@1, timeout: 1s}\n")
+                .contains("steps[0].timeout: a sub-workflow step has no attempt timeout")
+        );
     }
 }
