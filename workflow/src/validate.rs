@@ -3,6 +3,7 @@
 //! here, once.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{Map, Value};
@@ -173,6 +174,8 @@ pub struct Workflow {
     pub steps: Vec<Step>,
     pub outputs: Vec<(String, Template)>,
     index: HashMap<String, usize>,
+    /// The inputs declared with a JSON Schema object, compiled.
+    input_schemas: HashMap<String, InputSchema>,
 }
 
 impl Workflow {
@@ -220,6 +223,11 @@ impl Workflow {
                     format!("inputs.{name}"),
                     format!("expected {ty}, got {}", crate::expr::kind(&value)),
                 ));
+            } else if let Some(schema) = self.input_schemas.get(name) {
+                for e in schema.0.iter_errors(&value) {
+                    let at = pointer_to_path(&e.instance_path().to_string());
+                    problems.push(Problem::new(format!("inputs.{name}{at}"), e.to_string()));
+                }
             }
             out.insert(name.clone(), value);
         }
@@ -232,6 +240,28 @@ impl Workflow {
 }
 
 const TYPES: [&str; 6] = ["string", "number", "integer", "boolean", "object", "array"];
+
+/// An input's JSON Schema, compiled once.
+#[derive(Clone)]
+pub struct InputSchema(Arc<jsonschema::Validator>);
+
+impl std::fmt::Debug for InputSchema {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("InputSchema")
+    }
+}
+
+/// `/xs/0/name` → `.xs[0].name`.
+fn pointer_to_path(pointer: &str) -> String {
+    pointer
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .map(|s| match s.parse::<usize>() {
+            Ok(i) => format!("[{i}]"),
+            Err(_) => format!(".{}", s.replace("~1", "/").replace("~0", "~")),
+        })
+        .collect()
+}
 
 fn input_type(decl: &Value) -> Option<&str> {
     match decl {
@@ -457,6 +487,7 @@ pub fn validate(def: WorkflowDef, limits: &Limits) -> Result<Workflow, Invalid> 
         )
         .into());
     }
+    let mut input_schemas = HashMap::new();
     for (name, decl) in &def.inputs {
         let path = format!("inputs.{name}");
         match (decl, input_type(decl)) {
@@ -464,7 +495,13 @@ pub fn validate(def: WorkflowDef, limits: &Limits) -> Result<Workflow, Invalid> 
                 path,
                 format!("unknown type `{ty}` (one of: {})", TYPES.join(", ")),
             ),
-            (Value::String(_) | Value::Object(_), _) => {}
+            (Value::String(_), _) => {}
+            (Value::Object(_), _) => match jsonschema::validator_for(decl) {
+                Ok(v) => {
+                    input_schemas.insert(name.clone(), InputSchema(Arc::new(v)));
+                }
+                Err(e) => c.problem(path, format!("not a valid JSON Schema: {e}")),
+            },
             _ => c.problem(path, "must be a type name or a JSON Schema object"),
         }
     }
@@ -736,6 +773,7 @@ pub fn validate(def: WorkflowDef, limits: &Limits) -> Result<Workflow, Invalid> 
         steps,
         outputs,
         index,
+        input_schemas,
     })
 }
 
@@ -872,6 +910,31 @@ outputs: { brief: "${{ steps.review.output.text }}" }
         assert_eq!(
             w.bind_inputs(&json!({ "topic": "rust" })).unwrap(),
             json!({ "topic": "rust", "publish": false })
+        );
+        // Inputs declared with a JSON Schema are checked against all of it.
+        let typed = load(
+            "inputs:\n  level: { type: string, enum: [low, high], default: low }\n  tags: { type: array, items: { type: string }, maxItems: 2 }\nsteps:\n  - {id: a, uses: x}\n",
+            &Limits::default(),
+        )
+        .unwrap();
+        let err = typed
+            .bind_inputs(&json!({ "level": "mid", "tags": ["a", 2] }))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("inputs.level: \"mid\" is not one of"), "{err}");
+        assert!(
+            err.contains("inputs.tags[1]: 2 is not of type \"string\""),
+            "{err}"
+        );
+        let err = load(
+            "inputs: {n: {type: 7}}\nsteps:\n  - {id: a, uses: x}\n",
+            &Limits::default(),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("inputs.n: not a valid JSON Schema"),
+            "{err}"
         );
         let err = w
             .bind_inputs(&json!({ "topic": 3, "extra": 1 }))
