@@ -27,6 +27,8 @@ pub struct Expr {
     pub variables: BTreeSet<String>,
     /// Steps named as `steps.<id>`.
     pub steps: BTreeSet<String>,
+    /// Long or nested enough to be parsed and evaluated on a stack of its own.
+    deep: bool,
 }
 
 impl std::fmt::Debug for Expr {
@@ -44,17 +46,22 @@ impl PartialEq for Expr {
 impl Expr {
     /// Compiles CEL source (without `${{ }}`).
     pub fn compile(source: &str) -> Result<Self, String> {
-        let program = env().compile(source).map_err(|e| {
-            let text = e.to_string();
-            format!("does not compile: {}", text.trim())
+        let deep = check_shape(source)?;
+        let (program, refs) = on_enough_stack(deep, || {
+            let program = env().compile(source).map_err(|e| {
+                let text = e.to_string();
+                format!("does not compile: {}", text.trim())
+            })?;
+            let mut refs = Refs::default();
+            refs.walk(program.expression(), &mut Vec::new());
+            Ok::<_, String>((program, refs))
         })?;
-        let mut refs = Refs::default();
-        refs.walk(program.expression(), &mut Vec::new());
         Ok(Self {
             source: source.trim().to_owned(),
             program: Arc::new(program),
             variables: refs.variables,
             steps: refs.steps,
+            deep,
         })
     }
 
@@ -79,9 +86,7 @@ impl Expr {
                 ctx.add_variable_from_value(name.as_str(), to_cel(value));
             }
         }
-        let value = self
-            .program
-            .execute(&ctx)
+        let value = on_enough_stack(self.deep, || self.program.execute(&ctx))
             .map_err(|e| format!("`{}`: {e}", self.source))?;
         value
             .json()
@@ -119,6 +124,86 @@ fn to_cel(v: &Value) -> cel::Value {
             cel::Value::Map(map.into())
         }
     }
+}
+
+/// Longest expression accepted, in bytes.
+pub const MAX_EXPRESSION_BYTES: usize = 1024;
+/// Deepest nesting of `(`, `[` and `{` accepted.
+pub const MAX_EXPRESSION_NESTING: usize = 16;
+/// Longest run of prefix operators (`!`, `-`) accepted.
+pub const MAX_PREFIX_RUN: usize = 4;
+
+/// Stack for parsing and evaluating a deep expression. The CEL parser recurses through
+/// every precedence rule for each bracket level (about 180 KiB a level in a debug build,
+/// 20 KiB in release), and the evaluator once per operator; a 2 MiB thread stack (tokio's
+/// workers) does not hold the worst expression the limits allow.
+const DEEP_STACK: usize = 64 << 20;
+/// Below this much stack left, even a shallow expression moves to a stack of its own.
+const RED_ZONE: usize = 1 << 20;
+
+/// Runs `f` where a deep expression cannot overflow the stack: a shallow one in place (if
+/// a comfortable margin is left), a deep one always on a fresh stack (mapped on demand:
+/// only the pages it touches cost memory).
+fn on_enough_stack<T>(deep: bool, f: impl FnOnce() -> T) -> T {
+    if deep {
+        stacker::grow(DEEP_STACK, f)
+    } else {
+        stacker::maybe_grow(RED_ZONE, DEEP_STACK, f)
+    }
+}
+
+/// Refuses expressions whose shape alone could exhaust any stack (found by fuzzing: a
+/// few dozen `(` crashed the process that parsed them), and tells whether an accepted one
+/// is deep enough to need a stack of its own.
+fn check_shape(source: &str) -> Result<bool, String> {
+    if source.len() > MAX_EXPRESSION_BYTES {
+        return Err(format!(
+            "is {} bytes, the limit is {MAX_EXPRESSION_BYTES}",
+            source.len()
+        ));
+    }
+    let (mut depth, mut deepest, mut prefix_run, mut longest_run) =
+        (0usize, 0usize, 0usize, 0usize);
+    let mut quote: Option<char> = None;
+    let mut escaped = false;
+    for c in source.chars() {
+        if let Some(q) = quote {
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == q {
+                quote = None;
+            }
+            continue;
+        }
+        match c {
+            '\'' | '"' => quote = Some(c),
+            '(' | '[' | '{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            ')' | ']' | '}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        if c == '!' || c == '-' {
+            prefix_run += 1;
+            longest_run = longest_run.max(prefix_run);
+        } else if !c.is_whitespace() {
+            prefix_run = 0;
+        }
+    }
+    if deepest > MAX_EXPRESSION_NESTING {
+        return Err(format!(
+            "nests brackets {deepest} deep, the limit is {MAX_EXPRESSION_NESTING}"
+        ));
+    }
+    if longest_run > MAX_PREFIX_RUN {
+        return Err(format!(
+            "has {longest_run} `!`/`-` in a row, the limit is {MAX_PREFIX_RUN}"
+        ));
+    }
+    Ok(deepest > 2 || source.len() > 96)
 }
 
 pub fn kind(v: &Value) -> &'static str {
@@ -441,6 +526,54 @@ mod tests {
             out,
             json!({ "list": [3, 4], "text": "item 1 of 2: x", "nested": { "a": { "b": 1 } }, "plain": [1, "two"] })
         );
+    }
+
+    /// The worst shapes the limits let through compile, evaluate and walk on a thread with
+    /// the default 2 MiB stack (tokio's workers have as much), in a debug build.
+    #[test]
+    fn the_deepest_accepted_expressions_fit_a_small_stack() {
+        let nested = format!(
+            "{}1{}",
+            "(".repeat(MAX_EXPRESSION_NESTING),
+            ")".repeat(MAX_EXPRESSION_NESTING)
+        );
+        let lists = format!(
+            "size({}1{}) + 1",
+            "[".repeat(MAX_EXPRESSION_NESTING - 1),
+            "]".repeat(MAX_EXPRESSION_NESTING - 1)
+        );
+        let chain = vec!["1"; MAX_EXPRESSION_BYTES / 4].join(" + ");
+        let members = format!("inputs{}", ".a".repeat(MAX_EXPRESSION_BYTES / 2 - 4));
+        let prefix = format!("{}true", "!".repeat(MAX_PREFIX_RUN));
+        std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(move || {
+                for source in [nested, lists, chain, members, prefix] {
+                    assert!(source.len() <= MAX_EXPRESSION_BYTES, "{}", source.len());
+                    let e = Expr::compile(&source).unwrap();
+                    let _ = e.eval(&Map::new());
+                }
+            })
+            .unwrap()
+            .join()
+            .expect("no stack overflow");
+        assert!(
+            Expr::compile(&"(".repeat(40))
+                .unwrap_err()
+                .contains("nests brackets 40 deep")
+        );
+        assert!(
+            Expr::compile(&"!".repeat(9))
+                .unwrap_err()
+                .contains("`!`/`-` in a row")
+        );
+        assert!(
+            Expr::compile(&"1+".repeat(600))
+                .unwrap_err()
+                .contains("the limit is 1024")
+        );
+        // Brackets inside string literals do not count.
+        Expr::compile(&format!("'{}' == ''", "(".repeat(40))).unwrap();
     }
 
     #[test]

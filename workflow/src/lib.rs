@@ -5,6 +5,7 @@
 
 pub mod def;
 pub mod expr;
+pub mod fuzz;
 pub mod validate;
 
 pub use def::{OnFailure, RetryDef, StepDef, WorkflowDef};
