@@ -14,6 +14,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // The node RPC is named Connect, which clashes with the generated transport
         // constructor; clients are built from a Channel instead.
         .build_transport(false)
+        // Malformed messages are INVALID_ARGUMENT, not INTERNAL (see src/codec.rs).
+        .codec_path("crate::codec::MeshCodec")
         .file_descriptor_set_path(out_dir.join("mesh_descriptor.bin"))
         .compile_with_config(
             config,

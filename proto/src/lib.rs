@@ -6,7 +6,9 @@
 //!   fencing tokens, node frames, run views.
 //! - [`convert`]: `TryFrom`/`From` between the two. Conversions from the wire validate
 //!   and name the offending field in their error.
+//! - [`codec`]: the services' codec (prost; malformed messages are `INVALID_ARGUMENT`).
 
+pub mod codec;
 pub mod convert;
 pub mod domain;
 

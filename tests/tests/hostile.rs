@@ -1,0 +1,438 @@
+//! Hostile input against a real coordinator: 10,000 malformed or hostile requests to every
+//! method of every service — random bytes, truncated messages, valid protobuf with invalid
+//! fields, unknown enum values, absurd numbers, deeply nested values, oversized messages —
+//! plus hostile node streams. Every answer must carry a status from the expected set, the
+//! coordinator must stay up, and its memory must come back near where it started.
+//!
+//! Seeded: the seed is printed, and `MESH_HOSTILE_SEED=N` replays a run.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use bytes::{Buf, BufMut};
+use futures::{StreamExt, stream};
+use mesh_proto::pb;
+use mesh_tests::{Mesh, Timings};
+use prost::Message;
+use tonic::client::Grpc;
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+
+/// Sends and receives raw message bytes: the requests are made by hand.
+#[derive(Clone, Copy, Default)]
+struct Raw;
+
+impl Codec for Raw {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = Raw;
+    type Decoder = Raw;
+    fn encoder(&mut self) -> Raw {
+        Raw
+    }
+    fn decoder(&mut self) -> Raw {
+        Raw
+    }
+}
+
+impl Encoder for Raw {
+    type Item = Vec<u8>;
+    type Error = Status;
+    fn encode(&mut self, item: Vec<u8>, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        buf.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl Decoder for Raw {
+    type Item = Vec<u8>;
+    type Error = Status;
+    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, Status> {
+        let n = buf.remaining();
+        Ok(Some(buf.copy_to_bytes(n).to_vec()))
+    }
+}
+
+/// Unary methods, and whether a request that happens to decode to a valid one may be
+/// answered OK (lists and `Validate`, whose answer carries the problems).
+const UNARY: &[(&str, bool)] = &[
+    ("/mesh.v1.GoalService/SubmitGoal", false),
+    ("/mesh.v1.GoalService/GetRun", false),
+    ("/mesh.v1.GoalService/CancelRun", false),
+    ("/mesh.v1.GoalService/ListRuns", true),
+    ("/mesh.v1.GoalService/Approve", false),
+    ("/mesh.v1.GoalService/Reject", false),
+    ("/mesh.v1.GoalService/Signal", false),
+    ("/mesh.v1.GoalService/RetryRun", false),
+    ("/mesh.v1.GoalService/SkipStep", false),
+    ("/mesh.v1.WorkflowService/Register", false),
+    ("/mesh.v1.WorkflowService/Get", false),
+    ("/mesh.v1.WorkflowService/List", true),
+    ("/mesh.v1.WorkflowService/Validate", true),
+    ("/mesh.v1.RegistryService/ListNodes", true),
+    ("/mesh.v1.RegistryService/ListAgents", true),
+    ("/mesh.v1.RegistryService/DrainNode", false),
+];
+
+/// What a hostile request may be answered with.
+const EXPECTED: &[Code] = &[
+    Code::InvalidArgument,
+    Code::NotFound,
+    Code::FailedPrecondition,
+    Code::OutOfRange,
+    Code::ResourceExhausted,
+    Code::AlreadyExists,
+];
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("VmRSS")
+}
+
+fn random_bytes(rng: &mut fastrand::Rng, max: usize) -> Vec<u8> {
+    let n = rng.usize(0..=max);
+    (0..n).map(|_| rng.u8(..)).collect()
+}
+
+fn random_text(rng: &mut fastrand::Rng) -> String {
+    const PIECES: &[&str] = &[
+        "",
+        "a",
+        "run-1",
+        "../../etc",
+        "ünïcödé",
+        "\u{0}",
+        " ",
+        "x@0",
+        "name@1",
+        "greet@99",
+        "${{",
+        "}}",
+        "%s%n",
+        "'; DROP TABLE runs; --",
+        "\u{202e}",
+    ];
+    match rng.u8(0..4) {
+        0 => PIECES[rng.usize(..PIECES.len())].to_owned(),
+        1 => "z".repeat(rng.usize(0..300)),
+        2 => String::from_utf8_lossy(&random_bytes(rng, 64)).into_owned(),
+        _ => format!("run-{:032x}", rng.u128(..)),
+    }
+}
+
+/// A valid protobuf message with invalid or hostile field values, for `path`.
+fn hostile_message(rng: &mut fastrand::Rng, path: &str) -> Vec<u8> {
+    let nested = |rng: &mut fastrand::Rng| {
+        let depth = rng.usize(100..20_000);
+        format!("{}{}", "[".repeat(depth), "]".repeat(depth))
+    };
+    let json = |rng: &mut fastrand::Rng| match rng.u8(0..5) {
+        0 => nested(rng),
+        1 => "{not json".to_owned(),
+        2 => format!("{}", u64::MAX),
+        3 => format!("{{\"a\": \"{}\"}}", "x".repeat(rng.usize(0..10_000))),
+        _ => random_text(rng),
+    };
+    let workflow = |rng: &mut fastrand::Rng| match rng.u8(0..5) {
+        0 => format!(
+            "steps:\n  - {{id: a, uses: echo, when: \"${{{{ {}1{} }}}}\"}}\n",
+            "(".repeat(rng.usize(10..500)),
+            ")".repeat(rng.usize(10..500))
+        ),
+        1 => "steps:\n  - &a [*a, *a]\n".to_owned(),
+        2 => format!("name: w\nversion: {}\nsteps: []\n", rng.u64(..)),
+        3 => format!(
+            "steps:\n  - {{id: a, uses: echo, foreach: '${{{{ {} }}}}'}}\n",
+            "1 + ".repeat(rng.usize(1..400)) + "1"
+        ),
+        _ => random_text(rng),
+    };
+    match path.rsplit('/').next().unwrap() {
+        "SubmitGoal" => pb::SubmitGoalRequest {
+            objective: random_text(rng),
+            inputs_json: json(rng),
+            steps: (0..rng.usize(0..4))
+                .map(|_| pb::StepSpec {
+                    id: random_text(rng),
+                    uses: random_text(rng),
+                    with_json: json(rng),
+                    needs: vec![random_text(rng)],
+                })
+                .collect(),
+            idempotency_key: random_text(rng),
+            workflow: if rng.bool() {
+                workflow(rng)
+            } else {
+                String::new()
+            },
+            workflow_ref: if rng.bool() {
+                random_text(rng)
+            } else {
+                String::new()
+            },
+        }
+        .encode_to_vec(),
+        "GetRun" => pb::GetRunRequest {
+            run_id: random_text(rng),
+        }
+        .encode_to_vec(),
+        "CancelRun" => pb::CancelRunRequest {
+            run_id: random_text(rng),
+            reason: "x".repeat(rng.usize(0..100_000)),
+        }
+        .encode_to_vec(),
+        "ListRuns" => pb::ListRunsRequest {
+            state: rng.i32(..),
+            page_size: rng.u32(..),
+            page_token: random_text(rng),
+        }
+        .encode_to_vec(),
+        "Approve" | "Reject" => pb::DecideRequest {
+            run_id: random_text(rng),
+            step_id: random_text(rng),
+            comment: "c".repeat(rng.usize(0..10_000)),
+            by: random_text(rng),
+        }
+        .encode_to_vec(),
+        "Signal" => pb::SignalRequest {
+            run_id: random_text(rng),
+            name: random_text(rng),
+            payload_json: json(rng),
+        }
+        .encode_to_vec(),
+        "RetryRun" => pb::RetryRunRequest {
+            run_id: random_text(rng),
+            from_step: random_text(rng),
+        }
+        .encode_to_vec(),
+        "SkipStep" => pb::SkipStepRequest {
+            run_id: random_text(rng),
+            step_id: random_text(rng),
+            comment: random_text(rng),
+        }
+        .encode_to_vec(),
+        "Register" | "Validate" => pb::RegisterWorkflowRequest {
+            definition: workflow(rng),
+        }
+        .encode_to_vec(),
+        "Get" => pb::GetWorkflowRequest {
+            name: random_text(rng),
+            version: rng.u32(..),
+        }
+        .encode_to_vec(),
+        "List" => pb::ListWorkflowsRequest {
+            name: random_text(rng),
+            page_size: rng.u32(..),
+            page_token: random_text(rng),
+        }
+        .encode_to_vec(),
+        "ListAgents" => pb::ListAgentsRequest {
+            skill: random_text(rng),
+        }
+        .encode_to_vec(),
+        "DrainNode" => pb::DrainNodeRequest {
+            node_id: random_text(rng),
+            reason: random_text(rng),
+        }
+        .encode_to_vec(),
+        _ => random_bytes(rng, 256),
+    }
+}
+
+/// One hostile request for `path`, and what kind it is.
+fn request(rng: &mut fastrand::Rng, path: &str) -> (&'static str, Vec<u8>) {
+    match rng.u8(0..100) {
+        0..=29 => ("random bytes", random_bytes(rng, 2048)),
+        30..=44 => {
+            let mut whole = hostile_message(rng, path);
+            let cut = rng.usize(0..=whole.len());
+            whole.truncate(cut);
+            ("truncated", whole)
+        }
+        45..=98 => ("hostile fields", hostile_message(rng, path)),
+        _ => ("oversized", vec![b'x'; 5 << 20]),
+    }
+}
+
+#[tokio::test]
+async fn ten_thousand_hostile_requests_get_precise_errors_and_leave_the_coordinator_whole() {
+    let seed: u64 = std::env::var("MESH_HOSTILE_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20_261_122);
+    eprintln!("hostile requests: seed {seed} (replay with MESH_HOSTILE_SEED={seed})");
+    let mut mesh = Mesh::start(Timings::default()).await;
+    mesh.start_node("n1", "[[agents]]\nkind = \"echo\"\nmax_concurrency = 4\n")
+        .await;
+    let channel = Channel::from_shared(mesh.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let pid = mesh.coordinator.as_ref().unwrap().pid();
+    let mut rng = fastrand::Rng::with_seed(seed);
+
+    // Warm-up, so that the baseline includes what a working coordinator keeps anyway.
+    let plan = |rng: &mut fastrand::Rng, n: usize| -> Vec<(usize, &'static str, Vec<u8>)> {
+        (0..n)
+            .map(|_| {
+                let m = rng.usize(..UNARY.len());
+                let (kind, body) = request(rng, UNARY[m].0);
+                (m, kind, body)
+            })
+            .collect()
+    };
+    let warm = plan(&mut rng, 500);
+    send_all(&channel, warm).await;
+    let baseline = rss_kib(pid);
+
+    let requests = plan(&mut rng, 10_000);
+    let outcomes = send_all(&channel, requests).await;
+    let mut codes: BTreeMap<String, usize> = BTreeMap::new();
+    let mut unexpected = Vec::new();
+    for (m, kind, result) in &outcomes {
+        let (path, ok_allowed) = UNARY[*m];
+        let code = match result {
+            Ok(()) => Code::Ok,
+            Err(s) => s.code(),
+        };
+        *codes.entry(format!("{code:?}")).or_default() += 1;
+        let fine = EXPECTED.contains(&code) || (code == Code::Ok && ok_allowed);
+        if !fine {
+            unexpected.push(format!("{path} ({kind}): {result:?}"));
+        }
+    }
+
+    // Hostile node streams: no register first, garbage frames, a register with nonsense.
+    let mut stream_codes: BTreeMap<String, usize> = BTreeMap::new();
+    for _ in 0..200 {
+        let frames: Vec<Vec<u8>> = (0..rng.usize(1..5))
+            .map(|_| match rng.u8(0..3) {
+                0 => random_bytes(&mut rng, 512),
+                1 => pb::NodeFrame {
+                    kind: Some(pb::node_frame::Kind::Heartbeat(pb::Heartbeat {
+                        instance: rng.u64(..),
+                    })),
+                }
+                .encode_to_vec(),
+                _ => pb::NodeFrame {
+                    kind: Some(pb::node_frame::Kind::Register(pb::Register {
+                        node_name: random_text(&mut rng),
+                        labels: Default::default(),
+                        agents: vec![pb::AgentCard {
+                            name: random_text(&mut rng),
+                            max_concurrency: rng.u32(..),
+                            ..Default::default()
+                        }],
+                    })),
+                }
+                .encode_to_vec(),
+            })
+            .collect();
+        let code = node_stream(&channel, frames).await;
+        *stream_codes.entry(format!("{code:?}")).or_default() += 1;
+    }
+
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = rss_kib(pid);
+    eprintln!(
+        "hostile requests: {} unary answered {codes:?}; 200 node streams ended {stream_codes:?}; \
+         coordinator RSS {} KiB after warm-up, {} KiB after",
+        outcomes.len(),
+        baseline,
+        after
+    );
+    assert!(
+        unexpected.is_empty(),
+        "{} unexpected answers, first: {:?}",
+        unexpected.len(),
+        &unexpected[..unexpected.len().min(5)]
+    );
+    assert_eq!(outcomes.len(), 10_000);
+    // A stream that registers a valid-looking node and then closes ends OK; every other
+    // ending is a precise refusal.
+    let stream_expected = ["FailedPrecondition", "InvalidArgument", "OutOfRange", "Ok"];
+    assert!(
+        stream_codes
+            .keys()
+            .all(|c| stream_expected.contains(&c.as_str())),
+        "node streams ended {stream_codes:?}"
+    );
+    assert!(
+        mesh.coordinator.as_mut().unwrap().is_running(),
+        "the coordinator is still running"
+    );
+    assert!(
+        after <= baseline + 48 * 1024,
+        "memory grew from {baseline} KiB to {after} KiB"
+    );
+    // And it still works.
+    let client = mesh.client().await;
+    let run = client
+        .submit(mesh_tests::goal(
+            "after",
+            &[("a", "echo", serde_json::json!({}), &[])],
+        ))
+        .await
+        .unwrap();
+    let view = client.wait(&run.run_id).await.unwrap();
+    assert_eq!(view.state, mesh_agent_sdk::RunState::Succeeded);
+}
+
+/// Sends every request, 16 at a time; returns (method, kind, outcome) for each.
+async fn send_all(
+    channel: &Channel,
+    requests: Vec<(usize, &'static str, Vec<u8>)>,
+) -> Vec<(usize, &'static str, Result<(), Status>)> {
+    stream::iter(requests)
+        .map(|(m, kind, body)| {
+            let mut grpc = Grpc::new(channel.clone());
+            async move {
+                let path = tonic::codegen::http::uri::PathAndQuery::from_static(UNARY[m].0);
+                let result = async {
+                    grpc.ready()
+                        .await
+                        .map_err(|e| Status::unavailable(e.to_string()))?;
+                    let mut req = tonic::Request::new(body);
+                    req.set_timeout(Duration::from_secs(10));
+                    grpc.unary(req, path, Raw).await.map(|_| ())
+                }
+                .await;
+                (m, kind, result)
+            }
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await
+}
+
+/// Opens a node stream, sends `frames`, and returns how the coordinator ended it.
+async fn node_stream(channel: &Channel, frames: Vec<Vec<u8>>) -> Code {
+    let mut grpc = Grpc::new(channel.clone());
+    if grpc.ready().await.is_err() {
+        return Code::Unavailable;
+    }
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static("/mesh.v1.NodeService/Connect");
+    let outbound = stream::iter(frames);
+    let mut req = tonic::Request::new(outbound);
+    req.set_timeout(Duration::from_secs(5));
+    match grpc.streaming(req, path, Raw).await {
+        Err(s) => s.code(),
+        Ok(resp) => {
+            let mut inbound = resp.into_inner();
+            loop {
+                match tokio::time::timeout(Duration::from_secs(5), inbound.next()).await {
+                    Ok(Some(Ok(_))) => {}
+                    Ok(Some(Err(s))) => return s.code(),
+                    Ok(None) => return Code::Ok,
+                    Err(_) => return Code::DeadlineExceeded,
+                }
+            }
+        }
+    }
+}
