@@ -1739,4 +1739,32 @@ mod tests {
             "{error}"
         );
     }
+
+    /// The retry schedule as a run lives it: each failure's backoff slept on tokio's
+    /// (paused) clock before the retry, jitter included.
+    #[tokio::test(start_paused = true)]
+    async fn retries_wait_their_backoff_on_the_clock() {
+        let yaml = "steps:\n  - {id: a, uses: flaky, retry: {max_attempts: 5, backoff: 2s, multiplier: 2, max_backoff: 5s, jitter: 0.5}}\n";
+        let mut m = machine(yaml, json!({}));
+        m.advance();
+        let clock = tokio::time::Instant::now();
+        let randoms = [0.0, 1.0, 0.5];
+        for random in randoms {
+            let token = token(&m, "a", 0);
+            let d = m
+                .on_failed(&token, TaskError::new("flaky", "again", true))
+                .unwrap();
+            let r = d.retry_after.unwrap();
+            tokio::time::sleep(jittered(r.delay, r.jitter, random)).await;
+            assert_eq!(started(&m.on_retry(&r.step, r.index, r.attempt)).len(), 1);
+        }
+        // 2 s (no jitter drawn) + 4 s halved (jitter 0.5 fully drawn) + 5 s (capped) less a quarter.
+        assert_eq!(
+            clock.elapsed(),
+            Duration::from_millis(2_000 + 2_000 + 3_750)
+        );
+        let e = ok(&mut m, "a", 0, json!("done"));
+        assert_eq!(finished(&e).unwrap().0, RunState::Succeeded);
+        assert_eq!(token(&m, "a", 0).attempt, 4);
+    }
 }
