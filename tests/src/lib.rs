@@ -237,6 +237,9 @@ impl Default for Timings {
 
 /// A coordinator and its nodes, in one temporary directory.
 pub struct Mesh {
+    /// The address the coordinator's gRPC listens on: loopback, or a veth address of a
+    /// network namespace test.
+    pub host: String,
     pub grpc_port: u16,
     pub http_port: u16,
     pub timings: Timings,
@@ -249,7 +252,13 @@ pub struct Mesh {
 impl Mesh {
     /// Starts a coordinator and waits until it answers.
     pub async fn start(timings: Timings) -> Mesh {
+        Self::start_on("127.0.0.1", timings).await
+    }
+
+    /// Starts a coordinator whose gRPC listens on `host`.
+    pub async fn start_on(host: &str, timings: Timings) -> Mesh {
         let mut mesh = Mesh {
+            host: host.to_owned(),
             grpc_port: free_port(),
             http_port: free_port(),
             timings,
@@ -262,7 +271,7 @@ impl Mesh {
     }
 
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.grpc_port)
+        format!("http://{}:{}", self.host, self.grpc_port)
     }
 
     pub fn db_path(&self) -> PathBuf {
@@ -273,7 +282,7 @@ impl Mesh {
     pub async fn start_coordinator(&mut self) {
         let t = &self.timings;
         let config = format!(
-            r#"listen = "127.0.0.1:{grpc}"
+            r#"listen = "{host}:{grpc}"
 http_listen = "127.0.0.1:{http}"
 data_dir = "{data}"
 [registry]
@@ -287,6 +296,7 @@ circuit_failures = {circuit}
 circuit_cool_down = "{cool}ms"
 max_active_runs = {max_runs}
 "#,
+            host = self.host,
             grpc = self.grpc_port,
             http = self.http_port,
             data = self.dir.path().join("data").display(),
@@ -330,6 +340,17 @@ max_active_runs = {max_runs}
         agents_toml: &str,
         http_port: Option<u16>,
     ) -> u64 {
+        self.start_node_in(name, agents_toml, http_port, None).await
+    }
+
+    /// Starts a node, inside network namespace `netns` when given (`ip netns exec`).
+    pub async fn start_node_in(
+        &mut self,
+        name: &str,
+        agents_toml: &str,
+        http_port: Option<u16>,
+        netns: Option<&str>,
+    ) -> u64 {
         let http = http_port
             .map(|p| format!("http_listen = \"127.0.0.1:{p}\"\n"))
             .unwrap_or_default();
@@ -348,11 +369,23 @@ drain_grace = "20s"
         );
         let path = self.dir.path().join(format!("{name}.toml"));
         std::fs::write(&path, config).expect("write node config");
-        let proc = Proc::spawn(
-            name,
-            self.dir.path(),
-            &["node", "--config", path.to_str().unwrap()],
-        );
+        let config = path.to_str().unwrap();
+        let proc = match netns {
+            None => Proc::spawn(name, self.dir.path(), &["node", "--config", config]),
+            Some(ns) => {
+                let bin = mesh_bin();
+                let args = [
+                    "netns",
+                    "exec",
+                    ns,
+                    bin.to_str().unwrap(),
+                    "node",
+                    "--config",
+                    config,
+                ];
+                Proc::spawn_program(Path::new("ip"), name, self.dir.path(), &args, &[])
+            }
+        };
         self.nodes.insert(name.to_owned(), proc);
         self.wait_healthy(name).await.instance
     }
