@@ -1,0 +1,264 @@
+//! A nemesis run: a steady load of goals against a coordinator and three nodes while a
+//! seeded nemesis kills (`kill -9`) and pauses (`SIGSTOP`) nodes and kills and restarts the
+//! coordinator, one fault every few seconds. The client records what it saw; after the
+//! last fault is healed the history is checked:
+//!
+//! - every goal the coordinator acknowledged completed, exactly once: one run per
+//!   idempotency key, and one accepted result per step in the journal;
+//! - no run finished before the client submitted it;
+//! - the mesh recovered: every acknowledged run finished within [`RECOVERY`] of healing.
+//!
+//! The short run (about a minute) is part of every test run; the long one is
+//! `cargo test -p mesh-tests --test nemesis -- --ignored` (`MESH_NEMESIS_SECS`, default
+//! 600). `MESH_NEMESIS_SEED=N` replays a run; the seed is printed either way.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use mesh_agent_sdk::{GoalClient, GoalSpec, RunId, RunState};
+use mesh_tests::{Mesh, Timings, goal, wait_for};
+use serde_json::json;
+
+const AGENTS: &str = r#"
+[[agents]]
+kind = "echo"
+max_concurrency = 8
+[[agents]]
+kind = "sleep"
+max_concurrency = 8
+"#;
+const NODES: [&str; 3] = ["n1", "n2", "n3"];
+/// How long after healing every acknowledged run must have finished.
+const RECOVERY: Duration = Duration::from_secs(30);
+
+/// What the client saw of one goal.
+#[derive(Clone, Debug)]
+struct Entry {
+    submitted_at_ms: i64,
+    run: Option<RunId>,
+    tries: u32,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+fn the_goal(key: &str) -> GoalSpec {
+    let mut g = goal(
+        "nemesis",
+        &[
+            ("first", "echo", json!({ "key": key }), &[]),
+            ("nap", "sleep", json!({ "ms": 150 }), &["first"]),
+        ],
+    );
+    g.idempotency_key = Some(key.to_owned());
+    g
+}
+
+/// Submits one goal every `every` until `stop`; retries a goal whose submission failed
+/// (with the same key) before moving on.
+async fn load(
+    url: String,
+    history: Arc<Mutex<BTreeMap<String, Entry>>>,
+    every: Duration,
+    stop: Instant,
+) {
+    let mut client: Option<GoalClient> = None;
+    let mut i = 0u64;
+    while Instant::now() < stop {
+        let key = format!("nemesis-{i:06}");
+        history.lock().unwrap().entry(key.clone()).or_insert(Entry {
+            submitted_at_ms: now_ms(),
+            run: None,
+            tries: 0,
+        });
+        if client.is_none() {
+            client = GoalClient::connect(&url).await.ok();
+        }
+        let answer = match &client {
+            Some(c) => tokio::time::timeout(Duration::from_secs(3), c.submit(the_goal(&key)))
+                .await
+                .map_err(|_| ())
+                .and_then(|r| r.map_err(|_| ())),
+            None => Err(()),
+        };
+        {
+            let mut h = history.lock().unwrap();
+            let e = h.get_mut(&key).unwrap();
+            e.tries += 1;
+            if let Ok(run) = &answer {
+                e.run = Some(run.run_id.clone());
+            }
+        }
+        match answer {
+            Ok(_) => i += 1,
+            Err(()) => client = None,
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+enum Fault {
+    KillNode(usize),
+    PauseNode(usize),
+    RestartCoordinator,
+}
+
+async fn nemesis(seed: u64, duration: Duration) {
+    eprintln!("nemesis: seed {seed} (replay with MESH_NEMESIS_SEED={seed}), {duration:?}");
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let timings = Timings {
+        lease_ms: 1000,
+        heartbeat_ms: 200,
+        sweep_ms: 100,
+        ..Timings::default()
+    };
+    let mut mesh = Mesh::start(timings).await;
+    for n in NODES {
+        mesh.start_node(n, AGENTS).await;
+    }
+    let history: Arc<Mutex<BTreeMap<String, Entry>>> = Arc::default();
+    let stop = Instant::now() + duration;
+    let loader = tokio::spawn(load(
+        mesh.url(),
+        history.clone(),
+        Duration::from_millis(40),
+        stop,
+    ));
+
+    let mut faults: BTreeMap<&str, u32> = BTreeMap::new();
+    while Instant::now() + Duration::from_secs(4) < stop {
+        tokio::time::sleep(Duration::from_millis(rng.u64(1000..2500))).await;
+        // Every kind in turn, the node and the timings drawn from the seed.
+        let fault = match faults.values().sum::<u32>() % 3 {
+            0 => Fault::KillNode(rng.usize(..NODES.len())),
+            1 => Fault::PauseNode(rng.usize(..NODES.len())),
+            _ => Fault::RestartCoordinator,
+        };
+        match fault {
+            Fault::KillNode(n) => {
+                *faults.entry("kill -9 a node").or_default() += 1;
+                mesh.node(NODES[n]).kill9();
+                tokio::time::sleep(Duration::from_millis(rng.u64(200..1500))).await;
+                mesh.start_node(NODES[n], AGENTS).await;
+            }
+            Fault::PauseNode(n) => {
+                *faults.entry("pause a node").or_default() += 1;
+                mesh.node(NODES[n]).signal("STOP");
+                tokio::time::sleep(Duration::from_millis(rng.u64(300..2500))).await;
+                mesh.node(NODES[n]).signal("CONT");
+            }
+            Fault::RestartCoordinator => {
+                *faults
+                    .entry("kill -9 and restart the coordinator")
+                    .or_default() += 1;
+                mesh.coordinator.as_mut().unwrap().kill9();
+                tokio::time::sleep(Duration::from_millis(rng.u64(100..1000))).await;
+                mesh.start_coordinator().await;
+            }
+        }
+    }
+    loader.await.unwrap();
+    // Healed: every process runs (a paused node was continued, a killed one restarted).
+    let healed = Instant::now();
+    let client = mesh.client().await;
+
+    // Goals never acknowledged may still be stored; submitting them again with their key
+    // must find the same run, never a second one.
+    let keys: Vec<String> = history
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, e)| e.run.is_none())
+        .map(|(k, _)| k.clone())
+        .collect();
+    for key in keys {
+        let run = client.submit(the_goal(&key)).await.unwrap();
+        history.lock().unwrap().get_mut(&key).unwrap().run = Some(run.run_id);
+    }
+    let history = history.lock().unwrap().clone();
+    // Recovered: nothing left running.
+    let recovered = wait_for("every run finished", RECOVERY, || async {
+        let page = client
+            .list_runs(Some(RunState::Running), 1, None)
+            .await
+            .ok()?;
+        page.runs.is_empty().then(|| healed.elapsed())
+    })
+    .await;
+    let mut finished_at: HashMap<RunId, i64> = HashMap::new();
+    for (key, e) in &history {
+        let run = e.run.clone().unwrap();
+        let view = client.get_run(&run).await.unwrap();
+        assert_eq!(view.state, RunState::Succeeded, "{key}: {:?}", view.error);
+        finished_at.insert(run, view.updated_at_ms);
+    }
+
+    // One run per key: submitting any key again finds the run the client recorded.
+    for (key, e) in history.iter().step_by(7) {
+        let again = client.submit(the_goal(key)).await.unwrap();
+        assert!(!again.created, "{key}: a second run");
+        assert_eq!(Some(&again.run_id), e.run.as_ref(), "{key}");
+    }
+    // Exactly one accepted result per step, and no run finished before its submission.
+    let accepted = mesh.accepted_results();
+    for (key, e) in &history {
+        let run = e.run.as_ref().unwrap();
+        for step in ["first", "nap"] {
+            assert_eq!(
+                accepted.get(&(run.0.clone(), step.to_owned())),
+                Some(&1),
+                "{key}: {run}/{step} accepted results"
+            );
+        }
+        assert!(
+            finished_at[run] >= e.submitted_at_ms,
+            "{key}: finished before it was submitted"
+        );
+    }
+    let acked_first_try = history
+        .values()
+        .filter(|e| e.tries == 1 && e.run.is_some())
+        .count();
+    eprintln!(
+        "nemesis: {} goals in the history ({acked_first_try} acknowledged at the first try), \
+         faults {faults:?}; check passed: every acknowledged goal completed exactly once, none \
+         before its submission; all finished {} ms after healing (bound {} s)",
+        history.len(),
+        recovered.as_millis(),
+        RECOVERY.as_secs()
+    );
+    assert!(
+        history.len() >= 100,
+        "a steady load: {} goals",
+        history.len()
+    );
+}
+
+/// `MESH_NEMESIS_SEED`, or `default`.
+fn seed(default: u64) -> u64 {
+    std::env::var("MESH_NEMESIS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A fixed schedule of faults (timing still varies run to run), so that CI is repeatable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nemesis_short() {
+    nemesis(seed(7), Duration::from_secs(45)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "ten minutes; run with -- --ignored"]
+async fn nemesis_long() {
+    let secs = std::env::var("MESH_NEMESIS_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(600);
+    nemesis(seed(fastrand::u64(..)), Duration::from_secs(secs)).await;
+}
