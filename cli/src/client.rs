@@ -37,6 +37,18 @@ pub enum GoalCommand {
     },
 }
 
+/// An approval decision: which step of which run, and what to record with it.
+#[derive(clap::Args)]
+pub struct Decision {
+    run_id: String,
+    step: String,
+    #[arg(long, default_value = "")]
+    comment: String,
+    /// Who decides, for the record; $USER by default.
+    #[arg(long, env = "USER", default_value = "")]
+    by: String,
+}
+
 #[derive(Subcommand)]
 pub enum RunCommand {
     /// Show a run with its steps.
@@ -50,25 +62,10 @@ pub enum RunCommand {
         reason: String,
     },
     /// Approve a step that awaits approval.
-    Approve {
-        run_id: String,
-        step: String,
-        #[arg(long, default_value = "")]
-        comment: String,
-        /// Who approves, for the record; $USER by default.
-        #[arg(long, env = "USER", default_value = "")]
-        by: String,
-    },
+    Approve(Decision),
     /// Reject a step that awaits approval: it fails (and the run with it, unless the step
-    /// says `on_failure: continue`).
-    Reject {
-        run_id: String,
-        step: String,
-        #[arg(long, default_value = "")]
-        comment: String,
-        #[arg(long, env = "USER", default_value = "")]
-        by: String,
-    },
+    /// says `on_failure: continue` or `park`).
+    Reject(Decision),
     /// Run a failed or parked step again, with every step that depends on it; a failed run
     /// runs again from there. Every other result is kept.
     Retry {
@@ -219,25 +216,15 @@ pub async fn run(url: &str, format: Output, command: RunCommand) -> Result<()> {
             let view = client.cancel_run(&run_id(id)?, &reason).await?;
             output::run(&view, format);
         }
-        RunCommand::Approve {
-            run_id: id,
-            step,
-            comment,
-            by,
-        } => {
+        RunCommand::Approve(d) => {
             let view = client
-                .decide(&run_id(id)?, &step, true, &comment, &by)
+                .decide(&run_id(d.run_id)?, &d.step, true, &d.comment, &d.by)
                 .await?;
             output::run(&view, format);
         }
-        RunCommand::Reject {
-            run_id: id,
-            step,
-            comment,
-            by,
-        } => {
+        RunCommand::Reject(d) => {
             let view = client
-                .decide(&run_id(id)?, &step, false, &comment, &by)
+                .decide(&run_id(d.run_id)?, &d.step, false, &d.comment, &d.by)
                 .await?;
             output::run(&view, format);
         }

@@ -484,17 +484,11 @@ drain_grace = "20s"
         counts
     }
 
-    /// Attempts started per (run, step) on a node, from its execution log.
+    /// Attempts started per (run, step) on a node, every task of a step together.
     pub fn executions(&self, node: &str) -> HashMap<(String, String), u32> {
-        let text = std::fs::read_to_string(self.exec_log(node)).unwrap_or_default();
         let mut counts = HashMap::new();
-        for line in text.lines() {
-            let v: serde_json::Value = serde_json::from_str(line).expect("execution log line");
-            let key = (
-                v["run_id"].as_str().unwrap().to_owned(),
-                v["step_id"].as_str().unwrap().to_owned(),
-            );
-            *counts.entry(key).or_insert(0) += 1;
+        for ((run, step, _), n) in self.task_executions(node) {
+            *counts.entry((run, step)).or_insert(0) += n;
         }
         counts
     }
