@@ -189,6 +189,7 @@ impl Drop for Proc {
         // A stopped process must be continued to die of SIGKILL promptly on every kernel.
         let _ = Command::new("kill")
             .args(["-s", "CONT", &self.pid().to_string()])
+            .stderr(Stdio::null())
             .status();
         let _ = self.child.kill();
         let _ = self.child.wait();
