@@ -73,6 +73,9 @@ pub struct DispatchConfig {
     pub attempt_timeout: Duration,
     /// Steps waiting for a free agent, across all runs; past it a step fails.
     pub max_pending: usize,
+    /// Steps waiting for a free agent with one skill; past it a step of that skill fails and
+    /// `SubmitGoal` refuses goals that use the skill (RESOURCE_EXHAUSTED, with a retry hint).
+    pub max_pending_per_skill: usize,
     /// Failed attempts (agent errors, timeouts) before a step fails.
     pub max_attempts: u32,
     /// Attempts of any kind, including those lost with a dead node, before a step fails.
@@ -100,6 +103,7 @@ impl Default for DispatchConfig {
             unschedulable_timeout: Duration::from_secs(30),
             attempt_timeout: Duration::from_secs(300),
             max_pending: 100_000,
+            max_pending_per_skill: 10_000,
             max_attempts: 3,
             max_total_attempts: 10,
             retry_backoff: Duration::from_millis(200),

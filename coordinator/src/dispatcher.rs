@@ -57,6 +57,30 @@ impl LoadBoard {
     }
 }
 
+/// Steps waiting for an agent, by what they wait for (`skill NAME` or `agent NAME`),
+/// written by the dispatcher and read by `SubmitGoal`, which refuses a goal whose skill's
+/// queue is full rather than growing it.
+#[derive(Clone, Debug, Default)]
+pub struct QueueBoard(Arc<DashMap<String, usize>>);
+
+impl QueueBoard {
+    /// Steps waiting for an agent with this skill.
+    pub fn waiting_for_skill(&self, skill: &str) -> usize {
+        self.0.get(&skill_key(skill)).map(|v| *v).unwrap_or(0)
+    }
+
+    fn publish(&self, counts: &HashMap<String, usize>) {
+        self.0.retain(|k, _| counts.contains_key(k));
+        for (k, &n) in counts {
+            self.0.insert(k.clone(), n);
+        }
+    }
+}
+
+fn skill_key(skill: &str) -> String {
+    format!("skill {skill}")
+}
+
 /// An agent's circuit breaker. After `circuit_failures` failed attempts in a row it opens and
 /// the agent gets nothing; after the cool-down one probe attempt decides between closed and
 /// open again. Failures the agent blames on its input (`bad_input`) do not count.
@@ -139,6 +163,14 @@ impl<R> DispatchRequest<R> {
         match &self.agent {
             Some(name) => format!("agent `{name}`"),
             None => format!("skill `{}`", self.skill),
+        }
+    }
+
+    /// The queue the request waits in.
+    fn queue(&self) -> String {
+        match &self.agent {
+            Some(name) => format!("agent {name}"),
+            None => skill_key(&self.skill),
         }
     }
 }
@@ -255,6 +287,11 @@ pub struct DispatchState<R> {
     pub pending: VecDeque<DispatchRequest<R>>,
     rr: usize,
     load: LoadBoard,
+    /// Requests waiting, by queue (`skill NAME`, `agent NAME`), mirrored on `queues`.
+    waiting: HashMap<String, usize>,
+    queues: QueueBoard,
+    /// Most requests waiting for one skill (or one named agent).
+    pub max_pending_per_skill: usize,
 }
 
 /// What happened to a dispatch attempt.
@@ -264,17 +301,37 @@ pub enum Sent<R> {
     Queued,
     /// The queue is full: the request is handed back.
     Refused(DispatchRequest<R>),
+    /// The queue of its skill is full: the request is handed back.
+    RefusedForSkill(DispatchRequest<R>),
 }
 
 impl<R: Clone> DispatchState<R> {
     pub fn new(load: LoadBoard) -> Self {
+        Self::with_queues(load, QueueBoard::default())
+    }
+
+    pub fn with_queues(load: LoadBoard, queues: QueueBoard) -> Self {
+        // A new dispatcher has nothing queued, whatever an earlier one published.
+        queues.0.clear();
         Self {
             agents: Vec::new(),
             in_flight: HashMap::new(),
             pending: VecDeque::new(),
             rr: 0,
             load,
+            waiting: HashMap::new(),
+            queues,
+            max_pending_per_skill: usize::MAX,
         }
+    }
+
+    /// Counts the waiting requests by queue again, after the queue was rebuilt.
+    fn recount(&mut self) {
+        self.waiting.clear();
+        for req in &self.pending {
+            *self.waiting.entry(req.queue()).or_default() += 1;
+        }
+        self.queues.publish(&self.waiting);
     }
 
     /// Least loaded free agent with the skill; round robin among equals.
@@ -362,11 +419,18 @@ impl<R: Clone> DispatchState<R> {
     ) -> Sent<R> {
         match self.try_send(req, deadline_ms, now) {
             Ok(agent) => Sent::Sent(agent),
-            Err(req) if self.pending.len() < max_pending => {
+            Err(req) if self.pending.len() >= max_pending => Sent::Refused(req),
+            Err(req) => {
+                let queue = req.queue();
+                let waiting = self.waiting.get(&queue).copied().unwrap_or(0);
+                if waiting >= self.max_pending_per_skill {
+                    return Sent::RefusedForSkill(req);
+                }
+                self.waiting.insert(queue.clone(), waiting + 1);
+                self.queues.0.insert(queue, waiting + 1);
                 self.pending.push_back(req);
                 Sent::Queued
             }
-            Err(req) => Sent::Refused(req),
         }
     }
 
@@ -446,6 +510,9 @@ impl<R: Clone> DispatchState<R> {
             }
         }
         self.pending = keep;
+        if !sent.is_empty() {
+            self.recount();
+        }
         sent
     }
 
@@ -540,7 +607,11 @@ impl<R: Clone> DispatchState<R> {
 
     /// Removes the run's queued and in-flight attempts; returns the in-flight ones.
     pub fn cancel_run(&mut self, run_id: &RunId) -> Vec<InFlight<R>> {
+        let before = self.pending.len();
         self.pending.retain(|p| &p.token.run_id != run_id);
+        if self.pending.len() != before {
+            self.recount();
+        }
         let keys: Vec<_> = self
             .in_flight
             .keys()
@@ -576,6 +647,9 @@ impl<R: Clone> DispatchState<R> {
             }
         }
         self.pending = keep;
+        if !expired.is_empty() {
+            self.recount();
+        }
         let late: Vec<_> = self
             .in_flight
             .iter()
@@ -604,6 +678,7 @@ pub struct Dispatcher;
 pub struct DispatcherArgs {
     pub config: DispatchConfig,
     pub load: LoadBoard,
+    pub queues: QueueBoard,
 }
 
 pub struct DispatcherActorState {
@@ -665,7 +740,11 @@ impl Actor for Dispatcher {
     ) -> Result<Self::State, ActorProcessingErr> {
         myself.send_interval(Duration::from_millis(100), || DispatcherMsg::Sweep);
         Ok(DispatcherActorState {
-            core: DispatchState::new(args.load),
+            core: {
+                let mut core = DispatchState::with_queues(args.load, args.queues);
+                core.max_pending_per_skill = args.config.max_pending_per_skill;
+                core
+            },
             config: args.config,
         })
     }
@@ -721,6 +800,21 @@ impl Actor for Dispatcher {
                         let _ = run.cast(RunMsg::Assigned { token, agent });
                     }
                     Sent::Queued => debug!(%token, "no free agent; step queued"),
+                    Sent::RefusedForSkill(req) => {
+                        warn!(token = %req.token, wanted = %req.wanted(), "queue of the skill full");
+                        let _ = run.cast(RunMsg::AttemptFailed {
+                            token,
+                            error: TaskError::new(
+                                "queue_full",
+                                format!(
+                                    "{} steps already wait for {} (max_pending_per_skill)",
+                                    st.config.max_pending_per_skill,
+                                    req.wanted()
+                                ),
+                                true,
+                            ),
+                        });
+                    }
                     Sent::Refused(req) => {
                         warn!(token = %req.token, "dispatch queue full");
                         let _ = run.cast(RunMsg::AttemptFailed {
@@ -893,6 +987,7 @@ mod tests {
             Sent::Sent(a) => a.to_string(),
             Sent::Queued => "queued".into(),
             Sent::Refused(_) => "refused".into(),
+            Sent::RefusedForSkill(_) => "refused for its skill".into(),
         }
     }
 
@@ -1000,6 +1095,33 @@ mod tests {
         let (expired, _) = st.sweep(Instant::now(), Duration::from_secs(5));
         assert_eq!(expired.len(), 1);
         assert!(st.pending.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_full_skill_queue_refuses_only_that_skill() {
+        let (mut st, _rx) = state_with(&[("n1", vec![card("e", "echo", 1)])]);
+        st.max_pending_per_skill = 2;
+        let now = Instant::now();
+        for i in 0..2 {
+            let sent = st.dispatch(req(&format!("t{i}"), 1, "translate"), 1000, 100, now);
+            assert!(matches!(sent, Sent::Queued));
+        }
+        let sent = st.dispatch(req("t2", 1, "translate"), 1000, 100, now);
+        assert!(matches!(sent, Sent::RefusedForSkill(_)));
+        assert_eq!(st.queues.waiting_for_skill("translate"), 2);
+        // Another skill still queues (the only echo agent is busy with the first).
+        assert!(matches!(
+            st.dispatch(req("e0", 1, "echo"), 1000, 100, now),
+            Sent::Sent(_)
+        ));
+        assert!(matches!(
+            st.dispatch(req("e1", 1, "echo"), 1000, 100, now),
+            Sent::Queued
+        ));
+        assert_eq!(st.queues.waiting_for_skill("echo"), 1);
+        st.cancel_run(&"r".into());
+        assert_eq!(st.queues.waiting_for_skill("translate"), 0);
+        assert_eq!(st.queues.waiting_for_skill("echo"), 0);
     }
 
     #[tokio::test(start_paused = true)]

@@ -25,7 +25,7 @@ use ractor::{
 use tracing::{error, info};
 
 use crate::config::CoordinatorConfig;
-use crate::dispatcher::{Dispatcher, DispatcherArgs, DispatcherMsg, LoadBoard};
+use crate::dispatcher::{Dispatcher, DispatcherArgs, DispatcherMsg, LoadBoard, QueueBoard};
 use crate::metrics as m;
 use crate::registry::{Registry, RegistryArgs, RegistryMsg};
 use crate::run::{RetryPolicy, RunDeps};
@@ -72,10 +72,12 @@ async fn spawn_dispatcher(
     root: ActorCell,
     config: &CoordinatorConfig,
     load: &LoadBoard,
+    queues: &QueueBoard,
 ) -> Result<ActorRef<DispatcherMsg>, ActorProcessingErr> {
     let args = DispatcherArgs {
         config: config.dispatch.clone(),
         load: load.clone(),
+        queues: queues.clone(),
     };
     Ok(Actor::spawn_linked(None, Dispatcher, args, root).await?.0)
 }
@@ -119,7 +121,9 @@ impl Actor for CoordinatorRoot {
     ) -> Result<Self::State, ActorProcessingErr> {
         let root = myself.get_cell();
         let load = LoadBoard::default();
-        let dispatcher = Slot::new(spawn_dispatcher(root.clone(), &args.config, &load).await?);
+        let queues = QueueBoard::default();
+        let dispatcher =
+            Slot::new(spawn_dispatcher(root.clone(), &args.config, &load, &queues).await?);
         let registry = Slot::new(
             spawn_registry(root.clone(), &args.config, args.epoch, &dispatcher, &load).await?,
         );
@@ -132,6 +136,7 @@ impl Actor for CoordinatorRoot {
             policy: RetryPolicy::from_config(&args.config.dispatch),
             limits: mesh_workflow::Limits::default(),
             supervisor: Default::default(),
+            queues,
         };
         let swarms = Slot::new(spawn_swarms(root.clone(), &deps).await?);
         let _ = deps.supervisor.set(swarms.clone());
@@ -188,7 +193,7 @@ impl Actor for CoordinatorRoot {
         if id == st.ids[0] {
             error!(error = %err, "dispatcher failed; restarting it");
             metrics::counter!(m::ACTOR_RESTARTS, "actor" => "dispatcher").increment(1);
-            let new = spawn_dispatcher(root, &h.config, &st.load).await?;
+            let new = spawn_dispatcher(root, &h.config, &st.load, &st.deps.queues).await?;
             st.ids[0] = new.get_id();
             h.dispatcher.set(new);
             h.registry.cast(RegistryMsg::Replay);

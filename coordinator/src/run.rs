@@ -18,7 +18,7 @@ use serde_json::Value;
 use tokio::sync::broadcast;
 use tracing::{debug, info, warn};
 
-use crate::dispatcher::{DispatchRequest, DispatcherMsg};
+use crate::dispatcher::{DispatchRequest, DispatcherMsg, QueueBoard};
 use crate::error::{Error, Result};
 pub use crate::machine::{Decision, RetryPolicy, RunMachine};
 use crate::metrics as m;
@@ -26,7 +26,7 @@ use crate::node_session::{NodeTx, Outbound};
 use crate::slot::Slot;
 use crate::store::{JournalEvent, Store, StoredRun, now_ms};
 use crate::swarm::{RunDirectory, SwarmMsg};
-use crate::swarms::SwarmsMsg;
+use crate::swarms::{Admission, SwarmsMsg};
 
 /// Events a watcher may fall behind by before its watch ends.
 const WATCH_BUFFER: usize = 256;
@@ -119,6 +119,9 @@ pub struct RunDeps {
     pub limits: Limits,
     /// The swarm supervisor, for starting sub-workflows' child runs; set once it exists.
     pub supervisor: Arc<OnceLock<Slot<SwarmsMsg>>>,
+    /// Steps waiting for an agent, by skill; `swarms::submit` refuses goals whose skill's
+    /// queue is full.
+    pub queues: QueueBoard,
 }
 
 pub struct RunArgs {
@@ -374,7 +377,7 @@ impl RunActorState {
                 supervisor = deps.supervisor.get().map(Slot::get);
             }
             let submitted = match &supervisor {
-                Some(s) => crate::swarms::submit(&deps, s, goal, usize::MAX).await,
+                Some(s) => crate::swarms::submit(&deps, s, goal, Admission::OPEN).await,
                 None => Err(Error::Unavailable("the swarm supervisor")),
             };
             let outcome = match submitted {

@@ -130,15 +130,19 @@ pub async fn submit(
     deps: &RunDeps,
     supervisor: &ActorRef<SwarmsMsg>,
     goal: GoalSpec,
-    max_active_runs: usize,
+    admission: Admission,
 ) -> Result<RunRef> {
-    let active = deps.directory.len();
-    if active >= max_active_runs {
-        return Err(Error::ResourceExhausted(format!(
-            "{active} runs in progress, the limit (max_active_runs) is {max_active_runs}; retry in a few seconds"
-        )));
-    }
     let goal = prepare(goal, &deps.limits, &deps.store)?;
+    if let Some(full) = admission.refuses(deps, &goal) {
+        // A retried submission still finds the run it created.
+        let known = match &goal.idempotency_key {
+            Some(key) => deps.store.knows_idempotency_key(key)?,
+            None => false,
+        };
+        if !known {
+            return Err(full);
+        }
+    }
     let run = deps.store.submit(&goal).await?;
     if run.created {
         info!(run_id = %run.run_id, goal_id = %run.goal_id, steps = goal.workflow.steps.len(), "goal accepted");
@@ -149,6 +153,45 @@ pub async fn submit(
         }
     }
     Ok(run)
+}
+
+/// Bounds on accepting new goals: past them `SubmitGoal` answers RESOURCE_EXHAUSTED (with a
+/// retry hint) instead of growing memory.
+#[derive(Clone, Copy, Debug)]
+pub struct Admission {
+    pub max_active_runs: usize,
+    pub max_pending_per_skill: usize,
+}
+
+impl Admission {
+    /// No bound: for child runs of work already accepted.
+    pub const OPEN: Admission = Admission {
+        max_active_runs: usize::MAX,
+        max_pending_per_skill: usize::MAX,
+    };
+
+    fn refuses(&self, deps: &RunDeps, goal: &StoredGoal) -> Option<Error> {
+        let active = deps.directory.len();
+        if active >= self.max_active_runs {
+            return Some(Error::ResourceExhausted(format!(
+                "{active} runs in progress, the limit (max_active_runs) is {}; retry in a few seconds",
+                self.max_active_runs
+            )));
+        }
+        goal.workflow
+            .steps
+            .iter()
+            .filter_map(|s| s.uses.as_deref())
+            .find_map(|skill| {
+                let waiting = deps.queues.waiting_for_skill(skill);
+                (waiting >= self.max_pending_per_skill).then(|| {
+                    Error::ResourceExhausted(format!(
+                        "{waiting} steps already wait for an agent with skill `{skill}` (max_pending_per_skill is {}); retry in a few seconds",
+                        self.max_pending_per_skill
+                    ))
+                })
+            })
+    }
 }
 
 pub struct SwarmSupervisor;

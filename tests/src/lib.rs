@@ -219,6 +219,7 @@ pub struct Timings {
     pub circuit_failures: u32,
     pub circuit_cool_down_ms: u64,
     pub max_active_runs: usize,
+    pub max_pending_per_skill: usize,
 }
 
 impl Default for Timings {
@@ -232,6 +233,7 @@ impl Default for Timings {
             circuit_failures: 5,
             circuit_cool_down_ms: 30_000,
             max_active_runs: 100_000,
+            max_pending_per_skill: 10_000,
         }
     }
 }
@@ -296,6 +298,7 @@ retry_backoff = "{backoff}ms"
 circuit_failures = {circuit}
 circuit_cool_down = "{cool}ms"
 max_active_runs = {max_runs}
+max_pending_per_skill = {max_skill}
 "#,
             host = self.host,
             grpc = self.grpc_port,
@@ -309,6 +312,7 @@ max_active_runs = {max_runs}
             circuit = t.circuit_failures,
             cool = t.circuit_cool_down_ms,
             max_runs = t.max_active_runs,
+            max_skill = t.max_pending_per_skill,
         );
         let path = self.dir.path().join("coordinator.toml");
         std::fs::write(&path, config).expect("write config");

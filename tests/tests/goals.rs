@@ -291,3 +291,50 @@ async fn past_max_active_runs_a_submission_is_refused_with_a_retry_hint() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn past_max_pending_per_skill_goals_for_that_skill_are_refused_and_others_accepted() {
+    let timings = Timings {
+        max_pending_per_skill: 2,
+        unschedulable_ms: 30_000,
+        ..Timings::default()
+    };
+    let mut mesh = Mesh::start(timings).await;
+    mesh.start_node("n1", AGENTS).await;
+    let client = mesh.client().await;
+    // Nobody has `translate`: its steps wait in its queue.
+    let waiting = || goal("waits", &[("t", "translate", json!({}), &[])]);
+    for _ in 0..2 {
+        client.submit(waiting()).await.unwrap();
+    }
+    mesh_tests::wait_for("two steps queued", Duration::from_secs(10), || async {
+        (mesh.metric("mesh_dispatch_pending_steps") >= 2.0).then_some(())
+    })
+    .await;
+    let err = client.submit(waiting()).await.unwrap_err();
+    assert_eq!(
+        err.code(),
+        Some(mesh_agent_sdk::RpcCode::ResourceExhausted),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains(
+            "2 steps already wait for an agent with skill `translate` (max_pending_per_skill is 2)"
+        ),
+        "{err}"
+    );
+    // Other skills are not held up by a full queue.
+    let run = client
+        .submit(goal("echoes", &[("e", "echo", json!({}), &[])]))
+        .await
+        .unwrap();
+    assert_eq!(
+        client.wait(&run.run_id).await.unwrap().state,
+        RunState::Succeeded
+    );
+    assert_eq!(
+        client.list_runs(None, 100, None).await.unwrap().runs.len(),
+        3,
+        "nothing refused was stored"
+    );
+}

@@ -184,7 +184,10 @@ impl pb::goal_service_server::GoalService for GoalApi {
                 &self.handles.deps,
                 &self.handles.swarms.get(),
                 goal,
-                self.handles.config.dispatch.max_active_runs,
+                swarms::Admission {
+                    max_active_runs: self.handles.config.dispatch.max_active_runs,
+                    max_pending_per_skill: self.handles.config.dispatch.max_pending_per_skill,
+                },
             ),
         )
         .await
