@@ -262,6 +262,17 @@ impl RunActorState {
         Ok(())
     }
 
+    /// Journals an operator's decision (approve, signal, retry, skip) and answers with the
+    /// run as it is then; a decision the machine refused is answered with its error.
+    async fn commit_and_view(
+        &mut self,
+        myself: &ActorRef<RunMsg>,
+        decided: Result<Vec<JournalEvent>>,
+    ) -> Result<RunView> {
+        self.commit(myself, decided?).await?;
+        Ok(self.view())
+    }
+
     fn effect(&mut self, myself: &ActorRef<RunMsg>, event: &JournalEvent) {
         match event {
             JournalEvent::StepStarted {
@@ -582,8 +593,7 @@ impl Actor for Run {
                     None,
                     Some(format!("cancelled: {reason}")),
                 );
-                let result = st.commit(&myself, events).await.map(|()| st.view());
-                let _ = reply.send(result);
+                let _ = reply.send(st.commit_and_view(&myself, Ok(events)).await);
             }
             RunMsg::Decide {
                 step,
@@ -592,30 +602,26 @@ impl Actor for Run {
                 by,
                 reply,
             } => {
-                let result = match st.machine.on_decision(&step, approved, &comment, &by) {
-                    Ok(events) => {
-                        info!(run_id = %st.machine.run_id, %step, approved, "approval decided");
-                        st.commit(&myself, events).await.map(|()| st.view())
-                    }
-                    Err(e) => Err(e),
-                };
-                let _ = reply.send(result);
+                let decided = st.machine.on_decision(&step, approved, &comment, &by);
+                if decided.is_ok() {
+                    info!(run_id = %st.machine.run_id, %step, approved, "approval decided");
+                }
+                let _ = reply.send(st.commit_and_view(&myself, decided).await);
             }
             RunMsg::Signal {
                 name,
                 payload,
                 reply,
             } => {
-                let result = if st.machine.state.is_terminal() {
+                let decided = if st.machine.state.is_terminal() {
                     Err(Error::FailedPrecondition(format!(
                         "run {} is {}",
                         st.machine.run_id, st.machine.state
                     )))
                 } else {
-                    let events = st.machine.on_signal(&name, payload);
-                    st.commit(&myself, events).await.map(|()| st.view())
+                    Ok(st.machine.on_signal(&name, payload))
                 };
-                let _ = reply.send(result);
+                let _ = reply.send(st.commit_and_view(&myself, decided).await);
             }
             RunMsg::Progress(p) => {
                 let current = st.machine.position(&p.token.step_id).is_some_and(|i| {
@@ -634,25 +640,19 @@ impl Actor for Run {
                 }
             }
             RunMsg::RetryFrom { step, reply } => {
-                let result = match st.machine.on_retry_from(&step) {
-                    Ok(events) => {
-                        info!(run_id = %st.machine.run_id, %step, "retrying from a step");
-                        st.commit(&myself, events).await.map(|()| st.view())
-                    }
-                    Err(e) => Err(e),
-                };
-                let _ = reply.send(result);
+                let decided = st.machine.on_retry_from(&step);
+                if decided.is_ok() {
+                    info!(run_id = %st.machine.run_id, %step, "retrying from a step");
+                }
+                let _ = reply.send(st.commit_and_view(&myself, decided).await);
             }
             RunMsg::Skip {
                 step,
                 comment,
                 reply,
             } => {
-                let result = match st.machine.on_skip(&step, &comment) {
-                    Ok(events) => st.commit(&myself, events).await.map(|()| st.view()),
-                    Err(e) => Err(e),
-                };
-                let _ = reply.send(result);
+                let decided = st.machine.on_skip(&step, &comment);
+                let _ = reply.send(st.commit_and_view(&myself, decided).await);
             }
             RunMsg::ChildStarted(child) => {
                 if !st.children.contains(&child) {

@@ -54,6 +54,28 @@ pub fn example_bin(name: &str) -> PathBuf {
     bin
 }
 
+/// Agents of a node for load tests: `echo` and `sleep`, eight tasks at once each.
+pub const ECHO_AND_SLEEP: &str = r#"
+[[agents]]
+kind = "echo"
+max_concurrency = 8
+[[agents]]
+kind = "sleep"
+max_concurrency = 8
+"#;
+
+/// Resident memory of a process, KiB (0 once it is gone).
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 /// A free port on 127.0.0.1 (bound, then released).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

@@ -8,14 +8,7 @@ use mesh_agent_sdk::{RunEvent, RunState, StepState};
 use mesh_tests::{Mesh, Timings, goal};
 use serde_json::json;
 
-const AGENTS: &str = r#"
-[[agents]]
-kind = "echo"
-max_concurrency = 8
-[[agents]]
-kind = "sleep"
-max_concurrency = 8
-"#;
+const AGENTS: &str = mesh_tests::ECHO_AND_SLEEP;
 
 #[tokio::test]
 async fn five_steps_with_two_parallel_branches_complete_with_the_right_outputs() {

@@ -12,7 +12,7 @@ use std::time::Duration;
 use bytes::{Buf, BufMut};
 use futures::{StreamExt, stream};
 use mesh_proto::pb;
-use mesh_tests::{Mesh, Timings};
+use mesh_tests::{Mesh, Timings, rss_kib};
 use prost::Message;
 use tonic::client::Grpc;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
@@ -84,15 +84,6 @@ const EXPECTED: &[Code] = &[
     Code::ResourceExhausted,
     Code::AlreadyExists,
 ];
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .expect("VmRSS")
-}
 
 fn random_bytes(rng: &mut fastrand::Rng, max: usize) -> Vec<u8> {
     let n = rng.usize(0..=max);

@@ -20,14 +20,7 @@ use mesh_agent_sdk::{GoalClient, GoalSpec, RunId, RunState};
 use mesh_tests::{Mesh, Timings, goal, wait_for};
 use serde_json::json;
 
-const AGENTS: &str = r#"
-[[agents]]
-kind = "echo"
-max_concurrency = 8
-[[agents]]
-kind = "sleep"
-max_concurrency = 8
-"#;
+const AGENTS: &str = mesh_tests::ECHO_AND_SLEEP;
 const NODES: [&str; 3] = ["n1", "n2", "n3"];
 /// How long after healing every acknowledged run must have finished.
 const RECOVERY: Duration = Duration::from_secs(30);

@@ -9,28 +9,10 @@
 use std::time::{Duration, Instant};
 
 use mesh_agent_sdk::{GoalClient, RunId, RunState};
-use mesh_tests::{Mesh, Timings, goal, wait_for};
+use mesh_tests::{Mesh, Timings, goal, rss_kib, wait_for};
 use serde_json::json;
 
-const AGENTS: &str = r#"
-[[agents]]
-kind = "echo"
-max_concurrency = 8
-[[agents]]
-kind = "sleep"
-max_concurrency = 8
-"#;
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        })
-        .unwrap_or(0)
-}
+const AGENTS: &str = mesh_tests::ECHO_AND_SLEEP;
 
 fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
