@@ -15,6 +15,10 @@ pub struct CoordinatorConfig {
     pub http_listen: SocketAddr,
     /// Directory of the embedded SQLite store.
     pub data_dir: PathBuf,
+    /// Longest a unary call (or a stream's start) may take before it is answered
+    /// `DEADLINE_EXCEEDED`; a client's shorter `grpc-timeout` applies too.
+    #[serde(with = "humantime_serde")]
+    pub request_deadline: Duration,
     pub registry: RegistryConfig,
     pub dispatch: DispatchConfig,
 }
@@ -25,6 +29,7 @@ impl Default for CoordinatorConfig {
             listen: ([127, 0, 0, 1], 7700).into(),
             http_listen: ([127, 0, 0, 1], 7701).into(),
             data_dir: PathBuf::from(".mesh/coordinator"),
+            request_deadline: Duration::from_secs(30),
             registry: RegistryConfig::default(),
             dispatch: DispatchConfig::default(),
         }

@@ -184,6 +184,9 @@ async fn serve_grpc(
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .max_concurrent_streams(Some(1024))
+        .layer(grpc::CallLimitsLayer {
+            deadline: handles.config.request_deadline,
+        })
         .add_service(health_service)
         .add_optional_service(reflection)
         .add_service(

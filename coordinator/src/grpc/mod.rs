@@ -1,11 +1,13 @@
 //! Thin gRPC adapters, one file per service: convert, call one actor, convert back.
 
 mod goal;
+mod limits;
 mod node;
 mod registry;
 mod workflow;
 
 pub use goal::GoalApi;
+pub use limits::CallLimitsLayer;
 pub use node::NodeApi;
 pub use registry::RegistryApi;
 pub use workflow::WorkflowApi;
