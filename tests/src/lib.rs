@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 
 use mesh_agent_sdk::{GoalClient, Health, NodeView};
 
+pub mod netns;
+
 pub use mesh_agent_sdk;
 pub use mesh_proto;
 
@@ -474,6 +476,23 @@ drain_grace = "20s"
             .expect("rows")
             .collect::<Result<_, _>>()
             .expect("rows")
+    }
+
+    /// Steps that were started more than once (moved off a lost node, or retried), from the
+    /// journal.
+    pub fn steps_started_again(&self) -> usize {
+        let conn = rusqlite::Connection::open_with_flags(
+            self.db_path(),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .expect("open the store");
+        conn.query_row(
+            "SELECT COUNT(*) FROM (SELECT 1 FROM journal WHERE kind = 'step_started'
+             GROUP BY run_id, step_id HAVING COUNT(*) > 1)",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .expect("count") as usize
     }
 
     /// Accepted task results per (run, step, task index), from the journal.

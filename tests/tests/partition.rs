@@ -6,95 +6,20 @@
 //!
 //! Needs root (to create the namespace); elsewhere it says so and passes without running.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use mesh_agent_sdk::{Health, RunState};
+use mesh_tests::netns::{HostAddress, Netns};
 use mesh_tests::{Mesh, Timings, goal, wait_assigned, wait_for};
 use serde_json::json;
-
-/// The namespace and its veth pair; removed on drop, whatever happened.
-struct Netns {
-    name: String,
-    host_if: String,
-}
-
-fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| format!("ip: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
-
-impl Netns {
-    /// A namespace with `10.<a>.<b>.2/30` inside and `.1` on the host side.
-    fn create() -> Result<(Netns, String, String), String> {
-        let id = std::process::id();
-        let ns = Netns {
-            name: format!("mesh-part-{id}"),
-            host_if: format!("mh{}", id % 100_000),
-        };
-        let inner = format!("mn{}", id % 100_000);
-        let (a, b) = (200 + (id % 50) as u8, ((id / 50) % 64) as u8 * 4);
-        let host_ip = format!("10.{a}.{b}.1");
-        let node_ip = format!("10.{a}.{b}.2");
-        ip(&["netns", "add", &ns.name])?;
-        ip(&[
-            "link",
-            "add",
-            &ns.host_if,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &inner,
-        ])?;
-        ip(&["link", "set", &inner, "netns", &ns.name])?;
-        ip(&["addr", "add", &format!("{host_ip}/30"), "dev", &ns.host_if])?;
-        ip(&["link", "set", &ns.host_if, "up"])?;
-        let inside = |args: &[&str]| {
-            let mut all = vec!["netns", "exec", &ns.name, "ip"];
-            all.extend_from_slice(args);
-            ip(&all)
-        };
-        inside(&["addr", "add", &format!("{node_ip}/30"), "dev", &inner])?;
-        inside(&["link", "set", &inner, "up"])?;
-        inside(&["link", "set", "lo", "up"])?;
-        Ok((ns, host_ip, node_ip))
-    }
-
-    fn cut(&self) {
-        ip(&["link", "set", &self.host_if, "down"]).expect("cut the link");
-    }
-
-    fn heal(&self) {
-        ip(&["link", "set", &self.host_if, "up"]).expect("heal the link");
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = ip(&["link", "del", &self.host_if]);
-        let _ = ip(&["netns", "del", &self.name]);
-    }
-}
 
 const SLEEPER: &str = "[[agents]]\nkind = \"sleep\"\nmax_concurrency = 8\n";
 
 #[tokio::test]
 async fn a_partitioned_node_loses_its_work_has_its_late_results_rejected_and_returns_as_a_new_instance()
  {
-    let (netns, host_ip, _node_ip) = match Netns::create() {
-        Ok(n) => n,
+    let (host, netns) = match HostAddress::create().and_then(|h| Ok((h, Netns::create(0)?))) {
+        Ok(both) => both,
         Err(why) => {
             eprintln!(
                 "SKIPPED: a network namespace test needs root and iproute2 ({why}); \
@@ -110,7 +35,7 @@ async fn a_partitioned_node_loses_its_work_has_its_late_results_rejected_and_ret
         ..Timings::default()
     };
     let lease = Duration::from_millis(timings.lease_ms);
-    let mut mesh = Mesh::start_on(&host_ip, timings).await;
+    let mut mesh = Mesh::start_on(&host.ip, timings).await;
     let far_instance = mesh
         .start_node_in("far", SLEEPER, None, Some(&netns.name))
         .await;
