@@ -325,6 +325,13 @@ fn connect(path: &Path) -> Result<Connection> {
     conn.execute_batch(&format!(
         "PRAGMA journal_mode=WAL; PRAGMA synchronous={sync}; PRAGMA foreign_keys=ON; PRAGMA busy_timeout=5000;"
     ))?;
+    // A cached statement keeps its plan whatever values are bound to it. Without this,
+    // SQLite (built with STAT4) marks a statement to be parsed and planned again whenever
+    // a parameter it might plan around gets a new value: every run id, every time.
+    conn.set_db_config(
+        rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG,
+        true,
+    )?;
     // Room for every statement this module prepares (the default of 16 is fewer, and an
     // evicted statement is parsed again on its next use).
     conn.set_prepared_statement_cache_capacity(64);
