@@ -128,11 +128,17 @@ pub struct RunArgs {
     pub run_id: RunId,
     pub swarm: ActorRef<SwarmMsg>,
     pub deps: RunDeps,
+    /// The run as stored, when the caller has it; else it is read from the store.
+    pub stored: Option<StoredRun>,
 }
 
 /// Rebuilds a run from the store: its machine, replayed from the journal.
 pub fn load(deps: &RunDeps, run_id: &RunId) -> Result<(RunMachine, StoredRun)> {
-    let mut stored = deps.store.load_run(run_id)?;
+    rebuild(deps, deps.store.load_run(run_id)?)
+}
+
+/// A run's machine, replayed from its stored journal.
+fn rebuild(deps: &RunDeps, mut stored: StoredRun) -> Result<(RunMachine, StoredRun)> {
     let events = std::mem::take(&mut stored.events);
     let machine = RunMachine::new(
         stored.run_id.clone(),
@@ -454,7 +460,10 @@ impl Actor for Run {
         myself: ActorRef<Self::Msg>,
         args: RunArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
-        let (machine, stored) = load(&args.deps, &args.run_id)?;
+        let (machine, stored) = match args.stored {
+            Some(stored) => rebuild(&args.deps, stored)?,
+            None => load(&args.deps, &args.run_id)?,
+        };
         let picked = stored
             .swarm
             .iter()

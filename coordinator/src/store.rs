@@ -242,18 +242,19 @@ pub struct StoredRun {
 }
 
 impl StoredRun {
-    /// A run as `submit` stores it: nothing journaled but its creation.
-    pub fn fresh(run_id: RunId, goal_id: GoalId, goal: StoredGoal) -> Self {
+    /// A run as `submit(goal, at_ms)` stored it: nothing journaled but its creation. A new
+    /// run starts from this instead of reading back what was just written.
+    pub fn fresh(run: &RunRef, goal: StoredGoal, at_ms: i64) -> Self {
         Self {
-            run_id,
-            goal_id,
+            run_id: run.run_id.clone(),
+            goal_id: run.goal_id.clone(),
             goal,
             state: RunState::Running,
             events: vec![JournalEvent::RunCreated],
             swarm: Vec::new(),
             next_seq: 1,
-            created_at_ms: now_ms(),
-            updated_at_ms: now_ms(),
+            created_at_ms: at_ms,
+            updated_at_ms: at_ms,
         }
     }
 }
@@ -266,7 +267,7 @@ pub const MAX_GROUP: usize = 512;
 /// A write for the writer thread, with where to send its answer.
 enum WriteOp {
     BumpEpoch(oneshot::Sender<Result<u64>>),
-    Submit(Box<StoredGoal>, oneshot::Sender<Result<RunRef>>),
+    Submit(Box<StoredGoal>, i64, oneshot::Sender<Result<RunRef>>),
     Record {
         run_id: RunId,
         seq: u64,
@@ -379,10 +380,10 @@ impl Store {
         self.write(WriteOp::BumpEpoch).await?
     }
 
-    /// Stores a new goal and its run, or returns the run of an earlier goal with the same
-    /// idempotency key. Durable when it returns.
-    pub async fn submit(&self, goal: &StoredGoal) -> Result<RunRef> {
-        self.write(|reply| WriteOp::Submit(Box::new(goal.clone()), reply))
+    /// Stores a new goal and its run, created at `at_ms`, or returns the run of an earlier
+    /// goal with the same idempotency key. Durable when it returns.
+    pub async fn submit(&self, goal: &StoredGoal, at_ms: i64) -> Result<RunRef> {
+        self.write(|reply| WriteOp::Submit(Box::new(goal.clone()), at_ms, reply))
             .await?
     }
 
@@ -640,8 +641,8 @@ fn commit_group(conn: &mut Connection, batch: impl Iterator<Item = WriteOp>) {
     for op in batch {
         applied.push(match op {
             WriteOp::BumpEpoch(reply) => Applied::Epoch(reply, in_savepoint(&mut tx, bump_epoch)),
-            WriteOp::Submit(goal, reply) => {
-                Applied::Submit(reply, in_savepoint(&mut tx, |c| submit(c, &goal, now)))
+            WriteOp::Submit(goal, at_ms, reply) => {
+                Applied::Submit(reply, in_savepoint(&mut tx, |c| submit(c, &goal, at_ms)))
             }
             WriteOp::Record {
                 run_id,
@@ -675,7 +676,7 @@ impl Applied {
         }
         match op {
             WriteOp::BumpEpoch(reply) => Applied::Epoch(reply, err(why)),
-            WriteOp::Submit(_, reply) => Applied::Submit(reply, err(why)),
+            WriteOp::Submit(_, _, reply) => Applied::Submit(reply, err(why)),
             WriteOp::Record { events, reply, .. } => Applied::Record(reply, events, err(why)),
             WriteOp::AddMember(_, _, reply) => Applied::Member(reply, err(why)),
             WriteOp::Register(_, reply) => Applied::Register(reply, err(why)),
@@ -969,12 +970,12 @@ mod tests {
     async fn idempotency_key_returns_the_existing_run() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let first = store.submit(&goal(Some("k1"))).await.unwrap();
-        let again = store.submit(&goal(Some("k1"))).await.unwrap();
+        let first = store.submit(&goal(Some("k1")), now_ms()).await.unwrap();
+        let again = store.submit(&goal(Some("k1")), now_ms()).await.unwrap();
         assert!(first.created);
         assert!(!again.created);
         assert_eq!(first.run_id, again.run_id);
-        let other = store.submit(&goal(None)).await.unwrap();
+        let other = store.submit(&goal(None), now_ms()).await.unwrap();
         assert_ne!(other.run_id, first.run_id);
     }
 
@@ -984,7 +985,7 @@ mod tests {
         let run = {
             let store = Store::open(dir.path()).unwrap();
             assert_eq!(store.bump_epoch().await.unwrap(), 1);
-            let run = store.submit(&goal(None)).await.unwrap();
+            let run = store.submit(&goal(None), now_ms()).await.unwrap();
             let a = StepId::from("a");
             let events = vec![
                 JournalEvent::StepStarted {
@@ -1026,7 +1027,7 @@ mod tests {
     async fn writes_committed_in_one_group_are_isolated_from_each_other() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let run = store.submit(&goal(None)).await.unwrap().run_id;
+        let run = store.submit(&goal(None), now_ms()).await.unwrap().run_id;
         // Many writes at once share commits; a bad one fails alone.
         let mut writes = Vec::new();
         for i in 0..200u64 {
@@ -1058,7 +1059,7 @@ mod tests {
         for _ in 0..50 {
             let store = store.clone();
             keyed.push(tokio::spawn(async move {
-                store.submit(&goal(Some("same"))).await.unwrap()
+                store.submit(&goal(Some("same")), now_ms()).await.unwrap()
             }));
         }
         let mut runs = std::collections::HashSet::new();
@@ -1077,7 +1078,7 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let mut ids = Vec::new();
         for _ in 0..5 {
-            ids.push(store.submit(&goal(None)).await.unwrap().run_id);
+            ids.push(store.submit(&goal(None), now_ms()).await.unwrap().run_id);
         }
         let q = |token: Option<RunId>| ListRunsQuery {
             state: None,

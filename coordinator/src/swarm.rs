@@ -14,7 +14,7 @@ use tracing::{error, warn};
 
 use crate::metrics as m;
 use crate::run::{Run, RunArgs, RunDeps, RunMsg};
-use crate::store::JournalEvent;
+use crate::store::{JournalEvent, StoredRun};
 
 /// Restarts of a run allowed within [`RESTART_WINDOW`].
 const RESTART_BUDGET: usize = 5;
@@ -66,22 +66,26 @@ pub struct SwarmArgs {
     pub goal_id: GoalId,
     pub run_id: RunId,
     pub deps: RunDeps,
+    /// The run as stored, for its first start; restarts read the store.
+    pub stored: Option<StoredRun>,
 }
 
 pub struct SwarmState {
     goal_id: GoalId,
     run_id: RunId,
     deps: RunDeps,
+    stored: Option<StoredRun>,
     members: HashSet<SwarmMember>,
     restarts: Vec<Instant>,
 }
 
 impl SwarmState {
-    async fn spawn_run(&self, myself: &ActorRef<SwarmMsg>) -> Result<(), ActorProcessingErr> {
+    async fn spawn_run(&mut self, myself: &ActorRef<SwarmMsg>) -> Result<(), ActorProcessingErr> {
         let args = RunArgs {
             run_id: self.run_id.clone(),
             swarm: myself.clone(),
             deps: self.deps.clone(),
+            stored: self.stored.take(),
         };
         Actor::spawn_linked(None, Run, args, myself.get_cell()).await?;
         Ok(())
@@ -121,10 +125,11 @@ impl Actor for Swarm {
         myself: ActorRef<Self::Msg>,
         args: SwarmArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
-        let st = SwarmState {
+        let mut st = SwarmState {
             goal_id: args.goal_id,
             run_id: args.run_id,
             deps: args.deps,
+            stored: args.stored,
             members: HashSet::new(),
             restarts: Vec::new(),
         };

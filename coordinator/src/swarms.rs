@@ -12,7 +12,7 @@ use tracing::{info, warn};
 use crate::error::{Error, Result};
 use crate::metrics as m;
 use crate::run::{RunDeps, RunMsg};
-use crate::store::{Store, StoredGoal};
+use crate::store::{Store, StoredGoal, StoredRun, now_ms};
 use crate::swarm::{Swarm, SwarmArgs};
 use mesh_workflow::{Limits, StepDef, Workflow, WorkflowDef};
 
@@ -23,17 +23,20 @@ pub enum SwarmsMsg {
     RedispatchAll,
 }
 
-/// Starts the swarm of a stored goal under `supervisor`.
+/// Starts the swarm of a stored goal under `supervisor`; its run starts from `stored`, the
+/// run as the store has it now, when the caller has it in hand (else it reads the store).
 pub async fn start_swarm(
     deps: &RunDeps,
     supervisor: &ActorRef<SwarmsMsg>,
     goal_id: GoalId,
     run_id: RunId,
+    stored: Option<StoredRun>,
 ) -> Result<()> {
     let args = SwarmArgs {
         goal_id,
         run_id,
         deps: deps.clone(),
+        stored,
     };
     Actor::spawn_linked(None, Swarm, args, supervisor.get_cell())
         .await
@@ -143,11 +146,13 @@ pub async fn submit(
             return Err(full);
         }
     }
-    let run = deps.store.submit(&goal).await?;
+    let at_ms = now_ms();
+    let run = deps.store.submit(&goal, at_ms).await?;
     if run.created {
         info!(run_id = %run.run_id, goal_id = %run.goal_id, steps = goal.workflow.steps.len(), "goal accepted");
-        if let Err(e) = start_swarm(deps, supervisor, run.goal_id.clone(), run.run_id.clone()).await
-        {
+        let (goal_id, run_id) = (run.goal_id.clone(), run.run_id.clone());
+        let fresh = StoredRun::fresh(&run, goal, at_ms);
+        if let Err(e) = start_swarm(deps, supervisor, goal_id, run_id, Some(fresh)).await {
             // The goal is durable: the next resume starts it.
             warn!(run_id = %run.run_id, error = %e, "could not start the swarm; the run waits for the next resume");
         }
@@ -228,8 +233,10 @@ impl Actor for SwarmSupervisor {
                     if st.deps.directory.contains(&run_id) {
                         continue;
                     }
+                    // Not live, so nothing changes it before its run starts from this.
                     let stored = st.deps.store.load_run(&run_id)?;
-                    start_swarm(&st.deps, &myself, stored.goal_id, run_id).await?;
+                    let goal_id = stored.goal_id.clone();
+                    start_swarm(&st.deps, &myself, goal_id, run_id, Some(stored)).await?;
                     resumed += 1;
                 }
                 if resumed > 0 {
