@@ -91,7 +91,10 @@ fn journal_append(c: &mut Criterion) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
-    let run = rt.block_on(store.submit(&stored(chain(2)), now_ms())).unwrap().run_id;
+    let run = rt
+        .block_on(store.submit(&stored(chain(2)), now_ms()))
+        .unwrap()
+        .run_id;
     let event = || JournalEvent::StepAssigned {
         step: "s0".into(),
         index: 0,
@@ -110,7 +113,11 @@ fn journal_append(c: &mut Criterion) {
     });
     // 64 runs writing at once: their writes share commits.
     let runs: Vec<RunId> = (0..64)
-        .map(|_| rt.block_on(store.submit(&stored(chain(2)), now_ms())).unwrap().run_id)
+        .map(|_| {
+            rt.block_on(store.submit(&stored(chain(2)), now_ms()))
+                .unwrap()
+                .run_id
+        })
         .collect();
     let mut seqs = vec![1u64; runs.len()];
     c.bench_function(

@@ -5,6 +5,7 @@
 //! See `root.rs` for the supervision tree and ARCHITECTURE.md for the whole picture.
 
 pub mod config;
+pub mod directory;
 pub mod dispatcher;
 pub mod error;
 pub mod grpc;

@@ -25,13 +25,13 @@ use ractor::{
 use tracing::{error, info};
 
 use crate::config::CoordinatorConfig;
+use crate::directory::RunDirectory;
 use crate::dispatcher::{Dispatcher, DispatcherArgs, DispatcherMsg, LoadBoard, QueueBoard};
 use crate::metrics as m;
 use crate::registry::{Registry, RegistryArgs, RegistryMsg};
 use crate::run::{RetryPolicy, RunDeps};
 use crate::slot::Slot;
 use crate::store::Store;
-use crate::swarm::RunDirectory;
 use crate::swarms::{SwarmSupervisor, SwarmsMsg};
 
 /// What gRPC adapters and sessions need to reach the actors.

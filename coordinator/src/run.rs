@@ -18,6 +18,7 @@ use serde_json::Value;
 use tokio::sync::broadcast;
 use tracing::{debug, info, warn};
 
+use crate::directory::RunDirectory;
 use crate::dispatcher::{DispatchRequest, DispatcherMsg, QueueBoard};
 use crate::error::{Error, Result};
 pub use crate::machine::{Decision, RetryPolicy, RunMachine};
@@ -25,7 +26,7 @@ use crate::metrics as m;
 use crate::node_session::{NodeTx, Outbound};
 use crate::slot::Slot;
 use crate::store::{JournalEvent, Store, StoredRun, now_ms};
-use crate::swarm::{RunDirectory, SwarmMsg};
+use crate::swarm::SwarmMsg;
 use crate::swarms::{Admission, SwarmsMsg};
 
 /// Events a watcher may fall behind by before its watch ends.
@@ -152,8 +153,12 @@ fn rebuild(deps: &RunDeps, mut stored: StoredRun) -> Result<(RunMachine, StoredR
     Ok((machine, stored))
 }
 
-/// The view of a run that is not live (finished, or waiting to be resumed).
+/// The view of a run that is not live (finished, or waiting to be resumed): kept in
+/// memory for a run that finished lately, else replayed from the store.
 pub fn stored_view(deps: &RunDeps, run_id: &RunId) -> Result<RunView> {
+    if let Some(view) = deps.directory.finished(run_id) {
+        return Ok(view);
+    }
     let (machine, stored) = load(deps, run_id)?;
     Ok(view(
         &machine,
@@ -494,7 +499,10 @@ impl Actor for Run {
         myself: ActorRef<Self::Msg>,
         st: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        st.deps.directory.remove_if(&st.machine.run_id, &myself);
+        let finished = st.machine.state.is_terminal().then(|| st.view());
+        st.deps
+            .directory
+            .retire(&st.machine.run_id, &myself, finished);
         metrics::gauge!(m::RUNS_ACTIVE).decrement(1.0);
         for wait in st.child_waits.drain(..) {
             wait.abort();

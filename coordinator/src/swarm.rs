@@ -4,56 +4,19 @@
 //! Child of `SwarmSupervisor`; parent of `Run`.
 
 use std::collections::HashSet;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dashmap::DashMap;
 use mesh_proto::domain::*;
 use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 use tracing::{error, warn};
 
 use crate::metrics as m;
-use crate::run::{Run, RunArgs, RunDeps, RunMsg};
+use crate::run::{Run, RunArgs, RunDeps};
 use crate::store::{JournalEvent, StoredRun};
 
 /// Restarts of a run allowed within [`RESTART_WINDOW`].
 const RESTART_BUDGET: usize = 5;
 const RESTART_WINDOW: Duration = Duration::from_secs(30);
-
-/// Live run actors by id, written by the runs themselves and read by gRPC handlers.
-#[derive(Clone, Debug, Default)]
-pub struct RunDirectory(Arc<DashMap<RunId, ActorRef<RunMsg>>>);
-
-impl RunDirectory {
-    pub fn get(&self, run_id: &RunId) -> Option<ActorRef<RunMsg>> {
-        self.0.get(run_id).map(|r| r.clone())
-    }
-
-    pub fn insert(&self, run_id: RunId, run: ActorRef<RunMsg>) {
-        self.0.insert(run_id, run);
-    }
-
-    /// Removes the entry only if it is still this actor's.
-    pub fn remove_if(&self, run_id: &RunId, run: &ActorRef<RunMsg>) {
-        self.0.remove_if(run_id, |_, r| r.get_id() == run.get_id());
-    }
-
-    pub fn contains(&self, run_id: &RunId) -> bool {
-        self.0.contains_key(run_id)
-    }
-
-    pub fn all(&self) -> Vec<ActorRef<RunMsg>> {
-        self.0.iter().map(|e| e.value().clone()).collect()
-    }
-
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
 
 pub enum SwarmMsg {
     /// The run handed a step to this agent.

@@ -311,9 +311,15 @@ impl pb::goal_service_server::GoalService for GoalApi {
                 )))
             })?;
         tracing::info!(run_id = %id, %step, "failed run retried");
-        swarms::start_swarm(deps, &self.handles.swarms.get(), stored.goal_id, id.clone(), None)
-            .await
-            .map_err(status)?;
+        swarms::start_swarm(
+            deps,
+            &self.handles.swarms.get(),
+            stored.goal_id,
+            id.clone(),
+            None,
+        )
+        .await
+        .map_err(status)?;
         Ok(Response::new(self.view(&id).await?.into()))
     }
 
