@@ -91,7 +91,11 @@ async fn malformed_goals_get_invalid_argument_naming_the_field() {
     let mut huge = step("a", "echo", &[]);
     huge.with_json = format!("\"{}\"", "x".repeat(5 * 1024 * 1024));
     let status = client.submit_goal(submit(vec![huge])).await.unwrap_err();
-    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("the limit is: 4194304 bytes"),
+        "names the limit: {status:?}"
+    );
     // Nothing was stored.
     let page = client
         .list_runs(pb::ListRunsRequest::default())
