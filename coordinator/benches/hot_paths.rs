@@ -95,14 +95,15 @@ fn journal_append(c: &mut Criterion) {
         .block_on(store.submit(&stored(chain(2)), now_ms()))
         .unwrap()
         .run_id;
-    let event = || JournalEvent::StepAssigned {
+    let event = || JournalEvent::TaskSucceeded {
         step: "s0".into(),
         index: 0,
         attempt: 1,
-        agent: AgentKey {
+        output: serde_json::json!({ "payload": "x".repeat(100) }),
+        agent: Some(AgentKey {
             node: "n1".into(),
             agent: "echo".into(),
-        },
+        }),
     };
     let mut seq = 1;
     c.bench_function("store: journal append, one writer (one commit each)", |b| {

@@ -641,7 +641,8 @@ impl RunMachine {
             return self.planned(output, out);
         }
         let step = self.id(i);
-        let attempt = self.steps[i].tasks[index as usize].attempt;
+        let task = &self.steps[i].tasks[index as usize];
+        let (attempt, agent) = (task.attempt, task.agent.clone());
         self.emit(
             out,
             JournalEvent::TaskSucceeded {
@@ -649,6 +650,7 @@ impl RunMachine {
                 index,
                 attempt,
                 output: output.clone(),
+                agent,
             },
         );
         let spec = self.workflow.steps[i].clone();
@@ -692,7 +694,8 @@ impl RunMachine {
     /// alone or under `workflow`) is validated like any other, then its steps follow.
     fn planned(&mut self, output: Value, out: &mut Vec<JournalEvent>) {
         let step = self.id(0);
-        let attempt = self.steps[0].tasks[0].attempt;
+        let task = &self.steps[0].tasks[0];
+        let (attempt, agent) = (task.attempt, task.agent.clone());
         self.emit(
             out,
             JournalEvent::TaskSucceeded {
@@ -700,6 +703,7 @@ impl RunMachine {
                 index: 0,
                 attempt,
                 output: output.clone(),
+                agent,
             },
         );
         match self.plan(&output) {
@@ -740,7 +744,7 @@ impl RunMachine {
         let policy = self.policy.for_step(self.spec(i));
         let step = self.id(i);
         let task = &self.steps[i].tasks[index as usize];
-        let (attempt, failures) = (task.attempt, task.failures + 1);
+        let (attempt, failures, agent) = (task.attempt, task.failures + 1, task.agent.clone());
         let mut out = Vec::new();
         self.emit(
             &mut out,
@@ -749,6 +753,7 @@ impl RunMachine {
                 index,
                 attempt,
                 error: error.clone(),
+                agent,
             },
         );
         let retryable = error.retryable && !policy.non_retryable.contains(&error.code);
@@ -810,16 +815,17 @@ impl RunMachine {
         out
     }
 
-    pub fn on_assigned(&mut self, token: &FencingToken, agent: &AgentKey) -> Option<JournalEvent> {
-        self.current(token)?;
-        let event = JournalEvent::StepAssigned {
-            step: token.step_id.clone(),
-            index: token.index,
-            attempt: token.attempt,
-            agent: agent.clone(),
-        };
-        self.apply(&event);
-        Some(event)
+    /// The dispatcher handed a current attempt to `agent`: remembered for the run's view and
+    /// named by the attempt's result, not journaled on its own (the assignment has already
+    /// taken effect, and one in flight is redone after a restart). False for a stale token.
+    pub fn on_assigned(&mut self, token: &FencingToken, agent: &AgentKey) -> bool {
+        match self.current(token) {
+            Some((i, index)) => {
+                self.steps[i].tasks[index as usize].agent = Some(agent.clone());
+                true
+            }
+            None => false,
+        }
     }
 
     /// New attempts for every task that was in flight (after a restart), then onwards.
@@ -1078,20 +1084,31 @@ impl RunMachine {
                 step,
                 index,
                 output,
+                agent,
                 ..
             } => {
                 if let Some(t) = self.task_mut(step, *index) {
                     t.state = StepState::Succeeded;
                     t.output = Some(output.clone());
                     t.error = None;
+                    if agent.is_some() {
+                        t.agent = agent.clone();
+                    }
                 }
             }
             JournalEvent::TaskFailed {
-                step, index, error, ..
+                step,
+                index,
+                error,
+                agent,
+                ..
             } => {
                 if let Some(t) = self.task_mut(step, *index) {
                     t.failures += 1;
                     t.error = Some(error.to_string());
+                    if agent.is_some() {
+                        t.agent = agent.clone();
+                    }
                 }
             }
             JournalEvent::StepWaiting {
@@ -1595,6 +1612,41 @@ mod tests {
                 .all(|e| !matches!(e, JournalEvent::StepStarted { epoch, .. } if *epoch != 2))
         );
         assert_eq!(state(&again, "gate"), StepState::AwaitingApproval);
+    }
+
+    #[test]
+    fn an_assignment_is_not_journaled_but_the_result_names_its_agent() {
+        let yaml = "steps:\n  - {id: a, uses: echo}\n  - {id: b, uses: echo, needs: [a]}\n";
+        let mut m = machine(yaml, json!({}));
+        let mut journal = m.advance();
+        let agent = AgentKey {
+            node: "n1".into(),
+            agent: "echo-1".into(),
+        };
+        let first = token(&m, "a", 0);
+        assert!(m.on_assigned(&first, &agent));
+        assert_eq!(
+            m.step(&"a".into()).unwrap().tasks[0].agent,
+            Some(agent.clone())
+        );
+        let stale = FencingToken {
+            attempt: first.attempt + 1,
+            ..first.clone()
+        };
+        assert!(
+            !m.on_assigned(&stale, &agent),
+            "a stale token changes nothing"
+        );
+        let events = ok(&mut m, "a", 0, json!("A"));
+        assert!(matches!(
+            &events[0],
+            JournalEvent::TaskSucceeded { agent: Some(a), .. } if *a == agent
+        ));
+        journal.extend(events);
+        // After a restart the finished step still shows who ran it.
+        let again = machine(yaml, json!({})).replay(&journal);
+        assert_eq!(again.step(&"a".into()).unwrap().tasks[0].agent, Some(agent));
+        assert_eq!(again.steps, m.steps);
     }
 
     #[test]

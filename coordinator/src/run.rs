@@ -542,18 +542,18 @@ impl Actor for Run {
                 st.commit(&myself, events).await?;
             }
             RunMsg::Assigned { token, agent } => {
-                if let Some(event) = st.machine.on_assigned(&token, &agent) {
-                    let skill = st
-                        .machine
-                        .position(&token.step_id)
-                        .map(|i| st.machine.spec(i).skill().to_owned())
-                        .unwrap_or_default();
+                if st.machine.on_assigned(&token, &agent)
+                    && let Some(i) = st.machine.position(&token.step_id)
+                {
+                    let skill = st.machine.spec(i).skill().to_owned();
                     if st.picked.insert((skill.clone(), agent.clone())) {
                         let _ = st
                             .swarm
                             .cast(SwarmMsg::Member(SwarmMember { skill, agent }));
                     }
-                    st.commit(&myself, vec![event]).await?;
+                    if st.watchers.is_some() {
+                        st.publish(RunEvent::Step(st.machine.step_view(i)));
+                    }
                 }
             }
             RunMsg::Result { result, ack } => {

@@ -96,7 +96,9 @@ pub enum JournalEvent {
         attempt: u32,
         epoch: u64,
     },
-    /// The dispatcher handed the attempt to an agent.
+    /// The dispatcher handed the attempt to an agent. No longer written (a result names its
+    /// agent, and an assignment in flight is redone after a restart anyway); replayed from
+    /// journals that have it.
     StepAssigned {
         step: StepId,
         index: u32,
@@ -109,6 +111,9 @@ pub enum JournalEvent {
         index: u32,
         attempt: u32,
         output: Value,
+        /// The agent that produced it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        agent: Option<AgentKey>,
     },
     /// An attempt failed; another may follow.
     TaskFailed {
@@ -116,6 +121,9 @@ pub enum JournalEvent {
         index: u32,
         attempt: u32,
         error: TaskError,
+        /// The agent the attempt ran on, when it got that far.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        agent: Option<AgentKey>,
     },
     /// The step waits for a person or a signal, until `until_ms` (Unix ms) at most.
     StepWaiting {
@@ -1036,14 +1044,11 @@ mod tests {
             // Entry 1 is written twice: exactly one of those two fails.
             let seq = if i == 0 { 1 } else { i };
             writes.push(tokio::spawn(async move {
-                let event = JournalEvent::StepAssigned {
+                let event = JournalEvent::StepStarted {
                     step: "a".into(),
                     index: 0,
-                    attempt: 1,
-                    agent: AgentKey {
-                        node: "n".into(),
-                        agent: format!("x{i}"),
-                    },
+                    attempt: i as u32,
+                    epoch: 1,
                 };
                 store.record(&run, seq, vec![event]).await.is_ok()
             }));
