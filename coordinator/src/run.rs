@@ -104,7 +104,7 @@ pub enum RunMsg {
         outcome: TaskOutcome,
     },
     View(RpcReplyPort<RunView>),
-    Subscribe(RpcReplyPort<(RunView, broadcast::Receiver<RunEvent>)>),
+    Subscribe(RpcReplyPort<(RunView, broadcast::Receiver<Arc<RunEvent>>)>),
 }
 
 pub struct Run;
@@ -194,8 +194,9 @@ pub struct RunActorState {
     deps: RunDeps,
     swarm: ActorRef<SwarmMsg>,
     /// Watchers' channel, made on the first watch: a broadcast channel allocates its whole
-    /// buffer up front, which most runs (never watched) should not pay for.
-    watchers: Option<broadcast::Sender<RunEvent>>,
+    /// buffer up front, which most runs (never watched) should not pay for. Events travel
+    /// behind an `Arc`, so that the buffer is slots of a pointer, not of an event.
+    watchers: Option<broadcast::Sender<Arc<RunEvent>>>,
     picked: HashSet<(String, AgentKey)>,
     /// Child runs of sub-workflow tasks, and the tasks that wait for them.
     children: Vec<RunId>,
@@ -224,7 +225,7 @@ impl RunActorState {
 
     fn publish(&self, event: RunEvent) {
         if let Some(tx) = &self.watchers {
-            let _ = tx.send(event);
+            let _ = tx.send(Arc::new(event));
         }
     }
 
@@ -715,9 +716,8 @@ pub async fn wait_until_finished(deps: &RunDeps, id: &RunId) -> Result<RunView> 
             }
             loop {
                 match rx.recv().await {
-                    Ok(RunEvent::Finished { .. }) | Err(broadcast::error::RecvError::Closed) => {
-                        break;
-                    }
+                    Ok(e) if matches!(*e, RunEvent::Finished { .. }) => break,
+                    Err(broadcast::error::RecvError::Closed) => break,
                     Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
                 }
             }

@@ -43,7 +43,10 @@ fn finished_events(view: RunView) -> Vec<Result<pb::RunEvent, Status>> {
 /// The snapshot, then the run's events until it finishes. A watcher that falls more than
 /// the buffer behind is cut off rather than holding memory; it can watch again and starts
 /// from a fresh snapshot.
-fn live_events(view: RunView, rx: tokio::sync::broadcast::Receiver<RunEvent>) -> EventStream {
+fn live_events(
+    view: RunView,
+    rx: tokio::sync::broadcast::Receiver<std::sync::Arc<RunEvent>>,
+) -> EventStream {
     let first = stream::iter(finished_events(view));
     let live = BroadcastStream::new(rx).scan(false, |done, item| {
         if *done {
@@ -51,8 +54,8 @@ fn live_events(view: RunView, rx: tokio::sync::broadcast::Receiver<RunEvent>) ->
         }
         std::future::ready(Some(match item {
             Ok(event) => {
-                *done = matches!(event, RunEvent::Finished { .. });
-                Ok(pb::RunEvent::from(event))
+                *done = matches!(*event, RunEvent::Finished { .. });
+                Ok(pb::RunEvent::from(std::sync::Arc::unwrap_or_clone(event)))
             }
             Err(_) => {
                 *done = true;
