@@ -1,5 +1,7 @@
 //! Micro-benchmarks of the coordinator's hot paths: dispatcher selection, journal append,
 //! run state transition and goal validation. `cargo bench -p mesh-coordinator`.
+//!
+//! They allocate with mimalloc, as the `mesh` binary does.
 
 use std::hint::black_box;
 
@@ -12,6 +14,9 @@ use mesh_proto::domain::*;
 use mesh_workflow::Limits;
 use serde_json::json;
 use tokio::time::Instant;
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn card(name: &str, max: u32) -> AgentCard {
     AgentCard::new(name).skill("echo").max_concurrency(max)
@@ -189,22 +194,33 @@ fn goal_validation(c: &mut Criterion) {
     c.bench_function("validate: 1,000-step goal", |b| {
         b.iter(|| black_box(&goal).validate().unwrap())
     });
-    // A 10,000-step chain in the workflow language, each step with a template.
-    let steps: Vec<serde_json::Value> = (0..10_000)
-        .map(|i| {
-            let mut s = json!({ "id": format!("s{i}"), "uses": "echo", "with": { "n": "${{ inputs.n }}" } });
-            if i > 0 {
-                s["needs"] = json!([format!("s{}", i - 1)]);
-            }
-            s
-        })
-        .collect();
-    let text = serde_json::to_string(&json!({ "steps": steps })).unwrap();
+    // A 10,000-step chain in the workflow language, each step with a template: the same
+    // expression in every step (compiled once, then found in the cache), or a different one
+    // in each (every one parsed).
+    let definition = |expr: &dyn Fn(usize) -> String| {
+        let steps: Vec<serde_json::Value> = (0..10_000)
+            .map(|i| {
+                let mut s =
+                    json!({ "id": format!("s{i}"), "uses": "echo", "with": { "n": expr(i) } });
+                if i > 0 {
+                    s["needs"] = json!([format!("s{}", i - 1)]);
+                }
+                s
+            })
+            .collect();
+        serde_json::to_string(&json!({ "steps": steps })).unwrap()
+    };
+    let repeated = definition(&|_| "${{ inputs.n }}".to_owned());
+    let distinct = definition(&|i| format!("${{{{ inputs.n + {i} }}}}"));
     let mut group = c.benchmark_group("workflow");
     group.sample_size(10);
-    group.bench_function("validate: 10,000-step definition (parse + compile)", |b| {
-        b.iter(|| black_box(mesh_workflow::load(&text, &Limits::default()).unwrap()))
+    group.bench_function("validate: 10,000-step definition, one expression", |b| {
+        b.iter(|| black_box(mesh_workflow::load(&repeated, &Limits::default()).unwrap()))
     });
+    group.bench_function(
+        "validate: 10,000-step definition, 10,000 expressions",
+        |b| b.iter(|| black_box(mesh_workflow::load(&distinct, &Limits::default()).unwrap())),
+    );
     group.finish();
 }
 

@@ -3,6 +3,7 @@
 //! one expression and nothing else takes the expression's value (a list stays a list);
 //! a string that mixes text and expressions becomes text.
 
+use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, OnceLock};
 
@@ -16,6 +17,16 @@ pub const VARIABLES: [&str; 6] = ["inputs", "steps", "item", "index", "iteration
 fn env() -> &'static Arc<Env> {
     static ENV: OnceLock<Arc<Env>> = OnceLock::new();
     ENV.get_or_init(|| Arc::new(Env::stdlib()))
+}
+
+/// Expressions compiled lately on this thread, by source: workflows repeat expressions
+/// (`${{ inputs.topic }}` in every step, every goal of one workflow), and parsing is most of
+/// a validation's cost. Only short sources are kept, and the cache is emptied when full.
+const CACHED_EXPRESSIONS: usize = 256;
+const CACHED_SOURCE_BYTES: usize = 256;
+
+thread_local! {
+    static COMPILED: RefCell<HashMap<String, Expr>> = RefCell::new(HashMap::new());
 }
 
 /// A compiled CEL expression and what it names.
@@ -46,6 +57,23 @@ impl PartialEq for Expr {
 impl Expr {
     /// Compiles CEL source (without `${{ }}`).
     pub fn compile(source: &str) -> Result<Self, String> {
+        if source.len() > CACHED_SOURCE_BYTES {
+            return Self::compile_uncached(source);
+        }
+        if let Some(hit) = COMPILED.with_borrow(|c| c.get(source).cloned()) {
+            return Ok(hit);
+        }
+        let expr = Self::compile_uncached(source)?;
+        COMPILED.with_borrow_mut(|c| {
+            if c.len() >= CACHED_EXPRESSIONS {
+                c.clear();
+            }
+            c.insert(source.to_owned(), expr.clone());
+        });
+        Ok(expr)
+    }
+
+    fn compile_uncached(source: &str) -> Result<Self, String> {
         let deep = check_shape(source)?;
         let (program, refs) = on_enough_stack(deep, || {
             let program = env().compile(source).map_err(|e| {
@@ -486,6 +514,30 @@ impl Template {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_repeated_expression_is_parsed_once_and_a_long_one_every_time() {
+        let a = Expr::compile("inputs.topic + ' (cached)'").unwrap();
+        let b = Expr::compile("inputs.topic + ' (cached)'").unwrap();
+        assert!(Arc::ptr_eq(&a.program, &b.program));
+        let out = b.eval(&bindings(json!({ "inputs": { "topic": "x" } })));
+        assert_eq!(out.unwrap(), json!("x (cached)"));
+        // A failed compilation is not kept: it fails again with its reason.
+        assert!(Expr::compile("inputs.(").is_err());
+        assert!(
+            Expr::compile("inputs.(")
+                .unwrap_err()
+                .contains("does not compile")
+        );
+        let long = format!("inputs.topic + '{}'", "y".repeat(CACHED_SOURCE_BYTES));
+        let (c, d) = (Expr::compile(&long).unwrap(), Expr::compile(&long).unwrap());
+        assert!(!Arc::ptr_eq(&c.program, &d.program));
+        // Full: emptied, then filled again.
+        for i in 0..CACHED_EXPRESSIONS + 1 {
+            Expr::compile(&format!("{i} + 1")).unwrap();
+        }
+        assert!(COMPILED.with_borrow(|c| c.len()) <= CACHED_EXPRESSIONS);
+    }
 
     fn bindings(v: Value) -> Map<String, Value> {
         v.as_object().unwrap().clone()
