@@ -8,7 +8,7 @@ use std::hint::black_box;
 use criterion::{Criterion, criterion_group, criterion_main};
 use mesh_coordinator::dispatcher::{DispatchRequest, DispatchState, LoadBoard, Sent};
 use mesh_coordinator::run::{RetryPolicy, RunMachine};
-use mesh_coordinator::store::{JournalEvent, Store, StoredGoal, now_ms};
+use mesh_coordinator::store::{JournalEvent, NewRun, Store, StoredGoal, now_ms};
 use mesh_coordinator::swarms;
 use mesh_proto::domain::*;
 use mesh_workflow::Limits;
@@ -17,6 +17,18 @@ use tokio::time::Instant;
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// A goal to store, with nothing decided yet.
+fn new_run(goal: GoalSpec) -> NewRun {
+    let (goal_id, run_id) = NewRun::ids();
+    NewRun {
+        goal: stored(goal),
+        goal_id,
+        run_id,
+        at_ms: now_ms(),
+        events: Vec::new(),
+    }
+}
 
 fn card(name: &str, max: u32) -> AgentCard {
     AgentCard::new(name).skill("echo").max_concurrency(max)
@@ -96,10 +108,7 @@ fn journal_append(c: &mut Criterion) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
-    let run = rt
-        .block_on(store.submit(&stored(chain(2)), now_ms()))
-        .unwrap()
-        .run_id;
+    let run = rt.block_on(store.submit(new_run(chain(2)))).unwrap().run_id;
     let event = || JournalEvent::TaskSucceeded {
         step: "s0".into(),
         index: 0,
@@ -119,11 +128,7 @@ fn journal_append(c: &mut Criterion) {
     });
     // 64 runs writing at once: their writes share commits.
     let runs: Vec<RunId> = (0..64)
-        .map(|_| {
-            rt.block_on(store.submit(&stored(chain(2)), now_ms()))
-                .unwrap()
-                .run_id
-        })
+        .map(|_| rt.block_on(store.submit(new_run(chain(2)))).unwrap().run_id)
         .collect();
     let mut seqs = vec![1u64; runs.len()];
     c.bench_function(

@@ -129,8 +129,24 @@ pub struct RunArgs {
     pub run_id: RunId,
     pub swarm: ActorRef<SwarmMsg>,
     pub deps: RunDeps,
-    /// The run as stored, when the caller has it; else it is read from the store.
-    pub stored: Option<StoredRun>,
+    pub begin: Begin,
+}
+
+/// Where a run actor starts from.
+pub enum Begin {
+    /// The store: a run restarted after a crash, or retried after it finished.
+    Load,
+    /// The run as stored, loaded by the caller (resume at start-up).
+    Stored(Box<StoredRun>),
+    /// A run just submitted: its machine and its first decisions, journaled with the goal,
+    /// whose effects (dispatching its first steps) are still to be done.
+    New(Box<NewStart>),
+}
+
+pub struct NewStart {
+    pub machine: RunMachine,
+    pub events: Vec<JournalEvent>,
+    pub created_at_ms: i64,
 }
 
 /// Rebuilds a run from the store: its machine, replayed from the journal.
@@ -197,6 +213,8 @@ pub struct RunActorState {
     /// buffer up front, which most runs (never watched) should not pay for. Events travel
     /// behind an `Arc`, so that the buffer is slots of a pointer, not of an event.
     watchers: Option<broadcast::Sender<Arc<RunEvent>>>,
+    /// A new run's first decisions, journaled with its goal; their effects wait for `Start`.
+    first: Option<Vec<JournalEvent>>,
     picked: HashSet<(String, AgentKey)>,
     /// Child runs of sub-workflow tasks, and the tasks that wait for them.
     children: Vec<RunId>,
@@ -244,8 +262,14 @@ impl RunActorState {
             .await?;
         self.next_seq += n;
         self.updated_at_ms = now_ms();
+        self.committed(myself, &written);
+        Ok(())
+    }
+
+    /// What follows a decision once it is journaled: its effects, and watchers told.
+    fn committed(&mut self, myself: &ActorRef<RunMsg>, written: &[JournalEvent]) {
         let mut changed: Vec<usize> = Vec::new();
-        for event in &written {
+        for event in written {
             self.effect(myself, event);
             if let Some(i) = event.step().and_then(|s| self.machine.position(s))
                 && changed.last() != Some(&i)
@@ -271,7 +295,6 @@ impl RunActorState {
                 });
             }
         }
-        Ok(())
     }
 
     /// Journals an operator's decision (approve, signal, retry, skip) and answers with the
@@ -448,6 +471,10 @@ impl RunActorState {
                 self.arm_wait(myself, StepId(self.machine.spec(i).id.clone()), until);
             }
         }
+        self.arm_deadline(myself);
+    }
+
+    fn arm_deadline(&self, myself: &ActorRef<RunMsg>) {
         if let Some(deadline) = self.machine.workflow.def.deadline {
             let at = self.created_at_ms + deadline.as_millis() as i64;
             let left = Duration::from_millis(at.saturating_sub(now_ms()).max(0) as u64);
@@ -466,15 +493,31 @@ impl Actor for Run {
         myself: ActorRef<Self::Msg>,
         args: RunArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
-        let (machine, stored) = match args.stored {
-            Some(stored) => rebuild(&args.deps, stored)?,
-            None => load(&args.deps, &args.run_id)?,
+        let (machine, stored, first) = match args.begin {
+            Begin::Load => {
+                let (machine, stored) = load(&args.deps, &args.run_id)?;
+                (machine, Some(stored), None)
+            }
+            Begin::Stored(stored) => {
+                let (machine, stored) = rebuild(&args.deps, *stored)?;
+                (machine, Some(stored), None)
+            }
+            Begin::New(new) => (new.machine, None, Some((new.events, new.created_at_ms))),
         };
-        let picked = stored
-            .swarm
-            .iter()
-            .map(|m| (m.skill.clone(), m.agent.clone()))
-            .collect();
+        let (next_seq, created_at_ms, updated_at_ms, picked) = match (&stored, &first) {
+            (Some(s), _) => (
+                s.next_seq,
+                s.created_at_ms,
+                s.updated_at_ms,
+                s.swarm
+                    .iter()
+                    .map(|m| (m.skill.clone(), m.agent.clone()))
+                    .collect(),
+            ),
+            // Journaled with the goal: `run_created`, then the first decisions.
+            (None, Some((events, at))) => (1 + events.len() as u64, *at, *at, HashSet::new()),
+            (None, None) => unreachable!("a run begins from the store or from its submission"),
+        };
         args.deps
             .directory
             .insert(machine.run_id.clone(), myself.clone());
@@ -482,16 +525,17 @@ impl Actor for Run {
         myself.cast(RunMsg::Start)?;
         Ok(RunActorState {
             machine,
-            next_seq: stored.next_seq,
+            next_seq,
             deps: args.deps,
             swarm: args.swarm,
             watchers: None,
             picked,
             children: Vec::new(),
             child_waits: Vec::new(),
-            created_at_ms: stored.created_at_ms,
-            updated_at_ms: stored.updated_at_ms,
+            created_at_ms,
+            updated_at_ms,
             started: Instant::now(),
+            first: first.map(|(events, _)| events),
         })
     }
 
@@ -533,11 +577,18 @@ impl Actor for Run {
         st: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            RunMsg::Start => {
-                st.arm_timers(&myself);
-                let events = st.machine.restart_running();
-                st.commit(&myself, events).await?;
-            }
+            RunMsg::Start => match st.first.take() {
+                // A new run: its first decisions are journaled already.
+                Some(events) => {
+                    st.arm_deadline(&myself);
+                    st.committed(&myself, &events);
+                }
+                None => {
+                    st.arm_timers(&myself);
+                    let events = st.machine.restart_running();
+                    st.commit(&myself, events).await?;
+                }
+            },
             RunMsg::Redispatch => {
                 let events = st.machine.restart_running();
                 st.commit(&myself, events).await?;

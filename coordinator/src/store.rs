@@ -249,23 +249,7 @@ pub struct StoredRun {
     pub updated_at_ms: i64,
 }
 
-impl StoredRun {
-    /// A run as `submit(goal, at_ms)` stored it: nothing journaled but its creation. A new
-    /// run starts from this instead of reading back what was just written.
-    pub fn fresh(run: &RunRef, goal: StoredGoal, at_ms: i64) -> Self {
-        Self {
-            run_id: run.run_id.clone(),
-            goal_id: run.goal_id.clone(),
-            goal,
-            state: RunState::Running,
-            events: vec![JournalEvent::RunCreated],
-            swarm: Vec::new(),
-            next_seq: 1,
-            created_at_ms: at_ms,
-            updated_at_ms: at_ms,
-        }
-    }
-}
+impl StoredRun {}
 
 /// Writes waiting for the writer thread; past it callers wait (backpressure).
 const WRITE_QUEUE: usize = 4096;
@@ -275,7 +259,7 @@ pub const MAX_GROUP: usize = 512;
 /// A write for the writer thread, with where to send its answer.
 enum WriteOp {
     BumpEpoch(oneshot::Sender<Result<u64>>),
-    Submit(Box<StoredGoal>, i64, oneshot::Sender<Result<RunRef>>),
+    Submit(Box<NewRun>, oneshot::Sender<Result<RunRef>>),
     Record {
         run_id: RunId,
         seq: u64,
@@ -287,6 +271,28 @@ enum WriteOp {
         Box<NewWorkflow>,
         oneshot::Sender<Result<(WorkflowRecord, bool)>>,
     ),
+}
+
+/// A goal to store with its run: ids chosen by the caller, the time of submission, and the
+/// run's first decisions, journaled in the same write so that its first steps need no write
+/// of their own.
+#[derive(Clone, Debug)]
+pub struct NewRun {
+    pub goal: StoredGoal,
+    pub goal_id: GoalId,
+    pub run_id: RunId,
+    pub at_ms: i64,
+    pub events: Vec<JournalEvent>,
+}
+
+impl NewRun {
+    /// Fresh ids for a goal and its run (time-ordered, so the journal's keys append).
+    pub fn ids() -> (GoalId, RunId) {
+        (
+            GoalId(format!("goal-{}", uuid::Uuid::now_v7().simple())),
+            RunId(format!("run-{}", uuid::Uuid::now_v7().simple())),
+        )
+    }
 }
 
 /// A workflow version to register: its text as given, and its validated definition.
@@ -388,10 +394,10 @@ impl Store {
         self.write(WriteOp::BumpEpoch).await?
     }
 
-    /// Stores a new goal and its run, created at `at_ms`, or returns the run of an earlier
-    /// goal with the same idempotency key. Durable when it returns.
-    pub async fn submit(&self, goal: &StoredGoal, at_ms: i64) -> Result<RunRef> {
-        self.write(|reply| WriteOp::Submit(Box::new(goal.clone()), at_ms, reply))
+    /// Stores a new goal and its run (with its first decisions), or returns the run of an
+    /// earlier goal with the same idempotency key. Durable when it returns.
+    pub async fn submit(&self, new: NewRun) -> Result<RunRef> {
+        self.write(|reply| WriteOp::Submit(Box::new(new), reply))
             .await?
     }
 
@@ -649,8 +655,8 @@ fn commit_group(conn: &mut Connection, batch: impl Iterator<Item = WriteOp>) {
     for op in batch {
         applied.push(match op {
             WriteOp::BumpEpoch(reply) => Applied::Epoch(reply, in_savepoint(&mut tx, bump_epoch)),
-            WriteOp::Submit(goal, at_ms, reply) => {
-                Applied::Submit(reply, in_savepoint(&mut tx, |c| submit(c, &goal, at_ms)))
+            WriteOp::Submit(new, reply) => {
+                Applied::Submit(reply, in_savepoint(&mut tx, |c| submit(c, &new)))
             }
             WriteOp::Record {
                 run_id,
@@ -684,7 +690,7 @@ impl Applied {
         }
         match op {
             WriteOp::BumpEpoch(reply) => Applied::Epoch(reply, err(why)),
-            WriteOp::Submit(_, _, reply) => Applied::Submit(reply, err(why)),
+            WriteOp::Submit(_, reply) => Applied::Submit(reply, err(why)),
             WriteOp::Record { events, reply, .. } => Applied::Record(reply, events, err(why)),
             WriteOp::AddMember(_, _, reply) => Applied::Member(reply, err(why)),
             WriteOp::Register(_, reply) => Applied::Register(reply, err(why)),
@@ -736,7 +742,8 @@ fn bump_epoch(conn: &Connection) -> Result<u64> {
     Ok(next)
 }
 
-fn submit(conn: &Connection, goal: &StoredGoal, now: i64) -> Result<RunRef> {
+fn submit(conn: &Connection, new: &NewRun) -> Result<RunRef> {
+    let goal = &new.goal;
     if let Some(key) = &goal.idempotency_key {
         let existing: Option<(String, String)> = conn
             .prepare_cached(
@@ -753,8 +760,7 @@ fn submit(conn: &Connection, goal: &StoredGoal, now: i64) -> Result<RunRef> {
             });
         }
     }
-    let goal_id = GoalId(format!("goal-{}", uuid::Uuid::now_v7().simple()));
-    let run_id = RunId(format!("run-{}", uuid::Uuid::now_v7().simple()));
+    let (goal_id, run_id, now) = (&new.goal_id, &new.run_id, new.at_ms);
     let spec = serde_json::to_string(goal).map_err(|e| Error::Corrupt(e.to_string()))?;
     conn.prepare_cached(
         "INSERT INTO goals (goal_id, idempotency_key, objective, spec, created_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -764,10 +770,11 @@ fn submit(conn: &Connection, goal: &StoredGoal, now: i64) -> Result<RunRef> {
         "INSERT INTO runs (run_id, goal_id, state, created_at_ms, updated_at_ms) VALUES (?1, ?2, 'running', ?3, ?3)",
     )?
     .execute(params![run_id.0, goal_id.0, now])?;
-    append(conn, &run_id, 0, &JournalEvent::RunCreated, now)?;
+    append(conn, run_id, 0, &JournalEvent::RunCreated, now)?;
+    record(conn, run_id, 1, &new.events, now)?;
     Ok(RunRef {
-        goal_id,
-        run_id,
+        goal_id: goal_id.clone(),
+        run_id: run_id.clone(),
         created: true,
     })
 }
@@ -957,6 +964,17 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    fn new_run(goal: StoredGoal) -> NewRun {
+        let (goal_id, run_id) = NewRun::ids();
+        NewRun {
+            goal,
+            goal_id,
+            run_id,
+            at_ms: now_ms(),
+            events: Vec::new(),
+        }
+    }
+
     fn goal(key: Option<&str>) -> StoredGoal {
         let workflow: WorkflowDef = serde_json::from_value(json!({
             "steps": [
@@ -978,13 +996,43 @@ mod tests {
     async fn idempotency_key_returns_the_existing_run() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let first = store.submit(&goal(Some("k1")), now_ms()).await.unwrap();
-        let again = store.submit(&goal(Some("k1")), now_ms()).await.unwrap();
+        let first = store.submit(new_run(goal(Some("k1")))).await.unwrap();
+        let again = store.submit(new_run(goal(Some("k1")))).await.unwrap();
         assert!(first.created);
         assert!(!again.created);
         assert_eq!(first.run_id, again.run_id);
-        let other = store.submit(&goal(None), now_ms()).await.unwrap();
+        let other = store.submit(new_run(goal(None))).await.unwrap();
         assert_ne!(other.run_id, first.run_id);
+    }
+
+    #[tokio::test]
+    async fn a_new_run_is_stored_with_its_first_decisions_in_one_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut new = new_run(goal(Some("first")));
+        new.events = vec![JournalEvent::StepStarted {
+            step: "a".into(),
+            index: 0,
+            attempt: 1,
+            epoch: 1,
+        }];
+        let run = store.submit(new.clone()).await.unwrap();
+        assert!(run.created);
+        assert_eq!(run.run_id, new.run_id, "the caller's ids");
+        let stored = store.load_run(&run.run_id).unwrap();
+        assert_eq!(stored.events.len(), 2);
+        assert!(matches!(stored.events[0], JournalEvent::RunCreated));
+        assert!(matches!(
+            stored.events[1],
+            JournalEvent::StepStarted { attempt: 1, .. }
+        ));
+        assert_eq!(stored.next_seq, 2);
+        assert_eq!(stored.created_at_ms, new.at_ms);
+        // The same key again: the first run, and nothing journaled twice.
+        let again = store.submit(new_run(goal(Some("first")))).await.unwrap();
+        assert!(!again.created);
+        assert_eq!(again.run_id, run.run_id);
+        assert_eq!(store.load_run(&run.run_id).unwrap().events.len(), 2);
     }
 
     #[tokio::test]
@@ -993,7 +1041,7 @@ mod tests {
         let run = {
             let store = Store::open(dir.path()).unwrap();
             assert_eq!(store.bump_epoch().await.unwrap(), 1);
-            let run = store.submit(&goal(None), now_ms()).await.unwrap();
+            let run = store.submit(new_run(goal(None))).await.unwrap();
             let a = StepId::from("a");
             let events = vec![
                 JournalEvent::StepStarted {
@@ -1035,7 +1083,7 @@ mod tests {
     async fn writes_committed_in_one_group_are_isolated_from_each_other() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let run = store.submit(&goal(None), now_ms()).await.unwrap().run_id;
+        let run = store.submit(new_run(goal(None))).await.unwrap().run_id;
         // Many writes at once share commits; a bad one fails alone.
         let mut writes = Vec::new();
         for i in 0..200u64 {
@@ -1064,7 +1112,7 @@ mod tests {
         for _ in 0..50 {
             let store = store.clone();
             keyed.push(tokio::spawn(async move {
-                store.submit(&goal(Some("same")), now_ms()).await.unwrap()
+                store.submit(new_run(goal(Some("same")))).await.unwrap()
             }));
         }
         let mut runs = std::collections::HashSet::new();
@@ -1083,7 +1131,7 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let mut ids = Vec::new();
         for _ in 0..5 {
-            ids.push(store.submit(&goal(None), now_ms()).await.unwrap().run_id);
+            ids.push(store.submit(new_run(goal(None))).await.unwrap().run_id);
         }
         let q = |token: Option<RunId>| ListRunsQuery {
             state: None,

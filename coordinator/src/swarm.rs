@@ -11,8 +11,8 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 use tracing::{error, warn};
 
 use crate::metrics as m;
-use crate::run::{Run, RunArgs, RunDeps};
-use crate::store::{JournalEvent, StoredRun};
+use crate::run::{Begin, Run, RunArgs, RunDeps};
+use crate::store::JournalEvent;
 
 /// Restarts of a run allowed within [`RESTART_WINDOW`].
 const RESTART_BUDGET: usize = 5;
@@ -29,15 +29,15 @@ pub struct SwarmArgs {
     pub goal_id: GoalId,
     pub run_id: RunId,
     pub deps: RunDeps,
-    /// The run as stored, for its first start; restarts read the store.
-    pub stored: Option<StoredRun>,
+    /// Where the run starts the first time; restarts read the store.
+    pub begin: Begin,
 }
 
 pub struct SwarmState {
     goal_id: GoalId,
     run_id: RunId,
     deps: RunDeps,
-    stored: Option<StoredRun>,
+    begin: Option<Begin>,
     members: HashSet<SwarmMember>,
     restarts: Vec<Instant>,
 }
@@ -48,7 +48,7 @@ impl SwarmState {
             run_id: self.run_id.clone(),
             swarm: myself.clone(),
             deps: self.deps.clone(),
-            stored: self.stored.take(),
+            begin: self.begin.take().unwrap_or(Begin::Load),
         };
         Actor::spawn_linked(None, Run, args, myself.get_cell()).await?;
         Ok(())
@@ -92,7 +92,7 @@ impl Actor for Swarm {
             goal_id: args.goal_id,
             run_id: args.run_id,
             deps: args.deps,
-            stored: args.stored,
+            begin: Some(args.begin),
             members: HashSet::new(),
             restarts: Vec::new(),
         };

@@ -11,8 +11,8 @@ use tracing::{info, warn};
 
 use crate::error::{Error, Result};
 use crate::metrics as m;
-use crate::run::{RunDeps, RunMsg};
-use crate::store::{Store, StoredGoal, StoredRun, now_ms};
+use crate::run::{Begin, NewStart, RunDeps, RunMachine, RunMsg};
+use crate::store::{NewRun, Store, StoredGoal, now_ms};
 use crate::swarm::{Swarm, SwarmArgs};
 use mesh_workflow::{Limits, StepDef, Workflow, WorkflowDef};
 
@@ -23,20 +23,19 @@ pub enum SwarmsMsg {
     RedispatchAll,
 }
 
-/// Starts the swarm of a stored goal under `supervisor`; its run starts from `stored`, the
-/// run as the store has it now, when the caller has it in hand (else it reads the store).
+/// Starts the swarm of a stored goal under `supervisor`; its run starts from `begin`.
 pub async fn start_swarm(
     deps: &RunDeps,
     supervisor: &ActorRef<SwarmsMsg>,
     goal_id: GoalId,
     run_id: RunId,
-    stored: Option<StoredRun>,
+    begin: Begin,
 ) -> Result<()> {
     let args = SwarmArgs {
         goal_id,
         run_id,
         deps: deps.clone(),
-        stored,
+        begin,
     };
     Actor::spawn_linked(None, Swarm, args, supervisor.get_cell())
         .await
@@ -146,13 +145,37 @@ pub async fn submit(
             return Err(full);
         }
     }
+    // The run's first decisions are made now and journaled with the goal: its first steps
+    // start without a write of their own.
+    let (goal_id, run_id) = NewRun::ids();
+    let steps = goal.workflow.steps.len();
+    let mut machine = RunMachine::new(
+        run_id.clone(),
+        goal_id.clone(),
+        goal.clone(),
+        deps.epoch,
+        deps.policy.clone(),
+        deps.limits.clone(),
+    )?;
+    let events = machine.advance();
     let at_ms = now_ms();
-    let run = deps.store.submit(&goal, at_ms).await?;
+    let new = NewRun {
+        goal,
+        goal_id,
+        run_id,
+        at_ms,
+        events: events.clone(),
+    };
+    let run = deps.store.submit(new).await?;
     if run.created {
-        info!(run_id = %run.run_id, goal_id = %run.goal_id, steps = goal.workflow.steps.len(), "goal accepted");
+        info!(run_id = %run.run_id, goal_id = %run.goal_id, steps, "goal accepted");
         let (goal_id, run_id) = (run.goal_id.clone(), run.run_id.clone());
-        let fresh = StoredRun::fresh(&run, goal, at_ms);
-        if let Err(e) = start_swarm(deps, supervisor, goal_id, run_id, Some(fresh)).await {
+        let begin = Begin::New(Box::new(NewStart {
+            machine,
+            events,
+            created_at_ms: at_ms,
+        }));
+        if let Err(e) = start_swarm(deps, supervisor, goal_id, run_id, begin).await {
             // The goal is durable: the next resume starts it.
             warn!(run_id = %run.run_id, error = %e, "could not start the swarm; the run waits for the next resume");
         }
@@ -236,7 +259,14 @@ impl Actor for SwarmSupervisor {
                     // Not live, so nothing changes it before its run starts from this.
                     let stored = st.deps.store.load_run(&run_id)?;
                     let goal_id = stored.goal_id.clone();
-                    start_swarm(&st.deps, &myself, goal_id, run_id, Some(stored)).await?;
+                    start_swarm(
+                        &st.deps,
+                        &myself,
+                        goal_id,
+                        run_id,
+                        Begin::Stored(Box::new(stored)),
+                    )
+                    .await?;
                     resumed += 1;
                 }
                 if resumed > 0 {

@@ -319,7 +319,7 @@ impl pb::goal_service_server::GoalService for GoalApi {
             &self.handles.swarms.get(),
             stored.goal_id,
             id.clone(),
-            None,
+            run::Begin::Load,
         )
         .await
         .map_err(status)?;
