@@ -149,6 +149,42 @@ pub struct NewStart {
     pub created_at_ms: i64,
 }
 
+/// A run actor's state as it begins, from wherever it begins.
+struct Begun {
+    machine: RunMachine,
+    next_seq: u64,
+    created_at_ms: i64,
+    updated_at_ms: i64,
+    picked: HashSet<(String, AgentKey)>,
+    first: Option<Vec<JournalEvent>>,
+}
+
+fn begin(deps: &RunDeps, run_id: &RunId, begin: Begin) -> Result<Begun> {
+    let stored = |(machine, stored): (RunMachine, StoredRun)| Begun {
+        machine,
+        next_seq: stored.next_seq,
+        created_at_ms: stored.created_at_ms,
+        updated_at_ms: stored.updated_at_ms,
+        picked: (stored.swarm.into_iter())
+            .map(|m| (m.skill, m.agent))
+            .collect(),
+        first: None,
+    };
+    Ok(match begin {
+        Begin::Load => stored(load(deps, run_id)?),
+        Begin::Stored(run) => stored(rebuild(deps, *run)?),
+        // Journaled with the goal: `run_created`, then the first decisions.
+        Begin::New(new) => Begun {
+            machine: new.machine,
+            next_seq: 1 + new.events.len() as u64,
+            created_at_ms: new.created_at_ms,
+            updated_at_ms: new.created_at_ms,
+            picked: HashSet::new(),
+            first: Some(new.events),
+        },
+    })
+}
+
 /// Rebuilds a run from the store: its machine, replayed from the journal.
 pub fn load(deps: &RunDeps, run_id: &RunId) -> Result<(RunMachine, StoredRun)> {
     rebuild(deps, deps.store.load_run(run_id)?)
@@ -493,31 +529,14 @@ impl Actor for Run {
         myself: ActorRef<Self::Msg>,
         args: RunArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
-        let (machine, stored, first) = match args.begin {
-            Begin::Load => {
-                let (machine, stored) = load(&args.deps, &args.run_id)?;
-                (machine, Some(stored), None)
-            }
-            Begin::Stored(stored) => {
-                let (machine, stored) = rebuild(&args.deps, *stored)?;
-                (machine, Some(stored), None)
-            }
-            Begin::New(new) => (new.machine, None, Some((new.events, new.created_at_ms))),
-        };
-        let (next_seq, created_at_ms, updated_at_ms, picked) = match (&stored, &first) {
-            (Some(s), _) => (
-                s.next_seq,
-                s.created_at_ms,
-                s.updated_at_ms,
-                s.swarm
-                    .iter()
-                    .map(|m| (m.skill.clone(), m.agent.clone()))
-                    .collect(),
-            ),
-            // Journaled with the goal: `run_created`, then the first decisions.
-            (None, Some((events, at))) => (1 + events.len() as u64, *at, *at, HashSet::new()),
-            (None, None) => unreachable!("a run begins from the store or from its submission"),
-        };
+        let Begun {
+            machine,
+            next_seq,
+            created_at_ms,
+            updated_at_ms,
+            picked,
+            first,
+        } = begin(&args.deps, &args.run_id, args.begin)?;
         args.deps
             .directory
             .insert(machine.run_id.clone(), myself.clone());
@@ -535,7 +554,7 @@ impl Actor for Run {
             created_at_ms,
             updated_at_ms,
             started: Instant::now(),
-            first: first.map(|(events, _)| events),
+            first,
         })
     }
 
