@@ -1650,6 +1650,51 @@ mod tests {
     }
 
     #[test]
+    fn accepts_exactly_one_result_per_step() {
+        let yaml = "steps:\n  - {id: a, uses: echo}\n  - {id: b, uses: echo, needs: [a]}\n";
+        let mut m = machine(yaml, json!({}));
+        m.advance();
+        let first = token(&m, "a", 0);
+        let lost = m.on_lost(&first, "node n1 died").unwrap();
+        assert_eq!(started(&lost), [("a".into(), 0)], "a new attempt");
+        let second = token(&m, "a", 0);
+        assert_eq!(second.attempt, first.attempt + 1);
+        // The fenced-off attempt's late result is refused; the current one is accepted once.
+        let late = TaskResult {
+            token: first,
+            outcome: Ok(json!("late")),
+        };
+        assert!(m.on_result(&late).is_none());
+        let current = TaskResult {
+            token: second,
+            outcome: Ok(json!("A")),
+        };
+        assert!(m.on_result(&current).is_some());
+        assert!(m.on_result(&current).is_none(), "a duplicate is refused");
+        assert_eq!(m.step(&"a".into()).unwrap().output, Some(json!("A")));
+    }
+
+    #[test]
+    fn lost_attempts_are_capped() {
+        let mut m = machine("steps:\n  - {id: a, uses: echo}\n", json!({}));
+        m.advance();
+        // max_total_attempts is 5: four losses start new attempts, the fifth fails the step.
+        for _ in 0..4 {
+            let lost = m.on_lost(&token(&m, "a", 0), "node died").unwrap();
+            assert_eq!(started(&lost).len(), 1);
+        }
+        let last = m.on_lost(&token(&m, "a", 0), "node died").unwrap();
+        let (state, _, error) = finished(&last).expect("the run ends");
+        assert_eq!(state, RunState::Failed);
+        assert!(
+            error
+                .unwrap()
+                .contains("5 attempts lost or failed; last: node died"),
+            "names the cap and the last reason"
+        );
+    }
+
+    #[test]
     fn an_expression_error_fails_the_step_with_its_reason() {
         let yaml = "steps:\n  - {id: a, uses: echo, foreach: '${{ inputs.missing }}'}\n";
         let mut m = machine(yaml, json!({}));
