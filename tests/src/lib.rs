@@ -21,6 +21,14 @@ pub mod netns;
 pub use mesh_agent_sdk;
 pub use mesh_proto;
 
+/// The number in environment variable `var` (a seed, a duration in seconds), or `default`.
+pub fn env_u64(var: &str, default: u64) -> u64 {
+    std::env::var(var)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
 /// Path of the `mesh` binary under test.
 pub fn mesh_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("MESH_BIN") {

@@ -251,10 +251,7 @@ fn request(rng: &mut fastrand::Rng, path: &str) -> (&'static str, Vec<u8>) {
 
 #[tokio::test]
 async fn ten_thousand_hostile_requests_get_precise_errors_and_leave_the_coordinator_whole() {
-    let seed: u64 = std::env::var("MESH_HOSTILE_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(20_261_122);
+    let seed = mesh_tests::env_u64("MESH_HOSTILE_SEED", 20_261_122);
     eprintln!("hostile requests: seed {seed} (replay with MESH_HOSTILE_SEED={seed})");
     let mut mesh = Mesh::start(Timings::default()).await;
     mesh.start_node("n1", "[[agents]]\nkind = \"echo\"\nmax_concurrency = 4\n")

@@ -280,10 +280,7 @@ async fn nemesis(seed: u64, duration: Duration) {
 
 /// `MESH_NEMESIS_SEED`, or `default`.
 fn seed(default: u64) -> u64 {
-    std::env::var("MESH_NEMESIS_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(default)
+    mesh_tests::env_u64("MESH_NEMESIS_SEED", default)
 }
 
 /// A fixed schedule of faults (timing still varies run to run), so that CI is repeatable.
@@ -295,9 +292,6 @@ async fn nemesis_short() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "ten minutes; run with -- --ignored"]
 async fn nemesis_long() {
-    let secs = std::env::var("MESH_NEMESIS_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(600);
+    let secs = mesh_tests::env_u64("MESH_NEMESIS_SECS", 600);
     nemesis(seed(fastrand::u64(..)), Duration::from_secs(secs)).await;
 }

@@ -145,10 +145,7 @@ async fn soak_short() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "thirty minutes; run with -- --ignored"]
 async fn soak_long() {
-    let secs = std::env::var("MESH_SOAK_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1800);
+    let secs = mesh_tests::env_u64("MESH_SOAK_SECS", 1800);
     soak(
         Duration::from_secs(secs),
         Duration::from_secs(60),
