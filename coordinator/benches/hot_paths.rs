@@ -101,7 +101,7 @@ fn dispatcher_selection(c: &mut Criterion) {
 fn stored(goal: GoalSpec) -> StoredGoal {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
-    swarms::prepare(goal, &Limits::default(), &store).unwrap()
+    swarms::prepare(goal, &Limits::default(), &store).unwrap().0
 }
 
 fn journal_append(c: &mut Criterion) {

@@ -167,15 +167,31 @@ impl RunMachine {
     pub fn new(
         run_id: RunId,
         goal_id: GoalId,
-        goal: StoredGoal,
+        mut goal: StoredGoal,
         epoch: u64,
         policy: RetryPolicy,
         limits: Limits,
     ) -> Result<Self> {
-        let workflow = mesh_workflow::validate(goal.workflow, &limits)
+        let workflow = mesh_workflow::validate(std::mem::take(&mut goal.workflow), &limits)
             .map_err(|e| Error::Corrupt(format!("workflow of run {run_id}: {e}")))?;
+        Ok(Self::validated(
+            run_id, goal_id, goal, workflow, epoch, policy, limits,
+        ))
+    }
+
+    /// A machine for a goal whose workflow the caller has just validated as `workflow` (the
+    /// goal's own copy is not read): a submission does not validate it twice.
+    pub fn validated(
+        run_id: RunId,
+        goal_id: GoalId,
+        goal: StoredGoal,
+        workflow: Workflow,
+        epoch: u64,
+        policy: RetryPolicy,
+        limits: Limits,
+    ) -> Self {
         let steps = vec![StepRt::default(); workflow.steps.len()];
-        Ok(Self {
+        Self {
             run_id,
             goal_id,
             objective: goal.objective,
@@ -190,7 +206,7 @@ impl RunMachine {
             planning: goal.planned,
             policy,
             limits,
-        })
+        }
     }
 
     /// Rebuilds a run from its journal.

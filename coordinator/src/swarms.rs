@@ -50,8 +50,9 @@ pub const PLANNER_STEP: &str = "planner";
 
 /// Turns a submitted goal into what is stored: its workflow (given as text, or as plain
 /// `steps`) parsed and validated, its inputs checked and defaulted. Nothing is stored when
-/// anything is wrong, and the error names the field.
-pub fn prepare(goal: GoalSpec, limits: &Limits, store: &Store) -> Result<StoredGoal> {
+/// anything is wrong, and the error names the field. Returns the validated workflow too, for
+/// the run's machine.
+pub fn prepare(goal: GoalSpec, limits: &Limits, store: &Store) -> Result<(StoredGoal, Workflow)> {
     let def = match (&goal.workflow, &goal.workflow_ref) {
         (Some(text), _) => mesh_workflow::parse(text, limits)?,
         // The definition is copied into the goal: the run stays on this version.
@@ -62,22 +63,25 @@ pub fn prepare(goal: GoalSpec, limits: &Limits, store: &Store) -> Result<StoredG
         }
         // A text goal: an agent with the `plan` skill writes the workflow.
         (None, None) if goal.steps.is_empty() => {
-            return Ok(StoredGoal {
-                workflow: WorkflowDef {
-                    description: goal.objective.clone(),
-                    steps: vec![StepDef {
-                        id: PLANNER_STEP.to_owned(),
-                        uses: Some(PLAN_SKILL.to_owned()),
-                        with: serde_json::json!({ "objective": goal.objective }),
-                        ..StepDef::default()
-                    }],
-                    ..WorkflowDef::default()
-                },
+            let def = WorkflowDef {
+                description: goal.objective.clone(),
+                steps: vec![StepDef {
+                    id: PLANNER_STEP.to_owned(),
+                    uses: Some(PLAN_SKILL.to_owned()),
+                    with: serde_json::json!({ "objective": goal.objective }),
+                    ..StepDef::default()
+                }],
+                ..WorkflowDef::default()
+            };
+            let workflow = mesh_workflow::validate(def, limits)?;
+            let goal = StoredGoal {
+                workflow: workflow.def.clone(),
                 objective: goal.objective,
                 inputs: goal.inputs,
                 idempotency_key: goal.idempotency_key,
                 planned: true,
-            });
+            };
+            return Ok((goal, workflow));
         }
         (None, None) => WorkflowDef {
             steps: goal
@@ -102,13 +106,14 @@ pub fn prepare(goal: GoalSpec, limits: &Limits, store: &Store) -> Result<StoredG
     } else {
         goal.objective
     };
-    Ok(StoredGoal {
+    let goal = StoredGoal {
         objective,
         inputs,
-        workflow: workflow.def,
+        workflow: workflow.def.clone(),
         idempotency_key: goal.idempotency_key,
         planned: false,
-    })
+    };
+    Ok((goal, workflow))
 }
 
 /// Every sub-workflow the workflow names must be registered (and valid, and not nested
@@ -134,7 +139,7 @@ pub async fn submit(
     goal: GoalSpec,
     admission: Admission,
 ) -> Result<RunRef> {
-    let goal = prepare(goal, &deps.limits, &deps.store)?;
+    let (goal, workflow) = prepare(goal, &deps.limits, &deps.store)?;
     if let Some(full) = admission.refuses(deps, &goal) {
         // A retried submission still finds the run it created.
         let known = match &goal.idempotency_key {
@@ -149,14 +154,23 @@ pub async fn submit(
     // start without a write of their own.
     let (goal_id, run_id) = NewRun::ids();
     let steps = goal.workflow.steps.len();
-    let mut machine = RunMachine::new(
+    // The machine keeps the validated workflow; the goal's own copy goes to the store.
+    let for_machine = StoredGoal {
+        objective: goal.objective.clone(),
+        inputs: goal.inputs.clone(),
+        workflow: WorkflowDef::default(),
+        idempotency_key: None,
+        planned: goal.planned,
+    };
+    let mut machine = RunMachine::validated(
         run_id.clone(),
         goal_id.clone(),
-        goal.clone(),
+        for_machine,
+        workflow,
         deps.epoch,
         deps.policy.clone(),
         deps.limits.clone(),
-    )?;
+    );
     let events = machine.advance();
     let at_ms = now_ms();
     let new = NewRun {
