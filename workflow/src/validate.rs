@@ -28,6 +28,9 @@ pub struct Limits {
     pub max_attempts: u32,
     /// Sub-workflows within sub-workflows.
     pub max_nesting: usize,
+    /// Bytes of agent output (as JSON) a run keeps in all; past it the step whose result
+    /// would cross it fails.
+    pub max_run_output_bytes: u64,
 }
 
 impl Default for Limits {
@@ -41,6 +44,7 @@ impl Default for Limits {
             max_total_iterations: 100_000,
             max_attempts: 100,
             max_nesting: 4,
+            max_run_output_bytes: 64 << 20,
         }
     }
 }
@@ -742,9 +746,9 @@ pub fn validate(def: WorkflowDef, limits: &Limits) -> Result<Workflow, Invalid> 
         });
     }
 
-    if c.problems.is_empty()
-        && let Some(p) = find_cycle(&steps)
-    {
+    // Every step is in `steps` (with the needs that name known steps), so a cycle is
+    // reported beside whatever else is wrong.
+    if let Some(p) = find_cycle(&steps) {
         c.problems.push(p);
     }
     if c.problems.is_empty() {
@@ -872,6 +876,20 @@ mod tests {
         }
     }
 
+    /// Before: a cycle was reported only when nothing else was wrong.
+    #[test]
+    fn a_cycle_is_reported_beside_other_problems() {
+        let p = problems(
+            "steps:\n  - {id: a, uses: x, needs: [b]}\n  - {id: b, uses: x, needs: [a], with: {q: '${{ 1 + }}'}}\n",
+        );
+        assert!(p.iter().any(|m| m.contains("cycle: a → b → a")), "{p:?}");
+        assert!(
+            p.iter()
+                .any(|m| m.contains("steps[1].with.q: does not compile")),
+            "{p:?}"
+        );
+    }
+
     #[test]
     fn accepts_the_design_sketch() {
         let w = load(
@@ -988,6 +1006,14 @@ outputs: { brief: "${{ steps.review.output.text }}" }
             (
                 "steps:\n  - {id: a, uses: x, with: {q: ['${{ 1 + }}']}}\n",
                 "steps[0].with.q[0]: does not compile",
+            ),
+            (
+                "steps:\n  - {id: a, uses: x, with: {q: '${{ nosuchfn(1) }}'}}\n",
+                "steps[0].with.q: calls `nosuchfn`, which is not a function",
+            ),
+            (
+                "steps:\n  - {id: a, uses: x, when: '${{ inputs.s.nosuchmethod() }}'}\n",
+                "steps[0].when: calls `nosuchmethod`, which is not a function",
             ),
             (
                 "steps:\n  - {id: a, uses: x, approval: {}}\n",

@@ -16,7 +16,16 @@ fn the_fuzz_corpus_replays_without_a_panic() {
             eprintln!("{}", path.display());
         }
         inputs += 1;
+        let started = std::time::Instant::now();
         valid += usize::from(mesh_workflow::fuzz::check(&data));
+        // A stall guard, not a speed check: an expression's cost is bounded before it
+        // runs (the `hardening-*` seeds took seconds to minutes each before).
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "{} took {:?}",
+            path.display(),
+            started.elapsed()
+        );
     }
     assert!(inputs >= 20, "corpus too small: {inputs} inputs");
     assert!(
