@@ -130,6 +130,108 @@ impl GoalClient {
         })
     }
 
+    /// Submits a goal and follows its run in one call: returns once the goal is durable,
+    /// with the run's events (a snapshot, every change, to `Finished`) to read to the end.
+    pub async fn submit_and_watch(
+        &self,
+        goal: GoalSpec,
+    ) -> Result<
+        (
+            RunRef,
+            impl Stream<Item = Result<RunEvent, ClientError>> + use<>,
+        ),
+        ClientError,
+    > {
+        use pb::submit_and_watch_event::Kind;
+        let mut client = self.goals.clone();
+        let (stream, first) = tokio::time::timeout(CALL_TIMEOUT, async move {
+            let mut stream = client
+                .submit_and_watch(pb::SubmitGoalRequest::from(goal))
+                .await?
+                .into_inner();
+            let first = stream.message().await?;
+            Ok::<_, tonic::Status>((stream, first))
+        })
+        .await
+        .map_err(|_| {
+            tonic::Status::deadline_exceeded(
+                "SubmitAndWatch: no acknowledgement in time; submit again with the same idempotency key",
+            )
+        })??;
+        let invalid = |what: &str| ClientError::Invalid(format!("SubmitAndWatch: {what}"));
+        let run = match first {
+            Some(pb::SubmitAndWatchEvent {
+                kind: Some(Kind::Accepted(r)),
+            }) => RunRef {
+                goal_id: GoalId(r.goal_id),
+                run_id: RunId(r.run_id),
+                created: r.created,
+            },
+            _ => return Err(invalid("the first message is not the acknowledgement")),
+        };
+        let events = stream.map(move |item| match item {
+            Ok(pb::SubmitAndWatchEvent {
+                kind: Some(Kind::Event(event)),
+            }) => RunEvent::try_from(event).map_err(|e| ClientError::Invalid(e.to_string())),
+            Ok(_) => Err(invalid("a second acknowledgement")),
+            Err(status) => Err(status.into()),
+        });
+        Ok((run, events))
+    }
+
+    /// Submits a goal and waits for its run to finish, in one call; returns the run and
+    /// its `Finished` event.
+    pub async fn submit_and_wait(&self, goal: GoalSpec) -> Result<(RunRef, RunEvent), ClientError> {
+        let (run, events) = self.submit_and_watch(goal).await?;
+        let mut events = Box::pin(events);
+        let mut finished = None;
+        // Read to the end (the stream ends right after `Finished`): dropping a stream early
+        // resets it, and a connection that resets too many is closed by HTTP/2.
+        while let Some(event) = events.next().await {
+            if let e @ RunEvent::Finished { .. } = event? {
+                finished = Some(e);
+            }
+        }
+        let finished = finished.ok_or_else(|| {
+            ClientError::Invalid(format!(
+                "the watch of run {} ended without its end",
+                run.run_id
+            ))
+        })?;
+        Ok((run, finished))
+    }
+
+    /// A step's output (`step` None: the run's), read in pages: for outputs a view carries
+    /// only as their size (`output_elided_bytes`).
+    pub async fn output(
+        &self,
+        run_id: &RunId,
+        step: Option<&str>,
+    ) -> Result<serde_json::Value, ClientError> {
+        let mut text = Vec::new();
+        loop {
+            let page = self
+                .goals
+                .clone()
+                .get_output(request(pb::GetOutputRequest {
+                    run_id: run_id.0.clone(),
+                    step_id: step.unwrap_or_default().to_owned(),
+                    offset: text.len() as u64,
+                    max_bytes: 0,
+                }))
+                .await?
+                .into_inner();
+            if page.chunk.is_empty() && !page.done {
+                return Err(ClientError::Invalid("GetOutput: an empty page".into()));
+            }
+            text.extend_from_slice(&page.chunk);
+            if page.done {
+                break;
+            }
+        }
+        serde_json::from_slice(&text).map_err(|e| ClientError::Invalid(format!("GetOutput: {e}")))
+    }
+
     pub async fn get_run(&self, run_id: &RunId) -> Result<RunView, ClientError> {
         let r = self
             .goals

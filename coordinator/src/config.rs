@@ -53,6 +53,13 @@ pub struct RegistryConfig {
     /// How long a dead node stays listed.
     #[serde(with = "humantime_serde")]
     pub forget_dead_after: Duration,
+    /// Time a new node stream has to send its `register` frame; past it the stream ends
+    /// with DEADLINE_EXCEEDED.
+    #[serde(with = "humantime_serde")]
+    pub register_within: Duration,
+    /// Node streams open at once that have not registered yet; past it `Connect` answers
+    /// RESOURCE_EXHAUSTED.
+    pub max_unregistered_streams: usize,
 }
 
 impl Default for RegistryConfig {
@@ -63,6 +70,8 @@ impl Default for RegistryConfig {
             lease: Duration::from_secs(5),
             sweep_every: Duration::from_millis(250),
             forget_dead_after: Duration::from_secs(600),
+            register_within: Duration::from_secs(5),
+            max_unregistered_streams: 64,
         }
     }
 }
@@ -91,6 +100,12 @@ pub struct DispatchConfig {
     /// Longest wait between retries.
     #[serde(with = "humantime_serde")]
     pub max_retry_backoff: Duration,
+    /// Largest output (as JSON text) one attempt may return; a larger one fails the
+    /// attempt, not retried, naming size and limit. At most 1 MiB.
+    pub max_result_bytes: usize,
+    /// Bytes of agent output a run keeps in all; past it the step whose result would cross
+    /// it fails.
+    pub max_run_output_bytes: u64,
     /// Frames buffered per node stream.
     pub node_queue: usize,
     /// Runs in progress at once; past it `SubmitGoal` answers RESOURCE_EXHAUSTED.
@@ -113,6 +128,8 @@ impl Default for DispatchConfig {
             max_total_attempts: 10,
             retry_backoff: Duration::from_millis(200),
             max_retry_backoff: Duration::from_secs(10),
+            max_result_bytes: mesh_proto::convert::MAX_JSON_BYTES,
+            max_run_output_bytes: 64 << 20,
             node_queue: 1024,
             max_active_runs: 100_000,
             circuit_failures: 5,

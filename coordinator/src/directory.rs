@@ -153,6 +153,7 @@ mod tests {
             swarm: Vec::new(),
             created_at_ms: 0,
             updated_at_ms: 0,
+            output_elided_bytes: None,
         }
     }
 

@@ -15,6 +15,8 @@ pub enum Error {
     #[error("workflow `{0}` is not registered")]
     WorkflowNotFound(String),
     #[error("{0}")]
+    StepNotFound(String),
+    #[error("{0}")]
     AlreadyExists(String),
     #[error("node `{0}` is not live")]
     NodeNotFound(String),
@@ -43,9 +45,10 @@ impl From<Error> for tonic::Status {
             Error::InvalidArgument(_) | Error::InvalidWorkflow(_) => {
                 tonic::Status::invalid_argument(msg)
             }
-            Error::RunNotFound(_) | Error::NodeNotFound(_) | Error::WorkflowNotFound(_) => {
-                tonic::Status::not_found(msg)
-            }
+            Error::RunNotFound(_)
+            | Error::NodeNotFound(_)
+            | Error::WorkflowNotFound(_)
+            | Error::StepNotFound(_) => tonic::Status::not_found(msg),
             Error::AlreadyExists(_) => tonic::Status::already_exists(msg),
             Error::FailedPrecondition(_) => tonic::Status::failed_precondition(msg),
             Error::ResourceExhausted(_) => {

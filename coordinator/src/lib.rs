@@ -165,15 +165,18 @@ async fn serve_grpc(
     health_reporter
         .set_serving::<WorkflowServiceServer<grpc::WorkflowApi>>()
         .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(mesh_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1();
-    let reflection = match reflection {
-        Ok(r) => Some(r),
-        Err(e) => {
+    // Reflection in both versions: grpcurl and most tools speak v1, Python's
+    // grpcio-reflection only v1alpha.
+    let builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(mesh_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let (reflection, reflection_alpha) = match (builder().build_v1(), builder().build_v1alpha()) {
+        (Ok(v1), Ok(v1alpha)) => (Some(v1), Some(v1alpha)),
+        (Err(e), _) | (_, Err(e)) => {
             warn!(error = %e, "reflection disabled");
-            None
+            (None, None)
         }
     };
     // Socket options set on the builder apply only to listeners tonic binds itself.
@@ -190,12 +193,11 @@ async fn serve_grpc(
         })
         .add_service(health_service)
         .add_optional_service(reflection)
+        .add_optional_service(reflection_alpha)
         .add_service(
-            NodeServiceServer::new(grpc::NodeApi {
-                handles: handles.clone(),
-            })
-            .max_decoding_message_size(max)
-            .max_encoding_message_size(max),
+            NodeServiceServer::new(grpc::NodeApi::new(handles.clone()))
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
         )
         .add_service(
             GoalServiceServer::new(grpc::GoalApi {

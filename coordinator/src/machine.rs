@@ -9,7 +9,7 @@
 //!
 //! Invariant: a task accepts exactly one result, the one carrying its current fencing token.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -160,6 +160,28 @@ pub struct RunMachine {
     pub planning: bool,
     policy: RetryPolicy,
     limits: Limits,
+    /// Bytes of task output (as JSON) the run keeps, against `limits.max_run_output_bytes`.
+    retained_bytes: u64,
+    /// Inputs rendered when their attempt started, until it is dispatched: an input's
+    /// expressions are evaluated once, not again for the dispatch. Not journaled.
+    rendered: HashMap<(usize, u32), Value>,
+}
+
+/// Length of a value's JSON text, without building it.
+pub fn json_bytes(v: &Value) -> u64 {
+    struct Count(u64);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len() as u64;
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut n = Count(0);
+    let _ = serde_json::to_writer(&mut n, v);
+    n.0
 }
 
 impl RunMachine {
@@ -206,6 +228,8 @@ impl RunMachine {
             planning: goal.planned,
             policy,
             limits,
+            retained_bytes: 0,
+            rendered: HashMap::new(),
         }
     }
 
@@ -291,8 +315,10 @@ impl RunMachine {
         self.bindings(named)
     }
 
-    /// The input of task `index` of step `i`: its rendered `with`, the run's inputs, the
-    /// outputs of its needs, and `item`/`index` or `iteration` where they apply.
+    /// The input of task `index` of step `i`: its rendered `with`, the outputs of its needs,
+    /// and `item`/`index` or `iteration` where they apply. The run's inputs reach a task
+    /// only through its `with` (`${{ inputs.topic }}`): a task carries what its step asks
+    /// for, so a fan-out does not copy every input into each of its tasks.
     pub fn task_input(&self, i: usize, index: u32) -> std::result::Result<Value, String> {
         let spec = self.spec(i);
         let mut b = self.step_bindings(i);
@@ -318,7 +344,10 @@ impl RunMachine {
             b.insert("output".into(), previous);
             extra.insert("iteration".into(), json!(index));
         }
-        let with = spec.with.render(&b).map_err(|e| format!("with: {e}"))?;
+        let with = spec
+            .with
+            .render_at(&b)
+            .map_err(|(path, e)| format!("with{path}: {e}"))?;
         let needs: Map<String, Value> = spec
             .needs
             .iter()
@@ -331,10 +360,18 @@ impl RunMachine {
             .collect();
         let mut input = Map::new();
         input.insert("with".into(), if with.is_null() { json!({}) } else { with });
-        input.insert("inputs".into(), self.inputs.clone());
         input.insert("needs".into(), Value::Object(needs));
         input.extend(extra);
         Ok(Value::Object(input))
+    }
+
+    /// The input to dispatch for task `index` of step `i`: the one rendered when its
+    /// attempt started, or (after a replay) rendered now.
+    pub fn take_task_input(&mut self, i: usize, index: u32) -> std::result::Result<Value, String> {
+        match self.rendered.remove(&(i, index)) {
+            Some(input) => Ok(input),
+            None => self.task_input(i, index),
+        }
     }
 
     fn items(&self, i: usize) -> &[Value] {
@@ -500,7 +537,7 @@ impl RunMachine {
 
     fn known_step(&self, id: &StepId) -> Result<usize> {
         self.index_of(id)
-            .ok_or_else(|| Error::FailedPrecondition(format!("run has no step `{id}`")))
+            .ok_or_else(|| Error::StepNotFound(format!("run has no step `{id}`")))
     }
 
     /// A step whose needs are met: its condition, then its action.
@@ -596,8 +633,11 @@ impl RunMachine {
     /// A new attempt of task `index`, if its input renders.
     fn start(&mut self, i: usize, index: u32, out: &mut Vec<JournalEvent>) {
         // A step whose input cannot be made fails, rather than each attempt.
-        if let Err(e) = self.task_input(i, index) {
-            return self.fail_step(i, out, e);
+        match self.task_input(i, index) {
+            Ok(input) => {
+                self.rendered.insert((i, index), input);
+            }
+            Err(e) => return self.fail_step(i, out, e),
         }
         let attempt = self.steps[i]
             .tasks
@@ -642,6 +682,18 @@ impl RunMachine {
     pub fn on_result(&mut self, result: &TaskResult) -> Option<Decision> {
         let (i, index) = self.current(&result.token)?;
         Some(match &result.outcome {
+            Ok(output) if !(self.planning && i == 0) && self.over_output_limit(output) => {
+                let error = TaskError::new(
+                    "run_output_limit",
+                    format!(
+                        "this output ({} bytes) would bring the run's outputs to more than {} bytes (max_run_output_bytes)",
+                        json_bytes(output),
+                        self.limits.max_run_output_bytes
+                    ),
+                    false,
+                );
+                self.failure(i, index, error)
+            }
             Ok(output) => {
                 let mut out = Vec::new();
                 self.succeeded(i, index, output.clone(), &mut out);
@@ -650,6 +702,10 @@ impl RunMachine {
             }
             Err(error) => self.failure(i, index, error.clone()),
         })
+    }
+
+    fn over_output_limit(&self, output: &Value) -> bool {
+        self.retained_bytes.saturating_add(json_bytes(output)) > self.limits.max_run_output_bytes
     }
 
     fn succeeded(&mut self, i: usize, index: u32, output: Value, out: &mut Vec<JournalEvent>) {
@@ -1103,7 +1159,12 @@ impl RunMachine {
                 agent,
                 ..
             } => {
+                let mut retained = self.retained_bytes.saturating_add(json_bytes(output));
                 if let Some(t) = self.task_mut(step, *index) {
+                    // A task run again (`retry --from`) replaces what it kept.
+                    if let Some(old) = &t.output {
+                        retained = retained.saturating_sub(json_bytes(old));
+                    }
                     t.state = StepState::Succeeded;
                     t.output = Some(output.clone());
                     t.error = None;
@@ -1111,6 +1172,7 @@ impl RunMachine {
                         t.agent = agent.clone();
                     }
                 }
+                self.retained_bytes = retained;
             }
             JournalEvent::TaskFailed {
                 step,
@@ -1264,6 +1326,7 @@ impl RunMachine {
                 0
             },
             detail: s.detail.clone(),
+            output_elided_bytes: None,
         }
     }
 
@@ -1298,6 +1361,7 @@ mod tests {
         let workflow = mesh_workflow::load(yaml, &Limits::default()).unwrap();
         let inputs = workflow.bind_inputs(&inputs).unwrap();
         let goal = StoredGoal {
+            request_digest: None,
             objective: "t".into(),
             inputs,
             workflow: workflow.def,
@@ -1793,6 +1857,7 @@ mod tests {
     #[test]
     fn a_planner_answer_becomes_the_workflow_that_runs_next() {
         let goal = StoredGoal {
+            request_digest: None,
             objective: "say hi".into(),
             inputs: json!({}),
             workflow: serde_json::from_value(json!({

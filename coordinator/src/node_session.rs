@@ -24,8 +24,8 @@ const REGISTER_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug)]
 pub enum Outbound {
     Frame(ToNode),
-    /// End the stream with FAILED_PRECONDITION and this reason.
-    Close(String),
+    /// End the stream with this status.
+    Close(tonic::Code, String),
 }
 
 pub type NodeTx = mpsc::Sender<Outbound>;
@@ -34,8 +34,8 @@ pub enum NodeSessionMsg {
     Frame(FromNode),
     /// The inbound stream ended or broke.
     Closed(String),
-    /// Close the stream (lease expired, replaced, protocol error).
-    Close(String),
+    /// Close the stream (lease expired, replaced, protocol error) with this status.
+    Close(tonic::Code, String),
 }
 
 pub struct NodeSession;
@@ -55,7 +55,11 @@ pub struct NodeSessionState {
 
 impl NodeSessionState {
     fn close(&mut self, myself: &ActorRef<NodeSessionMsg>, reason: String) {
-        let _ = self.args.tx.try_send(Outbound::Close(reason));
+        self.close_with(myself, tonic::Code::FailedPrecondition, reason);
+    }
+
+    fn close_with(&mut self, myself: &ActorRef<NodeSessionMsg>, code: tonic::Code, reason: String) {
+        let _ = self.args.tx.try_send(Outbound::Close(code, reason));
         self.disconnect(false);
         myself.stop(None);
     }
@@ -190,11 +194,11 @@ impl Actor for NodeSession {
                 st.disconnect(clean);
                 myself.stop(None);
             }
-            NodeSessionMsg::Close(reason) => {
+            NodeSessionMsg::Close(code, reason) => {
                 if let Some((node, instance)) = &st.node {
                     info!(%node, instance, %reason, "closing node stream");
                 }
-                st.close(&myself, reason);
+                st.close_with(&myself, code, reason);
             }
         }
         Ok(())

@@ -338,7 +338,10 @@ pub struct RegistryActorState {
 impl RegistryActorState {
     fn node_down(&mut self, node: &NodeId, instance: u64, reason: &str) {
         if let Some((session, _)) = self.links.remove(&(node.clone(), instance)) {
-            let _ = session.cast(NodeSessionMsg::Close(reason.to_owned()));
+            let _ = session.cast(NodeSessionMsg::Close(
+                tonic::Code::FailedPrecondition,
+                reason.to_owned(),
+            ));
         }
         self.dispatcher.cast(DispatcherMsg::NodeDown {
             node: node.clone(),
@@ -416,9 +419,10 @@ impl Actor for Registry {
                 }
                 Beat::Unknown => {
                     warn!(%node, instance, "heartbeat from an instance that is not live");
-                    let _ = session.cast(NodeSessionMsg::Close(format!(
-                        "instance {instance} of node {node} is not live; register again"
-                    )));
+                    let _ = session.cast(NodeSessionMsg::Close(
+                        tonic::Code::FailedPrecondition,
+                        format!("instance {instance} of node {node} is not live; register again"),
+                    ));
                 }
             },
             RegistryMsg::Draining { node, instance } => {
@@ -572,6 +576,7 @@ mod tests {
             lease: Duration::from_secs(5),
             sweep_every: Duration::from_millis(250),
             forget_dead_after: Duration::from_secs(60),
+            ..RegistryConfig::default()
         }
     }
 

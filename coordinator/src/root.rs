@@ -134,7 +134,10 @@ impl Actor for CoordinatorRoot {
             directory: directory.clone(),
             epoch: args.epoch,
             policy: RetryPolicy::from_config(&args.config.dispatch),
-            limits: mesh_workflow::Limits::default(),
+            limits: mesh_workflow::Limits {
+                max_run_output_bytes: args.config.dispatch.max_run_output_bytes,
+                ..mesh_workflow::Limits::default()
+            },
             supervisor: Default::default(),
             queues,
         };

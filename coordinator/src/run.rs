@@ -237,6 +237,7 @@ fn view(
         swarm,
         created_at_ms,
         updated_at_ms,
+        output_elided_bytes: None,
     }
 }
 
@@ -366,7 +367,7 @@ impl RunActorState {
                 }
                 let token = self.machine.token(i, *index);
                 let spec = self.machine.spec(i).clone();
-                let input = match self.machine.task_input(i, *index) {
+                let input = match self.machine.take_task_input(i, *index) {
                     Ok(input) => input,
                     Err(e) => {
                         let _ = myself.cast(RunMsg::AttemptFailed {

@@ -233,6 +233,10 @@ pub struct StoredGoal {
     /// runs next.
     #[serde(default)]
     pub planned: bool,
+    /// A digest of the request as submitted (see `swarms::request_digest`): the same
+    /// idempotency key with another request is refused. Absent in goals stored before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_digest: Option<String>,
 }
 
 /// Everything needed to rebuild a run: its goal and its journal.
@@ -745,14 +749,22 @@ fn bump_epoch(conn: &Connection) -> Result<u64> {
 fn submit(conn: &Connection, new: &NewRun) -> Result<RunRef> {
     let goal = &new.goal;
     if let Some(key) = &goal.idempotency_key {
-        let existing: Option<(String, String)> = conn
+        let existing: Option<(String, String, Option<String>)> = conn
             .prepare_cached(
-                "SELECT g.goal_id, r.run_id FROM goals g JOIN runs r ON r.goal_id = g.goal_id
+                "SELECT g.goal_id, r.run_id, json_extract(g.spec, '$.request_digest')
+                 FROM goals g JOIN runs r ON r.goal_id = g.goal_id
                  WHERE g.idempotency_key = ?1 ORDER BY r.run_id LIMIT 1",
             )?
-            .query_row(params![key], |r| Ok((r.get(0)?, r.get(1)?)))
+            .query_row(params![key], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
             .optional()?;
-        if let Some((goal_id, run_id)) = existing {
+        if let Some((goal_id, run_id, digest)) = existing {
+            if let (Some(was), Some(now)) = (&digest, &goal.request_digest)
+                && was != now
+            {
+                return Err(Error::AlreadyExists(format!(
+                    "idempotency_key: `{key}` was used for another goal (run `{run_id}`); a different goal needs a new key"
+                )));
+            }
             return Ok(RunRef {
                 goal_id: GoalId(goal_id),
                 run_id: RunId(run_id),
@@ -984,6 +996,7 @@ mod tests {
         }))
         .unwrap();
         StoredGoal {
+            request_digest: None,
             objective: "test".into(),
             inputs: json!({}),
             workflow,

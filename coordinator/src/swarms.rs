@@ -53,6 +53,7 @@ pub const PLANNER_STEP: &str = "planner";
 /// anything is wrong, and the error names the field. Returns the validated workflow too, for
 /// the run's machine.
 pub fn prepare(goal: GoalSpec, limits: &Limits, store: &Store) -> Result<(StoredGoal, Workflow)> {
+    let request_digest = goal.idempotency_key.as_ref().map(|_| request_digest(&goal));
     let def = match (&goal.workflow, &goal.workflow_ref) {
         (Some(text), _) => mesh_workflow::parse(text, limits)?,
         // The definition is copied into the goal: the run stays on this version.
@@ -80,6 +81,7 @@ pub fn prepare(goal: GoalSpec, limits: &Limits, store: &Store) -> Result<(Stored
                 inputs: goal.inputs,
                 idempotency_key: goal.idempotency_key,
                 planned: true,
+                request_digest,
             };
             return Ok((goal, workflow));
         }
@@ -112,8 +114,18 @@ pub fn prepare(goal: GoalSpec, limits: &Limits, store: &Store) -> Result<(Stored
         workflow: workflow.def.clone(),
         idempotency_key: goal.idempotency_key,
         planned: false,
+        request_digest,
     };
     Ok((goal, workflow))
+}
+
+/// A stable digest of a goal as submitted (64-bit FNV-1a over its JSON, whose object keys
+/// are sorted): equal for a retried request, different for another goal.
+pub fn request_digest(goal: &GoalSpec) -> String {
+    use std::hash::Hasher;
+    let mut h = fnv::FnvHasher::default();
+    h.write(&serde_json::to_vec(goal).unwrap_or_default());
+    format!("{:016x}", h.finish())
 }
 
 /// Every sub-workflow the workflow names must be registered (and valid, and not nested
@@ -161,6 +173,7 @@ pub async fn submit(
         workflow: WorkflowDef::default(),
         idempotency_key: None,
         planned: goal.planned,
+        request_digest: None,
     };
     let mut machine = RunMachine::validated(
         run_id.clone(),
@@ -180,21 +193,31 @@ pub async fn submit(
         at_ms,
         events: events.clone(),
     };
-    let run = deps.store.submit(new).await?;
-    if run.created {
-        info!(run_id = %run.run_id, goal_id = %run.goal_id, steps, "goal accepted");
-        let (goal_id, run_id) = (run.goal_id.clone(), run.run_id.clone());
-        let begin = Begin::New(Box::new(NewStart {
-            machine,
-            events,
-            created_at_ms: at_ms,
-        }));
-        if let Err(e) = start_swarm(deps, supervisor, goal_id, run_id, begin).await {
-            // The goal is durable: the next resume starts it.
-            warn!(run_id = %run.run_id, error = %e, "could not start the swarm; the run waits for the next resume");
+    // From here on the goal is handed to the store: the write and the start of its swarm
+    // happen on a task of their own, so that a caller that goes away (a client's deadline,
+    // a dropped connection) cannot leave a stored run without its actor. What a caller is
+    // told is then either the run, or an error for which nothing was stored.
+    let (deps, supervisor) = (deps.clone(), supervisor.clone());
+    let durable = tokio::spawn(async move {
+        let run = deps.store.submit(new).await?;
+        if run.created {
+            info!(run_id = %run.run_id, goal_id = %run.goal_id, steps, "goal accepted");
+            let (goal_id, run_id) = (run.goal_id.clone(), run.run_id.clone());
+            let begin = Begin::New(Box::new(NewStart {
+                machine,
+                events,
+                created_at_ms: at_ms,
+            }));
+            if let Err(e) = start_swarm(&deps, &supervisor, goal_id, run_id, begin).await {
+                // The goal is durable: the next resume starts it.
+                warn!(run_id = %run.run_id, error = %e, "could not start the swarm; the run waits for the next resume");
+            }
         }
-    }
-    Ok(run)
+        Ok(run)
+    });
+    durable
+        .await
+        .map_err(|_| Error::Unavailable("the store writer"))?
 }
 
 /// Bounds on accepting new goals: past them `SubmitGoal` answers RESOURCE_EXHAUSTED (with a
@@ -309,5 +332,19 @@ impl Actor for SwarmSupervisor {
             warn!(error = %err, "swarm failed");
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// A client meets one number per limit, whether its goal comes as `steps`, a workflow
+    /// or a registered workflow.
+    #[test]
+    fn one_number_per_limit_across_paths() {
+        use mesh_proto::convert::{MAX_JSON_BYTES, MAX_JSON_DEPTH, MAX_STEPS};
+        let limits = mesh_workflow::Limits::default();
+        assert_eq!(limits.max_steps, MAX_STEPS);
+        assert_eq!(limits.max_depth, MAX_JSON_DEPTH);
+        assert_eq!(limits.max_bytes, MAX_JSON_BYTES);
     }
 }

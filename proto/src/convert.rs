@@ -10,12 +10,18 @@ use serde_json::Value;
 use crate::domain::*;
 use crate::pb;
 
-/// Most steps one goal may carry.
-pub const MAX_STEPS: usize = 1_000;
+/// Most steps one goal may carry, whether as `steps`, a `workflow` or a `workflow_ref`
+/// (the workflow language's `max_steps` is the same).
+pub const MAX_STEPS: usize = 10_000;
 /// Largest JSON document accepted in one field.
 pub const MAX_JSON_BYTES: usize = 1024 * 1024;
 /// Longest id (step, run, node, agent name).
 pub const MAX_ID_LEN: usize = 128;
+/// Deepest nesting of a JSON value the coordinator accepts: goal inputs, a step's `with`,
+/// a signal's payload, an agent's output. The workflow language's `max_depth` is the same.
+pub const MAX_JSON_DEPTH: usize = 32;
+/// Longest idempotency key, in bytes; any printable ASCII is allowed.
+pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
 
 /// A field of a request that is missing or wrong.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -59,8 +65,63 @@ pub fn check_id(field: &str, value: &str) -> Result<()> {
     Ok(())
 }
 
-/// Parses JSON text; empty text is `default`.
+/// Longest error message from an agent that is kept; a longer one is cut.
+pub const MAX_ERROR_MESSAGE: usize = 4096;
+
+/// `text` cut to at most `max` bytes (on a character boundary), saying so.
+pub fn truncated(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push_str(" … (truncated)");
+    }
+    text
+}
+
+/// Checks an idempotency key: 1..=255 bytes of printable ASCII (so base64 keys and
+/// `tenant/order-42` are fine).
+pub fn check_idempotency_key(field: &str, key: &str) -> Result<()> {
+    if key.is_empty() {
+        return Err(FieldError::new(field, "must not be empty"));
+    }
+    if key.len() > MAX_IDEMPOTENCY_KEY_LEN {
+        return Err(FieldError::new(
+            field,
+            format!(
+                "is {} bytes long, the limit is {MAX_IDEMPOTENCY_KEY_LEN}",
+                key.len()
+            ),
+        ));
+    }
+    if let Some(c) = key.chars().find(|c| !matches!(c, ' '..='~')) {
+        return Err(FieldError::new(
+            field,
+            format!("contains {c:?}; use printable ASCII"),
+        ));
+    }
+    Ok(())
+}
+
+/// Parses JSON text that the coordinator accepts; empty text is `default`. Refused: more
+/// than [`MAX_JSON_BYTES`], or nested deeper than [`MAX_JSON_DEPTH`].
 pub fn parse_json(field: &str, text: &str, default: Value) -> Result<Value> {
+    let value = parse_json_deep(field, text, default)?;
+    let depth = json_depth(&value);
+    if depth > MAX_JSON_DEPTH {
+        return Err(FieldError::new(
+            field,
+            format!("is nested {depth} levels deep, the limit is {MAX_JSON_DEPTH}"),
+        ));
+    }
+    Ok(value)
+}
+
+/// Parses JSON text without the depth limit (serde_json still stops at 128 levels): for
+/// what the coordinator made itself from values it had checked, such as a task's input.
+pub fn parse_json_deep(field: &str, text: &str, default: Value) -> Result<Value> {
     if text.is_empty() {
         return Ok(default);
     }
@@ -71,6 +132,36 @@ pub fn parse_json(field: &str, text: &str, default: Value) -> Result<Value> {
         ));
     }
     serde_json::from_str(text).map_err(|e| FieldError::new(field, format!("invalid JSON: {e}")))
+}
+
+/// Levels of nesting of a JSON value: a scalar is 0, `[]` and `{}` are 1.
+pub fn json_depth(value: &Value) -> usize {
+    // Iterative: the value may come from anywhere, and is at most 128 levels deep anyway.
+    let mut deepest = 0;
+    let mut todo = vec![(value, 0usize)];
+    while let Some((v, depth)) = todo.pop() {
+        match v {
+            Value::Array(a) => {
+                deepest = deepest.max(depth + 1);
+                todo.extend(a.iter().map(|x| (x, depth + 1)));
+            }
+            Value::Object(o) => {
+                deepest = deepest.max(depth + 1);
+                todo.extend(o.values().map(|x| (x, depth + 1)));
+            }
+            _ => {}
+        }
+    }
+    deepest
+}
+
+/// The fencing token of a task frame, if it has a readable one: a node that cannot read
+/// the rest of the task still answers for that attempt.
+pub fn task_token(frame: &pb::CoordinatorFrame) -> Option<FencingToken> {
+    match &frame.kind {
+        Some(pb::coordinator_frame::Kind::Task(t)) => FencingToken::try_from(t.token.clone()).ok(),
+        _ => None,
+    }
 }
 
 fn to_json(value: &Value) -> String {
@@ -106,7 +197,7 @@ impl GoalSpec {
             return Err(FieldError::new("inputs", "must be a JSON object"));
         }
         if let Some(key) = &self.idempotency_key {
-            check_id("idempotency_key", key)?;
+            check_idempotency_key("idempotency_key", key)?;
         }
         let given = usize::from(!self.steps.is_empty())
             + usize::from(self.workflow.is_some())
@@ -435,12 +526,15 @@ impl TryFrom<pb::NodeFrame> for FromNode {
                         .outcome
                         .ok_or_else(|| FieldError::new("result.outcome", "missing"))?
                     {
+                        // An output the coordinator cannot keep fails its attempt for
+                        // good (the agent would answer the same again); the stream goes on.
                         Outcome::OutputJson(text) => {
-                            Ok(parse_json("result.output_json", &text, Value::Null)?)
+                            parse_json("result.output_json", &text, Value::Null)
+                                .map_err(|e| TaskError::new("bad_output", e.to_string(), false))
                         }
                         Outcome::Error(e) => Err(TaskError {
-                            code: e.code,
-                            message: e.message,
+                            code: truncated(e.code, MAX_ID_LEN),
+                            message: truncated(e.message, MAX_ERROR_MESSAGE),
                             retryable: e.retryable,
                         }),
                     };
@@ -557,7 +651,7 @@ impl TryFrom<pb::CoordinatorFrame> for ToNode {
                     token: FencingToken::try_from(t.token)?,
                     agent: t.agent,
                     skill: t.skill,
-                    input: parse_json("task.input_json", &t.input_json, Value::Null)?,
+                    input: parse_json_deep("task.input_json", &t.input_json, Value::Null)?,
                     deadline_ms: t.deadline_ms,
                     idempotency_key: t.idempotency_key,
                 }),
@@ -663,6 +757,7 @@ impl From<StepView> for pb::Step {
             items_total: s.items_total,
             iteration: s.iteration,
             detail: s.detail.unwrap_or_default(),
+            output_elided_bytes: s.output_elided_bytes.unwrap_or(0),
         }
     }
 }
@@ -684,6 +779,7 @@ impl From<pb::Step> for StepView {
             items_total: s.items_total,
             iteration: s.iteration,
             detail: opt_str(s.detail),
+            output_elided_bytes: (s.output_elided_bytes > 0).then_some(s.output_elided_bytes),
         }
     }
 }
@@ -716,6 +812,7 @@ impl From<RunView> for pb::Run {
                 .collect(),
             created_at_ms: r.created_at_ms,
             updated_at_ms: r.updated_at_ms,
+            output_elided_bytes: r.output_elided_bytes.unwrap_or(0),
         }
     }
 }
@@ -743,6 +840,7 @@ impl From<pb::Run> for RunView {
                 .collect(),
             created_at_ms: r.created_at_ms,
             updated_at_ms: r.updated_at_ms,
+            output_elided_bytes: (r.output_elided_bytes > 0).then_some(r.output_elided_bytes),
         }
     }
 }
@@ -853,6 +951,7 @@ impl From<RunEvent> for pb::RunEvent {
                 state: pb::RunState::from(state) as i32,
                 output_json: opt_json(&output),
                 error: error.unwrap_or_default(),
+                output_elided_bytes: 0,
             }),
         };
         pb::RunEvent { kind: Some(kind) }

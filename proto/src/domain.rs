@@ -444,6 +444,10 @@ pub struct StepView {
     /// What a waiting step waits for.
     #[serde(default)]
     pub detail: Option<String>,
+    /// Set (to the output's size in bytes) when a client received the view without the
+    /// output, which was too large to travel inline: read it with `GetOutput`.
+    #[serde(default)]
+    pub output_elided_bytes: Option<u64>,
 }
 
 /// The agent a swarm picked for a skill.
@@ -466,6 +470,9 @@ pub struct RunView {
     pub swarm: Vec<SwarmMember>,
     pub created_at_ms: i64,
     pub updated_at_ms: i64,
+    /// As [`StepView::output_elided_bytes`], for the run's output.
+    #[serde(default)]
+    pub output_elided_bytes: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -508,6 +515,15 @@ pub enum RunEvent {
         output: Option<Value>,
         error: Option<String>,
     },
+}
+
+/// A page of an output's JSON text.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OutputPage {
+    pub chunk: Vec<u8>,
+    pub offset: u64,
+    pub total_bytes: u64,
+    pub done: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use mesh_agent_sdk::{GoalClient, Health, NodeView};
 
 pub mod netns;
+pub mod raw;
 
 pub use mesh_agent_sdk;
 pub use mesh_proto;
@@ -136,7 +137,8 @@ pub struct Proc {
 }
 
 impl Proc {
-    fn spawn(name: &str, dir: &Path, args: &[&str]) -> Proc {
+    /// Starts this `mesh` binary with `args`, its output in `<dir>/<name>.log`.
+    pub fn spawn(name: &str, dir: &Path, args: &[&str]) -> Proc {
         Self::spawn_program(&mesh_bin(), name, dir, args, &[])
     }
 
@@ -252,6 +254,9 @@ pub struct Timings {
     pub circuit_cool_down_ms: u64,
     pub max_active_runs: usize,
     pub max_pending_per_skill: usize,
+    /// More `coordinator.toml` lines, under `[registry]` and `[dispatch]`.
+    pub registry_extra: String,
+    pub dispatch_extra: String,
 }
 
 impl Default for Timings {
@@ -266,6 +271,8 @@ impl Default for Timings {
             circuit_cool_down_ms: 30_000,
             max_active_runs: 100_000,
             max_pending_per_skill: 10_000,
+            registry_extra: String::new(),
+            dispatch_extra: String::new(),
         }
     }
 }
@@ -324,6 +331,7 @@ data_dir = "{data}"
 heartbeat_every = "{hb}ms"
 lease = "{lease}ms"
 sweep_every = "{sweep}ms"
+{registry_extra}
 [dispatch]
 unschedulable_timeout = "{unsched}ms"
 retry_backoff = "{backoff}ms"
@@ -331,6 +339,7 @@ circuit_failures = {circuit}
 circuit_cool_down = "{cool}ms"
 max_active_runs = {max_runs}
 max_pending_per_skill = {max_skill}
+{dispatch_extra}
 "#,
             host = self.host,
             grpc = self.grpc_port,
@@ -345,6 +354,8 @@ max_pending_per_skill = {max_skill}
             cool = t.circuit_cool_down_ms,
             max_runs = t.max_active_runs,
             max_skill = t.max_pending_per_skill,
+            registry_extra = t.registry_extra,
+            dispatch_extra = t.dispatch_extra,
         );
         let path = self.dir.path().join("coordinator.toml");
         std::fs::write(&path, config).expect("write config");
@@ -585,5 +596,17 @@ pub fn goal(
         idempotency_key: None,
         workflow: None,
         workflow_ref: None,
+    }
+}
+
+/// A goal that is a workflow definition (YAML or JSON text) with `inputs`.
+pub fn workflow_goal(text: &str, inputs: serde_json::Value) -> mesh_agent_sdk::GoalSpec {
+    mesh_agent_sdk::GoalSpec {
+        objective: String::new(),
+        inputs,
+        steps: Vec::new(),
+        workflow: Some(text.to_owned()),
+        workflow_ref: None,
+        idempotency_key: None,
     }
 }

@@ -72,10 +72,32 @@ async fn malformed_goals_get_invalid_argument_naming_the_field() {
         ),
         (
             pb::SubmitGoalRequest {
-                idempotency_key: "spaces are not allowed".into(),
+                idempotency_key: "a bell \u{7} is not printable".into(),
                 ..submit(vec![step("a", "echo", &[])])
             },
             "idempotency_key",
+        ),
+        (
+            pb::SubmitGoalRequest {
+                idempotency_key: "k".repeat(256),
+                ..submit(vec![step("a", "echo", &[])])
+            },
+            "idempotency_key",
+        ),
+        // Inputs deeper than the one depth limit (32), which the stock node can read.
+        (
+            pb::SubmitGoalRequest {
+                inputs_json: format!("{{\"x\": {}1{}}}", "[".repeat(126), "]".repeat(126)),
+                ..submit(vec![step("a", "echo", &[])])
+            },
+            "inputs_json",
+        ),
+        (
+            submit(vec![pb::StepSpec {
+                with_json: format!("{{\"x\": {}1{}}}", "[".repeat(40), "]".repeat(40)),
+                ..step("a", "echo", &[])
+            }]),
+            "steps[0].with_json",
         ),
     ];
     for (req, field) in cases {
@@ -214,7 +236,8 @@ async fn a_node_stream_must_start_with_register() {
         .await
         .expect("answer in time")
         .unwrap_err();
-    assert_eq!(status.code(), Code::FailedPrecondition);
+    // The same fault as in a unary call, the same code.
+    assert_eq!(status.code(), Code::InvalidArgument);
     assert!(
         status
             .message()

@@ -9,50 +9,14 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use bytes::{Buf, BufMut};
 use futures::{StreamExt, stream};
 use mesh_proto::pb;
+use mesh_tests::raw::{Raw, node_stream};
 use mesh_tests::{Mesh, Timings, rss_kib};
 use prost::Message;
 use tonic::client::Grpc;
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::transport::Channel;
 use tonic::{Code, Status};
-
-/// Sends and receives raw message bytes: the requests are made by hand.
-#[derive(Clone, Copy, Default)]
-struct Raw;
-
-impl Codec for Raw {
-    type Encode = Vec<u8>;
-    type Decode = Vec<u8>;
-    type Encoder = Raw;
-    type Decoder = Raw;
-    fn encoder(&mut self) -> Raw {
-        Raw
-    }
-    fn decoder(&mut self) -> Raw {
-        Raw
-    }
-}
-
-impl Encoder for Raw {
-    type Item = Vec<u8>;
-    type Error = Status;
-    fn encode(&mut self, item: Vec<u8>, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        buf.put_slice(&item);
-        Ok(())
-    }
-}
-
-impl Decoder for Raw {
-    type Item = Vec<u8>;
-    type Error = Status;
-    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, Status> {
-        let n = buf.remaining();
-        Ok(Some(buf.copy_to_bytes(n).to_vec()))
-    }
-}
 
 /// Unary methods, and whether a request that happens to decode to a valid one may be
 /// answered OK (lists and `Validate`, whose answer carries the problems).
@@ -66,6 +30,7 @@ const UNARY: &[(&str, bool)] = &[
     ("/mesh.v1.GoalService/Signal", false),
     ("/mesh.v1.GoalService/RetryRun", false),
     ("/mesh.v1.GoalService/SkipStep", false),
+    ("/mesh.v1.GoalService/GetOutput", false),
     ("/mesh.v1.WorkflowService/Register", false),
     ("/mesh.v1.WorkflowService/Get", false),
     ("/mesh.v1.WorkflowService/List", true),
@@ -345,7 +310,12 @@ async fn ten_thousand_hostile_requests_get_precise_errors_and_leave_the_coordina
     assert_eq!(outcomes.len(), 10_000);
     // A stream that registers a valid-looking node and then closes ends OK; every other
     // ending is a precise refusal.
-    let stream_expected = ["FailedPrecondition", "InvalidArgument", "OutOfRange", "Ok"];
+    let stream_expected = [
+        "FailedPrecondition",
+        "InvalidArgument",
+        "ResourceExhausted",
+        "Ok",
+    ];
     assert!(
         stream_codes
             .keys()
@@ -400,28 +370,86 @@ async fn send_all(
         .await
 }
 
-/// Opens a node stream, sends `frames`, and returns how the coordinator ended it.
-async fn node_stream(channel: &Channel, frames: Vec<Vec<u8>>) -> Code {
-    let mut grpc = Grpc::new(channel.clone());
-    if grpc.ready().await.is_err() {
-        return Code::Unavailable;
+/// Goals that are well formed but costly, as a hostile client would send them: expressions
+/// that would take minutes, inputs nested past the limit, fan-outs that copy their input
+/// into every task, and node streams of garbage. Each is answered precisely and in bounded
+/// time, and the coordinator stays up within bounded memory.
+#[tokio::test]
+async fn costly_goals_are_bounded_and_answered_precisely() {
+    use mesh_agent_sdk::{GoalSpec, RpcCode, RunState};
+    let mut mesh = Mesh::start(Timings::default()).await;
+    mesh.start_node("n1", "[[agents]]\nkind = \"echo\"\nmax_concurrency = 64\n")
+        .await;
+    let client = mesh.client().await;
+    let channel = Channel::from_shared(mesh.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let pid = mesh.coordinator.as_ref().unwrap().pid();
+    let before = rss_kib(pid);
+    let workflow = mesh_tests::workflow_goal;
+    let mut runs = Vec::new();
+    for i in 0..20 {
+        // Four nested comprehensions over 40..80 elements: millions of steps each.
+        let n = 40 + i * 2;
+        let yaml = "steps:\n  - id: a\n    uses: echo\n    with: {x: \"${{ inputs.l.exists(a, inputs.l.exists(b, inputs.l.exists(c, inputs.l.all(d, a + b + c + d >= 0)))) }}\"}\n";
+        let run = client
+            .submit(workflow(
+                yaml,
+                serde_json::json!({ "l": (0..n).collect::<Vec<_>>() }),
+            ))
+            .await
+            .unwrap();
+        runs.push((run.run_id, "evaluation steps"));
+        // Inputs nested past the limit.
+        let depth = 33 + i * 4;
+        let deep: serde_json::Value =
+            serde_json::from_str(&format!("{}1{}", "[".repeat(depth), "]".repeat(depth))).unwrap();
+        let err = client
+            .submit(GoalSpec {
+                inputs: serde_json::json!({ "d": deep }),
+                ..mesh_tests::goal("deep", &[("a", "echo", serde_json::json!({}), &[])])
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Some(RpcCode::InvalidArgument), "{err}");
+        assert!(err.to_string().contains("inputs_json"), "{err}");
     }
-    let path = tonic::codegen::http::uri::PathAndQuery::from_static("/mesh.v1.NodeService/Connect");
-    let outbound = stream::iter(frames);
-    let mut req = tonic::Request::new(outbound);
-    req.set_timeout(Duration::from_secs(5));
-    match grpc.streaming(req, path, Raw).await {
-        Err(s) => s.code(),
-        Ok(resp) => {
-            let mut inbound = resp.into_inner();
-            loop {
-                match tokio::time::timeout(Duration::from_secs(5), inbound.next()).await {
-                    Ok(Some(Ok(_))) => {}
-                    Ok(Some(Err(s))) => return s.code(),
-                    Ok(None) => return Code::Ok,
-                    Err(_) => return Code::DeadlineExceeded,
-                }
-            }
+    // Fan-outs that hand their whole 5 KB input to each of 1,000 tasks.
+    for _ in 0..4 {
+        let yaml = "steps:\n  - id: fan\n    uses: echo\n    foreach: \"${{ inputs.xs }}\"\n    parallel: 256\n    with: {all: \"${{ inputs.blob }}\", i: \"${{ item }}\"}\n";
+        let inputs =
+            serde_json::json!({ "blob": "b".repeat(5000), "xs": (0..1000).collect::<Vec<_>>() });
+        let run = client.submit(workflow(yaml, inputs)).await.unwrap();
+        runs.push((run.run_id, ""));
+    }
+    // Garbage on node streams.
+    for i in 0..50u8 {
+        let code = node_stream(&channel, vec![vec![0xff - i; 16 + usize::from(i) * 8]]).await;
+        assert_eq!(code, Code::InvalidArgument);
+    }
+    for (run, error) in runs {
+        let view = tokio::time::timeout(Duration::from_secs(120), client.wait(&run))
+            .await
+            .expect("every run ends in time")
+            .unwrap();
+        if error.is_empty() {
+            assert_eq!(view.state, RunState::Succeeded, "{:?}", view.error);
+            // 1,000 outputs of 5 KB: read in pages, never in a response over the limit.
+            let output = client.output(&run, Some("fan")).await.unwrap();
+            assert_eq!(output.as_array().map(Vec::len), Some(1000));
+        } else {
+            assert_eq!(view.state, RunState::Failed);
+            let e = view.steps[0].error.clone().unwrap_or_default();
+            assert!(e.contains(error) && e.contains("with.x"), "{e}");
         }
     }
+    let after = rss_kib(pid);
+    eprintln!("costly goals: coordinator RSS {before} KiB before, {after} KiB after");
+    assert!(mesh.coordinator.as_mut().unwrap().is_running());
+    assert!(
+        after <= before + 128 * 1024,
+        "memory grew from {before} KiB to {after} KiB"
+    );
 }

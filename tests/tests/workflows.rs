@@ -10,7 +10,7 @@ use std::time::Duration;
 use mesh_agent_sdk::{
     ClientError, GoalClient, GoalSpec, RpcCode, RunId, RunState, RunView, StepState,
 };
-use mesh_tests::{Mesh, Timings, mesh_bin, wait_for};
+use mesh_tests::{Mesh, Timings, mesh_bin, wait_for, workflow_goal};
 use serde_json::{Value, json};
 
 const AGENTS: &str = r#"
@@ -34,17 +34,6 @@ fn example_path(name: &str) -> PathBuf {
 fn example(name: &str) -> String {
     let path = example_path(name);
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
-fn workflow_goal(text: &str, inputs: Value) -> GoalSpec {
-    GoalSpec {
-        objective: String::new(),
-        inputs,
-        steps: Vec::new(),
-        workflow: Some(text.to_owned()),
-        workflow_ref: None,
-        idempotency_key: None,
-    }
 }
 
 async fn run_to_end(client: &GoalClient, text: &str, inputs: Value) -> RunView {

@@ -42,6 +42,12 @@ pub enum ConnMsg {
         generation: u64,
         reason: String,
     },
+    /// A task frame whose token is readable and the rest is not.
+    Unreadable {
+        generation: u64,
+        token: FencingToken,
+        error: String,
+    },
     Heartbeat,
     /// An agent finished an attempt.
     Result(TaskResult),
@@ -212,14 +218,26 @@ impl ConnState {
         tokio::spawn(async move {
             let reason = loop {
                 match inbound.message().await {
-                    Ok(Some(frame)) => match ToNode::try_from(frame) {
-                        Ok(frame) => {
-                            if me.cast(ConnMsg::Inbound { generation, frame }).is_err() {
-                                return;
+                    Ok(Some(frame)) => {
+                        let token = mesh_proto::convert::task_token(&frame);
+                        let msg = match (ToNode::try_from(frame), token) {
+                            (Ok(frame), _) => ConnMsg::Inbound { generation, frame },
+                            // A task this node cannot read fails its attempt at once, for
+                            // good: sending it again would not make it readable.
+                            (Err(e), Some(token)) => ConnMsg::Unreadable {
+                                generation,
+                                token,
+                                error: e.to_string(),
+                            },
+                            (Err(e), None) => {
+                                warn!(error = %e, "invalid frame from the coordinator ignored");
+                                continue;
                             }
+                        };
+                        if me.cast(msg).is_err() {
+                            return;
                         }
-                        Err(e) => warn!(error = %e, "invalid frame from the coordinator ignored"),
-                    },
+                    }
                     Ok(None) => break "coordinator closed the stream".to_owned(),
                     Err(status) => break format!("{:?}: {}", status.code(), status.message()),
                 }
@@ -371,6 +389,21 @@ impl Actor for Connection {
             ConnMsg::Inbound { generation, frame } => {
                 if st.link.as_ref().is_some_and(|l| l.generation == generation) {
                     st.on_frame(&myself, frame).await;
+                }
+            }
+            ConnMsg::Unreadable {
+                generation,
+                token,
+                error,
+            } => {
+                if st.link.as_ref().is_some_and(|l| l.generation == generation) {
+                    warn!(%token, %error, "task could not be read; its attempt fails");
+                    let error = TaskError::new(
+                        "bad_input",
+                        format!("the node could not read this task: {error}"),
+                        false,
+                    );
+                    st.fail(&myself, token, error).await;
                 }
             }
             ConnMsg::Lost { generation, reason } => {

@@ -10,13 +10,12 @@ use mesh_proto::pb;
 use tokio_stream::wrappers::BroadcastStream;
 use tonic::{Request, Response, Status};
 
-use super::status;
+use super::{bounded, status};
 use crate::error::{Error, call_result};
 use crate::root::Handles;
 use crate::run::{self, RunMsg};
 use crate::swarms;
 
-const SUBMIT_TIMEOUT: Duration = Duration::from_secs(10);
 const RUN_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a watch waits for a stored, running run to come live.
 const WAIT_FOR_LIVE: Duration = Duration::from_secs(2);
@@ -36,39 +35,111 @@ fn finished_events(view: RunView) -> Vec<Result<pb::RunEvent, Status>> {
     });
     std::iter::once(RunEvent::Snapshot(view))
         .chain(finished)
-        .map(|e| Ok(e.into()))
+        .map(|e| Ok(bounded::event(e)))
         .collect()
 }
 
-/// The snapshot, then the run's events until it finishes. A watcher that falls more than
-/// the buffer behind is cut off rather than holding memory; it can watch again and starts
-/// from a fresh snapshot.
+/// The snapshot, then the run's events until it finishes. A watch ends with the run's
+/// `Finished` event or with an error status, never with OK before the run finished: a
+/// watcher that falls more than the buffer behind is cut off (RESOURCE_EXHAUSTED) rather
+/// than holding memory, and one whose run stops without finishing (its actor restarts)
+/// gets UNAVAILABLE; either can watch again and starts from a fresh snapshot.
 fn live_events(
     view: RunView,
     rx: tokio::sync::broadcast::Receiver<std::sync::Arc<RunEvent>>,
 ) -> EventStream {
+    if view.state.is_terminal() {
+        return Box::pin(stream::iter(finished_events(view)));
+    }
+    let run_id = view.run_id.clone();
     let first = stream::iter(finished_events(view));
-    let live = BroadcastStream::new(rx).scan(false, |done, item| {
-        if *done {
-            return std::future::ready(None);
-        }
-        std::future::ready(Some(match item {
-            Ok(event) => {
-                *done = matches!(*event, RunEvent::Finished { .. });
-                Ok(pb::RunEvent::from(std::sync::Arc::unwrap_or_clone(event)))
+    let live = BroadcastStream::new(rx)
+        .map(Some)
+        .chain(stream::once(std::future::ready(None)))
+        .scan(false, move |done, item| {
+            if *done {
+                return std::future::ready(None);
             }
-            Err(_) => {
-                *done = true;
-                Err(Status::resource_exhausted(
+            *done = true;
+            std::future::ready(Some(match item {
+                Some(Ok(event)) => {
+                    *done = matches!(*event, RunEvent::Finished { .. });
+                    Ok(bounded::event(std::sync::Arc::unwrap_or_clone(event)))
+                }
+                Some(Err(_)) => Err(Status::resource_exhausted(
                     "watcher fell behind the run's events; watch again",
-                ))
-            }
-        }))
-    });
+                )),
+                None => Err(Status::unavailable(format!(
+                    "run `{run_id}` stopped before it finished (it is being restarted); watch again"
+                ))),
+            }))
+        });
     Box::pin(first.chain(live))
 }
 
 impl GoalApi {
+    /// A goal submitted: stored and started, or refused with nothing stored.
+    async fn accept(&self, request: pb::SubmitGoalRequest) -> Result<RunRef, Status> {
+        let goal = GoalSpec::try_from(request).map_err(|e| status(e.into()))?;
+        let text_goal =
+            goal.steps.is_empty() && goal.workflow.is_none() && goal.workflow_ref.is_none();
+        // A retried submission finds its run even if the planner left meanwhile.
+        let known = match (&goal.idempotency_key, text_goal) {
+            (Some(k), true) => self
+                .handles
+                .store
+                .knows_idempotency_key(k)
+                .map_err(status)?,
+            _ => false,
+        };
+        if text_goal && !known {
+            self.require_planner().await?;
+        }
+        // No deadline of our own here: once the goal is handed to the store, the answer
+        // waits for the commit (see `swarms::submit`); the server's request deadline and
+        // the client's still apply, and their DEADLINE_EXCEEDED means "unknown: submit
+        // again with the same idempotency key".
+        let run = swarms::submit(
+            &self.handles.deps,
+            &self.handles.swarms.get(),
+            goal,
+            swarms::Admission {
+                max_active_runs: self.handles.config.dispatch.max_active_runs,
+                max_pending_per_skill: self.handles.config.dispatch.max_pending_per_skill,
+            },
+        )
+        .await
+        .map_err(status)?;
+        Ok(run)
+    }
+
+    /// The run's events from a snapshot to its end (see [`live_events`]).
+    async fn watch(&self, id: &RunId) -> Result<EventStream, Status> {
+        // A running run that is not live yet is starting (or resuming): wait for it a little.
+        let give_up = tokio::time::Instant::now() + WAIT_FOR_LIVE;
+        loop {
+            if let Some(run) = self.handles.directory.get(id)
+                && let Ok((view, rx)) = call_result(
+                    "run",
+                    run.call(RunMsg::Subscribe, Some(RUN_CALL_TIMEOUT)).await,
+                )
+            {
+                return Ok(live_events(view, rx));
+            }
+            let view = run::stored_view(&self.handles.deps, id).map_err(status)?;
+            if view.state.is_terminal() {
+                // Finished: the store has the whole story.
+                return Ok(Box::pin(stream::iter(finished_events(view))));
+            }
+            if tokio::time::Instant::now() >= give_up {
+                return Err(Status::unavailable(format!(
+                    "run `{id}` is unfinished and not running yet (it is being resumed); watch again"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     /// A live run answers from memory; any other from its replayed journal.
     async fn view(&self, id: &RunId) -> Result<RunView, Status> {
         if let Some(run) = self.handles.directory.get(id)
@@ -142,7 +213,7 @@ impl GoalApi {
                 reply,
             })
             .await?;
-        Ok(Response::new(view.into()))
+        Ok(Response::new(bounded::run(view)))
     }
 }
 
@@ -166,41 +237,45 @@ impl pb::goal_service_server::GoalService for GoalApi {
         &self,
         request: Request<pb::SubmitGoalRequest>,
     ) -> Result<Response<pb::SubmitGoalResponse>, Status> {
-        let goal = GoalSpec::try_from(request.into_inner()).map_err(|e| status(e.into()))?;
-        let text_goal =
-            goal.steps.is_empty() && goal.workflow.is_none() && goal.workflow_ref.is_none();
-        // A retried submission finds its run even if the planner left meanwhile.
-        let known = match (&goal.idempotency_key, text_goal) {
-            (Some(k), true) => self
-                .handles
-                .store
-                .knows_idempotency_key(k)
-                .map_err(status)?,
-            _ => false,
-        };
-        if text_goal && !known {
-            self.require_planner().await?;
-        }
-        let run = tokio::time::timeout(
-            SUBMIT_TIMEOUT,
-            swarms::submit(
-                &self.handles.deps,
-                &self.handles.swarms.get(),
-                goal,
-                swarms::Admission {
-                    max_active_runs: self.handles.config.dispatch.max_active_runs,
-                    max_pending_per_skill: self.handles.config.dispatch.max_pending_per_skill,
-                },
-            ),
-        )
-        .await
-        .map_err(|_| status(Error::Timeout("store")))?
-        .map_err(status)?;
+        let run = self.accept(request.into_inner()).await?;
         Ok(Response::new(pb::SubmitGoalResponse {
             goal_id: run.goal_id.0,
             run_id: run.run_id.0,
             created: run.created,
         }))
+    }
+
+    type SubmitAndWatchStream =
+        Pin<Box<dyn Stream<Item = Result<pb::SubmitAndWatchEvent, Status>> + Send>>;
+
+    #[tracing::instrument(name = "grpc.submit_and_watch", skip_all)]
+    async fn submit_and_watch(
+        &self,
+        request: Request<pb::SubmitGoalRequest>,
+    ) -> Result<Response<Self::SubmitAndWatchStream>, Status> {
+        use pb::submit_and_watch_event::Kind;
+        let run = self.accept(request.into_inner()).await?;
+        let accepted = pb::SubmitAndWatchEvent {
+            kind: Some(Kind::Accepted(pb::SubmitGoalResponse {
+                goal_id: run.goal_id.0,
+                run_id: run.run_id.0.clone(),
+                created: run.created,
+            })),
+        };
+        // The goal is durable: from here a failure to watch is the watch's, told in the
+        // stream after the acknowledgement, never instead of it.
+        let events: EventStream = match self.watch(&run.run_id).await {
+            Ok(events) => events,
+            Err(status) => Box::pin(stream::once(std::future::ready(Err(status)))),
+        };
+        let events = events.map(|e| {
+            e.map(|event| pb::SubmitAndWatchEvent {
+                kind: Some(Kind::Event(event)),
+            })
+        });
+        Ok(Response::new(Box::pin(
+            stream::once(std::future::ready(Ok(accepted))).chain(events),
+        )))
     }
 
     #[tracing::instrument(name = "grpc.get_run", skip_all)]
@@ -209,7 +284,7 @@ impl pb::goal_service_server::GoalService for GoalApi {
         request: Request<pb::GetRunRequest>,
     ) -> Result<Response<pb::Run>, Status> {
         let id = run_id("run_id", request.into_inner().run_id).map_err(|e| status(e.into()))?;
-        Ok(Response::new(self.view(&id).await?.into()))
+        Ok(Response::new(bounded::run(self.view(&id).await?)))
     }
 
     type WatchRunStream = EventStream;
@@ -220,24 +295,7 @@ impl pb::goal_service_server::GoalService for GoalApi {
         request: Request<pb::WatchRunRequest>,
     ) -> Result<Response<EventStream>, Status> {
         let id = run_id("run_id", request.into_inner().run_id).map_err(|e| status(e.into()))?;
-        // A running run that is not live yet is starting (or resuming): wait for it a little.
-        let give_up = tokio::time::Instant::now() + WAIT_FOR_LIVE;
-        loop {
-            if let Some(run) = self.handles.directory.get(&id)
-                && let Ok((view, rx)) = call_result(
-                    "run",
-                    run.call(RunMsg::Subscribe, Some(RUN_CALL_TIMEOUT)).await,
-                )
-            {
-                return Ok(Response::new(live_events(view, rx)));
-            }
-            let view = run::stored_view(&self.handles.deps, &id).map_err(status)?;
-            if view.state.is_terminal() || tokio::time::Instant::now() >= give_up {
-                // Finished: the store has the whole story.
-                return Ok(Response::new(Box::pin(stream::iter(finished_events(view)))));
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        Ok(Response::new(self.watch(&id).await?))
     }
 
     #[tracing::instrument(name = "grpc.cancel_run", skip_all)]
@@ -260,7 +318,7 @@ impl pb::goal_service_server::GoalService for GoalApi {
                 )
                 .await;
             if let Ok(result) = call_result("run", answer) {
-                return Ok(Response::new(result.map_err(status)?.into()));
+                return Ok(Response::new(bounded::run(result.map_err(status)?)));
             }
         }
         let view = run::stored_view(&self.handles.deps, &id).map_err(status)?;
@@ -299,7 +357,7 @@ impl pb::goal_service_server::GoalService for GoalApi {
             let view = self
                 .call_live(&id, |reply| RunMsg::RetryFrom { step, reply })
                 .await?;
-            return Ok(Response::new(view.into()));
+            return Ok(Response::new(bounded::run(view)));
         }
         // A finished run: journal the retry, then start it again; it replays to here.
         let deps = &self.handles.deps;
@@ -323,7 +381,7 @@ impl pb::goal_service_server::GoalService for GoalApi {
         )
         .await
         .map_err(status)?;
-        Ok(Response::new(self.view(&id).await?.into()))
+        Ok(Response::new(bounded::run(self.view(&id).await?)))
     }
 
     #[tracing::instrument(name = "grpc.skip_step", skip_all)]
@@ -343,7 +401,7 @@ impl pb::goal_service_server::GoalService for GoalApi {
                 reply,
             })
             .await?;
-        Ok(Response::new(view.into()))
+        Ok(Response::new(bounded::run(view)))
     }
 
     #[tracing::instrument(name = "grpc.signal", skip_all)]
@@ -364,7 +422,55 @@ impl pb::goal_service_server::GoalService for GoalApi {
                 reply,
             })
             .await?;
-        Ok(Response::new(view.into()))
+        Ok(Response::new(bounded::run(view)))
+    }
+
+    #[tracing::instrument(name = "grpc.get_output", skip_all)]
+    async fn get_output(
+        &self,
+        request: Request<pb::GetOutputRequest>,
+    ) -> Result<Response<pb::OutputPage>, Status> {
+        let req = request.into_inner();
+        let id = run_id("run_id", req.run_id).map_err(|e| status(e.into()))?;
+        let view = self.view(&id).await?;
+        let output = if req.step_id.is_empty() {
+            view.output.ok_or_else(|| {
+                status(Error::FailedPrecondition(format!(
+                    "run `{id}` has no output (it is {})",
+                    view.state
+                )))
+            })?
+        } else {
+            check_id("step_id", &req.step_id).map_err(|e| status(e.into()))?;
+            let step = view
+                .steps
+                .into_iter()
+                .find(|s| s.id.0 == req.step_id)
+                .ok_or_else(|| {
+                    status(Error::StepNotFound(format!(
+                        "run `{id}` has no step `{}`",
+                        req.step_id
+                    )))
+                })?;
+            step.output.ok_or_else(|| {
+                status(Error::FailedPrecondition(format!(
+                    "step `{}` has no output (it is {})",
+                    step.id, step.state
+                )))
+            })?
+        };
+        let page = bounded::page(&output, req.offset, req.max_bytes as usize).map_err(|e| {
+            status(Error::InvalidArgument(mesh_proto::FieldError::new(
+                "offset",
+                e.trim_start_matches("offset: ").to_owned(),
+            )))
+        })?;
+        Ok(Response::new(pb::OutputPage {
+            chunk: page.chunk,
+            offset: page.offset,
+            total_bytes: page.total_bytes,
+            done: page.done,
+        }))
     }
 
     #[tracing::instrument(name = "grpc.list_runs", skip_all)]

@@ -1,5 +1,6 @@
 //! Thin gRPC adapters, one file per service: convert, call one actor, convert back.
 
+mod bounded;
 mod goal;
 mod limits;
 mod node;
