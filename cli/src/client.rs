@@ -55,6 +55,12 @@ pub enum RunCommand {
     Get { run_id: String },
     /// Follow a run until it finishes; exit non-zero unless it succeeds.
     Watch { run_id: String },
+    /// Print a step's output as JSON (the run's output without STEP), read in pages: for
+    /// outputs too large for `run get` to show.
+    Output {
+        run_id: String,
+        step: Option<String>,
+    },
     /// Cancel a run: in-flight attempts are cancelled, the rest skipped.
     Cancel {
         run_id: String,
@@ -129,24 +135,18 @@ pub async fn goal(url: &str, format: Output, command: GoalCommand) -> Result<()>
                 },
             };
             goal.idempotency_key = idempotency_key;
+            if watch {
+                // One round trip: the acknowledgement, then the run's events.
+                let (run, events) = client.submit_and_watch(goal).await?;
+                announce(&run);
+                return follow(&client, &run.run_id, events, format).await;
+            }
             let run = client.submit(goal).await?;
             match format {
-                Output::Json if !watch => output::json(&serde_json::json!({
+                Output::Json => output::json(&serde_json::json!({
                     "goal_id": run.goal_id, "run_id": run.run_id, "created": run.created
                 })),
-                _ => eprintln!(
-                    "{} run {} (goal {})",
-                    if run.created {
-                        "started"
-                    } else {
-                        "already submitted:"
-                    },
-                    run.run_id,
-                    run.goal_id
-                ),
-            }
-            if watch {
-                return watch_run(&client, &run.run_id, format).await;
+                _ => announce(&run),
             }
             if format == Output::Table {
                 println!("{}", run.run_id);
@@ -156,9 +156,29 @@ pub async fn goal(url: &str, format: Output, command: GoalCommand) -> Result<()>
     }
 }
 
+fn announce(run: &RunRef) {
+    let what = if run.created {
+        "started"
+    } else {
+        "already submitted:"
+    };
+    eprintln!("{what} run {} (goal {})", run.run_id, run.goal_id);
+}
+
 /// Follows a run, printing each step change; errors unless it succeeds.
 pub async fn watch_run(client: &GoalClient, run_id: &RunId, format: Output) -> Result<()> {
-    let mut events = Box::pin(client.watch(run_id).await?);
+    let events = client.watch(run_id).await?;
+    follow(client, run_id, events, format).await
+}
+
+/// Prints a run's events as they come, then the run; errors unless it succeeded.
+async fn follow(
+    client: &GoalClient,
+    run_id: &RunId,
+    events: impl futures::Stream<Item = Result<RunEvent, mesh_agent_sdk::ClientError>>,
+    format: Output,
+) -> Result<()> {
+    let mut events = Box::pin(events);
     while let Some(event) = events.next().await {
         match event? {
             RunEvent::Snapshot(view) => {
@@ -212,6 +232,10 @@ pub async fn run(url: &str, format: Output, command: RunCommand) -> Result<()> {
             output::run(&view, format);
         }
         RunCommand::Watch { run_id: id } => watch_run(&client, &run_id(id)?, format).await?,
+        RunCommand::Output { run_id: id, step } => {
+            let value = client.output(&run_id(id)?, step.as_deref()).await?;
+            output::json(&value);
+        }
         RunCommand::Cancel { run_id: id, reason } => {
             let view = client.cancel_run(&run_id(id)?, &reason).await?;
             output::run(&view, format);

@@ -102,6 +102,20 @@ pub fn run(view: &RunView, format: Output) {
             if let Some(out) = &view.output {
                 println!("output   {out}");
             }
+            if let Some(bytes) = view.output_elided_bytes {
+                println!(
+                    "output   ({bytes} bytes, not shown: `mesh run output {}`)",
+                    view.run_id
+                );
+            }
+            for s in view.steps.iter() {
+                if let Some(bytes) = s.output_elided_bytes {
+                    println!(
+                        "step {} output: {bytes} bytes, not shown: `mesh run output {} {}`",
+                        s.id, view.run_id, s.id
+                    );
+                }
+            }
         }
     }
 }

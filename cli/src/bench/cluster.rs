@@ -201,13 +201,22 @@ impl Cluster {
 
 /// Resident memory of a process, in MiB.
 pub fn rss_mib(pid: u32) -> Result<f64> {
+    status_mib(pid, "VmRSS:")
+}
+
+/// The most memory a process has held (`VmHWM`), MiB.
+pub fn peak_rss_mib(pid: u32) -> Result<f64> {
+    status_mib(pid, "VmHWM:")
+}
+
+fn status_mib(pid: u32, field: &str) -> Result<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let kb: f64 = status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
-        .context("VmRSS not found")?;
+        .with_context(|| format!("{field} not found"))?;
     Ok(kb / 1024.0)
 }
 

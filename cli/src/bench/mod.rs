@@ -27,13 +27,14 @@ pub enum Workload {
     W4,
     Durable,
     Runs,
+    Fanout,
     Registry,
     Failover,
     Baseline,
 }
 
 impl Workload {
-    const ALL: [Workload; 9] = [
+    const ALL: [Workload; 10] = [
         Workload::Baseline,
         Workload::W1,
         Workload::W2,
@@ -41,6 +42,7 @@ impl Workload {
         Workload::W4,
         Workload::Durable,
         Workload::Runs,
+        Workload::Fanout,
         Workload::Registry,
         Workload::Failover,
     ];
@@ -53,6 +55,7 @@ impl Workload {
             Workload::W4 => "w4",
             Workload::Durable => "durable",
             Workload::Runs => "runs",
+            Workload::Fanout => "fanout",
             Workload::Registry => "registry",
             Workload::Failover => "failover",
             Workload::Baseline => "baseline",
@@ -78,12 +81,12 @@ fn target(workload: &str, figure: &str) -> Option<&'static str> {
 /// The baseline figure each figure is compared with.
 fn baseline_of(workload: &str, figure: &str) -> Option<&'static str> {
     Some(match (workload, figure) {
-        ("w1", "steps/s") => "sequential rate",
-        ("w1", "p50") => "sequential p50",
-        ("w1", "p99") => "sequential p99",
-        ("w2" | "w3", "steps/s") => "64 in flight rate",
-        ("w2" | "w3", "p50") => "64 in flight p50",
-        ("w2" | "w3", "p99") => "64 in flight p99",
+        ("w1", "steps/s" | "steps/s, submit + watch") => "sequential rate",
+        ("w1", "p50" | "p50, submit + watch") => "sequential p50",
+        ("w1", "p99" | "p99, submit + watch") => "sequential p99",
+        ("w2" | "w3", "steps/s" | "steps/s, submit + watch") => "64 in flight rate",
+        ("w2" | "w3", "p50" | "p50, submit + watch") => "64 in flight p50",
+        ("w2" | "w3", "p99" | "p99, submit + watch") => "64 in flight p99",
         ("durable", "p50 per step, one chain") => "sequential p50",
         _ => return None,
     })
@@ -97,6 +100,7 @@ pub struct Sizes {
     pub spread: usize,
     pub durable_runs: usize,
     pub held_runs: usize,
+    pub fan_out: usize,
     pub sim_nodes: usize,
     pub sim_seconds: u64,
     pub failover_runs: usize,
@@ -111,6 +115,7 @@ impl Sizes {
             spread: 10_000,
             durable_runs: 2_000,
             held_runs: 10_000,
+            fan_out: 10_000,
             sim_nodes: 1_000,
             sim_seconds: 20,
             failover_runs: 100,
@@ -125,6 +130,7 @@ impl Sizes {
             spread: 200,
             durable_runs: 20,
             held_runs: 100,
+            fan_out: 500,
             sim_nodes: 20,
             sim_seconds: 2,
             failover_runs: 10,
@@ -168,6 +174,7 @@ async fn run_one(w: Workload, sizes: &Sizes) -> Result<Vec<Figure>> {
         Workload::W4 => workloads::w4(sizes).await,
         Workload::Durable => workloads::durable(sizes).await,
         Workload::Runs => workloads::runs(sizes).await,
+        Workload::Fanout => workloads::fanout(sizes).await,
         Workload::Registry => workloads::registry(sizes).await,
         Workload::Failover => workloads::failover(sizes).await,
         Workload::Baseline => baseline::run(sizes).await,

@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
 
-use super::cluster::{Cluster, Deadline, cpu_time, rss_mib, wait_until};
+use super::cluster::{Cluster, Deadline, cpu_time, peak_rss_mib, rss_mib, wait_until};
 use super::stats::{Figure, latency_figures, percentile};
 use super::{Sizes, progress};
 
@@ -91,11 +91,29 @@ async fn finished(client: &GoalClient, run: &RunId) -> Result<RunState> {
     finished.with_context(|| format!("watch of {run} ended without a Finished event"))
 }
 
+/// How a client submits a goal and waits for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Calls {
+    /// `SubmitAndWatch`: one round trip.
+    One,
+    /// `SubmitGoal`, then `WatchRun`.
+    Two,
+}
+
 /// Submits a goal and waits until it succeeds; returns the round trip.
-async fn round_trip(client: &GoalClient, goal: GoalSpec) -> Result<Duration> {
+async fn round_trip(client: &GoalClient, goal: GoalSpec, calls: Calls) -> Result<Duration> {
     let started = Instant::now();
-    let run = client.submit(goal).await?;
-    let state = finished(client, &run.run_id).await?;
+    let (run, state) = match calls {
+        Calls::One => match client.submit_and_wait(goal).await? {
+            (run, RunEvent::Finished { state, .. }) => (run, state),
+            (run, other) => bail!("run {} ended with {other:?}", run.run_id),
+        },
+        Calls::Two => {
+            let run = client.submit(goal).await?;
+            let state = finished(client, &run.run_id).await?;
+            (run, state)
+        }
+    };
     ensure!(state == RunState::Succeeded, "run {} {state}", run.run_id);
     Ok(started.elapsed())
 }
@@ -108,13 +126,24 @@ async fn load(
     in_flight: usize,
     make: fn() -> GoalSpec,
 ) -> Result<(Vec<Duration>, Duration)> {
+    load_with(client, label, n, in_flight, make, Calls::One).await
+}
+
+async fn load_with(
+    client: &GoalClient,
+    label: &str,
+    n: usize,
+    in_flight: usize,
+    make: fn() -> GoalSpec,
+    calls: Calls,
+) -> Result<(Vec<Duration>, Duration)> {
     let bar = progress(label, n as u64);
     let started = Instant::now();
     let samples = futures::stream::iter(0..n)
         .map(|_| {
             let (client, bar) = (client.clone(), bar.clone());
             async move {
-                let d = round_trip(&client, make()).await;
+                let d = round_trip(&client, make(), calls).await;
                 bar.inc(1);
                 d
             }
@@ -134,7 +163,29 @@ pub async fn w1(sizes: &Sizes) -> Result<Vec<Figure>> {
     let client = cluster.client().await?;
     load(&client, "w1 warm-up", sizes.warmup, 1, echo_goal).await?;
     let (samples, wall) = load(&client, "w1", sizes.sequential, 1, echo_goal).await?;
-    Ok(latency_figures(samples, wall, "steps/s"))
+    let mut figures = latency_figures(samples, wall, "steps/s");
+    figures.extend(two_call_figures(&client, "w1, submit + watch", sizes.sequential, 1).await?);
+    Ok(figures)
+}
+
+/// The same load through `SubmitGoal` + `WatchRun`, for comparison with one call.
+async fn two_call_figures(
+    client: &GoalClient,
+    label: &str,
+    n: usize,
+    in_flight: usize,
+) -> Result<Vec<Figure>> {
+    let (samples, wall) = load_with(client, label, n, in_flight, echo_goal, Calls::Two).await?;
+    let names = [
+        "steps/s, submit + watch",
+        "p50, submit + watch",
+        "p99, submit + watch",
+    ];
+    Ok(latency_figures(samples, wall, "steps/s")
+        .into_iter()
+        .zip(names)
+        .map(|(f, name)| Figure { name, ..f })
+        .collect())
 }
 
 /// w2: echo goals, 64 in flight, two nodes.
@@ -144,7 +195,9 @@ pub async fn w2(sizes: &Sizes) -> Result<Vec<Figure>> {
     let client = cluster.client().await?;
     load(&client, "w2 warm-up", sizes.warmup, 64, echo_goal).await?;
     let (samples, wall) = load(&client, "w2", sizes.parallel, 64, echo_goal).await?;
-    Ok(latency_figures(samples, wall, "steps/s"))
+    let mut figures = latency_figures(samples, wall, "steps/s");
+    figures.extend(two_call_figures(&client, "w2, submit + watch", sizes.parallel, 64).await?);
+    Ok(figures)
 }
 
 /// w3: echo goals over 8 echo agents on two nodes, 64 in flight.
@@ -172,7 +225,7 @@ pub async fn w4(_sizes: &Sizes) -> Result<Vec<Figure>> {
     cluster.spawn_node("n2", &agents)?;
     let client = cluster.client().await?;
     // Submitted at once: the step waits in the dispatcher until a node registers.
-    round_trip(&client, echo_goal()).await?;
+    round_trip(&client, echo_goal(), Calls::One).await?;
     Ok(vec![Figure::new(
         "cold start",
         started.elapsed().as_secs_f64() * 1e3,
@@ -216,6 +269,35 @@ pub async fn durable(sizes: &Sizes) -> Result<Vec<Figure>> {
             per_step.as_secs_f64() * 1e6,
             "µs",
         ),
+    ])
+}
+
+/// fanout: one goal with a 5 KB input fanned out over `fan_out` elements (10,000, the most
+/// a `foreach` may have) through `echo`, each task's `with` carrying the 5 KB: the
+/// coordinator's peak memory, and the time to the end of the run.
+pub async fn fanout(sizes: &Sizes) -> Result<Vec<Figure>> {
+    let agents = echo_agents(&["echo"], 64);
+    let cluster = Cluster::with_nodes("", &[("n1", &agents), ("n2", &agents)]).await?;
+    let client = cluster.client().await?;
+    let pid = cluster.coordinator.pid();
+    let before = peak_rss_mib(pid)?;
+    let yaml = "inputs: { blob: string, xs: array }\nsteps:\n  - id: fan\n    uses: echo\n    foreach: \"${{ inputs.xs }}\"\n    parallel: 256\n    with: { blob: \"${{ inputs.blob }}\", i: \"${{ item }}\" }\n";
+    let goal = GoalSpec {
+        objective: "bench fan-out".into(),
+        inputs: json!({ "blob": "b".repeat(5000), "xs": (0..sizes.fan_out).collect::<Vec<_>>() }),
+        steps: Vec::new(),
+        workflow: Some(yaml.to_owned()),
+        workflow_ref: None,
+        idempotency_key: None,
+    };
+    let started = Instant::now();
+    let elapsed = round_trip(&client, goal, Calls::One).await?;
+    let wall = started.elapsed().max(elapsed);
+    let peak = peak_rss_mib(pid)?;
+    Ok(vec![
+        Figure::new("coordinator peak RSS", peak, "MiB"),
+        Figure::new("coordinator peak RSS before", before, "MiB"),
+        Figure::new("run time", wall.as_secs_f64() * 1e3, "ms"),
     ])
 }
 
