@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use mesh_proto::domain::*;
 use mesh_workflow::validate::{Action, Step};
-use mesh_workflow::{Limits, OnFailure, Workflow, WorkflowDef};
+use mesh_workflow::{Limits, OnFailure, RunBindings, Workflow, WorkflowDef};
 use serde_json::{Map, Value, json};
 
 use crate::config::DispatchConfig;
@@ -288,7 +288,7 @@ impl RunMachine {
     // ------------------------------------------------------------ expressions
 
     /// Values an expression of step `i` may read: inputs, and the steps it names.
-    fn bindings(&self, named: impl IntoIterator<Item = String>) -> Map<String, Value> {
+    fn bindings(&self, named: impl IntoIterator<Item = String>) -> RunBindings<'_> {
         let mut steps = Map::new();
         for id in named {
             if let Some(j) = self.workflow.index_of(&id) {
@@ -299,13 +299,15 @@ impl RunMachine {
                 );
             }
         }
-        let mut b = Map::new();
-        b.insert("inputs".into(), self.inputs.clone());
-        b.insert("steps".into(), Value::Object(steps));
-        b
+        let mut rest = Map::new();
+        rest.insert("steps".into(), Value::Object(steps));
+        RunBindings {
+            inputs: &self.inputs,
+            rest,
+        }
     }
 
-    fn step_bindings(&self, i: usize) -> Map<String, Value> {
+    fn step_bindings(&self, i: usize) -> RunBindings<'_> {
         let named: Vec<String> = self
             .spec(i)
             .exprs()
@@ -329,8 +331,8 @@ impl RunMachine {
                 .get(index as usize)
                 .cloned()
                 .unwrap_or(Value::Null);
-            b.insert("item".into(), item.clone());
-            b.insert("index".into(), json!(index));
+            b.rest.insert("item".into(), item.clone());
+            b.rest.insert("index".into(), json!(index));
             extra.insert("item".into(), item);
             extra.insert("index".into(), json!(index));
         }
@@ -340,8 +342,8 @@ impl RunMachine {
                 .and_then(|p| self.steps[i].tasks.get(p as usize))
                 .and_then(|t| t.output.clone())
                 .unwrap_or(Value::Null);
-            b.insert("iteration".into(), json!(index));
-            b.insert("output".into(), previous);
+            b.rest.insert("iteration".into(), json!(index));
+            b.rest.insert("output".into(), previous);
             extra.insert("iteration".into(), json!(index));
         }
         let with = spec
@@ -741,8 +743,8 @@ impl RunMachine {
             }
         } else if let Some(l) = &spec.repeat {
             let mut b = self.step_bindings(i);
-            b.insert("output".into(), output.clone());
-            b.insert("iteration".into(), json!(index));
+            b.rest.insert("output".into(), output.clone());
+            b.rest.insert("iteration".into(), json!(index));
             match l.until.eval_bool(&b) {
                 Ok(true) => self.emit(out, JournalEvent::StepSucceeded { step, output }),
                 Ok(false) if index + 1 < l.max_iterations => self.start(i, index + 1, out),

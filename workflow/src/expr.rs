@@ -4,7 +4,7 @@
 //! a string that mixes text and expressions becomes text.
 
 use std::cell::RefCell;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, OnceLock};
 
 use cel::common::ast::{EntryExpr, Expr as Ast, IdedExpr, LiteralValue};
@@ -38,6 +38,9 @@ pub struct Expr {
     pub variables: BTreeSet<String>,
     /// Steps named as `steps.<id>`.
     pub steps: BTreeSet<String>,
+    /// For each free variable, the fields it is read by (`inputs.topic`, `inputs['a b']`),
+    /// or `None` where it is used whole: only those fields are handed to CEL.
+    fields: BTreeMap<String, Option<BTreeSet<String>>>,
     /// Long or nested enough to be parsed and evaluated on a stack of its own.
     deep: bool,
 }
@@ -95,6 +98,7 @@ impl Expr {
             program: Arc::new(program),
             variables: refs.variables,
             steps: refs.steps,
+            fields: refs.fields,
             deep,
         })
     }
@@ -115,7 +119,7 @@ impl Expr {
     /// Evaluates against `bindings` (variable name → JSON value).
     /// Refuses, before it starts, an evaluation whose cost bound ([`Expr::cost`]) is over
     /// [`MAX_EVAL_COST`].
-    pub fn eval(&self, bindings: &Map<String, Value>) -> Result<Value, String> {
+    pub fn eval(&self, bindings: &dyn Bindings) -> Result<Value, String> {
         let cost = self.cost(bindings);
         if cost > MAX_EVAL_COST {
             return Err(format!(
@@ -124,9 +128,9 @@ impl Expr {
             ));
         }
         let mut ctx = Context::with_env(Arc::clone(env()));
-        for (name, value) in bindings {
-            if self.variables.contains(name) {
-                ctx.add_variable_from_value(name.as_str(), to_cel(value));
+        for name in &self.variables {
+            if let Some(value) = bindings.value(name) {
+                ctx.add_variable_from_value(name.as_str(), self.to_cel_used(name, value));
             }
         }
         let run = || on_enough_stack(self.deep, || self.program.execute(&ctx));
@@ -146,7 +150,7 @@ impl Expr {
     /// `map`, `filter`, …) multiplies the cost of its body by the size of its range, and a
     /// range is never larger than the values it is made of. Linear in the expression and
     /// in the bindings it reads.
-    pub fn cost(&self, bindings: &Map<String, Value>) -> u64 {
+    pub fn cost(&self, bindings: &dyn Bindings) -> u64 {
         let mut scope = Scope {
             bindings,
             vars: Vec::new(),
@@ -154,8 +158,23 @@ impl Expr {
         on_enough_stack(self.deep, || scope.bound(self.program.expression()).cost)
     }
 
+    /// `value` as CEL, with only the fields this expression reads when it reads fields of
+    /// an object: a run's inputs are not converted whole for `inputs.topic`.
+    fn to_cel_used(&self, name: &str, value: &Value) -> cel::Value {
+        match (self.fields.get(name), value) {
+            (Some(Some(used)), Value::Object(o)) => {
+                let map: HashMap<String, cel::Value> = used
+                    .iter()
+                    .filter_map(|k| o.get(k).map(|v| (k.clone(), to_cel(v))))
+                    .collect();
+                cel::Value::Map(map.into())
+            }
+            _ => to_cel(value),
+        }
+    }
+
     /// Evaluates a condition: it must give a boolean.
-    pub fn eval_bool(&self, bindings: &Map<String, Value>) -> Result<bool, String> {
+    pub fn eval_bool(&self, bindings: &dyn Bindings) -> Result<bool, String> {
         match self.eval(bindings)? {
             Value::Bool(b) => Ok(b),
             other => Err(format!(
@@ -163,6 +182,33 @@ impl Expr {
                 self.source,
                 kind(&other)
             )),
+        }
+    }
+}
+
+/// The values expressions read, by variable name.
+pub trait Bindings {
+    fn value(&self, name: &str) -> Option<&Value>;
+}
+
+impl Bindings for Map<String, Value> {
+    fn value(&self, name: &str) -> Option<&Value> {
+        self.get(name)
+    }
+}
+
+/// A run's bindings: its inputs borrowed (never copied per evaluation), the rest owned.
+#[derive(Debug)]
+pub struct RunBindings<'a> {
+    pub inputs: &'a Value,
+    pub rest: Map<String, Value>,
+}
+
+impl Bindings for RunBindings<'_> {
+    fn value(&self, name: &str) -> Option<&Value> {
+        match name {
+            "inputs" => Some(self.inputs),
+            _ => self.rest.get(name),
         }
     }
 }
@@ -354,7 +400,7 @@ impl Bound {
 
 /// The bindings an expression reads, and the comprehension variables in scope over them.
 struct Scope<'b> {
-    bindings: &'b Map<String, Value>,
+    bindings: &'b dyn Bindings,
     vars: Vec<(String, Bound)>,
 }
 
@@ -366,7 +412,7 @@ impl Scope<'_> {
     /// The value a path of names and constant keys into the bindings reads, if any.
     fn path(&self, e: &IdedExpr) -> Option<&Value> {
         match &e.expr {
-            Ast::Ident(name) if !self.shadowed(name) => self.bindings.get(name),
+            Ast::Ident(name) if !self.shadowed(name) => self.bindings.value(name),
             Ast::Select(s) if !s.test => self.path(&s.operand)?.get(&s.field),
             Ast::Call(c)
                 if c.func_name == cel::common::ast::operators::INDEX && c.target.is_none() =>
@@ -572,6 +618,7 @@ struct Refs {
     steps: BTreeSet<String>,
     /// Functions called by name, as probes that resolve them (see [`function_known`]).
     calls: BTreeSet<Call>,
+    fields: BTreeMap<String, Option<BTreeSet<String>>>,
 }
 
 /// A call an expression makes, enough to resolve its function without its arguments.
@@ -584,32 +631,52 @@ struct Call {
 }
 
 impl Refs {
+    /// A free variable read by one field (`Some`) or whole (`None`).
+    fn read(&mut self, root: &str, field: Option<&str>) {
+        self.variables.insert(root.to_owned());
+        let entry = self
+            .fields
+            .entry(root.to_owned())
+            .or_insert_with(|| Some(BTreeSet::new()));
+        match (entry, field) {
+            (Some(set), Some(f)) => {
+                set.insert(f.to_owned());
+            }
+            (entry, _) => *entry = None,
+        }
+    }
+
     fn walk(&mut self, e: &IdedExpr, bound: &mut Vec<String>) {
         match &e.expr {
             Ast::Unspecified | Ast::Literal(_) => {}
             Ast::Ident(name) => {
                 if !bound.contains(name) {
-                    self.variables.insert(name.clone());
+                    self.read(name, None);
                 }
             }
-            Ast::Select(s) => {
-                if let Ast::Ident(root) = &s.operand.expr
-                    && root == "steps"
-                    && !bound.iter().any(|b| b == "steps")
-                {
-                    self.steps.insert(s.field.clone());
+            Ast::Select(s) => match &s.operand.expr {
+                Ast::Ident(root) if !bound.contains(root) => {
+                    if root == "steps" {
+                        self.steps.insert(s.field.clone());
+                    }
+                    self.read(root, Some(&s.field));
                 }
-                self.walk(&s.operand, bound);
-            }
+                _ => self.walk(&s.operand, bound),
+            },
             Ast::Call(c) => {
                 // `steps['sign-off']`: ids that are not CEL identifiers.
                 if c.func_name == cel::common::ast::operators::INDEX
+                    && c.target.is_none()
                     && let [target, key] = c.args.as_slice()
-                    && matches!(&target.expr, Ast::Ident(root) if root == "steps")
+                    && let Ast::Ident(root) = &target.expr
                     && let Ast::Literal(LiteralValue::String(id)) = &key.expr
-                    && !bound.iter().any(|b| b == "steps")
+                    && !bound.contains(root)
                 {
-                    self.steps.insert(id.inner().to_owned());
+                    if root == "steps" {
+                        self.steps.insert(id.inner().to_owned());
+                    }
+                    self.read(root, Some(id.inner()));
+                    return;
                 }
                 if !c.func_name.starts_with('_') && !c.func_name.starts_with('@') {
                     let target = c.target.as_ref().map(|t| match &t.expr {
@@ -824,7 +891,7 @@ impl Template {
 
     /// Renders the template; an error names where in it the failing expression is
     /// (`.query: …`, `[2]: …`).
-    pub fn render(&self, bindings: &Map<String, Value>) -> Result<Value, String> {
+    pub fn render(&self, bindings: &dyn Bindings) -> Result<Value, String> {
         self.render_at(bindings).map_err(|(path, e)| {
             if path.is_empty() {
                 e
@@ -835,7 +902,7 @@ impl Template {
     }
 
     /// Renders the template; an error is where in it (a suffix such as `.query`) and what.
-    pub fn render_at(&self, bindings: &Map<String, Value>) -> Result<Value, TemplateError> {
+    pub fn render_at(&self, bindings: &dyn Bindings) -> Result<Value, TemplateError> {
         let here = |e| (String::new(), e);
         Ok(match self {
             Template::Literal(v) => v.clone(),
@@ -1043,6 +1110,31 @@ mod tests {
             );
             e.eval(&items).unwrap();
         }
+    }
+
+    /// Only the fields an expression reads reach CEL; reading a variable whole still sees
+    /// all of it.
+    #[test]
+    fn only_the_fields_read_are_converted_and_the_answers_stay_the_same() {
+        let inputs = json!({ "topic": "t", "a b": 2, "xs": (0..10_000).collect::<Vec<_>>() });
+        let b = RunBindings {
+            inputs: &inputs,
+            rest: Map::new(),
+        };
+        for (source, want) in [
+            ("inputs.topic + '!'", json!("t!")),
+            ("inputs['a b'] + 1", json!(3)),
+            ("has(inputs.missing) || has(inputs.topic)", json!(true)),
+            ("size(inputs)", json!(3)),
+            ("size(inputs.xs) + size(inputs)", json!(10_003)),
+        ] {
+            assert_eq!(Expr::compile(source).unwrap().eval(&b).unwrap(), want, "{source}");
+        }
+        let e = Expr::compile("inputs.topic + string(inputs['a b'])").unwrap();
+        let fields = e.fields.get("inputs").cloned().flatten().unwrap();
+        assert_eq!(fields.into_iter().collect::<Vec<_>>(), ["a b", "topic"]);
+        let whole = Expr::compile("size(inputs) + size(inputs.xs)").unwrap();
+        assert_eq!(whole.fields.get("inputs"), Some(&None));
     }
 
     #[test]

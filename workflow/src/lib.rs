@@ -9,7 +9,7 @@ pub mod fuzz;
 pub mod validate;
 
 pub use def::{OnFailure, RetryDef, StepDef, WorkflowDef};
-pub use expr::{Expr, Template};
+pub use expr::{Bindings, Expr, RunBindings, Template};
 pub use validate::{
     Action, Invalid, Limits, Problem, Step, Target, Workflow, check_sub_workflows, load, parse,
     validate,
