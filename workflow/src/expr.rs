@@ -1128,7 +1128,11 @@ mod tests {
             ("size(inputs)", json!(3)),
             ("size(inputs.xs) + size(inputs)", json!(10_003)),
         ] {
-            assert_eq!(Expr::compile(source).unwrap().eval(&b).unwrap(), want, "{source}");
+            assert_eq!(
+                Expr::compile(source).unwrap().eval(&b).unwrap(),
+                want,
+                "{source}"
+            );
         }
         let e = Expr::compile("inputs.topic + string(inputs['a b'])").unwrap();
         let fields = e.fields.get("inputs").cloned().flatten().unwrap();
