@@ -621,3 +621,19 @@ steps:
         "a succeeded run: {err}"
     );
 }
+
+/// Before: registration allowed `.` and `:` in names (the wire's rule) while a step's
+/// `workflow:` reference refused them (the workflow language's), so `team.review` could be
+/// registered and never used. One rule now holds for both.
+#[tokio::test]
+async fn a_workflow_registered_as_a_dotted_name_runs_as_a_sub_workflow() {
+    let mut mesh = Mesh::start(Timings::default()).await;
+    mesh.start_node("n1", AGENTS).await;
+    let client = mesh.client().await;
+    let review = "name: team.review\nversion: 1\ninputs: {doc: string}\nsteps:\n  - {id: check.1, uses: echo, with: {doc: '${{ inputs.doc }}'}}\noutputs: {seen: \"${{ steps['check.1'].output.with.doc }}\"}\n";
+    client.register_workflow(review).await.unwrap();
+    let parent = "steps:\n  - {id: review, workflow: team.review@1, with: {doc: draft}}\noutputs: {seen: '${{ steps.review.output.seen }}'}\n";
+    let view = run_to_end(&client, parent, json!({})).await;
+    assert_eq!(view.state, RunState::Succeeded, "{:?}", view.error);
+    assert_eq!(view.output, Some(json!({ "seen": "draft" })));
+}

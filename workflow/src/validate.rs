@@ -395,12 +395,10 @@ pub fn load(text: &str, limits: &Limits) -> Result<Workflow, Invalid> {
     validate(parse(text, limits)?, limits)
 }
 
+/// The one rule for ids and names, the wire's (`mesh_proto::convert::check_id`): step ids,
+/// signal names and workflow names alike, so that what can be registered can be named.
 fn valid_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 64
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    mesh_proto::convert::check_id("", id).is_ok()
 }
 
 fn depth(v: &Value) -> usize {
@@ -517,7 +515,7 @@ pub fn validate(def: WorkflowDef, limits: &Limits) -> Result<Workflow, Invalid> 
             c.problem(
                 format!("steps[{i}].id"),
                 format!(
-                    "`{}` is not a valid id (1 to 64 letters, digits, `_` or `-`)",
+                    "`{}` is not a valid id (1 to 128 letters, digits, `_`, `-`, `.` or `:`)",
                     s.id
                 ),
             );
@@ -596,7 +594,7 @@ pub fn validate(def: WorkflowDef, limits: &Limits) -> Result<Workflow, Invalid> 
                 if !valid_id(&w.signal) {
                     c.problem(
                         at("wait_for.signal"),
-                        "must be a name of letters, digits, `_` or `-`",
+                        "must be a name of letters, digits, `_`, `-`, `.` or `:`",
                     );
                 }
                 c.duration(&at("wait_for.timeout"), w.timeout);
