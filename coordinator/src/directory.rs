@@ -14,6 +14,7 @@ use dashmap::DashMap;
 use mesh_proto::domain::{RunId, RunView};
 use ractor::ActorRef;
 use serde_json::Value;
+use tokio::sync::Notify;
 
 use crate::run::RunMsg;
 
@@ -25,6 +26,9 @@ const RECENT_BYTES: usize = 32 << 20;
 pub struct RunDirectory {
     live: Arc<DashMap<RunId, ActorRef<RunMsg>>>,
     finished: Arc<Mutex<Recent>>,
+    /// Told of every run that comes live or leaves: waiters for a run wait on it instead of
+    /// polling.
+    changed: Arc<Notify>,
 }
 
 impl RunDirectory {
@@ -36,6 +40,7 @@ impl RunDirectory {
     pub fn insert(&self, run_id: RunId, run: ActorRef<RunMsg>) {
         self.recent().remove(&run_id);
         self.live.insert(run_id, run);
+        self.changed.notify_waiters();
     }
 
     /// A run stops: its entry goes (only if it is still this actor's), and a finished run
@@ -46,6 +51,13 @@ impl RunDirectory {
         }
         self.live
             .remove_if(run_id, |_, r| r.get_id() == run.get_id());
+        self.changed.notify_waiters();
+    }
+
+    /// Notified when a run comes live or leaves. Take interest (`notified()` then `enable`)
+    /// before looking, then await it: no change in between is missed.
+    pub fn changes(&self) -> Arc<Notify> {
+        Arc::clone(&self.changed)
     }
 
     /// The final view of a run that finished lately.
@@ -196,6 +208,61 @@ mod tests {
 
         r.insert(view("huge", json!("y".repeat(RECENT_BYTES / 32))));
         assert!(!r.views.contains_key(&RunId("huge".to_owned())));
+    }
+
+    struct Idle;
+
+    impl ractor::Actor for Idle {
+        type Msg = RunMsg;
+        type State = ();
+        type Arguments = ();
+        async fn pre_start(
+            &self,
+            _: ActorRef<RunMsg>,
+            _: (),
+        ) -> Result<(), ractor::ActorProcessingErr> {
+            Ok(())
+        }
+    }
+
+    /// Waiting for a run to come live is a message, not a poll: a waiter that looked before
+    /// the run arrived is woken when it does, and again when it leaves.
+    #[tokio::test]
+    async fn a_waiter_is_woken_when_a_run_comes_live_and_when_it_leaves() {
+        let dir = RunDirectory::default();
+        let id = RunId("run-w".to_owned());
+        let wait_for = |live: bool| {
+            let (dir, id) = (dir.clone(), id.clone());
+            tokio::spawn(async move {
+                let changes = dir.changes();
+                loop {
+                    let changed = changes.notified();
+                    tokio::pin!(changed);
+                    changed.as_mut().enable();
+                    if dir.contains(&id) == live {
+                        return;
+                    }
+                    changed.await;
+                }
+            })
+        };
+        let arrived = wait_for(true);
+        tokio::task::yield_now().await;
+        let (actor, handle) = ractor::Actor::spawn(None, Idle, ()).await.unwrap();
+        dir.insert(id.clone(), actor.clone());
+        tokio::time::timeout(std::time::Duration::from_secs(1), arrived)
+            .await
+            .expect("woken when the run came live")
+            .unwrap();
+        let left = wait_for(false);
+        tokio::task::yield_now().await;
+        dir.retire(&id, &actor, None);
+        tokio::time::timeout(std::time::Duration::from_secs(1), left)
+            .await
+            .expect("woken when the run left")
+            .unwrap();
+        actor.stop(None);
+        handle.await.unwrap();
     }
 
     #[test]

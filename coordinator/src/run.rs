@@ -6,7 +6,7 @@
 //! Child of its `Swarm`.
 
 use std::collections::HashSet;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -15,7 +15,7 @@ use mesh_proto::domain::*;
 use mesh_workflow::{Action, Limits, Target};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde_json::Value;
-use tokio::sync::broadcast;
+use tokio::sync::{SetOnce, broadcast};
 use tracing::{debug, info, warn};
 
 use crate::directory::RunDirectory;
@@ -109,6 +109,9 @@ pub enum RunMsg {
 
 pub struct Run;
 
+/// How long a sub-workflow's start waits for the swarm supervisor at start-up.
+const SUPERVISOR_WAIT: Duration = Duration::from_secs(5);
+
 /// What a run needs from the rest of the coordinator.
 #[derive(Clone, Debug)]
 pub struct RunDeps {
@@ -119,7 +122,7 @@ pub struct RunDeps {
     pub policy: RetryPolicy,
     pub limits: Limits,
     /// The swarm supervisor, for starting sub-workflows' child runs; set once it exists.
-    pub supervisor: Arc<OnceLock<Slot<SwarmsMsg>>>,
+    pub supervisor: Arc<SetOnce<Slot<SwarmsMsg>>>,
     /// Steps waiting for an agent, by skill; `swarms::submit` refuses goals whose skill's
     /// queue is full.
     pub queues: QueueBoard,
@@ -450,15 +453,12 @@ impl RunActorState {
         let (deps, parent) = (self.deps.clone(), myself.clone());
         debug!(%token, %reference, "starting a sub-workflow");
         let wait = tokio::spawn(async move {
-            // At start-up, resumed runs may get here before the supervisor is published.
-            let mut supervisor = deps.supervisor.get().map(Slot::get);
-            for _ in 0..500 {
-                if supervisor.is_some() {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                supervisor = deps.supervisor.get().map(Slot::get);
-            }
+            // At start-up, resumed runs may get here before the supervisor is published:
+            // wait for it to be (a bounded wait, as every wait).
+            let supervisor = tokio::time::timeout(SUPERVISOR_WAIT, deps.supervisor.wait())
+                .await
+                .ok()
+                .map(Slot::get);
             let submitted = match &supervisor {
                 Some(s) => crate::swarms::submit(&deps, s, goal, Admission::OPEN).await,
                 None => Err(Error::Unavailable("the swarm supervisor")),
@@ -776,7 +776,12 @@ impl Actor for Run {
 /// Waits for a run to end: from its live actor's events, or from the store once it is not
 /// live. A run that is being resumed is polled until it is live again.
 pub async fn wait_until_finished(deps: &RunDeps, id: &RunId) -> Result<RunView> {
+    let changes = deps.directory.changes();
     loop {
+        // Interest in the next change is taken before looking, so none is missed.
+        let changed = changes.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
         if let Some(run) = deps.directory.get(id)
             && let Ok(ractor::rpc::CallResult::Success((view, mut rx))) = run
                 .call(RunMsg::Subscribe, Some(Duration::from_secs(5)))
@@ -797,7 +802,8 @@ pub async fn wait_until_finished(deps: &RunDeps, id: &RunId) -> Result<RunView> 
         if view.state.is_terminal() {
             return Ok(view);
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Unfinished and not live: it is being resumed; it comes live through the directory.
+        changed.await;
     }
 }
 

@@ -115,9 +115,14 @@ impl GoalApi {
 
     /// The run's events from a snapshot to its end (see [`live_events`]).
     async fn watch(&self, id: &RunId) -> Result<EventStream, Status> {
-        // A running run that is not live yet is starting (or resuming): wait for it a little.
+        // A running run that is not live yet is starting (or resuming): wait for it a little,
+        // woken when a run comes live.
         let give_up = tokio::time::Instant::now() + WAIT_FOR_LIVE;
+        let changes = self.handles.directory.changes();
         loop {
+            let changed = changes.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
             if let Some(run) = self.handles.directory.get(id)
                 && let Ok((view, rx)) = call_result(
                     "run",
@@ -136,7 +141,7 @@ impl GoalApi {
                     "run `{id}` is unfinished and not running yet (it is being resumed); watch again"
                 )));
             }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            let _ = tokio::time::timeout_at(give_up, changed).await;
         }
     }
 
