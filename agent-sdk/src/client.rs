@@ -94,6 +94,20 @@ fn request<T>(msg: T) -> tonic::Request<T> {
     req
 }
 
+/// A coordinator address this SDK can use: `http://host:port`. `https://` is refused with
+/// a clear reason rather than tried and retried: this build has no TLS.
+pub fn check_coordinator_url(url: &str) -> Result<(), String> {
+    if url.starts_with("https://") {
+        return Err(format!(
+            "`{url}`: TLS is not supported yet; use http:// on loopback or a trusted network"
+        ));
+    }
+    if !url.starts_with("http://") {
+        return Err(format!("`{url}` must start with http://"));
+    }
+    Ok(())
+}
+
 impl GoalClient {
     /// Connects to `url` (`http://host:port`).
     pub async fn connect(url: &str) -> Result<Self, ClientError> {
@@ -101,6 +115,7 @@ impl GoalClient {
             url: url.to_owned(),
             reason,
         };
+        check_coordinator_url(url).map_err(err)?;
         let channel = Endpoint::from_shared(url.to_owned())
             .map_err(|e| err(e.to_string()))?
             .connect_timeout(Duration::from_secs(5))

@@ -45,7 +45,7 @@ mod metrics;
 mod runtime;
 
 pub use agent::{Agent, AgentCard, AgentError, Context, Progress};
-pub use client::{ClientError, GoalClient, RpcCode, WorkflowProblem};
+pub use client::{ClientError, GoalClient, RpcCode, WorkflowProblem, check_coordinator_url};
 pub use error::{Error, Result};
 pub use mesh_proto::domain::{
     AgentKey, AgentView, FencingToken, GoalSpec, Health, NodeView, RunEvent, RunId, RunPage,

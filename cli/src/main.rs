@@ -176,9 +176,20 @@ fn read_toml<T: serde::de::DeserializeOwned + Default>(path: Option<&PathBuf>) -
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// One line per error (with its causes) and a non-zero exit; never a backtrace, whatever
+/// `RUST_BACKTRACE` says: a backtrace is for bugs, and a panic still prints one.
 #[tokio::main]
-async fn main() -> Result<()> {
-    let cli = Cli::parse();
+async fn main() -> std::process::ExitCode {
+    match run(Cli::parse()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Dev(args) => {
             init_tracing(if args.demo {

@@ -245,3 +245,56 @@ async fn a_node_stream_must_start_with_register() {
         "{status:?}"
     );
 }
+
+/// Before: an `https://` address was tried (and a node retried it for ever), and an error
+/// printed a Rust backtrace when `RUST_BACKTRACE` was set. After: one clear line, exit 1.
+#[test]
+fn cli_errors_are_one_line_and_https_is_refused_at_start() {
+    use std::process::Command;
+    let mesh = mesh_tests::mesh_bin();
+    let dir = tempfile::tempdir().unwrap();
+    let node_config = dir.path().join("node.toml");
+    std::fs::write(
+        &node_config,
+        format!(
+            "coordinator = \"https://127.0.0.1:1\"\nname = \"n1\"\n{}",
+            mesh_tests::ECHO_AND_SLEEP
+        ),
+    )
+    .unwrap();
+    let node_config = node_config.to_str().unwrap();
+    let cases: [(&[&str], &str); 4] = [
+        (
+            &["--coordinator", "https://127.0.0.1:1", "nodes"],
+            "TLS is not supported",
+        ),
+        (
+            &["--coordinator", "ftp://127.0.0.1:1", "nodes"],
+            "must start with http://",
+        ),
+        (
+            &["--coordinator", "http://127.0.0.1:1", "nodes"],
+            "127.0.0.1:1",
+        ),
+        (&["node", "--config", node_config], "TLS is not supported"),
+    ];
+    for (args, says) in cases {
+        let started = std::time::Instant::now();
+        let out = Command::new(&mesh)
+            .args(args)
+            .env("RUST_BACKTRACE", "full")
+            .env("MESH_LOG", "off")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "{args:?}"
+        );
+        assert!(err.starts_with("error: "), "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+        assert!(!err.to_lowercase().contains("backtrace"), "{args:?}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
+    }
+}

@@ -186,14 +186,8 @@ impl NodeRuntimeBuilder {
     /// Checks the configuration and every agent card.
     pub fn build(self) -> Result<NodeRuntime> {
         check_id("name", &self.config.name).map_err(|e| Error::Config(e.to_string()))?;
-        if !self.config.coordinator.starts_with("http://")
-            && !self.config.coordinator.starts_with("https://")
-        {
-            return Err(Error::Config(format!(
-                "coordinator: `{}` must start with http:// or https://",
-                self.config.coordinator
-            )));
-        }
+        crate::client::check_coordinator_url(&self.config.coordinator)
+            .map_err(|e| Error::Config(format!("coordinator: {e}")))?;
         if self.agents.is_empty() {
             return Err(Error::Config(
                 "agents: a node needs at least one agent".into(),
