@@ -296,6 +296,9 @@ impl RegistryState {
                     in_flight: load.in_flight(&key),
                     max_concurrency: card.max_concurrency,
                     circuit: load.circuit(&key).to_owned(),
+                    description: card.description.clone(),
+                    skill_specs: card.skills.clone(),
+                    labels: card.labels.clone(),
                 });
             }
         }

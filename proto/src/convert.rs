@@ -464,18 +464,32 @@ impl From<AgentCard> for pb::AgentCard {
             name: c.name,
             version: c.version,
             description: c.description,
-            skills: c
-                .skills
-                .into_iter()
-                .map(|s| pb::Skill {
-                    name: s.name,
-                    description: s.description,
-                    input_schema_json: opt_json(&s.input_schema),
-                    output_schema_json: opt_json(&s.output_schema),
-                })
-                .collect(),
+            skills: c.skills.into_iter().map(Into::into).collect(),
             labels: c.labels.into_iter().collect(),
             max_concurrency: c.max_concurrency,
+        }
+    }
+}
+
+impl From<SkillSpec> for pb::Skill {
+    fn from(s: SkillSpec) -> Self {
+        pb::Skill {
+            name: s.name,
+            description: s.description,
+            input_schema_json: opt_json(&s.input_schema),
+            output_schema_json: opt_json(&s.output_schema),
+        }
+    }
+}
+
+/// A skill as the coordinator describes it (checked when its agent registered).
+impl From<pb::Skill> for SkillSpec {
+    fn from(s: pb::Skill) -> Self {
+        SkillSpec {
+            name: s.name,
+            description: s.description,
+            input_schema: opt_value(&s.input_schema_json),
+            output_schema: opt_value(&s.output_schema_json),
         }
     }
 }
@@ -1050,6 +1064,9 @@ impl From<AgentView> for pb::AgentView {
             in_flight: a.in_flight,
             max_concurrency: a.max_concurrency,
             circuit: a.circuit,
+            description: a.description,
+            skill_specs: a.skill_specs.into_iter().map(Into::into).collect(),
+            labels: a.labels.into_iter().collect(),
         }
     }
 }
@@ -1067,6 +1084,9 @@ impl From<pb::AgentView> for AgentView {
             in_flight: a.in_flight,
             max_concurrency: a.max_concurrency,
             circuit: a.circuit,
+            description: a.description,
+            skill_specs: a.skill_specs.into_iter().map(Into::into).collect(),
+            labels: a.labels.into_iter().collect(),
         }
     }
 }

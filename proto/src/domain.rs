@@ -576,4 +576,12 @@ pub struct AgentView {
     pub max_concurrency: u32,
     /// Circuit breaker: `closed`, `open` or `half_open`.
     pub circuit: String,
+    /// From the agent's card.
+    #[serde(default)]
+    pub description: String,
+    /// Each skill with its description and JSON Schemas.
+    #[serde(default)]
+    pub skill_specs: Vec<SkillSpec>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
 }

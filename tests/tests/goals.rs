@@ -331,3 +331,78 @@ async fn past_max_pending_per_skill_goals_for_that_skill_are_refused_and_others_
         "nothing refused was stored"
     );
 }
+
+struct Described;
+
+impl mesh_agent_sdk::Agent for Described {
+    fn card(&self) -> mesh_agent_sdk::AgentCard {
+        mesh_agent_sdk::AgentCard::new("described")
+            .description("answers in French")
+            .label("lang", "fr")
+            .skill_spec(mesh_agent_sdk::SkillSpec {
+                name: "translate".into(),
+                description: "English to French".into(),
+                input_schema: Some(json!({ "type": "object", "required": ["with"] })),
+                output_schema: Some(json!({ "type": "string" })),
+            })
+    }
+
+    async fn handle(
+        &self,
+        _ctx: mesh_agent_sdk::Context,
+        _input: serde_json::Value,
+    ) -> Result<serde_json::Value, mesh_agent_sdk::AgentError> {
+        Ok(json!("bonjour"))
+    }
+}
+
+/// Before: ListAgents dropped what a card says beyond skill names. After: descriptions,
+/// skill schemas and labels come back, and `mesh agents --output json` shows them.
+#[tokio::test]
+async fn agents_are_listed_with_their_card() {
+    let mesh = Mesh::start(Timings::default()).await;
+    let node = mesh_agent_sdk::NodeRuntime::builder()
+        .coordinator(mesh.url())
+        .name("card-node")
+        .agent(Described)
+        .build()
+        .unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(node.run_until(async move {
+        let _ = stopped.await;
+    }));
+    let client = mesh.client().await;
+    let agents = mesh_tests::wait_for("the agent to register", Duration::from_secs(10), || {
+        let client = client.clone();
+        async move {
+            let agents = client.agents(Some("translate")).await.ok()?;
+            (!agents.is_empty()).then_some(agents)
+        }
+    })
+    .await;
+    let a = &agents[0];
+    assert_eq!(a.description, "answers in French");
+    assert_eq!(a.labels.get("lang").map(String::as_str), Some("fr"));
+    assert_eq!(a.skill_specs[0].description, "English to French");
+    assert_eq!(
+        a.skill_specs[0].input_schema,
+        Some(json!({ "type": "object", "required": ["with"] }))
+    );
+    let out = std::process::Command::new(mesh_tests::mesh_bin())
+        .args(["--coordinator", &mesh.url(), "--output", "json", "agents"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(listed[0]["description"], "answers in French");
+    assert_eq!(
+        listed[0]["skill_specs"][0]["output_schema"],
+        json!({ "type": "string" })
+    );
+    let _ = stop.send(());
+    running.await.unwrap().unwrap();
+}
