@@ -23,6 +23,7 @@ use crate::config::DispatchConfig;
 use crate::metrics as m;
 use crate::node_session::{NodeTx, Outbound};
 use crate::run::RunMsg;
+use mesh_workflow::JsonSchema;
 
 /// In-flight attempts and circuit state per agent, written by the dispatcher alone and read
 /// by views.
@@ -221,11 +222,63 @@ pub enum DispatcherMsg {
     Sweep,
 }
 
+/// A skill's input and output JSON Schemas, compiled when its agent registered.
+#[derive(Clone, Debug, Default)]
+pub struct SkillSchemas(HashMap<String, (Option<JsonSchema>, Option<JsonSchema>)>);
+
+impl SkillSchemas {
+    fn of(card: &AgentCard) -> Self {
+        let compile = |skill: &str, which: &str, schema: &Option<Value>| {
+            schema.as_ref().and_then(|s| match JsonSchema::compile(s) {
+                Ok(v) => Some(v),
+                Err(e) => {
+                    warn!(agent = %card.name, skill, which, error = %e, "skill schema ignored: not a valid JSON Schema");
+                    None
+                }
+            })
+        };
+        Self(
+            card.skills
+                .iter()
+                .filter(|s| s.input_schema.is_some() || s.output_schema.is_some())
+                .map(|s| {
+                    let input = compile(&s.name, "input", &s.input_schema);
+                    let output = compile(&s.name, "output", &s.output_schema);
+                    (s.name.clone(), (input, output))
+                })
+                .collect(),
+        )
+    }
+
+    /// Why `input` cannot go to this agent's `skill`, if it cannot.
+    pub fn refuse_input(&self, skill: &str, input: &Value) -> Option<TaskError> {
+        let (schema, _) = self.0.get(skill)?;
+        let (path, why) = schema.as_ref()?.first_problem(input)?;
+        Some(TaskError::new(
+            "bad_input",
+            format!("input{path} does not match the input schema of skill `{skill}`: {why}"),
+            false,
+        ))
+    }
+
+    /// Why `output` from this agent's `skill` is refused, if it is.
+    pub fn refuse_output(&self, skill: &str, output: &Value) -> Option<TaskError> {
+        let (_, schema) = self.0.get(skill)?;
+        let (path, why) = schema.as_ref()?.first_problem(output)?;
+        Some(TaskError::new(
+            "bad_output",
+            format!("output{path} does not match the output schema of skill `{skill}`: {why}"),
+            false,
+        ))
+    }
+}
+
 #[derive(Debug)]
 pub struct AgentSlot {
     pub key: AgentKey,
     pub instance: u64,
     pub card: AgentCard,
+    pub schemas: Arc<SkillSchemas>,
     pub in_flight: u32,
     pub dispatchable: bool,
     pub circuit: Circuit,
@@ -243,6 +296,10 @@ pub struct InFlight<R> {
     pub token: FencingToken,
     pub agent: AgentKey,
     pub instance: u64,
+    /// The skill asked for (empty for a step that names its agent), and the schemas of the
+    /// agent it went to: its output is checked against them.
+    pub skill: String,
+    pub schemas: Arc<SkillSchemas>,
     pub run: R,
     pub sent_at: Instant,
     /// How long the attempt may take before it is cancelled and failed.
@@ -303,6 +360,22 @@ pub enum Sent<R> {
     Refused(DispatchRequest<R>),
     /// The queue of its skill is full: the request is handed back.
     RefusedForSkill(DispatchRequest<R>),
+    /// The input does not match the skill's input schema: the attempt fails, not retried.
+    Invalid(DispatchRequest<R>, TaskError),
+}
+
+/// What `drain_pending` sent (run, token, agent) and refused for its input (run, token, why).
+pub type Drained<R> = (
+    Vec<(R, FencingToken, AgentKey)>,
+    Vec<(R, FencingToken, TaskError)>,
+);
+
+/// Why `try_send` did not send.
+enum Unsent<R> {
+    /// No agent is free (or its stream is full): the request is handed back.
+    NoAgent(DispatchRequest<R>),
+    /// The picked agent's skill refuses the input.
+    Invalid(DispatchRequest<R>, TaskError),
 }
 
 impl<R: Clone> DispatchState<R> {
@@ -419,8 +492,9 @@ impl<R: Clone> DispatchState<R> {
     ) -> Sent<R> {
         match self.try_send(req, deadline_ms, now) {
             Ok(agent) => Sent::Sent(agent),
-            Err(req) if self.pending.len() >= max_pending => Sent::Refused(req),
-            Err(req) => {
+            Err(Unsent::Invalid(req, error)) => Sent::Invalid(req, error),
+            Err(Unsent::NoAgent(req)) if self.pending.len() >= max_pending => Sent::Refused(req),
+            Err(Unsent::NoAgent(req)) => {
                 let queue = req.queue();
                 let waiting = self.waiting.get(&queue).copied().unwrap_or(0);
                 if waiting >= self.max_pending_per_skill {
@@ -442,16 +516,19 @@ impl<R: Clone> DispatchState<R> {
         req: DispatchRequest<R>,
         deadline_ms: u64,
         now: Instant,
-    ) -> Result<AgentKey, DispatchRequest<R>> {
+    ) -> Result<AgentKey, Unsent<R>> {
         // A newer attempt of the same task replaces the old one.
         let step_key = task_key(&req.token);
         if let Some(old) = self.in_flight.remove(&step_key) {
             self.release(&old.agent, old.instance);
         }
         let Some(i) = self.pick(|card| req.wants(card), now) else {
-            return Err(req);
+            return Err(Unsent::NoAgent(req));
         };
         let slot = &self.agents[i];
+        if let Some(error) = slot.schemas.refuse_input(&req.skill, &req.input) {
+            return Err(Unsent::Invalid(req, error));
+        }
         let task = Task {
             token: req.token.clone(),
             agent: slot.card.name.clone(),
@@ -464,7 +541,7 @@ impl<R: Clone> DispatchState<R> {
             Ok(()) => {}
             Err(TrySendError::Full(_)) | Err(TrySendError::Closed(_)) => {
                 debug!(agent = %slot.key, "node stream full or closed; step stays queued");
-                return Err(req);
+                return Err(Unsent::NoAgent(req));
             }
         }
         let agent = slot.key.clone();
@@ -472,6 +549,8 @@ impl<R: Clone> DispatchState<R> {
             token: req.token,
             agent: agent.clone(),
             instance: slot.instance,
+            skill: req.skill,
+            schemas: Arc::clone(&slot.schemas),
             run: req.run,
             sent_at: now,
             timeout: req.timeout.unwrap_or(Duration::from_millis(deadline_ms)),
@@ -489,13 +568,11 @@ impl<R: Clone> DispatchState<R> {
         Ok(agent)
     }
 
-    /// Dispatches queued requests while agents are free; returns what was sent.
-    pub fn drain_pending(
-        &mut self,
-        deadline_ms: u64,
-        now: Instant,
-    ) -> Vec<(R, FencingToken, AgentKey)> {
+    /// Dispatches queued requests while agents are free; returns what was sent, and the
+    /// attempts refused for their input.
+    pub fn drain_pending(&mut self, deadline_ms: u64, now: Instant) -> Drained<R> {
         let mut sent = Vec::new();
+        let mut refused = Vec::new();
         let mut keep = VecDeque::with_capacity(self.pending.len());
         while let Some(req) = self.pending.pop_front() {
             if !self.agents.iter().any(|a| a.free(now)) {
@@ -506,14 +583,15 @@ impl<R: Clone> DispatchState<R> {
             let (run, token) = (req.run.clone(), req.token.clone());
             match self.try_send(req, deadline_ms, now) {
                 Ok(agent) => sent.push((run, token, agent)),
-                Err(req) => keep.push_back(req),
+                Err(Unsent::NoAgent(req)) => keep.push_back(req),
+                Err(Unsent::Invalid(_, error)) => refused.push((run, token, error)),
             }
         }
         self.pending = keep;
-        if !sent.is_empty() {
+        if !sent.is_empty() || !refused.is_empty() {
             self.recount();
         }
-        sent
+        (sent, refused)
     }
 
     /// Checks a result's token; on success the attempt leaves the in-flight set.
@@ -549,6 +627,7 @@ impl<R: Clone> DispatchState<R> {
             self.agents.push(AgentSlot {
                 key,
                 instance,
+                schemas: Arc::new(SkillSchemas::of(&card)),
                 card,
                 in_flight: 0,
                 dispatchable: true,
@@ -722,8 +801,12 @@ impl DispatcherActorState {
             return;
         }
         let deadline = self.deadline_ms();
-        for (run, token, agent) in self.core.drain_pending(deadline, Instant::now()) {
+        let (sent, refused) = self.core.drain_pending(deadline, Instant::now());
+        for (run, token, agent) in sent {
             let _ = run.cast(RunMsg::Assigned { token, agent });
+        }
+        for (run, token, error) in refused {
+            let _ = run.cast(RunMsg::AttemptFailed { token, error });
         }
     }
 }
@@ -800,6 +883,10 @@ impl Actor for Dispatcher {
                         let _ = run.cast(RunMsg::Assigned { token, agent });
                     }
                     Sent::Queued => debug!(%token, "no free agent; step queued"),
+                    Sent::Invalid(req, error) => {
+                        debug!(token = %req.token, %error, "input refused by the skill's schema");
+                        let _ = run.cast(RunMsg::AttemptFailed { token, error });
+                    }
                     Sent::RefusedForSkill(req) => {
                         warn!(token = %req.token, wanted = %req.wanted(), "queue of the skill full");
                         let _ = run.cast(RunMsg::AttemptFailed {
@@ -840,6 +927,13 @@ impl Actor for Dispatcher {
                 let token = result.token.clone();
                 match st.core.accept(&node, instance, &token) {
                     Ok(inflight) => {
+                        let mut result = result;
+                        if let Ok(output) = &result.outcome
+                            && let Some(error) =
+                                inflight.schemas.refuse_output(&inflight.skill, output)
+                        {
+                            result.outcome = Err(error);
+                        }
                         let outcome = if result.outcome.is_ok() {
                             "ok"
                         } else {
@@ -988,7 +1082,54 @@ mod tests {
             Sent::Queued => "queued".into(),
             Sent::Refused(_) => "refused".into(),
             Sent::RefusedForSkill(_) => "refused for its skill".into(),
+            Sent::Invalid(_, e) => format!("invalid: {e}"),
         }
+    }
+
+    /// A skill's input schema is checked before anything is sent, its output schema when
+    /// the result comes back; both name the path.
+    #[test]
+    fn skill_schemas_refuse_inputs_and_outputs_naming_the_path() {
+        let mut typed = card("t", "translate", 4);
+        typed.skills[0].input_schema = Some(json!({
+            "type": "object",
+            "properties": { "with": { "type": "object", "required": ["text"] } },
+        }));
+        typed.skills[0].output_schema = Some(json!({ "type": "string" }));
+        let (mut st, mut rxs) = state_with(&[("n1", vec![typed])]);
+        let now = Instant::now();
+        let mut bad = req("b", 1, "translate");
+        bad.input = json!({ "with": { "txt": "hi" } });
+        let refused = sent_to(st.dispatch(bad, 1000, 10, now));
+        assert!(
+            refused.starts_with("invalid: bad_input: input.with does not match"),
+            "{refused}"
+        );
+        assert!(
+            refused.contains("\"text\" is a required property"),
+            "{refused}"
+        );
+        assert!(rxs[0].try_recv().is_err(), "nothing was sent");
+        let mut good = req("c", 1, "translate");
+        good.input = json!({ "with": { "text": "hi" } });
+        assert_eq!(sent_to(st.dispatch(good, 1000, 10, now)), "n1/t");
+        let inflight = st
+            .accept(&"n1".into(), 1, &req("c", 1, "translate").token)
+            .unwrap();
+        let refused = inflight
+            .schemas
+            .refuse_output(&inflight.skill, &json!({ "fr": 1 }));
+        let refused = refused.expect("an object is not a string").to_string();
+        assert!(
+            refused.starts_with("bad_output: output does not match"),
+            "{refused}"
+        );
+        assert!(
+            inflight
+                .schemas
+                .refuse_output(&inflight.skill, &json!("salut"))
+                .is_none()
+        );
     }
 
     #[test]
@@ -1025,7 +1166,7 @@ mod tests {
         // The result of `a` frees the slot and `b` goes out.
         let token = req("a", 1, "echo").token;
         st.accept(&"n1".into(), 1, &token).unwrap();
-        let sent = st.drain_pending(1000, now);
+        let (sent, _) = st.drain_pending(1000, now);
         assert_eq!(sent.len(), 1);
         assert_eq!(sent[0].1.step_id, StepId::from("b"));
     }
@@ -1082,7 +1223,7 @@ mod tests {
             "queued"
         );
         st.set_dispatchable(&"n1".into(), 1, true);
-        assert_eq!(st.drain_pending(1000, Instant::now()).len(), 1);
+        assert_eq!(st.drain_pending(1000, Instant::now()).0.len(), 1);
     }
 
     #[tokio::test(start_paused = true)]
@@ -1164,7 +1305,7 @@ mod tests {
         );
         // After the cool-down exactly one probe goes through.
         tokio::time::advance(cool).await;
-        let probe = st.drain_pending(1000, Instant::now());
+        let (probe, _) = st.drain_pending(1000, Instant::now());
         assert_eq!(probe.len(), 1);
         assert_eq!(probe[0].2, bad);
         assert_eq!(
@@ -1175,7 +1316,7 @@ mod tests {
         let again = st.record_outcome(&bad, 1, true, 2, cool, Instant::now());
         assert!(matches!(again, Some(Circuit::Open { .. })), "{again:?}");
         tokio::time::advance(cool).await;
-        assert_eq!(st.drain_pending(1000, Instant::now()).len(), 1);
+        assert_eq!(st.drain_pending(1000, Instant::now()).0.len(), 1);
         let closed = st.record_outcome(&bad, 1, false, 2, cool, Instant::now());
         assert_eq!(closed, Some(Circuit::Closed { failures: 0 }));
     }

@@ -406,3 +406,97 @@ async fn agents_are_listed_with_their_card() {
     let _ = stop.send(());
     running.await.unwrap().unwrap();
 }
+
+static STRICT_CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+struct Strict;
+
+impl mesh_agent_sdk::Agent for Strict {
+    fn card(&self) -> mesh_agent_sdk::AgentCard {
+        mesh_agent_sdk::AgentCard::new("strict").skill_spec(mesh_agent_sdk::SkillSpec {
+            name: "strict".into(),
+            description: "answers with.answer".into(),
+            input_schema: Some(json!({
+                "type": "object",
+                "properties": { "with": { "type": "object", "required": ["text"],
+                    "properties": { "text": { "type": "string" } } } },
+            })),
+            output_schema: Some(json!({ "type": "string" })),
+        })
+    }
+
+    async fn handle(
+        &self,
+        _ctx: mesh_agent_sdk::Context,
+        input: serde_json::Value,
+    ) -> Result<serde_json::Value, mesh_agent_sdk::AgentError> {
+        STRICT_CALLS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(input["with"]["answer"].clone())
+    }
+}
+
+/// Before: skill schemas travelled and nothing checked them. After: an input that does not
+/// match is refused before dispatch, and an output that does not match fails its attempt;
+/// neither is retried, and both name the path.
+#[tokio::test]
+async fn skill_schemas_are_checked_before_dispatch_and_on_results() {
+    let mesh = Mesh::start(Timings::default()).await;
+    let node = mesh_agent_sdk::NodeRuntime::builder()
+        .coordinator(mesh.url())
+        .name("strict-node")
+        .agent(Strict)
+        .build()
+        .unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(node.run_until(async move {
+        let _ = stopped.await;
+    }));
+    let client = mesh.client().await;
+    mesh_tests::wait_for("the agent to register", Duration::from_secs(10), || {
+        let client = client.clone();
+        async move {
+            let agents = client.agents(Some("strict")).await.ok()?;
+            (!agents.is_empty()).then_some(())
+        }
+    })
+    .await;
+    let run = |with: serde_json::Value| {
+        let client = client.clone();
+        async move {
+            let run = client
+                .submit(goal("strict", &[("a", "strict", with, &[])]))
+                .await
+                .unwrap();
+            tokio::time::timeout(Duration::from_secs(20), client.wait(&run.run_id))
+                .await
+                .unwrap()
+                .unwrap()
+        }
+    };
+    let view = run(json!({ "text": 7, "answer": "x" })).await;
+    assert_eq!(view.state, RunState::Failed);
+    let error = view.steps[0].error.clone().unwrap_or_default();
+    assert!(
+        error.contains("bad_input") && error.contains("input.with.text"),
+        "{error}"
+    );
+    assert_eq!(
+        STRICT_CALLS.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "never sent"
+    );
+
+    let view = run(json!({ "text": "hi", "answer": { "not": "a string" } })).await;
+    assert_eq!(view.state, RunState::Failed);
+    let error = view.steps[0].error.clone().unwrap_or_default();
+    assert!(
+        error.contains("bad_output") && error.contains("output schema"),
+        "{error}"
+    );
+    assert_eq!(view.steps[0].attempt, 1, "not retried");
+
+    let view = run(json!({ "text": "hi", "answer": "salut" })).await;
+    assert_eq!(view.state, RunState::Succeeded, "{:?}", view.error);
+    let _ = stop.send(());
+    running.await.unwrap().unwrap();
+}

@@ -11,6 +11,6 @@ pub mod validate;
 pub use def::{OnFailure, RetryDef, StepDef, WorkflowDef};
 pub use expr::{Bindings, Expr, RunBindings, Template};
 pub use validate::{
-    Action, Invalid, Limits, Problem, Step, Target, Workflow, check_sub_workflows, load, parse,
-    validate,
+    Action, Invalid, JsonSchema, Limits, Problem, Step, Target, Workflow, check_sub_workflows,
+    load, parse, validate,
 };

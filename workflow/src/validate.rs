@@ -179,7 +179,7 @@ pub struct Workflow {
     pub outputs: Vec<(String, Template)>,
     index: HashMap<String, usize>,
     /// The inputs declared with a JSON Schema object, compiled.
-    input_schemas: HashMap<String, InputSchema>,
+    input_schemas: HashMap<String, JsonSchema>,
 }
 
 impl Workflow {
@@ -245,13 +245,32 @@ impl Workflow {
 
 const TYPES: [&str; 6] = ["string", "number", "integer", "boolean", "object", "array"];
 
-/// An input's JSON Schema, compiled once.
+/// A JSON Schema, compiled once: a workflow input's, or a skill's input or output.
 #[derive(Clone)]
-pub struct InputSchema(Arc<jsonschema::Validator>);
+pub struct JsonSchema(Arc<jsonschema::Validator>);
 
-impl std::fmt::Debug for InputSchema {
+impl std::fmt::Debug for JsonSchema {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("InputSchema")
+        f.write_str("JsonSchema")
+    }
+}
+
+impl JsonSchema {
+    pub fn compile(schema: &Value) -> Result<Self, String> {
+        jsonschema::validator_for(schema)
+            .map(|v| Self(Arc::new(v)))
+            .map_err(|e| e.to_string())
+    }
+
+    /// The first place where `value` does not match: its path (`.with.text`, empty for
+    /// the whole value) and what is wrong.
+    pub fn first_problem(&self, value: &Value) -> Option<(String, String)> {
+        self.0.iter_errors(value).next().map(|e| {
+            (
+                pointer_to_path(&e.instance_path().to_string()),
+                e.to_string(),
+            )
+        })
     }
 }
 
@@ -500,7 +519,7 @@ pub fn validate(def: WorkflowDef, limits: &Limits) -> Result<Workflow, Invalid> 
             (Value::String(_), _) => {}
             (Value::Object(_), _) => match jsonschema::validator_for(decl) {
                 Ok(v) => {
-                    input_schemas.insert(name.clone(), InputSchema(Arc::new(v)));
+                    input_schemas.insert(name.clone(), JsonSchema(Arc::new(v)));
                 }
                 Err(e) => c.problem(path, format!("not a valid JSON Schema: {e}")),
             },
