@@ -83,6 +83,7 @@ fn dispatcher_selection(c: &mut Criterion) {
                 input: json!({}),
                 idempotency_key: String::new(),
                 timeout: None,
+                labels: Default::default(),
                 agent: None,
                 run: 0u32,
                 ready_at: Instant::now(),

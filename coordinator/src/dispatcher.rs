@@ -6,7 +6,7 @@
 //! Invariant: at most one attempt per step is in flight, the one whose token the run issued
 //! last; any result with another token is stale.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -146,6 +146,8 @@ pub struct DispatchRequest<R = ActorRef<RunMsg>> {
     pub idempotency_key: String,
     /// The step's own limit on an attempt; the configured `attempt_timeout` otherwise.
     pub timeout: Option<Duration>,
+    /// Labels the agent must have (its card's, which include its node's).
+    pub labels: BTreeMap<String, String>,
     pub run: R,
     pub ready_at: Instant,
 }
@@ -153,18 +155,31 @@ pub struct DispatchRequest<R = ActorRef<RunMsg>> {
 impl<R> DispatchRequest<R> {
     /// Whether an agent with this card can take the request.
     pub fn wants(&self, card: &AgentCard) -> bool {
-        match &self.agent {
+        let able = match &self.agent {
             Some(name) => card.name == *name,
             None => card.has_skill(&self.skill),
-        }
+        };
+        able && self
+            .labels
+            .iter()
+            .all(|(k, v)| card.labels.get(k) == Some(v))
     }
 
     /// What the request waits for, for messages.
     pub fn wanted(&self) -> String {
-        match &self.agent {
+        let who = match &self.agent {
             Some(name) => format!("agent `{name}`"),
             None => format!("skill `{}`", self.skill),
+        };
+        if self.labels.is_empty() {
+            return who;
         }
+        let labels: Vec<String> = self
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        format!("{who} with labels {}", labels.join(", "))
     }
 
     /// The queue the request waits in.
@@ -1058,6 +1073,7 @@ mod tests {
             input: json!({}),
             idempotency_key: format!("r/{step}"),
             timeout: None,
+            labels: BTreeMap::new(),
             run: 0,
             ready_at: Instant::now(),
         }
@@ -1084,6 +1100,27 @@ mod tests {
             Sent::RefusedForSkill(_) => "refused for its skill".into(),
             Sent::Invalid(_, e) => format!("invalid: {e}"),
         }
+    }
+
+    /// A step's labels place it only on agents that have them, their own or their node's
+    /// (merged in by the registry); one that nobody has says which labels are missing.
+    #[test]
+    fn labels_place_a_step_only_where_they_are() {
+        let mut eu = card("e", "echo", 4);
+        eu.labels.insert("region".into(), "eu".into());
+        let (mut st, _rx) = state_with(&[("n1", vec![card("e", "echo", 4)]), ("n2", vec![eu])]);
+        let now = Instant::now();
+        for step in ["a", "b", "c"] {
+            let mut r = req(step, 1, "echo");
+            r.labels.insert("region".into(), "eu".into());
+            assert_eq!(sent_to(st.dispatch(r, 1000, 10, now)), "n2/e");
+        }
+        let mut gpu = req("d", 1, "echo");
+        gpu.labels.insert("gpu".into(), "true".into());
+        assert_eq!(gpu.wanted(), "skill `echo` with labels gpu=true");
+        assert_eq!(sent_to(st.dispatch(gpu, 1000, 10, now)), "queued");
+        let (unschedulable, _) = st.sweep(now + Duration::from_secs(60), Duration::from_secs(30));
+        assert_eq!(unschedulable.len(), 1);
     }
 
     /// A skill's input schema is checked before anything is sent, its output schema when

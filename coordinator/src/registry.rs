@@ -73,6 +73,21 @@ pub struct NodeEntry {
     pub died_at: Option<Instant>,
 }
 
+/// The agents as the dispatcher places work on them: each with its node's labels, where
+/// it does not set the same label itself.
+fn with_node_labels(agents: &[AgentCard], node: &BTreeMap<String, String>) -> Vec<AgentCard> {
+    agents
+        .iter()
+        .map(|card| {
+            let mut card = card.clone();
+            for (k, v) in node {
+                card.labels.entry(k.clone()).or_insert_with(|| v.clone());
+            }
+            card
+        })
+        .collect()
+}
+
 /// A change the sweep decided.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HealthChange {
@@ -399,7 +414,7 @@ impl Actor for Registry {
                 st.dispatcher.cast(DispatcherMsg::NodeUp {
                     node,
                     instance: registered.instance,
-                    agents: registration.agents,
+                    agents: with_node_labels(&registration.agents, &registration.labels),
                     tx,
                 });
                 let _ = reply.send(registered);
@@ -506,7 +521,7 @@ impl Actor for Registry {
                         st.dispatcher.cast(DispatcherMsg::NodeUp {
                             node: id.clone(),
                             instance: entry.instance,
-                            agents: entry.agents.clone(),
+                            agents: with_node_labels(&entry.agents, &entry.labels),
                             tx: tx.clone(),
                         });
                         if entry.health != Health::Healthy {

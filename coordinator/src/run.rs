@@ -398,6 +398,7 @@ impl RunActorState {
                         input,
                         idempotency_key: format!("{}/{}/{}", self.machine.run_id, step, index),
                         timeout: spec.timeout,
+                        labels: spec.labels.clone(),
                         token,
                         run: myself.clone(),
                         ready_at: Instant::now(),

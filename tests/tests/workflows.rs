@@ -637,3 +637,30 @@ async fn a_workflow_registered_as_a_dotted_name_runs_as_a_sub_workflow() {
     assert_eq!(view.state, RunState::Succeeded, "{:?}", view.error);
     assert_eq!(view.output, Some(json!({ "seen": "draft" })));
 }
+
+/// Before: labels travelled and nothing placed work by them. After: a step asks for labels
+/// and runs only on an agent whose node (or card) has them; one that nobody has fails as
+/// unschedulable, naming the labels.
+#[tokio::test]
+async fn a_step_runs_only_where_its_labels_are() {
+    let mut mesh = Mesh::start(Timings::default()).await;
+    mesh.start_node("plain", AGENTS).await;
+    mesh.start_node("eu", &format!("[labels]\nregion = \"eu\"\n{AGENTS}"))
+        .await;
+    let client = mesh.client().await;
+    let yaml = "steps:\n  - {id: here, uses: echo, foreach: '${{ [1, 2, 3, 4, 5, 6] }}', labels: {region: eu}}\n";
+    let view = run_to_end(&client, yaml, json!({})).await;
+    assert_eq!(view.state, RunState::Succeeded, "{:?}", view.error);
+    let placed = mesh.task_executions("eu").len();
+    assert_eq!(placed, 6, "every task on the labelled node");
+    assert!(mesh.task_executions("plain").is_empty());
+
+    let yaml = "steps:\n  - {id: nowhere, uses: echo, labels: {gpu: 'true'}}\n";
+    let view = run_to_end(&client, yaml, json!({})).await;
+    assert_eq!(view.state, RunState::Failed);
+    let error = step(&view, "nowhere").error.clone().unwrap_or_default();
+    assert!(
+        error.contains("unschedulable") && error.contains("gpu=true"),
+        "{error}"
+    );
+}

@@ -57,6 +57,9 @@ pub struct StepDef {
     pub with: Value,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub needs: Vec<String>,
+    /// Labels the agent must have (its own, or its node's): `{ region: eu, gpu: "true" }`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
     /// Run the step only when this is true; otherwise it is skipped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub when: Option<String>,

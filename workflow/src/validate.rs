@@ -2,7 +2,7 @@
 //! each problem names the path of its field (`steps[3].loop.until`). Expressions are compiled
 //! here, once.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -145,6 +145,8 @@ pub struct Step {
     pub retry: Option<RetryDef>,
     pub timeout: Option<Duration>,
     pub on_failure: OnFailure,
+    /// Labels the agent must have (its own or its node's).
+    pub labels: BTreeMap<String, String>,
 }
 
 impl Step {
@@ -631,6 +633,12 @@ pub fn validate(def: WorkflowDef, limits: &Limits) -> Result<Workflow, Invalid> 
             }
         };
         let is_task = matches!(action, Action::Task(_));
+        if !s.labels.is_empty() && matches!(action, Action::Task(Target::Workflow { .. })) {
+            c.problem(
+                at("labels"),
+                "a sub-workflow step runs no task of its own: put labels on its steps",
+            );
+        }
         if s.timeout.is_some() && matches!(action, Action::Task(Target::Workflow { .. })) {
             c.problem(
                 at("timeout"),
@@ -643,12 +651,21 @@ pub fn validate(def: WorkflowDef, limits: &Limits) -> Result<Workflow, Invalid> 
             ("loop", s.loop_.is_some()),
             ("retry", s.retry.is_some()),
             ("timeout", s.timeout.is_some()),
+            ("labels", !s.labels.is_empty()),
         ] {
             if set && !is_task {
                 c.problem(
                     at(field),
                     "only a step with `uses`, `agent` or `workflow` can have this",
                 );
+            }
+        }
+        for (k, v) in &s.labels {
+            if !valid_id(k) {
+                c.problem(at("labels"), format!("`{k}` is not a valid label name"));
+            }
+            if v.is_empty() || v.len() > 128 {
+                c.problem(at(&format!("labels.{k}")), "must be 1 to 128 bytes");
             }
         }
         if s.foreach.is_some() && s.loop_.is_some() {
@@ -760,6 +777,7 @@ pub fn validate(def: WorkflowDef, limits: &Limits) -> Result<Workflow, Invalid> 
             retry: s.retry.clone(),
             timeout: s.timeout,
             on_failure: s.on_failure,
+            labels: s.labels.clone(),
         });
     }
 
@@ -1043,6 +1061,14 @@ outputs: { brief: "${{ steps.review.output.text }}" }
             (
                 "steps:\n  - {id: a, uses: x, retry: {max_attempts: 0}}\n",
                 "steps[0].retry.max_attempts: must be 1 to 100",
+            ),
+            (
+                "steps:\n  - {id: a, approval: {}, labels: {gpu: 'true'}}\n",
+                "steps[0].labels: only a step with `uses`, `agent` or `workflow` can have this",
+            ),
+            (
+                "steps:\n  - {id: a, uses: x, labels: {'a b': x}}\n",
+                "steps[0].labels: `a b` is not a valid label name",
             ),
             (
                 "steps:\n  - {id: a, uses: x, timeout: soon}\n",
