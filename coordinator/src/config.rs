@@ -19,6 +19,13 @@ pub struct CoordinatorConfig {
     /// `DEADLINE_EXCEEDED`; a client's shorter `grpc-timeout` applies too.
     #[serde(with = "humantime_serde")]
     pub request_deadline: Duration,
+    /// On shutdown, how long the coordinator answers health checks NOT_SERVING while it
+    /// still serves, so that load balancers stop sending it work first.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// How often the store is probed with a write, for health.
+    #[serde(with = "humantime_serde")]
+    pub store_probe_every: Duration,
     pub registry: RegistryConfig,
     pub dispatch: DispatchConfig,
 }
@@ -30,6 +37,8 @@ impl Default for CoordinatorConfig {
             http_listen: ([127, 0, 0, 1], 7701).into(),
             data_dir: PathBuf::from(".mesh/coordinator"),
             request_deadline: Duration::from_secs(30),
+            shutdown_grace: Duration::ZERO,
+            store_probe_every: Duration::from_secs(2),
             registry: RegistryConfig::default(),
             dispatch: DispatchConfig::default(),
         }

@@ -1,12 +1,28 @@
-//! The coordinator's HTTP port: `/metrics` (Prometheus text format) and `/healthz`.
+//! The coordinator's HTTP port: `/metrics` (Prometheus text format) and `/healthz` (200
+//! when ready, 503 with the reason while starting, draining or unable to write its store).
 
 use axum::Router;
+use axum::http::StatusCode;
 use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
 
-pub fn router(prometheus: Option<PrometheusHandle>) -> Router {
+use crate::readiness::Readiness;
+
+pub fn router(prometheus: Option<PrometheusHandle>, readiness: Readiness) -> Router {
     Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/healthz",
+            get(move || {
+                let answer = match readiness.check() {
+                    Ok(()) => (StatusCode::OK, "ok\n".to_owned()),
+                    Err(why) => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("not ready: {}\n", why.as_str()),
+                    ),
+                };
+                async move { answer }
+            }),
+        )
         .route(
             "/metrics",
             get(move || {

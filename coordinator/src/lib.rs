@@ -13,6 +13,7 @@ mod http;
 pub mod machine;
 pub mod metrics;
 pub mod node_session;
+pub mod readiness;
 pub mod registry;
 pub mod root;
 pub mod run;
@@ -35,6 +36,7 @@ use tracing::{info, warn};
 
 pub use config::CoordinatorConfig;
 pub use error::{Error, Result};
+use readiness::Readiness;
 use root::{CoordinatorRoot, Handles, RootArgs, RootMsg};
 use store::Store;
 
@@ -49,12 +51,21 @@ pub struct Coordinator {
     root: ActorRef<RootMsg>,
     stop: Option<oneshot::Sender<()>>,
     servers: Vec<JoinHandle<()>>,
+    readiness: Readiness,
+    shutdown_grace: Duration,
 }
 
 impl Coordinator {
     /// Stops serving, then stops the actors. Runs in flight stay in the store and resume
     /// at the next start.
     pub async fn stop(mut self) {
+        // Health says NOT_SERVING first (at once for /healthz, within a tick for gRPC), and
+        // for `shutdown_grace` everything else is still served.
+        self.readiness.draining();
+        if !self.shutdown_grace.is_zero() {
+            info!(grace = ?self.shutdown_grace, "draining: health is NOT_SERVING");
+            tokio::time::sleep(self.shutdown_grace).await;
+        }
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -82,10 +93,12 @@ pub async fn start(
     let grpc_addr = grpc_listener.local_addr()?;
     let http_addr = http_listener.local_addr()?;
 
+    let readiness = Readiness::starting();
     let args = RootArgs {
         config: config.clone(),
         store,
         epoch,
+        readiness: readiness.clone(),
     };
     let (root, _) = Actor::spawn(None, CoordinatorRoot, args)
         .await
@@ -105,11 +118,17 @@ pub async fn start(
         let _ = http_stop_tx.send(());
     });
 
-    let grpc = tokio::spawn(serve_grpc(handles, grpc_listener, async move {
-        let _ = grpc_stop_rx.await;
-    }));
+    let grpc = tokio::spawn(serve_grpc(
+        handles,
+        readiness.clone(),
+        grpc_listener,
+        async move {
+            let _ = grpc_stop_rx.await;
+        },
+    ));
+    let router = http::router(prometheus, readiness.clone());
     let http = tokio::spawn(async move {
-        let result = axum::serve(http_listener, http::router(prometheus))
+        let result = axum::serve(http_listener, router)
             .with_graceful_shutdown(async move {
                 let _ = http_stop_rx.await;
             })
@@ -126,6 +145,8 @@ pub async fn start(
         root,
         stop: Some(stop_tx),
         servers: vec![grpc, http],
+        readiness,
+        shutdown_grace: config.shutdown_grace,
     })
 }
 
@@ -143,6 +164,7 @@ pub async fn run(
 
 async fn serve_grpc(
     handles: Handles,
+    readiness: Readiness,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
@@ -153,18 +175,12 @@ async fn serve_grpc(
 
     let max = grpc::MAX_MESSAGE_BYTES;
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<GoalServiceServer<grpc::GoalApi>>()
-        .await;
-    health_reporter
-        .set_serving::<NodeServiceServer<grpc::NodeApi>>()
-        .await;
-    health_reporter
-        .set_serving::<RegistryServiceServer<grpc::RegistryApi>>()
-        .await;
-    health_reporter
-        .set_serving::<WorkflowServiceServer<grpc::WorkflowApi>>()
-        .await;
+    let health = tokio::spawn(follow_readiness(
+        health_reporter,
+        readiness,
+        handles.store.clone(),
+        handles.config.store_probe_every,
+    ));
     // Reflection in both versions: grpcurl and most tools speak v1, Python's
     // grpcio-reflection only v1alpha.
     let builder = || {
@@ -220,7 +236,109 @@ async fn serve_grpc(
         )
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
+    health.abort();
     if let Err(e) = result {
         warn!(error = %e, "gRPC server failed");
+    }
+}
+
+/// How often `grpc.health.v1` catches up with the coordinator's readiness.
+const HEALTH_TICK: Duration = Duration::from_millis(200);
+
+/// Keeps `grpc.health.v1` in step with [`Readiness`] (every service and the server as a
+/// whole: SERVING or NOT_SERVING), and probes the store with a write every `probe_every`.
+async fn follow_readiness(
+    reporter: tonic_health::server::HealthReporter,
+    readiness: Readiness,
+    store: Store,
+    probe_every: Duration,
+) {
+    use pb::goal_service_server::GoalServiceServer;
+    use pb::node_service_server::NodeServiceServer;
+    use pb::registry_service_server::RegistryServiceServer;
+    use pb::workflow_service_server::WorkflowServiceServer;
+    use tonic_health::ServingStatus;
+
+    let services = [
+        "",
+        <GoalServiceServer<grpc::GoalApi> as tonic::server::NamedService>::NAME,
+        <NodeServiceServer<grpc::NodeApi> as tonic::server::NamedService>::NAME,
+        <RegistryServiceServer<grpc::RegistryApi> as tonic::server::NamedService>::NAME,
+        <WorkflowServiceServer<grpc::WorkflowApi> as tonic::server::NamedService>::NAME,
+    ];
+    let mut published = None;
+    let mut next_probe = tokio::time::Instant::now();
+    loop {
+        if tokio::time::Instant::now() >= next_probe {
+            next_probe += probe_every;
+            let ok = matches!(
+                tokio::time::timeout(probe_every.max(HEALTH_TICK), store.probe()).await,
+                Ok(Ok(()))
+            );
+            if !ok {
+                warn!("the store cannot be written; health is NOT_SERVING");
+            }
+            readiness.store_writable(ok);
+        }
+        let status = match readiness.check() {
+            Ok(()) => ServingStatus::Serving,
+            Err(_) => ServingStatus::NotServing,
+        };
+        if published != Some(status) {
+            for service in services {
+                reporter.set_service_status(service, status).await;
+            }
+            published = Some(status);
+        }
+        tokio::time::sleep(HEALTH_TICK).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic_health::pb::health_check_response::ServingStatus as Status;
+    use tonic_health::pb::health_server::Health;
+
+    async fn serving(service: &tonic_health::server::HealthService) -> Status {
+        let req = tonic::Request::new(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        });
+        let answer = service.check(req).await.unwrap().into_inner();
+        Status::try_from(answer.status).unwrap()
+    }
+
+    /// gRPC health follows readiness: NOT_SERVING while starting, SERVING once started,
+    /// NOT_SERVING when the store cannot be written (its writer is gone) and when draining.
+    #[tokio::test]
+    async fn grpc_health_follows_readiness_and_the_store_probe() {
+        let dir = tempfile::tempdir().unwrap();
+        let every = Duration::from_millis(20);
+        let settle = || tokio::time::sleep(HEALTH_TICK * 3);
+
+        let reporter = tonic_health::server::HealthReporter::new();
+        let service = tonic_health::server::HealthService::from_health_reporter(reporter.clone());
+        let readiness = Readiness::starting();
+        let store = Store::open(&dir.path().join("ok")).unwrap();
+        let task = tokio::spawn(follow_readiness(reporter, readiness.clone(), store, every));
+        settle().await;
+        assert_eq!(serving(&service).await, Status::NotServing);
+        readiness.started();
+        settle().await;
+        assert_eq!(serving(&service).await, Status::Serving);
+        readiness.draining();
+        settle().await;
+        assert_eq!(serving(&service).await, Status::NotServing);
+        task.abort();
+
+        let reporter = tonic_health::server::HealthReporter::new();
+        let service = tonic_health::server::HealthService::from_health_reporter(reporter.clone());
+        let readiness = Readiness::ready();
+        let broken = Store::without_writer(&dir.path().join("broken")).unwrap();
+        let task = tokio::spawn(follow_readiness(reporter, readiness.clone(), broken, every));
+        settle().await;
+        assert_eq!(readiness.check(), Err(readiness::NotReady::StoreUnwritable));
+        assert_eq!(serving(&service).await, Status::NotServing);
+        task.abort();
     }
 }

@@ -59,6 +59,7 @@ pub struct RootArgs {
     pub config: CoordinatorConfig,
     pub store: Store,
     pub epoch: u64,
+    pub readiness: crate::readiness::Readiness,
 }
 
 pub struct RootState {
@@ -129,6 +130,7 @@ impl Actor for CoordinatorRoot {
         );
         let directory = RunDirectory::default();
         let deps = RunDeps {
+            readiness: args.readiness.clone(),
             store: args.store.clone(),
             dispatcher: dispatcher.clone(),
             directory: directory.clone(),

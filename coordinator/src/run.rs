@@ -126,6 +126,8 @@ pub struct RunDeps {
     /// Steps waiting for an agent, by skill; `swarms::submit` refuses goals whose skill's
     /// queue is full.
     pub queues: QueueBoard,
+    /// Told when the runs found at start-up are resumed.
+    pub readiness: crate::readiness::Readiness,
 }
 
 pub struct RunArgs {

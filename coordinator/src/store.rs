@@ -271,6 +271,8 @@ enum WriteOp {
         reply: oneshot::Sender<(Vec<JournalEvent>, Result<()>)>,
     },
     AddMember(GoalId, SwarmMember, oneshot::Sender<Result<()>>),
+    /// A write of nothing that matters, to learn whether the store can be written.
+    Probe(oneshot::Sender<Result<()>>),
     Register(
         Box<NewWorkflow>,
         oneshot::Sender<Result<(WorkflowRecord, bool)>>,
@@ -381,6 +383,15 @@ impl Store {
         })
     }
 
+    /// The store at `dir` as it is when its writer thread has died (a panic, say): reads
+    /// work, every write fails.
+    #[cfg(test)]
+    pub(crate) fn without_writer(dir: &Path) -> Result<Self> {
+        let store = Self::open(dir)?;
+        let (writer, _) = mpsc::channel(1);
+        Ok(Self { writer, ..store })
+    }
+
     fn read(&self) -> MutexGuard<'_, Connection> {
         // A panic while holding the lock leaves SQLite consistent (reads only), so a
         // poisoned lock is safe to take over.
@@ -422,6 +433,12 @@ impl Store {
             })
             .await?;
         result.map(|()| events)
+    }
+
+    /// Writes to the store and commits, to learn whether it can be written (a full disk, a
+    /// read-only file system). Durable when it returns Ok.
+    pub async fn probe(&self) -> Result<()> {
+        self.write(WriteOp::Probe).await?
     }
 
     /// Records that the swarm of `goal_id` uses `member`; idempotent.
@@ -635,6 +652,7 @@ enum Applied {
         Result<()>,
     ),
     Member(oneshot::Sender<Result<()>>, Result<()>),
+    Probe(oneshot::Sender<Result<()>>, Result<()>),
     Register(
         oneshot::Sender<Result<(WorkflowRecord, bool)>>,
         Result<(WorkflowRecord, bool)>,
@@ -679,6 +697,17 @@ fn commit_group(conn: &mut Connection, batch: impl Iterator<Item = WriteOp>) {
                 reply,
                 in_savepoint(&mut tx, |c| register_workflow(c, &new, now)),
             ),
+            WriteOp::Probe(reply) => Applied::Probe(
+                reply,
+                in_savepoint(&mut tx, |c| {
+                    c.prepare_cached(
+                        "INSERT INTO meta (key, value) VALUES ('probe', ?1)
+                         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    )?
+                    .execute(params![now.to_string()])?;
+                    Ok(())
+                }),
+            ),
         });
     }
     let commit_error = tx.commit().err().map(|e| format!("commit failed: {e}"));
@@ -697,6 +726,7 @@ impl Applied {
             WriteOp::Submit(_, reply) => Applied::Submit(reply, err(why)),
             WriteOp::Record { events, reply, .. } => Applied::Record(reply, events, err(why)),
             WriteOp::AddMember(_, _, reply) => Applied::Member(reply, err(why)),
+            WriteOp::Probe(reply) => Applied::Probe(reply, err(why)),
             WriteOp::Register(_, reply) => Applied::Register(reply, err(why)),
         }
     }
@@ -715,7 +745,9 @@ impl Applied {
             Applied::Record(reply, events, r) => {
                 drop(reply.send((events, or_commit(r, commit_error))))
             }
-            Applied::Member(reply, r) => drop(reply.send(or_commit(r, commit_error))),
+            Applied::Member(reply, r) | Applied::Probe(reply, r) => {
+                drop(reply.send(or_commit(r, commit_error)))
+            }
             Applied::Register(reply, r) => drop(reply.send(or_commit(r, commit_error))),
         }
     }

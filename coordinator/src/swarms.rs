@@ -309,6 +309,7 @@ impl Actor for SwarmSupervisor {
                 if resumed > 0 {
                     info!(resumed, "unfinished runs resumed");
                 }
+                st.deps.readiness.started();
             }
             SwarmsMsg::RedispatchAll => {
                 for run in st.deps.directory.all() {

@@ -254,7 +254,8 @@ pub struct Timings {
     pub circuit_cool_down_ms: u64,
     pub max_active_runs: usize,
     pub max_pending_per_skill: usize,
-    /// More `coordinator.toml` lines, under `[registry]` and `[dispatch]`.
+    /// More `coordinator.toml` lines: at the top, under `[registry]` and under `[dispatch]`.
+    pub coordinator_extra: String,
     pub registry_extra: String,
     pub dispatch_extra: String,
 }
@@ -271,6 +272,7 @@ impl Default for Timings {
             circuit_cool_down_ms: 30_000,
             max_active_runs: 100_000,
             max_pending_per_skill: 10_000,
+            coordinator_extra: String::new(),
             registry_extra: String::new(),
             dispatch_extra: String::new(),
         }
@@ -327,6 +329,7 @@ impl Mesh {
             r#"listen = "{host}:{grpc}"
 http_listen = "127.0.0.1:{http}"
 data_dir = "{data}"
+{coordinator_extra}
 [registry]
 heartbeat_every = "{hb}ms"
 lease = "{lease}ms"
@@ -354,6 +357,7 @@ max_pending_per_skill = {max_skill}
             cool = t.circuit_cool_down_ms,
             max_runs = t.max_active_runs,
             max_skill = t.max_pending_per_skill,
+            coordinator_extra = t.coordinator_extra,
             registry_extra = t.registry_extra,
             dispatch_extra = t.dispatch_extra,
         );
