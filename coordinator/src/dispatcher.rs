@@ -21,7 +21,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::DispatchConfig;
 use crate::metrics as m;
-use crate::node_session::{NodeTx, Outbound};
+use crate::node_link::{NodeTx, Outbound, ResultAck};
 use crate::run::RunMsg;
 use mesh_workflow::JsonSchema;
 
@@ -961,7 +961,8 @@ impl Actor for Dispatcher {
                         );
                         st.circuit(&inflight, counts_against_agent(&result.outcome), now);
                         // The run acknowledges once the result is journaled.
-                        let _ = inflight.run.cast(RunMsg::Result { result, ack: tx });
+                        let ack = ResultAck::new(tx, result.token.clone());
+                        let _ = inflight.run.cast(RunMsg::Result { result, ack });
                         st.pump();
                     }
                     Err(stale) => {

@@ -20,7 +20,7 @@ use serde_json::{Map, Value, json};
 
 use crate::config::DispatchConfig;
 use crate::error::{Error, Result};
-use crate::store::{JournalEvent, StoredGoal, now_ms};
+use crate::journal::{JournalEvent, StoredGoal};
 
 /// How a step's failed attempts are retried.
 #[derive(Clone, Debug, PartialEq)]
@@ -165,6 +165,9 @@ pub struct RunMachine {
     /// Inputs rendered when their attempt started, until it is dispatched: an input's
     /// expressions are evaluated once, not again for the dispatch. Not journaled.
     rendered: HashMap<(usize, u32), Value>,
+    /// The time (Unix ms) the caller gave with [`RunMachine::at`]: the machine reads no
+    /// clock, so that its decisions depend only on what it is told.
+    now_ms: i64,
 }
 
 /// Length of a value's JSON text, without building it.
@@ -230,6 +233,7 @@ impl RunMachine {
             limits,
             retained_bytes: 0,
             rendered: HashMap::new(),
+            now_ms: 0,
         }
     }
 
@@ -365,6 +369,13 @@ impl RunMachine {
         input.insert("needs".into(), Value::Object(needs));
         input.extend(extra);
         Ok(Value::Object(input))
+    }
+
+    /// Tells the machine the time (Unix ms) for the decisions that follow: when a wait
+    /// times out is counted from it.
+    pub fn at(&mut self, now_ms: i64) -> &mut Self {
+        self.now_ms = now_ms;
+        self
     }
 
     /// The input to dispatch for task `index` of step `i`: the one rendered when its
@@ -601,7 +612,7 @@ impl RunMachine {
                     Ok(_) => "approval".to_owned(),
                     Err(e) => return self.fail_step(i, out, format!("approval.message: {e}")),
                 };
-                let until_ms = timeout.map(|t| now_ms() + t.as_millis() as i64);
+                let until_ms = timeout.map(|t| self.now_ms + t.as_millis() as i64);
                 self.emit(
                     out,
                     JournalEvent::StepWaiting {
@@ -617,7 +628,7 @@ impl RunMachine {
                     self.emit(out, JournalEvent::StepSucceeded { step, output });
                 }
                 None => {
-                    let until_ms = timeout.map(|t| now_ms() + t.as_millis() as i64);
+                    let until_ms = timeout.map(|t| self.now_ms + t.as_millis() as i64);
                     let detail = format!("signal `{name}`");
                     self.emit(
                         out,
@@ -1345,7 +1356,7 @@ impl RunMachine {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::StoredGoal;
+    use crate::journal::StoredGoal;
 
     fn policy() -> RetryPolicy {
         RetryPolicy {
@@ -1608,8 +1619,10 @@ mod tests {
     #[test]
     fn approvals_wait_for_a_decision_and_time_out() {
         let yaml = "steps:\n  - {id: gate, approval: {message: 'ship ${{ inputs.v }}?', timeout: 1h}}\n  - {id: ship, uses: echo, needs: [gate]}\n";
+        // The machine reads no clock: the time is what it is told.
+        let t0 = 1_700_000_000_000;
         let mut m = machine(yaml, json!({ "v": 2 }));
-        m.advance();
+        m.at(t0).advance();
         assert_eq!(state(&m, "gate"), StepState::AwaitingApproval);
         assert_eq!(m.step_view(0).detail.as_deref(), Some("ship 2?"));
         let err = m.on_decision(&"ship".into(), true, "", "").unwrap_err();
@@ -1618,7 +1631,7 @@ mod tests {
                 .contains("does not await approval (it is pending)")
         );
         // Too early: the timer fired before the wait's end (a clock step): nothing happens.
-        assert!(m.on_wait_expired(&"gate".into(), now_ms()).is_empty());
+        assert!(m.on_wait_expired(&"gate".into(), t0 + 3_599_999).is_empty());
         let e = m.on_decision(&"gate".into(), true, "fine", "ana").unwrap();
         assert_eq!(started(&e), [("ship".into(), 0)]);
         assert_eq!(
@@ -1627,8 +1640,8 @@ mod tests {
         );
 
         let mut m = machine(yaml, json!({ "v": 3 }));
-        m.advance();
-        let e = m.on_wait_expired(&"gate".into(), now_ms() + 3_600_001);
+        m.at(t0).advance();
+        let e = m.on_wait_expired(&"gate".into(), t0 + 3_600_000);
         assert!(
             finished(&e)
                 .unwrap()

@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use mesh_proto::domain::*;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
-use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use crate::dispatcher::DispatcherMsg;
@@ -20,15 +19,7 @@ use crate::slot::Slot;
 
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// What goes down a node's stream.
-#[derive(Debug)]
-pub enum Outbound {
-    Frame(ToNode),
-    /// End the stream with this status.
-    Close(tonic::Code, String),
-}
-
-pub type NodeTx = mpsc::Sender<Outbound>;
+pub use crate::node_link::{NodeTx, Outbound};
 
 pub enum NodeSessionMsg {
     Frame(FromNode),

@@ -17,7 +17,8 @@ use crate::config::RegistryConfig;
 use crate::dispatcher::{DispatcherMsg, LoadBoard};
 use crate::error::{Error, Result};
 use crate::metrics as m;
-use crate::node_session::{NodeSessionMsg, NodeTx, Outbound};
+use crate::node_link::{NodeTx, Outbound};
+use crate::node_session::NodeSessionMsg;
 use crate::slot::Slot;
 
 pub enum RegistryMsg {

@@ -23,7 +23,7 @@ use crate::dispatcher::{DispatchRequest, DispatcherMsg, QueueBoard};
 use crate::error::{Error, Result};
 pub use crate::machine::{Decision, RetryPolicy, RunMachine};
 use crate::metrics as m;
-use crate::node_session::{NodeTx, Outbound};
+use crate::node_link::ResultAck;
 use crate::slot::Slot;
 use crate::store::{JournalEvent, Store, StoredRun, now_ms};
 use crate::swarm::SwarmMsg;
@@ -42,7 +42,7 @@ pub enum RunMsg {
     /// A result that passed the dispatcher's fence; acknowledged on `ack` once journaled.
     Result {
         result: TaskResult,
-        ack: NodeTx,
+        ack: ResultAck,
     },
     /// The attempt's node or agent went away; dispatch a new attempt at once.
     AttemptLost {
@@ -599,6 +599,9 @@ impl Actor for Run {
         msg: Self::Msg,
         st: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
+        // The machine reads no clock: every message's decisions are made at this time.
+        let now = now_ms();
+        st.machine.at(now);
         match msg {
             RunMsg::Start => match st.first.take() {
                 // A new run: its first decisions are journaled already.
@@ -632,7 +635,7 @@ impl Actor for Run {
                 }
             }
             RunMsg::Result { result, ack } => {
-                let token = result.token.clone();
+                let token = &result.token;
                 let (code, message) = match st.machine.on_result(&result) {
                     Some(decision) => {
                         apply_decision(st, &myself, decision).await?;
@@ -647,11 +650,7 @@ impl Actor for Run {
                         )
                     }
                 };
-                let _ = ack.try_send(Outbound::Frame(ToNode::ResultAck {
-                    token,
-                    code,
-                    message,
-                }));
+                ack.send(code, message);
             }
             RunMsg::AttemptFailed { token, error } => {
                 if let Some(decision) = st.machine.on_failed(&token, error) {
@@ -672,7 +671,7 @@ impl Actor for Run {
                 st.commit(&myself, events).await?;
             }
             RunMsg::WaitExpired(step) => {
-                let events = st.machine.on_wait_expired(&step, now_ms());
+                let events = st.machine.on_wait_expired(&step, now);
                 st.commit(&myself, events).await?;
             }
             RunMsg::DeadlinePassed => {

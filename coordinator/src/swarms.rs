@@ -184,8 +184,8 @@ pub async fn submit(
         deps.policy.clone(),
         deps.limits.clone(),
     );
-    let events = machine.advance();
     let at_ms = now_ms();
+    let events = machine.at(at_ms).advance();
     let new = NewRun {
         goal,
         goal_id,

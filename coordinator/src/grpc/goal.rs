@@ -367,7 +367,10 @@ impl pb::goal_service_server::GoalService for GoalApi {
         // A finished run: journal the retry, then start it again; it replays to here.
         let deps = &self.handles.deps;
         let (mut machine, stored) = run::load(deps, &id).map_err(status)?;
-        let events = machine.on_retry_from(&step).map_err(status)?;
+        let events = machine
+            .at(crate::store::now_ms())
+            .on_retry_from(&step)
+            .map_err(status)?;
         deps.store
             .record(&id, stored.next_seq, events)
             .await

@@ -11,7 +11,8 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status, Streaming};
 
-use crate::node_session::{NodeSession, NodeSessionArgs, NodeSessionMsg, Outbound};
+use crate::node_link::Outbound;
+use crate::node_session::{NodeSession, NodeSessionArgs, NodeSessionMsg};
 use crate::root::Handles;
 
 #[derive(Clone, Debug)]

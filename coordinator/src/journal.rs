@@ -1,0 +1,168 @@
+//! What a run's journal holds, shared by the run machine and every store: the events
+//! (`JournalEvent`) and the goal as stored (`StoredGoal`). A leaf: it knows no store.
+
+use mesh_proto::domain::*;
+use mesh_workflow::WorkflowDef;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// One entry of a run's journal. `index` names the task of a step: a `foreach` element or a
+/// `loop` iteration (0 for a plain step).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum JournalEvent {
+    RunCreated,
+    /// A `foreach` was evaluated: one task per item.
+    StepExpanded {
+        step: StepId,
+        items: Vec<Value>,
+    },
+    /// A new attempt of a task is about to be dispatched.
+    StepStarted {
+        step: StepId,
+        index: u32,
+        attempt: u32,
+        epoch: u64,
+    },
+    /// The dispatcher handed the attempt to an agent. No longer written (a result names its
+    /// agent, and an assignment in flight is redone after a restart anyway); replayed from
+    /// journals that have it.
+    StepAssigned {
+        step: StepId,
+        index: u32,
+        attempt: u32,
+        agent: AgentKey,
+    },
+    /// The one accepted result of a task.
+    TaskSucceeded {
+        step: StepId,
+        index: u32,
+        attempt: u32,
+        output: Value,
+        /// The agent that produced it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        agent: Option<AgentKey>,
+    },
+    /// An attempt failed; another may follow.
+    TaskFailed {
+        step: StepId,
+        index: u32,
+        attempt: u32,
+        error: TaskError,
+        /// The agent the attempt ran on, when it got that far.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        agent: Option<AgentKey>,
+    },
+    /// The step waits for a person or a signal, until `until_ms` (Unix ms) at most.
+    StepWaiting {
+        step: StepId,
+        until_ms: Option<i64>,
+        detail: String,
+    },
+    /// The planner's workflow, validated, with the run's inputs bound to it; its steps follow
+    /// the planner step.
+    WorkflowPlanned {
+        workflow: WorkflowDef,
+        inputs: Value,
+    },
+    /// A signal sent to the run, kept for every step that waits for it.
+    SignalReceived {
+        name: String,
+        payload: Value,
+    },
+    StepSucceeded {
+        step: StepId,
+        output: Value,
+    },
+    StepFailed {
+        step: StepId,
+        error: String,
+    },
+    StepSkipped {
+        step: StepId,
+        reason: String,
+    },
+    StepCancelled {
+        step: StepId,
+    },
+    /// Failed with `on_failure: park`.
+    StepParked {
+        step: StepId,
+        error: String,
+    },
+    /// An operator asked to run the step again: back to pending, results dropped, attempt
+    /// numbers kept (so that no fencing token is ever issued twice).
+    StepReset {
+        step: StepId,
+    },
+    /// A failed run runs again (after `StepReset`s).
+    RunResumed,
+    RunFinished {
+        state: RunState,
+        output: Option<Value>,
+        error: Option<String>,
+    },
+}
+
+impl JournalEvent {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            JournalEvent::RunCreated => "run_created",
+            JournalEvent::StepExpanded { .. } => "step_expanded",
+            JournalEvent::StepStarted { .. } => "step_started",
+            JournalEvent::StepAssigned { .. } => "step_assigned",
+            JournalEvent::TaskSucceeded { .. } => "task_succeeded",
+            JournalEvent::TaskFailed { .. } => "task_failed",
+            JournalEvent::StepWaiting { .. } => "step_waiting",
+            JournalEvent::SignalReceived { .. } => "signal_received",
+            JournalEvent::WorkflowPlanned { .. } => "workflow_planned",
+            JournalEvent::StepSucceeded { .. } => "step_succeeded",
+            JournalEvent::StepFailed { .. } => "step_failed",
+            JournalEvent::StepSkipped { .. } => "step_skipped",
+            JournalEvent::StepCancelled { .. } => "step_cancelled",
+            JournalEvent::StepParked { .. } => "step_parked",
+            JournalEvent::StepReset { .. } => "step_reset",
+            JournalEvent::RunResumed => "run_resumed",
+            JournalEvent::RunFinished { .. } => "run_finished",
+        }
+    }
+
+    pub fn step(&self) -> Option<&StepId> {
+        match self {
+            JournalEvent::RunCreated
+            | JournalEvent::SignalReceived { .. }
+            | JournalEvent::WorkflowPlanned { .. }
+            | JournalEvent::RunResumed
+            | JournalEvent::RunFinished { .. } => None,
+            JournalEvent::StepExpanded { step, .. }
+            | JournalEvent::StepStarted { step, .. }
+            | JournalEvent::StepAssigned { step, .. }
+            | JournalEvent::TaskSucceeded { step, .. }
+            | JournalEvent::TaskFailed { step, .. }
+            | JournalEvent::StepWaiting { step, .. }
+            | JournalEvent::StepSucceeded { step, .. }
+            | JournalEvent::StepFailed { step, .. }
+            | JournalEvent::StepSkipped { step, .. }
+            | JournalEvent::StepCancelled { step }
+            | JournalEvent::StepParked { step, .. }
+            | JournalEvent::StepReset { step } => Some(step),
+        }
+    }
+}
+
+/// A goal as stored: its workflow validated, its inputs checked and defaulted.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StoredGoal {
+    pub objective: String,
+    pub inputs: Value,
+    pub workflow: WorkflowDef,
+    pub idempotency_key: Option<String>,
+    /// A text goal: its workflow is one `plan` step, whose output is the workflow that
+    /// runs next.
+    #[serde(default)]
+    pub planned: bool,
+    /// A digest of the request as submitted (see `swarms::request_digest`): the same
+    /// idempotency key with another request is refused. Absent in goals stored before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_digest: Option<String>,
+}
