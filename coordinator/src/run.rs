@@ -334,6 +334,7 @@ impl RunActorState {
                     state: *state,
                     output: output.clone(),
                     error: error.clone(),
+                    output_elided_bytes: None,
                 });
             }
         }

@@ -961,11 +961,12 @@ impl From<RunEvent> for pb::RunEvent {
                 state,
                 output,
                 error,
+                output_elided_bytes,
             } => Kind::Finished(pb::RunFinished {
                 state: pb::RunState::from(state) as i32,
                 output_json: opt_json(&output),
                 error: error.unwrap_or_default(),
-                output_elided_bytes: 0,
+                output_elided_bytes: output_elided_bytes.unwrap_or(0),
             }),
         };
         pb::RunEvent { kind: Some(kind) }
@@ -995,6 +996,8 @@ impl TryFrom<pb::RunEvent> for RunEvent {
                     state: run_state_or_running(f.state),
                     output: opt_value(&f.output_json),
                     error: opt_str(f.error),
+                    output_elided_bytes: (f.output_elided_bytes > 0)
+                        .then_some(f.output_elided_bytes),
                 },
             },
         )

@@ -514,6 +514,9 @@ pub enum RunEvent {
         state: RunState,
         output: Option<Value>,
         error: Option<String>,
+        /// Set (to its size in bytes) when the output was too large to travel inline: read
+        /// it with `GetOutput`.
+        output_elided_bytes: Option<u64>,
     },
 }
 

@@ -168,6 +168,29 @@ mod tests {
         assert_eq!(whole.steps[0].output_json, small.to_string());
     }
 
+    /// A run's end with a large output says so, through the wire and back.
+    #[test]
+    fn a_large_final_output_travels_as_its_size() {
+        let big = json!("y".repeat(100 << 10));
+        let sent = event(RunEvent::Finished {
+            state: RunState::Succeeded,
+            output: Some(big.clone()),
+            error: None,
+            output_elided_bytes: None,
+        });
+        match RunEvent::try_from(sent).unwrap() {
+            RunEvent::Finished {
+                output,
+                output_elided_bytes,
+                ..
+            } => {
+                assert_eq!(output, None);
+                assert_eq!(output_elided_bytes, Some(big.to_string().len() as u64));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[test]
     fn pages_put_the_output_back_together() {
         let output = json!({ "items": (0..50_000).collect::<Vec<_>>(), "text": "é".repeat(1000) });

@@ -32,6 +32,7 @@ fn finished_events(view: RunView) -> Vec<Result<pb::RunEvent, Status>> {
         state: view.state,
         output: view.output.clone(),
         error: view.error.clone(),
+        output_elided_bytes: None,
     });
     std::iter::once(RunEvent::Snapshot(view))
         .chain(finished)
