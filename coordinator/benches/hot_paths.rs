@@ -7,9 +7,9 @@ use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use mesh_coordinator::dispatcher::{DispatchRequest, DispatchState, LoadBoard, Sent};
+use mesh_coordinator::intake;
 use mesh_coordinator::run::{RetryPolicy, RunMachine};
 use mesh_coordinator::store::{JournalEvent, NewRun, Store, StoredGoal, now_ms};
-use mesh_coordinator::swarms;
 use mesh_proto::domain::*;
 use mesh_workflow::Limits;
 use serde_json::json;
@@ -102,7 +102,7 @@ fn dispatcher_selection(c: &mut Criterion) {
 fn stored(goal: GoalSpec) -> StoredGoal {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
-    swarms::prepare(goal, &Limits::default(), &store).unwrap().0
+    intake::prepare(goal, &Limits::default(), &store).unwrap().0
 }
 
 fn journal_append(c: &mut Criterion) {

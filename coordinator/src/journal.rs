@@ -161,7 +161,7 @@ pub struct StoredGoal {
     /// runs next.
     #[serde(default)]
     pub planned: bool,
-    /// A digest of the request as submitted (see `swarms::request_digest`): the same
+    /// A digest of the request as submitted (see `intake::request_digest`): the same
     /// idempotency key with another request is refused. Absent in goals stored before.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_digest: Option<String>,

@@ -10,6 +10,7 @@ pub mod dispatcher;
 pub mod error;
 pub mod grpc;
 mod http;
+pub mod intake;
 pub mod journal;
 pub mod machine;
 pub mod metrics;

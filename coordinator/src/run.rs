@@ -21,13 +21,14 @@ use tracing::{debug, info, warn};
 use crate::directory::RunDirectory;
 use crate::dispatcher::{DispatchRequest, DispatcherMsg, QueueBoard};
 use crate::error::{Error, Result};
+use crate::intake::Admission;
 pub use crate::machine::{Decision, RetryPolicy, RunMachine};
 use crate::metrics as m;
 use crate::node_link::ResultAck;
 use crate::slot::Slot;
 use crate::store::{JournalEvent, Store, StoredRun, now_ms};
 use crate::swarm::SwarmMsg;
-use crate::swarms::{Admission, SwarmsMsg};
+use crate::swarms::SwarmsMsg;
 
 /// Events a watcher may fall behind by before its watch ends.
 const WATCH_BUFFER: usize = 256;
@@ -464,7 +465,7 @@ impl RunActorState {
                 .ok()
                 .map(Slot::get);
             let submitted = match &supervisor {
-                Some(s) => crate::swarms::submit(&deps, s, goal, Admission::OPEN).await,
+                Some(s) => crate::intake::submit(&deps, s, goal, Admission::OPEN).await,
                 None => Err(Error::Unavailable("the swarm supervisor")),
             };
             let outcome = match submitted {

@@ -298,6 +298,34 @@ pub struct GoalSpec {
     pub idempotency_key: Option<String>,
 }
 
+/// What a goal gives to run: decided in one place, [`GoalSpec::kind`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GoalKind {
+    /// Plain `steps`.
+    Steps,
+    /// A workflow definition's text.
+    Workflow,
+    /// A registered workflow, `NAME@VERSION`.
+    Registered,
+    /// Only an objective: an agent with the `plan` skill writes the workflow.
+    Text,
+}
+
+impl GoalSpec {
+    /// What the goal gives to run (a valid goal gives exactly one of these).
+    pub fn kind(&self) -> GoalKind {
+        if self.workflow_ref.is_some() {
+            GoalKind::Registered
+        } else if self.workflow.is_some() {
+            GoalKind::Workflow
+        } else if !self.steps.is_empty() {
+            GoalKind::Steps
+        } else {
+            GoalKind::Text
+        }
+    }
+}
+
 /// A registered workflow version.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct WorkflowRecord {

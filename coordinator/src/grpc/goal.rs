@@ -12,9 +12,9 @@ use tonic::{Request, Response, Status};
 
 use super::{bounded, status};
 use crate::error::{Error, call_result};
+use crate::intake;
 use crate::root::Handles;
 use crate::run::{self, RunMsg};
-use crate::swarms;
 
 const RUN_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a watch waits for a stored, running run to come live.
@@ -79,39 +79,26 @@ fn live_events(
 }
 
 impl GoalApi {
-    /// A goal submitted: stored and started, or refused with nothing stored.
-    async fn accept(&self, request: pb::SubmitGoalRequest) -> Result<RunRef, Status> {
-        let goal = GoalSpec::try_from(request).map_err(|e| status(e.into()))?;
-        let text_goal =
-            goal.steps.is_empty() && goal.workflow.is_none() && goal.workflow_ref.is_none();
-        // A retried submission finds its run even if the planner left meanwhile.
-        let known = match (&goal.idempotency_key, text_goal) {
-            (Some(k), true) => self
-                .handles
-                .store
-                .knows_idempotency_key(k)
-                .map_err(status)?,
-            _ => false,
-        };
-        if text_goal && !known {
-            self.require_planner().await?;
-        }
-        // No deadline of our own here: once the goal is handed to the store, the answer
-        // waits for the commit (see `swarms::submit`); the server's request deadline and
-        // the client's still apply, and their DEADLINE_EXCEEDED means "unknown: submit
-        // again with the same idempotency key".
-        let run = swarms::submit(
-            &self.handles.deps,
-            &self.handles.swarms.get(),
-            goal,
-            swarms::Admission {
+    /// Goal intake as this coordinator is configured.
+    fn intake(&self) -> intake::Intake {
+        intake::Intake {
+            deps: self.handles.deps.clone(),
+            supervisor: self.handles.swarms.get(),
+            registry: self.handles.registry.get(),
+            admission: intake::Admission {
                 max_active_runs: self.handles.config.dispatch.max_active_runs,
                 max_pending_per_skill: self.handles.config.dispatch.max_pending_per_skill,
             },
-        )
-        .await
-        .map_err(status)?;
-        Ok(run)
+        }
+    }
+
+    /// A goal submitted: stored and started, or refused with nothing stored. No deadline of
+    /// our own: once the goal is handed to the store the answer waits for the commit; the
+    /// server's request deadline and the client's still apply, and their DEADLINE_EXCEEDED
+    /// means "unknown: submit again with the same idempotency key".
+    async fn accept(&self, request: pb::SubmitGoalRequest) -> Result<RunRef, Status> {
+        let goal = GoalSpec::try_from(request).map_err(|e| status(e.into()))?;
+        self.intake().accept(goal).await.map_err(status)
     }
 
     /// The run's events from a snapshot to its end (see [`live_events`]).
@@ -175,30 +162,6 @@ impl GoalApi {
         } else {
             Error::Unavailable("the run (it is being resumed; try again)")
         }))
-    }
-
-    /// A text goal needs a live agent with the `plan` skill to write its workflow.
-    async fn require_planner(&self) -> Result<(), Status> {
-        let registry = self.handles.registry.get();
-        let skill = Some(swarms::PLAN_SKILL.to_owned());
-        let agents = call_result(
-            "registry",
-            registry
-                .call(
-                    |reply| crate::registry::RegistryMsg::ListAgents(skill, reply),
-                    Some(RUN_CALL_TIMEOUT),
-                )
-                .await,
-        )
-        .map_err(status)?;
-        if agents.iter().any(|a| a.health == Health::Healthy) {
-            Ok(())
-        } else {
-            Err(status(Error::FailedPrecondition(format!(
-                "a goal with only an objective needs an agent with the `{}` skill to write its workflow, and none is registered; give `steps`, `workflow` or `workflow_ref`, or start a planner (agent-sdk/examples/planner.rs)",
-                swarms::PLAN_SKILL
-            ))))
-        }
     }
 
     async fn decide(
@@ -365,31 +328,11 @@ impl pb::goal_service_server::GoalService for GoalApi {
                 .await?;
             return Ok(Response::new(bounded::run(view)));
         }
-        // A finished run: journal the retry, then start it again; it replays to here.
-        let deps = &self.handles.deps;
-        let (mut machine, stored) = run::load(deps, &id).map_err(status)?;
-        let events = machine
-            .at(crate::store::now_ms())
-            .on_retry_from(&step)
-            .map_err(status)?;
-        deps.store
-            .record(&id, stored.next_seq, events)
+        // A finished run: journaled, then started again; it replays to here.
+        self.intake()
+            .retry_finished(&id, &step)
             .await
-            .map_err(|_| {
-                status(Error::FailedPrecondition(format!(
-                    "run `{id}` changed meanwhile (another retry?); get it and try again"
-                )))
-            })?;
-        tracing::info!(run_id = %id, %step, "failed run retried");
-        swarms::start_swarm(
-            deps,
-            &self.handles.swarms.get(),
-            stored.goal_id,
-            id.clone(),
-            run::Begin::Load,
-        )
-        .await
-        .map_err(status)?;
+            .map_err(status)?;
         Ok(Response::new(bounded::run(self.view(&id).await?)))
     }
 

@@ -8,9 +8,9 @@ use tonic::{Request, Response, Status};
 
 use super::status;
 use crate::error::Error;
+use crate::intake;
 use crate::root::Handles;
 use crate::store::NewWorkflow;
-use crate::swarms;
 
 const DEFAULT_PAGE: u32 = 50;
 const MAX_PAGE: u32 = 1000;
@@ -57,7 +57,7 @@ impl pb::workflow_service_server::WorkflowService for WorkflowApi {
                 "a registered workflow needs a `version`, a whole number from 1",
             ));
         }
-        swarms::check_sub_workflows(&workflow, limits, &self.handles.store).map_err(status)?;
+        intake::check_sub_workflows(&workflow, limits, &self.handles.store).map_err(status)?;
         let new = NewWorkflow {
             source,
             def: workflow.def,
