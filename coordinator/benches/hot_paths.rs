@@ -190,7 +190,7 @@ fn run_transition(c: &mut Criterion) {
                     events.extend(d.events);
                 }
             }
-            black_box(m.state)
+            black_box(m.state())
         })
     });
 }

@@ -144,20 +144,20 @@ impl From<Vec<JournalEvent>> for Decision {
 
 #[derive(Debug)]
 pub struct RunMachine {
-    pub run_id: RunId,
-    pub goal_id: GoalId,
-    pub objective: String,
-    pub inputs: Value,
-    pub workflow: Arc<Workflow>,
-    pub epoch: u64,
-    pub state: RunState,
-    pub steps: Vec<StepRt>,
-    pub output: Option<Value>,
-    pub error: Option<String>,
+    run_id: RunId,
+    goal_id: GoalId,
+    objective: String,
+    inputs: Value,
+    workflow: Arc<Workflow>,
+    epoch: u64,
+    state: RunState,
+    steps: Vec<StepRt>,
+    output: Option<Value>,
+    error: Option<String>,
     /// Signals received, by name (the latest payload).
-    pub signals: BTreeMap<String, Value>,
+    signals: BTreeMap<String, Value>,
     /// A text goal whose planner has not answered yet: the success of step 0 is a workflow.
-    pub planning: bool,
+    planning: bool,
     policy: RetryPolicy,
     limits: Limits,
     /// Bytes of task output (as JSON) the run keeps, against `limits.max_run_output_bytes`.
@@ -369,6 +369,40 @@ impl RunMachine {
         input.insert("needs".into(), Value::Object(needs));
         input.extend(extra);
         Ok(Value::Object(input))
+    }
+
+    pub fn run_id(&self) -> &RunId {
+        &self.run_id
+    }
+
+    pub fn goal_id(&self) -> &GoalId {
+        &self.goal_id
+    }
+
+    pub fn objective(&self) -> &str {
+        &self.objective
+    }
+
+    pub fn state(&self) -> RunState {
+        self.state
+    }
+
+    pub fn output(&self) -> Option<&Value> {
+        self.output.as_ref()
+    }
+
+    pub fn error(&self) -> Option<&str> {
+        self.error.as_deref()
+    }
+
+    /// The steps' state, read-only: only `apply` changes it.
+    pub fn steps(&self) -> &[StepRt] {
+        &self.steps
+    }
+
+    /// The run's own deadline, counted from its creation.
+    pub fn deadline(&self) -> Option<Duration> {
+        self.workflow.def.deadline
     }
 
     /// Tells the machine the time (Unix ms) for the decisions that follow: when a wait

@@ -233,13 +233,13 @@ fn view(
     updated_at_ms: i64,
 ) -> RunView {
     RunView {
-        run_id: m.run_id.clone(),
-        goal_id: m.goal_id.clone(),
-        objective: m.objective.clone(),
-        state: m.state,
+        run_id: m.run_id().clone(),
+        goal_id: m.goal_id().clone(),
+        objective: m.objective().to_owned(),
+        state: m.state(),
         steps: m.step_views(),
-        output: m.output.clone(),
-        error: m.error.clone(),
+        output: m.output().cloned(),
+        error: m.error().map(str::to_owned),
         swarm,
         created_at_ms,
         updated_at_ms,
@@ -301,7 +301,7 @@ impl RunActorState {
         let written = self
             .deps
             .store
-            .record(&self.machine.run_id, self.next_seq, events)
+            .record(self.machine.run_id(), self.next_seq, events)
             .await?;
         self.next_seq += n;
         self.updated_at_ms = now_ms();
@@ -365,7 +365,7 @@ impl RunActorState {
                 };
                 // Only the newest attempt is dispatched: a later event of this batch may
                 // already have ended the task.
-                let current = self.machine.steps[i]
+                let current = self.machine.steps()[i]
                     .tasks
                     .get(*index as usize)
                     .is_some_and(|t| t.attempt == *attempt && t.state == StepState::Running);
@@ -400,7 +400,7 @@ impl RunActorState {
                         skill,
                         agent,
                         input,
-                        idempotency_key: format!("{}/{}/{}", self.machine.run_id, step, index),
+                        idempotency_key: format!("{}/{}/{}", self.machine.run_id(), step, index),
                         timeout: spec.timeout,
                         labels: spec.labels.clone(),
                         token,
@@ -414,10 +414,10 @@ impl RunActorState {
                 ..
             } => self.arm_wait(myself, step.clone(), *until),
             JournalEvent::RunFinished { state, .. } => {
-                info!(run_id = %self.machine.run_id, %state, elapsed_ms = self.started.elapsed().as_millis() as u64, "run finished");
+                info!(run_id = %self.machine.run_id(), %state, elapsed_ms = self.started.elapsed().as_millis() as u64, "run finished");
                 metrics::counter!(m::RUNS_FINISHED, "state" => state.as_str()).increment(1);
                 self.deps.dispatcher.cast(DispatcherMsg::CancelRun {
-                    run_id: self.machine.run_id.clone(),
+                    run_id: self.machine.run_id().clone(),
                     reason: format!("run {state}"),
                 });
             }
@@ -435,16 +435,22 @@ impl RunActorState {
         input: Value,
         reference: String,
     ) {
-        let task = &self.machine.steps[i].tasks[token.index as usize];
+        let task = &self.machine.steps()[i].tasks[token.index as usize];
         let key = format!(
             "sub:{}:{}:{}:{}.{}",
-            self.machine.run_id, token.step_id, token.index, task.resets, task.failures
+            self.machine.run_id(),
+            token.step_id,
+            token.index,
+            task.resets,
+            task.failures
         );
         let retryable = self.machine.spec(i).retry.is_some();
         let goal = GoalSpec {
             objective: format!(
                 "{reference}, for {}/{}[{}]",
-                self.machine.run_id, token.step_id, token.index
+                self.machine.run_id(),
+                token.step_id,
+                token.index
             ),
             inputs: match input.get("with") {
                 Some(Value::Object(with)) => Value::Object(with.clone()),
@@ -506,7 +512,7 @@ impl RunActorState {
 
     /// After a restart: waits and the deadline get timers for the time they have left.
     fn arm_timers(&self, myself: &ActorRef<RunMsg>) {
-        for (i, s) in self.machine.steps.iter().enumerate() {
+        for (i, s) in self.machine.steps().iter().enumerate() {
             if let Some(until) = s.until_ms
                 && matches!(s.state, StepState::Waiting | StepState::AwaitingApproval)
             {
@@ -517,7 +523,7 @@ impl RunActorState {
     }
 
     fn arm_deadline(&self, myself: &ActorRef<RunMsg>) {
-        if let Some(deadline) = self.machine.workflow.def.deadline {
+        if let Some(deadline) = self.machine.deadline() {
             let at = self.created_at_ms + deadline.as_millis() as i64;
             let left = Duration::from_millis(at.saturating_sub(now_ms()).max(0) as u64);
             myself.send_after(left, || RunMsg::DeadlinePassed);
@@ -545,7 +551,7 @@ impl Actor for Run {
         } = begin(&args.deps, &args.run_id, args.begin)?;
         args.deps
             .directory
-            .insert(machine.run_id.clone(), myself.clone());
+            .insert(machine.run_id().clone(), myself.clone());
         metrics::gauge!(m::RUNS_ACTIVE).increment(1.0);
         myself.cast(RunMsg::Start)?;
         Ok(RunActorState {
@@ -569,23 +575,24 @@ impl Actor for Run {
         myself: ActorRef<Self::Msg>,
         st: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        let finished = st.machine.state.is_terminal().then(|| st.view());
+        let finished = st.machine.state().is_terminal().then(|| st.view());
         st.deps
             .directory
-            .retire(&st.machine.run_id, &myself, finished);
+            .retire(st.machine.run_id(), &myself, finished);
         metrics::gauge!(m::RUNS_ACTIVE).decrement(1.0);
         for wait in st.child_waits.drain(..) {
             wait.abort();
         }
         // A run that failed or was cancelled takes its sub-workflows with it.
-        if matches!(st.machine.state, RunState::Failed | RunState::Cancelled) {
+        if matches!(st.machine.state(), RunState::Failed | RunState::Cancelled) {
             for child in &st.children {
                 if let Some(run) = st.deps.directory.get(child) {
                     let (reply, _) = ractor::concurrency::oneshot();
                     let _ = run.cast(RunMsg::Cancel {
                         reason: format!(
                             "its parent run {} {}",
-                            st.machine.run_id, st.machine.state
+                            st.machine.run_id(),
+                            st.machine.state()
                         ),
                         reply: reply.into(),
                     });
@@ -697,7 +704,7 @@ impl Actor for Run {
             } => {
                 let decided = st.machine.on_decision(&step, approved, &comment, &by);
                 if decided.is_ok() {
-                    info!(run_id = %st.machine.run_id, %step, approved, "approval decided");
+                    info!(run_id = %st.machine.run_id(), %step, approved, "approval decided");
                 }
                 let _ = reply.send(st.commit_and_view(&myself, decided).await);
             }
@@ -706,10 +713,11 @@ impl Actor for Run {
                 payload,
                 reply,
             } => {
-                let decided = if st.machine.state.is_terminal() {
+                let decided = if st.machine.state().is_terminal() {
                     Err(Error::FailedPrecondition(format!(
                         "run {} is {}",
-                        st.machine.run_id, st.machine.state
+                        st.machine.run_id(),
+                        st.machine.state()
                     )))
                 } else {
                     Ok(st.machine.on_signal(&name, payload))
@@ -718,7 +726,7 @@ impl Actor for Run {
             }
             RunMsg::Progress(p) => {
                 let current = st.machine.position(&p.token.step_id).is_some_and(|i| {
-                    st.machine.steps[i]
+                    st.machine.steps()[i]
                         .tasks
                         .get(p.token.index as usize)
                         .is_some_and(|t| t.attempt == p.token.attempt)
@@ -735,7 +743,7 @@ impl Actor for Run {
             RunMsg::RetryFrom { step, reply } => {
                 let decided = st.machine.on_retry_from(&step);
                 if decided.is_ok() {
-                    info!(run_id = %st.machine.run_id, %step, "retrying from a step");
+                    info!(run_id = %st.machine.run_id(), %step, "retrying from a step");
                 }
                 let _ = reply.send(st.commit_and_view(&myself, decided).await);
             }
@@ -770,8 +778,8 @@ impl Actor for Run {
                 let _ = reply.send((view, rx));
             }
         }
-        if st.machine.state.is_terminal() {
-            myself.stop(Some(st.machine.state.as_str().to_owned()));
+        if st.machine.state().is_terminal() {
+            myself.stop(Some(st.machine.state().as_str().to_owned()));
         }
         Ok(())
     }
