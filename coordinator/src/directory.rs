@@ -54,6 +54,13 @@ impl RunDirectory {
         self.changed.notify_waiters();
     }
 
+    /// A run's actor failed (it stops without `post_stop`, so it cannot retire itself):
+    /// its entry goes, if it is still this actor's.
+    pub fn forget(&self, run_id: &RunId, actor: ractor::ActorId) {
+        self.live.remove_if(run_id, |_, r| r.get_id() == actor);
+        self.changed.notify_waiters();
+    }
+
     /// Notified when a run comes live or leaves. Take interest (`notified()` then `enable`)
     /// before looking, then await it: no change in between is missed.
     pub fn changes(&self) -> Arc<Notify> {

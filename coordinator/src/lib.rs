@@ -56,6 +56,9 @@ pub struct Coordinator {
     servers: Vec<JoinHandle<()>>,
     readiness: Readiness,
     shutdown_grace: Duration,
+    /// The actors and the store, for the tests of the restart paths.
+    #[cfg(test)]
+    handles: Handles,
 }
 
 impl Coordinator {
@@ -121,6 +124,8 @@ pub async fn start(
         let _ = http_stop_tx.send(());
     });
 
+    #[cfg(test)]
+    let kept = handles.clone();
     let grpc = tokio::spawn(serve_grpc(
         handles,
         readiness.clone(),
@@ -150,6 +155,8 @@ pub async fn start(
         servers: vec![grpc, http],
         readiness,
         shutdown_grace: config.shutdown_grace,
+        #[cfg(test)]
+        handles: kept,
     })
 }
 
@@ -343,5 +350,106 @@ mod tests {
         assert_eq!(readiness.check(), Err(readiness::NotReady::StoreUnwritable));
         assert_eq!(serving(&service).await, Status::NotServing);
         task.abort();
+    }
+
+    /// A coordinator in this process on free loopback ports, its store in `dir`; steps
+    /// nobody can take wait for an hour.
+    async fn coordinator(dir: &std::path::Path) -> Coordinator {
+        let mut config = CoordinatorConfig {
+            listen: ([127, 0, 0, 1], 0).into(),
+            http_listen: ([127, 0, 0, 1], 0).into(),
+            data_dir: dir.to_owned(),
+            ..CoordinatorConfig::default()
+        };
+        config.dispatch.unschedulable_timeout = Duration::from_secs(3600);
+        start(config, None).await.unwrap()
+    }
+
+    /// Waits (bounded) until the run's live actor is something other than `old`: another
+    /// actor, or none. Returns it.
+    async fn live_other_than(
+        c: &Coordinator,
+        id: &mesh_proto::domain::RunId,
+        old: Option<ractor::ActorId>,
+    ) -> Option<ActorRef<run::RunMsg>> {
+        let directory = &c.handles.directory;
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let now = directory.get(id);
+                if now.as_ref().map(|r| r.get_id()) != old {
+                    return now;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the run's actor changed in time")
+    }
+
+    /// A run that panics is restarted by its swarm and resumes from its journal; past its
+    /// restart budget (5 in 30 s) its run fails with the reason and leaves nothing behind:
+    /// before, its dead actor stayed in the run directory, answered "being resumed; try
+    /// again", was skipped by Resume and counted against `max_active_runs`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_crashing_run_is_restarted_and_past_its_budget_fails_and_leaves_nothing() {
+        use mesh_proto::domain::{GoalSpec, RunState, StepSpec};
+        let dir = tempfile::tempdir().unwrap();
+        let c = coordinator(dir.path()).await;
+        let goal = GoalSpec {
+            objective: "crash".into(),
+            inputs: serde_json::json!({}),
+            steps: vec![StepSpec {
+                id: "a".into(),
+                uses: "nobody-has-this".into(),
+                with: serde_json::json!({}),
+                needs: vec![],
+            }],
+            workflow: None,
+            workflow_ref: None,
+            idempotency_key: None,
+        };
+        let h = &c.handles;
+        let run = intake::submit(&h.deps, &h.swarms.get(), goal, intake::Admission::OPEN)
+            .await
+            .unwrap();
+        let id = run.run_id;
+        let mut actor = live_other_than(&c, &id, None).await.expect("live");
+        // Within the budget: each crash is followed by a new actor, the run still running.
+        for _ in 0..5 {
+            let _ = actor.cast(run::RunMsg::Crash);
+            actor = live_other_than(&c, &id, Some(actor.get_id()))
+                .await
+                .expect("restarted");
+            let view = run::stored_view(&h.deps, &id).unwrap();
+            assert_eq!(view.state, RunState::Running);
+        }
+        // Past it: failed, with the reason, and gone from the directory.
+        let _ = actor.cast(run::RunMsg::Crash);
+        assert!(
+            live_other_than(&c, &id, Some(actor.get_id()))
+                .await
+                .is_none()
+        );
+        assert!(!h.directory.contains(&id));
+        assert_eq!(
+            h.directory.len(),
+            0,
+            "nothing counts against max_active_runs"
+        );
+        let view = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let view = run::stored_view(&h.deps, &id).unwrap();
+                if view.state.is_terminal() {
+                    return view;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the run is failed in time");
+        assert_eq!(view.state, RunState::Failed);
+        let error = view.error.unwrap_or_default();
+        assert!(error.contains("run crashed 5 times"), "{error}");
+        c.stop().await;
     }
 }

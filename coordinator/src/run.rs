@@ -36,6 +36,9 @@ const WATCH_BUFFER: usize = 256;
 pub enum RunMsg {
     /// Sent to itself once started: re-dispatch what was in flight, then make progress.
     Start,
+    /// Panics: for the tests of the restart paths.
+    #[cfg(test)]
+    Crash,
     Assigned {
         token: FencingToken,
         agent: AgentKey,
@@ -683,6 +686,8 @@ impl Actor for Run {
                 let events = st.machine.on_wait_expired(&step, now);
                 st.commit(&myself, events).await?;
             }
+            #[cfg(test)]
+            RunMsg::Crash => panic!("run crashed on purpose (a test)"),
             RunMsg::DeadlinePassed => {
                 let events = st.machine.on_deadline();
                 st.commit(&myself, events).await?;

@@ -124,7 +124,10 @@ impl Actor for Swarm {
     ) -> Result<(), ActorProcessingErr> {
         match evt {
             SupervisionEvent::ActorTerminated(..) => myself.stop(None),
-            SupervisionEvent::ActorFailed(_, err) => {
+            SupervisionEvent::ActorFailed(run, err) => {
+                // A failed run did not retire itself: until it is restarted (or given up)
+                // it is not live, and must not be taken for live.
+                st.deps.directory.forget(&st.run_id, run.get_id());
                 let now = Instant::now();
                 st.restarts
                     .retain(|t| now.duration_since(*t) < RESTART_WINDOW);
