@@ -61,6 +61,19 @@ impl RunDirectory {
         self.changed.notify_waiters();
     }
 
+    /// Whether the run has a live actor. An entry whose actor has stopped without retiring
+    /// (killed with a failed parent) is forgotten on the way.
+    pub fn is_live(&self, run_id: &RunId) -> bool {
+        let Some(run) = self.get(run_id) else {
+            return false;
+        };
+        if run.get_status() == ractor::ActorStatus::Stopped {
+            self.forget(run_id, run.get_id());
+            return false;
+        }
+        true
+    }
+
     /// Notified when a run comes live or leaves. Take interest (`notified()` then `enable`)
     /// before looking, then await it: no change in between is missed.
     pub fn changes(&self) -> Arc<Notify> {

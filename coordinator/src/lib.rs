@@ -452,4 +452,110 @@ mod tests {
         assert!(error.contains("run crashed 5 times"), "{error}");
         c.stop().await;
     }
+
+    /// Waits (bounded) until the run has a live actor other than `old`.
+    async fn live_again(
+        c: &Coordinator,
+        id: &mesh_proto::domain::RunId,
+        old: ractor::ActorId,
+    ) -> ActorRef<run::RunMsg> {
+        let directory = &c.handles.directory;
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                if let Some(now) = directory.get(id).filter(|r| r.get_id() != old) {
+                    return now;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the run is live again in time")
+    }
+
+    /// A failed swarm leaves its run without a supervisor: the run is stopped and resumed
+    /// at once under a new swarm, which supervises it (a crash of the run is restarted).
+    /// Before, the run was picked up only at the coordinator's next start.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_swarm_has_its_run_resumed_under_a_new_one() {
+        use mesh_proto::domain::{GoalSpec, RunState, StepSpec};
+        let dir = tempfile::tempdir().unwrap();
+        let c = coordinator(dir.path()).await;
+        let goal = GoalSpec {
+            objective: "swarm".into(),
+            inputs: serde_json::json!({}),
+            steps: vec![StepSpec {
+                id: "a".into(),
+                uses: "nobody-has-this".into(),
+                with: serde_json::json!({}),
+                needs: vec![],
+            }],
+            workflow: None,
+            workflow_ref: None,
+            idempotency_key: None,
+        };
+        let h = &c.handles;
+        let id = intake::submit(&h.deps, &h.swarms.get(), goal, intake::Admission::OPEN)
+            .await
+            .unwrap()
+            .run_id;
+        let first = live_other_than(&c, &id, None).await.expect("live");
+        let swarms = h.swarms.get().get_children();
+        assert_eq!(swarms.len(), 1);
+        swarms[0].send_message(swarm::SwarmMsg::Crash).unwrap();
+        let second = live_again(&c, &id, first.get_id()).await;
+        assert_eq!(
+            run::stored_view(&h.deps, &id).unwrap().state,
+            RunState::Running
+        );
+        let _ = second.cast(run::RunMsg::Crash);
+        live_again(&c, &id, second.get_id()).await;
+        assert_eq!(h.directory.len(), 1);
+        c.stop().await;
+    }
+
+    /// The root restarts a failed swarm supervisor, whose swarms and runs die with it: the
+    /// new supervisor resumes every unfinished run (their dead actors are not taken for
+    /// live), each under a new swarm.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_swarm_supervisor_is_restarted_and_resumes_every_run() {
+        use mesh_proto::domain::{GoalSpec, RunState, StepSpec};
+        let dir = tempfile::tempdir().unwrap();
+        let c = coordinator(dir.path()).await;
+        let h = &c.handles;
+        let mut runs = Vec::new();
+        for i in 0..3 {
+            let goal = GoalSpec {
+                objective: format!("held {i}"),
+                inputs: serde_json::json!({}),
+                steps: vec![StepSpec {
+                    id: "a".into(),
+                    uses: "nobody-has-this".into(),
+                    with: serde_json::json!({}),
+                    needs: vec![],
+                }],
+                workflow: None,
+                workflow_ref: None,
+                idempotency_key: None,
+            };
+            let id = intake::submit(&h.deps, &h.swarms.get(), goal, intake::Admission::OPEN)
+                .await
+                .unwrap()
+                .run_id;
+            let actor = live_other_than(&c, &id, None).await.expect("live");
+            runs.push((id, actor.get_id()));
+        }
+        let old = h.swarms.get();
+        old.cast(swarms::SwarmsMsg::Crash).unwrap();
+        for (id, first) in &runs {
+            let again = live_again(&c, id, *first).await;
+            assert_eq!(again.get_status(), ractor::ActorStatus::Running);
+            assert_eq!(
+                run::stored_view(&h.deps, id).unwrap().state,
+                RunState::Running
+            );
+        }
+        assert_ne!(h.swarms.get().get_id(), old.get_id(), "a new supervisor");
+        assert_eq!(h.directory.len(), 3);
+        c.stop().await;
+    }
 }

@@ -21,6 +21,9 @@ const RESTART_WINDOW: Duration = Duration::from_secs(30);
 pub enum SwarmMsg {
     /// The run handed a step to this agent.
     Member(SwarmMember),
+    /// Panics: for the tests of the restart paths.
+    #[cfg(test)]
+    Crash,
 }
 
 pub struct Swarm;
@@ -112,6 +115,8 @@ impl Actor for Swarm {
                     st.deps.store.add_swarm_member(&st.goal_id, &member).await?;
                 }
             }
+            #[cfg(test)]
+            SwarmMsg::Crash => panic!("swarm crashed on purpose (a test)"),
         }
         Ok(())
     }

@@ -12,11 +12,21 @@ use crate::metrics as m;
 use crate::run::{Begin, RunDeps, RunMsg};
 use crate::swarm::{Swarm, SwarmArgs};
 
+/// A swarm's actor name is this, its run's id, `#` and a number: a failed swarm's run is
+/// found by it.
+const SWARM_PREFIX: &str = "swarm/";
+
+/// How long a failed swarm's run has to stop before it is resumed under a new swarm.
+const CHILD_STOP: std::time::Duration = std::time::Duration::from_secs(5);
+
 pub enum SwarmsMsg {
     /// Start runs that are unfinished in the store and not live (at start-up and after a restart).
     Resume,
     /// The dispatcher lost its in-flight attempts: every live run dispatches again.
     RedispatchAll,
+    /// Panics: for the tests of the restart paths.
+    #[cfg(test)]
+    Crash,
 }
 
 /// Starts the swarm of a stored goal under `supervisor`; its run starts from `begin`.
@@ -33,7 +43,11 @@ pub async fn start_swarm(
         deps: deps.clone(),
         begin,
     };
-    Actor::spawn_linked(None, Swarm, args, supervisor.get_cell())
+    // Unique, so that a new swarm never waits for a failed one's name to be released.
+    static SPAWNED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = SPAWNED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let name = format!("{SWARM_PREFIX}{}#{n}", args.run_id);
+    Actor::spawn_linked(Some(name), Swarm, args, supervisor.get_cell())
         .await
         .map_err(|_| Error::Unavailable("swarm"))?;
     Ok(())
@@ -70,7 +84,7 @@ impl Actor for SwarmSupervisor {
                 let runs = st.deps.store.unfinished_runs()?;
                 let mut resumed = 0;
                 for run_id in runs {
-                    if st.deps.directory.contains(&run_id) {
+                    if st.deps.directory.is_live(&run_id) {
                         continue;
                     }
                     // Not live, so nothing changes it before its run starts from this.
@@ -91,6 +105,8 @@ impl Actor for SwarmSupervisor {
                 }
                 st.deps.readiness.started();
             }
+            #[cfg(test)]
+            SwarmsMsg::Crash => panic!("swarm supervisor crashed on purpose (a test)"),
             SwarmsMsg::RedispatchAll => {
                 for run in st.deps.directory.all() {
                     let _ = run.cast(RunMsg::Redispatch);
@@ -102,15 +118,32 @@ impl Actor for SwarmSupervisor {
 
     async fn handle_supervisor_evt(
         &self,
-        _myself: ActorRef<Self::Msg>,
+        myself: ActorRef<Self::Msg>,
         evt: SupervisionEvent,
-        _st: &mut Self::State,
+        st: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        // A swarm restarts its own run; a swarm itself only fails on a store error, and its
-        // run is then picked up again by the next `Resume`.
-        if let SupervisionEvent::ActorFailed(_, err) = evt {
+        // A swarm restarts its own run. A failed swarm leaves its run without a supervisor:
+        // the run is stopped (it retires from the directory) and resumed at once under a new
+        // swarm, without waiting for the coordinator's next start.
+        if let SupervisionEvent::ActorFailed(swarm, err) = evt {
             metrics::counter!(m::ACTOR_RESTARTS, "actor" => "swarm").increment(1);
-            warn!(error = %err, "swarm failed");
+            warn!(error = %err, "swarm failed; its run is resumed under a new one");
+            // The failed swarm's run is found by the swarm's name. It may be stopped already
+            // (killed with its parent, so it did not retire): it is stopped if need be, and
+            // its directory entry goes either way.
+            let run_id = swarm.get_name().and_then(|n| {
+                let (id, _) = n.strip_prefix(SWARM_PREFIX)?.split_once('#')?;
+                Some(RunId(id.to_owned()))
+            });
+            if let Some(id) = run_id
+                && let Some(run) = st.deps.directory.get(&id)
+            {
+                let _ = run
+                    .stop_and_wait(Some("its swarm failed".into()), Some(CHILD_STOP))
+                    .await;
+                st.deps.directory.forget(&id, run.get_id());
+            }
+            myself.cast(SwarmsMsg::Resume)?;
         }
         Ok(())
     }
