@@ -417,9 +417,7 @@ mod tests {
         // Within the budget: each crash is followed by a new actor, the run still running.
         for _ in 0..5 {
             let _ = actor.cast(run::RunMsg::Crash);
-            actor = live_other_than(&c, &id, Some(actor.get_id()))
-                .await
-                .expect("restarted");
+            actor = live_again(&c, &id, actor.get_id()).await;
             let view = run::stored_view(&h.deps, &id).unwrap();
             assert_eq!(view.state, RunState::Running);
         }
