@@ -36,6 +36,9 @@ pub enum Error {
     Commit(String),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    /// The coordinator cannot go on (its actors failed past their restart budget).
+    #[error("{0}")]
+    Fatal(String),
 }
 
 impl From<Error> for tonic::Status {
@@ -62,9 +65,11 @@ impl From<Error> for tonic::Status {
             }
             Error::Timeout(_) => tonic::Status::deadline_exceeded(msg),
             Error::Unavailable(_) => tonic::Status::unavailable(msg),
-            Error::Store(_) | Error::Corrupt(_) | Error::Commit(_) | Error::Io(_) => {
-                tonic::Status::internal(msg)
-            }
+            Error::Store(_)
+            | Error::Corrupt(_)
+            | Error::Commit(_)
+            | Error::Io(_)
+            | Error::Fatal(_) => tonic::Status::internal(msg),
         }
     }
 }

@@ -56,12 +56,31 @@ pub struct Coordinator {
     servers: Vec<JoinHandle<()>>,
     readiness: Readiness,
     shutdown_grace: Duration,
+    /// Ends when the root actor does: on `stop`, or when it failed past its restart budget.
+    root_done: JoinHandle<()>,
     /// The actors and the store, for the tests of the restart paths.
     #[cfg(test)]
     handles: Handles,
 }
 
 impl Coordinator {
+    /// Serves until `shutdown` resolves, then stops. An error when the coordinator's actors
+    /// failed past their restart budget (see `root.rs`): it stops then, so that whatever
+    /// supervises the process restarts it.
+    pub async fn serve_until(mut self, shutdown: impl Future<Output = ()>) -> Result<()> {
+        let failed = tokio::select! {
+            () = shutdown => false,
+            _ = &mut self.root_done => true,
+        };
+        self.stop().await;
+        if failed {
+            return Err(Error::Fatal(
+                "the coordinator's actors failed past their restart budget; exiting so that the process is restarted".into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// Stops serving, then stops the actors. Runs in flight stay in the store and resume
     /// at the next start.
     pub async fn stop(mut self) {
@@ -106,7 +125,7 @@ pub async fn start(
         epoch,
         readiness: readiness.clone(),
     };
-    let (root, _) = Actor::spawn(None, CoordinatorRoot, args)
+    let (root, root_done) = Actor::spawn(None, CoordinatorRoot, args)
         .await
         .map_err(|_| Error::Unavailable("coordinator root"))?;
     let handles: Handles = error::call_result(
@@ -155,6 +174,7 @@ pub async fn start(
         servers: vec![grpc, http],
         readiness,
         shutdown_grace: config.shutdown_grace,
+        root_done,
         #[cfg(test)]
         handles: kept,
     })
@@ -166,10 +186,7 @@ pub async fn run(
     prometheus: Option<PrometheusHandle>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
-    let coordinator = start(config, prometheus).await?;
-    shutdown.await;
-    coordinator.stop().await;
-    Ok(())
+    start(config, prometheus).await?.serve_until(shutdown).await
 }
 
 async fn serve_grpc(
@@ -555,5 +572,42 @@ mod tests {
         assert_ne!(h.swarms.get().get_id(), old.get_id(), "a new supervisor");
         assert_eq!(h.directory.len(), 3);
         c.stop().await;
+    }
+
+    /// The root restarts a failed registry (dispatcher, swarm supervisor alike) within its
+    /// budget; past it the coordinator stops with an error, which makes `mesh coordinator`
+    /// exit non-zero so that systemd or Kubernetes restarts it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn past_its_restart_budget_the_coordinator_stops_with_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = coordinator(dir.path()).await;
+        let registry = c.handles.registry.clone();
+        let crash = |registry: &slot::Slot<registry::RegistryMsg>| {
+            let old = registry.get();
+            let _ = old.cast(registry::RegistryMsg::Crash);
+            old.get_id()
+        };
+        for _ in 0..root::RESTART_BUDGET {
+            let old = crash(&registry);
+            tokio::time::timeout(Duration::from_secs(5), async {
+                while registry.get().get_id() == old {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+            .await
+            .expect("a new registry within the budget");
+        }
+        assert!(
+            !c.root_done.is_finished(),
+            "still running within the budget"
+        );
+        crash(&registry);
+        let ended = tokio::time::timeout(
+            Duration::from_secs(20),
+            c.serve_until(std::future::pending()),
+        )
+        .await
+        .expect("stops in time");
+        assert!(matches!(ended, Err(Error::Fatal(_))), "{ended:?}");
     }
 }

@@ -22,6 +22,9 @@ use crate::node_session::NodeSessionMsg;
 use crate::slot::Slot;
 
 pub enum RegistryMsg {
+    /// Panics: for the tests of the restart paths.
+    #[cfg(test)]
+    Crash,
     Register {
         registration: Registration,
         session: ActorRef<NodeSessionMsg>,
@@ -516,6 +519,8 @@ impl Actor for Registry {
                     st.core.publish_gauges();
                 }
             }
+            #[cfg(test)]
+            RegistryMsg::Crash => panic!("registry crashed on purpose (a test)"),
             RegistryMsg::Replay => {
                 for (id, entry) in &st.core.nodes {
                     if let Some((_, tx)) = st.links.get(&(id.clone(), entry.instance)) {

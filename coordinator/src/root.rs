@@ -67,7 +67,15 @@ pub struct RootState {
     load: LoadBoard,
     deps: RunDeps,
     ids: [ActorId; 3],
+    /// When the dispatcher, registry or swarm supervisor were restarted, within the window.
+    restarts: Vec<std::time::Instant>,
 }
+
+/// Restarts of the root's children allowed within [`RESTART_WINDOW`]; past it the root
+/// fails, and the coordinator exits non-zero so that its own supervisor (systemd,
+/// Kubernetes) restarts the process.
+pub const RESTART_BUDGET: usize = 5;
+pub const RESTART_WINDOW: Duration = Duration::from_secs(60);
 
 async fn spawn_dispatcher(
     root: ActorCell,
@@ -166,6 +174,7 @@ impl Actor for CoordinatorRoot {
             load,
             deps,
             ids,
+            restarts: Vec::new(),
         })
     }
 
@@ -193,8 +202,21 @@ impl Actor for CoordinatorRoot {
             return Ok(());
         };
         let root = myself.get_cell();
-        let h = &st.handles;
         let id = cell.get_id();
+        if st.ids.contains(&id) {
+            let now = std::time::Instant::now();
+            st.restarts
+                .retain(|t| now.duration_since(*t) < RESTART_WINDOW);
+            if st.restarts.len() >= RESTART_BUDGET {
+                error!(error = %err, "the coordinator's actors failed {RESTART_BUDGET} times in {RESTART_WINDOW:?}; stopping");
+                return Err(format!(
+                    "the coordinator's actors failed {RESTART_BUDGET} times in {RESTART_WINDOW:?} (last: {err})"
+                )
+                .into());
+            }
+            st.restarts.push(now);
+        }
+        let h = &st.handles;
         if id == st.ids[0] {
             error!(error = %err, "dispatcher failed; restarting it");
             metrics::counter!(m::ACTOR_RESTARTS, "actor" => "dispatcher").increment(1);
