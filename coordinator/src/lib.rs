@@ -382,6 +382,24 @@ mod tests {
         start(config, None).await.unwrap()
     }
 
+    /// A goal of one step no agent can take: its run stays running (an hour's
+    /// `unschedulable_timeout`).
+    fn held_goal(objective: &str) -> mesh_proto::domain::GoalSpec {
+        mesh_proto::domain::GoalSpec {
+            objective: objective.to_owned(),
+            inputs: serde_json::json!({}),
+            steps: vec![mesh_proto::domain::StepSpec {
+                id: "a".into(),
+                uses: "nobody-has-this".into(),
+                with: serde_json::json!({}),
+                needs: vec![],
+            }],
+            workflow: None,
+            workflow_ref: None,
+            idempotency_key: None,
+        }
+    }
+
     /// Waits (bounded) until the run's live actor is something other than `old`: another
     /// actor, or none. Returns it.
     async fn live_other_than(
@@ -409,22 +427,10 @@ mod tests {
     /// again", was skipped by Resume and counted against `max_active_runs`.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_crashing_run_is_restarted_and_past_its_budget_fails_and_leaves_nothing() {
-        use mesh_proto::domain::{GoalSpec, RunState, StepSpec};
+        use mesh_proto::domain::RunState;
         let dir = tempfile::tempdir().unwrap();
         let c = coordinator(dir.path()).await;
-        let goal = GoalSpec {
-            objective: "crash".into(),
-            inputs: serde_json::json!({}),
-            steps: vec![StepSpec {
-                id: "a".into(),
-                uses: "nobody-has-this".into(),
-                with: serde_json::json!({}),
-                needs: vec![],
-            }],
-            workflow: None,
-            workflow_ref: None,
-            idempotency_key: None,
-        };
+        let goal = held_goal("crash");
         let h = &c.handles;
         let run = intake::submit(&h.deps, &h.swarms.get(), goal, intake::Admission::OPEN)
             .await
@@ -492,22 +498,10 @@ mod tests {
     /// Before, the run was picked up only at the coordinator's next start.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_failed_swarm_has_its_run_resumed_under_a_new_one() {
-        use mesh_proto::domain::{GoalSpec, RunState, StepSpec};
+        use mesh_proto::domain::RunState;
         let dir = tempfile::tempdir().unwrap();
         let c = coordinator(dir.path()).await;
-        let goal = GoalSpec {
-            objective: "swarm".into(),
-            inputs: serde_json::json!({}),
-            steps: vec![StepSpec {
-                id: "a".into(),
-                uses: "nobody-has-this".into(),
-                with: serde_json::json!({}),
-                needs: vec![],
-            }],
-            workflow: None,
-            workflow_ref: None,
-            idempotency_key: None,
-        };
+        let goal = held_goal("swarm");
         let h = &c.handles;
         let id = intake::submit(&h.deps, &h.swarms.get(), goal, intake::Admission::OPEN)
             .await
@@ -533,25 +527,13 @@ mod tests {
     /// live), each under a new swarm.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_failed_swarm_supervisor_is_restarted_and_resumes_every_run() {
-        use mesh_proto::domain::{GoalSpec, RunState, StepSpec};
+        use mesh_proto::domain::RunState;
         let dir = tempfile::tempdir().unwrap();
         let c = coordinator(dir.path()).await;
         let h = &c.handles;
         let mut runs = Vec::new();
         for i in 0..3 {
-            let goal = GoalSpec {
-                objective: format!("held {i}"),
-                inputs: serde_json::json!({}),
-                steps: vec![StepSpec {
-                    id: "a".into(),
-                    uses: "nobody-has-this".into(),
-                    with: serde_json::json!({}),
-                    needs: vec![],
-                }],
-                workflow: None,
-                workflow_ref: None,
-                idempotency_key: None,
-            };
+            let goal = held_goal(&format!("held {i}"));
             let id = intake::submit(&h.deps, &h.swarms.get(), goal, intake::Admission::OPEN)
                 .await
                 .unwrap()

@@ -332,6 +332,44 @@ async fn past_max_pending_per_skill_goals_for_that_skill_are_refused_and_others_
     );
 }
 
+/// An SDK node in this process hosting `agent`; send on the first to stop it, then await
+/// the second.
+fn sdk_node(
+    mesh: &Mesh,
+    name: &str,
+    agent: impl mesh_agent_sdk::Agent,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<Result<(), mesh_agent_sdk::Error>>,
+) {
+    let node = mesh_agent_sdk::NodeRuntime::builder()
+        .coordinator(mesh.url())
+        .name(name)
+        .agent(agent)
+        .build()
+        .unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(node.run_until(async move {
+        let _ = stopped.await;
+    }));
+    (stop, running)
+}
+
+/// The agents with `skill`, once at least one has registered.
+async fn registered(
+    client: &mesh_agent_sdk::GoalClient,
+    skill: &str,
+) -> Vec<mesh_agent_sdk::AgentView> {
+    mesh_tests::wait_for("the agent to register", Duration::from_secs(10), || {
+        let client = client.clone();
+        async move {
+            let agents = client.agents(Some(skill)).await.ok()?;
+            (!agents.is_empty()).then_some(agents)
+        }
+    })
+    .await
+}
+
 struct Described;
 
 impl mesh_agent_sdk::Agent for Described {
@@ -361,25 +399,9 @@ impl mesh_agent_sdk::Agent for Described {
 #[tokio::test]
 async fn agents_are_listed_with_their_card() {
     let mesh = Mesh::start(Timings::default()).await;
-    let node = mesh_agent_sdk::NodeRuntime::builder()
-        .coordinator(mesh.url())
-        .name("card-node")
-        .agent(Described)
-        .build()
-        .unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = tokio::spawn(node.run_until(async move {
-        let _ = stopped.await;
-    }));
+    let (stop, running) = sdk_node(&mesh, "card-node", Described);
     let client = mesh.client().await;
-    let agents = mesh_tests::wait_for("the agent to register", Duration::from_secs(10), || {
-        let client = client.clone();
-        async move {
-            let agents = client.agents(Some("translate")).await.ok()?;
-            (!agents.is_empty()).then_some(agents)
-        }
-    })
-    .await;
+    let agents = registered(&client, "translate").await;
     let a = &agents[0];
     assert_eq!(a.description, "answers in French");
     assert_eq!(a.labels.get("lang").map(String::as_str), Some("fr"));
@@ -441,25 +463,9 @@ impl mesh_agent_sdk::Agent for Strict {
 #[tokio::test]
 async fn skill_schemas_are_checked_before_dispatch_and_on_results() {
     let mesh = Mesh::start(Timings::default()).await;
-    let node = mesh_agent_sdk::NodeRuntime::builder()
-        .coordinator(mesh.url())
-        .name("strict-node")
-        .agent(Strict)
-        .build()
-        .unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = tokio::spawn(node.run_until(async move {
-        let _ = stopped.await;
-    }));
+    let (stop, running) = sdk_node(&mesh, "strict-node", Strict);
     let client = mesh.client().await;
-    mesh_tests::wait_for("the agent to register", Duration::from_secs(10), || {
-        let client = client.clone();
-        async move {
-            let agents = client.agents(Some("strict")).await.ok()?;
-            (!agents.is_empty()).then_some(())
-        }
-    })
-    .await;
+    registered(&client, "strict").await;
     let run = |with: serde_json::Value| {
         let client = client.clone();
         async move {
