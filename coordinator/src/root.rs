@@ -77,6 +77,9 @@ pub struct RootState {
 pub const RESTART_BUDGET: usize = 5;
 pub const RESTART_WINDOW: Duration = Duration::from_secs(60);
 
+/// How long a new swarm supervisor waits for the runs stopped with the old one.
+const KILLED_RUNS_WAIT: Duration = Duration::from_secs(5);
+
 async fn spawn_dispatcher(
     root: ActorCell,
     config: &CoordinatorConfig,
@@ -235,8 +238,20 @@ impl Actor for CoordinatorRoot {
         } else if id == st.ids[2] {
             error!(error = %err, "swarm supervisor failed; restarting it");
             metrics::counter!(m::ACTOR_RESTARTS, "actor" => "swarms").increment(1);
-            // Give the old supervisor's runs a moment to stop before resuming what is not live.
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            // Its swarms and runs were stopped with it (without retiring): wait for them to be
+            // gone, so that the new supervisor's Resume finds every run not live.
+            let stopping: Vec<ActorCell> = st
+                .deps
+                .directory
+                .all()
+                .iter()
+                .map(|run| run.get_cell())
+                .collect();
+            let _ = tokio::time::timeout(
+                KILLED_RUNS_WAIT,
+                futures::future::join_all(stopping.iter().map(|run| run.wait(None))),
+            )
+            .await;
             let new = spawn_swarms(root, &st.deps).await?;
             st.ids[2] = new.get_id();
             h.swarms.set(new);
