@@ -11,6 +11,7 @@
 pub mod codec;
 pub mod convert;
 pub mod domain;
+pub mod fuzz;
 
 /// Generated protobuf and gRPC code for package `mesh.v1`.
 #[allow(clippy::all, missing_docs)]
