@@ -37,7 +37,10 @@ fn hostile_results_fail_their_attempt_and_unreadable_tasks_keep_their_token() {
         .unwrap()
     };
     for (name, says) in [
-        ("result-output-40-deep", "is nested 40 levels deep, the limit is 32"),
+        (
+            "result-output-40-deep",
+            "is nested 40 levels deep, the limit is 32",
+        ),
         ("result-deep-output", "recursion limit"),
         ("result-big-output", "the limit is"),
         ("result-invalid-json", "invalid JSON"),
