@@ -9,7 +9,7 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use mesh_coordinator::dispatcher::{DispatchRequest, DispatchState, LoadBoard, Sent};
 use mesh_coordinator::intake;
 use mesh_coordinator::run::{RetryPolicy, RunMachine};
-use mesh_coordinator::store::{JournalEvent, NewRun, Store, StoredGoal, now_ms};
+use mesh_coordinator::store::{Backend, JournalEvent, NewRun, Store, StoredGoal, now_ms};
 use mesh_proto::domain::*;
 use mesh_workflow::Limits;
 use serde_json::json;
@@ -102,7 +102,12 @@ fn dispatcher_selection(c: &mut Criterion) {
 fn stored(goal: GoalSpec) -> StoredGoal {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
-    intake::prepare(goal, &Limits::default(), &store).unwrap().0
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    rt.block_on(intake::prepare(goal, &Limits::default(), &store))
+        .unwrap()
+        .0
 }
 
 fn journal_append(c: &mut Criterion) {

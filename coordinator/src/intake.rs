@@ -7,6 +7,7 @@
 //! Invariant: a goal is acknowledged only after the store has committed it, and a goal
 //! handed to the store is written and its run started whatever happens to the caller.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use mesh_proto::domain::*;
@@ -16,9 +17,9 @@ use tracing::{info, warn};
 use crate::error::{Error, Result, call_result};
 use crate::registry::RegistryMsg;
 use crate::run::{self, Begin, NewStart, RunDeps, RunMachine};
-use crate::store::{NewRun, Store, StoredGoal, now_ms};
+use crate::store::{Backend, NewRun, Store, StoredGoal, now_ms};
 use crate::swarms::{SwarmsMsg, start_swarm};
-use mesh_workflow::{Limits, StepDef, Workflow, WorkflowDef};
+use mesh_workflow::{Action, Limits, StepDef, Target, Workflow, WorkflowDef};
 
 /// How long the planner lookup may take.
 const REGISTRY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -40,7 +41,7 @@ impl Intake {
         // One look at the key: a retried submission finds its run even if the planner has
         // left or the mesh is full meanwhile. The store checks again, in its transaction.
         let known = match &goal.idempotency_key {
-            Some(key) => self.deps.store.knows_idempotency_key(key)?,
+            Some(key) => self.deps.store.knows_idempotency_key(key).await?,
             None => false,
         };
         if goal.kind() == GoalKind::Text && !known {
@@ -79,7 +80,7 @@ impl Intake {
     /// starts and replays to there.
     pub async fn retry_finished(&self, id: &RunId, step: &StepId) -> Result<()> {
         let deps = &self.deps;
-        let (mut machine, stored) = run::load(deps, id)?;
+        let (mut machine, stored) = run::load(deps, id).await?;
         let events = machine.at(now_ms()).on_retry_from(step)?;
         deps.store
             .record(id, stored.next_seq, events)
@@ -110,14 +111,18 @@ pub const PLANNER_STEP: &str = "planner";
 /// `steps`) parsed and validated, its inputs checked and defaulted. Nothing is stored when
 /// anything is wrong, and the error names the field. Returns the validated workflow too, for
 /// the run's machine.
-pub fn prepare(goal: GoalSpec, limits: &Limits, store: &Store) -> Result<(StoredGoal, Workflow)> {
+pub async fn prepare(
+    goal: GoalSpec,
+    limits: &Limits,
+    store: &Store,
+) -> Result<(StoredGoal, Workflow)> {
     let request_digest = goal.idempotency_key.as_ref().map(|_| request_digest(&goal));
     let def = match (&goal.workflow, &goal.workflow_ref) {
         (Some(text), _) => mesh_workflow::parse(text, limits)?,
         // The definition is copied into the goal: the run stays on this version.
         (None, Some(reference)) => {
             let (name, version) = mesh_proto::convert::parse_workflow_ref(reference)?;
-            let record = store.workflow(&name, version)?;
+            let record = store.workflow(&name, version).await?;
             mesh_workflow::parse(&record.definition, limits)?
         }
         // A text goal: an agent with the `plan` skill writes the workflow.
@@ -159,7 +164,7 @@ pub fn prepare(goal: GoalSpec, limits: &Limits, store: &Store) -> Result<(Stored
         },
     };
     let workflow = mesh_workflow::validate(def, limits)?;
-    check_sub_workflows(&workflow, limits, store)?;
+    check_sub_workflows(&workflow, limits, store).await?;
     let inputs = workflow.bind_inputs(&goal.inputs)?;
     let objective = if goal.objective.is_empty() {
         workflow.def.description.clone()
@@ -187,12 +192,44 @@ pub fn request_digest(goal: &GoalSpec) -> String {
 }
 
 /// Every sub-workflow the workflow names must be registered (and valid, and not nested
-/// too deep).
-pub fn check_sub_workflows(workflow: &Workflow, limits: &Limits, store: &Store) -> Result<()> {
-    let resolve = |name: &str, version: u32| {
-        let record = store.workflow(name, Some(version)).ok()?;
-        mesh_workflow::parse(&record.definition, limits).ok()
-    };
+/// too deep). The definitions are fetched first, level by level (at most `max_nesting`
+/// levels, each reference once), then checked by the workflow crate's one rule.
+pub async fn check_sub_workflows(
+    workflow: &Workflow,
+    limits: &Limits,
+    store: &Store,
+) -> Result<()> {
+    let mut found: HashMap<(String, u32), WorkflowDef> = HashMap::new();
+    let mut level = vec![workflow.clone()];
+    for _ in 0..limits.max_nesting {
+        let mut next = Vec::new();
+        for w in &level {
+            for step in &w.steps {
+                let Action::Task(Target::Workflow { name, version }) = &step.action else {
+                    continue;
+                };
+                let key = (name.clone(), *version);
+                if found.contains_key(&key) {
+                    continue;
+                }
+                let Ok(record) = store.workflow(name, Some(*version)).await else {
+                    continue;
+                };
+                let Ok(def) = mesh_workflow::parse(&record.definition, limits) else {
+                    continue;
+                };
+                if let Ok(child) = mesh_workflow::validate(def.clone(), limits) {
+                    next.push(child);
+                }
+                found.insert(key, def);
+            }
+        }
+        if next.is_empty() {
+            break;
+        }
+        level = next;
+    }
+    let resolve = |name: &str, version: u32| found.get(&(name.to_owned(), version)).cloned();
     mesh_workflow::check_sub_workflows(workflow, limits, &resolve)?;
     Ok(())
 }
@@ -209,7 +246,7 @@ pub async fn submit(
     goal: GoalSpec,
     admission: Admission,
 ) -> Result<RunRef> {
-    let (goal, workflow) = prepare(goal, &deps.limits, &deps.store)?;
+    let (goal, workflow) = prepare(goal, &deps.limits, &deps.store).await?;
     // A retried submission of a known key comes with `Admission::OPEN` (see `accept`).
     if let Some(full) = admission.refuses(deps, &goal) {
         return Err(full);
@@ -372,7 +409,7 @@ mod tests {
             (objective, GoalKind::Text, PLANNER_STEP, true),
         ] {
             assert_eq!(g.kind(), kind);
-            let (stored, validated) = prepare(g, &limits, &store).unwrap();
+            let (stored, validated) = prepare(g, &limits, &store).await.unwrap();
             assert_eq!(validated.steps[0].id, first, "{kind:?}");
             assert_eq!(stored.planned, planned, "{kind:?}");
         }
@@ -381,7 +418,7 @@ mod tests {
             ..goal()
         };
         assert!(matches!(
-            prepare(missing, &limits, &store),
+            prepare(missing, &limits, &store).await,
             Err(Error::WorkflowNotFound(_))
         ));
     }

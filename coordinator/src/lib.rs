@@ -41,7 +41,7 @@ pub use config::CoordinatorConfig;
 pub use error::{Error, Result};
 use readiness::Readiness;
 use root::{CoordinatorRoot, Handles, RootArgs, RootMsg};
-use store::Store;
+use store::{Backend, Store};
 
 /// A running coordinator.
 #[derive(Debug)]
@@ -441,7 +441,7 @@ mod tests {
         for _ in 0..5 {
             let _ = actor.cast(run::RunMsg::Crash);
             actor = live_again(&c, &id, actor.get_id()).await;
-            let view = run::stored_view(&h.deps, &id).unwrap();
+            let view = run::stored_view(&h.deps, &id).await.unwrap();
             assert_eq!(view.state, RunState::Running);
         }
         // Past it: failed, with the reason, and gone from the directory.
@@ -459,7 +459,7 @@ mod tests {
         );
         let view = tokio::time::timeout(Duration::from_secs(10), async {
             loop {
-                let view = run::stored_view(&h.deps, &id).unwrap();
+                let view = run::stored_view(&h.deps, &id).await.unwrap();
                 if view.state.is_terminal() {
                     return view;
                 }
@@ -513,7 +513,7 @@ mod tests {
         swarms[0].send_message(swarm::SwarmMsg::Crash).unwrap();
         let second = live_again(&c, &id, first.get_id()).await;
         assert_eq!(
-            run::stored_view(&h.deps, &id).unwrap().state,
+            run::stored_view(&h.deps, &id).await.unwrap().state,
             RunState::Running
         );
         let _ = second.cast(run::RunMsg::Crash);
@@ -548,7 +548,7 @@ mod tests {
             // A new actor: starting or running, not one of those stopped with the old tree.
             assert_ne!(again.get_status(), ractor::ActorStatus::Stopped);
             assert_eq!(
-                run::stored_view(&h.deps, id).unwrap().state,
+                run::stored_view(&h.deps, id).await.unwrap().state,
                 RunState::Running
             );
         }

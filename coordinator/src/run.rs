@@ -26,7 +26,7 @@ pub use crate::machine::{Decision, RetryPolicy, RunMachine};
 use crate::metrics as m;
 use crate::node_link::ResultAck;
 use crate::slot::Slot;
-use crate::store::{JournalEvent, Store, StoredRun, now_ms};
+use crate::store::{Backend, JournalEvent, Store, StoredRun, now_ms};
 use crate::swarm::SwarmMsg;
 use crate::swarms::SwarmsMsg;
 
@@ -168,7 +168,7 @@ struct Begun {
     first: Option<Vec<JournalEvent>>,
 }
 
-fn begin(deps: &RunDeps, run_id: &RunId, begin: Begin) -> Result<Begun> {
+async fn begin(deps: &RunDeps, run_id: &RunId, begin: Begin) -> Result<Begun> {
     let stored = |(machine, stored): (RunMachine, StoredRun)| Begun {
         machine,
         next_seq: stored.next_seq,
@@ -180,7 +180,7 @@ fn begin(deps: &RunDeps, run_id: &RunId, begin: Begin) -> Result<Begun> {
         first: None,
     };
     Ok(match begin {
-        Begin::Load => stored(load(deps, run_id)?),
+        Begin::Load => stored(load(deps, run_id).await?),
         Begin::Stored(run) => stored(rebuild(deps, *run)?),
         // Journaled with the goal: `run_created`, then the first decisions.
         Begin::New(new) => Begun {
@@ -195,8 +195,8 @@ fn begin(deps: &RunDeps, run_id: &RunId, begin: Begin) -> Result<Begun> {
 }
 
 /// Rebuilds a run from the store: its machine, replayed from the journal.
-pub fn load(deps: &RunDeps, run_id: &RunId) -> Result<(RunMachine, StoredRun)> {
-    rebuild(deps, deps.store.load_run(run_id)?)
+pub async fn load(deps: &RunDeps, run_id: &RunId) -> Result<(RunMachine, StoredRun)> {
+    rebuild(deps, deps.store.load_run(run_id).await?)
 }
 
 /// A run's machine, replayed from its stored journal.
@@ -216,11 +216,11 @@ fn rebuild(deps: &RunDeps, mut stored: StoredRun) -> Result<(RunMachine, StoredR
 
 /// The view of a run that is not live (finished, or waiting to be resumed): kept in
 /// memory for a run that finished lately, else replayed from the store.
-pub fn stored_view(deps: &RunDeps, run_id: &RunId) -> Result<RunView> {
+pub async fn stored_view(deps: &RunDeps, run_id: &RunId) -> Result<RunView> {
     if let Some(view) = deps.directory.finished(run_id) {
         return Ok(view);
     }
-    let (machine, stored) = load(deps, run_id)?;
+    let (machine, stored) = load(deps, run_id).await?;
     Ok(view(
         &machine,
         stored.swarm,
@@ -551,7 +551,7 @@ impl Actor for Run {
             updated_at_ms,
             picked,
             first,
-        } = begin(&args.deps, &args.run_id, args.begin)?;
+        } = begin(&args.deps, &args.run_id, args.begin).await?;
         args.deps
             .directory
             .insert(machine.run_id().clone(), myself.clone());
@@ -815,7 +815,7 @@ pub async fn wait_until_finished(deps: &RunDeps, id: &RunId) -> Result<RunView> 
                 }
             }
         }
-        let view = stored_view(deps, id)?;
+        let view = stored_view(deps, id).await?;
         if view.state.is_terminal() {
             return Ok(view);
         }

@@ -12,7 +12,7 @@ use tracing::{error, warn};
 
 use crate::metrics as m;
 use crate::run::{Begin, Run, RunArgs, RunDeps};
-use crate::store::JournalEvent;
+use crate::store::{Backend, JournalEvent};
 
 /// Restarts of a run allowed within [`RESTART_WINDOW`].
 const RESTART_BUDGET: usize = 5;
@@ -66,7 +66,7 @@ impl SwarmState {
                 "run crashed {RESTART_BUDGET} times in {RESTART_WINDOW:?}: {reason}"
             )),
         };
-        let result = match self.deps.store.load_run(&self.run_id) {
+        let result = match self.deps.store.load_run(&self.run_id).await {
             Ok(stored) => self
                 .deps
                 .store

@@ -10,6 +10,7 @@ use tracing::{info, warn};
 use crate::error::{Error, Result};
 use crate::metrics as m;
 use crate::run::{Begin, RunDeps, RunMsg};
+use crate::store::Backend;
 use crate::swarm::{Swarm, SwarmArgs};
 
 /// A swarm's actor name is this, its run's id, `#` and a number: a failed swarm's run is
@@ -81,14 +82,14 @@ impl Actor for SwarmSupervisor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             SwarmsMsg::Resume => {
-                let runs = st.deps.store.unfinished_runs()?;
+                let runs = st.deps.store.unfinished_runs().await?;
                 let mut resumed = 0;
                 for run_id in runs {
                     if st.deps.directory.is_live(&run_id) {
                         continue;
                     }
                     // Not live, so nothing changes it before its run starts from this.
-                    let stored = st.deps.store.load_run(&run_id)?;
+                    let stored = st.deps.store.load_run(&run_id).await?;
                     let goal_id = stored.goal_id.clone();
                     start_swarm(
                         &st.deps,

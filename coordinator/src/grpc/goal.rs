@@ -15,6 +15,7 @@ use crate::error::{Error, call_result};
 use crate::intake;
 use crate::root::Handles;
 use crate::run::{self, RunMsg};
+use crate::store::Backend;
 
 const RUN_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a watch waits for a stored, running run to come live.
@@ -119,7 +120,9 @@ impl GoalApi {
             {
                 return Ok(live_events(view, rx));
             }
-            let view = run::stored_view(&self.handles.deps, id).map_err(status)?;
+            let view = run::stored_view(&self.handles.deps, id)
+                .await
+                .map_err(status)?;
             if view.state.is_terminal() {
                 // Finished: the store has the whole story.
                 return Ok(Box::pin(stream::iter(finished_events(view))));
@@ -141,7 +144,9 @@ impl GoalApi {
         {
             return Ok(view);
         }
-        run::stored_view(&self.handles.deps, id).map_err(status)
+        run::stored_view(&self.handles.deps, id)
+            .await
+            .map_err(status)
     }
 
     /// Asks a live run; a run that is not live is finished (or about to be resumed).
@@ -156,7 +161,9 @@ impl GoalApi {
                 return result.map_err(status);
             }
         }
-        let view = run::stored_view(&self.handles.deps, id).map_err(status)?;
+        let view = run::stored_view(&self.handles.deps, id)
+            .await
+            .map_err(status)?;
         Err(status(if view.state.is_terminal() {
             Error::FailedPrecondition(format!("run `{id}` already {}", view.state))
         } else {
@@ -290,7 +297,9 @@ impl pb::goal_service_server::GoalService for GoalApi {
                 return Ok(Response::new(bounded::run(result.map_err(status)?)));
             }
         }
-        let view = run::stored_view(&self.handles.deps, &id).map_err(status)?;
+        let view = run::stored_view(&self.handles.deps, &id)
+            .await
+            .map_err(status)?;
         Err(status(Error::FailedPrecondition(format!(
             "run `{id}` already {}",
             view.state
@@ -431,7 +440,7 @@ impl pb::goal_service_server::GoalService for GoalApi {
         request: Request<pb::ListRunsRequest>,
     ) -> Result<Response<pb::ListRunsResponse>, Status> {
         let query = ListRunsQuery::try_from(request.into_inner()).map_err(|e| status(e.into()))?;
-        let page = self.handles.store.list_runs(&query).map_err(status)?;
+        let page = self.handles.store.list_runs(&query).await.map_err(status)?;
         Ok(Response::new(pb::ListRunsResponse {
             runs: page.runs.into_iter().map(Into::into).collect(),
             next_page_token: page.next_page_token.unwrap_or_default(),

@@ -10,7 +10,7 @@ use super::status;
 use crate::error::Error;
 use crate::intake;
 use crate::root::Handles;
-use crate::store::NewWorkflow;
+use crate::store::{Backend, NewWorkflow};
 
 const DEFAULT_PAGE: u32 = 50;
 const MAX_PAGE: u32 = 1000;
@@ -57,7 +57,9 @@ impl pb::workflow_service_server::WorkflowService for WorkflowApi {
                 "a registered workflow needs a `version`, a whole number from 1",
             ));
         }
-        intake::check_sub_workflows(&workflow, limits, &self.handles.store).map_err(status)?;
+        intake::check_sub_workflows(&workflow, limits, &self.handles.store)
+            .await
+            .map_err(status)?;
         let new = NewWorkflow {
             source,
             def: workflow.def,
@@ -86,6 +88,7 @@ impl pb::workflow_service_server::WorkflowService for WorkflowApi {
             .handles
             .store
             .workflow(&req.name, version)
+            .await
             .map_err(status)?;
         Ok(Response::new(record.into()))
     }
@@ -122,6 +125,7 @@ impl pb::workflow_service_server::WorkflowService for WorkflowApi {
             .handles
             .store
             .list_workflows(name.as_deref(), page_size, after)
+            .await
             .map_err(status)?;
         Ok(Response::new(pb::ListWorkflowsResponse {
             workflows: workflows.into_iter().map(Into::into).collect(),

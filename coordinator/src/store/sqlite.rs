@@ -1,30 +1,25 @@
-//! The durable store: goals, runs, step states, the append-only journal of every run and
-//! the members of each swarm, in an embedded SQLite database (`<data-dir>/mesh.db`).
-//!
-//! The journal is the record: a run is rebuilt by replaying it (`run::RunMachine::replay`).
-//! `runs` holds each run's state and times for listing, updated in the same transaction as
-//! the journal rows, so both always agree.
+//! The embedded backend: SQLite (`<data-dir>/mesh.db`).
 //!
 //! Writes go to one writer thread that commits in groups: it takes every write waiting in
 //! its bounded queue (up to [`MAX_GROUP`]), applies each inside its own savepoint, commits
 //! once, then answers each caller. A caller's write is durable when its answer comes; many
 //! runs share one commit, which is what makes journaling cheap. Reads use a second
 //! connection, so they never wait for the writer (WAL lets them run side by side).
-//!
-//! Invariant: a run's state changes only through [`Store::record`], and a write is
-//! acknowledged only after the transaction that holds it has committed.
+//! `runs` holds each run's state and times for listing, updated in the same transaction as
+//! the journal rows, so both always agree.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, oneshot};
 
 use mesh_proto::domain::*;
-use mesh_workflow::WorkflowDef;
 use rusqlite::{Connection, OptionalExtension, params};
 use serde_json::Value;
 
+use super::{
+    Backend, JournalEvent, NewRun, NewWorkflow, StoredGoal, StoredRun, WorkflowPage, now_ms,
+};
 use crate::error::{Error, Result};
 
 const SCHEMA: &str = r#"
@@ -77,24 +72,6 @@ CREATE TABLE IF NOT EXISTS swarm_members (
 /// The store's layout; a store written by another layout is refused at open.
 const SCHEMA_VERSION: &str = "2";
 
-pub use crate::journal::{JournalEvent, StoredGoal};
-
-/// Everything needed to rebuild a run: its goal and its journal.
-#[derive(Clone, Debug, PartialEq)]
-pub struct StoredRun {
-    pub run_id: RunId,
-    pub goal_id: GoalId,
-    pub goal: StoredGoal,
-    pub state: RunState,
-    pub events: Vec<JournalEvent>,
-    pub swarm: Vec<SwarmMember>,
-    pub next_seq: u64,
-    pub created_at_ms: i64,
-    pub updated_at_ms: i64,
-}
-
-impl StoredRun {}
-
 /// Writes waiting for the writer thread; past it callers wait (backpressure).
 const WRITE_QUEUE: usize = 4096;
 /// Most writes committed together.
@@ -119,52 +96,16 @@ enum WriteOp {
     ),
 }
 
-/// A goal to store with its run: ids chosen by the caller, the time of submission, and the
-/// run's first decisions, journaled in the same write so that its first steps need no write
-/// of their own.
-#[derive(Clone, Debug)]
-pub struct NewRun {
-    pub goal: StoredGoal,
-    pub goal_id: GoalId,
-    pub run_id: RunId,
-    pub at_ms: i64,
-    pub events: Vec<JournalEvent>,
-}
-
-impl NewRun {
-    /// Fresh ids for a goal and its run (time-ordered, so the journal's keys append).
-    pub fn ids() -> (GoalId, RunId) {
-        (
-            GoalId(format!("goal-{}", uuid::Uuid::now_v7().simple())),
-            RunId(format!("run-{}", uuid::Uuid::now_v7().simple())),
-        )
-    }
-}
-
-/// A workflow version to register: its text as given, and its validated definition.
-#[derive(Clone, Debug)]
-pub struct NewWorkflow {
-    pub source: String,
-    pub def: WorkflowDef,
-}
-
 #[derive(Clone)]
-pub struct Store {
+pub struct SqliteStore {
     writer: mpsc::Sender<WriteOp>,
     reader: Arc<Mutex<Connection>>,
 }
 
-impl std::fmt::Debug for Store {
+impl std::fmt::Debug for SqliteStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Store")
+        f.write_str("SqliteStore")
     }
-}
-
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or_default()
 }
 
 fn json_text(v: &Value) -> String {
@@ -203,7 +144,7 @@ fn writer_gone() -> Error {
     Error::Unavailable("store writer")
 }
 
-impl Store {
+impl SqliteStore {
     /// Opens (and creates) the database in `dir` and starts its writer thread, which ends
     /// when the last handle is dropped.
     pub fn open(dir: &Path) -> Result<Self> {
@@ -243,22 +184,24 @@ impl Store {
         self.writer.send(op(tx)).await.map_err(|_| writer_gone())?;
         rx.await.map_err(|_| writer_gone())
     }
+}
 
+impl Backend for SqliteStore {
     /// Increments and returns the coordinator epoch; called once per start.
-    pub async fn bump_epoch(&self) -> Result<u64> {
+    async fn bump_epoch(&self) -> Result<u64> {
         self.write(WriteOp::BumpEpoch).await?
     }
 
     /// Stores a new goal and its run (with its first decisions), or returns the run of an
     /// earlier goal with the same idempotency key. Durable when it returns.
-    pub async fn submit(&self, new: NewRun) -> Result<RunRef> {
+    async fn submit(&self, new: NewRun) -> Result<RunRef> {
         self.write(|reply| WriteOp::Submit(Box::new(new), reply))
             .await?
     }
 
     /// Appends `events` as entries `seq..` of the run's journal. Durable when it returns;
     /// hands the events back.
-    pub async fn record(
+    async fn record(
         &self,
         run_id: &RunId,
         seq: u64,
@@ -277,25 +220,25 @@ impl Store {
 
     /// Writes to the store and commits, to learn whether it can be written (a full disk, a
     /// read-only file system). Durable when it returns Ok.
-    pub async fn probe(&self) -> Result<()> {
+    async fn probe(&self) -> Result<()> {
         self.write(WriteOp::Probe).await?
     }
 
     /// Records that the swarm of `goal_id` uses `member`; idempotent.
-    pub async fn add_swarm_member(&self, goal_id: &GoalId, member: &SwarmMember) -> Result<()> {
+    async fn add_swarm_member(&self, goal_id: &GoalId, member: &SwarmMember) -> Result<()> {
         self.write(|reply| WriteOp::AddMember(goal_id.clone(), member.clone(), reply))
             .await?
     }
 
     /// Registers a workflow version; `false` when this exact content was registered before.
     /// Other content under a taken version is `AlreadyExists`.
-    pub async fn register_workflow(&self, new: NewWorkflow) -> Result<(WorkflowRecord, bool)> {
+    async fn register_workflow(&self, new: NewWorkflow) -> Result<(WorkflowRecord, bool)> {
         self.write(|reply| WriteOp::Register(Box::new(new), reply))
             .await?
     }
 
     /// A workflow version, or its newest version when `version` is `None`.
-    pub fn workflow(&self, name: &str, version: Option<u32>) -> Result<WorkflowRecord> {
+    async fn workflow(&self, name: &str, version: Option<u32>) -> Result<WorkflowRecord> {
         let conn = self.read();
         let found = conn
             .prepare_cached(
@@ -314,12 +257,12 @@ impl Store {
 
     /// Workflows by name, then version, newest first; `after` is the last `name@version` of the
     /// previous page.
-    pub fn list_workflows(
+    async fn list_workflows(
         &self,
         name: Option<&str>,
         page_size: u32,
         after: Option<(String, u32)>,
-    ) -> Result<(Vec<WorkflowRecord>, Option<String>)> {
+    ) -> Result<WorkflowPage> {
         let conn = self.read();
         let (after_name, after_version) = after.map_or((None, None), |(n, v)| (Some(n), Some(v)));
         let mut rows = conn
@@ -344,7 +287,7 @@ impl Store {
     }
 
     /// Whether a goal with this idempotency key is stored.
-    pub fn knows_idempotency_key(&self, key: &str) -> Result<bool> {
+    async fn knows_idempotency_key(&self, key: &str) -> Result<bool> {
         let conn = self.read();
         let found = conn
             .prepare_cached("SELECT 1 FROM goals WHERE idempotency_key = ?1")?
@@ -354,7 +297,7 @@ impl Store {
     }
 
     /// Runs not finished yet, oldest first.
-    pub fn unfinished_runs(&self) -> Result<Vec<RunId>> {
+    async fn unfinished_runs(&self) -> Result<Vec<RunId>> {
         let conn = self.read();
         let mut stmt =
             conn.prepare_cached("SELECT run_id FROM runs WHERE state = 'running' ORDER BY run_id")?;
@@ -367,7 +310,7 @@ impl Store {
     }
 
     /// Loads a run and its whole journal, for replaying it.
-    pub fn load_run(&self, run_id: &RunId) -> Result<StoredRun> {
+    async fn load_run(&self, run_id: &RunId) -> Result<StoredRun> {
         let conn = self.read();
         let row: Option<(String, String, String, i64, i64)> = conn
             .prepare_cached(
@@ -411,7 +354,7 @@ impl Store {
     }
 
     /// One page of runs, newest first.
-    pub fn list_runs(&self, query: &ListRunsQuery) -> Result<RunPage> {
+    async fn list_runs(&self, query: &ListRunsQuery) -> Result<RunPage> {
         let conn = self.read();
         let limit = query.page_size as i64 + 1;
         let mut stmt = conn.prepare_cached(
@@ -846,211 +789,36 @@ fn load_swarm(conn: &Connection, goal_id: &str) -> Result<Vec<SwarmMember>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use crate::store::conformance::{Fixture, conformance_suite};
 
-    fn new_run(goal: StoredGoal) -> NewRun {
-        let (goal_id, run_id) = NewRun::ids();
-        NewRun {
-            goal,
-            goal_id,
-            run_id,
-            at_ms: now_ms(),
-            events: Vec::new(),
+    /// A store in a temporary directory, removed with the fixture.
+    struct Sqlite(tempfile::TempDir);
+
+    impl Fixture for Sqlite {
+        type Store = SqliteStore;
+        fn open(&self) -> Result<SqliteStore> {
+            SqliteStore::open(self.0.path())
+        }
+        fn set_layout(&self, version: &str) {
+            let conn = Connection::open(self.0.path().join("mesh.db")).unwrap();
+            conn.execute(
+                "UPDATE meta SET value = ?1 WHERE key = 'schema'",
+                params![version],
+            )
+            .unwrap();
         }
     }
 
-    fn goal(key: Option<&str>) -> StoredGoal {
-        let workflow: WorkflowDef = serde_json::from_value(json!({
-            "steps": [
-                { "id": "a", "uses": "echo", "with": { "x": 1 } },
-                { "id": "b", "uses": "echo", "needs": ["a"] },
-            ]
-        }))
-        .unwrap();
-        StoredGoal {
-            request_digest: None,
-            objective: "test".into(),
-            inputs: json!({}),
-            workflow,
-            idempotency_key: key.map(str::to_owned),
-            planned: false,
-        }
-    }
-
-    #[tokio::test]
-    async fn idempotency_key_returns_the_existing_run() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let first = store.submit(new_run(goal(Some("k1")))).await.unwrap();
-        let again = store.submit(new_run(goal(Some("k1")))).await.unwrap();
-        assert!(first.created);
-        assert!(!again.created);
-        assert_eq!(first.run_id, again.run_id);
-        let other = store.submit(new_run(goal(None))).await.unwrap();
-        assert_ne!(other.run_id, first.run_id);
-    }
-
-    #[tokio::test]
-    async fn a_new_run_is_stored_with_its_first_decisions_in_one_write() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let mut new = new_run(goal(Some("first")));
-        new.events = vec![JournalEvent::StepStarted {
-            step: "a".into(),
-            index: 0,
-            attempt: 1,
-            epoch: 1,
-        }];
-        let run = store.submit(new.clone()).await.unwrap();
-        assert!(run.created);
-        assert_eq!(run.run_id, new.run_id, "the caller's ids");
-        let stored = store.load_run(&run.run_id).unwrap();
-        assert_eq!(stored.events.len(), 2);
-        assert!(matches!(stored.events[0], JournalEvent::RunCreated));
-        assert!(matches!(
-            stored.events[1],
-            JournalEvent::StepStarted { attempt: 1, .. }
-        ));
-        assert_eq!(stored.next_seq, 2);
-        assert_eq!(stored.created_at_ms, new.at_ms);
-        // The same key again: the first run, and nothing journaled twice.
-        let again = store.submit(new_run(goal(Some("first")))).await.unwrap();
-        assert!(!again.created);
-        assert_eq!(again.run_id, run.run_id);
-        assert_eq!(store.load_run(&run.run_id).unwrap().events.len(), 2);
-    }
-
-    #[tokio::test]
-    async fn the_journal_survives_a_reopen_whole_and_in_order() {
-        let dir = tempfile::tempdir().unwrap();
-        let run = {
-            let store = Store::open(dir.path()).unwrap();
-            assert_eq!(store.bump_epoch().await.unwrap(), 1);
-            let run = store.submit(new_run(goal(None))).await.unwrap();
-            let a = StepId::from("a");
-            let events = vec![
-                JournalEvent::StepStarted {
-                    step: a.clone(),
-                    index: 0,
-                    attempt: 1,
-                    epoch: 1,
-                },
-                JournalEvent::StepSucceeded {
-                    step: a,
-                    output: json!({"ok": true}),
-                },
-            ];
-            let back = store.record(&run.run_id, 1, events.clone()).await.unwrap();
-            assert_eq!(back, events, "the events come back to the caller");
-            run
-        };
-        let store = Store::open(dir.path()).unwrap();
-        assert_eq!(store.bump_epoch().await.unwrap(), 2);
-        let stored = store.load_run(&run.run_id).unwrap();
-        assert_eq!(stored.next_seq, 3);
-        assert_eq!(stored.goal, goal(None));
-        assert_eq!(stored.events.len(), 3);
-        assert_eq!(stored.events[0], JournalEvent::RunCreated);
-        assert!(
-            matches!(&stored.events[2], JournalEvent::StepSucceeded { output, .. } if output == &json!({"ok": true}))
-        );
-        assert_eq!(store.unfinished_runs().unwrap(), vec![run.run_id.clone()]);
-        // A journal entry cannot be written twice, and the failed write changes nothing.
-        let dup = vec![JournalEvent::StepSkipped {
-            step: "b".into(),
-            reason: "test".into(),
-        }];
-        assert!(store.record(&run.run_id, 2, dup).await.is_err());
-        assert_eq!(store.load_run(&run.run_id).unwrap().events, stored.events);
-    }
-
-    #[tokio::test]
-    async fn writes_committed_in_one_group_are_isolated_from_each_other() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let run = store.submit(new_run(goal(None))).await.unwrap().run_id;
-        // Many writes at once share commits; a bad one fails alone.
-        let mut writes = Vec::new();
-        for i in 0..200u64 {
-            let store = store.clone();
-            let run = run.clone();
-            // Entry 1 is written twice: exactly one of those two fails.
-            let seq = if i == 0 { 1 } else { i };
-            writes.push(tokio::spawn(async move {
-                let event = JournalEvent::StepStarted {
-                    step: "a".into(),
-                    index: 0,
-                    attempt: i as u32,
-                    epoch: 1,
-                };
-                store.record(&run, seq, vec![event]).await.is_ok()
-            }));
-        }
-        let mut ok = 0;
-        for w in writes {
-            ok += usize::from(w.await.unwrap());
-        }
-        assert_eq!(ok, 199);
-        assert_eq!(store.load_run(&run).unwrap().next_seq, 200);
-        // Idempotency holds inside one group too.
-        let mut keyed = Vec::new();
-        for _ in 0..50 {
-            let store = store.clone();
-            keyed.push(tokio::spawn(async move {
-                store.submit(new_run(goal(Some("same")))).await.unwrap()
-            }));
-        }
-        let mut runs = std::collections::HashSet::new();
-        let mut created = 0;
-        for k in keyed {
-            let r = k.await.unwrap();
-            created += usize::from(r.created);
-            runs.insert(r.run_id);
-        }
-        assert_eq!((created, runs.len()), (1, 1));
-    }
-
-    #[tokio::test]
-    async fn lists_runs_in_pages() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let mut ids = Vec::new();
-        for _ in 0..5 {
-            ids.push(store.submit(new_run(goal(None))).await.unwrap().run_id);
-        }
-        let q = |token: Option<RunId>| ListRunsQuery {
-            state: None,
-            page_size: 2,
-            page_token: token,
-        };
-        let p1 = store.list_runs(&q(None)).unwrap();
-        assert_eq!(
-            p1.runs.iter().map(|r| &r.run_id).collect::<Vec<_>>(),
-            vec![&ids[4], &ids[3]]
-        );
-        let p2 = store.list_runs(&q(p1.next_page_token.map(RunId))).unwrap();
-        let p3 = store.list_runs(&q(p2.next_page_token.map(RunId))).unwrap();
-        assert_eq!(p3.runs.len(), 1);
-        assert_eq!(p3.next_page_token, None);
-        let done = ListRunsQuery {
-            state: Some(RunState::Succeeded),
-            page_size: 10,
-            page_token: None,
-        };
-        assert!(store.list_runs(&done).unwrap().runs.is_empty());
-    }
+    conformance_suite!(Sqlite(tempfile::tempdir().unwrap()));
 
     #[test]
-    fn a_store_of_another_layout_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        drop(Store::open(dir.path()).unwrap());
-        let conn = Connection::open(dir.path().join("mesh.db")).unwrap();
-        conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema'", [])
-            .unwrap();
-        drop(conn);
-        let err = Store::open(dir.path()).unwrap_err().to_string();
+    fn a_refused_layout_names_both_layouts_and_the_file() {
+        let f = Sqlite(tempfile::tempdir().unwrap());
+        drop(f.open().unwrap());
+        f.set_layout("1");
+        let err = f.open().unwrap_err().to_string();
         assert!(
-            err.contains("has layout 1; this build reads layout 2"),
+            err.contains("has layout 1; this build reads layout 2") && err.contains("mesh.db"),
             "{err}"
         );
     }

@@ -1,0 +1,230 @@
+//! The store boundary: what the coordinator keeps durably (goals, runs, the append-only
+//! journal of every run, the members of each swarm, versioned workflows), behind one trait,
+//! [`Backend`], so that every backend answers the same contract and passes the same suite
+//! (`conformance`, run against each backend).
+//!
+//! The journal is the record: a run is rebuilt by replaying it (`run::RunMachine::replay`).
+//! A backend keeps each run's state and times for listing in step with its journal.
+//!
+//! Backends: [`SqliteStore`] (embedded, the default). [`Store`] is the one the coordinator
+//! holds: an enum over the backends, so that choosing one is a value, not a type parameter
+//! threaded through every actor.
+//!
+//! Invariants every backend keeps: a run's state changes only through [`Backend::record`];
+//! a write is acknowledged only once it is durable; a journal entry is written once (a second
+//! write of `(run, seq)` fails and changes nothing); one idempotency key has one run, however
+//! many submissions race; a workflow version never changes.
+
+use std::future::Future;
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use mesh_proto::domain::*;
+use mesh_workflow::WorkflowDef;
+
+use crate::error::Result;
+
+mod sqlite;
+pub use sqlite::SqliteStore;
+
+#[cfg(test)]
+pub(crate) mod conformance;
+
+pub use crate::journal::{JournalEvent, StoredGoal};
+
+/// Everything needed to rebuild a run: its goal and its journal.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoredRun {
+    pub run_id: RunId,
+    pub goal_id: GoalId,
+    pub goal: StoredGoal,
+    pub state: RunState,
+    pub events: Vec<JournalEvent>,
+    pub swarm: Vec<SwarmMember>,
+    pub next_seq: u64,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+}
+
+/// A goal to store with its run: ids chosen by the caller, the time of submission, and the
+/// run's first decisions, journaled in the same write so that its first steps need no write
+/// of their own.
+#[derive(Clone, Debug)]
+pub struct NewRun {
+    pub goal: StoredGoal,
+    pub goal_id: GoalId,
+    pub run_id: RunId,
+    pub at_ms: i64,
+    pub events: Vec<JournalEvent>,
+}
+
+impl NewRun {
+    /// Fresh ids for a goal and its run (time-ordered, so the journal's keys append).
+    pub fn ids() -> (GoalId, RunId) {
+        (
+            GoalId(format!("goal-{}", uuid::Uuid::now_v7().simple())),
+            RunId(format!("run-{}", uuid::Uuid::now_v7().simple())),
+        )
+    }
+}
+
+/// A workflow version to register: its text as given, and its validated definition.
+#[derive(Clone, Debug)]
+pub struct NewWorkflow {
+    pub source: String,
+    pub def: WorkflowDef,
+}
+
+/// One page of workflows and the token of the next (`name@version` of the last one).
+pub type WorkflowPage = (Vec<WorkflowRecord>, Option<String>);
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
+}
+
+/// What the coordinator asks of a store. Writes are durable when their future resolves Ok.
+pub trait Backend: Clone + Send + Sync + 'static {
+    /// Increments and returns the coordinator epoch; called once per start.
+    fn bump_epoch(&self) -> impl Future<Output = Result<u64>> + Send;
+
+    /// Stores a new goal and its run (journal entry 0 is `RunCreated`, then the run's first
+    /// decisions), or returns the run of an earlier goal with the same idempotency key
+    /// (`created: false`); the same key with another request digest is `AlreadyExists`.
+    fn submit(&self, new: NewRun) -> impl Future<Output = Result<RunRef>> + Send;
+
+    /// Appends `events` as entries `seq..` of the run's journal, all or none; hands the
+    /// events back.
+    fn record(
+        &self,
+        run_id: &RunId,
+        seq: u64,
+        events: Vec<JournalEvent>,
+    ) -> impl Future<Output = Result<Vec<JournalEvent>>> + Send;
+
+    /// Writes something that does not matter and commits, to learn whether the store can
+    /// be written (a full disk, a read-only file system, a lost server).
+    fn probe(&self) -> impl Future<Output = Result<()>> + Send;
+
+    /// Records that the swarm of `goal_id` uses `member`; idempotent.
+    fn add_swarm_member(
+        &self,
+        goal_id: &GoalId,
+        member: &SwarmMember,
+    ) -> impl Future<Output = Result<()>> + Send;
+
+    /// Registers a workflow version; `false` when this exact content was registered before.
+    /// Other content under a taken version is `AlreadyExists`.
+    fn register_workflow(
+        &self,
+        new: NewWorkflow,
+    ) -> impl Future<Output = Result<(WorkflowRecord, bool)>> + Send;
+
+    /// A workflow version, or its newest version when `version` is `None`;
+    /// `WorkflowNotFound` naming `name[@version]` when there is none.
+    fn workflow(
+        &self,
+        name: &str,
+        version: Option<u32>,
+    ) -> impl Future<Output = Result<WorkflowRecord>> + Send;
+
+    /// Workflows by name, then version, newest first; `after` is the last `name@version` of
+    /// the previous page.
+    fn list_workflows(
+        &self,
+        name: Option<&str>,
+        page_size: u32,
+        after: Option<(String, u32)>,
+    ) -> impl Future<Output = Result<WorkflowPage>> + Send;
+
+    /// Whether a goal with this idempotency key is stored.
+    fn knows_idempotency_key(&self, key: &str) -> impl Future<Output = Result<bool>> + Send;
+
+    /// Runs not finished yet, oldest first.
+    fn unfinished_runs(&self) -> impl Future<Output = Result<Vec<RunId>>> + Send;
+
+    /// A run and its whole journal, for replaying it; `RunNotFound` when there is none.
+    fn load_run(&self, run_id: &RunId) -> impl Future<Output = Result<StoredRun>> + Send;
+
+    /// One page of runs, newest first.
+    fn list_runs(&self, query: &ListRunsQuery) -> impl Future<Output = Result<RunPage>> + Send;
+}
+
+/// The store the coordinator holds: one of the backends.
+#[derive(Clone, Debug)]
+pub enum Store {
+    Sqlite(SqliteStore),
+}
+
+impl Store {
+    /// The embedded store in `dir` (`<dir>/mesh.db`), created when absent.
+    pub fn open(dir: &Path) -> Result<Self> {
+        Ok(Store::Sqlite(SqliteStore::open(dir)?))
+    }
+
+    /// The store at `dir` as it is when its writer has died: reads work, every write fails.
+    #[cfg(test)]
+    pub(crate) fn without_writer(dir: &Path) -> Result<Self> {
+        Ok(Store::Sqlite(SqliteStore::without_writer(dir)?))
+    }
+}
+
+/// Forwards a call to the backend the store holds.
+macro_rules! on_backend {
+    ($self:ident, $s:ident => $call:expr) => {
+        match $self {
+            Store::Sqlite($s) => $call,
+        }
+    };
+}
+
+impl Backend for Store {
+    async fn bump_epoch(&self) -> Result<u64> {
+        on_backend!(self, s => s.bump_epoch().await)
+    }
+    async fn submit(&self, new: NewRun) -> Result<RunRef> {
+        on_backend!(self, s => s.submit(new).await)
+    }
+    async fn record(
+        &self,
+        run_id: &RunId,
+        seq: u64,
+        events: Vec<JournalEvent>,
+    ) -> Result<Vec<JournalEvent>> {
+        on_backend!(self, s => s.record(run_id, seq, events).await)
+    }
+    async fn probe(&self) -> Result<()> {
+        on_backend!(self, s => s.probe().await)
+    }
+    async fn add_swarm_member(&self, goal_id: &GoalId, member: &SwarmMember) -> Result<()> {
+        on_backend!(self, s => s.add_swarm_member(goal_id, member).await)
+    }
+    async fn register_workflow(&self, new: NewWorkflow) -> Result<(WorkflowRecord, bool)> {
+        on_backend!(self, s => s.register_workflow(new).await)
+    }
+    async fn workflow(&self, name: &str, version: Option<u32>) -> Result<WorkflowRecord> {
+        on_backend!(self, s => s.workflow(name, version).await)
+    }
+    async fn list_workflows(
+        &self,
+        name: Option<&str>,
+        page_size: u32,
+        after: Option<(String, u32)>,
+    ) -> Result<WorkflowPage> {
+        on_backend!(self, s => s.list_workflows(name, page_size, after).await)
+    }
+    async fn knows_idempotency_key(&self, key: &str) -> Result<bool> {
+        on_backend!(self, s => s.knows_idempotency_key(key).await)
+    }
+    async fn unfinished_runs(&self) -> Result<Vec<RunId>> {
+        on_backend!(self, s => s.unfinished_runs().await)
+    }
+    async fn load_run(&self, run_id: &RunId) -> Result<StoredRun> {
+        on_backend!(self, s => s.load_run(run_id).await)
+    }
+    async fn list_runs(&self, query: &ListRunsQuery) -> Result<RunPage> {
+        on_backend!(self, s => s.list_runs(query).await)
+    }
+}
