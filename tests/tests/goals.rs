@@ -506,3 +506,102 @@ async fn skill_schemas_are_checked_before_dispatch_and_on_results() {
     let _ = stop.send(());
     running.await.unwrap().unwrap();
 }
+
+/// Panics on every attempt, counting them.
+struct Boom(std::sync::Arc<std::sync::atomic::AtomicU32>);
+
+impl mesh_agent_sdk::Agent for Boom {
+    fn card(&self) -> mesh_agent_sdk::AgentCard {
+        mesh_agent_sdk::AgentCard::new("boom").skill("work")
+    }
+
+    async fn handle(
+        &self,
+        _ctx: mesh_agent_sdk::Context,
+        _input: serde_json::Value,
+    ) -> Result<serde_json::Value, mesh_agent_sdk::AgentError> {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        panic!("boom");
+    }
+}
+
+struct Steady;
+
+impl mesh_agent_sdk::Agent for Steady {
+    fn card(&self) -> mesh_agent_sdk::AgentCard {
+        mesh_agent_sdk::AgentCard::new("steady").skill("work")
+    }
+
+    async fn handle(
+        &self,
+        _ctx: mesh_agent_sdk::Context,
+        _input: serde_json::Value,
+    ) -> Result<serde_json::Value, mesh_agent_sdk::AgentError> {
+        Ok(json!({ "by": "steady" }))
+    }
+}
+
+/// Supervision on the node: an agent that keeps panicking is restarted by its node within
+/// its budget (one restart here); past it the node reports it down, the coordinator stops
+/// offering it work, and the step's next attempt goes to another agent with the skill.
+#[tokio::test]
+async fn an_agent_past_its_restart_budget_is_reported_down_and_its_work_goes_elsewhere() {
+    let mesh = Mesh::start(Timings::default()).await;
+    let client = mesh.client().await;
+    let panics = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let config = mesh_agent_sdk::RuntimeConfig {
+        coordinator: mesh.url(),
+        name: "fragile".into(),
+        restart_budget: 1,
+        restart_window: Duration::from_secs(60),
+        ..Default::default()
+    };
+    let fragile = mesh_agent_sdk::NodeRuntime::builder()
+        .config(config)
+        .agent(Boom(panics.clone()))
+        .build()
+        .unwrap();
+    let (stop_fragile, stopped) = tokio::sync::oneshot::channel::<()>();
+    let fragile = tokio::spawn(fragile.run_until(async move {
+        let _ = stopped.await;
+    }));
+    registered(&client, "work").await;
+    let text = "steps:\n  - id: crash\n    uses: work\n    retry: { max_attempts: 10, backoff: 100ms, max_backoff: 200ms }\n";
+    let run = client
+        .submit(mesh_tests::workflow_goal(text, json!({})))
+        .await
+        .unwrap();
+    // Two panics: the first is restarted, the second is past the budget.
+    mesh_tests::wait_for(
+        "the agent to be reported down",
+        Duration::from_secs(20),
+        || {
+            let client = client.clone();
+            async move {
+                let agents = client.agents(Some("work")).await.ok()?;
+                agents.is_empty().then_some(())
+            }
+        },
+    )
+    .await;
+    assert_eq!(panics.load(std::sync::atomic::Ordering::SeqCst), 2);
+    let view = client.get_run(&run.run_id).await.unwrap();
+    assert_eq!(view.state, RunState::Running, "the step waits for an agent");
+    // Another agent with the skill takes the step's next attempt.
+    let (stop_steady, steady) = sdk_node(&mesh, "steady-node", Steady);
+    let done = tokio::time::timeout(Duration::from_secs(20), client.wait(&run.run_id))
+        .await
+        .expect("the run finishes once another agent is there")
+        .unwrap();
+    assert_eq!(done.state, RunState::Succeeded, "{done:?}");
+    assert_eq!(done.output, Some(json!({ "crash": { "by": "steady" } })));
+    assert_eq!(
+        panics.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "nothing more was sent to the agent that is down"
+    );
+    for (stop, node) in [(stop_fragile, fragile), (stop_steady, steady)] {
+        let _ = stop.send(());
+        node.await.unwrap().unwrap();
+    }
+}
