@@ -5,7 +5,6 @@
 //! exponential backoff and jitter, and the node registers again as a new instance.
 //! Child of `NodeRoot`.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use mesh_proto::domain::*;
@@ -19,15 +18,13 @@ use tonic::transport::Endpoint;
 use tracing::{debug, info, warn};
 
 use super::agent_actor::AgentMsg;
+use super::ledger::{Acked, Admit, AgentState, Ledger, MAX_UNACKED};
 use super::{AgentSlot, AgentTable, RuntimeConfig};
 use crate::agent::Progress;
 use crate::metrics as m;
 
 /// Frames buffered towards the coordinator.
 const OUTBOUND_QUEUE: usize = 1024;
-/// Unacknowledged results kept for re-sending; past it one is dropped per new result (the
-/// coordinator re-dispatches their steps anyway).
-const MAX_UNACKED: usize = 10_000;
 const SEND_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 
@@ -84,12 +81,8 @@ pub struct ConnState {
     link: Option<Link>,
     generation: u64,
     failures: u32,
-    /// Attempts handed to agents, by token, with the agent's name.
-    tasks: HashMap<FencingToken, String>,
-    /// Attempts for agents that are restarting, delivered when they are back.
-    parked: Vec<Task>,
-    unacked: HashMap<FencingToken, TaskResult>,
-    draining: bool,
+    /// Attempts, held attempts, unacknowledged results, drain: the decisions, apart from I/O.
+    ledger: Ledger,
     drain_waiters: Vec<RpcReplyPort<()>>,
 }
 
@@ -140,16 +133,6 @@ impl ConnState {
         }
     }
 
-    /// Answers an attempt this node will not run; kept until acknowledged like any result.
-    async fn fail(&mut self, myself: &ActorRef<ConnMsg>, token: FencingToken, error: TaskError) {
-        let result = TaskResult {
-            token,
-            outcome: Err(error),
-        };
-        self.unacked.insert(result.token.clone(), result.clone());
-        self.send_result(myself, result).await;
-    }
-
     fn drop_link(&mut self) {
         if let Some(h) = self.link.take().and_then(|link| link.heartbeat) {
             h.abort();
@@ -173,7 +156,7 @@ impl ConnState {
     }
 
     fn check_drained(&mut self, myself: &ActorRef<ConnMsg>) {
-        if !self.draining || !self.tasks.is_empty() || !self.unacked.is_empty() {
+        if !self.ledger.drained() {
             return;
         }
         info!(node = %self.args.config.name, "drained; leaving");
@@ -265,10 +248,10 @@ impl ConnState {
                 }
                 self.failures = 0;
                 metrics::gauge!(m::CONNECTED).set(1.0);
-                if self.draining {
+                if self.ledger.draining() {
                     self.send(FromNode::Draining);
                 }
-                let pending: Vec<TaskResult> = self.unacked.values().cloned().collect();
+                let pending = self.ledger.to_resend();
                 if !pending.is_empty() {
                     info!(
                         results = pending.len(),
@@ -280,50 +263,32 @@ impl ConnState {
                 }
             }
             ToNode::Task(task) => {
-                let token = task.token.clone();
-                if self.draining {
-                    let error = TaskError::new("draining", "the node is draining", true);
-                    self.fail(myself, token, error).await;
-                    return;
-                }
-                match self.args.agents.get(&task.agent) {
-                    AgentSlot::Live(agent) => {
-                        self.tasks.insert(token, task.agent.clone());
-                        let _ = agent.cast(AgentMsg::Run(task));
+                let (agent, slot) = match self.args.agents.get(&task.agent) {
+                    AgentSlot::Live(agent) => (Some(agent), AgentState::Live),
+                    AgentSlot::Restarting => (None, AgentState::Restarting),
+                    AgentSlot::Absent => (None, AgentState::Absent),
+                };
+                match self.ledger.admit(task, slot) {
+                    Admit::Run(task) => {
+                        if let Some(agent) = agent {
+                            let _ = agent.cast(AgentMsg::Run(task));
+                        }
                     }
-                    AgentSlot::Restarting => {
-                        debug!(%token, agent = %task.agent, "agent restarting; attempt held until it is back");
-                        self.tasks.insert(token, task.agent.clone());
-                        self.parked.push(task);
-                    }
-                    AgentSlot::Absent => {
-                        let error = TaskError::new(
-                            "agent_unavailable",
-                            format!("agent `{}` is down or not hosted on this node", task.agent),
-                            true,
-                        );
-                        self.fail(myself, token, error).await;
-                    }
+                    Admit::Held => debug!("agent restarting; attempt held until it is back"),
+                    Admit::Refuse(result) => self.send_result(myself, result).await,
                 }
             }
             ToNode::Cancel { token, reason } => {
                 debug!(%token, %reason, "cancel requested");
-                let Some(name) = self.tasks.get(&token) else {
-                    return;
-                };
-                if let AgentSlot::Live(agent) = self.args.agents.get(name) {
-                    let _ = agent.cast(AgentMsg::Cancel(token.clone()));
-                }
-                // An attempt held for a restarting agent is simply dropped: the coordinator
-                // no longer waits for it.
-                if let Some(i) = self.parked.iter().position(|t| t.token == token) {
-                    self.parked.remove(i);
-                    self.tasks.remove(&token);
+                if let Some(name) = self.ledger.cancel(&token)
+                    && let AgentSlot::Live(agent) = self.args.agents.get(&name)
+                {
+                    let _ = agent.cast(AgentMsg::Cancel(token));
                 }
             }
             ToNode::Drain { reason } => {
                 info!(%reason, "coordinator asked this node to drain");
-                self.draining = true;
+                self.ledger.drain();
                 self.send(FromNode::Draining);
                 self.check_drained(myself);
             }
@@ -332,8 +297,7 @@ impl ConnState {
                 code,
                 message,
             } => {
-                self.unacked.remove(&token);
-                if code == AckCode::Stale {
+                if self.ledger.acked(&token, code) == Acked::Rejected {
                     warn!(%token, %message, "result rejected by the coordinator");
                     metrics::counter!(m::RESULTS_REJECTED).increment(1);
                 }
@@ -359,10 +323,7 @@ impl Actor for Connection {
             link: None,
             generation: 0,
             failures: 0,
-            tasks: HashMap::new(),
-            parked: Vec::new(),
-            unacked: HashMap::new(),
-            draining: false,
+            ledger: Ledger::new(MAX_UNACKED),
             drain_waiters: Vec::new(),
         })
     }
@@ -398,12 +359,8 @@ impl Actor for Connection {
             } => {
                 if st.link.as_ref().is_some_and(|l| l.generation == generation) {
                     warn!(%token, %error, "task could not be read; its attempt fails");
-                    let error = TaskError::new(
-                        "bad_input",
-                        format!("the node could not read this task: {error}"),
-                        false,
-                    );
-                    st.fail(&myself, token, error).await;
+                    let result = st.ledger.unreadable(token, &error);
+                    st.send_result(&myself, result).await;
                 }
             }
             ConnMsg::Lost { generation, reason } => {
@@ -419,14 +376,10 @@ impl Actor for Connection {
                 }
             }
             ConnMsg::Result(result) => {
-                st.tasks.remove(&result.token);
-                if st.unacked.len() >= MAX_UNACKED
-                    && let Some(victim) = st.unacked.keys().next().cloned()
-                {
+                let (result, dropped) = st.ledger.finished(result);
+                if let Some(victim) = dropped {
                     warn!(token = %victim, "too many unacknowledged results; dropping one");
-                    st.unacked.remove(&victim);
                 }
-                st.unacked.insert(result.token.clone(), result.clone());
                 st.send_result(&myself, result).await;
                 st.check_drained(&myself);
             }
@@ -437,25 +390,13 @@ impl Actor for Connection {
             })),
             ConnMsg::AgentDown { agent, reason } => {
                 // Attempts held for it fail now; the coordinator re-dispatches them elsewhere.
-                let (failed, kept): (Vec<Task>, Vec<Task>) =
-                    st.parked.drain(..).partition(|t| t.agent == agent);
-                st.parked = kept;
-                for task in failed {
-                    st.tasks.remove(&task.token);
-                    let message = format!("agent `{agent}` is down: {reason}");
-                    st.fail(
-                        &myself,
-                        task.token,
-                        TaskError::new("agent_down", message, true),
-                    )
-                    .await;
+                for result in st.ledger.agent_down(&agent, &reason) {
+                    st.send_result(&myself, result).await;
                 }
                 st.send(FromNode::AgentDown { agent, reason });
             }
             ConnMsg::AgentBack(name) => {
-                let (ready, kept): (Vec<Task>, Vec<Task>) =
-                    st.parked.drain(..).partition(|t| t.agent == name);
-                st.parked = kept;
+                let ready = st.ledger.agent_back(&name);
                 if let AgentSlot::Live(agent) = st.args.agents.get(&name) {
                     for task in ready {
                         let _ = agent.cast(AgentMsg::Run(task));
@@ -463,10 +404,10 @@ impl Actor for Connection {
                 }
             }
             ConnMsg::Drain(waiter) => {
-                if !st.draining {
-                    info!(in_flight = st.tasks.len(), "draining");
+                if !st.ledger.draining() {
+                    info!(in_flight = st.ledger.in_flight(), "draining");
                 }
-                st.draining = true;
+                st.ledger.drain();
                 st.drain_waiters.extend(waiter);
                 st.send(FromNode::Draining);
                 st.check_drained(&myself);
