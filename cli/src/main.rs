@@ -257,8 +257,10 @@ async fn run(cli: Cli) -> Result<()> {
             init_tracing("warn");
             bench::run(args, cli.output).await
         }
-        Command::BenchEchoServer { listen } => bench::serve_echo(listen).await,
-        Command::BenchRelay { listen, upstream } => bench::serve_relay(listen, upstream).await,
+        Command::BenchEchoServer { listen } => bench::serve_echo(listen, shutdown_signal()).await,
+        Command::BenchRelay { listen, upstream } => {
+            bench::serve_relay(listen, upstream, shutdown_signal()).await
+        }
         Command::Agents { skill } => {
             init_tracing("warn");
             client::agents(&cli.coordinator, cli.output, skill.as_deref()).await

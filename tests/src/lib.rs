@@ -1,4 +1,5 @@
-//! Harness for process-level tests: starts the real `mesh` binary as a coordinator and as
+//! Harness for process-level tests, on the process harness the load generator shares
+//! (`mesh-harness`): starts the real `mesh` binary as a coordinator and as
 //! nodes on free loopback ports with temporary data directories, waits for them to be
 //! ready (every wait bounded), signals them for real, and kills them on drop. When a test
 //! fails, the logs of every process it started are printed.
@@ -7,12 +8,9 @@
 //! `$MESH_BIN`; `cargo build -p mesh-cli` (or a workspace build) makes it.
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::io::{Read, Write};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use mesh_agent_sdk::{GoalClient, Health, NodeView};
 
@@ -20,6 +18,7 @@ pub mod netns;
 pub mod raw;
 
 pub use mesh_agent_sdk;
+pub use mesh_harness::Proc;
 pub use mesh_proto;
 
 /// The number in environment variable `var` (a seed, a duration in seconds), or `default`.
@@ -77,40 +76,24 @@ max_concurrency = 8
 
 /// Resident memory of a process, KiB (0 once it is gone).
 pub fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        })
-        .unwrap_or(0)
+    mesh_harness::rss_kib(pid).unwrap_or(0)
 }
 
 /// A free port on 127.0.0.1 (bound, then released).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    mesh_harness::free_port().expect("free port")
 }
 
 /// Polls `check` every 20 ms until it returns `Some`, or panics after `timeout`.
-pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    let every = Duration::from_millis(20);
+    match mesh_harness::poll_until(what, timeout, every, check).await {
+        Ok(v) => v,
+        Err(e) => panic!("{e}"),
     }
 }
 
@@ -129,117 +112,9 @@ pub async fn wait_assigned(client: &GoalClient, run: &mesh_agent_sdk::RunId) {
     .await
 }
 
-/// A process started by a test; killed on drop, its log printed if the test failed.
-pub struct Proc {
-    pub name: String,
-    child: Child,
-    log: PathBuf,
-}
-
-impl Proc {
-    /// Starts this `mesh` binary with `args`, its output in `<dir>/<name>.log`.
-    pub fn spawn(name: &str, dir: &Path, args: &[&str]) -> Proc {
-        Self::spawn_program(&mesh_bin(), name, dir, args, &[])
-    }
-
-    /// Starts `program` with `args` and `env`, its output in `<dir>/<name>.log`.
-    pub fn spawn_program(
-        program: &Path,
-        name: &str,
-        dir: &Path,
-        args: &[&str],
-        env: &[(&str, &str)],
-    ) -> Proc {
-        let log = dir.join(format!("{name}.log"));
-        let out = File::create(&log).expect("log file");
-        let err = out.try_clone().expect("log file");
-        let child = Command::new(program)
-            .args(args)
-            .env("MESH_LOG", "info,ractor=warn")
-            .env_remove("MESH_COORDINATOR")
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .expect("spawn mesh");
-        Proc {
-            name: name.to_owned(),
-            child,
-            log,
-        }
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Sends a signal by name (`STOP`, `CONT`, `TERM`, `KILL`) with kill(1).
-    pub fn signal(&self, sig: &str) {
-        let status = Command::new("kill")
-            .args(["-s", sig, &self.pid().to_string()])
-            .status()
-            .expect("kill(1)");
-        assert!(status.success(), "kill -s {sig} {} failed", self.pid());
-    }
-
-    /// kill -9, and reap.
-    pub fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    pub fn is_running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
-    /// Waits for the process to exit by itself.
-    pub async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} did not exit within {timeout:?}",
-                self.name
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    pub fn log_text(&self) -> String {
-        let mut text = String::new();
-        if let Ok(mut f) = File::open(&self.log) {
-            let _ = f.read_to_string(&mut text);
-        }
-        text
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        // A stopped process must be continued to die of SIGKILL promptly on every kernel.
-        let _ = Command::new("kill")
-            .args(["-s", "CONT", &self.pid().to_string()])
-            .stderr(Stdio::null())
-            .status();
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            let text = self.log_text();
-            let tail: Vec<&str> = text.lines().rev().take(200).collect();
-            eprintln!(
-                "----- log of {} (last {} lines) -----",
-                self.name,
-                tail.len()
-            );
-            for line in tail.into_iter().rev() {
-                eprintln!("{line}");
-            }
-        }
-    }
+/// Starts the `mesh` binary under test with `args`, its output in `<dir>/<name>.log`.
+pub fn spawn_mesh(name: &str, dir: &Path, args: &[&str]) -> Proc {
+    Proc::spawn(&mesh_bin(), name, dir, args, &[]).expect("spawn mesh")
 }
 
 /// Intervals for a test coordinator; short, so that tests are quick.
@@ -365,7 +240,7 @@ max_pending_per_skill = {max_skill}
         std::fs::write(&path, config).expect("write config");
         let n = self.dir.path().read_dir().map(|d| d.count()).unwrap_or(0);
         let name = format!("coordinator-{n}");
-        self.coordinator = Some(Proc::spawn(
+        self.coordinator = Some(spawn_mesh(
             &name,
             self.dir.path(),
             &["coordinator", "--config", path.to_str().unwrap()],
@@ -423,7 +298,7 @@ drain_grace = "20s"
         std::fs::write(&path, config).expect("write node config");
         let config = path.to_str().unwrap();
         let proc = match netns {
-            None => Proc::spawn(name, self.dir.path(), &["node", "--config", config]),
+            None => spawn_mesh(name, self.dir.path(), &["node", "--config", config]),
             Some(ns) => {
                 let bin = mesh_bin();
                 let args = [
@@ -435,7 +310,7 @@ drain_grace = "20s"
                     "--config",
                     config,
                 ];
-                Proc::spawn_program(Path::new("ip"), name, self.dir.path(), &args, &[])
+                Proc::spawn(Path::new("ip"), name, self.dir.path(), &args, &[]).expect("spawn ip")
             }
         };
         self.nodes.insert(name.to_owned(), proc);

@@ -201,7 +201,7 @@ async fn a_paused_node_loses_its_lease_and_its_late_result_is_rejected() {
     wait_assigned(&client, &run).await;
 
     let stopped = Instant::now();
-    mesh.node("n1").signal("STOP");
+    mesh.node("n1").signal("STOP").unwrap();
     wait_for("n1 to be dead", Duration::from_secs(10), || async {
         mesh.node_view("n1")
             .await
@@ -220,7 +220,7 @@ async fn a_paused_node_loses_its_lease_and_its_late_result_is_rejected() {
         to_dead <= Duration::from_millis(timings.lease_ms + timings.sweep_ms + 200),
         "dead after {to_dead:?}"
     );
-    mesh.node("n1").signal("CONT");
+    mesh.node("n1").signal("CONT").unwrap();
 
     // The node registers again as a new instance and the step runs there as attempt 2.
     let view = tokio::time::timeout(Duration::from_secs(20), client.wait(&run))
@@ -310,8 +310,12 @@ async fn sigterm_drains_a_node_its_work_finishes_and_it_leaves_cleanly() {
         .unwrap()
         .run_id;
     wait_assigned(&client, &run).await;
-    mesh.node("n1").signal("TERM");
-    let status = mesh.node("n1").wait_exit(Duration::from_secs(20)).await;
+    mesh.node("n1").signal("TERM").unwrap();
+    let status = mesh
+        .node("n1")
+        .wait_exit(Duration::from_secs(20))
+        .await
+        .unwrap();
     assert!(status.success(), "node exited with {status}");
     let view = client.get_run(&run).await.unwrap();
     assert_eq!(view.state, RunState::Succeeded);
@@ -386,7 +390,8 @@ async fn an_operator_drain_lets_in_flight_work_finish_and_sends_new_work_elsewhe
     let status = mesh
         .node(holder.as_str())
         .wait_exit(Duration::from_secs(20))
-        .await;
+        .await
+        .unwrap();
     assert!(status.success(), "drained node exited with {status}");
     let view = client.get_run(&first).await.unwrap();
     assert_eq!(view.state, RunState::Succeeded);

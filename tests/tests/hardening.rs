@@ -508,7 +508,7 @@ async fn a_node_that_cannot_read_a_task_fails_its_attempt_at_once() {
         format!("coordinator = \"http://{addr}\"\nname = \"n1\"\n{ECHO_AND_SLEEP}"),
     )
     .unwrap();
-    let _node = mesh_tests::Proc::spawn(
+    let _node = mesh_tests::spawn_mesh(
         "n1",
         dir.path(),
         &["node", "--config", config.to_str().unwrap()],

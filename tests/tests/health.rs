@@ -93,7 +93,7 @@ async fn health_is_not_serving_while_the_coordinator_drains() {
     assert_eq!(status, ServingStatus::Serving as i32);
     assert_eq!(healthz(mesh.http_port).map(|a| a.0), Some(200));
 
-    mesh.coordinator.as_ref().unwrap().signal("TERM");
+    mesh.coordinator.as_ref().unwrap().signal("TERM").unwrap();
     let port = mesh.http_port;
     let answer = mesh_tests::wait_for(
         "/healthz to say draining",
@@ -120,6 +120,7 @@ async fn health_is_not_serving_while_the_coordinator_drains() {
         .as_mut()
         .unwrap()
         .wait_exit(Duration::from_secs(20))
-        .await;
+        .await
+        .unwrap();
     assert!(exit.success(), "{exit:?}");
 }

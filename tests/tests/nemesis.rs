@@ -177,9 +177,9 @@ async fn nemesis(seed: u64, duration: Duration) {
             }
             Fault::PauseNode(n) => {
                 *faults.entry("pause a node").or_default() += 1;
-                mesh.node(NODES[n]).signal("STOP");
+                mesh.node(NODES[n]).signal("STOP").unwrap();
                 tokio::time::sleep(Duration::from_millis(rng.u64(300..2500))).await;
-                mesh.node(NODES[n]).signal("CONT");
+                mesh.node(NODES[n]).signal("CONT").unwrap();
             }
             Fault::PartitionNode(n) => {
                 // Shorter or longer than the lease: a stream that survives, or a dead node

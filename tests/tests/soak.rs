@@ -73,9 +73,9 @@ async fn soak(total: Duration, fault_every: Duration, sample_every: Duration, wa
                 mesh.node("n2").kill9();
                 mesh.start_node("n2", AGENTS).await;
             } else {
-                mesh.node("n1").signal("STOP");
+                mesh.node("n1").signal("STOP").unwrap();
                 tokio::time::sleep(Duration::from_millis(1500)).await;
-                mesh.node("n1").signal("CONT");
+                mesh.node("n1").signal("CONT").unwrap();
             }
             next_fault += fault_every;
         }

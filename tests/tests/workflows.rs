@@ -509,7 +509,7 @@ async fn a_text_goal_is_planned_by_the_planner_agent_or_refused_without_one() {
     assert!(err.to_string().contains("`plan` skill"), "{err}");
 
     let url = mesh.url();
-    let _planner = mesh_tests::Proc::spawn_program(
+    let _planner = mesh_tests::Proc::spawn(
         &mesh_tests::example_bin("planner"),
         "planner",
         mesh.dir.path(),
@@ -518,7 +518,8 @@ async fn a_text_goal_is_planned_by_the_planner_agent_or_refused_without_one() {
             ("MESH_COORDINATOR", &url),
             ("MESH_NODE_NAME", "planner-node"),
         ],
-    );
+    )
+    .expect("spawn the planner");
     mesh.wait_healthy("planner-node").await;
     let run = client
         .submit(text_goal("compare actors, leases and fencing tokens"))

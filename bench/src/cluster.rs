@@ -1,56 +1,22 @@
 //! Processes a benchmark starts: the coordinator and nodes (this same `mesh` binary), or the
-//! baseline's echo server and relay, on free loopback ports in a temporary directory. All
-//! are killed on drop.
+//! baseline's echo server and relay, on free loopback ports in a temporary directory, through
+//! the harness the tests use too (`mesh-harness`). All are killed on drop.
 
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use mesh_agent_sdk::{GoalClient, Health};
+pub use mesh_harness::Proc;
 
 pub fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(mesh_harness::free_port()?)
 }
 
-/// A child process, killed on drop.
-pub struct Proc {
-    pub name: String,
-    child: Child,
-}
-
-impl Proc {
-    pub fn spawn(dir: &Path, name: &str, args: &[&str]) -> Result<Proc> {
-        let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
-        let child = Command::new(std::env::current_exe()?)
-            .args(args)
-            .env("MESH_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting {name}"))?;
-        Ok(Proc {
-            name: name.to_owned(),
-            child,
-        })
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
-    }
+/// Starts this same binary (the `mesh` that runs the benchmark) as `name`, logging warnings.
+pub fn spawn(dir: &std::path::Path, name: &str, args: &[&str]) -> Result<Proc> {
+    let me = std::env::current_exe()?;
+    Ok(Proc::spawn(&me, name, dir, args, &[("MESH_LOG", "warn")])?)
 }
 
 /// Polls `check` every 5 ms until it is true, for at most `timeout`.
@@ -59,13 +25,12 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = Instant::now() + timeout;
-    while !check().await {
-        if Instant::now() > deadline {
-            bail!("timed out after {timeout:?} waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let every = Duration::from_millis(5);
+    mesh_harness::poll_until(what, timeout, every, || {
+        let fut = check();
+        async move { fut.await.then_some(()) }
+    })
+    .await?;
     Ok(())
 }
 
@@ -117,7 +82,7 @@ impl Cluster {
         );
         let path = dir.path().join("coordinator.toml");
         std::fs::write(&path, config)?;
-        let coordinator = Proc::spawn(
+        let coordinator = spawn(
             dir.path(),
             "coordinator",
             &["coordinator", "--config", &path.to_string_lossy()],
@@ -150,7 +115,7 @@ impl Cluster {
         );
         let path: PathBuf = self.dir.path().join(format!("{name}.toml"));
         std::fs::write(&path, config)?;
-        let node = Proc::spawn(
+        let node = spawn(
             self.dir.path(),
             name,
             &["node", "--config", &path.to_string_lossy()],
@@ -201,44 +166,17 @@ impl Cluster {
 
 /// Resident memory of a process, in MiB.
 pub fn rss_mib(pid: u32) -> Result<f64> {
-    status_mib(pid, "VmRSS:")
+    let kib = mesh_harness::rss_kib(pid).with_context(|| format!("process {pid} is gone"))?;
+    Ok(kib as f64 / 1024.0)
 }
 
 /// The most memory a process has held (`VmHWM`), MiB.
 pub fn peak_rss_mib(pid: u32) -> Result<f64> {
-    status_mib(pid, "VmHWM:")
-}
-
-fn status_mib(pid: u32, field: &str) -> Result<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kb: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .with_context(|| format!("{field} not found"))?;
-    Ok(kb / 1024.0)
+    let kib = mesh_harness::peak_rss_kib(pid).with_context(|| format!("process {pid} is gone"))?;
+    Ok(kib as f64 / 1024.0)
 }
 
 /// CPU time (user + system) a process has used so far.
 pub fn cpu_time(pid: u32) -> Result<Duration> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command name, which is in parentheses and may hold spaces.
-    let rest = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r)
-        .context("malformed /proc stat")?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
-    Ok(Duration::from_secs_f64(ticks as f64 / clock_ticks()))
-}
-
-fn clock_ticks() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0)
+    Ok(mesh_harness::cpu_time(pid)?)
 }

@@ -12,7 +12,7 @@ use mesh_proto::bench_pb::{EchoReply, EchoRequest};
 use tonic::transport::{Channel, Endpoint, Server};
 use tonic::{Request, Response, Status};
 
-use super::cluster::{Deadline, Proc, free_port};
+use super::cluster::{Deadline, free_port, spawn};
 use super::stats::{Figure, latency_figures};
 use super::{Sizes, progress};
 
@@ -45,18 +45,25 @@ async fn channel(url: &str) -> Result<Channel> {
         .await?)
 }
 
-/// `mesh bench-echo-server`: the baseline's server process.
-pub async fn serve_echo(listen: SocketAddr) -> Result<()> {
+/// `mesh bench-echo-server`: the baseline's server process, until `shutdown` resolves.
+pub async fn serve_echo(
+    listen: SocketAddr,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<()> {
     Server::builder()
         .tcp_nodelay(true)
         .add_service(EchoServer::new(EchoService))
-        .serve_with_shutdown(listen, crate::shutdown_signal())
+        .serve_with_shutdown(listen, shutdown)
         .await?;
     Ok(())
 }
 
-/// `mesh bench-relay`: the baseline's relay process.
-pub async fn serve_relay(listen: SocketAddr, upstream: String) -> Result<()> {
+/// `mesh bench-relay`: the baseline's relay process, until `shutdown` resolves.
+pub async fn serve_relay(
+    listen: SocketAddr,
+    upstream: String,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<()> {
     // Lazy: the server may still be starting; the first call connects.
     let upstream = EchoClient::new(
         Endpoint::from_shared(upstream)?
@@ -66,7 +73,7 @@ pub async fn serve_relay(listen: SocketAddr, upstream: String) -> Result<()> {
     Server::builder()
         .tcp_nodelay(true)
         .add_service(EchoServer::new(RelayService { upstream }))
-        .serve_with_shutdown(listen, crate::shutdown_signal())
+        .serve_with_shutdown(listen, shutdown)
         .await?;
     Ok(())
 }
@@ -87,12 +94,12 @@ pub async fn run(sizes: &Sizes) -> Result<Vec<Figure>> {
     let (server_port, relay_port) = (free_port()?, free_port()?);
     let server_addr = format!("127.0.0.1:{server_port}");
     let relay_addr = format!("127.0.0.1:{relay_port}");
-    let _server = Proc::spawn(
+    let _server = spawn(
         dir.path(),
         "echo-server",
         &["bench-echo-server", "--listen", &server_addr],
     )?;
-    let _relay = Proc::spawn(
+    let _relay = spawn(
         dir.path(),
         "relay",
         &[

@@ -1,7 +1,8 @@
-//! `mesh bench`: the load generator. Every workload starts its own processes (this `mesh`
-//! binary as coordinator and nodes, on loopback) and reports its figures; `--repeat N`
-//! gives medians with min–max; `--quick` shrinks every workload to check that it works.
-//! The definitions live in BENCHMARKS.md.
+//! The load generator behind `mesh bench`, kept out of the product's crates. Every workload
+//! starts its own processes (the running `mesh` binary as coordinator and nodes, on loopback,
+//! through the harness the tests share, `mesh-harness`) and reports its figures; `--repeat N`
+//! gives medians with min–max; `--quick` shrinks every workload to check that it works. The
+//! caller (the CLI) prints the summaries. The definitions live in BENCHMARKS.md.
 
 mod baseline;
 mod cluster;
@@ -14,10 +15,9 @@ use anyhow::Result;
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::Output;
-use crate::output::table;
 pub use baseline::{serve_echo, serve_relay};
-use stats::{Figure, Summary, summarize};
+pub use stats::Summary;
+use stats::{Figure, summarize};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Workload {
@@ -181,7 +181,9 @@ async fn run_one(w: Workload, sizes: &Sizes) -> Result<Vec<Figure>> {
     }
 }
 
-pub async fn run(args: BenchArgs, format: Output) -> Result<()> {
+/// Runs the chosen workloads; each figure with its target and its ratio to the baseline
+/// (when the baseline ran too).
+pub async fn run(args: BenchArgs) -> Result<Vec<Summary>> {
     let sizes = if args.quick {
         Sizes::quick()
     } else {
@@ -216,43 +218,5 @@ pub async fn run(args: BenchArgs, format: Output) -> Result<()> {
             .and_then(|b| baseline.iter().find(|(name, _)| *name == b))
             .map(|(_, v)| s.median / v);
     }
-    match format {
-        Output::Json => crate::output::json(&summaries),
-        Output::Table => {
-            let fmt = |v: f64| {
-                if v >= 100.0 {
-                    format!("{v:.0}")
-                } else {
-                    format!("{v:.2}")
-                }
-            };
-            let rows = summaries
-                .iter()
-                .map(|s| {
-                    vec![
-                        s.workload.clone(),
-                        s.figure.to_owned(),
-                        format!("{} {}", fmt(s.median), s.unit),
-                        format!("{}–{}", fmt(s.min), fmt(s.max)),
-                        s.target.unwrap_or("").to_owned(),
-                        s.vs_baseline
-                            .map(|r| format!("{r:.2}×"))
-                            .unwrap_or_default(),
-                    ]
-                })
-                .collect();
-            table(
-                &[
-                    "workload",
-                    "figure",
-                    "median",
-                    "min–max",
-                    "target",
-                    "vs baseline",
-                ],
-                rows,
-            );
-        }
-    }
-    Ok(())
+    Ok(summaries)
 }

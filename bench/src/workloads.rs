@@ -500,7 +500,7 @@ pub async fn failover(sizes: &Sizes) -> Result<Vec<Figure>> {
     };
     ensure!(!on_a.is_empty(), "no work landed on node a");
     let killed = Instant::now();
-    cluster.node("a").context("node a")?.kill();
+    cluster.node("a").context("node a")?.kill9();
     let mut moved = HashSet::new();
     let deadline = Deadline::new(
         "every attempt of node a to be on node b",
