@@ -235,6 +235,9 @@ pub enum DispatcherMsg {
     },
     /// Sent to itself every 100 ms: unschedulable steps and attempt timeouts.
     Sweep,
+    /// Panics, for the tests of the restart paths.
+    #[cfg(test)]
+    Crash,
 }
 
 /// A skill's input and output JSON Schemas, compiled when its agent registered.
@@ -886,6 +889,8 @@ impl Actor for Dispatcher {
                 let lost = st.core.agent_down(&node, instance, &agent);
                 st.hand_back(lost, "agent down");
             }
+            #[cfg(test)]
+            DispatcherMsg::Crash => panic!("dispatcher crashed on purpose (a test)"),
             DispatcherMsg::ResetNodes => {
                 let lost = st.core.reset_nodes();
                 st.hand_back(lost, "registry restarted");

@@ -593,4 +593,127 @@ mod tests {
         .expect("stops in time");
         assert!(matches!(ended, Err(Error::Fatal(_))), "{ended:?}");
     }
+
+    /// Answers once `open` is true, counting its calls.
+    struct Gate {
+        calls: std::sync::Arc<std::sync::atomic::AtomicU32>,
+        open: tokio::sync::watch::Receiver<bool>,
+    }
+
+    impl mesh_agent_sdk::Agent for Gate {
+        fn card(&self) -> mesh_agent_sdk::AgentCard {
+            mesh_agent_sdk::AgentCard::new("gate").skill("gate")
+        }
+
+        async fn handle(
+            &self,
+            _ctx: mesh_agent_sdk::Context,
+            _input: serde_json::Value,
+        ) -> Result<serde_json::Value, mesh_agent_sdk::AgentError> {
+            self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let mut open = self.open.clone();
+            let _ = open.wait_for(|o| *o).await;
+            Ok(serde_json::json!({ "through": true }))
+        }
+    }
+
+    #[derive(Clone, Copy, Debug)]
+    enum Crashes {
+        Dispatcher,
+        Registry,
+    }
+
+    /// A step in flight on a real node (an SDK node in this process, over gRPC) while the
+    /// dispatcher or the registry fails: the root restarts it, the new one learns the nodes
+    /// again, the step's attempt is dispatched again, and the run succeeds.
+    async fn a_run_in_flight_finishes_across_a_restart_of(which: Crashes) {
+        use mesh_proto::domain::RunState;
+        use std::sync::atomic::Ordering;
+        let dir = tempfile::tempdir().unwrap();
+        let c = coordinator(dir.path()).await;
+        let url = format!("http://{}", c.grpc_addr);
+        let calls = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let (open, open_rx) = tokio::sync::watch::channel(false);
+        let node = mesh_agent_sdk::NodeRuntime::builder()
+            .coordinator(url.clone())
+            .name("gate-node")
+            .agent(Gate {
+                calls: calls.clone(),
+                open: open_rx,
+            })
+            .build()
+            .unwrap();
+        let (stop_node, stopped) = oneshot::channel::<()>();
+        let node = tokio::spawn(node.run_until(async move {
+            let _ = stopped.await;
+        }));
+        let client = mesh_agent_sdk::GoalClient::connect(&url).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while client.agents(Some("gate")).await.unwrap().is_empty() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the node registers");
+        let mut goal = held_goal("through the gate");
+        goal.steps[0].uses = "gate".into();
+        let run = client.submit(goal).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while calls.load(Ordering::SeqCst) == 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the attempt reaches the agent");
+        let changed = |old: ractor::ActorId| {
+            let h = &c.handles;
+            let now = match which {
+                Crashes::Dispatcher => h.dispatcher.get().get_id(),
+                Crashes::Registry => h.registry.get().get_id(),
+            };
+            now != old
+        };
+        let old = match which {
+            Crashes::Dispatcher => {
+                let old = c.handles.dispatcher.get();
+                let _ = old.cast(dispatcher::DispatcherMsg::Crash);
+                old.get_id()
+            }
+            Crashes::Registry => {
+                let old = c.handles.registry.get();
+                let _ = old.cast(registry::RegistryMsg::Crash);
+                old.get_id()
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while !changed(old) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("a new {which:?} in time"));
+        open.send(true).unwrap();
+        let done = tokio::time::timeout(Duration::from_secs(30), client.wait(&run.run_id))
+            .await
+            .unwrap_or_else(|_| panic!("the run finishes after the {which:?} restarted"))
+            .unwrap();
+        assert_eq!(done.state, RunState::Succeeded, "{done:?}");
+        assert_eq!(
+            done.steps[0].output,
+            Some(serde_json::json!({ "through": true }))
+        );
+        let _ = stop_node.send(());
+        node.await.unwrap().unwrap();
+        c.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_run_in_flight_finishes_across_a_dispatcher_restart() {
+        a_run_in_flight_finishes_across_a_restart_of(Crashes::Dispatcher).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_run_in_flight_finishes_across_a_registry_restart() {
+        a_run_in_flight_finishes_across_a_restart_of(Crashes::Registry).await;
+    }
 }
