@@ -182,13 +182,29 @@ pub async fn prepare(
     Ok((goal, workflow))
 }
 
-/// A stable digest of a goal as submitted (64-bit FNV-1a over its JSON, whose object keys
-/// are sorted): equal for a retried request, different for another goal.
+/// A stable digest of a goal as submitted (64-bit FNV-1a over its JSON with every object's
+/// keys sorted): equal for a retried request, whatever order its keys came in, and different
+/// for another goal.
 pub fn request_digest(goal: &GoalSpec) -> String {
     use std::hash::Hasher;
+    let value = serde_json::to_value(goal).unwrap_or_default();
     let mut h = fnv::FnvHasher::default();
-    h.write(&serde_json::to_vec(goal).unwrap_or_default());
+    h.write(&serde_json::to_vec(&sorted(value)).unwrap_or_default());
     format!("{:016x}", h.finish())
+}
+
+/// `value` with every object's keys in order (serde_json may keep insertion order).
+fn sorted(value: serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match value {
+        Value::Object(map) => {
+            let mut entries: Vec<(String, Value)> = map.into_iter().collect();
+            entries.sort_by(|a, b| a.0.cmp(&b.0));
+            Value::Object(entries.into_iter().map(|(k, v)| (k, sorted(v))).collect())
+        }
+        Value::Array(items) => Value::Array(items.into_iter().map(sorted).collect()),
+        other => other,
+    }
 }
 
 /// Every sub-workflow the workflow names must be registered (and valid, and not nested
