@@ -8,6 +8,8 @@
 //!   actor (restarted after a panic, within a restart budget), honours max concurrency, and
 //!   drains on shutdown.
 //! - [`GoalClient`]: submit goals and watch runs.
+//! - [`llm`]: call language models (OpenAI, Anthropic, Gemini, Ollama) by `provider/model`,
+//!   with fallback chains, usage and cost.
 //!
 //! No tonic or prost type appears in this API; JSON values are `serde_json::Value`.
 //!
@@ -41,6 +43,7 @@
 mod agent;
 mod client;
 mod error;
+pub mod llm;
 mod metrics;
 mod runtime;
 
