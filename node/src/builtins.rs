@@ -10,6 +10,8 @@ use mesh_agent_sdk::{Agent, AgentCard, AgentError, Context, NodeRuntimeBuilder};
 use serde_json::{Value, json};
 
 use crate::config::{AgentConfig, BuiltinKind, FlakyMode};
+use crate::llm::LlmAgent;
+use mesh_agent_sdk::llm::{ChatModel, Prices, RetryPolicy};
 
 /// Appends one JSON line per attempt started, when configured.
 #[derive(Clone, Debug, Default)]
@@ -25,7 +27,7 @@ impl ExecutionLog {
         }))
     }
 
-    fn record(&self, agent: &str, ctx: &Context) {
+    pub(crate) fn record(&self, agent: &str, ctx: &Context) {
         if let Some(file) = &self.0 {
             let line = json!({
                 "agent": agent,
@@ -85,6 +87,8 @@ impl Agent for Builtin {
                 }
                 Ok(json!({ "attempt": ctx.attempt(), "input": input }))
             }
+            // Hosted as `LlmAgent` (see `add`).
+            BuiltinKind::Llm => Err(AgentError::fatal("internal", "llm is hosted apart")),
         }
     }
 }
@@ -92,6 +96,7 @@ impl Agent for Builtin {
 pub fn add(
     builder: NodeRuntimeBuilder,
     config: &AgentConfig,
+    llm: &LlmSetup,
     log: ExecutionLog,
 ) -> NodeRuntimeBuilder {
     let mut card = AgentCard::new(&config.name())
@@ -99,16 +104,33 @@ pub fn add(
             BuiltinKind::Echo => "returns its input",
             BuiltinKind::Sleep => "waits with.ms milliseconds",
             BuiltinKind::Flaky => "fails its first attempts of each step, then echoes",
+            BuiltinKind::Llm => "calls a language model: with.model (or models), prompt, system",
         })
         .max_concurrency(config.max_concurrency);
     for skill in config.skills() {
         card = card.skill(&skill);
+    }
+    if config.kind == BuiltinKind::Llm {
+        return builder.agent(LlmAgent {
+            card,
+            models: llm.models.clone(),
+            prices: llm.prices.clone(),
+            retry: RetryPolicy::default(),
+            log,
+        });
     }
     builder.agent(Builtin {
         card,
         config: config.clone(),
         log,
     })
+}
+
+/// What every `llm` agent of a node shares: its providers and prices.
+#[derive(Clone)]
+pub struct LlmSetup {
+    pub models: Arc<dyn ChatModel>,
+    pub prices: Prices,
 }
 
 #[cfg(test)]

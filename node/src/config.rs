@@ -6,11 +6,12 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use mesh_agent_sdk::RuntimeConfig;
+use mesh_agent_sdk::llm::{LlmConfig, ModelRef, Price, Prices, ProviderConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::Error;
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NodeConfig {
     /// Coordinator gRPC address.
@@ -31,6 +32,56 @@ pub struct NodeConfig {
     #[serde(with = "humantime_serde")]
     pub reconnect_max: Duration,
     pub agents: Vec<AgentConfig>,
+    /// Model providers for `llm` agents, over what the environment says.
+    pub llm: NodeLlmConfig,
+}
+
+/// `[llm]`: per provider `base_url` and `api_key` (over `OPENAI_API_KEY` and the like), and
+/// prices per model in USD per million tokens (over the vendored table).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeLlmConfig {
+    pub openai: ProviderConfig,
+    pub anthropic: ProviderConfig,
+    pub gemini: ProviderConfig,
+    pub ollama: ProviderConfig,
+    pub prices: BTreeMap<String, PriceConfig>,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PriceConfig {
+    pub input_per_million: f64,
+    pub output_per_million: f64,
+}
+
+impl NodeLlmConfig {
+    pub fn providers(&self) -> LlmConfig {
+        LlmConfig {
+            openai: self.openai.clone(),
+            anthropic: self.anthropic.clone(),
+            gemini: self.gemini.clone(),
+            ollama: self.ollama.clone(),
+        }
+    }
+
+    pub fn prices(&self) -> Result<Prices, Error> {
+        let mut table = std::collections::HashMap::new();
+        for (name, p) in &self.prices {
+            let model = ModelRef::parse(name)
+                .map_err(|e| Error::Config(format!("llm.prices.\"{name}\": {e}")))?;
+            if !(p.input_per_million >= 0.0 && p.output_per_million >= 0.0) {
+                return Err(Error::Config(format!(
+                    "llm.prices.\"{name}\": prices must be numbers of USD, 0 or more"
+                )));
+            }
+            table.insert(
+                model.to_string(),
+                Price::per_million(p.input_per_million, p.output_per_million),
+            );
+        }
+        Ok(Prices::new(table))
+    }
 }
 
 impl Default for NodeConfig {
@@ -50,6 +101,7 @@ impl Default for NodeConfig {
                 AgentConfig::of(BuiltinKind::Sleep),
                 AgentConfig::of(BuiltinKind::Flaky),
             ],
+            llm: NodeLlmConfig::default(),
         }
     }
 }
@@ -60,6 +112,8 @@ pub enum BuiltinKind {
     Echo,
     Sleep,
     Flaky,
+    /// Calls a language model (see `docs/llm.md`).
+    Llm,
 }
 
 impl BuiltinKind {
@@ -68,6 +122,7 @@ impl BuiltinKind {
             BuiltinKind::Echo => "echo",
             BuiltinKind::Sleep => "sleep",
             BuiltinKind::Flaky => "flaky",
+            BuiltinKind::Llm => "llm",
         }
     }
 }

@@ -5,19 +5,24 @@
 //! - `echo`: returns its input;
 //! - `sleep`: waits `with.ms` milliseconds (cancellable), then returns;
 //! - `flaky`: fails the first `fail_first` attempts of every step (with a retryable error,
-//!   or by panicking with `mode = "panic"`), then echoes.
+//!   or by panicking with `mode = "panic"`), then echoes;
+//! - `llm`: calls a language model on OpenAI, Anthropic, Gemini or Ollama (`docs/llm.md`).
 
 mod builtins;
 mod config;
+mod llm;
 
 use std::future::Future;
 
+use std::sync::Arc;
+
 use mesh_agent_sdk::NodeRuntime;
+use mesh_agent_sdk::llm::{LlmConfig, Models};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tracing::{info, warn};
 
 pub use builtins::ExecutionLog;
-pub use config::{AgentConfig, BuiltinKind, FlakyMode, NodeConfig};
+pub use config::{AgentConfig, BuiltinKind, FlakyMode, NodeConfig, NodeLlmConfig, PriceConfig};
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -39,9 +44,14 @@ pub async fn run(
 ) -> Result<()> {
     config.validate()?;
     let log = ExecutionLog::open(config.execution_log.as_deref())?;
+    let providers = LlmConfig::from_env().overridden_by(&config.llm.providers());
+    let llm = builtins::LlmSetup {
+        models: Arc::new(Models::new(providers).map_err(|e| Error::Config(e.to_string()))?),
+        prices: config.llm.prices()?,
+    };
     let mut builder = NodeRuntime::builder().config(config.runtime_config());
     for agent in &config.agents {
-        builder = builtins::add(builder, agent, log.clone());
+        builder = builtins::add(builder, agent, &llm, log.clone());
     }
     let runtime = builder.build()?;
     if let Some(addr) = config.http_listen {

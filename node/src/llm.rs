@@ -1,0 +1,288 @@
+//! The built-in `llm` agent: a step calls a model by naming it, configured, not coded.
+//!
+//! ```yaml
+//! - id: draft
+//!   uses: llm
+//!   with:
+//!     model: openai/gpt-4o-mini        # or models: [openai/gpt-4o-mini, ollama/llama3.2]
+//!     system: "You are a careful editor."
+//!     prompt: "Write three sentences about ${{ inputs.topic }}"
+//!     max_tokens: 400
+//!     temperature: 0.2
+//! ```
+//!
+//! Its output: `text`, `provider`, `model`, `usage` (`input_tokens`, `output_tokens`),
+//! `cost_usd` (null when the model's price is unknown), `finish_reason`, and `fallbacks`, the
+//! models of a chain that failed before the one that answered, each with why.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use mesh_agent_sdk::llm::{
+    ChatModel, ChatRequest, FallbackError, LlmError, Message, ModelRef, Prices, RetryPolicy,
+    chat_with_fallback, parse_models,
+};
+use mesh_agent_sdk::{Agent, AgentCard, AgentError, Context};
+use serde_json::{Value, json};
+
+use crate::builtins::ExecutionLog;
+
+/// Most output tokens a step may ask for.
+const MAX_TOKENS: u64 = 1_000_000;
+/// Most models in a fallback chain.
+const MAX_CHAIN: usize = 8;
+
+pub struct LlmAgent {
+    pub card: AgentCard,
+    pub models: Arc<dyn ChatModel>,
+    pub prices: Prices,
+    pub retry: RetryPolicy,
+    pub log: ExecutionLog,
+}
+
+/// A step's `with`, checked.
+#[derive(Debug, PartialEq)]
+struct Call {
+    chain: Vec<ModelRef>,
+    request: ChatRequest,
+}
+
+fn bad(field: &str, why: impl std::fmt::Display) -> AgentError {
+    AgentError::bad_input(format!("with.{field}: {why}"))
+}
+
+fn read_call(with: &Value) -> Result<Call, AgentError> {
+    let Some(obj) = with.as_object() else {
+        return Err(AgentError::bad_input(
+            "with: an llm step needs `model` (or `models`) and `prompt`",
+        ));
+    };
+    const KNOWN: [&str; 6] = [
+        "model",
+        "models",
+        "system",
+        "prompt",
+        "max_tokens",
+        "temperature",
+    ];
+    if let Some(unknown) = obj.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+        return Err(bad(
+            unknown,
+            format!("unknown field (known: {})", KNOWN.join(", ")),
+        ));
+    }
+    let names: Vec<String> = match (obj.get("model"), obj.get("models")) {
+        (Some(_), Some(_)) => return Err(bad("models", "give `model` or `models`, not both")),
+        (Some(Value::String(m)), None) => vec![m.clone()],
+        (Some(_), None) => return Err(bad("model", "must be a string, `provider/model`")),
+        (None, Some(Value::Array(list))) => list
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                m.as_str()
+                    .map(str::to_owned)
+                    .ok_or_else(|| bad(&format!("models[{i}]"), "must be a string"))
+            })
+            .collect::<Result<_, _>>()?,
+        (None, Some(_)) => return Err(bad("models", "must be a list of `provider/model`")),
+        (None, None) => {
+            return Err(bad(
+                "model",
+                "required (`provider/model`, e.g. openai/gpt-4o-mini)",
+            ));
+        }
+    };
+    if names.len() > MAX_CHAIN {
+        return Err(bad(
+            "models",
+            format!("{} models, the limit is {MAX_CHAIN}", names.len()),
+        ));
+    }
+    let field = if obj.contains_key("models") {
+        "models"
+    } else {
+        "model"
+    };
+    let chain = parse_models(&names).map_err(|e| {
+        let e = e
+            .strip_prefix("[0]: ")
+            .filter(|_| field == "model")
+            .unwrap_or(&e)
+            .to_owned();
+        bad(field, e)
+    })?;
+    let text = |name: &str| -> Result<Option<String>, AgentError> {
+        match obj.get(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(_) => Err(bad(name, "must be a string")),
+        }
+    };
+    let prompt = text("prompt")?.ok_or_else(|| bad("prompt", "required"))?;
+    let max_tokens = match obj.get("max_tokens") {
+        None | Some(Value::Null) => None,
+        Some(v) => match v.as_u64() {
+            Some(n) if (1..=MAX_TOKENS).contains(&n) => Some(n as u32),
+            _ => {
+                return Err(bad(
+                    "max_tokens",
+                    format!("must be a whole number from 1 to {MAX_TOKENS}"),
+                ));
+            }
+        },
+    };
+    let temperature = match obj.get("temperature") {
+        None | Some(Value::Null) => None,
+        Some(v) => match v.as_f64() {
+            Some(t) if (0.0..=2.0).contains(&t) => Some(t),
+            _ => return Err(bad("temperature", "must be a number from 0 to 2")),
+        },
+    };
+    Ok(Call {
+        chain,
+        request: ChatRequest {
+            system: text("system")?,
+            messages: vec![Message::user(prompt)],
+            max_tokens,
+            temperature,
+            timeout: None,
+        },
+    })
+}
+
+/// The agent's error for a chain that did not answer: retryable when the last failure was
+/// transient (the step's retry policy decides), not when the request or the key is wrong.
+fn failure(e: &FallbackError) -> AgentError {
+    let message = e.to_string();
+    match e.last() {
+        Some(last) if last.falls_back() => AgentError::retryable(last.code(), message),
+        Some(last) => AgentError::fatal(last.code(), message),
+        None => AgentError::fatal("no_model", "no model was asked"),
+    }
+}
+
+fn failed_json(error: &LlmError) -> Value {
+    json!({ "code": error.code(), "message": error.to_string() })
+}
+
+impl Agent for LlmAgent {
+    fn card(&self) -> AgentCard {
+        self.card.clone()
+    }
+
+    async fn handle(&self, ctx: Context, input: Value) -> Result<Value, AgentError> {
+        self.log.record(&self.card.name, &ctx);
+        let mut call = read_call(&input["with"])?;
+        let left = ctx
+            .deadline()
+            .saturating_duration_since(tokio::time::Instant::now());
+        call.request.timeout = Some(left.max(Duration::from_millis(1)));
+        let mut hear = |_| {};
+        let outcome = tokio::select! {
+            r = chat_with_fallback(self.models.as_ref(), &call.chain, &call.request, self.retry, &mut hear) => r,
+            _ = ctx.cancelled() => return Err(AgentError::fatal("cancelled", "the call was cancelled")),
+        };
+        let fallen = outcome.map_err(|e| failure(&e))?;
+        let reply = &fallen.reply;
+        let usage = reply.usage.unwrap_or_default();
+        let cost = reply.usage.and_then(|u| self.prices.cost(&reply.model, u));
+        Ok(json!({
+            "text": reply.text,
+            "provider": reply.model.provider.as_str(),
+            "model": reply.model.model,
+            "usage": { "input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens },
+            "usage_reported": reply.usage.is_some(),
+            "cost_usd": cost,
+            "finish_reason": reply.finish_reason,
+            "rate_limited": fallen.rate_limited,
+            "fallbacks": fallen.earlier.iter().map(|a| json!({
+                "model": a.model.to_string(),
+                "error": failed_json(&a.error),
+                "rate_limited": a.rate_limited,
+            })).collect::<Vec<_>>(),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mesh_agent_sdk::llm::Provider;
+
+    #[test]
+    fn a_step_names_its_model_and_prompt_and_bad_fields_are_named() {
+        let call = read_call(&json!({
+            "model": "openai/gpt-4o-mini", "system": "terse", "prompt": "hi",
+            "max_tokens": 400, "temperature": 0.2,
+        }))
+        .unwrap();
+        assert_eq!(call.chain.len(), 1);
+        assert_eq!(call.chain[0].provider, Provider::OpenAi);
+        assert_eq!(call.request.system.as_deref(), Some("terse"));
+        assert_eq!(call.request.messages, vec![Message::user("hi")]);
+        assert_eq!(call.request.max_tokens, Some(400));
+        let chain =
+            read_call(&json!({ "models": ["ollama/a", "anthropic/b"], "prompt": "x" })).unwrap();
+        assert_eq!(chain.chain.len(), 2);
+        let err = |with: Value| read_call(&with).unwrap_err().message;
+        assert_eq!(
+            err(json!({ "prompt": "x" })),
+            "with.model: required (`provider/model`, e.g. openai/gpt-4o-mini)"
+        );
+        assert!(
+            err(json!({ "model": "gpt-4o", "prompt": "x" }))
+                .starts_with("with.model: `gpt-4o` is not `provider/model`")
+        );
+        assert!(
+            err(json!({ "models": ["ollama/a", 3], "prompt": "x" }))
+                .starts_with("with.models[1]: must be a string")
+        );
+        assert!(
+            err(json!({ "models": ["ollama/a", "azure/b"], "prompt": "x" }))
+                .starts_with("with.models: [1]: `azure` is not a provider")
+        );
+        assert_eq!(err(json!({ "model": "ollama/a" })), "with.prompt: required");
+        assert!(
+            err(json!({ "model": "ollama/a", "prompt": "x", "max_tokens": 0 }))
+                .starts_with("with.max_tokens:")
+        );
+        assert!(
+            err(json!({ "model": "ollama/a", "prompt": "x", "temperature": 3 }))
+                .starts_with("with.temperature:")
+        );
+        assert!(
+            err(json!({ "model": "ollama/a", "prompt": "x", "promt": "y" }))
+                .starts_with("with.promt: unknown field")
+        );
+        assert!(
+            err(json!({ "model": "ollama/a", "models": [], "prompt": "x" })).contains("not both")
+        );
+    }
+
+    #[test]
+    fn a_chain_that_ends_on_a_transient_failure_is_retryable_and_on_a_key_is_not() {
+        let attempt = |error: LlmError| mesh_agent_sdk::llm::Attempted {
+            model: ModelRef::parse("ollama/a").unwrap(),
+            error,
+            rate_limited: 0,
+        };
+        let transient = FallbackError {
+            attempts: vec![attempt(LlmError::Unavailable {
+                model: "ollama/a".into(),
+                message: "HTTP 500".into(),
+            })],
+        };
+        let e = failure(&transient);
+        assert!(e.retryable);
+        assert_eq!(e.code, "unavailable");
+        let key = FallbackError {
+            attempts: vec![attempt(LlmError::Auth {
+                model: "ollama/a".into(),
+                message: "HTTP 401".into(),
+            })],
+        };
+        let e = failure(&key);
+        assert!(!e.retryable);
+        assert_eq!(e.code, "auth");
+    }
+}
