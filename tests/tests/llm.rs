@@ -1,0 +1,297 @@
+//! The `llm` agent of the stock node against a fake provider that speaks each provider's real
+//! wire protocol (`mesh_tests::fake_llm`): real processes, the SDK's real client code (genai)
+//! on the path, no paid service.
+
+use std::time::Duration;
+
+use mesh_agent_sdk::{RunState, RunView};
+use mesh_tests::fake_llm::{FakeLlm, Wire};
+use mesh_tests::{Mesh, Timings, workflow_goal};
+use serde_json::{Value, json};
+
+const KEY: &str = "sk-test-5f1e2d3c4b5a69788796a5b4";
+
+/// A node hosting the `llm` agent with every provider pointed at the fake, and a price for
+/// `openai/gpt-4o-mini` set in its configuration.
+fn llm_node(fake: &FakeLlm, anthropic_key: &str) -> String {
+    format!(
+        r#"
+[[agents]]
+kind = "llm"
+max_concurrency = 64
+
+[llm.openai]
+base_url = "{openai}"
+api_key = "{KEY}"
+
+[llm.anthropic]
+base_url = "{anthropic}"
+api_key = "{anthropic_key}"
+
+[llm.gemini]
+base_url = "{gemini}"
+api_key = "{KEY}"
+
+[llm.ollama]
+base_url = "{ollama}"
+
+[llm.prices."openai/gpt-4o-mini"]
+input_per_million = 1.5
+output_per_million = 6.0
+"#,
+        openai = fake.base_url(Wire::OpenAi),
+        anthropic = fake.base_url(Wire::Anthropic),
+        gemini = fake.base_url(Wire::Gemini),
+        ollama = fake.base_url(Wire::Ollama),
+    )
+}
+
+fn one_step(with: Value) -> String {
+    let step = json!({ "steps": [{ "id": "ask", "uses": "llm", "with": with }] });
+    step.to_string()
+}
+
+async fn run(mesh: &Mesh, with: Value) -> RunView {
+    let client = mesh.client().await;
+    let run = client
+        .submit(workflow_goal(&one_step(with), json!({})))
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(30), client.wait(&run.run_id))
+        .await
+        .expect("the run finishes")
+        .unwrap()
+}
+
+fn output(view: &RunView) -> &Value {
+    view.steps[0].output.as_ref().expect("the step's output")
+}
+
+async fn mesh_with_llm(fake: &FakeLlm, anthropic_key: &str) -> Mesh {
+    let mut mesh = Mesh::start(Timings::default()).await;
+    mesh.start_node("n1", &llm_node(fake, anthropic_key)).await;
+    mesh
+}
+
+/// The same step on all four providers, switched by its `model` line: each answer comes back
+/// through the provider's own streaming protocol with its usage, and the model and finish
+/// reason named alike.
+#[tokio::test]
+async fn one_step_runs_on_every_provider_by_changing_one_line() {
+    let fake = FakeLlm::start(KEY).await;
+    let mesh = mesh_with_llm(&fake, KEY).await;
+    for (model, wire) in [
+        ("openai/test-model", Wire::OpenAi),
+        ("anthropic/test-model", Wire::Anthropic),
+        ("gemini/test-model", Wire::Gemini),
+        ("ollama/test-model", Wire::Ollama),
+    ] {
+        let view = run(
+            &mesh,
+            json!({ "model": model, "system": "be brief", "prompt": "hello mesh of agents" }),
+        )
+        .await;
+        assert_eq!(view.state, RunState::Succeeded, "{model}: {view:?}");
+        let out = output(&view);
+        let (provider, name) = model.split_once('/').unwrap();
+        assert_eq!(out["text"], "answer: hello mesh of agents", "{model}");
+        assert_eq!(out["provider"], provider);
+        assert_eq!(out["model"], name);
+        assert_eq!(out["finish_reason"], "stop", "{model}");
+        // Input: the system prompt's 2 words and the prompt's 4; output: 5 chunks.
+        assert_eq!(
+            out["usage"],
+            json!({ "input_tokens": 6, "output_tokens": 5 }),
+            "{model}"
+        );
+        assert_eq!(
+            out["cost_usd"],
+            Value::Null,
+            "{model}: unknown price, not zero"
+        );
+        assert_eq!(out["fallbacks"], json!([]));
+        let seen = fake.seen();
+        let last = seen.last().unwrap();
+        assert_eq!(
+            (last.wire, last.model.as_str(), last.stream),
+            (wire, "test-model", true)
+        );
+    }
+}
+
+/// A priced model's cost is its usage times the configured price, exactly.
+#[tokio::test]
+async fn cost_is_usage_times_price() {
+    let fake = FakeLlm::start(KEY).await;
+    let mesh = mesh_with_llm(&fake, KEY).await;
+    let view = run(
+        &mesh,
+        json!({ "model": "openai/gpt-4o-mini", "prompt": "one two three", "max_tokens": 50 }),
+    )
+    .await;
+    let out = output(&view);
+    assert_eq!(
+        out["usage"],
+        json!({ "input_tokens": 3, "output_tokens": 4 })
+    );
+    let cost = out["cost_usd"].as_f64().expect("priced");
+    let expected = 3.0 * 1.5e-6 + 4.0 * 6.0e-6;
+    assert!((cost - expected).abs() < 1e-12, "{cost} != {expected}");
+    assert_eq!(fake.seen().last().unwrap().body["max_tokens"], 50);
+}
+
+/// `models` is a chain: a model that fails with a 5xx gives way to the next, and the output
+/// names the model that answered and why the earlier one failed; a rejected key stops the
+/// chain, fails the step for good, and its message holds no key.
+#[tokio::test]
+async fn a_fallback_chain_moves_on_from_a_server_error_and_stops_at_a_bad_key() {
+    let fake = FakeLlm::start(KEY).await;
+    let wrong = "sk-wrong-0123456789abcdef0123";
+    let mesh = mesh_with_llm(&fake, wrong).await;
+    fake.knobs()
+        .server_errors
+        .store(1, std::sync::atomic::Ordering::SeqCst);
+    let view = run(
+        &mesh,
+        json!({ "models": ["gemini/first", "ollama/second"], "prompt": "fall back" }),
+    )
+    .await;
+    assert_eq!(view.state, RunState::Succeeded, "{view:?}");
+    let out = output(&view);
+    assert_eq!(
+        (out["provider"].as_str(), out["model"].as_str()),
+        (Some("ollama"), Some("second"))
+    );
+    assert_eq!(out["fallbacks"][0]["model"], "gemini/first");
+    assert_eq!(out["fallbacks"][0]["error"]["code"], "unavailable");
+    assert!(
+        out["fallbacks"][0]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("500")
+    );
+
+    let view = run(
+        &mesh,
+        json!({ "models": ["anthropic/keyed", "ollama/never"], "prompt": "no key" }),
+    )
+    .await;
+    assert_eq!(view.state, RunState::Failed, "{view:?}");
+    let error = view.steps[0].error.clone().unwrap_or_default();
+    assert!(error.contains("anthropic/keyed refused the key"), "{error}");
+    assert!(!error.contains(wrong), "the key is not in the error");
+    assert_eq!(
+        view.steps[0].attempt, 1,
+        "a rejected key is not retried: {view:?}"
+    );
+    assert!(
+        !fake.seen().iter().any(|s| s.model == "never"),
+        "the chain stopped at the key"
+    );
+}
+
+/// A 429 with `retry-after` is waited out and the same model answers; nothing fails.
+#[tokio::test]
+async fn a_rate_limit_is_waited_out() {
+    let fake = FakeLlm::start(KEY).await;
+    let mesh = mesh_with_llm(&fake, KEY).await;
+    let knobs = fake.knobs();
+    knobs
+        .retry_after_s
+        .store(1, std::sync::atomic::Ordering::SeqCst);
+    knobs
+        .rate_limited
+        .store(1, std::sync::atomic::Ordering::SeqCst);
+    let started = std::time::Instant::now();
+    let view = run(
+        &mesh,
+        json!({ "model": "anthropic/limited", "prompt": "wait" }),
+    )
+    .await;
+    assert_eq!(view.state, RunState::Succeeded, "{view:?}");
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "retry-after honoured"
+    );
+    let out = output(&view);
+    assert_eq!(out["rate_limited"], 1);
+    assert_eq!(out["fallbacks"], json!([]));
+    assert_eq!(view.steps[0].attempt, 1, "waited within the attempt");
+}
+
+/// A stream cut midway is a transient failure: the step's retry runs it again.
+#[tokio::test]
+async fn a_stream_cut_midway_fails_the_attempt_and_a_retry_answers() {
+    let fake = FakeLlm::start(KEY).await;
+    let mesh = mesh_with_llm(&fake, KEY).await;
+    fake.knobs()
+        .cut_streams
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let client = mesh.client().await;
+    let text = r#"{"steps": [{"id": "ask", "uses": "llm", "retry": {"max_attempts": 3, "backoff": "1s"},
+        "with": {"model": "openai/cut", "prompt": "a longer prompt to cut"}}]}"#;
+    let run = client.submit(workflow_goal(text, json!({}))).await.unwrap();
+    // Let the first attempt fail on the cut stream, then heal the provider.
+    mesh_tests::wait_for("a cut stream", Duration::from_secs(10), || async {
+        (!fake.seen().is_empty()).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    fake.knobs()
+        .cut_streams
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    let view = tokio::time::timeout(Duration::from_secs(30), client.wait(&run.run_id))
+        .await
+        .expect("finishes")
+        .unwrap();
+    assert_eq!(view.state, RunState::Succeeded, "{view:?}");
+    assert!(view.steps[0].attempt >= 2, "{view:?}");
+    assert_eq!(output(&view)["text"], "answer: a longer prompt to cut");
+}
+
+/// Bad fields are refused before any call, naming the field; nothing is retried.
+#[tokio::test]
+async fn a_bad_step_is_refused_naming_its_field() {
+    let fake = FakeLlm::start(KEY).await;
+    let mesh = mesh_with_llm(&fake, KEY).await;
+    let view = run(&mesh, json!({ "model": "azure/gpt-4o", "prompt": "x" })).await;
+    assert_eq!(view.state, RunState::Failed);
+    let error = view.steps[0].error.clone().unwrap_or_default();
+    assert!(
+        error.contains("with.model: `azure` is not a provider"),
+        "{error}"
+    );
+    assert!(fake.seen().is_empty(), "no call was made");
+}
+
+/// After calls of every kind, failed ones included, the keys are nowhere in the store or in
+/// any process's log.
+#[tokio::test]
+async fn keys_never_reach_the_store_or_the_logs() {
+    let fake = FakeLlm::start(KEY).await;
+    let wrong = "sk-wrong-0123456789abcdef0123";
+    let mesh = mesh_with_llm(&fake, wrong).await;
+    for with in [
+        json!({ "model": "openai/gpt-4o-mini", "prompt": "keep it secret" }),
+        json!({ "model": "anthropic/rejected", "prompt": "bad key" }),
+        json!({ "models": ["gemini/x", "ollama/y"], "prompt": "chain" }),
+    ] {
+        run(&mesh, with).await;
+    }
+    // Logs go out line by line, and the store's WAL file is read along with its database.
+    for entry in std::fs::read_dir(mesh.dir.path()).unwrap().chain(
+        std::fs::read_dir(mesh.dir.path().join("data"))
+            .into_iter()
+            .flatten(),
+    ) {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") || path.is_dir() {
+            continue; // the node's configuration holds the keys by design
+        }
+        let bytes = std::fs::read(&path).unwrap();
+        let text = String::from_utf8_lossy(&bytes);
+        for key in [KEY, wrong] {
+            assert!(!text.contains(key), "{} holds a key", path.display());
+        }
+    }
+}
