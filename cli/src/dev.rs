@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use mesh_agent_sdk::GoalClient;
 use mesh_coordinator::CoordinatorConfig;
-use mesh_node::NodeConfig;
+use mesh_node::{AgentConfig, BuiltinKind, NodeConfig};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::sync::watch;
 
@@ -49,12 +49,17 @@ pub async fn run(args: DevArgs, prometheus: PrometheusHandle) -> Result<()> {
     let url = format!("http://{}", coordinator.grpc_addr);
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut nodes = Vec::new();
+    // With a model provider in the environment, node-1 hosts the `llm` agent too.
+    let providers = mesh_agent_sdk::llm::LlmConfig::from_env().configured();
     for name in ["node-1", "node-2"] {
-        let cfg = NodeConfig {
+        let mut cfg = NodeConfig {
             coordinator: url.clone(),
             name: name.into(),
             ..NodeConfig::default()
         };
+        if name == "node-1" && !providers.is_empty() {
+            cfg.agents.push(AgentConfig::of(BuiltinKind::Llm));
+        }
         let mut stop = stop_rx.clone();
         nodes.push(tokio::spawn(async move {
             let shutdown = async move {
@@ -71,6 +76,17 @@ pub async fn run(args: DevArgs, prometheus: PrometheusHandle) -> Result<()> {
         args.data_dir.display()
     );
     println!("mesh dev: nodes node-1, node-2 with agents echo, sleep, flaky");
+    if providers.is_empty() {
+        println!(
+            "mesh dev: no model provider found; set OPENAI_API_KEY, ANTHROPIC_API_KEY, GEMINI_API_KEY or OLLAMA_HOST (see docs/llm.md) for the `llm` agent"
+        );
+    } else {
+        let names: Vec<&str> = providers.iter().map(|p| p.as_str()).collect();
+        println!(
+            "mesh dev: node-1 hosts the `llm` agent; providers found: {}",
+            names.join(", ")
+        );
+    }
 
     let outcome = if args.demo {
         demo(&url, args.goal.as_deref(), started).await

@@ -295,3 +295,60 @@ async fn keys_never_reach_the_store_or_the_logs() {
         }
     }
 }
+
+/// `mesh dev` finds a provider in the environment (`OPENAI_API_KEY`, `OPENAI_BASE_URL`), says
+/// so, and hosts the `llm` agent, which answers through it.
+#[tokio::test]
+async fn mesh_dev_hosts_the_llm_agent_when_a_provider_is_in_the_environment() {
+    let fake = FakeLlm::start(KEY).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (grpc, http) = (mesh_tests::free_port(), mesh_tests::free_port());
+    let (listen, http_listen) = (format!("127.0.0.1:{grpc}"), format!("127.0.0.1:{http}"));
+    let data = dir.path().join("data");
+    let base = fake.base_url(Wire::OpenAi);
+    let dev = mesh_tests::Proc::spawn(
+        &mesh_tests::mesh_bin(),
+        "dev",
+        dir.path(),
+        &[
+            "dev",
+            "--listen",
+            &listen,
+            "--http-listen",
+            &http_listen,
+            "--data-dir",
+            data.to_str().unwrap(),
+        ],
+        &[("OPENAI_API_KEY", KEY), ("OPENAI_BASE_URL", &base)],
+    )
+    .expect("start mesh dev");
+    let url = format!("http://{listen}");
+    let client = mesh_tests::wait_for("mesh dev's llm agent", Duration::from_secs(30), || {
+        let url = url.clone();
+        async move {
+            let client = mesh_agent_sdk::GoalClient::connect(&url).await.ok()?;
+            let agents = client.agents(Some("llm")).await.ok()?;
+            (!agents.is_empty()).then_some(client)
+        }
+    })
+    .await;
+    assert!(
+        dev.log_text().contains("providers found: openai"),
+        "{}",
+        dev.log_text()
+    );
+    let run = client
+        .submit(workflow_goal(
+            &one_step(json!({ "model": "openai/dev-model", "prompt": "from the environment" })),
+            json!({}),
+        ))
+        .await
+        .unwrap();
+    let view = tokio::time::timeout(Duration::from_secs(30), client.wait(&run.run_id))
+        .await
+        .expect("finishes")
+        .unwrap();
+    assert_eq!(view.state, RunState::Succeeded, "{view:?}");
+    assert_eq!(output(&view)["text"], "answer: from the environment");
+    assert!(!dev.log_text().contains(KEY), "no key in the log");
+}
