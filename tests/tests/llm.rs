@@ -352,3 +352,53 @@ async fn mesh_dev_hosts_the_llm_agent_when_a_provider_is_in_the_environment() {
     assert_eq!(output(&view)["text"], "answer: from the environment");
     assert!(!dev.log_text().contains(KEY), "no key in the log");
 }
+
+/// The example `examples/workflows/llm-summary-fallback.yaml` runs as written: a fan-out of
+/// calls, each with a fallback chain, then a join; here the first model fails once with a 500
+/// and its chain moves on.
+#[tokio::test]
+async fn the_summary_example_runs_with_its_fallback_chain() {
+    let fake = FakeLlm::start(KEY).await;
+    let mesh = mesh_with_llm(&fake, KEY).await;
+    fake.knobs()
+        .server_errors
+        .store(1, std::sync::atomic::Ordering::SeqCst);
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples/workflows/llm-summary-fallback.yaml");
+    let text = std::fs::read_to_string(path).unwrap();
+    let client = mesh.client().await;
+    let inputs = json!({ "model": "openai/primary", "fallback": "ollama/backup" });
+    let run = client.submit(workflow_goal(&text, inputs)).await.unwrap();
+    let view = tokio::time::timeout(Duration::from_secs(30), client.wait(&run.run_id))
+        .await
+        .expect("finishes")
+        .unwrap();
+    assert_eq!(view.state, RunState::Succeeded, "{view:?}");
+    let out = view.output.unwrap();
+    let models = out["models"].as_array().unwrap();
+    assert_eq!(models.len(), 3);
+    assert_eq!(
+        models.iter().filter(|m| *m == "ollama/backup").count(),
+        1,
+        "one call fell back: {models:?}"
+    );
+    assert_eq!(
+        out["output_tokens"],
+        json!([3, 3, 4]),
+        "`answer:` and the prompt's words"
+    );
+    let paragraph = out["paragraph"].as_str().unwrap();
+    for topic in ["actors", "leases", "fencing tokens"] {
+        assert!(
+            paragraph.contains(&format!("Explain {topic}")),
+            "{paragraph}"
+        );
+    }
+    assert!(
+        out["paragraph"]
+            .as_str()
+            .unwrap()
+            .starts_with("answer: Join into one paragraph:"),
+        "{out}"
+    );
+}
