@@ -78,6 +78,17 @@ pub struct Progress {
     pub fraction: Option<f64>,
 }
 
+/// What a handler reports during an attempt, on its way to the coordinator's watchers.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum Report {
+    Progress(Progress),
+    /// Text produced so far; `restart` voids what came before.
+    Delta {
+        text: String,
+        restart: bool,
+    },
+}
+
 /// What a handler knows about its attempt.
 #[derive(Clone, Debug)]
 pub struct Context {
@@ -86,7 +97,7 @@ pub struct Context {
     pub(crate) idempotency_key: String,
     pub(crate) deadline: Instant,
     pub(crate) cancel: CancellationToken,
-    pub(crate) progress: Option<mpsc::Sender<(FencingToken, Progress)>>,
+    pub(crate) progress: Option<mpsc::Sender<(FencingToken, Report)>>,
 }
 
 impl Context {
@@ -153,14 +164,34 @@ impl Context {
 
     /// Reports progress to the coordinator; dropped if the stream is busy.
     pub fn progress(&self, message: impl Into<String>, fraction: Option<f64>) {
+        self.report(Report::Progress(Progress {
+            message: message.into(),
+            fraction,
+        }));
+    }
+
+    /// Streams text the attempt produced (a model's tokens) to the run's watchers; dropped if
+    /// the stream is busy (the result carries the whole text). Coalesce before calling: a
+    /// frame per token is wasteful (`llm::DeltaBuffer` does it).
+    pub fn delta(&self, text: impl Into<String>) {
+        self.report(Report::Delta {
+            text: text.into(),
+            restart: false,
+        });
+    }
+
+    /// As [`delta`](Self::delta), but what was streamed before is void (another model starts
+    /// again): watchers drop it and start over with `text`.
+    pub fn delta_restart(&self, text: impl Into<String>) {
+        self.report(Report::Delta {
+            text: text.into(),
+            restart: true,
+        });
+    }
+
+    fn report(&self, report: Report) {
         if let Some(tx) = &self.progress {
-            let _ = tx.try_send((
-                self.token.clone(),
-                Progress {
-                    message: message.into(),
-                    fraction,
-                },
-            ));
+            let _ = tx.try_send((self.token.clone(), report));
         }
     }
 }

@@ -179,8 +179,42 @@ async fn follow(
     format: Output,
 ) -> Result<()> {
     let mut events = Box::pin(events);
+    // The step task whose text is being printed, so that a line starts when another speaks.
+    let mut speaking: Option<(mesh_agent_sdk::StepId, u32)> = None;
     while let Some(event) = events.next().await {
-        match event? {
+        let event = event?;
+        if format == Output::Table && speaking.is_some() && !matches!(event, RunEvent::Delta { .. })
+        {
+            eprintln!();
+            speaking = None;
+        }
+        match event {
+            RunEvent::Delta {
+                step,
+                index,
+                attempt,
+                text,
+                restart,
+            } => {
+                if format == Output::Table {
+                    use std::io::Write;
+                    let who = (step.clone(), index);
+                    if restart || speaking.as_ref() != Some(&who) {
+                        if speaking.is_some() {
+                            eprintln!();
+                        }
+                        let again = if restart {
+                            " (again, another model)"
+                        } else {
+                            ""
+                        };
+                        eprint!("step {step:<16} text  attempt {attempt}{again}  ");
+                        speaking = Some(who);
+                    }
+                    eprint!("{text}");
+                    let _ = std::io::stderr().flush();
+                }
+            }
             RunEvent::Snapshot(view) => {
                 if format == Output::Table {
                     for step in &view.steps {

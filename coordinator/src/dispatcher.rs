@@ -21,7 +21,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::DispatchConfig;
 use crate::metrics as m;
-use crate::node_link::{NodeTx, Outbound, ResultAck};
+use crate::node_link::{NodeTx, Outbound, Report, ResultAck};
 use crate::run::RunMsg;
 use mesh_workflow::JsonSchema;
 
@@ -222,11 +222,11 @@ pub enum DispatcherMsg {
         result: TaskResult,
         tx: NodeTx,
     },
-    /// Progress an agent reported; passed to the run if the attempt is current.
-    Progress {
+    /// Progress or text an agent reported; passed to the run if the attempt is current.
+    Report {
         node: NodeId,
         instance: u64,
-        progress: TaskProgress,
+        report: Report,
     },
     /// Drop the run's pending attempts and cancel its in-flight ones.
     CancelRun {
@@ -981,20 +981,20 @@ impl Actor for Dispatcher {
                     }
                 }
             }
-            DispatcherMsg::Progress {
+            DispatcherMsg::Report {
                 node,
                 instance,
-                progress,
-            } => match st.core.in_flight.get(&task_key(&progress.token)) {
+                report,
+            } => match st.core.in_flight.get(&task_key(report.token())) {
                 Some(f)
-                    if f.token == progress.token
+                    if f.token == *report.token()
                         && f.agent.node == node
                         && f.instance == instance =>
                 {
-                    let _ = f.run.cast(RunMsg::Progress(progress));
+                    let _ = f.run.cast(RunMsg::Report(report));
                 }
                 _ => {
-                    debug!(token = %progress.token, "progress for an attempt that is not current dropped")
+                    debug!(token = %report.token(), "report for an attempt that is not current dropped")
                 }
             },
             DispatcherMsg::CancelRun { run_id, reason } => {

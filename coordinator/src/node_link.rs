@@ -3,7 +3,7 @@
 //! the registry and the dispatcher (which own streams) write frames; a run answers a result
 //! through a [`ResultAck`], without knowing the wire.
 
-use mesh_proto::domain::{AckCode, FencingToken, ToNode};
+use mesh_proto::domain::{AckCode, FencingToken, TaskDelta, TaskProgress, ToNode};
 use tokio::sync::mpsc;
 
 /// What goes down a node's stream.
@@ -15,6 +15,24 @@ pub enum Outbound {
 }
 
 pub type NodeTx = mpsc::Sender<Outbound>;
+
+/// What an agent reports during an attempt, for watchers only (never journaled): passed on
+/// only while the attempt is current.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Report {
+    Progress(TaskProgress),
+    /// Text produced so far (a model's tokens, coalesced by the node).
+    Delta(TaskDelta),
+}
+
+impl Report {
+    pub fn token(&self) -> &FencingToken {
+        match self {
+            Report::Progress(p) => &p.token,
+            Report::Delta(d) => &d.token,
+        }
+    }
+}
 
 /// Where a run answers one result: accepted once journaled, or stale. Dropping it sends
 /// nothing (the node sends the result again after a reconnect).

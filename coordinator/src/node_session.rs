@@ -14,6 +14,7 @@ use tracing::{debug, info, warn};
 
 use crate::dispatcher::DispatcherMsg;
 use crate::error::call_result;
+use crate::node_link::Report;
 use crate::registry::RegistryMsg;
 use crate::slot::Slot;
 
@@ -155,12 +156,17 @@ impl Actor for NodeSession {
                         tx: st.args.tx.clone(),
                     }),
                     FromNode::Progress(progress) => {
-                        st.args.dispatcher.cast(DispatcherMsg::Progress {
+                        st.args.dispatcher.cast(DispatcherMsg::Report {
                             node,
                             instance,
-                            progress,
+                            report: Report::Progress(progress),
                         })
                     }
+                    FromNode::Delta(delta) => st.args.dispatcher.cast(DispatcherMsg::Report {
+                        node,
+                        instance,
+                        report: Report::Delta(delta),
+                    }),
                     FromNode::Draining => {
                         st.draining = true;
                         st.args

@@ -24,7 +24,7 @@ use crate::error::{Error, Result};
 use crate::intake::Admission;
 pub use crate::machine::{Decision, RetryPolicy, RunMachine};
 use crate::metrics as m;
-use crate::node_link::ResultAck;
+use crate::node_link::{Report, ResultAck};
 use crate::slot::Slot;
 use crate::store::{Backend, JournalEvent, Store, StoredRun, now_ms};
 use crate::swarm::SwarmMsg;
@@ -71,7 +71,7 @@ pub enum RunMsg {
     /// The dispatcher restarted and forgot the in-flight attempts.
     Redispatch,
     /// Progress of the current attempt of a step, for watchers.
-    Progress(TaskProgress),
+    Report(Report),
     Cancel {
         reason: String,
         reply: RpcReplyPort<Result<RunView>>,
@@ -729,19 +729,29 @@ impl Actor for Run {
                 };
                 let _ = reply.send(st.commit_and_view(&myself, decided).await);
             }
-            RunMsg::Progress(p) => {
-                let current = st.machine.position(&p.token.step_id).is_some_and(|i| {
+            RunMsg::Report(report) => {
+                let token = report.token();
+                let current = st.machine.position(&token.step_id).is_some_and(|i| {
                     st.machine.steps()[i]
                         .tasks
-                        .get(p.token.index as usize)
-                        .is_some_and(|t| t.attempt == p.token.attempt)
+                        .get(token.index as usize)
+                        .is_some_and(|t| t.attempt == token.attempt)
                 });
                 if current {
-                    st.publish(RunEvent::Progress {
-                        step: p.token.step_id,
-                        attempt: p.token.attempt,
-                        message: p.message,
-                        fraction: p.fraction,
+                    st.publish(match report {
+                        Report::Progress(p) => RunEvent::Progress {
+                            step: p.token.step_id,
+                            attempt: p.token.attempt,
+                            message: p.message,
+                            fraction: p.fraction,
+                        },
+                        Report::Delta(d) => RunEvent::Delta {
+                            step: d.token.step_id,
+                            index: d.token.index,
+                            attempt: d.token.attempt,
+                            text: d.text,
+                            restart: d.restart,
+                        },
                     });
                 }
             }

@@ -19,8 +19,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mesh_agent_sdk::llm::{
-    ChatModel, ChatRequest, FallbackError, LlmError, Message, ModelRef, Prices, RetryPolicy,
-    chat_with_fallback, parse_models,
+    ChatModel, ChatRequest, DeltaBuffer, FallbackError, LlmError, Message, ModelRef, Prices,
+    RetryPolicy, Streamed, chat_with_fallback, parse_models,
 };
 use mesh_agent_sdk::{Agent, AgentCard, AgentError, Context};
 use serde_json::{Value, json};
@@ -31,6 +31,10 @@ use crate::builtins::ExecutionLog;
 const MAX_TOKENS: u64 = 1_000_000;
 /// Most models in a fallback chain.
 const MAX_CHAIN: usize = 8;
+/// Text goes to watchers at most this often per attempt…
+const DELTA_EVERY: Duration = Duration::from_millis(50);
+/// …or when this much is held.
+const DELTA_MAX_BYTES: usize = 16 * 1024;
 
 pub struct LlmAgent {
     pub card: AgentCard,
@@ -177,11 +181,28 @@ impl Agent for LlmAgent {
             .deadline()
             .saturating_duration_since(tokio::time::Instant::now());
         call.request.timeout = Some(left.max(Duration::from_millis(1)));
-        let mut hear = |_| {};
-        let outcome = tokio::select! {
-            r = chat_with_fallback(self.models.as_ref(), &call.chain, &call.request, self.retry, &mut hear) => r,
-            _ = ctx.cancelled() => return Err(AgentError::fatal("cancelled", "the call was cancelled")),
+        // Text reaches the run's watchers as it comes, at most every 50 ms per attempt.
+        let mut buffer = DeltaBuffer::new(DELTA_EVERY, DELTA_MAX_BYTES);
+        let outcome = {
+            let mut hear = |heard: Streamed| match heard {
+                Streamed::Delta(text) => {
+                    if let Some(out) = buffer.push(&text, std::time::Instant::now()) {
+                        ctx.delta(out);
+                    }
+                }
+                Streamed::Restart { .. } => {
+                    buffer.clear();
+                    ctx.delta_restart("");
+                }
+            };
+            tokio::select! {
+                r = chat_with_fallback(self.models.as_ref(), &call.chain, &call.request, self.retry, &mut hear) => r,
+                _ = ctx.cancelled() => return Err(AgentError::fatal("cancelled", "the call was cancelled")),
+            }
         };
+        if let Some(rest) = buffer.flush() {
+            ctx.delta(rest);
+        }
         let fallen = outcome.map_err(|e| failure(&e))?;
         let reply = &fallen.reply;
         let usage = reply.usage.unwrap_or_default();

@@ -67,6 +67,8 @@ pub fn check_id(field: &str, value: &str) -> Result<()> {
 
 /// Longest error message from an agent that is kept; a longer one is cut.
 pub const MAX_ERROR_MESSAGE: usize = 4096;
+/// Most text in one delta frame; agents coalesce deltas well below it.
+pub const MAX_DELTA_BYTES: usize = 64 * 1024;
 
 /// `text` cut to at most `max` bytes (on a character boundary), saying so.
 pub fn truncated(mut text: String, max: usize) -> String {
@@ -559,6 +561,11 @@ impl TryFrom<pb::NodeFrame> for FromNode {
                     message: p.message,
                     fraction: (p.fraction >= 0.0).then_some(p.fraction.min(1.0)),
                 }),
+                Kind::Delta(d) => FromNode::Delta(TaskDelta {
+                    token: FencingToken::try_from(d.token)?,
+                    text: truncated(d.text, MAX_DELTA_BYTES),
+                    restart: d.restart,
+                }),
                 Kind::Draining(_) => FromNode::Draining,
                 Kind::AgentDown(a) => FromNode::AgentDown {
                     agent: a.agent,
@@ -594,6 +601,11 @@ impl From<FromNode> for pb::NodeFrame {
                 token: Some(p.token.into()),
                 message: p.message,
                 fraction: p.fraction.unwrap_or(-1.0),
+            }),
+            FromNode::Delta(d) => Kind::Delta(pb::TaskDelta {
+                token: Some(d.token.into()),
+                text: d.text,
+                restart: d.restart,
             }),
             FromNode::Draining => Kind::Draining(pb::Draining {}),
             FromNode::AgentDown { agent, reason } => {
@@ -957,6 +969,19 @@ impl From<RunEvent> for pb::RunEvent {
                 message,
                 fraction: fraction.unwrap_or(-1.0),
             }),
+            RunEvent::Delta {
+                step,
+                index,
+                attempt,
+                text,
+                restart,
+            } => Kind::Delta(pb::StepDelta {
+                step_id: step.0,
+                attempt,
+                index,
+                text,
+                restart,
+            }),
             RunEvent::Finished {
                 state,
                 output,
@@ -991,6 +1016,13 @@ impl TryFrom<pb::RunEvent> for RunEvent {
                     attempt: p.attempt,
                     message: p.message,
                     fraction: (p.fraction >= 0.0).then_some(p.fraction.min(1.0)),
+                },
+                Kind::Delta(d) => RunEvent::Delta {
+                    step: StepId(d.step_id),
+                    index: d.index,
+                    attempt: d.attempt,
+                    text: d.text,
+                    restart: d.restart,
                 },
                 Kind::Finished(f) => RunEvent::Finished {
                     state: run_state_or_running(f.state),

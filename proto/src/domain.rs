@@ -233,6 +233,15 @@ pub struct TaskProgress {
     pub fraction: Option<f64>,
 }
 
+/// Text an agent produced so far during an attempt (a model's tokens); not journaled.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TaskDelta {
+    pub token: FencingToken,
+    pub text: String,
+    /// The attempt's text so far is void (a fallback model starts again).
+    pub restart: bool,
+}
+
 /// Whether the coordinator took a task result.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AckCode {
@@ -248,6 +257,7 @@ pub enum FromNode {
     Heartbeat { instance: u64 },
     Result(TaskResult),
     Progress(TaskProgress),
+    Delta(TaskDelta),
     Draining,
     AgentDown { agent: String, reason: String },
 }
@@ -537,6 +547,15 @@ pub enum RunEvent {
         attempt: u32,
         message: String,
         fraction: Option<f64>,
+    },
+    /// Text the agent running a step produced (a model's tokens, coalesced); not journaled.
+    Delta {
+        step: StepId,
+        index: u32,
+        attempt: u32,
+        text: String,
+        /// The step's text so far is void; `text` starts anew.
+        restart: bool,
     },
     Finished {
         state: RunState,

@@ -50,6 +50,9 @@ async fn five_steps_with_two_parallel_branches_complete_with_the_right_outputs()
                     progress.insert(step.0);
                 }
                 RunEvent::Finished { state, .. } => return state,
+                RunEvent::Delta { step, .. } => {
+                    panic!("step {step}: no built-in agent here streams text")
+                }
                 RunEvent::Snapshot(view) => {
                     running = view
                         .steps

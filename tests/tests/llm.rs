@@ -402,3 +402,114 @@ async fn the_summary_example_runs_with_its_fallback_chain() {
         "{out}"
     );
 }
+
+/// While a step runs, its text reaches a watcher as deltas, coalesced (several chunks per
+/// delta at most every 50 ms), live (before the step ends), and whole (they add up to the
+/// answer). The journal keeps only the final text.
+#[tokio::test]
+async fn a_watcher_sees_the_text_as_it_comes() {
+    use futures::StreamExt;
+    let fake = FakeLlm::start(KEY).await;
+    let mesh = mesh_with_llm(&fake, KEY).await;
+    fake.knobs()
+        .chunk_delay_ms
+        .store(40, std::sync::atomic::Ordering::SeqCst);
+    let client = mesh.client().await;
+    let prompt = "one two three four five six seven eight nine ten";
+    let goal = workflow_goal(
+        &one_step(json!({ "model": "anthropic/streamer", "prompt": prompt })),
+        json!({}),
+    );
+    let (run, events) = client.submit_and_watch(goal).await.unwrap();
+    let mut events = Box::pin(events);
+    let mut deltas: Vec<String> = Vec::new();
+    let mut before_end = 0;
+    let mut step_done = false;
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(event) = events.next().await {
+            match event.unwrap() {
+                mesh_agent_sdk::RunEvent::Delta {
+                    step,
+                    text,
+                    restart,
+                    ..
+                } => {
+                    assert_eq!(step.as_str(), "ask");
+                    assert!(!restart);
+                    deltas.push(text);
+                    if !step_done {
+                        before_end += 1;
+                    }
+                }
+                mesh_agent_sdk::RunEvent::Step(s) if s.state.is_terminal() => step_done = true,
+                mesh_agent_sdk::RunEvent::Finished { .. } => break,
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("the run finishes");
+    let answer = FakeLlm::answer_to(prompt);
+    assert_eq!(deltas.concat(), answer, "the deltas add up to the answer");
+    // 11 chunks 40 ms apart, coalesced every 50 ms: more than one delta, fewer than chunks.
+    assert!(
+        deltas.len() >= 2 && deltas.len() < 11,
+        "coalesced: {deltas:?}"
+    );
+    assert_eq!(
+        before_end,
+        deltas.len(),
+        "every delta came before the step ended"
+    );
+    let view = client.get_run(&run.run_id).await.unwrap();
+    assert_eq!(output(&view)["text"], answer);
+    // The journal holds the answer once (in the result), never a row per delta.
+    let db = rusqlite::Connection::open(mesh.db_path()).unwrap();
+    let rows: i64 = db
+        .query_row(
+            "SELECT COUNT(*) FROM journal WHERE run_id = ?1",
+            [run.run_id.as_str()],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(rows < 6, "{rows} journal rows for a one-step run");
+}
+
+/// `mesh goal submit --watch` prints a step's text as it comes.
+#[tokio::test]
+async fn the_cli_prints_the_text_as_it_comes() {
+    let fake = FakeLlm::start(KEY).await;
+    let mesh = mesh_with_llm(&fake, KEY).await;
+    fake.knobs()
+        .chunk_delay_ms
+        .store(20, std::sync::atomic::Ordering::SeqCst);
+    let file = mesh.dir.path().join("ask.json");
+    std::fs::write(
+        &file,
+        one_step(json!({ "model": "gemini/cli", "prompt": "print me live" })),
+    )
+    .unwrap();
+    let mesh_url = mesh.url();
+    let file_arg = file.to_str().unwrap().to_owned();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(mesh_tests::mesh_bin())
+            .args([
+                "--coordinator",
+                &mesh_url,
+                "goal",
+                "submit",
+                &file_arg,
+                "--watch",
+            ])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("step ask text  attempt 1  answer: print me live"),
+        "{stderr}"
+    );
+}

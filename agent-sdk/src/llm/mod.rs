@@ -402,6 +402,51 @@ pub trait ChatModel: Send + Sync {
     }
 }
 
+/// Coalesces a call's deltas so that watchers get text at a bounded rate: what comes in is
+/// held until `every` has passed since the last flush (or `max_bytes` are held). Time is
+/// passed in.
+#[derive(Debug)]
+pub struct DeltaBuffer {
+    held: String,
+    last: Option<std::time::Instant>,
+    every: Duration,
+    max_bytes: usize,
+}
+
+impl DeltaBuffer {
+    pub fn new(every: Duration, max_bytes: usize) -> Self {
+        DeltaBuffer {
+            held: String::new(),
+            last: None,
+            every,
+            max_bytes,
+        }
+    }
+
+    /// Adds `text`; returns what to send now, if anything.
+    pub fn push(&mut self, text: &str, now: std::time::Instant) -> Option<String> {
+        self.held.push_str(text);
+        let due = self
+            .last
+            .is_none_or(|last| now.saturating_duration_since(last) >= self.every);
+        if (due || self.held.len() >= self.max_bytes) && !self.held.is_empty() {
+            self.last = Some(now);
+            return Some(std::mem::take(&mut self.held));
+        }
+        None
+    }
+
+    /// What is still held (at the end of a call).
+    pub fn flush(&mut self) -> Option<String> {
+        (!self.held.is_empty()).then(|| std::mem::take(&mut self.held))
+    }
+
+    /// Drops what is held (the call starts again on another model).
+    pub fn clear(&mut self) {
+        self.held.clear();
+    }
+}
+
 /// Models named in configuration or input, parsed: `model: X` or `models: [X, Y]`.
 pub fn parse_models(list: &[String]) -> Result<Vec<ModelRef>, String> {
     if list.is_empty() {
@@ -493,6 +538,36 @@ mod tests {
         };
         assert!(!format!("{cfg:?}").contains("sk-very"));
         assert_eq!(s.scrub("bad key sk-very-secret given"), "bad key *** given");
+    }
+
+    #[test]
+    fn deltas_are_coalesced_to_a_bounded_rate() {
+        let t0 = std::time::Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let mut b = DeltaBuffer::new(Duration::from_millis(50), 8);
+        assert_eq!(
+            b.push("a", ms(0)).as_deref(),
+            Some("a"),
+            "the first goes at once"
+        );
+        assert_eq!(b.push("b", ms(10)), None);
+        assert_eq!(b.push("c", ms(20)), None);
+        assert_eq!(
+            b.push("d", ms(50)).as_deref(),
+            Some("bcd"),
+            "then every 50 ms"
+        );
+        assert_eq!(
+            b.push("123456789", ms(60)).as_deref(),
+            Some("123456789"),
+            "or when full"
+        );
+        assert_eq!(b.push("e", ms(70)), None);
+        assert_eq!(b.flush().as_deref(), Some("e"));
+        assert_eq!(b.flush(), None);
+        b.push("f", ms(80));
+        b.clear();
+        assert_eq!(b.flush(), None);
     }
 
     #[test]

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, warn};
 
 use super::connection::ConnMsg;
-use crate::agent::{Agent, Context, Progress};
+use crate::agent::{Agent, Context, Report};
 use crate::metrics as m;
 
 pub enum AgentMsg {
@@ -40,7 +40,7 @@ pub struct AgentArgs<A> {
     pub agent: Arc<A>,
     pub card: AgentCard,
     pub conn: ActorRef<ConnMsg>,
-    pub progress: mpsc::Sender<(FencingToken, Progress)>,
+    pub progress: mpsc::Sender<(FencingToken, Report)>,
 }
 
 pub struct AgentState<A> {

@@ -20,7 +20,7 @@ use tracing::{debug, info, warn};
 use super::agent_actor::AgentMsg;
 use super::ledger::{Acked, Admit, AgentState, Ledger, MAX_UNACKED};
 use super::{AgentSlot, AgentTable, RuntimeConfig};
-use crate::agent::Progress;
+use crate::agent::Report;
 use crate::metrics as m;
 
 /// Frames buffered towards the coordinator.
@@ -48,7 +48,7 @@ pub enum ConnMsg {
     Heartbeat,
     /// An agent finished an attempt.
     Result(TaskResult),
-    Progress(FencingToken, Progress),
+    Report(FencingToken, Report),
     AgentDown {
         agent: String,
         reason: String,
@@ -383,11 +383,20 @@ impl Actor for Connection {
                 st.send_result(&myself, result).await;
                 st.check_drained(&myself);
             }
-            ConnMsg::Progress(token, progress) => st.send(FromNode::Progress(TaskProgress {
-                token,
-                message: progress.message,
-                fraction: progress.fraction,
-            })),
+            ConnMsg::Report(token, Report::Progress(progress)) => {
+                st.send(FromNode::Progress(TaskProgress {
+                    token,
+                    message: progress.message,
+                    fraction: progress.fraction,
+                }))
+            }
+            ConnMsg::Report(token, Report::Delta { text, restart }) => {
+                st.send(FromNode::Delta(TaskDelta {
+                    token,
+                    text,
+                    restart,
+                }))
+            }
             ConnMsg::AgentDown { agent, reason } => {
                 // Attempts held for it fail now; the coordinator re-dispatches them elsewhere.
                 for result in st.ledger.agent_down(&agent, &reason) {

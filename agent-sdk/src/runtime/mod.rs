@@ -28,7 +28,7 @@ use ractor::{Actor, ActorCell, ActorRef, SpawnErr};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use crate::agent::{Agent, Progress};
+use crate::agent::{Agent, Report};
 use agent_actor::{AgentActor, AgentArgs, AgentMsg};
 use connection::ConnMsg;
 
@@ -114,7 +114,7 @@ trait Hosted: Send + Sync + 'static {
     fn spawn(
         &self,
         conn: ActorRef<ConnMsg>,
-        progress: mpsc::Sender<(FencingToken, Progress)>,
+        progress: mpsc::Sender<(FencingToken, Report)>,
         supervisor: ActorCell,
     ) -> SpawnFuture;
 }
@@ -129,7 +129,7 @@ impl<A: Agent> Hosted for HostedAgent<A> {
     fn spawn(
         &self,
         conn: ActorRef<ConnMsg>,
-        progress: mpsc::Sender<(FencingToken, Progress)>,
+        progress: mpsc::Sender<(FencingToken, Report)>,
         supervisor: ActorCell,
     ) -> SpawnFuture {
         let args = AgentArgs {

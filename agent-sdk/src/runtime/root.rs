@@ -14,7 +14,7 @@ use tracing::{error, info, warn};
 
 use super::connection::{ConnArgs, ConnMsg, Connection};
 use super::{AgentSlot, AgentTable, Hosted, RuntimeConfig};
-use crate::agent::Progress;
+use crate::agent::Report;
 use crate::metrics as m;
 
 pub(super) enum RootMsg {
@@ -37,7 +37,7 @@ pub(super) struct RootState {
     names: Vec<String>,
     table: AgentTable,
     conn: ActorRef<ConnMsg>,
-    progress: mpsc::Sender<(FencingToken, Progress)>,
+    progress: mpsc::Sender<(FencingToken, Report)>,
     /// Actor id of each live agent actor, by agent index.
     ids: HashMap<ActorId, usize>,
     restarts: Vec<Vec<Instant>>,
@@ -80,11 +80,11 @@ impl Actor for NodeRoot {
         };
         let (conn, _) = Actor::spawn_linked(None, Connection, conn_args, myself.get_cell()).await?;
         // Progress reports go through one bounded channel to the connection.
-        let (progress, mut progress_rx) = mpsc::channel::<(FencingToken, Progress)>(256);
+        let (progress, mut progress_rx) = mpsc::channel::<(FencingToken, Report)>(256);
         let conn_for_progress = conn.clone();
         tokio::spawn(async move {
             while let Some((token, p)) = progress_rx.recv().await {
-                if conn_for_progress.cast(ConnMsg::Progress(token, p)).is_err() {
+                if conn_for_progress.cast(ConnMsg::Report(token, p)).is_err() {
                     break;
                 }
             }

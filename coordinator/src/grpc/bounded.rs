@@ -75,7 +75,7 @@ pub fn event(event: RunEvent) -> pb::RunEvent {
             }
         }
         Some(Kind::Finished(f)) => f.output_elided_bytes = budget.inline(&mut f.output_json),
-        Some(Kind::Progress(_)) | None => {}
+        Some(Kind::Progress(_) | Kind::Delta(_)) | None => {}
     }
     event
 }
