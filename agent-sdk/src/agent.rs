@@ -1,9 +1,10 @@
 //! The [`Agent`] trait and what a handler sees.
 
 use std::future::Future;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use mesh_proto::domain::{FencingToken, TaskError};
+use mesh_proto::domain::{FencingToken, ModelUsage, TaskError, TaskResult};
 use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -87,6 +88,9 @@ pub(crate) enum Report {
         text: String,
         restart: bool,
     },
+    /// The attempt's result, after every report of the attempt (same channel, so that a
+    /// watcher gets the last text before the step ends); never dropped.
+    Result(TaskResult),
 }
 
 /// What a handler knows about its attempt.
@@ -98,6 +102,8 @@ pub struct Context {
     pub(crate) deadline: Instant,
     pub(crate) cancel: CancellationToken,
     pub(crate) progress: Option<mpsc::Sender<(FencingToken, Report)>>,
+    /// Model calls of this attempt, sent with its result.
+    pub(crate) usage: Arc<Mutex<Vec<ModelUsage>>>,
 }
 
 impl Context {
@@ -116,6 +122,7 @@ impl Context {
             deadline: Instant::now() + Duration::from_secs(60),
             cancel: CancellationToken::new(),
             progress: None,
+            usage: Arc::default(),
         }
     }
 
@@ -187,6 +194,33 @@ impl Context {
             text: text.into(),
             restart: true,
         });
+    }
+
+    /// Records a model call this attempt made (usage and cost): it travels with the
+    /// attempt's result, failed or not, and the coordinator sums it per step and run. Calls
+    /// to the same model are added up.
+    pub fn record_usage(&self, usage: ModelUsage) {
+        let mut all = self.usage.lock().unwrap_or_else(|p| p.into_inner());
+        match all
+            .iter_mut()
+            .find(|u| u.provider == usage.provider && u.model == usage.model)
+        {
+            Some(u) => {
+                u.calls += usage.calls;
+                u.input_tokens += usage.input_tokens;
+                u.output_tokens += usage.output_tokens;
+                u.cost_usd = match (u.cost_usd, usage.cost_usd) {
+                    (Some(a), Some(b)) => Some(a + b),
+                    _ => None,
+                };
+            }
+            None => all.push(usage),
+        }
+    }
+
+    /// What [`record_usage`](Self::record_usage) collected so far.
+    pub fn usage(&self) -> Vec<ModelUsage> {
+        self.usage.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     fn report(&self, report: Report) {

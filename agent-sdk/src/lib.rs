@@ -44,15 +44,15 @@ mod agent;
 mod client;
 mod error;
 pub mod llm;
-mod metrics;
+pub mod metrics;
 mod runtime;
 
 pub use agent::{Agent, AgentCard, AgentError, Context, Progress};
 pub use client::{ClientError, GoalClient, RpcCode, WorkflowProblem, check_coordinator_url};
 pub use error::{Error, Result};
 pub use mesh_proto::domain::{
-    AgentKey, AgentView, FencingToken, GoalSpec, Health, NodeView, RunEvent, RunId, RunPage,
-    RunRef, RunState, RunSummary, RunView, SkillSpec, StepId, StepSpec, StepState, StepView,
-    SwarmMember, WorkflowRecord,
+    AgentKey, AgentView, FencingToken, GoalSpec, Health, ModelUsage, NodeView, RunEvent, RunId,
+    RunPage, RunRef, RunState, RunSummary, RunView, SkillSpec, StepId, StepSpec, StepState,
+    StepView, SwarmMember, UsageTotal, WorkflowRecord,
 };
 pub use runtime::{NodeRuntime, NodeRuntimeBuilder, RuntimeConfig};

@@ -64,6 +64,25 @@ pub fn step_line(step: &StepView) -> String {
     line
 }
 
+/// Calls, tokens in and out, and cost of a usage total; a cost that misses unpriced calls
+/// says so.
+fn usage_cells(u: &mesh_agent_sdk::UsageTotal) -> [String; 4] {
+    if u.is_empty() {
+        return [String::new(), String::new(), String::new(), String::new()];
+    }
+    let cost = match (u.unpriced_calls, u.calls) {
+        (0, _) => format!("${:.6}", u.cost_usd),
+        (n, all) if n == all => "unknown".to_owned(),
+        (n, _) => format!("${:.6} + {n} unpriced", u.cost_usd),
+    };
+    [
+        u.calls.to_string(),
+        u.input_tokens.to_string(),
+        u.output_tokens.to_string(),
+        cost,
+    ]
+}
+
 pub fn run(view: &RunView, format: Output) {
     match format {
         Output::Json => json(view),
@@ -77,20 +96,35 @@ pub fn run(view: &RunView, format: Output) {
             if let Some(e) = &view.error {
                 println!("error    {e}");
             }
+            let spent = !view.usage.is_empty();
             let rows = view
                 .steps
                 .iter()
                 .map(|s| {
-                    vec![
+                    let mut row = vec![
                         s.id.to_string(),
                         s.uses.clone(),
                         s.state.to_string(),
                         s.attempt.to_string(),
                         agent_of(s),
-                    ]
+                    ];
+                    if spent {
+                        row.extend(usage_cells(&s.usage));
+                    }
+                    row
                 })
                 .collect();
-            table(&["step", "uses", "state", "attempt", "agent"], rows);
+            let mut headers = vec!["step", "uses", "state", "attempt", "agent"];
+            if spent {
+                headers.extend(["calls", "tokens in", "tokens out", "cost"]);
+            }
+            table(&headers, rows);
+            if spent {
+                let [calls, input, output, cost] = usage_cells(&view.usage);
+                println!(
+                    "usage    {calls} model calls, {input} tokens in, {output} out, cost {cost}"
+                );
+            }
             if !view.swarm.is_empty() {
                 let members: Vec<String> = view
                     .swarm

@@ -187,10 +187,7 @@ fn run_transition(c: &mut Criterion) {
                 events = Vec::new();
                 for token in started {
                     let d = m
-                        .on_result(&TaskResult {
-                            token,
-                            outcome: Ok(json!({ "ok": true })),
-                        })
+                        .on_result(&TaskResult::new(token, Ok(json!({ "ok": true }))))
                         .unwrap();
                     events.extend(d.events);
                 }

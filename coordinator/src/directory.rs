@@ -186,6 +186,7 @@ mod tests {
             created_at_ms: 0,
             updated_at_ms: 0,
             output_elided_bytes: None,
+            usage: Default::default(),
         }
     }
 

@@ -95,6 +95,14 @@ pub enum JournalEvent {
     StepReset {
         step: StepId,
     },
+    /// Model calls an attempt made, journaled with its result (failed attempts too: they
+    /// were paid for).
+    UsageRecorded {
+        step: StepId,
+        index: u32,
+        attempt: u32,
+        usage: Vec<ModelUsage>,
+    },
     /// A failed run runs again (after `StepReset`s).
     RunResumed,
     RunFinished {
@@ -122,6 +130,7 @@ impl JournalEvent {
             JournalEvent::StepCancelled { .. } => "step_cancelled",
             JournalEvent::StepParked { .. } => "step_parked",
             JournalEvent::StepReset { .. } => "step_reset",
+            JournalEvent::UsageRecorded { .. } => "usage_recorded",
             JournalEvent::RunResumed => "run_resumed",
             JournalEvent::RunFinished { .. } => "run_finished",
         }
@@ -145,7 +154,8 @@ impl JournalEvent {
             | JournalEvent::StepSkipped { step, .. }
             | JournalEvent::StepCancelled { step }
             | JournalEvent::StepParked { step, .. }
-            | JournalEvent::StepReset { step } => Some(step),
+            | JournalEvent::StepReset { step }
+            | JournalEvent::UsageRecorded { step, .. } => Some(step),
         }
     }
 }

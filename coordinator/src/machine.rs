@@ -162,6 +162,8 @@ pub struct RunMachine {
     limits: Limits,
     /// Bytes of task output (as JSON) the run keeps, against `limits.max_run_output_bytes`.
     retained_bytes: u64,
+    /// Model calls of every attempt, by step; kept across retries of a step (they were paid).
+    usage: BTreeMap<StepId, UsageTotal>,
     /// Inputs rendered when their attempt started, until it is dispatched: an input's
     /// expressions are evaluated once, not again for the dispatch. Not journaled.
     rendered: HashMap<(usize, u32), Value>,
@@ -232,6 +234,7 @@ impl RunMachine {
             policy,
             limits,
             retained_bytes: 0,
+            usage: BTreeMap::new(),
             rendered: HashMap::new(),
             now_ms: 0,
         }
@@ -728,7 +731,39 @@ impl RunMachine {
 
     pub fn on_result(&mut self, result: &TaskResult) -> Option<Decision> {
         let (i, index) = self.current(&result.token)?;
-        Some(match &result.outcome {
+        // What the attempt spent is journaled with its result, whatever the result.
+        let spent = (!result.usage.is_empty()).then(|| JournalEvent::UsageRecorded {
+            step: self.id(i),
+            index,
+            attempt: result.token.attempt,
+            usage: result.usage.clone(),
+        });
+        if let Some(event) = &spent {
+            self.apply(event);
+        }
+        let mut decision = self.decide_result(i, index, result);
+        if let Some(event) = spent {
+            decision.events.insert(0, event);
+        }
+        Some(decision)
+    }
+
+    /// Model calls of step `i`, summed over its attempts.
+    pub fn step_usage(&self, i: usize) -> UsageTotal {
+        self.usage.get(&self.id(i)).copied().unwrap_or_default()
+    }
+
+    /// Model calls of the whole run.
+    pub fn usage(&self) -> UsageTotal {
+        let mut total = UsageTotal::default();
+        for u in self.usage.values() {
+            total.merge(u);
+        }
+        total
+    }
+
+    fn decide_result(&mut self, i: usize, index: u32, result: &TaskResult) -> Decision {
+        match &result.outcome {
             Ok(output) if !(self.planning && i == 0) && self.over_output_limit(output) => {
                 let error = TaskError::new(
                     "run_output_limit",
@@ -748,7 +783,7 @@ impl RunMachine {
                 out.into()
             }
             Err(error) => self.failure(i, index, error.clone()),
-        })
+        }
     }
 
     fn over_output_limit(&self, output: &Value) -> bool {
@@ -1221,6 +1256,12 @@ impl RunMachine {
                 }
                 self.retained_bytes = retained;
             }
+            JournalEvent::UsageRecorded { step, usage, .. } => {
+                let total = self.usage.entry(step.clone()).or_default();
+                for u in usage {
+                    total.add(u);
+                }
+            }
             JournalEvent::TaskFailed {
                 step,
                 index,
@@ -1374,6 +1415,7 @@ impl RunMachine {
             },
             detail: s.detail.clone(),
             output_elided_bytes: None,
+            usage: self.step_usage(i),
         }
     }
 
@@ -1454,12 +1496,9 @@ mod tests {
 
     fn ok(m: &mut RunMachine, step: &str, index: u32, output: Value) -> Vec<JournalEvent> {
         let token = token(m, step, index);
-        m.on_result(&TaskResult {
-            token,
-            outcome: Ok(output),
-        })
-        .expect("current token")
-        .events
+        m.on_result(&TaskResult::new(token, Ok(output)))
+            .expect("current token")
+            .events
     }
 
     fn state(m: &RunMachine, step: &str) -> StepState {
@@ -1543,20 +1582,17 @@ mod tests {
         let sibling = token(&m, "fan", 1);
         let t0 = token(&m, "fan", 0);
         let d = m
-            .on_result(&TaskResult {
-                token: t0,
-                outcome: Err(TaskError::new("boom", "no", true)),
-            })
+            .on_result(&TaskResult::new(
+                t0,
+                Err(TaskError::new("boom", "no", true)),
+            ))
             .unwrap();
         let (state, _, error) = finished(&d.events).unwrap();
         assert_eq!(state, RunState::Failed);
         assert!(error.unwrap().contains("item 0: boom: no"));
         assert!(
-            m.on_result(&TaskResult {
-                token: sibling,
-                outcome: Ok(json!(2))
-            })
-            .is_none()
+            m.on_result(&TaskResult::new(sibling, Ok(json!(2))))
+                .is_none()
         );
     }
 
@@ -1789,15 +1825,9 @@ mod tests {
         let second = token(&m, "a", 0);
         assert_eq!(second.attempt, first.attempt + 1);
         // The fenced-off attempt's late result is refused; the current one is accepted once.
-        let late = TaskResult {
-            token: first,
-            outcome: Ok(json!("late")),
-        };
+        let late = TaskResult::new(first, Ok(json!("late")));
         assert!(m.on_result(&late).is_none());
-        let current = TaskResult {
-            token: second,
-            outcome: Ok(json!("A")),
-        };
+        let current = TaskResult::new(second, Ok(json!("A")));
         assert!(m.on_result(&current).is_some());
         assert!(m.on_result(&current).is_none(), "a duplicate is refused");
         assert_eq!(m.step(&"a".into()).unwrap().output, Some(json!("A")));

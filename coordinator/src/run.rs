@@ -247,6 +247,7 @@ fn view(
         created_at_ms,
         updated_at_ms,
         output_elided_bytes: None,
+        usage: m.usage(),
     }
 }
 
@@ -776,7 +777,7 @@ impl Actor for Run {
                 }
             }
             RunMsg::ChildFinished { token, outcome } => {
-                let result = TaskResult { token, outcome };
+                let result = TaskResult::new(token, outcome);
                 if let Some(decision) = st.machine.on_result(&result) {
                     apply_decision(st, &myself, decision).await?;
                 }

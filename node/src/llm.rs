@@ -22,7 +22,7 @@ use mesh_agent_sdk::llm::{
     ChatModel, ChatRequest, DeltaBuffer, FallbackError, LlmError, Message, ModelRef, Prices,
     RetryPolicy, Streamed, chat_with_fallback, parse_models,
 };
-use mesh_agent_sdk::{Agent, AgentCard, AgentError, Context};
+use mesh_agent_sdk::{Agent, AgentCard, AgentError, Context, ModelUsage};
 use serde_json::{Value, json};
 
 use crate::builtins::ExecutionLog;
@@ -207,6 +207,22 @@ impl Agent for LlmAgent {
         let reply = &fallen.reply;
         let usage = reply.usage.unwrap_or_default();
         let cost = reply.usage.and_then(|u| self.prices.cost(&reply.model, u));
+        // Journaled with the result and summed per step and run by the coordinator.
+        ctx.record_usage(ModelUsage {
+            provider: reply.model.provider.as_str().to_owned(),
+            model: reply.model.model.clone(),
+            calls: 1,
+            input_tokens: usage.input_tokens,
+            output_tokens: usage.output_tokens,
+            cost_usd: cost,
+        });
+        mesh_agent_sdk::metrics::record_llm_call(
+            reply.model.provider.as_str(),
+            &reply.model.model,
+            usage.input_tokens,
+            usage.output_tokens,
+            cost,
+        );
         Ok(json!({
             "text": reply.text,
             "provider": reply.model.provider.as_str(),

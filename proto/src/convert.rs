@@ -554,7 +554,26 @@ impl TryFrom<pb::NodeFrame> for FromNode {
                             retryable: e.retryable,
                         }),
                     };
-                    FromNode::Result(TaskResult { token, outcome })
+                    if r.usage.len() > MAX_USAGE_ENTRIES {
+                        return Err(FieldError::new(
+                            "result.usage",
+                            format!(
+                                "{} entries, the limit is {MAX_USAGE_ENTRIES}",
+                                r.usage.len()
+                            ),
+                        ));
+                    }
+                    let usage = r
+                        .usage
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, u)| model_usage(i, u))
+                        .collect::<Result<Vec<_>>>()?;
+                    FromNode::Result(TaskResult {
+                        token,
+                        outcome,
+                        usage,
+                    })
                 }
                 Kind::Progress(p) => FromNode::Progress(TaskProgress {
                     token: FencingToken::try_from(p.token)?,
@@ -596,6 +615,7 @@ impl From<FromNode> for pb::NodeFrame {
                         retryable: e.retryable,
                     }),
                 }),
+                usage: r.usage.into_iter().map(Into::into).collect(),
             }),
             FromNode::Progress(p) => Kind::Progress(pb::TaskProgress {
                 token: Some(p.token.into()),
@@ -784,8 +804,69 @@ impl From<StepView> for pb::Step {
             iteration: s.iteration,
             detail: s.detail.unwrap_or_default(),
             output_elided_bytes: s.output_elided_bytes.unwrap_or(0),
+            usage: Some(s.usage.into()),
         }
     }
+}
+
+impl From<UsageTotal> for pb::UsageTotal {
+    fn from(u: UsageTotal) -> Self {
+        pb::UsageTotal {
+            calls: u.calls,
+            input_tokens: u.input_tokens,
+            output_tokens: u.output_tokens,
+            cost_usd: u.cost_usd,
+            unpriced_calls: u.unpriced_calls,
+        }
+    }
+}
+
+impl From<pb::UsageTotal> for UsageTotal {
+    fn from(u: pb::UsageTotal) -> Self {
+        UsageTotal {
+            calls: u.calls,
+            input_tokens: u.input_tokens,
+            output_tokens: u.output_tokens,
+            cost_usd: u.cost_usd,
+            unpriced_calls: u.unpriced_calls,
+        }
+    }
+}
+
+/// Most model entries one result may carry.
+pub const MAX_USAGE_ENTRIES: usize = 16;
+
+impl From<ModelUsage> for pb::ModelUsage {
+    fn from(u: ModelUsage) -> Self {
+        pb::ModelUsage {
+            provider: u.provider,
+            model: u.model,
+            calls: u.calls,
+            input_tokens: u.input_tokens,
+            output_tokens: u.output_tokens,
+            cost_usd: u.cost_usd.unwrap_or(0.0),
+            priced: u.cost_usd.is_some(),
+        }
+    }
+}
+
+/// A node's usage report, checked: names bounded, a cost a finite number of USD, 0 or more.
+fn model_usage(i: usize, u: pb::ModelUsage) -> Result<ModelUsage> {
+    let field = |name: &str| format!("result.usage[{i}].{name}");
+    if !(u.cost_usd.is_finite() && u.cost_usd >= 0.0) {
+        return Err(FieldError::new(
+            field("cost_usd"),
+            "must be a number of USD, 0 or more",
+        ));
+    }
+    Ok(ModelUsage {
+        provider: truncated(u.provider, MAX_ID_LEN),
+        model: truncated(u.model, 256),
+        calls: u.calls,
+        input_tokens: u.input_tokens,
+        output_tokens: u.output_tokens,
+        cost_usd: u.priced.then_some(u.cost_usd),
+    })
 }
 
 impl From<pb::Step> for StepView {
@@ -806,6 +887,7 @@ impl From<pb::Step> for StepView {
             iteration: s.iteration,
             detail: opt_str(s.detail),
             output_elided_bytes: (s.output_elided_bytes > 0).then_some(s.output_elided_bytes),
+            usage: s.usage.map(Into::into).unwrap_or_default(),
         }
     }
 }
@@ -839,6 +921,7 @@ impl From<RunView> for pb::Run {
             created_at_ms: r.created_at_ms,
             updated_at_ms: r.updated_at_ms,
             output_elided_bytes: r.output_elided_bytes.unwrap_or(0),
+            usage: Some(r.usage.into()),
         }
     }
 }
@@ -867,6 +950,7 @@ impl From<pb::Run> for RunView {
             created_at_ms: r.created_at_ms,
             updated_at_ms: r.updated_at_ms,
             output_elided_bytes: (r.output_elided_bytes > 0).then_some(r.output_elided_bytes),
+            usage: r.usage.map(Into::into).unwrap_or_default(),
         }
     }
 }
@@ -1238,6 +1322,25 @@ mod tests {
                 message: "it broke".into(),
                 retryable: true,
             }),
+            // A failed attempt's calls travel too, priced or not.
+            usage: vec![
+                ModelUsage {
+                    provider: "openai".into(),
+                    model: "gpt-4o-mini".into(),
+                    calls: 1,
+                    input_tokens: 10,
+                    output_tokens: 5,
+                    cost_usd: Some(0.25),
+                },
+                ModelUsage {
+                    provider: "ollama".into(),
+                    model: "llama3.2".into(),
+                    calls: 2,
+                    input_tokens: 7,
+                    output_tokens: 3,
+                    cost_usd: None,
+                },
+            ],
         });
         assert_eq!(
             FromNode::try_from(pb::NodeFrame::from(frame.clone())).unwrap(),

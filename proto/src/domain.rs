@@ -224,6 +224,68 @@ pub struct Task {
 pub struct TaskResult {
     pub token: FencingToken,
     pub outcome: TaskOutcome,
+    /// Model calls the attempt made, failed attempts too.
+    pub usage: Vec<ModelUsage>,
+}
+
+impl TaskResult {
+    /// A result that used no model.
+    pub fn new(token: FencingToken, outcome: TaskOutcome) -> Self {
+        TaskResult {
+            token,
+            outcome,
+            usage: Vec::new(),
+        }
+    }
+}
+
+/// What calls to one model cost.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ModelUsage {
+    pub provider: String,
+    pub model: String,
+    pub calls: u32,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    /// `None` when the model's price is unknown: unknown, not zero.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost_usd: Option<f64>,
+}
+
+/// Usage summed over a step or a run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct UsageTotal {
+    pub calls: u32,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    /// USD of the priced calls.
+    pub cost_usd: f64,
+    /// Calls whose price is unknown (their cost is not in `cost_usd`).
+    pub unpriced_calls: u32,
+}
+
+impl UsageTotal {
+    pub fn add(&mut self, u: &ModelUsage) {
+        self.calls = self.calls.saturating_add(u.calls);
+        self.input_tokens = self.input_tokens.saturating_add(u.input_tokens);
+        self.output_tokens = self.output_tokens.saturating_add(u.output_tokens);
+        match u.cost_usd {
+            Some(c) if c.is_finite() && c >= 0.0 => self.cost_usd += c,
+            _ => self.unpriced_calls = self.unpriced_calls.saturating_add(u.calls),
+        }
+    }
+
+    pub fn merge(&mut self, other: &UsageTotal) {
+        self.calls = self.calls.saturating_add(other.calls);
+        self.input_tokens = self.input_tokens.saturating_add(other.input_tokens);
+        self.output_tokens = self.output_tokens.saturating_add(other.output_tokens);
+        self.cost_usd += other.cost_usd;
+        self.unpriced_calls = self.unpriced_calls.saturating_add(other.unpriced_calls);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.calls == 0
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -486,6 +548,9 @@ pub struct StepView {
     /// output, which was too large to travel inline: read it with `GetOutput`.
     #[serde(default)]
     pub output_elided_bytes: Option<u64>,
+    /// Model calls of every attempt of the step.
+    #[serde(default)]
+    pub usage: UsageTotal,
 }
 
 /// The agent a swarm picked for a skill.
@@ -511,6 +576,9 @@ pub struct RunView {
     /// As [`StepView::output_elided_bytes`], for the run's output.
     #[serde(default)]
     pub output_elided_bytes: Option<u64>,
+    /// Model calls of every step.
+    #[serde(default)]
+    pub usage: UsageTotal,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -465,14 +465,24 @@ async fn a_watcher_sees_the_text_as_it_comes() {
     assert_eq!(output(&view)["text"], answer);
     // The journal holds the answer once (in the result), never a row per delta.
     let db = rusqlite::Connection::open(mesh.db_path()).unwrap();
-    let rows: i64 = db
-        .query_row(
-            "SELECT COUNT(*) FROM journal WHERE run_id = ?1",
-            [run.run_id.as_str()],
-            |r| r.get(0),
-        )
+    let kinds: Vec<String> = db
+        .prepare("SELECT kind FROM journal WHERE run_id = ?1 ORDER BY seq")
+        .unwrap()
+        .query_map([run.run_id.as_str()], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
         .unwrap();
-    assert!(rows < 6, "{rows} journal rows for a one-step run");
+    assert_eq!(
+        kinds,
+        [
+            "run_created",
+            "step_started",
+            "usage_recorded",
+            "task_succeeded",
+            "step_succeeded",
+            "run_finished"
+        ]
+    );
 }
 
 /// `mesh goal submit --watch` prints a step's text as it comes.
@@ -512,4 +522,170 @@ async fn the_cli_prints_the_text_as_it_comes() {
         stderr.contains("step ask text  attempt 1  answer: print me live"),
         "{stderr}"
     );
+}
+
+/// Spends on every attempt (a priced model call it reports itself) and fails its first.
+struct Spender;
+
+impl mesh_agent_sdk::Agent for Spender {
+    fn card(&self) -> mesh_agent_sdk::AgentCard {
+        mesh_agent_sdk::AgentCard::new("spender").skill("spend")
+    }
+
+    async fn handle(
+        &self,
+        ctx: mesh_agent_sdk::Context,
+        _input: Value,
+    ) -> Result<Value, mesh_agent_sdk::AgentError> {
+        let first = ctx.attempt() == 1;
+        ctx.record_usage(mesh_agent_sdk::ModelUsage {
+            provider: "openai".into(),
+            model: "gpt-4o-mini".into(),
+            calls: 1,
+            input_tokens: if first { 100 } else { 10 },
+            output_tokens: if first { 50 } else { 5 },
+            cost_usd: Some(if first { 0.01 } else { 0.001 }),
+        });
+        if first {
+            return Err(mesh_agent_sdk::AgentError::retryable(
+                "bad_answer",
+                "the model's answer did not parse",
+            ));
+        }
+        Ok(json!("spent"))
+    }
+}
+
+/// Usage and cost are journaled with every result, failed attempts included, summed exactly
+/// per step and per run, kept across a coordinator kill -9, shown by `mesh run get`, and
+/// counted on the node's `/metrics`.
+#[tokio::test]
+async fn usage_and_cost_are_summed_per_step_and_run_and_survive_a_restart() {
+    let fake = FakeLlm::start(KEY).await;
+    let mut mesh = Mesh::start(Timings::default()).await;
+    let metrics_port = mesh_tests::free_port();
+    mesh.start_node_with("n1", &llm_node(&fake, KEY), Some(metrics_port))
+        .await;
+    let node = mesh_agent_sdk::NodeRuntime::builder()
+        .coordinator(mesh.url())
+        .name("spender-node")
+        .agent(Spender)
+        .build()
+        .unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let spender = tokio::spawn(node.run_until(async move {
+        let _ = stopped.await;
+    }));
+    let text = r#"
+steps:
+  - id: one
+    uses: llm
+    with: { model: openai/gpt-4o-mini, prompt: "a b c" }
+  - id: many
+    uses: llm
+    foreach: '${{ ["x", "y"] }}'
+    with: { model: ollama/unpriced, prompt: "${{ item }} z" }
+  - id: spend
+    uses: spend
+    retry: { max_attempts: 2, backoff: 100ms }
+"#;
+    let client = mesh.client().await;
+    mesh_tests::wait_for("the spender", Duration::from_secs(10), || async {
+        let agents = client.agents(Some("spend")).await.ok()?;
+        (!agents.is_empty()).then_some(())
+    })
+    .await;
+    let run = client.submit(workflow_goal(text, json!({}))).await.unwrap();
+    let view = tokio::time::timeout(Duration::from_secs(30), client.wait(&run.run_id))
+        .await
+        .expect("finishes")
+        .unwrap();
+    assert_eq!(view.state, RunState::Succeeded, "{view:?}");
+    let step = |id: &str| {
+        view.steps
+            .iter()
+            .find(|s| s.id.as_str() == id)
+            .unwrap()
+            .usage
+    };
+    let one_cost = 3.0 * 1.5e-6 + 4.0 * 6.0e-6;
+    let one = step("one");
+    assert_eq!(
+        (
+            one.calls,
+            one.input_tokens,
+            one.output_tokens,
+            one.unpriced_calls
+        ),
+        (1, 3, 4, 0)
+    );
+    assert!((one.cost_usd - one_cost).abs() < 1e-12);
+    let many = step("many");
+    assert_eq!(
+        (
+            many.calls,
+            many.input_tokens,
+            many.output_tokens,
+            many.unpriced_calls
+        ),
+        (2, 4, 6, 2),
+        "an unpriced model's calls are counted, their cost unknown"
+    );
+    assert_eq!(many.cost_usd, 0.0);
+    let spend = step("spend");
+    assert_eq!(
+        (spend.calls, spend.input_tokens, spend.output_tokens),
+        (2, 110, 55),
+        "the failed attempt's call counts too"
+    );
+    assert!((spend.cost_usd - 0.011).abs() < 1e-12);
+    let total = view.usage;
+    assert_eq!(
+        (
+            total.calls,
+            total.input_tokens,
+            total.output_tokens,
+            total.unpriced_calls
+        ),
+        (5, 117, 65, 2)
+    );
+    assert!((total.cost_usd - (0.011 + one_cost)).abs() < 1e-12);
+
+    // Kept across a coordinator kill -9: the journal holds it.
+    mesh.coordinator.as_mut().unwrap().kill9();
+    mesh.start_coordinator().await;
+    let client = mesh.client().await;
+    let again = client.get_run(&run.run_id).await.unwrap();
+    assert_eq!(again.usage, view.usage);
+    assert_eq!(
+        again.steps.iter().map(|s| s.usage).collect::<Vec<_>>(),
+        view.steps.iter().map(|s| s.usage).collect::<Vec<_>>()
+    );
+
+    let out = std::process::Command::new(mesh_tests::mesh_bin())
+        .args([
+            "--coordinator",
+            &mesh.url(),
+            "run",
+            "get",
+            run.run_id.as_str(),
+        ])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table
+            .contains("usage    5 model calls, 117 tokens in, 65 out, cost $0.011029 + 2 unpriced"),
+        "{table}"
+    );
+    assert_eq!(
+        mesh_tests::metric_at(metrics_port, "mesh_llm_calls_total"),
+        3.0
+    );
+    assert_eq!(
+        mesh_tests::metric_at(metrics_port, "mesh_llm_tokens_total"),
+        17.0
+    );
+    let _ = stop.send(());
+    spender.await.unwrap().unwrap();
 }

@@ -14,6 +14,8 @@ use genai::chat::{
 use genai::resolver::{AuthData, Endpoint};
 use genai::{ModelIden, ModelSpec, ServiceTarget};
 
+use crate::metrics as m;
+
 use super::{
     ChatEvent, ChatModel, ChatReply, ChatRequest, ChatStream, LlmConfig, LlmError, ModelRef,
     Provider, Role, Secret, Usage,
@@ -320,6 +322,9 @@ impl ChatModel for Models {
                 model: model.to_string(),
                 after: timeout,
             };
+            let provider = model.provider.as_str();
+            let began = tokio::time::Instant::now();
+            let mut first_token = true;
             let call = async {
                 let started = client
                     .exec_chat_stream(ModelSpec::from_target(target), req, Some(&opts))
@@ -332,12 +337,19 @@ impl ChatModel for Models {
                 while let Some(event) = stream.next().await {
                     match event.map_err(|e| map_error(&model, &key, &e))? {
                         ChatStreamEvent::Chunk(chunk) => {
+                            if first_token {
+                                first_token = false;
+                                metrics::histogram!(m::LLM_FIRST_TOKEN, "provider" => provider)
+                                    .record(began.elapsed().as_secs_f64());
+                            }
                             text.push_str(&chunk.content);
                             if tx.send(Ok(ChatEvent::Delta(chunk.content))).await.is_err() {
                                 return Ok(None);
                             }
                         }
                         ChatStreamEvent::End(end) => {
+                            metrics::histogram!(m::LLM_SECONDS, "provider" => provider)
+                                .record(began.elapsed().as_secs_f64());
                             let usage = end.captured_usage.as_ref().map(|u| Usage {
                                 input_tokens: u.prompt_tokens.unwrap_or(0).max(0) as u64,
                                 output_tokens: u.completion_tokens.unwrap_or(0).max(0) as u64,

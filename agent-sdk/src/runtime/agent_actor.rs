@@ -93,10 +93,10 @@ impl<A: Agent> Actor for AgentActor<A> {
                         ),
                         true,
                     ));
-                    let _ = st.args.conn.cast(ConnMsg::Result(TaskResult {
-                        token: task.token,
-                        outcome,
-                    }));
+                    let _ = st
+                        .args
+                        .conn
+                        .cast(ConnMsg::Result(TaskResult::new(task.token, outcome)));
                     return Ok(());
                 }
                 let cancel = CancellationToken::new();
@@ -110,9 +110,11 @@ impl<A: Agent> Actor for AgentActor<A> {
                     deadline: Instant::now() + deadline,
                     cancel: cancel.clone(),
                     progress: Some(st.args.progress.clone()),
+                    usage: Arc::default(),
                 };
+                let spent = ctx.usage.clone();
                 let agent = st.args.agent.clone();
-                let conn = st.args.conn.clone();
+                let reports = st.args.progress.clone();
                 let token = task.token;
                 let span = tracing::info_span!("agent.handle", agent = %name, run_id = %token.run_id, step_id = %token.step_id, attempt = token.attempt);
                 let work = tokio::spawn(
@@ -145,7 +147,15 @@ impl<A: Agent> Actor for AgentActor<A> {
                     metrics::counter!(m::TASKS, "agent" => name, "outcome" => label).increment(1);
                     metrics::gauge!(m::TASKS_RUNNING).decrement(1.0);
                     let _ = myself.cast(AgentMsg::Done(token.clone()));
-                    let _ = conn.cast(ConnMsg::Result(TaskResult { token, outcome }));
+                    let usage =
+                        std::mem::take(&mut *spent.lock().unwrap_or_else(|p| p.into_inner()));
+                    // Behind the attempt's reports, on their channel; waits when it is full.
+                    let result = TaskResult {
+                        token: token.clone(),
+                        outcome,
+                        usage,
+                    };
+                    let _ = reports.send((token, Report::Result(result))).await;
                 });
             }
             AgentMsg::Cancel(token) => {

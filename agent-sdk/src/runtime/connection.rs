@@ -390,6 +390,10 @@ impl Actor for Connection {
                     fraction: progress.fraction,
                 }))
             }
+            // The forwarder turns results into `ConnMsg::Result`; one arriving here is too.
+            ConnMsg::Report(_, Report::Result(result)) => {
+                let _ = myself.cast(ConnMsg::Result(result));
+            }
             ConnMsg::Report(token, Report::Delta { text, restart }) => {
                 st.send(FromNode::Delta(TaskDelta {
                     token,

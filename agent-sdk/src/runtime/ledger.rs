@@ -70,10 +70,7 @@ impl Ledger {
     /// A task arrived for an agent in `agent` state.
     pub(crate) fn admit(&mut self, task: Task, agent: AgentState) -> Admit {
         let refuse = |ledger: &mut Self, token: FencingToken, error: TaskError| {
-            Admit::Refuse(ledger.keep(TaskResult {
-                token,
-                outcome: Err(error),
-            }))
+            Admit::Refuse(ledger.keep(TaskResult::new(token, Err(error))))
         };
         if self.draining {
             let error = TaskError::new("draining", "the node is draining", true);
@@ -102,14 +99,14 @@ impl Ledger {
 
     /// A task that could not be read fails its attempt for good.
     pub(crate) fn unreadable(&mut self, token: FencingToken, error: &str) -> TaskResult {
-        self.keep(TaskResult {
+        self.keep(TaskResult::new(
             token,
-            outcome: Err(TaskError::new(
+            Err(TaskError::new(
                 "bad_input",
                 format!("the node could not read this task: {error}"),
                 false,
             )),
-        })
+        ))
     }
 
     /// The coordinator cancels an attempt: the agent to tell, if it is running there. A held
@@ -160,10 +157,10 @@ impl Ledger {
             .map(|task| {
                 self.tasks.remove(&task.token);
                 let message = format!("agent `{agent}` is down: {reason}");
-                self.keep(TaskResult {
-                    token: task.token,
-                    outcome: Err(TaskError::new("agent_down", message, true)),
-                })
+                self.keep(TaskResult::new(
+                    task.token,
+                    Err(TaskError::new("agent_down", message, true)),
+                ))
             })
             .collect()
     }
@@ -221,10 +218,7 @@ mod tests {
     }
 
     fn ok(task: &Task) -> TaskResult {
-        TaskResult {
-            token: task.token.clone(),
-            outcome: Ok(json!(1)),
-        }
+        TaskResult::new(task.token.clone(), Ok(json!(1)))
     }
 
     fn code(result: &TaskResult) -> &str {

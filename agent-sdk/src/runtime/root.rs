@@ -79,12 +79,17 @@ impl Actor for NodeRoot {
             finished: args.finished,
         };
         let (conn, _) = Actor::spawn_linked(None, Connection, conn_args, myself.get_cell()).await?;
-        // Progress reports go through one bounded channel to the connection.
+        // Reports and results go through one bounded channel to the connection, in order:
+        // an attempt's last text arrives before its result.
         let (progress, mut progress_rx) = mpsc::channel::<(FencingToken, Report)>(256);
         let conn_for_progress = conn.clone();
         tokio::spawn(async move {
-            while let Some((token, p)) = progress_rx.recv().await {
-                if conn_for_progress.cast(ConnMsg::Report(token, p)).is_err() {
+            while let Some((token, report)) = progress_rx.recv().await {
+                let msg = match report {
+                    Report::Result(result) => ConnMsg::Result(result),
+                    other => ConnMsg::Report(token, other),
+                };
+                if conn_for_progress.cast(msg).is_err() {
                     break;
                 }
             }

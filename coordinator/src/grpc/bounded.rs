@@ -124,6 +124,7 @@ mod tests {
             iteration: 0,
             detail: None,
             output_elided_bytes: None,
+            usage: Default::default(),
         }
     }
 
@@ -140,6 +141,7 @@ mod tests {
             created_at_ms: 0,
             updated_at_ms: 0,
             output_elided_bytes: None,
+            usage: Default::default(),
         }
     }
 
