@@ -15,6 +15,9 @@ pub const LLM_COST: &str = "mesh_llm_cost_usd_total";
 /// Latency of a whole call and to its first token, by provider.
 pub const LLM_SECONDS: &str = "mesh_llm_request_seconds";
 pub const LLM_FIRST_TOKEN: &str = "mesh_llm_time_to_first_token_seconds";
+/// Time a call waited for its rate limits, and 429s met, by provider.
+pub const LLM_LIMIT_WAIT: &str = "mesh_llm_rate_limit_wait_seconds";
+pub const LLM_RATE_LIMITED: &str = "mesh_llm_rate_limited_total";
 /// Distinct model names used as metric labels; past it a model counts as `other`.
 pub const MAX_MODEL_LABELS: usize = 64;
 
@@ -44,6 +47,14 @@ pub fn describe() {
         "USD spent on priced model calls, by provider and model (only ever grows)"
     );
     describe_histogram!(LLM_SECONDS, "Model call latency, start to end, by provider");
+    describe_histogram!(
+        LLM_LIMIT_WAIT,
+        "Time model calls waited for the node's rate limits, by provider"
+    );
+    describe_counter!(
+        LLM_RATE_LIMITED,
+        "429 answers from providers (each waited out or moved past), by provider"
+    );
     describe_histogram!(
         LLM_FIRST_TOKEN,
         "Model call latency to the first token, by provider"

@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use mesh_agent_sdk::RuntimeConfig;
-use mesh_agent_sdk::llm::{LlmConfig, ModelRef, Price, Prices, ProviderConfig};
+use mesh_agent_sdk::llm::{
+    LlmConfig, ModelRef, Price, Prices, ProviderConfig, RateLimit, check_limit,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::Error;
@@ -46,6 +48,8 @@ pub struct NodeLlmConfig {
     pub gemini: ProviderConfig,
     pub ollama: ProviderConfig,
     pub prices: BTreeMap<String, PriceConfig>,
+    /// Rate limits that wait, by provider (`openai`) or model (`openai/gpt-4o`).
+    pub limits: BTreeMap<String, RateLimit>,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize)]
@@ -63,6 +67,17 @@ impl NodeLlmConfig {
             gemini: self.gemini.clone(),
             ollama: self.ollama.clone(),
         }
+    }
+
+    /// The rate limits, checked.
+    pub fn limits(&self) -> Result<std::collections::HashMap<String, RateLimit>, Error> {
+        self.limits
+            .iter()
+            .map(|(name, limit)| {
+                check_limit(name, limit).map_err(|e| Error::Config(format!("llm.limits.{e}")))?;
+                Ok((name.clone(), *limit))
+            })
+            .collect()
     }
 
     pub fn prices(&self) -> Result<Prices, Error> {
@@ -239,6 +254,38 @@ impl NodeConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn llm_settings_are_checked_naming_the_field() {
+        let cfg: NodeConfig = toml::from_str(
+            r#"
+            [llm.openai]
+            base_url = "http://127.0.0.1:9/v1/"
+            api_key = "sk-x"
+            [llm.limits.openai]
+            requests_per_minute = 60
+            [llm.limits."anthropic/claude-haiku-4-5"]
+            tokens_per_minute = 10000
+            [llm.prices."ollama/llama3.2"]
+            input_per_million = 0.0
+            output_per_million = 0.0
+            "#,
+        )
+        .unwrap();
+        assert_eq!(cfg.llm.limits().unwrap().len(), 2);
+        assert!(cfg.llm.prices().is_ok());
+        assert!(!format!("{cfg:?}").contains("sk-x"), "the key never prints");
+        let bad: NodeConfig =
+            toml::from_str("[llm.limits.azure]\nrequests_per_minute = 1").unwrap();
+        let e = bad.llm.limits().unwrap_err().to_string();
+        assert!(e.contains("llm.limits.`azure`"), "{e}");
+        let bad: NodeConfig = toml::from_str(
+            "[llm.prices.\"gpt-4o\"]\ninput_per_million = 1.0\noutput_per_million = 1.0",
+        )
+        .unwrap();
+        let e = bad.llm.prices().unwrap_err().to_string();
+        assert!(e.contains("llm.prices.\"gpt-4o\""), "{e}");
+    }
 
     #[test]
     fn parses_a_node_file_and_rejects_unknown_fields() {

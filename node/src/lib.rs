@@ -17,7 +17,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use mesh_agent_sdk::NodeRuntime;
-use mesh_agent_sdk::llm::{LlmConfig, Models};
+use mesh_agent_sdk::llm::{Limited, LlmConfig, Models};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tracing::{info, warn};
 
@@ -46,7 +46,10 @@ pub async fn run(
     let log = ExecutionLog::open(config.execution_log.as_deref())?;
     let providers = LlmConfig::from_env().overridden_by(&config.llm.providers());
     let llm = builtins::LlmSetup {
-        models: Arc::new(Models::new(providers).map_err(|e| Error::Config(e.to_string()))?),
+        models: Arc::new(Limited::new(
+            Arc::new(Models::new(providers).map_err(|e| Error::Config(e.to_string()))?),
+            &config.llm.limits()?,
+        )),
         prices: config.llm.prices()?,
     };
     let mut builder = NodeRuntime::builder().config(config.runtime_config());

@@ -49,6 +49,7 @@ pub struct Seen {
     pub body: Value,
     /// What the request carried as its key (header value without `Bearer `).
     pub key: Option<String>,
+    pub at: std::time::Instant,
 }
 
 #[derive(Default)]
@@ -210,6 +211,7 @@ fn admit(
         stream,
         body: body.clone(),
         key: key.clone(),
+        at: std::time::Instant::now(),
     });
     if key.as_deref() != Some(shared.key.as_str()) {
         let error =

@@ -689,3 +689,42 @@ steps:
     let _ = stop.send(());
     spender.await.unwrap().unwrap();
 }
+
+/// A node's rate limit makes calls wait their turn (here Ollama at 600 a minute, one at a
+/// time: a call every 100 ms) and none fails, though four are asked for at once.
+#[tokio::test]
+async fn a_rate_limit_on_the_node_makes_calls_wait_and_none_fail() {
+    let fake = FakeLlm::start(KEY).await;
+    let mut mesh = Mesh::start(Timings::default()).await;
+    let config = format!(
+        "{}\n[llm.limits.ollama]\nrequests_per_minute = 600\nburst = 1\n",
+        llm_node(&fake, KEY)
+    );
+    mesh.start_node("n1", &config).await;
+    let text = r#"
+steps:
+  - id: many
+    uses: llm
+    foreach: '${{ ["a", "b", "c", "d"] }}'
+    parallel: 4
+    with: { model: ollama/paced, prompt: "${{ item }}" }
+"#;
+    let client = mesh.client().await;
+    let run = client.submit(workflow_goal(text, json!({}))).await.unwrap();
+    let view = tokio::time::timeout(Duration::from_secs(30), client.wait(&run.run_id))
+        .await
+        .expect("finishes")
+        .unwrap();
+    assert_eq!(view.state, RunState::Succeeded, "{view:?}");
+    assert_eq!(view.steps[0].attempt, 1, "no attempt failed");
+    let mut times: Vec<_> = fake.seen().iter().map(|s| s.at).collect();
+    times.sort();
+    assert_eq!(times.len(), 4, "one call each");
+    for pair in times.windows(2) {
+        assert!(
+            pair[1] - pair[0] >= Duration::from_millis(80),
+            "paced: {:?}",
+            pair[1] - pair[0]
+        );
+    }
+}

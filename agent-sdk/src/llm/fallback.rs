@@ -124,6 +124,10 @@ pub async fn chat_with_fallback(
                 model: model.to_string(),
                 message: "the stream ended without an answer".into(),
             });
+            if let LlmError::RateLimited { .. } = e {
+                metrics::counter!(crate::metrics::LLM_RATE_LIMITED, "provider" => model.provider.as_str())
+                    .increment(1);
+            }
             match &e {
                 LlmError::RateLimited { retry_after, .. }
                     if rate_limited < policy.rate_limit_retries =>

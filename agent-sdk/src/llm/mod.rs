@@ -12,6 +12,7 @@
 
 mod fallback;
 mod genai_models;
+mod limits;
 pub mod pricing;
 
 use std::collections::BTreeMap;
@@ -25,6 +26,7 @@ use serde::{Deserialize, Serialize};
 
 pub use fallback::{Attempted, FallbackError, Fallen, RetryPolicy, Streamed, chat_with_fallback};
 pub use genai_models::{Models, install_crypto_provider};
+pub use limits::{Limited, RateLimit, check_limit};
 pub use pricing::{Price, Prices};
 
 /// The providers the mesh speaks to.
