@@ -83,6 +83,9 @@ pub fn jittered(delay: Duration, jitter: f64, random: f64) -> Duration {
     delay.mul_f64(1.0 - jitter.clamp(0.0, 1.0) * random.clamp(0.0, 1.0))
 }
 
+/// The skill of the built-in model agent: the steps a budget applies to.
+pub const LLM_SKILL: &str = "llm";
+
 /// How a step skipped because its run ended says so; a retried run runs such steps again.
 const RUN_ENDED: &str = "the run ended: ";
 
@@ -680,11 +683,18 @@ impl RunMachine {
         }
     }
 
-    /// A new attempt of task `index`, if its input renders.
+    /// A new attempt of task `index`, if its input renders and the run's budget allows it.
     fn start(&mut self, i: usize, index: u32, out: &mut Vec<JournalEvent>) {
+        let llm = self.spec(i).skill() == LLM_SKILL;
+        if llm && let Some(why) = self.over_budget() {
+            return self.fail_step(i, out, why);
+        }
         // A step whose input cannot be made fails, rather than each attempt.
         match self.task_input(i, index) {
-            Ok(input) => {
+            Ok(mut input) => {
+                if llm {
+                    self.cap_tokens(&mut input);
+                }
                 self.rendered.insert((i, index), input);
             }
             Err(e) => return self.fail_step(i, out, e),
@@ -746,6 +756,44 @@ impl RunMachine {
             decision.events.insert(0, event);
         }
         Some(decision)
+    }
+
+    /// Why the run may not start another model call: the budget it reached, and its spend.
+    fn over_budget(&self) -> Option<String> {
+        let budget = self.workflow.def.budget.as_ref()?;
+        let spent = self.usage();
+        let tokens = spent.input_tokens.saturating_add(spent.output_tokens);
+        if let Some(max) = budget.max_tokens
+            && tokens >= max
+        {
+            return Some(format!(
+                "budget: the run has used {tokens} tokens, its max_tokens is {max}"
+            ));
+        }
+        if let Some(max) = budget.max_cost_usd
+            && spent.cost_usd >= max
+        {
+            return Some(format!(
+                "budget: the run has spent ${:.6}, its max_cost_usd is ${max}",
+                spent.cost_usd
+            ));
+        }
+        None
+    }
+
+    /// Caps an `llm` task's `with.max_tokens` by what is left of the run's token budget, so
+    /// that one call cannot overshoot by more than its own answer.
+    fn cap_tokens(&self, input: &mut Value) {
+        let Some(max) = self.workflow.def.budget.as_ref().and_then(|b| b.max_tokens) else {
+            return;
+        };
+        let spent = self.usage();
+        let left = max.saturating_sub(spent.input_tokens.saturating_add(spent.output_tokens));
+        if let Some(with) = input.get_mut("with").and_then(Value::as_object_mut) {
+            let asked = with.get("max_tokens").and_then(Value::as_u64);
+            let capped = asked.map_or(left, |a| a.min(left)).max(1);
+            with.insert("max_tokens".into(), json!(capped));
+        }
     }
 
     /// Model calls of step `i`, summed over its attempts.
@@ -1503,6 +1551,50 @@ mod tests {
 
     fn state(m: &RunMachine, step: &str) -> StepState {
         m.step(&step.into()).unwrap().state
+    }
+
+    /// A cost budget: each `llm` result's spend is journaled; once the run has spent its
+    /// `max_cost_usd`, the next `llm` attempt is not started and the run fails naming both.
+    /// Steps that call no model are not held back.
+    #[test]
+    fn a_cost_budget_stops_the_next_model_call() {
+        let mut m = machine(
+            "budget: { max_cost_usd: 0.01 }\nsteps:\n  - {id: a, uses: llm}\n  - {id: b, uses: llm, needs: [a]}\n  - {id: c, uses: echo, needs: [a]}\n  - {id: d, uses: llm, needs: [b]}\n",
+            json!({}),
+        );
+        assert_eq!(started(&m.advance()), [("a".into(), 0)]);
+        let spend = |m: &mut RunMachine, step: &str, usd: f64| {
+            let result = TaskResult {
+                token: token(m, step, 0),
+                outcome: Ok(json!("ok")),
+                usage: vec![ModelUsage {
+                    provider: "openai".into(),
+                    model: "gpt-4o-mini".into(),
+                    calls: 1,
+                    input_tokens: 10,
+                    output_tokens: 10,
+                    cost_usd: Some(usd),
+                }],
+            };
+            m.on_result(&result).unwrap().events
+        };
+        let e = spend(&mut m, "a", 0.006);
+        assert!(
+            matches!(e[0], JournalEvent::UsageRecorded { .. }),
+            "journaled first"
+        );
+        assert_eq!(started(&e), [("b".into(), 0), ("c".into(), 0)]);
+        let e = spend(&mut m, "b", 0.006);
+        assert!(started(&e).is_empty(), "d would exceed the budget");
+        let (state, _, error) = finished(&e).expect("the run ends");
+        assert_eq!(state, RunState::Failed);
+        assert!(
+            error
+                .unwrap()
+                .contains("budget: the run has spent $0.012000, its max_cost_usd is $0.01"),
+        );
+        assert_eq!(m.usage().calls, 2);
+        assert!((m.usage().cost_usd - 0.012).abs() < 1e-12);
     }
 
     #[test]

@@ -728,3 +728,54 @@ steps:
         );
     }
 }
+
+/// A budget stops a loop at the call that would exceed it: each call's `max_tokens` is capped
+/// by what is left, the run fails naming the budget and the spend, and nothing more is sent.
+#[tokio::test]
+async fn a_budget_stops_a_loop_at_the_step_that_would_exceed_it() {
+    let fake = FakeLlm::start(KEY).await;
+    let mesh = mesh_with_llm(&fake, KEY).await;
+    let text = r#"
+budget: { max_tokens: 20 }
+steps:
+  - id: think
+    uses: llm
+    with: { model: anthropic/thinker, prompt: "a b c", max_tokens: 100 }
+    loop: { until: "${{ output.text == 'never' }}", max_iterations: 10 }
+"#;
+    let client = mesh.client().await;
+    let run = client.submit(workflow_goal(text, json!({}))).await.unwrap();
+    let view = tokio::time::timeout(Duration::from_secs(30), client.wait(&run.run_id))
+        .await
+        .expect("finishes")
+        .unwrap();
+    assert_eq!(view.state, RunState::Failed, "{view:?}");
+    let error = view.steps[0].error.clone().unwrap_or_default();
+    assert!(
+        error.contains("budget: the run has used 21 tokens, its max_tokens is 20"),
+        "{error}"
+    );
+    // Each call: 3 tokens in, 4 out. The fourth would start at 21 of 20: never sent.
+    let sent: Vec<Value> = fake
+        .seen()
+        .iter()
+        .map(|s| s.body["max_tokens"].clone())
+        .collect();
+    assert_eq!(
+        sent,
+        [json!(20), json!(13), json!(6)],
+        "capped by what is left"
+    );
+    assert_eq!(view.usage.input_tokens + view.usage.output_tokens, 21);
+    // A bad budget is refused at submission, naming the field.
+    let bad = "budget: { max_cost_usd: -1 }\nsteps:\n  - { id: a, uses: llm, with: { model: ollama/x, prompt: p } }\n";
+    let err = client
+        .submit(workflow_goal(bad, json!({})))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("budget.max_cost_usd: must be a number of USD above 0"),
+        "{err}"
+    );
+}
