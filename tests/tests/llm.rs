@@ -53,11 +53,21 @@ fn one_step(with: Value) -> String {
 
 async fn run(mesh: &Mesh, with: Value) -> RunView {
     let client = mesh.client().await;
-    let run = client
-        .submit(workflow_goal(&one_step(with), json!({})))
-        .await
-        .unwrap();
-    tokio::time::timeout(Duration::from_secs(30), client.wait(&run.run_id))
+    submit_and_finish(&client, &one_step(with), json!({})).await
+}
+
+/// Submits a workflow and waits (30 s at most) for its run to end.
+async fn submit_and_finish(
+    client: &mesh_agent_sdk::GoalClient,
+    text: &str,
+    inputs: Value,
+) -> RunView {
+    let run = client.submit(workflow_goal(text, inputs)).await.unwrap();
+    finish(client, &run.run_id).await
+}
+
+async fn finish(client: &mesh_agent_sdk::GoalClient, run: &mesh_agent_sdk::RunId) -> RunView {
+    tokio::time::timeout(Duration::from_secs(30), client.wait(run))
         .await
         .expect("the run finishes")
         .unwrap()
@@ -240,10 +250,7 @@ async fn a_stream_cut_midway_fails_the_attempt_and_a_retry_answers() {
     fake.knobs()
         .cut_streams
         .store(false, std::sync::atomic::Ordering::SeqCst);
-    let view = tokio::time::timeout(Duration::from_secs(30), client.wait(&run.run_id))
-        .await
-        .expect("finishes")
-        .unwrap();
+    let view = finish(&client, &run.run_id).await;
     assert_eq!(view.state, RunState::Succeeded, "{view:?}");
     assert!(view.steps[0].attempt >= 2, "{view:?}");
     assert_eq!(output(&view)["text"], "answer: a longer prompt to cut");
@@ -344,10 +351,7 @@ async fn mesh_dev_hosts_the_llm_agent_when_a_provider_is_in_the_environment() {
         ))
         .await
         .unwrap();
-    let view = tokio::time::timeout(Duration::from_secs(30), client.wait(&run.run_id))
-        .await
-        .expect("finishes")
-        .unwrap();
+    let view = finish(&client, &run.run_id).await;
     assert_eq!(view.state, RunState::Succeeded, "{view:?}");
     assert_eq!(output(&view)["text"], "answer: from the environment");
     assert!(!dev.log_text().contains(KEY), "no key in the log");
@@ -369,10 +373,7 @@ async fn the_summary_example_runs_with_its_fallback_chain() {
     let client = mesh.client().await;
     let inputs = json!({ "model": "openai/primary", "fallback": "ollama/backup" });
     let run = client.submit(workflow_goal(&text, inputs)).await.unwrap();
-    let view = tokio::time::timeout(Duration::from_secs(30), client.wait(&run.run_id))
-        .await
-        .expect("finishes")
-        .unwrap();
+    let view = finish(&client, &run.run_id).await;
     assert_eq!(view.state, RunState::Succeeded, "{view:?}");
     let out = view.output.unwrap();
     let models = out["models"].as_array().unwrap();
@@ -595,11 +596,7 @@ steps:
         (!agents.is_empty()).then_some(())
     })
     .await;
-    let run = client.submit(workflow_goal(text, json!({}))).await.unwrap();
-    let view = tokio::time::timeout(Duration::from_secs(30), client.wait(&run.run_id))
-        .await
-        .expect("finishes")
-        .unwrap();
+    let view = submit_and_finish(&client, text, json!({})).await;
     assert_eq!(view.state, RunState::Succeeded, "{view:?}");
     let step = |id: &str| {
         view.steps
@@ -655,7 +652,7 @@ steps:
     mesh.coordinator.as_mut().unwrap().kill9();
     mesh.start_coordinator().await;
     let client = mesh.client().await;
-    let again = client.get_run(&run.run_id).await.unwrap();
+    let again = client.get_run(&view.run_id).await.unwrap();
     assert_eq!(again.usage, view.usage);
     assert_eq!(
         again.steps.iter().map(|s| s.usage).collect::<Vec<_>>(),
@@ -668,7 +665,7 @@ steps:
             &mesh.url(),
             "run",
             "get",
-            run.run_id.as_str(),
+            view.run_id.as_str(),
         ])
         .output()
         .unwrap();
@@ -710,11 +707,7 @@ steps:
     with: { model: ollama/paced, prompt: "${{ item }}" }
 "#;
     let client = mesh.client().await;
-    let run = client.submit(workflow_goal(text, json!({}))).await.unwrap();
-    let view = tokio::time::timeout(Duration::from_secs(30), client.wait(&run.run_id))
-        .await
-        .expect("finishes")
-        .unwrap();
+    let view = submit_and_finish(&client, text, json!({})).await;
     assert_eq!(view.state, RunState::Succeeded, "{view:?}");
     assert_eq!(view.steps[0].attempt, 1, "no attempt failed");
     let mut times: Vec<_> = fake.seen().iter().map(|s| s.at).collect();
@@ -744,11 +737,7 @@ steps:
     loop: { until: "${{ output.text == 'never' }}", max_iterations: 10 }
 "#;
     let client = mesh.client().await;
-    let run = client.submit(workflow_goal(text, json!({}))).await.unwrap();
-    let view = tokio::time::timeout(Duration::from_secs(30), client.wait(&run.run_id))
-        .await
-        .expect("finishes")
-        .unwrap();
+    let view = submit_and_finish(&client, text, json!({})).await;
     assert_eq!(view.state, RunState::Failed, "{view:?}");
     let error = view.steps[0].error.clone().unwrap_or_default();
     assert!(
