@@ -554,26 +554,35 @@ impl TryFrom<pb::NodeFrame> for FromNode {
                             retryable: e.retryable,
                         }),
                     };
-                    if r.usage.len() > MAX_USAGE_ENTRIES {
-                        return Err(FieldError::new(
+                    // Usage the coordinator cannot account for fails its attempt for good,
+                    // like an output it cannot keep; the stream goes on (closing it would
+                    // only bring the same result back after the node reconnects).
+                    let usage = if r.usage.len() > MAX_USAGE_ENTRIES {
+                        Err(FieldError::new(
                             "result.usage",
                             format!(
                                 "{} entries, the limit is {MAX_USAGE_ENTRIES}",
                                 r.usage.len()
                             ),
-                        ));
+                        ))
+                    } else {
+                        r.usage
+                            .into_iter()
+                            .enumerate()
+                            .map(|(i, u)| model_usage(i, u))
+                            .collect::<Result<Vec<_>>>()
+                    };
+                    match usage {
+                        Ok(usage) => FromNode::Result(TaskResult {
+                            token,
+                            outcome,
+                            usage,
+                        }),
+                        Err(e) => FromNode::Result(TaskResult::new(
+                            token,
+                            Err(TaskError::new("bad_usage", e.to_string(), false)),
+                        )),
                     }
-                    let usage = r
-                        .usage
-                        .into_iter()
-                        .enumerate()
-                        .map(|(i, u)| model_usage(i, u))
-                        .collect::<Result<Vec<_>>>()?;
-                    FromNode::Result(TaskResult {
-                        token,
-                        outcome,
-                        usage,
-                    })
                 }
                 Kind::Progress(p) => FromNode::Progress(TaskProgress {
                     token: FencingToken::try_from(p.token)?,
@@ -1304,6 +1313,48 @@ mod tests {
         .unwrap_err();
         assert_eq!(err.field, "steps[0].needs");
         assert!(err.reason.contains("cycle"), "{err}");
+    }
+
+    /// Usage a coordinator cannot account for (a negative or non-finite cost, too many
+    /// entries) fails the attempt for good, naming the field; the frame is not refused.
+    #[test]
+    fn bad_usage_fails_its_attempt_naming_the_field() {
+        let token = FencingToken {
+            run_id: "r1".into(),
+            step_id: "s1".into(),
+            attempt: 1,
+            epoch: 1,
+            index: 0,
+        };
+        let frame = |usage: Vec<pb::ModelUsage>| pb::NodeFrame {
+            kind: Some(pb::node_frame::Kind::Result(pb::TaskResult {
+                token: Some(token.clone().into()),
+                outcome: Some(pb::task_result::Outcome::OutputJson("1".into())),
+                usage,
+            })),
+        };
+        let entry = |cost: f64| pb::ModelUsage {
+            provider: "openai".into(),
+            model: "m".into(),
+            calls: 1,
+            input_tokens: 1,
+            output_tokens: 1,
+            cost_usd: cost,
+            priced: true,
+        };
+        for (usage, field) in [
+            (vec![entry(0.1), entry(-1.0)], "result.usage[1].cost_usd"),
+            (vec![entry(f64::NAN)], "result.usage[0].cost_usd"),
+            (vec![entry(0.0); MAX_USAGE_ENTRIES + 1], "result.usage"),
+        ] {
+            let Ok(FromNode::Result(r)) = FromNode::try_from(frame(usage)) else {
+                panic!("a result")
+            };
+            let Err(e) = r.outcome else { panic!("failed") };
+            assert_eq!((e.code.as_str(), e.retryable), ("bad_usage", false));
+            assert!(e.message.starts_with(field), "{}", e.message);
+            assert!(r.usage.is_empty());
+        }
     }
 
     #[test]
