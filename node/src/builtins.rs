@@ -10,7 +10,7 @@ use mesh_agent_sdk::{Agent, AgentCard, AgentError, Context, NodeRuntimeBuilder};
 use serde_json::{Value, json};
 
 use crate::config::{AgentConfig, BuiltinKind, FlakyMode};
-use crate::llm::LlmAgent;
+use crate::llm::{LlmAgent, LlmPlanner};
 use mesh_agent_sdk::llm::{ChatModel, Prices, RetryPolicy};
 
 /// Appends one JSON line per attempt started, when configured.
@@ -88,7 +88,10 @@ impl Agent for Builtin {
                 Ok(json!({ "attempt": ctx.attempt(), "input": input }))
             }
             // Hosted as `LlmAgent` (see `add`).
-            BuiltinKind::Llm => Err(AgentError::fatal("internal", "llm is hosted apart")),
+            BuiltinKind::Llm | BuiltinKind::LlmPlanner => Err(AgentError::fatal(
+                "internal",
+                "model agents are hosted apart",
+            )),
         }
     }
 }
@@ -105,10 +108,20 @@ pub fn add(
             BuiltinKind::Sleep => "waits with.ms milliseconds",
             BuiltinKind::Flaky => "fails its first attempts of each step, then echoes",
             BuiltinKind::Llm => "calls a language model: with.model (or models), prompt, system",
+            BuiltinKind::LlmPlanner => "a language model writes a text goal's workflow",
         })
         .max_concurrency(config.max_concurrency);
     for skill in config.skills() {
         card = card.skill(&skill);
+    }
+    if config.kind == BuiltinKind::LlmPlanner {
+        return builder.agent(LlmPlanner {
+            card,
+            models: llm.models.clone(),
+            chain: mesh_agent_sdk::llm::parse_models(&config.models).unwrap_or_default(),
+            prices: llm.prices.clone(),
+            log,
+        });
     }
     if config.kind == BuiltinKind::Llm {
         return builder.agent(LlmAgent {

@@ -129,6 +129,8 @@ pub enum BuiltinKind {
     Flaky,
     /// Calls a language model (see `docs/llm.md`).
     Llm,
+    /// Serves `plan`: a model writes a text goal's workflow (`model` names it).
+    LlmPlanner,
 }
 
 impl BuiltinKind {
@@ -138,6 +140,7 @@ impl BuiltinKind {
             BuiltinKind::Sleep => "sleep",
             BuiltinKind::Flaky => "flaky",
             BuiltinKind::Llm => "llm",
+            BuiltinKind::LlmPlanner => "plan",
         }
     }
 }
@@ -170,6 +173,9 @@ pub struct AgentConfig {
     /// `flaky` only.
     #[serde(default)]
     pub mode: FlakyMode,
+    /// `llm_planner` only: the model (`provider/model`, or a chain) that writes workflows.
+    #[serde(default)]
+    pub models: Vec<String>,
 }
 
 fn default_concurrency() -> u32 {
@@ -189,6 +195,7 @@ impl AgentConfig {
             max_concurrency: default_concurrency(),
             fail_first: default_fail_first(),
             mode: FlakyMode::Error,
+            models: Vec::new(),
         }
     }
 
@@ -226,6 +233,23 @@ impl NodeConfig {
                 return Err(Error::Config(format!(
                     "agents[{i}].max_concurrency: must be at least 1"
                 )));
+            }
+            match (a.kind, a.models.is_empty()) {
+                (BuiltinKind::LlmPlanner, true) => {
+                    return Err(Error::Config(format!(
+                        "agents[{i}].models: an llm_planner needs the model that writes workflows"
+                    )));
+                }
+                (BuiltinKind::LlmPlanner, false) => {
+                    mesh_agent_sdk::llm::parse_models(&a.models)
+                        .map_err(|e| Error::Config(format!("agents[{i}].models: {e}")))?;
+                }
+                (_, false) => {
+                    return Err(Error::Config(format!(
+                        "agents[{i}]: `models` applies to `llm_planner` agents only"
+                    )));
+                }
+                (_, true) => {}
             }
             if a.kind != BuiltinKind::Flaky
                 && (a.mode != FlakyMode::Error || a.fail_first != default_fail_first())

@@ -19,8 +19,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mesh_agent_sdk::llm::{
-    ChatModel, ChatRequest, DeltaBuffer, FallbackError, LlmError, Message, ModelRef, Prices,
-    RetryPolicy, Streamed, chat_with_fallback, parse_models,
+    ChatModel, ChatReply, ChatRequest, DeltaBuffer, FallbackError, LlmError, Message, ModelRef,
+    Prices, RetryPolicy, Streamed, Usage, chat_with_fallback, parse_models,
 };
 use mesh_agent_sdk::{Agent, AgentCard, AgentError, Context, ModelUsage};
 use serde_json::{Value, json};
@@ -165,6 +165,29 @@ fn failure(e: &FallbackError) -> AgentError {
     }
 }
 
+/// Records an answered call's usage and cost with the attempt (journaled with its result,
+/// summed by the coordinator) and in the node's metrics; returns them.
+fn account(ctx: &Context, prices: &Prices, reply: &ChatReply) -> (Usage, Option<f64>) {
+    let usage = reply.usage.unwrap_or_default();
+    let cost = reply.usage.and_then(|u| prices.cost(&reply.model, u));
+    ctx.record_usage(ModelUsage {
+        provider: reply.model.provider.as_str().to_owned(),
+        model: reply.model.model.clone(),
+        calls: 1,
+        input_tokens: usage.input_tokens,
+        output_tokens: usage.output_tokens,
+        cost_usd: cost,
+    });
+    mesh_agent_sdk::metrics::record_llm_call(
+        reply.model.provider.as_str(),
+        &reply.model.model,
+        usage.input_tokens,
+        usage.output_tokens,
+        cost,
+    );
+    (usage, cost)
+}
+
 fn failed_json(error: &LlmError) -> Value {
     json!({ "code": error.code(), "message": error.to_string() })
 }
@@ -205,24 +228,7 @@ impl Agent for LlmAgent {
         }
         let fallen = outcome.map_err(|e| failure(&e))?;
         let reply = &fallen.reply;
-        let usage = reply.usage.unwrap_or_default();
-        let cost = reply.usage.and_then(|u| self.prices.cost(&reply.model, u));
-        // Journaled with the result and summed per step and run by the coordinator.
-        ctx.record_usage(ModelUsage {
-            provider: reply.model.provider.as_str().to_owned(),
-            model: reply.model.model.clone(),
-            calls: 1,
-            input_tokens: usage.input_tokens,
-            output_tokens: usage.output_tokens,
-            cost_usd: cost,
-        });
-        mesh_agent_sdk::metrics::record_llm_call(
-            reply.model.provider.as_str(),
-            &reply.model.model,
-            usage.input_tokens,
-            usage.output_tokens,
-            cost,
-        );
+        let (usage, cost) = account(&ctx, &self.prices, reply);
         Ok(json!({
             "text": reply.text,
             "provider": reply.model.provider.as_str(),
@@ -238,6 +244,104 @@ impl Agent for LlmAgent {
                 "rate_limited": a.rate_limited,
             })).collect::<Vec<_>>(),
         }))
+    }
+}
+
+/// How the planner asks for a workflow.
+const PLANNER_SYSTEM: &str = "You turn an objective into a workflow for an agent mesh. Answer \
+with one JSON object and nothing else: {\"steps\": [{\"id\": \"...\", \"uses\": \"SKILL\", \
+\"with\": {...}, \"needs\": [\"earlier step id\"]}]}. Ids are letters, digits, `_` or `-`. \
+Use the skill `llm` for thinking and writing steps, with `with: {\"model\": \"MODEL\", \
+\"prompt\": \"...\"}`; a prompt may read an earlier step's text as ${{ steps.ID.output.text }}.";
+
+/// Serves `plan`: a model writes a text goal's workflow. The answer is checked as the
+/// coordinator will check it; an invalid one is asked again once with the problems, then
+/// fails for good naming them.
+pub struct LlmPlanner {
+    pub card: AgentCard,
+    pub models: Arc<dyn ChatModel>,
+    pub chain: Vec<ModelRef>,
+    pub prices: Prices,
+    pub log: ExecutionLog,
+}
+
+/// The JSON of an answer, without the Markdown fence a model may put around it.
+fn unfenced(text: &str) -> &str {
+    let t = text.trim();
+    let t = t
+        .strip_prefix("```json")
+        .or_else(|| t.strip_prefix("```"))
+        .unwrap_or(t);
+    t.strip_suffix("```").unwrap_or(t).trim()
+}
+
+/// Whether `text` is a workflow the coordinator will take; the problems when not.
+fn check_plan(text: &str) -> Result<(), String> {
+    let limits = mesh_workflow::Limits::default();
+    let def = mesh_workflow::parse(unfenced(text), &limits).map_err(|e| e.to_string())?;
+    mesh_workflow::validate(def, &limits)
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
+impl LlmPlanner {
+    async fn ask(&self, ctx: &Context, request: &ChatRequest) -> Result<String, AgentError> {
+        let fallen = chat_with_fallback(
+            self.models.as_ref(),
+            &self.chain,
+            request,
+            RetryPolicy::default(),
+            &mut |_| {},
+        )
+        .await
+        .map_err(|e| failure(&e))?;
+        account(ctx, &self.prices, &fallen.reply);
+        Ok(fallen.reply.text)
+    }
+}
+
+impl Agent for LlmPlanner {
+    fn card(&self) -> AgentCard {
+        self.card.clone()
+    }
+
+    async fn handle(&self, ctx: Context, input: Value) -> Result<Value, AgentError> {
+        self.log.record(&self.card.name, &ctx);
+        let objective = input["with"]["objective"]
+            .as_str()
+            .ok_or_else(|| AgentError::bad_input("with.objective: required, a string"))?;
+        let model = self
+            .chain
+            .first()
+            .map(ToString::to_string)
+            .unwrap_or_default();
+        let left = ctx
+            .deadline()
+            .saturating_duration_since(tokio::time::Instant::now());
+        let mut request = ChatRequest {
+            system: Some(PLANNER_SYSTEM.replace("MODEL", &model)),
+            messages: vec![Message::user(objective)],
+            max_tokens: Some(4096),
+            temperature: Some(0.0),
+            timeout: Some(left.max(Duration::from_millis(1))),
+        };
+        let first = self.ask(&ctx, &request).await?;
+        let problems = match check_plan(&first) {
+            Ok(()) => return Ok(json!({ "workflow": unfenced(&first) })),
+            Err(p) => p,
+        };
+        request.messages.push(Message::assistant(first));
+        request.messages.push(Message::user(format!(
+            "That workflow is invalid: {problems}. Answer again with the corrected JSON only."
+        )));
+        let second = self.ask(&ctx, &request).await?;
+        match check_plan(&second) {
+            Ok(()) => Ok(json!({ "workflow": unfenced(&second) })),
+            Err(p) => Err(AgentError::fatal(
+                "invalid_plan",
+                format!("the model's workflow is still invalid after one correction: {p}"),
+            )),
+        }
     }
 }
 

@@ -63,6 +63,8 @@ pub struct Knobs {
     pub cut_streams: AtomicBool,
     /// A pause before every chunk.
     pub chunk_delay_ms: AtomicU64,
+    /// The next calls answer these texts, in order, instead of echoing their prompt.
+    pub answers: Mutex<std::collections::VecDeque<String>>,
 }
 
 struct Shared {
@@ -146,6 +148,20 @@ fn answer_words(prompt: &str) -> Vec<String> {
         .enumerate()
         .map(|(i, w)| if i + 1 < n { format!("{w} ") } else { w })
         .collect()
+}
+
+/// The chunks of the answer to a call whose last user message is `prompt`: a canned answer
+/// when one waits (in pieces of 8 characters), else the echo of the prompt.
+fn reply_chunks(shared: &Shared, prompt: &str) -> Vec<String> {
+    match shared.knobs.answers.lock().unwrap().pop_front() {
+        Some(text) => text
+            .chars()
+            .collect::<Vec<_>>()
+            .chunks(8)
+            .map(|c| c.iter().collect())
+            .collect(),
+        None => answer_words(prompt),
+    }
 }
 
 fn words(text: &str) -> u64 {
@@ -304,7 +320,7 @@ async fn openai(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Byt
     }
     let (all, last) = texts(Wire::OpenAi, &body);
     let input: u64 = all.iter().map(|t| words(t)).sum();
-    let chunks = answer_words(&last);
+    let chunks = reply_chunks(&shared, &last);
     let output = chunks.len() as u64;
     let usage = json!({ "prompt_tokens": input, "completion_tokens": output, "total_tokens": input + output });
     if !stream {
@@ -352,7 +368,7 @@ async fn anthropic(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: 
     }
     let (all, last) = texts(Wire::Anthropic, &body);
     let input: u64 = all.iter().map(|t| words(t)).sum();
-    let chunks = answer_words(&last);
+    let chunks = reply_chunks(&shared, &last);
     let output = chunks.len() as u64;
     if !stream {
         return Json(json!({
@@ -423,7 +439,7 @@ async fn gemini(
     }
     let (all, last) = texts(Wire::Gemini, &body);
     let input: u64 = all.iter().map(|t| words(t)).sum();
-    let chunks = answer_words(&last);
+    let chunks = reply_chunks(&shared, &last);
     let output = chunks.len() as u64;
     let usage = json!({ "promptTokenCount": input, "candidatesTokenCount": output,
         "totalTokenCount": input + output });
@@ -473,7 +489,7 @@ async fn ollama(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Byt
     }
     let (all, last) = texts(Wire::Ollama, &body);
     let input: u64 = all.iter().map(|t| words(t)).sum();
-    let chunks = answer_words(&last);
+    let chunks = reply_chunks(&shared, &last);
     let output = chunks.len() as u64;
     let end = |content: &str| {
         json!({ "model": model, "created_at": "2026-12-07T00:00:00Z",

@@ -768,3 +768,53 @@ steps:
         "{err}"
     );
 }
+
+/// A text goal planned by a model: the `llm_planner` agent asks for a workflow, checks it as
+/// the coordinator will, asks again once with the problems when it is invalid, and the
+/// corrected workflow runs.
+#[tokio::test]
+async fn a_text_goal_is_planned_by_a_model_asked_again_once_with_the_errors() {
+    let fake = FakeLlm::start(KEY).await;
+    let mut mesh = Mesh::start(Timings::default()).await;
+    let config = format!(
+        "{}\n[[agents]]\nkind = \"llm_planner\"\nmodels = [\"openai/planner\"]\n[[agents]]\nkind = \"echo\"\n",
+        llm_node(&fake, KEY)
+    );
+    mesh.start_node("n1", &config).await;
+    {
+        let mut answers = fake.knobs().answers.lock().unwrap();
+        answers.push_back("Here is a plan: first research, then write.".into());
+        answers.push_back(
+            "```json\n{\"steps\": [{\"id\": \"note\", \"uses\": \"echo\", \"with\": {\"text\": \"planned\"}}]}\n```"
+                .into(),
+        );
+    }
+    let client = mesh.client().await;
+    let goal = mesh_agent_sdk::GoalSpec {
+        objective: "write a note about fencing tokens".into(),
+        inputs: json!({}),
+        steps: Vec::new(),
+        workflow: None,
+        workflow_ref: None,
+        idempotency_key: None,
+    };
+    let run = client.submit(goal).await.unwrap();
+    let view = finish(&client, &run.run_id).await;
+    assert_eq!(view.state, RunState::Succeeded, "{view:?}");
+    let note = view
+        .steps
+        .iter()
+        .find(|s| s.id.as_str() == "note")
+        .expect("the planned step");
+    assert_eq!(note.output.as_ref().unwrap()["with"]["text"], "planned");
+    let seen = fake.seen();
+    assert_eq!(seen.len(), 2, "asked again once");
+    let retry = seen[1].body.to_string();
+    assert!(retry.contains("That workflow is invalid"), "{retry}");
+    let planner = view
+        .steps
+        .iter()
+        .find(|s| s.id.as_str() == "planner")
+        .unwrap();
+    assert_eq!(planner.usage.calls, 2, "both calls counted");
+}
