@@ -23,6 +23,7 @@ use mesh_agent_sdk::llm::{
     Prices, RetryPolicy, Streamed, Usage, chat_with_fallback, parse_models,
 };
 use mesh_agent_sdk::{Agent, AgentCard, AgentError, Context, ModelUsage};
+use mesh_workflow::JsonSchema;
 use serde_json::{Value, json};
 
 use crate::builtins::ExecutionLog;
@@ -45,10 +46,31 @@ pub struct LlmAgent {
 }
 
 /// A step's `with`, checked.
-#[derive(Debug, PartialEq)]
 struct Call {
     chain: Vec<ModelRef>,
     request: ChatRequest,
+    /// `response_schema`: the answer must be JSON matching it.
+    schema: Option<(Value, JsonSchema)>,
+}
+
+impl std::fmt::Debug for Call {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Call")
+            .field("chain", &self.chain)
+            .field("request", &self.request)
+            .field("schema", &self.schema.as_ref().map(|s| &s.0))
+            .finish()
+    }
+}
+
+/// The answer as JSON matching `schema`, or what is wrong with it.
+fn check_answer(text: &str, schema: &JsonSchema) -> Result<Value, String> {
+    let value: Value =
+        serde_json::from_str(unfenced(text)).map_err(|e| format!("the answer is not JSON: {e}"))?;
+    match schema.first_problem(&value) {
+        None => Ok(value),
+        Some((path, problem)) => Err(format!("json{path}: {problem}")),
+    }
 }
 
 fn bad(field: &str, why: impl std::fmt::Display) -> AgentError {
@@ -61,13 +83,14 @@ fn read_call(with: &Value) -> Result<Call, AgentError> {
             "with: an llm step needs `model` (or `models`) and `prompt`",
         ));
     };
-    const KNOWN: [&str; 6] = [
+    const KNOWN: [&str; 7] = [
         "model",
         "models",
         "system",
         "prompt",
         "max_tokens",
         "temperature",
+        "response_schema",
     ];
     if let Some(unknown) = obj.keys().find(|k| !KNOWN.contains(&k.as_str())) {
         return Err(bad(
@@ -142,10 +165,26 @@ fn read_call(with: &Value) -> Result<Call, AgentError> {
             _ => return Err(bad("temperature", "must be a number from 0 to 2")),
         },
     };
+    let schema = match obj.get("response_schema") {
+        None | Some(Value::Null) => None,
+        Some(s) => Some((
+            s.clone(),
+            JsonSchema::compile(s).map_err(|e| bad("response_schema", e))?,
+        )),
+    };
+    let system = text("system")?;
+    let system = match &schema {
+        Some((s, _)) => Some(format!(
+            "{}Answer with JSON only, matching this JSON Schema: {s}",
+            system.map(|t| format!("{t}\n\n")).unwrap_or_default()
+        )),
+        None => system,
+    };
     Ok(Call {
         chain,
+        schema,
         request: ChatRequest {
-            system: text("system")?,
+            system,
             messages: vec![Message::user(prompt)],
             max_tokens,
             temperature,
@@ -228,9 +267,48 @@ impl Agent for LlmAgent {
         }
         let fallen = outcome.map_err(|e| failure(&e))?;
         let reply = &fallen.reply;
-        let (usage, cost) = account(&ctx, &self.prices, reply);
+        let (mut usage, mut cost) = account(&ctx, &self.prices, reply);
+        let mut text = reply.text.clone();
+        let mut parsed = None;
+        if let Some((_, schema)) = &call.schema {
+            // Checked, and asked again once with what is wrong.
+            let answer = match check_answer(&text, schema) {
+                Ok(v) => Ok(v),
+                Err(problem) => {
+                    let mut again = call.request.clone();
+                    again.messages.push(Message::assistant(text.clone()));
+                    again.messages.push(Message::user(format!(
+                        "That answer is invalid: {problem}. Answer again with corrected JSON only."
+                    )));
+                    let second = chat_with_fallback(
+                        self.models.as_ref(),
+                        &call.chain,
+                        &again,
+                        self.retry,
+                        &mut |_| {},
+                    )
+                    .await
+                    .map_err(|e| failure(&e))?;
+                    let (u, c) = account(&ctx, &self.prices, &second.reply);
+                    usage += u;
+                    cost = cost.zip(c).map(|(a, b)| a + b);
+                    text = second.reply.text.clone();
+                    ctx.delta_restart(text.clone());
+                    check_answer(&text, schema)
+                }
+            };
+            parsed = Some(answer.map_err(|p| {
+                AgentError::fatal(
+                    "invalid_answer",
+                    format!(
+                        "the answer still does not match response_schema after one correction: {p}"
+                    ),
+                )
+            })?);
+        }
         Ok(json!({
-            "text": reply.text,
+            "json": parsed,
+            "text": text,
             "provider": reply.model.provider.as_str(),
             "model": reply.model.model,
             "usage": { "input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens },

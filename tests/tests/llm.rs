@@ -818,3 +818,55 @@ async fn a_text_goal_is_planned_by_a_model_asked_again_once_with_the_errors() {
         .unwrap();
     assert_eq!(planner.usage.calls, 2, "both calls counted");
 }
+
+/// With `response_schema` the answer is parsed and checked; an invalid one is asked again once
+/// with what is wrong, and comes back as `json`; still invalid fails for good naming the path.
+#[tokio::test]
+async fn a_response_schema_is_checked_and_asked_again_once() {
+    let fake = FakeLlm::start(KEY).await;
+    let mesh = mesh_with_llm(&fake, KEY).await;
+    let schema = json!({
+        "type": "object",
+        "required": ["score"],
+        "properties": { "score": { "type": "integer" } }
+    });
+    {
+        let mut answers = fake.knobs().answers.lock().unwrap();
+        answers.push_back("Nine out of ten.".into());
+        answers.push_back("{\"score\": 9}".into());
+    }
+    let view = run(
+        &mesh,
+        json!({ "model": "openai/judge", "prompt": "score it", "response_schema": schema }),
+    )
+    .await;
+    assert_eq!(view.state, RunState::Succeeded, "{view:?}");
+    assert_eq!(output(&view)["json"], json!({ "score": 9 }));
+    assert_eq!(view.steps[0].usage.calls, 2, "both calls counted");
+    let seen = fake.seen();
+    assert!(
+        seen[0]
+            .body
+            .to_string()
+            .contains("matching this JSON Schema")
+    );
+    assert!(seen[1].body.to_string().contains("That answer is invalid"));
+
+    {
+        let mut answers = fake.knobs().answers.lock().unwrap();
+        answers.push_back("{\"score\": \"high\"}".into());
+        answers.push_back("{\"score\": \"higher\"}".into());
+    }
+    let view = run(
+        &mesh,
+        json!({ "model": "openai/judge", "prompt": "score it", "response_schema": schema }),
+    )
+    .await;
+    assert_eq!(view.state, RunState::Failed, "{view:?}");
+    let error = view.steps[0].error.clone().unwrap_or_default();
+    assert!(
+        error.contains("json.score: \"higher\" is not of type"),
+        "{error}"
+    );
+    assert_eq!(view.steps[0].attempt, 1, "not retried");
+}
