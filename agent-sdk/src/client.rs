@@ -404,6 +404,31 @@ impl GoalClient {
         Ok(r.into_inner().into())
     }
 
+    /// Raises a running run's budget: limits left out keep their value, and none may be
+    /// lower than it was. Steps held at the old budget go on if the new one allows.
+    pub async fn raise_budget(
+        &self,
+        run_id: &RunId,
+        raise: &Budget,
+        keep_on_exceed: bool,
+        comment: &str,
+    ) -> Result<RunView, ClientError> {
+        let mut budget = pb::Budget::from(raise.clone());
+        if keep_on_exceed {
+            budget.on_exceed.clear();
+        }
+        let r = self
+            .goals
+            .clone()
+            .raise_budget(request(pb::RaiseBudgetRequest {
+                run_id: run_id.0.clone(),
+                budget: Some(budget),
+                comment: comment.to_owned(),
+            }))
+            .await?;
+        Ok(r.into_inner().into())
+    }
+
     /// Sends a named signal, with a JSON payload, to a run.
     pub async fn signal(
         &self,

@@ -48,6 +48,7 @@ fn goal(objective: &str, steps: Vec<StepSpec>) -> GoalSpec {
         idempotency_key: None,
         workflow: None,
         workflow_ref: None,
+        budget: None,
     }
 }
 
@@ -289,6 +290,7 @@ pub async fn fanout(sizes: &Sizes) -> Result<Vec<Figure>> {
         workflow: Some(yaml.to_owned()),
         workflow_ref: None,
         idempotency_key: None,
+        budget: None,
     };
     let started = Instant::now();
     let elapsed = round_trip(&client, goal, Calls::One).await?;

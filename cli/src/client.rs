@@ -34,7 +34,43 @@ pub enum GoalCommand {
         /// Submitting again with the same key returns the first run.
         #[arg(long)]
         idempotency_key: Option<String>,
+        #[command(flatten)]
+        budget: BudgetArgs,
     },
+}
+
+/// A budget for model calls, given on the command line.
+#[derive(clap::Args, Default)]
+pub struct BudgetArgs {
+    /// Tokens in and out the run may use on model calls (replaces the workflow's budget).
+    #[arg(long)]
+    max_tokens: Option<u64>,
+    /// USD the run may spend on priced model calls (replaces the workflow's budget).
+    #[arg(long)]
+    max_cost_usd: Option<f64>,
+    /// At the budget: `fail` the step that would exceed it, or `park` it until the budget
+    /// is raised (`mesh run budget`).
+    #[arg(long, value_parser = ["fail", "park"])]
+    on_exceed: Option<String>,
+}
+
+impl BudgetArgs {
+    /// The budget given, if any limit was; `on_exceed` alone is refused.
+    fn budget(&self) -> Result<Option<Budget>> {
+        let on_exceed = self.on_exceed.as_deref().map(str::parse::<OnExceed>);
+        let on_exceed = on_exceed.transpose().map_err(anyhow::Error::msg)?;
+        if self.max_tokens.is_none() && self.max_cost_usd.is_none() {
+            if on_exceed.is_some() {
+                bail!("--on-exceed needs --max-tokens or --max-cost-usd");
+            }
+            return Ok(None);
+        }
+        Ok(Some(Budget {
+            max_tokens: self.max_tokens,
+            max_cost_usd: self.max_cost_usd,
+            on_exceed: on_exceed.unwrap_or_default(),
+        }))
+    }
 }
 
 /// An approval decision: which step of which run, and what to record with it.
@@ -87,6 +123,15 @@ pub enum RunCommand {
         #[arg(long, default_value = "")]
         comment: String,
     },
+    /// Raise a running run's budget for model calls (journaled); steps parked at the old
+    /// budget go on when the new one allows. A limit left out keeps its value.
+    Budget {
+        run_id: String,
+        #[command(flatten)]
+        budget: BudgetArgs,
+        #[arg(long, default_value = "")]
+        comment: String,
+    },
     /// Send a named signal to a run; steps waiting for it complete with the payload.
     Signal {
         run_id: String,
@@ -118,6 +163,7 @@ pub async fn goal(url: &str, format: Output, command: GoalCommand) -> Result<()>
             objective,
             watch,
             idempotency_key,
+            budget,
         } => {
             let inputs = crate::goalfile::inputs(&inputs)?;
             let mut goal = match (file, workflow) {
@@ -132,9 +178,13 @@ pub async fn goal(url: &str, format: Output, command: GoalCommand) -> Result<()>
                     workflow: None,
                     workflow_ref: reference,
                     idempotency_key: None,
+                    budget: None,
                 },
             };
             goal.idempotency_key = idempotency_key;
+            if let Some(budget) = budget.budget()? {
+                goal.budget = Some(budget);
+            }
             if watch {
                 // One round trip: the acknowledgement, then the run's events.
                 let (run, events) = client.submit_and_watch(goal).await?;
@@ -296,6 +346,20 @@ pub async fn run(url: &str, format: Output, command: RunCommand) -> Result<()> {
             comment,
         } => {
             let view = client.skip_step(&run_id(id)?, &step, &comment).await?;
+            output::run(&view, format);
+        }
+        RunCommand::Budget {
+            run_id: id,
+            budget,
+            comment,
+        } => {
+            let keep_on_exceed = budget.on_exceed.is_none();
+            let Some(raise) = budget.budget()? else {
+                bail!("give --max-tokens, --max-cost-usd or both");
+            };
+            let view = client
+                .raise_budget(&run_id(id)?, &raise, keep_on_exceed, &comment)
+                .await?;
             output::run(&view, format);
         }
         RunCommand::Signal {

@@ -43,6 +43,7 @@ pub fn goal(name: &str, text: &str, inputs: Value, objective: Option<String>) ->
         workflow: Some(text.to_owned()),
         workflow_ref: None,
         idempotency_key: None,
+        budget: None,
     })
 }
 

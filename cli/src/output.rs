@@ -125,6 +125,20 @@ pub fn run(view: &RunView, format: Output) {
                     "usage    {calls} model calls, {input} tokens in, {output} out, cost {cost}"
                 );
             }
+            if let Some(b) = &view.budget {
+                let mut limits = Vec::new();
+                if let Some(t) = b.max_tokens {
+                    limits.push(format!("{t} tokens"));
+                }
+                if let Some(usd) = b.max_cost_usd {
+                    limits.push(format!("${usd}"));
+                }
+                println!(
+                    "budget   {}, on_exceed {}",
+                    limits.join(", "),
+                    b.on_exceed.as_str()
+                );
+            }
             if !view.swarm.is_empty() {
                 let members: Vec<String> = view
                     .swarm

@@ -53,6 +53,7 @@ fn chain(n: usize) -> GoalSpec {
         idempotency_key: None,
         workflow: None,
         workflow_ref: None,
+        budget: None,
     }
 }
 

@@ -145,6 +145,7 @@ pub async fn prepare(
                 idempotency_key: goal.idempotency_key,
                 planned: true,
                 request_digest,
+                budget: goal.budget,
             };
             return Ok((goal, workflow));
         }
@@ -178,6 +179,7 @@ pub async fn prepare(
         idempotency_key: goal.idempotency_key,
         planned: false,
         request_digest,
+        budget: goal.budget,
     };
     Ok((goal, workflow))
 }
@@ -279,6 +281,7 @@ pub async fn submit(
         idempotency_key: None,
         planned: goal.planned,
         request_digest: None,
+        budget: goal.budget.clone(),
     };
     let mut machine = RunMachine::validated(
         run_id.clone(),
@@ -377,6 +380,7 @@ mod tests {
             workflow: None,
             workflow_ref: None,
             idempotency_key: None,
+            budget: None,
         }
     }
 

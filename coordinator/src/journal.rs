@@ -85,10 +85,24 @@ pub enum JournalEvent {
     StepCancelled {
         step: StepId,
     },
-    /// Failed with `on_failure: park`.
+    /// Failed with `on_failure: park`, or held at the run's budget (`on_exceed: park`).
     StepParked {
         step: StepId,
         error: String,
+        /// Held at the budget: the task that was not started, which a raise starts.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        held: Option<u32>,
+    },
+    /// A step held at the budget goes on: back to running, the tasks its parking cancelled
+    /// pending again.
+    StepResumed {
+        step: StepId,
+    },
+    /// An operator raised the run's budget; steps held at the old one go on if it allows.
+    BudgetRaised {
+        budget: Budget,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        comment: String,
     },
     /// An operator asked to run the step again: back to pending, results dropped, attempt
     /// numbers kept (so that no fencing token is ever issued twice).
@@ -129,6 +143,8 @@ impl JournalEvent {
             JournalEvent::StepSkipped { .. } => "step_skipped",
             JournalEvent::StepCancelled { .. } => "step_cancelled",
             JournalEvent::StepParked { .. } => "step_parked",
+            JournalEvent::BudgetRaised { .. } => "budget_raised",
+            JournalEvent::StepResumed { .. } => "step_resumed",
             JournalEvent::StepReset { .. } => "step_reset",
             JournalEvent::UsageRecorded { .. } => "usage_recorded",
             JournalEvent::RunResumed => "run_resumed",
@@ -141,6 +157,7 @@ impl JournalEvent {
             JournalEvent::RunCreated
             | JournalEvent::SignalReceived { .. }
             | JournalEvent::WorkflowPlanned { .. }
+            | JournalEvent::BudgetRaised { .. }
             | JournalEvent::RunResumed
             | JournalEvent::RunFinished { .. } => None,
             JournalEvent::StepExpanded { step, .. }
@@ -154,6 +171,7 @@ impl JournalEvent {
             | JournalEvent::StepSkipped { step, .. }
             | JournalEvent::StepCancelled { step }
             | JournalEvent::StepParked { step, .. }
+            | JournalEvent::StepResumed { step }
             | JournalEvent::StepReset { step }
             | JournalEvent::UsageRecorded { step, .. } => Some(step),
         }
@@ -175,4 +193,7 @@ pub struct StoredGoal {
     /// idempotency key with another request is refused. Absent in goals stored before.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_digest: Option<String>,
+    /// The goal's own budget, which replaces its workflow's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<Budget>,
 }

@@ -397,6 +397,7 @@ mod tests {
             workflow: None,
             workflow_ref: None,
             idempotency_key: None,
+            budget: None,
         }
     }
 

@@ -13,6 +13,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
+use mesh_proto::FieldError;
 use mesh_proto::domain::*;
 use mesh_workflow::validate::{Action, Step};
 use mesh_workflow::{Limits, OnFailure, RunBindings, Workflow, WorkflowDef};
@@ -117,6 +118,8 @@ pub struct StepRt {
     pub detail: Option<String>,
     /// When a wait times out (Unix ms).
     pub until_ms: Option<i64>,
+    /// Parked at the run's budget (`on_exceed: park`): the task a raise starts.
+    pub held: Option<u32>,
 }
 
 /// A retry to schedule after a failed attempt.
@@ -127,6 +130,16 @@ pub struct RetryAfter {
     pub attempt: u32,
     pub delay: Duration,
     pub jitter: f64,
+}
+
+/// An operator's raise of a run's budget: a limit left out keeps its value, and so does
+/// `on_exceed`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct BudgetRaise {
+    pub max_tokens: Option<u64>,
+    pub max_cost_usd: Option<f64>,
+    pub on_exceed: Option<OnExceed>,
+    pub comment: String,
 }
 
 /// What a result or failure leads to.
@@ -167,6 +180,8 @@ pub struct RunMachine {
     retained_bytes: u64,
     /// Model calls of every attempt, by step; kept across retries of a step (they were paid).
     usage: BTreeMap<StepId, UsageTotal>,
+    /// What the run may spend: the goal's budget, else its workflow's, as last raised.
+    budget: Option<Budget>,
     /// Inputs rendered when their attempt started, until it is dispatched: an input's
     /// expressions are evaluated once, not again for the dispatch. Not journaled.
     rendered: HashMap<(usize, u32), Value>,
@@ -221,6 +236,7 @@ impl RunMachine {
         limits: Limits,
     ) -> Self {
         let steps = vec![StepRt::default(); workflow.steps.len()];
+        let budget = goal.budget.or_else(|| workflow.def.budget.clone());
         Self {
             run_id,
             goal_id,
@@ -234,6 +250,7 @@ impl RunMachine {
             error: None,
             signals: BTreeMap::new(),
             planning: goal.planned,
+            budget,
             policy,
             limits,
             retained_bytes: 0,
@@ -499,7 +516,11 @@ impl RunMachine {
     fn fail_step(&mut self, i: usize, out: &mut Vec<JournalEvent>, error: String) {
         let step = self.id(i);
         let event = match self.spec(i).on_failure {
-            OnFailure::Park => JournalEvent::StepParked { step, error },
+            OnFailure::Park => JournalEvent::StepParked {
+                step,
+                error,
+                held: None,
+            },
             OnFailure::Fail | OnFailure::Continue => JournalEvent::StepFailed { step, error },
         };
         self.emit(out, event);
@@ -687,7 +708,17 @@ impl RunMachine {
     fn start(&mut self, i: usize, index: u32, out: &mut Vec<JournalEvent>) {
         let llm = self.spec(i).skill() == LLM_SKILL;
         if llm && let Some(why) = self.over_budget() {
-            return self.fail_step(i, out, why);
+            return match self.budget.as_ref().map(|b| b.on_exceed) {
+                Some(OnExceed::Park) => self.emit(
+                    out,
+                    JournalEvent::StepParked {
+                        step: self.id(i),
+                        error: why,
+                        held: Some(index),
+                    },
+                ),
+                Some(OnExceed::Fail) | None => self.fail_step(i, out, why),
+            };
         }
         // A step whose input cannot be made fails, rather than each attempt.
         match self.task_input(i, index) {
@@ -760,31 +791,81 @@ impl RunMachine {
 
     /// Why the run may not start another model call: the budget it reached, and its spend.
     fn over_budget(&self) -> Option<String> {
-        let budget = self.workflow.def.budget.as_ref()?;
-        let spent = self.usage();
-        let tokens = spent.input_tokens.saturating_add(spent.output_tokens);
-        if let Some(max) = budget.max_tokens
-            && tokens >= max
-        {
-            return Some(format!(
-                "budget: the run has used {tokens} tokens, its max_tokens is {max}"
-            ));
+        self.budget.as_ref()?.reached(&self.usage())
+    }
+
+    /// The run's budget, as last raised.
+    pub fn budget(&self) -> Option<&Budget> {
+        self.budget.as_ref()
+    }
+
+    /// An operator raises the run's budget: each limit given must be at least the one it
+    /// replaces. Steps held at the old budget go on if the new one allows.
+    pub fn on_raise_budget(&mut self, raise: BudgetRaise) -> Result<Vec<JournalEvent>> {
+        if self.state.is_terminal() {
+            return Err(Error::FailedPrecondition(format!(
+                "run {} {}; only a running run's budget can be raised",
+                self.run_id, self.state
+            )));
         }
-        if let Some(max) = budget.max_cost_usd
-            && spent.cost_usd >= max
+        let old = self.budget.clone().unwrap_or_default();
+        let lower = |field: &str, new: String, was: String| {
+            Error::InvalidArgument(FieldError::new(
+                format!("budget.{field}"),
+                format!("{new} is below the run's {was}; a raise cannot lower a limit"),
+            ))
+        };
+        if let (Some(new), Some(was)) = (raise.max_tokens, old.max_tokens)
+            && new < was
         {
-            return Some(format!(
-                "budget: the run has spent ${:.6}, its max_cost_usd is ${max}",
-                spent.cost_usd
-            ));
+            return Err(lower("max_tokens", new.to_string(), was.to_string()));
         }
-        None
+        if let (Some(new), Some(was)) = (raise.max_cost_usd, old.max_cost_usd)
+            && new < was
+        {
+            return Err(lower("max_cost_usd", format!("${new}"), format!("${was}")));
+        }
+        let budget = Budget {
+            max_tokens: raise.max_tokens.or(old.max_tokens),
+            max_cost_usd: raise.max_cost_usd.or(old.max_cost_usd),
+            on_exceed: raise.on_exceed.unwrap_or(old.on_exceed),
+        };
+        if let Some((field, why)) = budget.problem() {
+            return Err(Error::InvalidArgument(FieldError::new(
+                format!("budget{field}"),
+                why,
+            )));
+        }
+        let mut out = Vec::new();
+        self.emit(
+            &mut out,
+            JournalEvent::BudgetRaised {
+                budget,
+                comment: raise.comment,
+            },
+        );
+        if self.over_budget().is_some() {
+            return Ok(out);
+        }
+        // Steps held at the old budget go on where they stopped.
+        for i in 0..self.steps.len() {
+            let Some(index) = self.steps[i]
+                .held
+                .filter(|_| self.steps[i].state == StepState::Parked)
+            else {
+                continue;
+            };
+            self.emit(&mut out, JournalEvent::StepResumed { step: self.id(i) });
+            self.start(i, index, &mut out);
+            self.fill(i, &mut out);
+        }
+        Ok(out)
     }
 
     /// Caps an `llm` task's `with.max_tokens` by what is left of the run's token budget, so
     /// that one call cannot overshoot by more than its own answer.
     fn cap_tokens(&self, input: &mut Value) {
-        let Some(max) = self.workflow.def.budget.as_ref().and_then(|b| b.max_tokens) else {
+        let Some(max) = self.budget.as_ref().and_then(|b| b.max_tokens) else {
             return;
         };
         let spent = self.usage();
@@ -1346,6 +1427,9 @@ impl RunMachine {
                 // Validated before it was journaled; validation is deterministic.
                 if let Ok(w) = mesh_workflow::validate(workflow.clone(), &self.limits) {
                     self.steps.resize(w.steps.len(), StepRt::default());
+                    if self.budget.is_none() {
+                        self.budget = w.def.budget.clone();
+                    }
                     self.workflow = Arc::new(w);
                     self.inputs = inputs.clone();
                     self.planning = false;
@@ -1371,8 +1455,27 @@ impl RunMachine {
             JournalEvent::StepCancelled { step } => {
                 self.end_step(step, StepState::Cancelled, |_| {});
             }
-            JournalEvent::StepParked { step, error } => {
-                self.end_step(step, StepState::Parked, |s| s.error = Some(error.clone()));
+            JournalEvent::StepParked { step, error, held } => {
+                self.end_step(step, StepState::Parked, |s| {
+                    s.error = Some(error.clone());
+                    s.held = *held;
+                });
+            }
+            JournalEvent::StepResumed { step } => {
+                if let Some(i) = at(self, step) {
+                    let s = &mut self.steps[i];
+                    s.state = StepState::Running;
+                    s.error = None;
+                    s.held = None;
+                    for t in &mut s.tasks {
+                        if t.state == StepState::Cancelled {
+                            t.state = StepState::Pending;
+                        }
+                    }
+                }
+            }
+            JournalEvent::BudgetRaised { budget, .. } => {
+                self.budget = Some(budget.clone());
             }
             JournalEvent::StepReset { step } => {
                 if let Some(i) = at(self, step) {
@@ -1383,6 +1486,7 @@ impl RunMachine {
                     s.detail = None;
                     s.until_ms = None;
                     s.items = None;
+                    s.held = None;
                     for t in &mut s.tasks {
                         *t = Task {
                             attempt: t.attempt,
@@ -1504,6 +1608,7 @@ mod tests {
             workflow: workflow.def,
             idempotency_key: None,
             planned: false,
+            budget: None,
         };
         RunMachine::new(
             "r1".into(),
@@ -1595,6 +1700,78 @@ mod tests {
         );
         assert_eq!(m.usage().calls, 2);
         assert!((m.usage().cost_usd - 0.012).abs() < 1e-12);
+    }
+
+    /// `on_exceed: park`: the task that would exceed the budget is not started; the step is
+    /// parked (its sibling in flight cancelled) and the run keeps running. A raise is
+    /// journaled and the step goes on where it stopped: the held task and the cancelled one
+    /// start, the finished one is kept. A lower limit is refused; replay gives the same run.
+    #[test]
+    fn a_parked_budget_goes_on_where_it_stopped_once_raised() {
+        let yaml = "budget: { max_tokens: 15, on_exceed: park }
+steps:
+  - id: s
+    uses: llm
+    foreach: '${{ [1, 2, 3] }}'
+    parallel: 2
+";
+        let mut m = machine(yaml, json!({}));
+        let mut journal = m.advance();
+        assert_eq!(started(&journal), [("s".into(), 0), ("s".into(), 1)]);
+        let result = TaskResult {
+            token: token(&m, "s", 0),
+            outcome: Ok(json!("one")),
+            usage: vec![ModelUsage {
+                provider: "ollama".into(),
+                model: "m".into(),
+                calls: 1,
+                input_tokens: 10,
+                output_tokens: 10,
+                cost_usd: None,
+            }],
+        };
+        let e = m.on_result(&result).unwrap().events;
+        assert!(started(&e).is_empty(), "task 2 would exceed the budget");
+        assert!(matches!(
+            e.last(),
+            Some(JournalEvent::StepParked { held: Some(2), error, .. })
+                if error.contains("budget: the run has used 20 tokens, its max_tokens is 15")
+        ));
+        assert_eq!(state(&m, "s"), StepState::Parked);
+        assert_eq!(m.state(), RunState::Running, "a parked step keeps the run");
+        journal.extend(e);
+
+        let lower = BudgetRaise {
+            max_tokens: Some(10),
+            ..BudgetRaise::default()
+        };
+        let err = m.on_raise_budget(lower).unwrap_err().to_string();
+        assert!(
+            err.contains("budget.max_tokens: 10 is below the run's 15"),
+            "{err}"
+        );
+        let raise = BudgetRaise {
+            max_tokens: Some(100),
+            comment: "worth it".into(),
+            ..BudgetRaise::default()
+        };
+        let e = m.on_raise_budget(raise).unwrap();
+        assert!(matches!(
+            &e[0],
+            JournalEvent::BudgetRaised { budget, comment }
+                if budget.max_tokens == Some(100) && budget.on_exceed == OnExceed::Park && comment == "worth it"
+        ));
+        assert_eq!(started(&e), [("s".into(), 2), ("s".into(), 1)]);
+        journal.extend(e);
+        journal.extend(ok(&mut m, "s", 1, json!("two")));
+        journal.extend(ok(&mut m, "s", 2, json!("three")));
+        assert_eq!(m.state(), RunState::Succeeded);
+        assert_eq!(m.output(), Some(&json!({"s": ["one", "two", "three"]})));
+
+        let again = machine(yaml, json!({})).replay(&journal);
+        assert_eq!(again.steps, m.steps);
+        assert_eq!(again.budget(), m.budget());
+        assert_eq!(again.usage(), m.usage());
     }
 
     #[test]
@@ -2037,6 +2214,7 @@ mod tests {
             .unwrap(),
             idempotency_key: None,
             planned: true,
+            budget: None,
         };
         let mut m = RunMachine::new(
             "r".into(),

@@ -22,6 +22,7 @@ use crate::directory::RunDirectory;
 use crate::dispatcher::{DispatchRequest, DispatcherMsg, QueueBoard};
 use crate::error::{Error, Result};
 use crate::intake::Admission;
+use crate::machine::BudgetRaise;
 pub use crate::machine::{Decision, RetryPolicy, RunMachine};
 use crate::metrics as m;
 use crate::node_link::{Report, ResultAck};
@@ -98,6 +99,11 @@ pub enum RunMsg {
     Skip {
         step: StepId,
         comment: String,
+        reply: RpcReplyPort<Result<RunView>>,
+    },
+    /// Raise the run's budget.
+    RaiseBudget {
+        raise: BudgetRaise,
         reply: RpcReplyPort<Result<RunView>>,
     },
     /// A sub-workflow task's child run was created (or found again).
@@ -248,6 +254,7 @@ fn view(
         updated_at_ms,
         output_elided_bytes: None,
         usage: m.usage(),
+        budget: m.budget().cloned(),
     }
 }
 
@@ -464,6 +471,7 @@ impl RunActorState {
             workflow: None,
             workflow_ref: Some(reference.clone()),
             idempotency_key: Some(key),
+            budget: None,
         };
         let (deps, parent) = (self.deps.clone(), myself.clone());
         debug!(%token, %reference, "starting a sub-workflow");
@@ -769,6 +777,13 @@ impl Actor for Run {
                 reply,
             } => {
                 let decided = st.machine.on_skip(&step, &comment);
+                let _ = reply.send(st.commit_and_view(&myself, decided).await);
+            }
+            RunMsg::RaiseBudget { raise, reply } => {
+                let decided = st.machine.on_raise_budget(raise);
+                if decided.is_ok() {
+                    info!(run_id = %st.machine.run_id(), "budget raised");
+                }
                 let _ = reply.send(st.commit_and_view(&myself, decided).await);
             }
             RunMsg::ChildStarted(child) => {

@@ -338,6 +338,7 @@ impl TryFrom<pb::SubmitGoalRequest> for GoalSpec {
             workflow: (!req.workflow.is_empty()).then_some(req.workflow),
             workflow_ref: (!req.workflow_ref.is_empty()).then_some(req.workflow_ref),
             idempotency_key: (!req.idempotency_key.is_empty()).then_some(req.idempotency_key),
+            budget: req.budget.map(|b| budget("budget", b)).transpose()?,
         };
         goal.validate()?;
         Ok(goal)
@@ -366,6 +367,7 @@ impl From<GoalSpec> for pb::SubmitGoalRequest {
             idempotency_key: g.idempotency_key.unwrap_or_default(),
             workflow: g.workflow.unwrap_or_default(),
             workflow_ref: g.workflow_ref.unwrap_or_default(),
+            budget: g.budget.map(Into::into),
         }
     }
 }
@@ -931,6 +933,7 @@ impl From<RunView> for pb::Run {
             updated_at_ms: r.updated_at_ms,
             output_elided_bytes: r.output_elided_bytes.unwrap_or(0),
             usage: Some(r.usage.into()),
+            budget: r.budget.map(Into::into),
         }
     }
 }
@@ -960,7 +963,38 @@ impl From<pb::Run> for RunView {
             updated_at_ms: r.updated_at_ms,
             output_elided_bytes: (r.output_elided_bytes > 0).then_some(r.output_elided_bytes),
             usage: r.usage.map(Into::into).unwrap_or_default(),
+            budget: r.budget.and_then(|b| budget("budget", b).ok()),
         }
+    }
+}
+
+impl From<Budget> for pb::Budget {
+    fn from(b: Budget) -> Self {
+        pb::Budget {
+            max_tokens: b.max_tokens,
+            max_cost_usd: b.max_cost_usd,
+            on_exceed: b.on_exceed.as_str().to_owned(),
+        }
+    }
+}
+
+/// A budget from the wire, checked; `field` names it in errors.
+pub fn budget(field: &str, b: pb::Budget) -> Result<Budget> {
+    let on_exceed = if b.on_exceed.is_empty() {
+        OnExceed::default()
+    } else {
+        b.on_exceed
+            .parse()
+            .map_err(|e| FieldError::new(format!("{field}.on_exceed"), e))?
+    };
+    let budget = Budget {
+        max_tokens: b.max_tokens,
+        max_cost_usd: b.max_cost_usd,
+        on_exceed,
+    };
+    match budget.problem() {
+        Some((sub, why)) => Err(FieldError::new(format!("{field}{sub}"), why)),
+        None => Ok(budget),
     }
 }
 

@@ -343,6 +343,94 @@ pub enum ToNode {
     },
 }
 
+/// What a run may spend on model calls: a workflow's `budget`, a goal's, or one an operator
+/// raised. Checked before each `llm` step is dispatched.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Budget {
+    /// Tokens in and out, over every call of the run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u64>,
+    /// USD of the priced calls of the run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_cost_usd: Option<f64>,
+    #[serde(default)]
+    pub on_exceed: OnExceed,
+}
+
+/// What happens to a run at its budget.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnExceed {
+    /// The step that would exceed it fails (and with it the run, unless the step says
+    /// otherwise); nothing more is dispatched.
+    #[default]
+    Fail,
+    /// The step that would exceed it is parked; the run goes on once an operator raises
+    /// the budget (`RaiseBudget`), or the step is retried or skipped.
+    Park,
+}
+
+impl OnExceed {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnExceed::Fail => "fail",
+            OnExceed::Park => "park",
+        }
+    }
+}
+
+impl std::str::FromStr for OnExceed {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "fail" => Ok(OnExceed::Fail),
+            "park" => Ok(OnExceed::Park),
+            other => Err(format!("must be `fail` or `park`, not `{other}`")),
+        }
+    }
+}
+
+impl Budget {
+    /// The first problem of a budget, as (field under `budget`, what is wrong).
+    pub fn problem(&self) -> Option<(&'static str, &'static str)> {
+        if self.max_tokens.is_none() && self.max_cost_usd.is_none() {
+            return Some(("", "give max_tokens, max_cost_usd or both"));
+        }
+        if self.max_tokens == Some(0) {
+            return Some((".max_tokens", "must be at least 1"));
+        }
+        if let Some(usd) = self.max_cost_usd
+            && !(usd.is_finite() && usd > 0.0)
+        {
+            return Some((".max_cost_usd", "must be a number of USD above 0"));
+        }
+        None
+    }
+
+    /// Why the spend `used` has reached this budget, naming the limit and the spend.
+    pub fn reached(&self, used: &UsageTotal) -> Option<String> {
+        let tokens = used.input_tokens.saturating_add(used.output_tokens);
+        if let Some(max) = self.max_tokens
+            && tokens >= max
+        {
+            return Some(format!(
+                "budget: the run has used {tokens} tokens, its max_tokens is {max}"
+            ));
+        }
+        if let Some(max) = self.max_cost_usd
+            && used.cost_usd >= max
+        {
+            return Some(format!(
+                "budget: the run has spent ${:.6}, its max_cost_usd is ${max}",
+                used.cost_usd
+            ));
+        }
+        None
+    }
+}
+
 /// One step of a goal's inline workflow.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StepSpec {
@@ -368,6 +456,9 @@ pub struct GoalSpec {
     #[serde(default)]
     pub workflow_ref: Option<String>,
     pub idempotency_key: Option<String>,
+    /// The goal's budget for model calls; replaces its workflow's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<Budget>,
 }
 
 /// What a goal gives to run: decided in one place, [`GoalSpec::kind`].
@@ -579,6 +670,9 @@ pub struct RunView {
     /// Model calls of every step.
     #[serde(default)]
     pub usage: UsageTotal,
+    /// The run's budget for model calls, as last raised.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<Budget>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -476,6 +476,7 @@ pub fn goal(
         idempotency_key: None,
         workflow: None,
         workflow_ref: None,
+        budget: None,
     }
 }
 
@@ -488,5 +489,6 @@ pub fn workflow_goal(text: &str, inputs: serde_json::Value) -> mesh_agent_sdk::G
         workflow: Some(text.to_owned()),
         workflow_ref: None,
         idempotency_key: None,
+        budget: None,
     }
 }

@@ -30,6 +30,7 @@ const UNARY: &[(&str, bool)] = &[
     ("/mesh.v1.GoalService/Signal", false),
     ("/mesh.v1.GoalService/RetryRun", false),
     ("/mesh.v1.GoalService/SkipStep", false),
+    ("/mesh.v1.GoalService/RaiseBudget", false),
     ("/mesh.v1.GoalService/GetOutput", false),
     ("/mesh.v1.WorkflowService/Register", false),
     ("/mesh.v1.WorkflowService/Get", false),
@@ -52,6 +53,15 @@ const EXPECTED: &[Code] = &[
 fn random_bytes(rng: &mut fastrand::Rng, max: usize) -> Vec<u8> {
     let n = rng.usize(0..=max);
     (0..n).map(|_| rng.u8(..)).collect()
+}
+
+/// A budget with any limits, sane or not.
+fn budget(rng: &mut fastrand::Rng) -> pb::Budget {
+    pb::Budget {
+        max_tokens: rng.bool().then(|| rng.u64(..)),
+        max_cost_usd: rng.bool().then(|| f64::from_bits(rng.u64(..))),
+        on_exceed: random_text(rng),
+    }
 }
 
 fn random_text(rng: &mut fastrand::Rng) -> String {
@@ -130,6 +140,7 @@ fn hostile_message(rng: &mut fastrand::Rng, path: &str) -> Vec<u8> {
             } else {
                 String::new()
             },
+            budget: rng.bool().then(|| budget(rng)),
         }
         .encode_to_vec(),
         "GetRun" => pb::GetRunRequest {
@@ -168,6 +179,12 @@ fn hostile_message(rng: &mut fastrand::Rng, path: &str) -> Vec<u8> {
         "SkipStep" => pb::SkipStepRequest {
             run_id: random_text(rng),
             step_id: random_text(rng),
+            comment: random_text(rng),
+        }
+        .encode_to_vec(),
+        "RaiseBudget" => pb::RaiseBudgetRequest {
+            run_id: random_text(rng),
+            budget: rng.bool().then(|| budget(rng)),
             comment: random_text(rng),
         }
         .encode_to_vec(),

@@ -465,14 +465,10 @@ async fn a_watcher_sees_the_text_as_it_comes() {
     let view = client.get_run(&run.run_id).await.unwrap();
     assert_eq!(output(&view)["text"], answer);
     // The journal holds the answer once (in the result), never a row per delta.
-    let db = rusqlite::Connection::open(mesh.db_path()).unwrap();
-    let kinds: Vec<String> = db
-        .prepare("SELECT kind FROM journal WHERE run_id = ?1 ORDER BY seq")
-        .unwrap()
-        .query_map([run.run_id.as_str()], |r| r.get(0))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
+    let kinds: Vec<String> = journal(&mesh, &run.run_id)
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
     assert_eq!(
         kinds,
         [
@@ -484,6 +480,20 @@ async fn a_watcher_sees_the_text_as_it_comes() {
             "run_finished"
         ]
     );
+}
+
+/// A run's journal as (kind, event JSON), in order, read from the store file.
+fn journal(mesh: &Mesh, run: &mesh_agent_sdk::RunId) -> Vec<(String, Value)> {
+    let db = rusqlite::Connection::open(mesh.db_path()).unwrap();
+    db.prepare("SELECT kind, event FROM journal WHERE run_id = ?1 ORDER BY seq")
+        .unwrap()
+        .query_map([run.as_str()], |r| {
+            let event: String = r.get(1)?;
+            Ok((r.get(0)?, serde_json::from_str(&event).unwrap()))
+        })
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
 }
 
 /// `mesh goal submit --watch` prints a step's text as it comes.
@@ -500,23 +510,11 @@ async fn the_cli_prints_the_text_as_it_comes() {
         one_step(json!({ "model": "gemini/cli", "prompt": "print me live" })),
     )
     .unwrap();
-    let mesh_url = mesh.url();
-    let file_arg = file.to_str().unwrap().to_owned();
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(mesh_tests::mesh_bin())
-            .args([
-                "--coordinator",
-                &mesh_url,
-                "goal",
-                "submit",
-                &file_arg,
-                "--watch",
-            ])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    let out = mesh_cli(
+        &mesh,
+        &["goal", "submit", file.to_str().unwrap(), "--watch"],
+    )
+    .await;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(
@@ -797,6 +795,7 @@ async fn a_text_goal_is_planned_by_a_model_asked_again_once_with_the_errors() {
         workflow: None,
         workflow_ref: None,
         idempotency_key: None,
+        budget: None,
     };
     let run = client.submit(goal).await.unwrap();
     let view = finish(&client, &run.run_id).await;
@@ -869,4 +868,130 @@ async fn a_response_schema_is_checked_and_asked_again_once() {
         "{error}"
     );
     assert_eq!(view.steps[0].attempt, 1, "not retried");
+}
+
+/// Runs the `mesh` CLI against `mesh`.
+async fn mesh_cli(mesh: &Mesh, args: &[&str]) -> std::process::Output {
+    let mut all = vec!["--coordinator".to_owned(), mesh.url()];
+    all.extend(args.iter().map(|a| (*a).to_owned()));
+    let run = move || {
+        std::process::Command::new(mesh_tests::mesh_bin())
+            .args(&all)
+            .output()
+            .unwrap()
+    };
+    tokio::task::spawn_blocking(run).await.unwrap()
+}
+
+/// Runs the `mesh` CLI against `mesh` and returns its stdout; panics when it fails.
+async fn cli(mesh: &Mesh, args: &[&str]) -> String {
+    let out = mesh_cli(mesh, args).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A goal's own budget, given on the command line with `on_exceed: park`: the loop is held
+/// at the call that would exceed it, the run keeps running and says why; `mesh run budget`
+/// raises it (journaled, shown by `mesh run get`) and the loop goes on from the iteration
+/// it stopped at, with each call capped by what is left.
+#[tokio::test]
+async fn a_parked_budget_goes_on_once_raised_from_the_cli() {
+    let fake = FakeLlm::start(KEY).await;
+    let mesh = mesh_with_llm(&fake, KEY).await;
+    let file = mesh.dir.path().join("loop.yaml");
+    std::fs::write(
+        &file,
+        r#"
+steps:
+  - id: think
+    uses: llm
+    with: { model: anthropic/thinker, prompt: "a b c", max_tokens: 100 }
+    loop: { until: "${{ iteration >= 3 }}", max_iterations: 5 }
+"#,
+    )
+    .unwrap();
+    let file = file.to_str().unwrap();
+    let submitted = cli(
+        &mesh,
+        &[
+            "goal",
+            "submit",
+            file,
+            "--max-tokens",
+            "10",
+            "--on-exceed",
+            "park",
+        ],
+    )
+    .await;
+    let run_id = mesh_agent_sdk::RunId(submitted.trim().to_owned());
+    let client = mesh.client().await;
+    // Each call: 3 tokens in, 4 out. The third would start at 14 of 10: held.
+    let parked = mesh_tests::wait_for(
+        "the step parked at the budget",
+        Duration::from_secs(30),
+        || async {
+            let view = client.get_run(&run_id).await.ok()?;
+            (view.steps[0].state == mesh_agent_sdk::StepState::Parked).then_some(view)
+        },
+    )
+    .await;
+    assert_eq!(parked.state, RunState::Running, "{parked:?}");
+    let error = parked.steps[0].error.clone().unwrap_or_default();
+    assert!(
+        error.contains("budget: the run has used 14 tokens, its max_tokens is 10"),
+        "{error}"
+    );
+    assert_eq!(fake.seen().len(), 2, "nothing sent past the budget");
+
+    // A raise that lowers a limit is refused, naming the field.
+    let lower = mesh_cli(&mesh, &["run", "budget", &run_id.0, "--max-tokens", "5"]).await;
+    assert!(!lower.status.success());
+    let stderr = String::from_utf8_lossy(&lower.stderr);
+    assert!(
+        stderr.contains("budget.max_tokens: 5 is below the run's 10"),
+        "{stderr}"
+    );
+
+    let shown = cli(
+        &mesh,
+        &[
+            "run",
+            "budget",
+            &run_id.0,
+            "--max-tokens",
+            "100",
+            "--comment",
+            "worth it",
+        ],
+    )
+    .await;
+    assert!(
+        shown.contains("budget   100 tokens, on_exceed park"),
+        "{shown}"
+    );
+    let view = finish(&client, &run_id).await;
+    assert_eq!(view.state, RunState::Succeeded, "{view:?}");
+    let sent: Vec<Value> = fake
+        .seen()
+        .iter()
+        .map(|s| s.body["max_tokens"].clone())
+        .collect();
+    assert_eq!(
+        sent,
+        [json!(10), json!(3), json!(86), json!(79)],
+        "four iterations in all, each capped by what was left"
+    );
+    assert_eq!(view.usage.input_tokens + view.usage.output_tokens, 28);
+    // The raise is in the journal, with its comment, and the step resumed after it.
+    let kinds: Vec<(String, Value)> = journal(&mesh, &run_id)
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("budget") || k.starts_with("step_resumed"))
+        .collect();
+    assert_eq!(kinds.len(), 2, "{kinds:?}");
+    assert_eq!(kinds[0].0, "budget_raised");
+    assert_eq!(kinds[0].1["budget"]["max_tokens"], 100);
+    assert_eq!(kinds[0].1["comment"], "worth it");
+    assert_eq!(kinds[1].0, "step_resumed");
 }

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+pub use mesh_proto::domain::{Budget, OnExceed};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -36,31 +37,7 @@ pub struct WorkflowDef {
     pub deadline: Option<Duration>,
     /// What the run may spend on model calls; checked before each `llm` step is dispatched.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub budget: Option<BudgetDef>,
-}
-
-/// A run's budget for model calls.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BudgetDef {
-    /// Tokens in and out, over every call of the run.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_tokens: Option<u64>,
-    /// USD of the priced calls of the run.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_cost_usd: Option<f64>,
-    #[serde(default)]
-    pub on_exceed: OnExceed,
-}
-
-/// What happens to a run at its budget.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum OnExceed {
-    /// The step that would exceed it fails (and with it the run, unless the step says
-    /// otherwise); nothing more is dispatched.
-    #[default]
-    Fail,
+    pub budget: Option<Budget>,
 }
 
 /// One step. Exactly one of `uses`, `agent`, `workflow`, `approval` and `wait_for` says

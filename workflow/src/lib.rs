@@ -8,7 +8,7 @@ pub mod expr;
 pub mod fuzz;
 pub mod validate;
 
-pub use def::{BudgetDef, OnExceed, OnFailure, RetryDef, StepDef, WorkflowDef};
+pub use def::{Budget, OnExceed, OnFailure, RetryDef, StepDef, WorkflowDef};
 pub use expr::{Bindings, Expr, RunBindings, Template};
 pub use validate::{
     Action, Invalid, JsonSchema, Limits, Problem, Step, Target, Workflow, check_sub_workflows,

@@ -529,18 +529,8 @@ pub fn validate(def: WorkflowDef, limits: &Limits) -> Result<Workflow, Invalid> 
         }
     }
     c.duration("deadline", def.deadline);
-    if let Some(b) = &def.budget {
-        if b.max_tokens.is_none() && b.max_cost_usd.is_none() {
-            c.problem("budget", "give max_tokens, max_cost_usd or both");
-        }
-        if b.max_tokens == Some(0) {
-            c.problem("budget.max_tokens", "must be at least 1");
-        }
-        if let Some(usd) = b.max_cost_usd
-            && !(usd.is_finite() && usd > 0.0)
-        {
-            c.problem("budget.max_cost_usd", "must be a number of USD above 0");
-        }
+    if let Some((field, why)) = def.budget.as_ref().and_then(Budget::problem) {
+        c.problem(format!("budget{field}"), why);
     }
 
     let mut index = HashMap::with_capacity(def.steps.len());

@@ -142,6 +142,7 @@ mod tests {
             updated_at_ms: 0,
             output_elided_bytes: None,
             usage: Default::default(),
+            budget: None,
         }
     }
 

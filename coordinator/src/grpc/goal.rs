@@ -6,13 +6,14 @@ use std::time::Duration;
 use futures::{Stream, StreamExt, stream};
 use mesh_proto::convert::{check_id, parse_json, run_id};
 use mesh_proto::domain::*;
-use mesh_proto::pb;
+use mesh_proto::{FieldError, pb};
 use tokio_stream::wrappers::BroadcastStream;
 use tonic::{Request, Response, Status};
 
 use super::{bounded, status};
 use crate::error::{Error, call_result};
 use crate::intake;
+use crate::machine::BudgetRaise;
 use crate::root::Handles;
 use crate::run::{self, RunMsg};
 use crate::store::Backend;
@@ -361,6 +362,36 @@ impl pb::goal_service_server::GoalService for GoalApi {
                 comment,
                 reply,
             })
+            .await?;
+        Ok(Response::new(bounded::run(view)))
+    }
+
+    #[tracing::instrument(name = "grpc.raise_budget", skip_all)]
+    async fn raise_budget(
+        &self,
+        request: Request<pb::RaiseBudgetRequest>,
+    ) -> Result<Response<pb::Run>, Status> {
+        let req = request.into_inner();
+        let id = run_id("run_id", req.run_id).map_err(|e| status(e.into()))?;
+        check_comment(&req.comment)?;
+        let wire = req.budget.unwrap_or_default();
+        if wire.max_tokens.is_none() && wire.max_cost_usd.is_none() {
+            return Err(status(
+                FieldError::new("budget", "give the new max_tokens, max_cost_usd or both").into(),
+            ));
+        }
+        let on_exceed = (!wire.on_exceed.is_empty())
+            .then(|| wire.on_exceed.parse::<OnExceed>())
+            .transpose()
+            .map_err(|e| status(FieldError::new("budget.on_exceed", e).into()))?;
+        let raise = BudgetRaise {
+            max_tokens: wire.max_tokens,
+            max_cost_usd: wire.max_cost_usd,
+            on_exceed,
+            comment: req.comment,
+        };
+        let view = self
+            .call_live(&id, |reply| RunMsg::RaiseBudget { raise, reply })
             .await?;
         Ok(Response::new(bounded::run(view)))
     }

@@ -66,6 +66,7 @@ fn goal(key: Option<&str>) -> StoredGoal {
         workflow,
         idempotency_key: key.map(str::to_owned),
         planned: false,
+        budget: None,
     }
 }
 
