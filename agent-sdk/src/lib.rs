@@ -51,8 +51,8 @@ pub use agent::{Agent, AgentCard, AgentError, Context, Progress};
 pub use client::{ClientError, GoalClient, RpcCode, WorkflowProblem, check_coordinator_url};
 pub use error::{Error, Result};
 pub use mesh_proto::domain::{
-    AgentKey, AgentView, FencingToken, GoalSpec, Health, ModelUsage, NodeView, RunEvent, RunId,
-    RunPage, RunRef, RunState, RunSummary, RunView, SkillSpec, StepId, StepSpec, StepState,
-    StepView, SwarmMember, UsageTotal, WorkflowRecord,
+    AgentKey, AgentView, Budget, FencingToken, GoalSpec, Health, ModelUsage, NodeView, OnExceed,
+    RunEvent, RunId, RunPage, RunRef, RunState, RunSummary, RunView, SkillSpec, StepId, StepSpec,
+    StepState, StepView, SwarmMember, UsageTotal, WorkflowRecord,
 };
 pub use runtime::{NodeRuntime, NodeRuntimeBuilder, RuntimeConfig};

@@ -720,6 +720,14 @@ steps:
     }
 }
 
+/// The `max_tokens` of each request the fake received, in order.
+fn sent_max_tokens(fake: &FakeLlm) -> Vec<Value> {
+    fake.seen()
+        .iter()
+        .map(|s| s.body["max_tokens"].clone())
+        .collect()
+}
+
 /// A budget stops a loop at the call that would exceed it: each call's `max_tokens` is capped
 /// by what is left, the run fails naming the budget and the spend, and nothing more is sent.
 #[tokio::test]
@@ -743,11 +751,7 @@ steps:
         "{error}"
     );
     // Each call: 3 tokens in, 4 out. The fourth would start at 21 of 20: never sent.
-    let sent: Vec<Value> = fake
-        .seen()
-        .iter()
-        .map(|s| s.body["max_tokens"].clone())
-        .collect();
+    let sent = sent_max_tokens(&fake);
     assert_eq!(
         sent,
         [json!(20), json!(13), json!(6)],
@@ -973,11 +977,7 @@ steps:
     );
     let view = finish(&client, &run_id).await;
     assert_eq!(view.state, RunState::Succeeded, "{view:?}");
-    let sent: Vec<Value> = fake
-        .seen()
-        .iter()
-        .map(|s| s.body["max_tokens"].clone())
-        .collect();
+    let sent = sent_max_tokens(&fake);
     assert_eq!(
         sent,
         [json!(10), json!(3), json!(86), json!(79)],
@@ -994,4 +994,44 @@ steps:
     assert_eq!(kinds[0].1["budget"]["max_tokens"], 100);
     assert_eq!(kinds[0].1["comment"], "worth it");
     assert_eq!(kinds[1].0, "step_resumed");
+}
+
+/// The draft → critique example: a model drafts, then judges and rewrites until the score
+/// reaches the bar, each judgement checked against its `response_schema`, under the
+/// example's budget.
+#[tokio::test]
+async fn the_draft_critique_example_loops_until_the_judge_is_satisfied() {
+    let fake = FakeLlm::start(KEY).await;
+    let mesh = mesh_with_llm(&fake, KEY).await;
+    fake.knobs().answers.lock().unwrap().extend([
+        "A first draft.".to_owned(),
+        json!({ "score": 5, "critique": "too vague", "draft": "A sharper draft." }).to_string(),
+        json!({ "score": 9, "critique": "good", "draft": "The final draft." }).to_string(),
+    ]);
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples/workflows/llm-draft-critique.yaml");
+    let text = std::fs::read_to_string(path).unwrap();
+    let client = mesh.client().await;
+    let inputs = json!({ "model": "ollama/judge", "topic": "leases" });
+    let view = submit_and_finish(&client, &text, inputs).await;
+    assert_eq!(view.state, RunState::Succeeded, "{view:?}");
+    let out = view.output.clone().unwrap();
+    assert_eq!(out["text"], "The final draft.");
+    assert_eq!(out["score"], 9);
+    let prompts: Vec<String> = fake
+        .seen()
+        .iter()
+        .map(|s| s.body["messages"].to_string())
+        .collect();
+    assert_eq!(prompts.len(), 3, "a draft and two rounds");
+    assert!(
+        prompts[0].contains("Write a paragraph about leases."),
+        "{prompts:?}"
+    );
+    assert!(prompts[1].contains("A first draft."), "{prompts:?}");
+    assert!(prompts[2].contains("A sharper draft."), "{prompts:?}");
+    assert_eq!(view.usage.calls, 3);
+    let budget = view.budget.expect("the example's budget");
+    assert_eq!(budget.max_tokens, Some(6000));
+    assert_eq!(budget.on_exceed, mesh_agent_sdk::OnExceed::Park);
 }
