@@ -30,11 +30,12 @@ pub enum Workload {
     Fanout,
     Registry,
     Failover,
+    Llm,
     Baseline,
 }
 
 impl Workload {
-    const ALL: [Workload; 10] = [
+    const ALL: [Workload; 11] = [
         Workload::Baseline,
         Workload::W1,
         Workload::W2,
@@ -45,6 +46,7 @@ impl Workload {
         Workload::Fanout,
         Workload::Registry,
         Workload::Failover,
+        Workload::Llm,
     ];
 
     fn name(self) -> &'static str {
@@ -58,6 +60,7 @@ impl Workload {
             Workload::Fanout => "fanout",
             Workload::Registry => "registry",
             Workload::Failover => "failover",
+            Workload::Llm => "llm",
             Workload::Baseline => "baseline",
         }
     }
@@ -74,6 +77,7 @@ fn target(workload: &str, figure: &str) -> Option<&'static str> {
         ("runs", "coordinator RSS") => "< 500 MiB at 10,000 runs",
         ("registry", "coordinator CPU") => "< 0.25 cores at 1,000 × 10",
         ("failover", "kill -9 to all re-dispatched") => "< lease + 1 s = 6,000 ms",
+        ("llm", "added p50") => "< 1,000 µs",
         _ => return None,
     })
 }
@@ -88,6 +92,8 @@ fn baseline_of(workload: &str, figure: &str) -> Option<&'static str> {
         ("w2" | "w3", "p50" | "p50, submit + watch") => "64 in flight p50",
         ("w2" | "w3", "p99" | "p99, submit + watch") => "64 in flight p99",
         ("durable", "p50 per step, one chain") => "sequential p50",
+        ("llm", "p50 through the mesh") => "sequential p50",
+        ("llm", "p99 through the mesh") => "sequential p99",
         _ => return None,
     })
 }
@@ -177,6 +183,7 @@ async fn run_one(w: Workload, sizes: &Sizes) -> Result<Vec<Figure>> {
         Workload::Fanout => workloads::fanout(sizes).await,
         Workload::Registry => workloads::registry(sizes).await,
         Workload::Failover => workloads::failover(sizes).await,
+        Workload::Llm => workloads::llm(sizes).await,
         Workload::Baseline => baseline::run(sizes).await,
     }
 }

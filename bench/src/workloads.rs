@@ -536,3 +536,174 @@ pub async fn failover(sizes: &Sizes) -> Result<Vec<Figure>> {
         ),
     ])
 }
+
+/// The key the `llm` workload's fake provider expects.
+const LLM_KEY: &str = "sk-bench-0123456789abcdef";
+/// The fake answers `answer:` and these words, one word per chunk and per output token.
+const LLM_PROMPT: &str = "the mesh keeps every accepted goal durable and runs each step \
+    on an agent that serves its skill with fencing tokens so that a late result never \
+    overwrites a newer attempt of that same step";
+const LLM_MAX_TOKENS: u32 = 64;
+
+fn llm_goal() -> GoalSpec {
+    let with =
+        json!({ "model": "openai/bench", "prompt": LLM_PROMPT, "max_tokens": LLM_MAX_TOKENS });
+    goal("bench llm", vec![step("ask", "llm", with, &[])])
+}
+
+/// A goal whose answer streams for about a second: 400 words, one chunk each.
+fn llm_stream_goal() -> GoalSpec {
+    let prompt = vec!["token"; 400].join(" ");
+    let with = json!({ "model": "openai/bench", "prompt": prompt, "max_tokens": 1000 });
+    goal("bench llm stream", vec![step("ask", "llm", with, &[])])
+}
+
+/// llm: the `llm` agent against a fake OpenAI-compatible provider on loopback (the one the
+/// tests use), through the SDK's real client code (genai). The mesh's overhead on one call is
+/// a goal of one `llm` step minus the same streaming call made directly from this process;
+/// then tokens/s with 64 calls in flight, and deltas delivered to 64 watchers of streaming
+/// steps.
+pub async fn llm(sizes: &Sizes) -> Result<Vec<Figure>> {
+    use mesh_agent_sdk::llm::{
+        ChatModel, ChatRequest, LlmConfig, Message, ModelRef, Models, ProviderConfig, Secret,
+    };
+    use mesh_harness::fake_llm::{FakeLlm, Wire};
+
+    let fake = FakeLlm::start(LLM_KEY).await;
+    let base_url = fake.base_url(Wire::OpenAi);
+    // Direct: the same streaming call, read to its end, as the agent makes it.
+    let models = Models::new(LlmConfig {
+        openai: ProviderConfig {
+            base_url: Some(base_url.clone()),
+            api_key: Some(Secret::new(LLM_KEY)),
+        },
+        ..LlmConfig::default()
+    })?;
+    let model = ModelRef::parse("openai/bench").map_err(anyhow::Error::msg)?;
+    let request = ChatRequest {
+        messages: vec![Message::user(LLM_PROMPT)],
+        max_tokens: Some(LLM_MAX_TOKENS),
+        timeout: Some(Duration::from_secs(30)),
+        ..ChatRequest::default()
+    };
+    let tokens = FakeLlm::answer_to(LLM_PROMPT).split_whitespace().count() as u64;
+    let mut direct = Vec::with_capacity(sizes.sequential);
+    for i in 0..sizes.warmup + sizes.sequential {
+        let started = Instant::now();
+        let reply = models.chat(&model, &request).await?;
+        ensure!(
+            reply.usage.map(|u| u.output_tokens) == Some(tokens),
+            "the fake answered {:?}",
+            reply.usage
+        );
+        if i >= sizes.warmup {
+            direct.push(started.elapsed());
+        }
+    }
+
+    let node = format!(
+        "[[agents]]\nkind = \"llm\"\nmax_concurrency = 64\n\n[llm.openai]\nbase_url = \"{base_url}\"\napi_key = \"{LLM_KEY}\"\n"
+    );
+    let cluster = Cluster::with_nodes("", &[("n1", &node)]).await?;
+    let client = cluster.client().await?;
+    load(&client, "llm warm-up", sizes.warmup, 1, llm_goal).await?;
+    let (through, wall) = load(&client, "llm one at a time", sizes.sequential, 1, llm_goal).await?;
+    let mut figures: Vec<Figure> = latency_figures(through.clone(), wall, "calls/s")
+        .into_iter()
+        .zip([
+            "calls/s through the mesh",
+            "p50 through the mesh",
+            "p99 through the mesh",
+        ])
+        .map(|(f, name)| Figure { name, ..f })
+        .collect();
+    let (mut direct, mut through) = (direct, through);
+    direct.sort_unstable();
+    through.sort_unstable();
+    for (name, p) in [("added p50", 50.0), ("added p99", 99.0)] {
+        let added = percentile(&through, p).as_secs_f64() - percentile(&direct, p).as_secs_f64();
+        figures.push(Figure::new(name, added * 1e6, "µs"));
+    }
+    figures.push(Figure::new(
+        "direct p50",
+        percentile(&direct, 50.0).as_secs_f64() * 1e6,
+        "µs",
+    ));
+
+    // Throughput: 64 calls in flight, each answering `tokens` output tokens (checked above).
+    let (_, wall) = load(
+        &client,
+        "llm 64 in flight",
+        sizes.parallel / 10,
+        64,
+        llm_goal,
+    )
+    .await?;
+    let calls = (sizes.parallel / 10) as f64;
+    figures.push(Figure::new(
+        "output tokens/s, 64 in flight",
+        calls * tokens as f64 / wall.as_secs_f64(),
+        "/s",
+    ));
+
+    // Deltas: 64 watched steps, each streaming 401 chunks 2 ms apart.
+    fake.knobs()
+        .chunk_delay_ms
+        .store(2, std::sync::atomic::Ordering::SeqCst);
+    let answer = FakeLlm::answer_to(&vec!["token"; 400].join(" "));
+    let started = Instant::now();
+    let watched = futures::stream::iter(0..64)
+        .map(|_| {
+            let client = client.clone();
+            let answer = answer.clone();
+            async move {
+                let (run, mut events) = client.submit_and_watch(llm_stream_goal()).await?;
+                let (mut deltas, mut text) = (0u64, String::new());
+                let mut state = None;
+                while let Some(event) = events.next().await {
+                    match event? {
+                        RunEvent::Delta {
+                            text: t, restart, ..
+                        } => {
+                            if restart {
+                                text.clear();
+                            }
+                            text.push_str(&t);
+                            deltas += 1;
+                        }
+                        RunEvent::Finished { state: s, .. } => state = Some(s),
+                        _ => {}
+                    }
+                }
+                ensure!(
+                    state == Some(RunState::Succeeded),
+                    "run {} {state:?}",
+                    run.run_id
+                );
+                ensure!(
+                    text == answer,
+                    "run {}: the deltas did not make the answer",
+                    run.run_id
+                );
+                Ok::<_, anyhow::Error>(deltas)
+            }
+        })
+        .buffer_unordered(64)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<Vec<u64>>>()?;
+    let wall = started.elapsed().as_secs_f64();
+    let deltas: u64 = watched.iter().sum();
+    figures.push(Figure::new(
+        "deltas/s to 64 watchers",
+        deltas as f64 / wall,
+        "/s",
+    ));
+    figures.push(Figure::new(
+        "text bytes/s to 64 watchers",
+        (answer.len() * 64) as f64 / wall,
+        "/s",
+    ));
+    Ok(figures)
+}

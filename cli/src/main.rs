@@ -126,9 +126,13 @@ enum Command {
     },
 }
 
+/// genai warns of every OpenAI stream's last chunk (usage, with no choice in it, as the
+/// protocol sends it): not a problem, so not in the log unless asked for.
+const QUIET: &str = "genai::adapter::adapters::openai::streamer=error";
+
 fn init_tracing(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("MESH_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{default},{QUIET}")));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

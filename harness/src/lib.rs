@@ -2,7 +2,10 @@
 //! generator (`mesh-bench`): start a program with its output in a log file, signal it for
 //! real, wait for it with a bound, read its memory and CPU time from `/proc`, find free
 //! loopback ports, and poll a condition with a deadline. A [`Proc`] is killed on drop, and
-//! its log is printed when the thread that drops it is panicking (a failed test).
+//! its log is printed when the thread that drops it is panicking (a failed test). And a
+//! model provider on loopback ([`fake_llm`]) that the `llm` tests and `mesh bench llm` call.
+
+pub mod fake_llm;
 
 use std::fmt;
 use std::fs::File;

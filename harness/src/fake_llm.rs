@@ -105,6 +105,11 @@ impl FakeLlm {
             .expect("bind the fake provider");
         let addr = listener.local_addr().expect("its address");
         let server = tokio::spawn(async move {
+            // Each chunk is written as it comes: without TCP_NODELAY, Nagle's algorithm would
+            // hold small writes for the client's delayed ACK (40 ms on Linux).
+            let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
             let _ = axum::serve(listener, app).await;
         });
         FakeLlm {
