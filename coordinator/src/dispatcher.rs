@@ -796,6 +796,8 @@ impl DispatcherActorState {
             now,
         ) {
             warn!(agent = %attempt.agent, circuit = state.name(), "agent circuit changed");
+            // At once, not at the next tick: the gauge says what the registry says.
+            self.core.publish_gauges();
         }
     }
 
