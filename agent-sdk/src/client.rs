@@ -3,11 +3,14 @@
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
+use mesh_proto::convert::check_id;
 use mesh_proto::domain::*;
 use mesh_proto::pb;
+use mesh_proto::pb::auth_service_client::AuthServiceClient;
 use mesh_proto::pb::goal_service_client::GoalServiceClient;
 use mesh_proto::pb::registry_service_client::RegistryServiceClient;
 use mesh_proto::pb::workflow_service_client::WorkflowServiceClient;
+use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
 
 /// The gRPC status of a failed call, without the transport's types.
@@ -22,6 +25,10 @@ pub enum RpcCode {
     Unavailable,
     Cancelled,
     Internal,
+    /// No token, or one that is unknown, expired or revoked.
+    Unauthenticated,
+    /// The token's role does not allow the call in its namespace.
+    PermissionDenied,
     Other,
 }
 
@@ -37,6 +44,8 @@ impl From<tonic::Code> for RpcCode {
             tonic::Code::Unavailable => RpcCode::Unavailable,
             tonic::Code::Cancelled => RpcCode::Cancelled,
             tonic::Code::Internal => RpcCode::Internal,
+            tonic::Code::Unauthenticated => RpcCode::Unauthenticated,
+            tonic::Code::PermissionDenied => RpcCode::PermissionDenied,
             _ => RpcCode::Other,
         }
     }
@@ -79,6 +88,21 @@ pub struct GoalClient {
     goals: GoalServiceClient<Channel>,
     registry: RegistryServiceClient<Channel>,
     workflows: WorkflowServiceClient<Channel>,
+    auth: AuthServiceClient<Channel>,
+    /// `authorization: Bearer …`, sent with every call when set.
+    token: Option<Bearer>,
+    /// `mesh-namespace`, sent with every call when set (the coordinator's `default` else).
+    namespace: Option<MetadataValue<Ascii>>,
+}
+
+/// A token as sent: never printed.
+#[derive(Clone)]
+struct Bearer(MetadataValue<Ascii>);
+
+impl std::fmt::Debug for Bearer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Bearer ***")
+    }
 }
 
 /// One problem of a workflow definition, as `validate_workflow` reports it.
@@ -86,12 +110,6 @@ pub struct GoalClient {
 pub struct WorkflowProblem {
     pub path: String,
     pub message: String,
-}
-
-fn request<T>(msg: T) -> tonic::Request<T> {
-    let mut req = tonic::Request::new(msg);
-    req.set_timeout(CALL_TIMEOUT);
-    req
 }
 
 /// A coordinator address this SDK can use: `http://host:port`. `https://` is refused with
@@ -126,8 +144,109 @@ impl GoalClient {
         Ok(Self {
             goals: GoalServiceClient::new(channel.clone()),
             registry: RegistryServiceClient::new(channel.clone()),
-            workflows: WorkflowServiceClient::new(channel),
+            workflows: WorkflowServiceClient::new(channel.clone()),
+            auth: AuthServiceClient::new(channel),
+            token: None,
+            namespace: None,
         })
+    }
+
+    /// Calls with `token` (`authorization: Bearer <token>`), as a coordinator with
+    /// authentication on requires.
+    pub fn with_token(mut self, token: &str) -> Result<Self, ClientError> {
+        let value = format!("Bearer {}", token.trim())
+            .parse()
+            .map_err(|_| ClientError::Invalid("the token is not printable ASCII".into()))?;
+        self.token = Some(Bearer(value));
+        Ok(self)
+    }
+
+    /// Calls in `namespace` (`mesh-namespace`); the coordinator's `default` otherwise.
+    pub fn with_namespace(mut self, namespace: &str) -> Result<Self, ClientError> {
+        check_id("namespace", namespace).map_err(|e| ClientError::Invalid(e.to_string()))?;
+        self.namespace =
+            Some(namespace.parse().map_err(|_| {
+                ClientError::Invalid(format!("namespace `{namespace}` is not ASCII"))
+            })?);
+        Ok(self)
+    }
+
+    /// A unary call's request: the credentials and a deadline.
+    fn request<T>(&self, msg: T) -> tonic::Request<T> {
+        let mut req = self.stream_request(msg);
+        req.set_timeout(CALL_TIMEOUT);
+        req
+    }
+
+    /// A streaming call's request: the credentials, and no deadline on the whole stream.
+    fn stream_request<T>(&self, msg: T) -> tonic::Request<T> {
+        let mut req = tonic::Request::new(msg);
+        if let Some(Bearer(token)) = &self.token {
+            req.metadata_mut().insert("authorization", token.clone());
+        }
+        if let Some(ns) = &self.namespace {
+            req.metadata_mut().insert("mesh-namespace", ns.clone());
+        }
+        req
+    }
+
+    /// A new token; its secret is in the answer only (`AuthService.CreateToken`).
+    pub async fn create_token(
+        &self,
+        name: &str,
+        namespace: &str,
+        role: &str,
+        ttl: Option<Duration>,
+    ) -> Result<pb::CreateTokenResponse, ClientError> {
+        let r = self
+            .auth
+            .clone()
+            .create_token(self.request(pb::CreateTokenRequest {
+                name: name.to_owned(),
+                namespace: namespace.to_owned(),
+                role: role.to_owned(),
+                ttl_seconds: ttl.map_or(0, |t| t.as_secs().max(1)),
+            }))
+            .await?;
+        Ok(r.into_inner())
+    }
+
+    /// One page of the namespace's tokens (every token for a cluster admin).
+    pub async fn list_tokens(
+        &self,
+        page_size: u32,
+        page_token: &str,
+    ) -> Result<pb::ListTokensResponse, ClientError> {
+        let r = self
+            .auth
+            .clone()
+            .list_tokens(self.request(pb::ListTokensRequest {
+                page_size,
+                page_token: page_token.to_owned(),
+            }))
+            .await?;
+        Ok(r.into_inner())
+    }
+
+    /// Revokes a token at once.
+    pub async fn revoke_token(&self, token_id: &str) -> Result<pb::Token, ClientError> {
+        let r = self
+            .auth
+            .clone()
+            .revoke_token(self.request(pb::RevokeTokenRequest {
+                token_id: token_id.to_owned(),
+            }))
+            .await?;
+        Ok(r.into_inner())
+    }
+
+    /// One page of the audit log, newest first.
+    pub async fn list_audit(
+        &self,
+        query: pb::ListAuditRequest,
+    ) -> Result<pb::ListAuditResponse, ClientError> {
+        let r = self.auth.clone().list_audit(self.request(query)).await?;
+        Ok(r.into_inner())
     }
 
     /// Submits a goal; returns once it is durable.
@@ -135,7 +254,7 @@ impl GoalClient {
         let r = self
             .goals
             .clone()
-            .submit_goal(request(pb::SubmitGoalRequest::from(goal)))
+            .submit_goal(self.request(pb::SubmitGoalRequest::from(goal)))
             .await?
             .into_inner();
         Ok(RunRef {
@@ -159,9 +278,10 @@ impl GoalClient {
     > {
         use pb::submit_and_watch_event::Kind;
         let mut client = self.goals.clone();
+        let request = self.stream_request(pb::SubmitGoalRequest::from(goal));
         let (stream, first) = tokio::time::timeout(CALL_TIMEOUT, async move {
             let mut stream = client
-                .submit_and_watch(pb::SubmitGoalRequest::from(goal))
+                .submit_and_watch(request)
                 .await?
                 .into_inner();
             let first = stream.message().await?;
@@ -228,7 +348,7 @@ impl GoalClient {
             let page = self
                 .goals
                 .clone()
-                .get_output(request(pb::GetOutputRequest {
+                .get_output(self.request(pb::GetOutputRequest {
                     run_id: run_id.0.clone(),
                     step_id: step.unwrap_or_default().to_owned(),
                     offset: text.len() as u64,
@@ -251,7 +371,7 @@ impl GoalClient {
         let r = self
             .goals
             .clone()
-            .get_run(request(pb::GetRunRequest {
+            .get_run(self.request(pb::GetRunRequest {
                 run_id: run_id.0.clone(),
             }))
             .await?;
@@ -262,7 +382,7 @@ impl GoalClient {
         let r = self
             .goals
             .clone()
-            .cancel_run(request(pb::CancelRunRequest {
+            .cancel_run(self.request(pb::CancelRunRequest {
                 run_id: run_id.0.clone(),
                 reason: reason.to_owned(),
             }))
@@ -279,7 +399,7 @@ impl GoalClient {
         let r = self
             .workflows
             .clone()
-            .register(request(pb::RegisterWorkflowRequest {
+            .register(self.request(pb::RegisterWorkflowRequest {
                 definition: definition.to_owned(),
             }))
             .await?
@@ -297,7 +417,7 @@ impl GoalClient {
         let r = self
             .workflows
             .clone()
-            .get(request(pb::GetWorkflowRequest {
+            .get(self.request(pb::GetWorkflowRequest {
                 name: name.to_owned(),
                 version: version.unwrap_or(0),
             }))
@@ -315,7 +435,7 @@ impl GoalClient {
         let r = self
             .workflows
             .clone()
-            .list(request(pb::ListWorkflowsRequest {
+            .list(self.request(pb::ListWorkflowsRequest {
                 name: name.unwrap_or_default().to_owned(),
                 page_size,
                 page_token: page_token.unwrap_or_default(),
@@ -334,7 +454,7 @@ impl GoalClient {
         let r = self
             .workflows
             .clone()
-            .validate(request(pb::ValidateWorkflowRequest {
+            .validate(self.request(pb::ValidateWorkflowRequest {
                 definition: definition.to_owned(),
             }))
             .await?
@@ -357,7 +477,7 @@ impl GoalClient {
         comment: &str,
         by: &str,
     ) -> Result<RunView, ClientError> {
-        let req = request(pb::DecideRequest {
+        let req = self.request(pb::DecideRequest {
             run_id: run_id.0.clone(),
             step_id: step.to_owned(),
             comment: comment.to_owned(),
@@ -377,7 +497,7 @@ impl GoalClient {
         let r = self
             .goals
             .clone()
-            .retry_run(request(pb::RetryRunRequest {
+            .retry_run(self.request(pb::RetryRunRequest {
                 run_id: run_id.0.clone(),
                 from_step: from_step.to_owned(),
             }))
@@ -395,7 +515,7 @@ impl GoalClient {
         let r = self
             .goals
             .clone()
-            .skip_step(request(pb::SkipStepRequest {
+            .skip_step(self.request(pb::SkipStepRequest {
                 run_id: run_id.0.clone(),
                 step_id: step.to_owned(),
                 comment: comment.to_owned(),
@@ -420,7 +540,7 @@ impl GoalClient {
         let r = self
             .goals
             .clone()
-            .raise_budget(request(pb::RaiseBudgetRequest {
+            .raise_budget(self.request(pb::RaiseBudgetRequest {
                 run_id: run_id.0.clone(),
                 budget: Some(budget),
                 comment: comment.to_owned(),
@@ -439,7 +559,7 @@ impl GoalClient {
         let r = self
             .goals
             .clone()
-            .signal(request(pb::SignalRequest {
+            .signal(self.request(pb::SignalRequest {
                 run_id: run_id.0.clone(),
                 name: name.to_owned(),
                 payload_json: payload.to_string(),
@@ -457,7 +577,7 @@ impl GoalClient {
         let r = self
             .goals
             .clone()
-            .list_runs(request(pb::ListRunsRequest {
+            .list_runs(self.request(pb::ListRunsRequest {
                 state: state.map(|s| pb::RunState::from(s) as i32).unwrap_or(0),
                 page_size,
                 page_token: page_token.unwrap_or_default(),
@@ -479,9 +599,9 @@ impl GoalClient {
         let stream = self
             .goals
             .clone()
-            .watch_run(pb::WatchRunRequest {
+            .watch_run(self.stream_request(pb::WatchRunRequest {
                 run_id: run_id.0.clone(),
-            })
+            }))
             .await?
             .into_inner();
         Ok(stream.map(|item| match item {
@@ -505,7 +625,7 @@ impl GoalClient {
         let r = self
             .registry
             .clone()
-            .list_nodes(request(pb::ListNodesRequest {}))
+            .list_nodes(self.request(pb::ListNodesRequest {}))
             .await?
             .into_inner();
         Ok(r.nodes.into_iter().map(Into::into).collect())
@@ -516,7 +636,7 @@ impl GoalClient {
         let r = self
             .registry
             .clone()
-            .drain_node(request(pb::DrainNodeRequest {
+            .drain_node(self.request(pb::DrainNodeRequest {
                 node_id: node.to_owned(),
                 reason: reason.to_owned(),
             }))
@@ -528,7 +648,7 @@ impl GoalClient {
         let r = self
             .registry
             .clone()
-            .list_agents(request(pb::ListAgentsRequest {
+            .list_agents(self.request(pb::ListAgentsRequest {
                 skill: skill.unwrap_or_default().to_owned(),
             }))
             .await?

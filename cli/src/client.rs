@@ -153,8 +153,8 @@ pub enum RunCommand {
     },
 }
 
-pub async fn goal(url: &str, format: Output, command: GoalCommand) -> Result<()> {
-    let client = GoalClient::connect(url).await?;
+pub async fn goal(target: &crate::Target, format: Output, command: GoalCommand) -> Result<()> {
+    let client = target.connect().await?;
     match command {
         GoalCommand::Submit {
             file,
@@ -308,8 +308,8 @@ fn run_id(s: String) -> Result<RunId> {
     Ok(mesh_proto::convert::run_id("run_id", s)?)
 }
 
-pub async fn run(url: &str, format: Output, command: RunCommand) -> Result<()> {
-    let client = GoalClient::connect(url).await?;
+pub async fn run(target: &crate::Target, format: Output, command: RunCommand) -> Result<()> {
+    let client = target.connect().await?;
     match command {
         RunCommand::Get { run_id: id } => {
             let view = client.get_run(&run_id(id)?).await?;
@@ -413,8 +413,8 @@ pub async fn run(url: &str, format: Output, command: RunCommand) -> Result<()> {
     Ok(())
 }
 
-pub async fn nodes(url: &str, format: Output) -> Result<()> {
-    let nodes = GoalClient::connect(url).await?.nodes().await?;
+pub async fn nodes(target: &crate::Target, format: Output) -> Result<()> {
+    let nodes = target.connect().await?.nodes().await?;
     match format {
         Output::Json => output::json(&nodes),
         Output::Table => table(
@@ -444,8 +444,8 @@ pub async fn nodes(url: &str, format: Output) -> Result<()> {
     Ok(())
 }
 
-pub async fn agents(url: &str, format: Output, skill: Option<&str>) -> Result<()> {
-    let agents = GoalClient::connect(url).await?.agents(skill).await?;
+pub async fn agents(target: &crate::Target, format: Output, skill: Option<&str>) -> Result<()> {
+    let agents = target.connect().await?.agents(skill).await?;
     match format {
         Output::Json => output::json(&agents),
         Output::Table => table(
@@ -477,11 +477,8 @@ pub async fn agents(url: &str, format: Output, skill: Option<&str>) -> Result<()
     Ok(())
 }
 
-pub async fn drain(url: &str, format: Output, node: &str, reason: &str) -> Result<()> {
-    let view = GoalClient::connect(url)
-        .await?
-        .drain_node(node, reason)
-        .await?;
+pub async fn drain(target: &crate::Target, format: Output, node: &str, reason: &str) -> Result<()> {
+    let view = target.connect().await?.drain_node(node, reason).await?;
     match format {
         Output::Json => output::json(&view),
         Output::Table => println!(

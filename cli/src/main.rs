@@ -1,5 +1,6 @@
 //! `mesh`: run a local mesh, a coordinator or a node; submit goals, watch runs, list nodes.
 
+mod access;
 mod bench;
 mod client;
 mod dev;
@@ -10,7 +11,7 @@ mod workflows;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use mesh_coordinator::CoordinatorConfig;
 use mesh_node::NodeConfig;
@@ -34,8 +35,46 @@ struct Cli {
     /// Output format of client commands.
     #[arg(long, global = true, value_enum, default_value_t = Output::Table)]
     output: Output,
+    /// API token for a coordinator with authentication on (`mesh token create`); a worker
+    /// token for `mesh node`.
+    #[arg(long, global = true, env = "MESH_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// The namespace client commands act in.
+    #[arg(long, global = true, env = "MESH_NAMESPACE", default_value = "default")]
+    namespace: String,
     #[command(subcommand)]
     command: Command,
+}
+
+/// Where client commands go, and as whom.
+pub struct Target {
+    pub url: String,
+    token: Option<String>,
+    namespace: String,
+}
+
+impl Target {
+    /// A client of the coordinator, with the token and namespace.
+    pub async fn connect(&self) -> Result<mesh_agent_sdk::GoalClient> {
+        let mut client = mesh_agent_sdk::GoalClient::connect(&self.url)
+            .await?
+            .with_namespace(&self.namespace)?;
+        if let Some(token) = self.token.as_deref().filter(|t| !t.trim().is_empty()) {
+            client = client.with_token(token)?;
+        }
+        Ok(client)
+    }
+}
+
+/// A token from a file (its first line).
+fn read_token(path: &std::path::Path) -> Result<mesh_agent_sdk::llm::Secret> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the token file {}", path.display()))?;
+    let token = text.lines().next().unwrap_or_default().trim();
+    if token.is_empty() {
+        bail!("the token file {} is empty", path.display());
+    }
+    Ok(mesh_agent_sdk::llm::Secret::new(token))
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -118,6 +157,16 @@ enum Command {
         #[arg(long)]
         upstream: String,
     },
+    /// API tokens for a coordinator with authentication on.
+    Token {
+        #[command(subcommand)]
+        command: access::TokenCommand,
+    },
+    /// The audit log: authorization decisions and state-changing calls.
+    Audit {
+        #[command(subcommand)]
+        command: access::AuditCommand,
+    },
     /// Agents known to the coordinator.
     Agents {
         /// Only agents with this skill.
@@ -194,6 +243,11 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<()> {
+    let target = Target {
+        url: cli.coordinator.clone(),
+        token: cli.token.clone(),
+        namespace: cli.namespace.clone(),
+    };
     match cli.command {
         Command::Dev(args) => {
             init_tracing(if args.demo {
@@ -222,7 +276,7 @@ async fn run(cli: Cli) -> Result<()> {
             ..
         } => {
             init_tracing("warn");
-            client::drain(&cli.coordinator, cli.output, &node, &reason).await
+            client::drain(&target, cli.output, &node, &reason).await
         }
         Command::Node {
             action: None,
@@ -238,24 +292,28 @@ async fn run(cli: Cli) -> Result<()> {
                 cfg.coordinator = url;
             }
             cfg.name = name.unwrap_or(cfg.name);
+            cfg.token = match &cfg.token_file {
+                Some(path) => Some(read_token(path)?),
+                None => cli.token.clone().map(mesh_agent_sdk::llm::Secret::new),
+            };
             mesh_node::run(cfg, Some(prometheus()?), shutdown_signal()).await?;
             Ok(())
         }
         Command::Goal { command } => {
             init_tracing("warn");
-            client::goal(&cli.coordinator, cli.output, command).await
+            client::goal(&target, cli.output, command).await
         }
         Command::Workflow { command } => {
             init_tracing("warn");
-            workflows::workflow(&cli.coordinator, cli.output, command).await
+            workflows::workflow(&target, cli.output, command).await
         }
         Command::Run { command } => {
             init_tracing("warn");
-            client::run(&cli.coordinator, cli.output, command).await
+            client::run(&target, cli.output, command).await
         }
         Command::Nodes => {
             init_tracing("warn");
-            client::nodes(&cli.coordinator, cli.output).await
+            client::nodes(&target, cli.output).await
         }
         Command::Bench(args) => {
             init_tracing("warn");
@@ -265,9 +323,17 @@ async fn run(cli: Cli) -> Result<()> {
         Command::BenchRelay { listen, upstream } => {
             bench::serve_relay(listen, upstream, shutdown_signal()).await
         }
+        Command::Token { command } => {
+            init_tracing("warn");
+            access::token(&target, cli.output, command).await
+        }
+        Command::Audit { command } => {
+            init_tracing("warn");
+            access::audit(&target, cli.output, command).await
+        }
         Command::Agents { skill } => {
             init_tracing("warn");
-            client::agents(&cli.coordinator, cli.output, skill.as_deref()).await
+            client::agents(&target, cli.output, skill.as_deref()).await
         }
     }
 }

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{Result, bail};
 use clap::Subcommand;
-use mesh_agent_sdk::{GoalClient, WorkflowRecord};
+use mesh_agent_sdk::WorkflowRecord;
 
 use crate::Output;
 use crate::output::{self, table};
@@ -42,7 +42,11 @@ fn row(w: &WorkflowRecord) -> Vec<String> {
     ]
 }
 
-pub async fn workflow(url: &str, format: Output, command: WorkflowCommand) -> Result<()> {
+pub async fn workflow(
+    target: &crate::Target,
+    format: Output,
+    command: WorkflowCommand,
+) -> Result<()> {
     if let WorkflowCommand::Validate {
         file,
         remote: false,
@@ -53,7 +57,7 @@ pub async fn workflow(url: &str, format: Output, command: WorkflowCommand) -> Re
         println!("{name}: valid ({} steps)", w.steps.len());
         return Ok(());
     }
-    let client = GoalClient::connect(url).await?;
+    let client = target.connect().await?;
     match command {
         WorkflowCommand::Register { file } => {
             let (name, text) = crate::goalfile::read(&file)?;

@@ -28,6 +28,17 @@ pub struct CoordinatorConfig {
     pub store_probe_every: Duration,
     pub registry: RegistryConfig,
     pub dispatch: DispatchConfig,
+    pub auth: AuthConfig,
+}
+
+/// Who may call the coordinator (docs/security.md).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Every call must carry a token (`authorization: Bearer …`) whose role allows it in the
+    /// call's namespace. At the first start with it on, a cluster admin token is written to
+    /// `<data_dir>/admin.token`.
+    pub enabled: bool,
 }
 
 impl Default for CoordinatorConfig {
@@ -41,6 +52,7 @@ impl Default for CoordinatorConfig {
             store_probe_every: Duration::from_secs(2),
             registry: RegistryConfig::default(),
             dispatch: DispatchConfig::default(),
+            auth: AuthConfig::default(),
         }
     }
 }

@@ -4,6 +4,7 @@
 //! Start one with [`start`] (returns once it listens) or [`run`] (until a shutdown signal).
 //! See `root.rs` for the supervision tree and ARCHITECTURE.md for the whole picture.
 
+pub mod auth;
 pub mod config;
 pub mod directory;
 pub mod dispatcher;
@@ -113,6 +114,12 @@ pub async fn start(
     }
     let store = Store::open(&config.data_dir)?;
     let epoch = store.bump_epoch().await?;
+    let (guard, bootstrap) = grpc::Guard::start(&store, config.auth.enabled).await?;
+    if let Some(secret) = bootstrap {
+        let path = config.data_dir.join(ADMIN_TOKEN_FILE);
+        write_secret(&path, &secret)?;
+        info!(path = %path.display(), "no cluster admin token yet: one was made, in this file (readable by its owner only)");
+    }
     let grpc_listener = TcpListener::bind(config.listen).await?;
     let http_listener = TcpListener::bind(config.http_listen).await?;
     let grpc_addr = grpc_listener.local_addr()?;
@@ -147,6 +154,7 @@ pub async fn start(
     let kept = handles.clone();
     let grpc = tokio::spawn(serve_grpc(
         handles,
+        guard,
         readiness.clone(),
         grpc_listener,
         async move {
@@ -180,6 +188,24 @@ pub async fn start(
     })
 }
 
+/// The file in the data directory that holds the first cluster admin token.
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+
+/// Writes a secret to a new file only its owner can read.
+fn write_secret(path: &std::path::Path, secret: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(secret.as_bytes())?;
+    file.write_all(b"\n")?;
+    Ok(())
+}
+
 /// Runs a coordinator until `shutdown` resolves.
 pub async fn run(
     config: CoordinatorConfig,
@@ -191,16 +217,22 @@ pub async fn run(
 
 async fn serve_grpc(
     handles: Handles,
+    guard: grpc::Guard,
     readiness: Readiness,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
+    use pb::auth_service_server::AuthServiceServer;
     use pb::goal_service_server::GoalServiceServer;
     use pb::node_service_server::NodeServiceServer;
     use pb::registry_service_server::RegistryServiceServer;
     use pb::workflow_service_server::WorkflowServiceServer;
 
     let max = grpc::MAX_MESSAGE_BYTES;
+    let auth = AuthServiceServer::new(grpc::AuthApi {
+        guard: guard.clone(),
+        store: handles.store.clone(),
+    });
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     let health = tokio::spawn(follow_readiness(
         health_reporter,
@@ -234,7 +266,9 @@ async fn serve_grpc(
         .layer(grpc::CallLimitsLayer {
             deadline: handles.config.request_deadline,
         })
+        .layer(grpc::GuardLayer { guard })
         .add_service(health_service)
+        .add_service(auth)
         .add_optional_service(reflection)
         .add_optional_service(reflection_alpha)
         .add_service(

@@ -36,6 +36,12 @@ pub struct NodeConfig {
     pub agents: Vec<AgentConfig>,
     /// Model providers for `llm` agents, over what the environment says.
     pub llm: NodeLlmConfig,
+    /// A file holding a `worker` token, for a coordinator with authentication on; `mesh
+    /// node` reads `MESH_TOKEN` when this is absent.
+    pub token_file: Option<PathBuf>,
+    /// The token itself (from `token_file` or the environment; not a configuration key).
+    #[serde(skip)]
+    pub token: Option<mesh_agent_sdk::llm::Secret>,
 }
 
 /// `[llm]`: per provider `base_url` and `api_key` (over `OPENAI_API_KEY` and the like), and
@@ -117,6 +123,8 @@ impl Default for NodeConfig {
                 AgentConfig::of(BuiltinKind::Flaky),
             ],
             llm: NodeLlmConfig::default(),
+            token_file: None,
+            token: None,
         }
     }
 }
@@ -270,6 +278,7 @@ impl NodeConfig {
             drain_grace: self.drain_grace,
             reconnect_min: self.reconnect_min,
             reconnect_max: self.reconnect_max,
+            token: self.token.clone(),
             ..RuntimeConfig::default()
         }
     }

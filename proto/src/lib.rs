@@ -28,4 +28,27 @@ pub mod bench_pb {
 /// Encoded `FileDescriptorSet` of mesh.v1, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("mesh_descriptor");
 
+/// Every method of every service the protos declare, as `/package.Service/Method` (the
+/// path a call names): what the authorization rules and their tests must cover.
+pub fn declared_methods() -> Vec<String> {
+    use prost::Message;
+    let Ok(set) = prost_types::FileDescriptorSet::decode(FILE_DESCRIPTOR_SET) else {
+        return Vec::new();
+    };
+    let mut methods = Vec::new();
+    for file in &set.file {
+        for service in &file.service {
+            for method in &service.method {
+                methods.push(format!(
+                    "/{}.{}/{}",
+                    file.package(),
+                    service.name(),
+                    method.name()
+                ));
+            }
+        }
+    }
+    methods
+}
+
 pub use convert::FieldError;

@@ -165,6 +165,10 @@ pub struct Mesh {
     pub timings: Timings,
     pub coordinator: Option<Proc>,
     pub nodes: HashMap<String, Proc>,
+    /// With `[auth] enabled = true`: the cluster admin token the coordinator wrote, used by
+    /// `client()`; and a worker token for the nodes this mesh starts, when a test sets one.
+    pub admin_token: Option<String>,
+    pub worker_token: Option<String>,
     /// Last: fields drop in order, and the processes' logs live here.
     pub dir: tempfile::TempDir,
 }
@@ -184,6 +188,8 @@ impl Mesh {
             timings,
             coordinator: None,
             nodes: HashMap::new(),
+            admin_token: None,
+            worker_token: None,
             dir: tempfile::tempdir().expect("temp dir"),
         };
         mesh.start_coordinator().await;
@@ -251,10 +257,21 @@ max_pending_per_skill = {max_skill}
             let url = url.clone();
             async move {
                 let client = GoalClient::connect(&url).await.ok()?;
-                client.nodes().await.ok().map(|_| ())
+                match client.nodes().await {
+                    Ok(_) => Some(()),
+                    // Answering, with authentication on.
+                    Err(e) if e.code() == Some(mesh_agent_sdk::RpcCode::Unauthenticated) => {
+                        Some(())
+                    }
+                    Err(_) => None,
+                }
             }
         })
         .await;
+        let admin = self.dir.path().join("data").join("admin.token");
+        self.admin_token = std::fs::read_to_string(admin)
+            .ok()
+            .map(|t| t.trim().to_owned());
     }
 
     /// Starts a node hosting `agents_toml` (`[[agents]]` tables) and waits until it is healthy.
@@ -271,7 +288,8 @@ max_pending_per_skill = {max_skill}
         self.start_node_in(name, agents_toml, http_port, None).await
     }
 
-    /// Starts a node, inside network namespace `netns` when given (`ip netns exec`).
+    /// Starts a node, inside network namespace `netns` when given (`ip netns exec`), and
+    /// waits until it is healthy.
     pub async fn start_node_in(
         &mut self,
         name: &str,
@@ -279,9 +297,26 @@ max_pending_per_skill = {max_skill}
         http_port: Option<u16>,
         netns: Option<&str>,
     ) -> u64 {
-        let http = http_port
+        self.spawn_node_in(name, agents_toml, http_port, netns);
+        self.wait_healthy(name).await.instance
+    }
+
+    /// Starts a node and does not wait for it.
+    pub fn spawn_node_in(
+        &mut self,
+        name: &str,
+        agents_toml: &str,
+        http_port: Option<u16>,
+        netns: Option<&str>,
+    ) {
+        let mut http = http_port
             .map(|p| format!("http_listen = \"127.0.0.1:{p}\"\n"))
             .unwrap_or_default();
+        if let Some(token) = &self.worker_token {
+            let file = self.dir.path().join(format!("{name}.token"));
+            std::fs::write(&file, token).expect("write the worker token");
+            http.push_str(&format!("token_file = \"{}\"\n", file.display()));
+        }
         let config = format!(
             r#"coordinator = "{url}"
 name = "{name}"
@@ -315,7 +350,6 @@ drain_grace = "20s"
             }
         };
         self.nodes.insert(name.to_owned(), proc);
-        self.wait_healthy(name).await.instance
     }
 
     pub fn exec_log(&self, node: &str) -> PathBuf {
@@ -323,14 +357,18 @@ drain_grace = "20s"
     }
 
     pub async fn client(&self) -> GoalClient {
-        GoalClient::connect(&self.url())
+        let client = GoalClient::connect(&self.url())
             .await
-            .expect("connect to the coordinator")
+            .expect("connect to the coordinator");
+        match &self.admin_token {
+            Some(token) => client.with_token(token).expect("a printable token"),
+            None => client,
+        }
     }
 
     pub async fn node_view(&self, name: &str) -> Option<NodeView> {
-        let client = GoalClient::connect(&self.url()).await.ok()?;
-        client
+        self.client()
+            .await
             .nodes()
             .await
             .ok()?

@@ -191,11 +191,17 @@ impl ConnState {
         tx.send(self.registration())
             .await
             .map_err(|_| "outbound closed".to_owned())?;
-        let response =
-            tokio::time::timeout(cfg.connect_timeout, client.connect(ReceiverStream::new(rx)))
-                .await
-                .map_err(|_| "stream open timed out".to_owned())?
-                .map_err(|s| format!("stream refused: {}", s.message()))?;
+        let mut request = tonic::Request::new(ReceiverStream::new(rx));
+        if let Some(token) = cfg.token.as_ref().filter(|t| !t.is_empty()) {
+            let value = format!("Bearer {}", token.expose().trim())
+                .parse()
+                .map_err(|_| "the token is not printable ASCII".to_owned())?;
+            request.metadata_mut().insert("authorization", value);
+        }
+        let response = tokio::time::timeout(cfg.connect_timeout, client.connect(request))
+            .await
+            .map_err(|_| "stream open timed out".to_owned())?
+            .map_err(|s| format!("stream refused: {}", s.message()))?;
         let mut inbound = response.into_inner();
         let me = myself.clone();
         tokio::spawn(async move {

@@ -56,6 +56,10 @@ pub struct RuntimeConfig {
     pub restart_budget: u32,
     #[serde(with = "humantime_serde")]
     pub restart_window: Duration,
+    /// A `worker` token for a coordinator with authentication on (`MESH_TOKEN` for the stock
+    /// node); sent as `authorization: Bearer …` when the stream opens.
+    #[serde(skip_serializing)]
+    pub token: Option<crate::llm::Secret>,
 }
 
 impl Default for RuntimeConfig {
@@ -70,6 +74,7 @@ impl Default for RuntimeConfig {
             drain_grace: Duration::from_secs(30),
             restart_budget: 5,
             restart_window: Duration::from_secs(30),
+            token: None,
         }
     }
 }

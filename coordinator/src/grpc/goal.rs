@@ -10,7 +10,7 @@ use mesh_proto::{FieldError, pb};
 use tokio_stream::wrappers::BroadcastStream;
 use tonic::{Request, Response, Status};
 
-use super::{bounded, status};
+use super::{Caller, bounded, status};
 use crate::error::{Error, call_result};
 use crate::intake;
 use crate::machine::BudgetRaise;
@@ -174,13 +174,23 @@ impl GoalApi {
 
     async fn decide(
         &self,
-        req: pb::DecideRequest,
+        request: Request<pb::DecideRequest>,
         approved: bool,
     ) -> Result<Response<pb::Run>, Status> {
+        let caller = Caller::of(&request)?;
+        let req = request.into_inner();
         let id = run_id("run_id", req.run_id).map_err(|e| status(e.into()))?;
         check_id("step_id", &req.step_id).map_err(|e| status(e.into()))?;
         check_comment(&req.comment)?;
-        let (step, comment, by) = (StepId(req.step_id), req.comment, req.by);
+        caller.acted_on(format!("run {id} step {}", req.step_id));
+        // With authentication on, the decision is recorded under the caller's token, not
+        // under a name the request declares.
+        let by = if caller.authenticated() {
+            caller.principal.subject.clone()
+        } else {
+            req.by
+        };
+        let (step, comment) = (StepId(req.step_id), req.comment);
         let view = self
             .call_live(&id, |reply| RunMsg::Decide {
                 step,
@@ -214,7 +224,9 @@ impl pb::goal_service_server::GoalService for GoalApi {
         &self,
         request: Request<pb::SubmitGoalRequest>,
     ) -> Result<Response<pb::SubmitGoalResponse>, Status> {
+        let caller = Caller::of(&request)?;
         let run = self.accept(request.into_inner()).await?;
+        caller.acted_on(format!("run {}", run.run_id));
         Ok(Response::new(pb::SubmitGoalResponse {
             goal_id: run.goal_id.0,
             run_id: run.run_id.0,
@@ -231,7 +243,9 @@ impl pb::goal_service_server::GoalService for GoalApi {
         request: Request<pb::SubmitGoalRequest>,
     ) -> Result<Response<Self::SubmitAndWatchStream>, Status> {
         use pb::submit_and_watch_event::Kind;
+        let caller = Caller::of(&request)?;
         let run = self.accept(request.into_inner()).await?;
+        caller.acted_on(format!("run {}", run.run_id));
         let accepted = pb::SubmitAndWatchEvent {
             kind: Some(Kind::Accepted(pb::SubmitGoalResponse {
                 goal_id: run.goal_id.0,
@@ -312,7 +326,7 @@ impl pb::goal_service_server::GoalService for GoalApi {
         &self,
         request: Request<pb::DecideRequest>,
     ) -> Result<Response<pb::Run>, Status> {
-        self.decide(request.into_inner(), true).await
+        self.decide(request, true).await
     }
 
     #[tracing::instrument(name = "grpc.reject", skip_all)]
@@ -320,7 +334,7 @@ impl pb::goal_service_server::GoalService for GoalApi {
         &self,
         request: Request<pb::DecideRequest>,
     ) -> Result<Response<pb::Run>, Status> {
-        self.decide(request.into_inner(), false).await
+        self.decide(request, false).await
     }
 
     #[tracing::instrument(name = "grpc.retry_run", skip_all)]

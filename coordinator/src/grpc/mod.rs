@@ -1,5 +1,6 @@
 //! Thin gRPC adapters, one file per service: convert, call one actor, convert back.
 
+mod auth;
 mod bounded;
 mod goal;
 mod limits;
@@ -7,6 +8,7 @@ mod node;
 mod registry;
 mod workflow;
 
+pub use auth::{AuthApi, Caller, Guard, GuardLayer};
 pub use goal::GoalApi;
 pub use limits::CallLimitsLayer;
 pub use node::NodeApi;

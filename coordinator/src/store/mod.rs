@@ -22,6 +22,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use mesh_proto::domain::*;
 use mesh_workflow::WorkflowDef;
 
+use crate::auth::{AuditEntry, AuditPage, AuditQuery, TokenRecord};
 use crate::error::Result;
 
 mod sqlite;
@@ -150,6 +151,18 @@ pub trait Backend: Clone + Send + Sync + 'static {
 
     /// One page of runs, newest first.
     fn list_runs(&self, query: &ListRunsQuery) -> impl Future<Output = Result<RunPage>> + Send;
+
+    /// Stores a new token, or a token's revocation.
+    fn put_token(&self, token: TokenRecord) -> impl Future<Output = Result<()>> + Send;
+
+    /// Every token, newest first (hashes, never secrets).
+    fn tokens(&self) -> impl Future<Output = Result<Vec<TokenRecord>>> + Send;
+
+    /// Appends rows to the audit log (append-only: nothing updates or deletes them).
+    fn append_audit(&self, rows: Vec<AuditEntry>) -> impl Future<Output = Result<()>> + Send;
+
+    /// One page of the audit log, newest first.
+    fn list_audit(&self, query: &AuditQuery) -> impl Future<Output = Result<AuditPage>> + Send;
 }
 
 /// The store the coordinator holds: one of the backends.
@@ -226,5 +239,17 @@ impl Backend for Store {
     }
     async fn list_runs(&self, query: &ListRunsQuery) -> Result<RunPage> {
         on_backend!(self, s => s.list_runs(query).await)
+    }
+    async fn put_token(&self, token: TokenRecord) -> Result<()> {
+        on_backend!(self, s => s.put_token(token).await)
+    }
+    async fn tokens(&self) -> Result<Vec<TokenRecord>> {
+        on_backend!(self, s => s.tokens().await)
+    }
+    async fn append_audit(&self, rows: Vec<AuditEntry>) -> Result<()> {
+        on_backend!(self, s => s.append_audit(rows).await)
+    }
+    async fn list_audit(&self, query: &AuditQuery) -> Result<AuditPage> {
+        on_backend!(self, s => s.list_audit(query).await)
     }
 }

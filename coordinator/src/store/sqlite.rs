@@ -20,6 +20,7 @@ use serde_json::Value;
 use super::{
     Backend, JournalEvent, NewRun, NewWorkflow, StoredGoal, StoredRun, WorkflowPage, now_ms,
 };
+use crate::auth::{AuditEntry, AuditPage, AuditQuery, Decision, TokenRecord};
 use crate::error::{Error, Result};
 
 const SCHEMA: &str = r#"
@@ -60,6 +61,28 @@ CREATE TABLE IF NOT EXISTS workflows (
     created_at_ms INTEGER NOT NULL,
     PRIMARY KEY (name, version)
 );
+CREATE TABLE IF NOT EXISTS tokens (
+    token_id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    namespace TEXT NOT NULL,
+    role TEXT NOT NULL,
+    hash TEXT NOT NULL UNIQUE,
+    created_at_ms INTEGER NOT NULL,
+    expires_at_ms INTEGER,
+    revoked_at_ms INTEGER
+);
+CREATE TABLE IF NOT EXISTS audit (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    at_ms INTEGER NOT NULL,
+    actor TEXT NOT NULL,
+    namespace TEXT NOT NULL,
+    method TEXT NOT NULL,
+    resource TEXT NOT NULL,
+    decision TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    peer TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_by_namespace ON audit (namespace, seq);
 CREATE TABLE IF NOT EXISTS swarm_members (
     goal_id TEXT NOT NULL,
     skill TEXT NOT NULL,
@@ -94,6 +117,8 @@ enum WriteOp {
         Box<NewWorkflow>,
         oneshot::Sender<Result<(WorkflowRecord, bool)>>,
     ),
+    PutToken(Box<TokenRecord>, oneshot::Sender<Result<()>>),
+    Audit(Vec<AuditEntry>, oneshot::Sender<Result<()>>),
 }
 
 #[derive(Clone)]
@@ -408,6 +433,110 @@ impl Backend for SqliteStore {
             next_page_token,
         })
     }
+
+    async fn put_token(&self, token: TokenRecord) -> Result<()> {
+        self.write(|reply| WriteOp::PutToken(Box::new(token), reply))
+            .await?
+    }
+
+    async fn tokens(&self) -> Result<Vec<TokenRecord>> {
+        let conn = self.read();
+        let mut stmt = conn.prepare_cached(
+            "SELECT token_id, name, namespace, role, hash, created_at_ms, expires_at_ms, revoked_at_ms
+             FROM tokens ORDER BY created_at_ms DESC, token_id DESC",
+        )?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    TokenRecord {
+                        token_id: r.get(0)?,
+                        name: r.get(1)?,
+                        namespace: r.get(2)?,
+                        role: crate::auth::Role::Read,
+                        hash: r.get(4)?,
+                        created_at_ms: r.get(5)?,
+                        expires_at_ms: r.get(6)?,
+                        revoked_at_ms: r.get(7)?,
+                    },
+                    r.get::<_, String>(3)?,
+                ))
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        rows.into_iter()
+            .map(|(mut t, role)| {
+                t.role = role
+                    .parse()
+                    .map_err(|_| Error::Corrupt(format!("unknown role `{role}` in store")))?;
+                Ok(t)
+            })
+            .collect()
+    }
+
+    async fn append_audit(&self, rows: Vec<AuditEntry>) -> Result<()> {
+        self.write(|reply| WriteOp::Audit(rows, reply)).await?
+    }
+
+    async fn list_audit(&self, q: &AuditQuery) -> Result<AuditPage> {
+        let conn = self.read();
+        let limit = i64::from(q.page_size) + 1;
+        let mut stmt = conn.prepare_cached(
+            "SELECT seq, at_ms, actor, namespace, method, resource, decision, reason, peer FROM audit
+             WHERE (?1 IS NULL OR namespace = ?1) AND (?2 IS NULL OR actor = ?2)
+               AND (?3 IS NULL OR decision = ?3) AND (?4 IS NULL OR method = ?4)
+               AND (?5 IS NULL OR seq < ?5)
+             ORDER BY seq DESC LIMIT ?6",
+        )?;
+        let rows = stmt
+            .query_map(
+                params![
+                    q.namespace,
+                    q.actor,
+                    q.decision.map(Decision::as_str),
+                    q.method,
+                    q.before.map(|s| s as i64),
+                    limit
+                ],
+                |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, String>(3)?,
+                        r.get::<_, String>(4)?,
+                        r.get::<_, String>(5)?,
+                        r.get::<_, String>(6)?,
+                        r.get::<_, String>(7)?,
+                        r.get::<_, String>(8)?,
+                    ))
+                },
+            )?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        let mut rows = rows
+            .into_iter()
+            .map(
+                |(seq, at_ms, actor, namespace, method, resource, decision, reason, peer)| {
+                    Ok(AuditEntry {
+                        seq: seq as u64,
+                        at_ms,
+                        actor,
+                        namespace,
+                        method,
+                        resource,
+                        decision: parse_state(&decision, Decision::parse)?,
+                        reason,
+                        peer,
+                    })
+                },
+            )
+            .collect::<Result<Vec<_>>>()?;
+        let next = if rows.len() > q.page_size as usize {
+            rows.truncate(q.page_size as usize);
+            rows.last().map(|r| r.seq)
+        } else {
+            None
+        };
+        Ok(AuditPage { rows, next })
+    }
 }
 
 /// The writer thread: commits waiting writes in groups until every handle is gone.
@@ -491,6 +620,12 @@ fn commit_group(conn: &mut Connection, batch: impl Iterator<Item = WriteOp>) {
                     Ok(())
                 }),
             ),
+            WriteOp::PutToken(token, reply) => {
+                Applied::Probe(reply, in_savepoint(&mut tx, |c| put_token(c, &token)))
+            }
+            WriteOp::Audit(rows, reply) => {
+                Applied::Probe(reply, in_savepoint(&mut tx, |c| append_audit(c, &rows)))
+            }
         });
     }
     let commit_error = tx.commit().err().map(|e| format!("commit failed: {e}"));
@@ -511,6 +646,9 @@ impl Applied {
             WriteOp::AddMember(_, _, reply) => Applied::Member(reply, err(why)),
             WriteOp::Probe(reply) => Applied::Probe(reply, err(why)),
             WriteOp::Register(_, reply) => Applied::Register(reply, err(why)),
+            WriteOp::PutToken(_, reply) | WriteOp::Audit(_, reply) => {
+                Applied::Probe(reply, err(why))
+            }
         }
     }
 
@@ -736,6 +874,45 @@ fn register_workflow(
             Ok((record, true))
         }
     }
+}
+
+fn put_token(conn: &Connection, t: &TokenRecord) -> Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO tokens (token_id, name, namespace, role, hash, created_at_ms, expires_at_ms, revoked_at_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+         ON CONFLICT (token_id) DO UPDATE SET revoked_at_ms = excluded.revoked_at_ms",
+    )?
+    .execute(params![
+        t.token_id,
+        t.name,
+        t.namespace,
+        t.role.as_str(),
+        t.hash,
+        t.created_at_ms,
+        t.expires_at_ms,
+        t.revoked_at_ms
+    ])?;
+    Ok(())
+}
+
+fn append_audit(conn: &Connection, rows: &[AuditEntry]) -> Result<()> {
+    let mut stmt = conn.prepare_cached(
+        "INSERT INTO audit (at_ms, actor, namespace, method, resource, decision, reason, peer)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )?;
+    for r in rows {
+        stmt.execute(params![
+            r.at_ms,
+            r.actor,
+            r.namespace,
+            r.method,
+            r.resource,
+            r.decision.as_str(),
+            r.reason,
+            r.peer
+        ])?;
+    }
+    Ok(())
 }
 
 fn add_member(conn: &Connection, goal_id: &GoalId, member: &SwarmMember) -> Result<()> {

@@ -1,0 +1,211 @@
+//! Access commands: API tokens and the audit log (docs/security.md).
+
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::Subcommand;
+use mesh_proto::pb;
+
+use crate::output::{self, table};
+use crate::{Output, Target};
+
+#[derive(Subcommand)]
+pub enum TokenCommand {
+    /// Create a token; its secret is printed once and kept nowhere.
+    Create {
+        /// The namespace it acts in (`*`: every namespace, for a cluster admin).
+        #[arg(long = "for-namespace", value_name = "NS")]
+        namespace: Option<String>,
+        /// read, write, worker or admin.
+        #[arg(long)]
+        role: String,
+        /// How long it lasts (`30d`, `12h`); no expiry when absent.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+        /// What it is for.
+        #[arg(long, default_value = "cli")]
+        name: String,
+    },
+    /// List tokens (no secrets), newest first.
+    Ls {
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        #[arg(long, default_value = "")]
+        page_token: String,
+    },
+    /// Revoke a token at once.
+    Revoke { token_id: String },
+}
+
+#[derive(Subcommand)]
+pub enum AuditCommand {
+    /// Audit rows, newest first.
+    Ls {
+        /// Only this actor (`token:NAME (ID)`).
+        #[arg(long)]
+        actor: Option<String>,
+        /// allowed or denied.
+        #[arg(long)]
+        decision: Option<String>,
+        /// Only this method (`/mesh.v1.GoalService/SubmitGoal`).
+        #[arg(long)]
+        method: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        #[arg(long, default_value = "")]
+        page_token: String,
+    },
+}
+
+fn when(ms: i64) -> String {
+    if ms == 0 {
+        return "-".into();
+    }
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(ms as u64))
+        .to_string()
+}
+
+fn token_row(t: &pb::Token) -> Vec<String> {
+    vec![
+        t.token_id.clone(),
+        t.name.clone(),
+        t.namespace.clone(),
+        t.role.clone(),
+        when(t.created_at_ms),
+        when(t.expires_at_ms),
+        when(t.revoked_at_ms),
+    ]
+}
+
+const TOKEN_HEADERS: [&str; 7] = [
+    "id",
+    "name",
+    "namespace",
+    "role",
+    "created",
+    "expires",
+    "revoked",
+];
+
+pub async fn token(target: &Target, format: Output, command: TokenCommand) -> Result<()> {
+    let client = target.connect().await?;
+    match command {
+        TokenCommand::Create {
+            namespace,
+            role,
+            ttl,
+            name,
+        } => {
+            let ns = namespace.unwrap_or_default();
+            let made = client.create_token(&name, &ns, &role, ttl).await?;
+            let token = made.token.unwrap_or_default();
+            match format {
+                Output::Json => output::json(&serde_json::json!({
+                    "token_id": token.token_id, "namespace": token.namespace,
+                    "role": token.role, "secret": made.secret,
+                })),
+                Output::Table => {
+                    eprintln!(
+                        "token {} ({} in {}): shown once, keep it now",
+                        token.token_id, token.role, token.namespace
+                    );
+                    println!("{}", made.secret);
+                }
+            }
+        }
+        TokenCommand::Ls { limit, page_token } => {
+            let page = client.list_tokens(limit, &page_token).await?;
+            match format {
+                Output::Json => output::json(&serde_json::json!({
+                    "tokens": page.tokens.iter().map(|t| serde_json::json!({
+                        "token_id": t.token_id, "name": t.name, "namespace": t.namespace,
+                        "role": t.role, "created_at_ms": t.created_at_ms,
+                        "expires_at_ms": t.expires_at_ms, "revoked_at_ms": t.revoked_at_ms,
+                    })).collect::<Vec<_>>(),
+                    "next_page_token": page.next_page_token,
+                })),
+                Output::Table => {
+                    table(&TOKEN_HEADERS, page.tokens.iter().map(token_row).collect());
+                    if !page.next_page_token.is_empty() {
+                        eprintln!("more: --page-token {}", page.next_page_token);
+                    }
+                }
+            }
+        }
+        TokenCommand::Revoke { token_id } => {
+            let t = client.revoke_token(&token_id).await?;
+            match format {
+                Output::Json => output::json(&serde_json::json!({
+                    "token_id": t.token_id, "revoked_at_ms": t.revoked_at_ms,
+                })),
+                Output::Table => table(&TOKEN_HEADERS, vec![token_row(&t)]),
+            }
+        }
+    }
+    Ok(())
+}
+
+pub async fn audit(target: &Target, format: Output, command: AuditCommand) -> Result<()> {
+    let client = target.connect().await?;
+    let AuditCommand::Ls {
+        actor,
+        decision,
+        method,
+        limit,
+        page_token,
+    } = command;
+    let page = client
+        .list_audit(pb::ListAuditRequest {
+            actor: actor.unwrap_or_default(),
+            decision: decision.unwrap_or_default(),
+            method: method.unwrap_or_default(),
+            page_size: limit,
+            page_token,
+        })
+        .await?;
+    match format {
+        Output::Json => output::json(&serde_json::json!({
+            "rows": page.rows.iter().map(|r| serde_json::json!({
+                "seq": r.seq, "at_ms": r.at_ms, "actor": r.actor, "namespace": r.namespace,
+                "method": r.method, "resource": r.resource, "decision": r.decision,
+                "reason": r.reason, "peer": r.peer,
+            })).collect::<Vec<_>>(),
+            "next_page_token": page.next_page_token,
+        })),
+        Output::Table => {
+            let rows = page
+                .rows
+                .iter()
+                .map(|r| {
+                    vec![
+                        r.seq.to_string(),
+                        when(r.at_ms),
+                        r.actor.clone(),
+                        r.namespace.clone(),
+                        r.method.rsplit('/').next().unwrap_or_default().to_owned(),
+                        r.resource.clone(),
+                        r.decision.clone(),
+                        r.reason.clone(),
+                    ]
+                })
+                .collect();
+            table(
+                &[
+                    "seq",
+                    "at",
+                    "actor",
+                    "namespace",
+                    "method",
+                    "resource",
+                    "decision",
+                    "reason",
+                ],
+                rows,
+            );
+            if !page.next_page_token.is_empty() {
+                eprintln!("more: --page-token {}", page.next_page_token);
+            }
+        }
+    }
+    Ok(())
+}
