@@ -49,6 +49,7 @@ fn goal(objective: &str, steps: Vec<StepSpec>) -> GoalSpec {
         workflow: None,
         workflow_ref: None,
         budget: None,
+        namespace: Default::default(),
     }
 }
 
@@ -291,6 +292,7 @@ pub async fn fanout(sizes: &Sizes) -> Result<Vec<Figure>> {
         workflow_ref: None,
         idempotency_key: None,
         budget: None,
+        namespace: Default::default(),
     };
     let started = Instant::now();
     let elapsed = round_trip(&client, goal, Calls::One).await?;

@@ -14,8 +14,8 @@ pub enum TokenCommand {
     /// Create a token; its secret is printed once and kept nowhere.
     Create {
         /// The namespace it acts in (`*`: every namespace, for a cluster admin).
-        #[arg(long = "for-namespace", value_name = "NS")]
-        namespace: Option<String>,
+        #[arg(long, value_name = "NS")]
+        for_namespace: Option<String>,
         /// read, write, worker or admin.
         #[arg(long)]
         role: String,
@@ -91,12 +91,12 @@ pub async fn token(target: &Target, format: Output, command: TokenCommand) -> Re
     let client = target.connect().await?;
     match command {
         TokenCommand::Create {
-            namespace,
+            for_namespace,
             role,
             ttl,
             name,
         } => {
-            let ns = namespace.unwrap_or_default();
+            let ns = for_namespace.unwrap_or_default();
             let made = client.create_token(&name, &ns, &role, ttl).await?;
             let token = made.token.unwrap_or_default();
             match format {

@@ -179,6 +179,7 @@ pub async fn goal(target: &crate::Target, format: Output, command: GoalCommand) 
                     workflow_ref: reference,
                     idempotency_key: None,
                     budget: None,
+                    namespace: Default::default(),
                 },
             };
             goal.idempotency_key = idempotency_key;

@@ -44,6 +44,7 @@ pub fn goal(name: &str, text: &str, inputs: Value, objective: Option<String>) ->
         workflow_ref: None,
         idempotency_key: None,
         budget: None,
+        namespace: Default::default(),
     })
 }
 

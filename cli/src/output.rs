@@ -89,6 +89,9 @@ pub fn run(view: &RunView, format: Output) {
         Output::Table => {
             println!("run      {}", view.run_id);
             println!("goal     {}", view.goal_id);
+            if !view.namespace.is_default() {
+                println!("namespace {}", view.namespace);
+            }
             if !view.objective.is_empty() {
                 println!("objective {}", view.objective);
             }

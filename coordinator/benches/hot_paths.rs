@@ -54,6 +54,7 @@ fn chain(n: usize) -> GoalSpec {
         workflow: None,
         workflow_ref: None,
         budget: None,
+        namespace: Default::default(),
     }
 }
 

@@ -188,6 +188,7 @@ mod tests {
             output_elided_bytes: None,
             usage: Default::default(),
             budget: None,
+            namespace: Default::default(),
         }
     }
 

@@ -41,7 +41,10 @@ impl Intake {
         // One look at the key: a retried submission finds its run even if the planner has
         // left or the mesh is full meanwhile. The store checks again, in its transaction.
         let known = match &goal.idempotency_key {
-            Some(key) => self.deps.store.knows_idempotency_key(key).await?,
+            Some(key) => {
+                let key = stored_key(&goal.namespace, key);
+                self.deps.store.knows_idempotency_key(&key).await?
+            }
             None => false,
         };
         if goal.kind() == GoalKind::Text && !known {
@@ -142,10 +145,13 @@ pub async fn prepare(
                 workflow: workflow.def.clone(),
                 objective: goal.objective,
                 inputs: goal.inputs,
-                idempotency_key: goal.idempotency_key,
+                idempotency_key: goal
+                    .idempotency_key
+                    .map(|k| stored_key(&goal.namespace, &k)),
                 planned: true,
                 request_digest,
                 budget: goal.budget,
+                namespace: goal.namespace,
             };
             return Ok((goal, workflow));
         }
@@ -176,12 +182,27 @@ pub async fn prepare(
         objective,
         inputs,
         workflow: workflow.def.clone(),
-        idempotency_key: goal.idempotency_key,
+        idempotency_key: goal
+            .idempotency_key
+            .map(|k| stored_key(&goal.namespace, &k)),
         planned: false,
         request_digest,
         budget: goal.budget,
+        namespace: goal.namespace,
     };
     Ok((goal, workflow))
+}
+
+/// An idempotency key as stored: a namespace's own, so that one namespace can neither find
+/// nor block another's runs by their keys. The default namespace's keys are stored as given
+/// (as before namespaces); others after the namespace and a separator no key can contain
+/// (keys are printable ASCII).
+pub fn stored_key(namespace: &Namespace, key: &str) -> String {
+    if namespace.is_default() {
+        key.to_owned()
+    } else {
+        format!("{namespace}\u{1f}{key}")
+    }
 }
 
 /// A stable digest of a goal as submitted (64-bit FNV-1a over its JSON with every object's
@@ -282,6 +303,7 @@ pub async fn submit(
         planned: goal.planned,
         request_digest: None,
         budget: goal.budget.clone(),
+        namespace: goal.namespace.clone(),
     };
     let mut machine = RunMachine::validated(
         run_id.clone(),
@@ -381,6 +403,7 @@ mod tests {
             workflow_ref: None,
             idempotency_key: None,
             budget: None,
+            namespace: Default::default(),
         }
     }
 

@@ -196,4 +196,7 @@ pub struct StoredGoal {
     /// The goal's own budget, which replaces its workflow's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget: Option<Budget>,
+    /// The goal's namespace (`default` for goals stored before namespaces).
+    #[serde(default)]
+    pub namespace: Namespace,
 }

@@ -432,6 +432,7 @@ mod tests {
             workflow_ref: None,
             idempotency_key: None,
             budget: None,
+            namespace: Default::default(),
         }
     }
 

@@ -182,6 +182,7 @@ pub struct RunMachine {
     usage: BTreeMap<StepId, UsageTotal>,
     /// What the run may spend: the goal's budget, else its workflow's, as last raised.
     budget: Option<Budget>,
+    namespace: Namespace,
     /// Inputs rendered when their attempt started, until it is dispatched: an input's
     /// expressions are evaluated once, not again for the dispatch. Not journaled.
     rendered: HashMap<(usize, u32), Value>,
@@ -251,6 +252,7 @@ impl RunMachine {
             signals: BTreeMap::new(),
             planning: goal.planned,
             budget,
+            namespace: goal.namespace,
             policy,
             limits,
             retained_bytes: 0,
@@ -792,6 +794,11 @@ impl RunMachine {
     /// Why the run may not start another model call: the budget it reached, and its spend.
     fn over_budget(&self) -> Option<String> {
         self.budget.as_ref()?.reached(&self.usage())
+    }
+
+    /// The namespace the run belongs to.
+    pub fn namespace(&self) -> &Namespace {
+        &self.namespace
     }
 
     /// The run's budget, as last raised.
@@ -1609,6 +1616,7 @@ mod tests {
             idempotency_key: None,
             planned: false,
             budget: None,
+            namespace: Default::default(),
         };
         RunMachine::new(
             "r1".into(),
@@ -2215,6 +2223,7 @@ steps:
             idempotency_key: None,
             planned: true,
             budget: None,
+            namespace: Default::default(),
         };
         let mut m = RunMachine::new(
             "r".into(),

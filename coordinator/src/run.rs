@@ -255,6 +255,7 @@ fn view(
         output_elided_bytes: None,
         usage: m.usage(),
         budget: m.budget().cloned(),
+        namespace: m.namespace().clone(),
     }
 }
 
@@ -472,6 +473,8 @@ impl RunActorState {
             workflow_ref: Some(reference.clone()),
             idempotency_key: Some(key),
             budget: None,
+            // A child run belongs where its parent does.
+            namespace: self.machine.namespace().clone(),
         };
         let (deps, parent) = (self.deps.clone(), myself.clone());
         debug!(%token, %reference, "starting a sub-workflow");

@@ -339,6 +339,7 @@ impl TryFrom<pb::SubmitGoalRequest> for GoalSpec {
             workflow_ref: (!req.workflow_ref.is_empty()).then_some(req.workflow_ref),
             idempotency_key: (!req.idempotency_key.is_empty()).then_some(req.idempotency_key),
             budget: req.budget.map(|b| budget("budget", b)).transpose()?,
+            namespace: Default::default(),
         };
         goal.validate()?;
         Ok(goal)
@@ -934,6 +935,7 @@ impl From<RunView> for pb::Run {
             output_elided_bytes: r.output_elided_bytes.unwrap_or(0),
             usage: Some(r.usage.into()),
             budget: r.budget.map(Into::into),
+            namespace: r.namespace.0,
         }
     }
 }
@@ -964,7 +966,17 @@ impl From<pb::Run> for RunView {
             output_elided_bytes: (r.output_elided_bytes > 0).then_some(r.output_elided_bytes),
             usage: r.usage.map(Into::into).unwrap_or_default(),
             budget: r.budget.and_then(|b| budget("budget", b).ok()),
+            namespace: namespace_or_default(r.namespace),
         }
+    }
+}
+
+/// A namespace from the wire; empty is the default one.
+fn namespace_or_default(ns: String) -> Namespace {
+    if ns.is_empty() {
+        Namespace::default()
+    } else {
+        Namespace(ns)
     }
 }
 
@@ -1007,6 +1019,7 @@ impl From<RunSummary> for pb::RunSummary {
             state: pb::RunState::from(r.state) as i32,
             created_at_ms: r.created_at_ms,
             updated_at_ms: r.updated_at_ms,
+            namespace: r.namespace.0,
         }
     }
 }
@@ -1020,6 +1033,7 @@ impl From<pb::RunSummary> for RunSummary {
             objective: r.objective,
             created_at_ms: r.created_at_ms,
             updated_at_ms: r.updated_at_ms,
+            namespace: namespace_or_default(r.namespace),
         }
     }
 }
@@ -1066,6 +1080,8 @@ impl TryFrom<pb::ListRunsRequest> for ListRunsQuery {
             }
         };
         Ok(ListRunsQuery {
+            // The call's namespace, set by the coordinator.
+            namespace: Namespace::default(),
             state: run_state_from_pb("state", r.state)?,
             page_size,
             page_token: if r.page_token.is_empty() {

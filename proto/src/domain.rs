@@ -343,6 +343,37 @@ pub enum ToNode {
     },
 }
 
+/// The namespace of everything given without one.
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// The tenant unit: every goal, run, workflow and node belongs to one. Its rule is
+/// [`crate::convert::check_id`]'s.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Namespace(pub String);
+
+impl Default for Namespace {
+    fn default() -> Self {
+        Namespace(DEFAULT_NAMESPACE.to_owned())
+    }
+}
+
+impl Namespace {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn is_default(&self) -> bool {
+        self.0 == DEFAULT_NAMESPACE
+    }
+}
+
+impl fmt::Display for Namespace {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// What a run may spend on model calls: a workflow's `budget`, a goal's, or one an operator
 /// raised. Checked before each `llm` step is dispatched.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -459,6 +490,9 @@ pub struct GoalSpec {
     /// The goal's budget for model calls; replaces its workflow's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget: Option<Budget>,
+    /// Where the goal and its run belong: the namespace of the call that submitted it.
+    #[serde(default)]
+    pub namespace: Namespace,
 }
 
 /// What a goal gives to run: decided in one place, [`GoalSpec::kind`].
@@ -673,6 +707,8 @@ pub struct RunView {
     /// The run's budget for model calls, as last raised.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget: Option<Budget>,
+    #[serde(default)]
+    pub namespace: Namespace,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -683,6 +719,8 @@ pub struct RunSummary {
     pub state: RunState,
     pub created_at_ms: i64,
     pub updated_at_ms: i64,
+    #[serde(default)]
+    pub namespace: Namespace,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -693,6 +731,8 @@ pub struct RunPage {
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct ListRunsQuery {
+    /// Only the runs of this namespace.
+    pub namespace: Namespace,
     pub state: Option<RunState>,
     pub page_size: u32,
     pub page_token: Option<RunId>,

@@ -515,6 +515,7 @@ pub fn goal(
         workflow: None,
         workflow_ref: None,
         budget: None,
+        namespace: Default::default(),
     }
 }
 
@@ -528,5 +529,6 @@ pub fn workflow_goal(text: &str, inputs: serde_json::Value) -> mesh_agent_sdk::G
         workflow_ref: None,
         idempotency_key: None,
         budget: None,
+        namespace: Default::default(),
     }
 }

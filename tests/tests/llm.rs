@@ -800,6 +800,7 @@ async fn a_text_goal_is_planned_by_a_model_asked_again_once_with_the_errors() {
         workflow_ref: None,
         idempotency_key: None,
         budget: None,
+        namespace: Default::default(),
     };
     let run = client.submit(goal).await.unwrap();
     let view = finish(&client, &run.run_id).await;

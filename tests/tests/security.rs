@@ -365,3 +365,91 @@ async fn bad_tokens_are_refused_naming_why_and_everything_is_audited() {
     let nodes = client.nodes().await.unwrap();
     assert!(nodes.iter().all(|n| n.node_id.as_str() != "n2"));
 }
+
+/// A run belongs to the namespace it was submitted in: another namespace's callers cannot
+/// get, watch, list or act on it (`NOT_FOUND`, as for a run that never was), its idempotency
+/// key is its namespace's own, and a cluster admin sees it by naming its namespace.
+#[tokio::test]
+async fn a_namespace_sees_and_acts_on_its_own_runs_only() {
+    let mesh = secured().await;
+    let a = token(&mesh, "team-a", "write", &["--name", "a"]).await;
+    let b = token(&mesh, "team-b", "admin", &["--name", "b"]).await;
+    let base = GoalClient::connect(&mesh.url()).await.unwrap();
+    let team_a = base
+        .clone()
+        .with_token(&a)
+        .unwrap()
+        .with_namespace("team-a")
+        .unwrap();
+    let team_b = base
+        .clone()
+        .with_token(&b)
+        .unwrap()
+        .with_namespace("team-b")
+        .unwrap();
+    let gate = "steps:\n  - { id: gate, approval: { message: ok? } }\n";
+    let mut goal_a = mesh_tests::workflow_goal(gate, json!({}));
+    goal_a.idempotency_key = Some("nightly".into());
+    let run = team_a.submit(goal_a.clone()).await.unwrap();
+    let view = team_a.get_run(&run.run_id).await.unwrap();
+    assert_eq!(view.namespace.as_str(), "team-a");
+
+    let not_found = |e: mesh_agent_sdk::ClientError| {
+        assert_eq!(e.code(), Some(RpcCode::NotFound), "{e}");
+        assert!(e.to_string().contains("not found"), "{e}");
+    };
+    not_found(team_b.get_run(&run.run_id).await.unwrap_err());
+    not_found(
+        team_b
+            .cancel_run(&run.run_id, "mine now")
+            .await
+            .unwrap_err(),
+    );
+    not_found(
+        team_b
+            .decide(&run.run_id, "gate", true, "", "")
+            .await
+            .unwrap_err(),
+    );
+    not_found(
+        team_b
+            .signal(&run.run_id, "go", &json!(null))
+            .await
+            .err()
+            .unwrap(),
+    );
+    match team_b.watch(&run.run_id).await {
+        Ok(_) => panic!("team-b watched team-a's run"),
+        Err(e) => not_found(e),
+    }
+    assert!(
+        team_b
+            .list_runs(None, 100, None)
+            .await
+            .unwrap()
+            .runs
+            .is_empty()
+    );
+    let listed = team_a.list_runs(None, 100, None).await.unwrap();
+    assert_eq!(listed.runs.len(), 1);
+    assert_eq!(listed.runs[0].run_id, run.run_id);
+
+    // The same key in another namespace is another goal, not team-a's run.
+    let mut goal_b = goal_a.clone();
+    goal_b.objective = "b's own".into();
+    let run_b = team_b.submit(goal_b).await.unwrap();
+    assert!(run_b.created);
+    assert_ne!(run_b.run_id, run.run_id);
+    let again = team_a.submit(goal_a).await.unwrap();
+    assert!(!again.created);
+    assert_eq!(again.run_id, run.run_id);
+
+    // The cluster admin acts in a namespace by naming it.
+    let admin = mesh.client().await.with_namespace("team-a").unwrap();
+    let decided = admin
+        .decide(&run.run_id, "gate", true, "ok", "")
+        .await
+        .unwrap();
+    assert_eq!(decided.state, RunState::Succeeded);
+    not_found(mesh.client().await.get_run(&run.run_id).await.unwrap_err());
+}

@@ -501,6 +501,7 @@ async fn a_text_goal_is_planned_by_the_planner_agent_or_refused_without_one() {
         workflow_ref: None,
         idempotency_key: None,
         budget: None,
+        namespace: Default::default(),
     };
     let err = client
         .submit(text_goal("compare a and b"))

@@ -15,6 +15,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use mesh_proto::convert::check_id;
+use mesh_proto::domain::Namespace;
 use mesh_proto::pb;
 use tokio::sync::mpsc;
 use tonic::codegen::http;
@@ -37,7 +38,7 @@ const AUDIT_BATCH: usize = 256;
 #[derive(Clone, Debug)]
 pub struct Caller {
     pub principal: Principal,
-    pub namespace: String,
+    pub namespace: Namespace,
     resource: Arc<Mutex<String>>,
 }
 
@@ -163,7 +164,7 @@ impl Guard {
         };
         let caller = |principal| Caller {
             principal,
-            namespace: namespace.clone(),
+            namespace: Namespace(namespace.clone()),
             resource: Arc::default(),
         };
         if !self.enabled {
@@ -325,7 +326,7 @@ where
                             seq: 0,
                             at_ms: now_ms(),
                             actor: caller.principal.subject,
-                            namespace: caller.namespace,
+                            namespace: caller.namespace.0,
                             method: path,
                             resource,
                             decision: Decision::Allowed,
@@ -372,7 +373,7 @@ fn page_size(field: &str, n: u32) -> Result<u32, Status> {
 
 /// Whether `caller` sees what belongs to `namespace`.
 fn sees(caller: &Caller, namespace: &str) -> bool {
-    caller.principal.is_cluster_admin() || caller.namespace == namespace
+    caller.principal.is_cluster_admin() || caller.namespace.as_str() == namespace
 }
 
 #[tonic::async_trait]
@@ -389,7 +390,7 @@ impl pb::auth_service_server::AuthService for AuthApi {
             .parse()
             .map_err(|e: String| Status::invalid_argument(format!("role: {e}")))?;
         let namespace = match req.namespace.as_str() {
-            "" => caller.namespace.clone(),
+            "" => caller.namespace.0.clone(),
             EVERY_NAMESPACE => EVERY_NAMESPACE.to_owned(),
             ns => {
                 check_id("namespace", ns).map_err(|e| Status::invalid_argument(e.to_string()))?;
@@ -503,7 +504,7 @@ impl pb::auth_service_server::AuthService for AuthApi {
             })?),
         };
         let query = AuditQuery {
-            namespace: (!caller.principal.is_cluster_admin()).then(|| caller.namespace.clone()),
+            namespace: (!caller.principal.is_cluster_admin()).then(|| caller.namespace.0.clone()),
             actor: (!req.actor.is_empty()).then_some(req.actor),
             decision,
             method: (!req.method.is_empty()).then_some(req.method),

@@ -143,6 +143,7 @@ mod tests {
             output_elided_bytes: None,
             usage: Default::default(),
             budget: None,
+            namespace: Default::default(),
         }
     }
 

@@ -98,8 +98,13 @@ impl GoalApi {
     /// our own: once the goal is handed to the store the answer waits for the commit; the
     /// server's request deadline and the client's still apply, and their DEADLINE_EXCEEDED
     /// means "unknown: submit again with the same idempotency key".
-    async fn accept(&self, request: pb::SubmitGoalRequest) -> Result<RunRef, Status> {
-        let goal = GoalSpec::try_from(request).map_err(|e| status(e.into()))?;
+    async fn accept(
+        &self,
+        caller: &Caller,
+        request: pb::SubmitGoalRequest,
+    ) -> Result<RunRef, Status> {
+        let mut goal = GoalSpec::try_from(request).map_err(|e| status(e.into()))?;
+        goal.namespace = caller.namespace.clone();
         self.intake().accept(goal).await.map_err(status)
     }
 
@@ -172,6 +177,24 @@ impl GoalApi {
         }))
     }
 
+    /// A run the caller may act on: parsed, and in the caller's namespace. A run of another
+    /// namespace is as unknown as one that never was (`NOT_FOUND`, the same words).
+    async fn own_run(&self, caller: &Caller, text: String) -> Result<RunId, Status> {
+        let id = run_id("run_id", text).map_err(|e| status(e.into()))?;
+        caller.acted_on(format!("run {id}"));
+        self.in_namespace(caller, self.view(&id).await?)?;
+        Ok(id)
+    }
+
+    /// `view` if it belongs to the caller's namespace, else `NOT_FOUND`.
+    fn in_namespace(&self, caller: &Caller, view: RunView) -> Result<RunView, Status> {
+        if view.namespace == caller.namespace {
+            Ok(view)
+        } else {
+            Err(status(Error::RunNotFound(view.run_id.0)))
+        }
+    }
+
     async fn decide(
         &self,
         request: Request<pb::DecideRequest>,
@@ -179,7 +202,7 @@ impl GoalApi {
     ) -> Result<Response<pb::Run>, Status> {
         let caller = Caller::of(&request)?;
         let req = request.into_inner();
-        let id = run_id("run_id", req.run_id).map_err(|e| status(e.into()))?;
+        let id = self.own_run(&caller, req.run_id).await?;
         check_id("step_id", &req.step_id).map_err(|e| status(e.into()))?;
         check_comment(&req.comment)?;
         caller.acted_on(format!("run {id} step {}", req.step_id));
@@ -225,7 +248,7 @@ impl pb::goal_service_server::GoalService for GoalApi {
         request: Request<pb::SubmitGoalRequest>,
     ) -> Result<Response<pb::SubmitGoalResponse>, Status> {
         let caller = Caller::of(&request)?;
-        let run = self.accept(request.into_inner()).await?;
+        let run = self.accept(&caller, request.into_inner()).await?;
         caller.acted_on(format!("run {}", run.run_id));
         Ok(Response::new(pb::SubmitGoalResponse {
             goal_id: run.goal_id.0,
@@ -244,7 +267,7 @@ impl pb::goal_service_server::GoalService for GoalApi {
     ) -> Result<Response<Self::SubmitAndWatchStream>, Status> {
         use pb::submit_and_watch_event::Kind;
         let caller = Caller::of(&request)?;
-        let run = self.accept(request.into_inner()).await?;
+        let run = self.accept(&caller, request.into_inner()).await?;
         caller.acted_on(format!("run {}", run.run_id));
         let accepted = pb::SubmitAndWatchEvent {
             kind: Some(Kind::Accepted(pb::SubmitGoalResponse {
@@ -274,8 +297,10 @@ impl pb::goal_service_server::GoalService for GoalApi {
         &self,
         request: Request<pb::GetRunRequest>,
     ) -> Result<Response<pb::Run>, Status> {
+        let caller = Caller::of(&request)?;
         let id = run_id("run_id", request.into_inner().run_id).map_err(|e| status(e.into()))?;
-        Ok(Response::new(bounded::run(self.view(&id).await?)))
+        let view = self.in_namespace(&caller, self.view(&id).await?)?;
+        Ok(Response::new(bounded::run(view)))
     }
 
     type WatchRunStream = EventStream;
@@ -285,7 +310,8 @@ impl pb::goal_service_server::GoalService for GoalApi {
         &self,
         request: Request<pb::WatchRunRequest>,
     ) -> Result<Response<EventStream>, Status> {
-        let id = run_id("run_id", request.into_inner().run_id).map_err(|e| status(e.into()))?;
+        let caller = Caller::of(&request)?;
+        let id = self.own_run(&caller, request.into_inner().run_id).await?;
         Ok(Response::new(self.watch(&id).await?))
     }
 
@@ -294,8 +320,9 @@ impl pb::goal_service_server::GoalService for GoalApi {
         &self,
         request: Request<pb::CancelRunRequest>,
     ) -> Result<Response<pb::Run>, Status> {
+        let caller = Caller::of(&request)?;
         let req = request.into_inner();
-        let id = run_id("run_id", req.run_id).map_err(|e| status(e.into()))?;
+        let id = self.own_run(&caller, req.run_id).await?;
         let reason = if req.reason.is_empty() {
             "cancelled by a client".to_owned()
         } else {
@@ -342,8 +369,9 @@ impl pb::goal_service_server::GoalService for GoalApi {
         &self,
         request: Request<pb::RetryRunRequest>,
     ) -> Result<Response<pb::Run>, Status> {
+        let caller = Caller::of(&request)?;
         let req = request.into_inner();
-        let id = run_id("run_id", req.run_id).map_err(|e| status(e.into()))?;
+        let id = self.own_run(&caller, req.run_id).await?;
         check_id("from_step", &req.from_step).map_err(|e| status(e.into()))?;
         let step = StepId(req.from_step);
         if self.handles.directory.contains(&id) {
@@ -365,8 +393,9 @@ impl pb::goal_service_server::GoalService for GoalApi {
         &self,
         request: Request<pb::SkipStepRequest>,
     ) -> Result<Response<pb::Run>, Status> {
+        let caller = Caller::of(&request)?;
         let req = request.into_inner();
-        let id = run_id("run_id", req.run_id).map_err(|e| status(e.into()))?;
+        let id = self.own_run(&caller, req.run_id).await?;
         check_id("step_id", &req.step_id).map_err(|e| status(e.into()))?;
         check_comment(&req.comment)?;
         let (step, comment) = (StepId(req.step_id), req.comment);
@@ -385,8 +414,9 @@ impl pb::goal_service_server::GoalService for GoalApi {
         &self,
         request: Request<pb::RaiseBudgetRequest>,
     ) -> Result<Response<pb::Run>, Status> {
+        let caller = Caller::of(&request)?;
         let req = request.into_inner();
-        let id = run_id("run_id", req.run_id).map_err(|e| status(e.into()))?;
+        let id = self.own_run(&caller, req.run_id).await?;
         check_comment(&req.comment)?;
         let wire = req.budget.unwrap_or_default();
         if wire.max_tokens.is_none() && wire.max_cost_usd.is_none() {
@@ -415,8 +445,9 @@ impl pb::goal_service_server::GoalService for GoalApi {
         &self,
         request: Request<pb::SignalRequest>,
     ) -> Result<Response<pb::Run>, Status> {
+        let caller = Caller::of(&request)?;
         let req = request.into_inner();
-        let id = run_id("run_id", req.run_id).map_err(|e| status(e.into()))?;
+        let id = self.own_run(&caller, req.run_id).await?;
         check_id("name", &req.name).map_err(|e| status(e.into()))?;
         let payload = parse_json("payload_json", &req.payload_json, serde_json::Value::Null)
             .map_err(|e| status(e.into()))?;
@@ -436,9 +467,10 @@ impl pb::goal_service_server::GoalService for GoalApi {
         &self,
         request: Request<pb::GetOutputRequest>,
     ) -> Result<Response<pb::OutputPage>, Status> {
+        let caller = Caller::of(&request)?;
         let req = request.into_inner();
         let id = run_id("run_id", req.run_id).map_err(|e| status(e.into()))?;
-        let view = self.view(&id).await?;
+        let view = self.in_namespace(&caller, self.view(&id).await?)?;
         let output = if req.step_id.is_empty() {
             view.output.ok_or_else(|| {
                 status(Error::FailedPrecondition(format!(
@@ -484,7 +516,10 @@ impl pb::goal_service_server::GoalService for GoalApi {
         &self,
         request: Request<pb::ListRunsRequest>,
     ) -> Result<Response<pb::ListRunsResponse>, Status> {
-        let query = ListRunsQuery::try_from(request.into_inner()).map_err(|e| status(e.into()))?;
+        let caller = Caller::of(&request)?;
+        let mut query =
+            ListRunsQuery::try_from(request.into_inner()).map_err(|e| status(e.into()))?;
+        query.namespace = caller.namespace;
         let page = self.handles.store.list_runs(&query).await.map_err(status)?;
         Ok(Response::new(pb::ListRunsResponse {
             runs: page.runs.into_iter().map(Into::into).collect(),

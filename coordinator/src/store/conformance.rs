@@ -67,6 +67,7 @@ fn goal(key: Option<&str>) -> StoredGoal {
         idempotency_key: key.map(str::to_owned),
         planned: false,
         budget: None,
+        namespace: Default::default(),
     }
 }
 
@@ -220,6 +221,7 @@ pub(crate) async fn a_finished_run_leaves_the_unfinished_list(f: &impl Fixture) 
         state: Some(RunState::Succeeded),
         page_size: 10,
         page_token: None,
+        namespace: Default::default(),
     };
     let page = store.list_runs(&succeeded).await.unwrap();
     assert_eq!(page.runs.len(), 1);
@@ -283,6 +285,7 @@ pub(crate) async fn runs_list_in_pages_newest_first(f: &impl Fixture) {
         state: None,
         page_size: 2,
         page_token: token.map(RunId),
+        namespace: Default::default(),
     };
     let mut seen = Vec::new();
     let mut token = None;
@@ -300,6 +303,7 @@ pub(crate) async fn runs_list_in_pages_newest_first(f: &impl Fixture) {
         state: Some(RunState::Failed),
         page_size: 10,
         page_token: None,
+        namespace: Default::default(),
     };
     assert!(store.list_runs(&failed).await.unwrap().runs.is_empty());
 }
@@ -401,6 +405,7 @@ pub(crate) async fn unknown_things_are_not_found(f: &impl Fixture) {
         state: None,
         page_size: 10,
         page_token: None,
+        namespace: Default::default(),
     };
     let page = store.list_runs(&q).await.unwrap();
     assert!(page.runs.is_empty() && page.next_page_token.is_none());

@@ -39,7 +39,8 @@ CREATE TABLE IF NOT EXISTS runs (
     output TEXT,
     error TEXT,
     created_at_ms INTEGER NOT NULL,
-    updated_at_ms INTEGER NOT NULL
+    updated_at_ms INTEGER NOT NULL,
+    namespace TEXT NOT NULL DEFAULT 'default'
 );
 CREATE INDEX IF NOT EXISTS runs_by_state ON runs (state, run_id);
 CREATE TABLE IF NOT EXISTS journal (
@@ -92,8 +93,9 @@ CREATE TABLE IF NOT EXISTS swarm_members (
 );
 "#;
 
-/// The store's layout; a store written by another layout is refused at open.
-const SCHEMA_VERSION: &str = "2";
+/// The store's layout; a store written by another layout is refused at open, except the
+/// previous one, which is brought up to date (see [`migrate`]).
+const SCHEMA_VERSION: &str = "3";
 
 /// Writes waiting for the writer thread; past it callers wait (backpressure).
 const WRITE_QUEUE: usize = 4096;
@@ -177,6 +179,7 @@ impl SqliteStore {
         let path = dir.join("mesh.db");
         let mut write_conn = connect(&path)?;
         write_conn.execute_batch(SCHEMA)?;
+        migrate(&write_conn)?;
         check_schema(&write_conn, &path)?;
         let reader = connect(&path)?;
         let (writer, rx) = mpsc::channel(WRITE_QUEUE);
@@ -386,6 +389,7 @@ impl Backend for SqliteStore {
             "SELECT r.run_id, r.goal_id, g.objective, r.state, r.created_at_ms, r.updated_at_ms
              FROM runs r JOIN goals g ON g.goal_id = r.goal_id
              WHERE (?1 IS NULL OR r.state = ?1) AND (?2 IS NULL OR r.run_id < ?2)
+               AND r.namespace = ?4
              ORDER BY r.run_id DESC LIMIT ?3",
         )?;
         let rows = stmt
@@ -393,7 +397,8 @@ impl Backend for SqliteStore {
                 params![
                     query.state.map(RunState::as_str),
                     query.page_token.as_ref().map(|t| t.0.as_str()),
-                    limit
+                    limit,
+                    query.namespace.as_str()
                 ],
                 |r| {
                     Ok((
@@ -418,6 +423,7 @@ impl Backend for SqliteStore {
                         state: parse_state(&state, RunState::parse)?,
                         created_at_ms,
                         updated_at_ms,
+                        namespace: query.namespace.clone(),
                     })
                 },
             )
@@ -732,9 +738,9 @@ fn submit(conn: &Connection, new: &NewRun) -> Result<RunRef> {
     )?
     .execute(params![goal_id.0, goal.idempotency_key, goal.objective, spec, now])?;
     conn.prepare_cached(
-        "INSERT INTO runs (run_id, goal_id, state, created_at_ms, updated_at_ms) VALUES (?1, ?2, 'running', ?3, ?3)",
+        "INSERT INTO runs (run_id, goal_id, state, created_at_ms, updated_at_ms, namespace) VALUES (?1, ?2, 'running', ?3, ?3, ?4)",
     )?
-    .execute(params![run_id.0, goal_id.0, now])?;
+    .execute(params![run_id.0, goal_id.0, now, goal.namespace.as_str()])?;
     append(conn, run_id, 0, &JournalEvent::RunCreated, now)?;
     record(conn, run_id, 1, &new.events, now)?;
     Ok(RunRef {
@@ -783,6 +789,24 @@ fn record(
 }
 
 /// Marks a new store with this layout; refuses one written with another.
+/// Layout 2 → 3: runs gain their namespace (`default` for every run stored before). Safe to
+/// run on any store: it only adds what is missing.
+fn migrate(conn: &Connection) -> Result<()> {
+    let has_namespace: bool = conn
+        .prepare("SELECT 1 FROM pragma_table_info('runs') WHERE name = 'namespace'")?
+        .exists([])?;
+    if !has_namespace {
+        conn.execute_batch(
+            "ALTER TABLE runs ADD COLUMN namespace TEXT NOT NULL DEFAULT 'default';",
+        )?;
+    }
+    conn.execute_batch(
+        "CREATE INDEX IF NOT EXISTS runs_by_namespace ON runs (namespace, run_id);
+         UPDATE meta SET value = '3' WHERE key = 'schema' AND value = '2';",
+    )?;
+    Ok(())
+}
+
 fn check_schema(conn: &Connection, path: &Path) -> Result<()> {
     let version: Option<String> = conn
         .query_row("SELECT value FROM meta WHERE key = 'schema'", [], |r| {
@@ -988,6 +1012,44 @@ mod tests {
 
     conformance_suite!(Sqlite(tempfile::tempdir().unwrap()));
 
+    /// A store of layout 2 (before namespaces) is brought to layout 3: its runs gain the
+    /// `default` namespace, and the store opens again as layout 3.
+    #[tokio::test]
+    async fn a_layout_2_store_is_migrated_and_its_runs_are_in_the_default_namespace() {
+        let f = Sqlite(tempfile::tempdir().unwrap());
+        drop(f.open().unwrap());
+        {
+            let conn = Connection::open(f.0.path().join("mesh.db")).unwrap();
+            conn.execute_batch(
+                "DROP INDEX runs_by_namespace; ALTER TABLE runs DROP COLUMN namespace;
+                 INSERT INTO goals (goal_id, objective, spec, created_at_ms) VALUES ('g1', 'old', '{}', 1);
+                 INSERT INTO runs (run_id, goal_id, state, created_at_ms, updated_at_ms) VALUES ('r1', 'g1', 'succeeded', 1, 1);",
+            )
+            .unwrap();
+        }
+        f.set_layout("2");
+        let store = f.open().unwrap();
+        let page = store
+            .list_runs(&ListRunsQuery {
+                namespace: Namespace::default(),
+                state: None,
+                page_size: 10,
+                page_token: None,
+            })
+            .await
+            .unwrap();
+        assert_eq!(page.runs.len(), 1);
+        assert_eq!(page.runs[0].namespace, Namespace::default());
+        drop(store);
+        let conn = Connection::open(f.0.path().join("mesh.db")).unwrap();
+        let layout: String = conn
+            .query_row("SELECT value FROM meta WHERE key = 'schema'", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(layout, "3");
+    }
+
     #[test]
     fn a_refused_layout_names_both_layouts_and_the_file() {
         let f = Sqlite(tempfile::tempdir().unwrap());
@@ -995,7 +1057,7 @@ mod tests {
         f.set_layout("1");
         let err = f.open().unwrap_err().to_string();
         assert!(
-            err.contains("has layout 1; this build reads layout 2") && err.contains("mesh.db"),
+            err.contains("has layout 1; this build reads layout 3") && err.contains("mesh.db"),
             "{err}"
         );
     }
