@@ -296,6 +296,9 @@ async fn run(cli: Cli) -> Result<()> {
                 Some(path) => Some(read_token(path)?),
                 None => cli.token.clone().map(mesh_agent_sdk::llm::Secret::new),
             };
+            if cfg.namespace.is_none() {
+                cfg.namespace = Some(cli.namespace.clone());
+            }
             mesh_node::run(cfg, Some(prometheus()?), shutdown_signal()).await?;
             Ok(())
         }

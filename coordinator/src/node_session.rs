@@ -37,6 +37,8 @@ pub struct NodeSessionArgs {
     pub dispatcher: Slot<DispatcherMsg>,
     pub tx: NodeTx,
     pub peer: String,
+    /// The namespace the stream was opened in: the one the node serves.
+    pub namespace: Namespace,
 }
 
 pub struct NodeSessionState {
@@ -94,7 +96,17 @@ impl Actor for NodeSession {
         match msg {
             NodeSessionMsg::Frame(frame) => {
                 let ((node, instance), frame) = match (&st.node, frame) {
-                    (None, FromNode::Register(registration)) => {
+                    (None, FromNode::Register(mut registration)) => {
+                        // The node serves the namespace its stream was opened in, whatever
+                        // labels it claims.
+                        let ns = st.args.namespace.as_str();
+                        registration
+                            .labels
+                            .insert(NAMESPACE_LABEL.to_owned(), ns.to_owned());
+                        for card in &mut registration.agents {
+                            card.labels
+                                .insert(NAMESPACE_LABEL.to_owned(), ns.to_owned());
+                        }
                         let session = myself.clone();
                         let tx = st.args.tx.clone();
                         let registry = st.args.registry.get();
@@ -110,7 +122,8 @@ impl Actor for NodeSession {
                             )
                             .await;
                         match call_result("registry", answer) {
-                            Ok(registered) => {
+                            Ok(Err(why)) => st.close(&myself, why),
+                            Ok(Ok(registered)) => {
                                 st.node = Some((registered.node_id.clone(), registered.instance));
                                 let _ = st
                                     .args

@@ -29,7 +29,7 @@ pub enum RegistryMsg {
         registration: Registration,
         session: ActorRef<NodeSessionMsg>,
         tx: NodeTx,
-        reply: RpcReplyPort<Registered>,
+        reply: RpcReplyPort<Result<Registered, String>>,
     },
     Heartbeat {
         node: NodeId,
@@ -133,6 +133,15 @@ impl RegistryState {
     }
 
     /// Registers a node as a new instance; returns it and the live instance it replaced.
+    /// Whether a live node of this name belongs to another namespace: a registration must
+    /// not take over another namespace's node (and with it, its work).
+    pub fn held_by_another_namespace(&self, reg: &Registration) -> bool {
+        self.nodes
+            .get(&NodeId(reg.node_name.clone()))
+            .filter(|e| e.health != Health::Dead)
+            .is_some_and(|e| e.labels.get(NAMESPACE_LABEL) != reg.labels.get(NAMESPACE_LABEL))
+    }
+
     pub fn register(&mut self, reg: &Registration, now: Instant) -> (Registered, Option<u64>) {
         self.next_instance += 1;
         let instance = self.next_instance;
@@ -405,6 +414,13 @@ impl Actor for Registry {
                 tx,
                 reply,
             } => {
+                if st.core.held_by_another_namespace(&registration) {
+                    let _ = reply.send(Err(format!(
+                        "node `{}` is live in another namespace; give this node another name",
+                        registration.node_name
+                    )));
+                    return Ok(());
+                }
                 let (registered, replaced) = st.core.register(&registration, now);
                 let node = registered.node_id.clone();
                 if let Some(old) = replaced {
@@ -421,7 +437,7 @@ impl Actor for Registry {
                     agents: with_node_labels(&registration.agents, &registration.labels),
                     tx,
                 });
-                let _ = reply.send(registered);
+                let _ = reply.send(Ok(registered));
                 st.core.publish_gauges();
             }
             RegistryMsg::Heartbeat {

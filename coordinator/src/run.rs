@@ -414,7 +414,15 @@ impl RunActorState {
                         input,
                         idempotency_key: format!("{}/{}/{}", self.machine.run_id(), step, index),
                         timeout: spec.timeout,
-                        labels: spec.labels.clone(),
+                        // Only agents of the run's namespace; a step cannot name another.
+                        labels: {
+                            let mut labels = spec.labels.clone();
+                            labels.insert(
+                                NAMESPACE_LABEL.to_owned(),
+                                self.machine.namespace().to_string(),
+                            );
+                            labels
+                        },
                         token,
                         run: myself.clone(),
                         ready_at: Instant::now(),

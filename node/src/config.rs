@@ -39,6 +39,9 @@ pub struct NodeConfig {
     /// A file holding a `worker` token, for a coordinator with authentication on; `mesh
     /// node` reads `MESH_TOKEN` when this is absent.
     pub token_file: Option<PathBuf>,
+    /// The namespace this node serves: it gets the tasks of that namespace's runs only
+    /// (`MESH_NAMESPACE` for `mesh node` when absent; `default` else).
+    pub namespace: Option<String>,
     /// The token itself (from `token_file` or the environment; not a configuration key).
     #[serde(skip)]
     pub token: Option<mesh_agent_sdk::llm::Secret>,
@@ -124,6 +127,7 @@ impl Default for NodeConfig {
             ],
             llm: NodeLlmConfig::default(),
             token_file: None,
+            namespace: None,
             token: None,
         }
     }
@@ -279,6 +283,7 @@ impl NodeConfig {
             reconnect_min: self.reconnect_min,
             reconnect_max: self.reconnect_max,
             token: self.token.clone(),
+            namespace: self.namespace.clone(),
             ..RuntimeConfig::default()
         }
     }

@@ -346,6 +346,11 @@ pub enum ToNode {
 /// The namespace of everything given without one.
 pub const DEFAULT_NAMESPACE: &str = "default";
 
+/// The label the coordinator puts on every node and agent card: the namespace the node's
+/// stream was opened in (whatever the node says). A run's attempts go only to agents whose
+/// label is the run's namespace.
+pub const NAMESPACE_LABEL: &str = "mesh.namespace";
+
 /// The tenant unit: every goal, run, workflow and node belongs to one. Its rule is
 /// [`crate::convert::check_id`]'s.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]

@@ -453,3 +453,100 @@ async fn a_namespace_sees_and_acts_on_its_own_runs_only() {
     assert_eq!(decided.state, RunState::Succeeded);
     not_found(mesh.client().await.get_run(&run.run_id).await.unwrap_err());
 }
+
+/// A node serves the namespace its stream was opened in: it gets that namespace's tasks and
+/// no other's (a run of another namespace finds no agent, whatever labels its step names),
+/// its namespace's callers alone list it, and another namespace cannot take over its name.
+#[tokio::test]
+async fn a_node_serves_its_own_namespace_only() {
+    let mut mesh = secured().await;
+    mesh.worker_token = Some(token(&mesh, "team-a", "worker", &["--name", "a-node"]).await);
+    mesh.spawn_node_in(
+        "a1",
+        "namespace = \"team-a\"\n[[agents]]\nkind = \"echo\"\n",
+        None,
+        None,
+    );
+    mesh.wait_healthy("a1").await;
+    let a = token(&mesh, "team-a", "write", &["--name", "a"]).await;
+    let b = token(&mesh, "team-b", "write", &["--name", "b"]).await;
+    let base = GoalClient::connect(&mesh.url()).await.unwrap();
+    let team_a = base
+        .clone()
+        .with_token(&a)
+        .unwrap()
+        .with_namespace("team-a")
+        .unwrap();
+    let team_b = base
+        .clone()
+        .with_token(&b)
+        .unwrap()
+        .with_namespace("team-b")
+        .unwrap();
+
+    let run = team_a
+        .submit(goal("a's", &[("e", "echo", json!({"x": 1}), &[])]))
+        .await
+        .unwrap();
+    let view = team_a.wait(&run.run_id).await.unwrap();
+    assert_eq!(view.state, RunState::Succeeded);
+    assert_eq!(view.steps[0].agent.as_ref().unwrap().node.as_str(), "a1");
+
+    // team-b's run of the same skill, even naming team-a's label, finds no agent.
+    let escape = "steps:\n  - { id: e, uses: echo, labels: { mesh.namespace: team-a } }\n";
+    let run_b = team_b
+        .submit(mesh_tests::workflow_goal(escape, json!({})))
+        .await
+        .unwrap();
+    let view = tokio::time::timeout(Duration::from_secs(20), team_b.wait(&run_b.run_id))
+        .await
+        .expect("the run ends")
+        .unwrap();
+    assert_eq!(view.state, RunState::Failed, "{view:?}");
+    let error = view.steps[0].error.clone().unwrap_or_default();
+    assert!(error.contains("mesh.namespace=team-b"), "{error}");
+    let ran = std::fs::read_to_string(mesh.exec_log("a1")).unwrap_or_default();
+    assert_eq!(ran.lines().count(), 1, "a1 ran team-a's task only: {ran}");
+
+    // Lists: team-a sees its node, team-b none.
+    let names = |nodes: Vec<mesh_agent_sdk::NodeView>| -> Vec<String> {
+        nodes.into_iter().map(|n| n.node_id.0).collect()
+    };
+    assert_eq!(names(team_a.nodes().await.unwrap()), ["a1"]);
+    assert!(team_b.nodes().await.unwrap().is_empty());
+    assert!(team_b.agents(None).await.unwrap().is_empty());
+
+    // A team-b worker cannot take over `a1`.
+    let b_worker = token(&mesh, "team-b", "worker", &["--name", "b-node"]).await;
+    let config = mesh.dir.path().join("impostor.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "coordinator = \"{}\"\nname = \"a1\"\nnamespace = \"team-b\"\nreconnect_min = \"50ms\"\nreconnect_max = \"200ms\"\n[[agents]]\nkind = \"echo\"\n",
+            mesh.url()
+        ),
+    )
+    .unwrap();
+    let impostor = mesh_harness::Proc::spawn(
+        &mesh_tests::mesh_bin(),
+        "impostor",
+        mesh.dir.path(),
+        &["node", "--config", config.to_str().unwrap()],
+        &[("MESH_TOKEN", b_worker.as_str())],
+    )
+    .unwrap();
+    mesh_tests::wait_for("the impostor refused", Duration::from_secs(10), || async {
+        let log = std::fs::read_to_string(mesh.dir.path().join("impostor.log")).ok()?;
+        log.contains("is live in another namespace").then_some(())
+    })
+    .await;
+    drop(impostor);
+    let still = team_a
+        .submit(goal("a's again", &[("e", "echo", json!({}), &[])]))
+        .await
+        .unwrap();
+    assert_eq!(
+        team_a.wait(&still.run_id).await.unwrap().state,
+        RunState::Succeeded
+    );
+}

@@ -198,6 +198,12 @@ impl ConnState {
                 .map_err(|_| "the token is not printable ASCII".to_owned())?;
             request.metadata_mut().insert("authorization", value);
         }
+        if let Some(ns) = &cfg.namespace {
+            let value = ns
+                .parse()
+                .map_err(|_| format!("namespace `{ns}` is not ASCII"))?;
+            request.metadata_mut().insert("mesh-namespace", value);
+        }
         let response = tokio::time::timeout(cfg.connect_timeout, client.connect(request))
             .await
             .map_err(|_| "stream open timed out".to_owned())?

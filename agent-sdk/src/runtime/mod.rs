@@ -60,6 +60,9 @@ pub struct RuntimeConfig {
     /// node); sent as `authorization: Bearer …` when the stream opens.
     #[serde(skip_serializing)]
     pub token: Option<crate::llm::Secret>,
+    /// The namespace this node serves (`mesh-namespace` when the stream opens): it gets the
+    /// tasks of that namespace's runs only. `default` when absent.
+    pub namespace: Option<String>,
 }
 
 impl Default for RuntimeConfig {
@@ -75,6 +78,7 @@ impl Default for RuntimeConfig {
             restart_budget: 5,
             restart_window: Duration::from_secs(30),
             token: None,
+            namespace: None,
         }
     }
 }

@@ -78,6 +78,7 @@ impl pb::node_service_server::NodeService for NodeApi {
         &self,
         request: Request<Streaming<pb::NodeFrame>>,
     ) -> Result<Response<FrameStream>, Status> {
+        let namespace = super::Caller::of(&request)?.namespace;
         let bound = self.handles.config.registry.max_unregistered_streams;
         let permit = Arc::clone(&self.unregistered)
             .try_acquire_owned()
@@ -104,6 +105,7 @@ impl pb::node_service_server::NodeService for NodeApi {
             dispatcher: self.handles.dispatcher.clone(),
             tx,
             peer,
+            namespace,
         };
         let (session, _) = Actor::spawn_linked(None, NodeSession, args, self.handles.root.clone())
             .await

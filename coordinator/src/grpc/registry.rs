@@ -3,11 +3,11 @@
 use std::time::Duration;
 
 use mesh_proto::convert::check_id;
-use mesh_proto::domain::NodeId;
+use mesh_proto::domain::{NAMESPACE_LABEL, NodeId, NodeView};
 use mesh_proto::pb;
 use tonic::{Request, Response, Status};
 
-use super::status;
+use super::{Caller, status};
 use crate::error::call_result;
 use crate::registry::RegistryMsg;
 use crate::root::Handles;
@@ -17,6 +17,29 @@ const LIST_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Clone, Debug)]
 pub struct RegistryApi {
     pub handles: Handles,
+}
+
+impl RegistryApi {
+    /// The nodes the caller sees: its namespace's (every node for a cluster admin).
+    async fn nodes(&self, caller: &Caller) -> Result<Vec<NodeView>, Status> {
+        let registry = self.handles.registry.get();
+        let nodes = call_result(
+            "registry",
+            registry
+                .call(RegistryMsg::ListNodes, Some(LIST_TIMEOUT))
+                .await,
+        )
+        .map_err(status)?;
+        let every = caller.principal.is_cluster_admin() && caller.authenticated();
+        Ok(nodes
+            .into_iter()
+            .filter(|n| {
+                every
+                    || n.labels.get(NAMESPACE_LABEL).map(String::as_str)
+                        == Some(caller.namespace.as_str())
+            })
+            .collect())
+    }
 }
 
 #[tonic::async_trait]
@@ -56,16 +79,10 @@ impl pb::registry_service_server::RegistryService for RegistryApi {
     #[tracing::instrument(name = "grpc.list_nodes", skip_all)]
     async fn list_nodes(
         &self,
-        _request: Request<pb::ListNodesRequest>,
+        request: Request<pb::ListNodesRequest>,
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
-        let registry = self.handles.registry.get();
-        let nodes = call_result(
-            "registry",
-            registry
-                .call(RegistryMsg::ListNodes, Some(LIST_TIMEOUT))
-                .await,
-        )
-        .map_err(status)?;
+        let caller = Caller::of(&request)?;
+        let nodes = self.nodes(&caller).await?;
         Ok(Response::new(pb::ListNodesResponse {
             nodes: nodes.into_iter().map(Into::into).collect(),
         }))
@@ -76,6 +93,7 @@ impl pb::registry_service_server::RegistryService for RegistryApi {
         &self,
         request: Request<pb::ListAgentsRequest>,
     ) -> Result<Response<pb::ListAgentsResponse>, Status> {
+        let caller = Caller::of(&request)?;
         let skill = Some(request.into_inner().skill).filter(|s| !s.is_empty());
         let registry = self.handles.registry.get();
         let agents = call_result(
@@ -88,8 +106,18 @@ impl pb::registry_service_server::RegistryService for RegistryApi {
                 .await,
         )
         .map_err(status)?;
+        let mine: Vec<NodeId> = self
+            .nodes(&caller)
+            .await?
+            .into_iter()
+            .map(|n| n.node_id)
+            .collect();
         Ok(Response::new(pb::ListAgentsResponse {
-            agents: agents.into_iter().map(Into::into).collect(),
+            agents: agents
+                .into_iter()
+                .filter(|a| mine.contains(&a.node_id))
+                .map(Into::into)
+                .collect(),
         }))
     }
 }
