@@ -112,30 +112,84 @@ pub struct WorkflowProblem {
     pub message: String,
 }
 
-/// A coordinator address this SDK can use: `http://host:port`. `https://` is refused with
-/// a clear reason rather than tried and retried: this build has no TLS.
-pub fn check_coordinator_url(url: &str) -> Result<(), String> {
-    if url.starts_with("https://") {
-        return Err(format!(
-            "`{url}`: TLS is not supported yet; use http:// on loopback or a trusted network"
-        ));
+/// A coordinator address this SDK can use: `http://host:port`, or `https://host:port` when
+/// TLS is configured (`tls`), refused with a clear reason rather than tried and retried.
+pub fn check_coordinator_url(url: &str, tls: bool) -> Result<(), String> {
+    match (url.split_once("://").map(|(scheme, _)| scheme), tls) {
+        (Some("http"), false) | (Some("https"), true) => Ok(()),
+        (Some("https"), false) => Err(format!(
+            "`{url}`: an https:// coordinator needs the CA that signed its certificate: give --ca (MESH_CA), or tls.ca_file in node.toml"
+        )),
+        (Some("http"), true) => Err(format!("`{url}`: TLS is configured; use https://")),
+        _ => Err(format!("`{url}` must start with http:// or https://")),
     }
-    if !url.starts_with("http://") {
-        return Err(format!("`{url}` must start with http://"));
+}
+
+/// Where a client finds its TLS material: the CA that signed the coordinator's certificate
+/// and, for mutual TLS (nodes), its own certificate and key. PEM files.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsFiles {
+    pub ca_file: Option<std::path::PathBuf>,
+    pub cert_file: Option<std::path::PathBuf>,
+    pub key_file: Option<std::path::PathBuf>,
+}
+
+impl TlsFiles {
+    pub fn is_set(&self) -> bool {
+        self.ca_file.is_some()
     }
-    Ok(())
+
+    /// The channel's TLS, read from the files now; `None` without a CA.
+    pub fn client_config(&self) -> Result<Option<tonic::transport::ClientTlsConfig>, String> {
+        use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+        let Some(ca) = &self.ca_file else {
+            if self.cert_file.is_some() || self.key_file.is_some() {
+                return Err("tls: a certificate and key need the CA (ca_file) too".into());
+            }
+            return Ok(None);
+        };
+        crate::llm::install_crypto_provider();
+        let read = |what: &str, path: &std::path::Path| {
+            std::fs::read(path)
+                .map_err(|e| format!("tls: cannot read the {what} {}: {e}", path.display()))
+        };
+        let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read("CA", ca)?));
+        match (&self.cert_file, &self.key_file) {
+            (Some(cert), Some(key)) => {
+                tls = tls.identity(Identity::from_pem(
+                    read("certificate", cert)?,
+                    read("key", key)?,
+                ));
+            }
+            (None, None) => {}
+            _ => return Err("tls: give both cert_file and key_file, or neither".into()),
+        }
+        Ok(Some(tls))
+    }
 }
 
 impl GoalClient {
     /// Connects to `url` (`http://host:port`).
     pub async fn connect(url: &str) -> Result<Self, ClientError> {
+        Self::connect_with(url, &TlsFiles::default()).await
+    }
+
+    /// Connects to `url`: `https://host:port` with `tls` (its CA, and a certificate for
+    /// mutual TLS), `http://host:port` without.
+    pub async fn connect_with(url: &str, tls: &TlsFiles) -> Result<Self, ClientError> {
         let err = |reason: String| ClientError::Connect {
             url: url.to_owned(),
             reason,
         };
-        check_coordinator_url(url).map_err(err)?;
-        let channel = Endpoint::from_shared(url.to_owned())
-            .map_err(|e| err(e.to_string()))?
+        check_coordinator_url(url, tls.is_set()).map_err(err)?;
+        let mut endpoint = Endpoint::from_shared(url.to_owned()).map_err(|e| err(e.to_string()))?;
+        if let Some(config) = tls.client_config().map_err(err)? {
+            endpoint = endpoint
+                .tls_config(config)
+                .map_err(|e| err(e.to_string()))?;
+        }
+        let channel = endpoint
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true)
             .connect()

@@ -48,7 +48,9 @@ pub mod metrics;
 mod runtime;
 
 pub use agent::{Agent, AgentCard, AgentError, Context, Progress};
-pub use client::{ClientError, GoalClient, RpcCode, WorkflowProblem, check_coordinator_url};
+pub use client::{
+    ClientError, GoalClient, RpcCode, TlsFiles, WorkflowProblem, check_coordinator_url,
+};
 pub use error::{Error, Result};
 pub use mesh_proto::domain::{
     AgentKey, AgentView, Budget, FencingToken, GoalSpec, Health, ModelUsage, NodeView, OnExceed,

@@ -2,6 +2,7 @@
 
 mod access;
 mod bench;
+mod certs;
 mod client;
 mod dev;
 mod goalfile;
@@ -42,8 +43,31 @@ struct Cli {
     /// The namespace client commands act in.
     #[arg(long, global = true, env = "MESH_NAMESPACE", default_value = "default")]
     namespace: String,
+    /// The CA that signed an https:// coordinator's certificate (PEM).
+    #[arg(long, global = true, env = "MESH_CA")]
+    ca: Option<PathBuf>,
+    /// A client certificate for mutual TLS (PEM), with --key.
+    #[arg(long, global = true, env = "MESH_CERT", requires = "key")]
+    cert: Option<PathBuf>,
+    #[arg(long, global = true, env = "MESH_KEY", requires = "cert")]
+    key: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Write a development CA and certificates for the coordinator, nodes and a client into
+    /// DIR (not for production: the CA's key is there too).
+    Dev {
+        dir: PathBuf,
+        /// A name the coordinator is reached by (repeat; default localhost and 127.0.0.1).
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+        /// A node's name: its certificate is for that name (repeat; default node-1).
+        #[arg(long = "node")]
+        nodes: Vec<String>,
+    },
 }
 
 /// Where client commands go, and as whom.
@@ -51,12 +75,13 @@ pub struct Target {
     pub url: String,
     token: Option<String>,
     namespace: String,
+    tls: mesh_agent_sdk::TlsFiles,
 }
 
 impl Target {
     /// A client of the coordinator, with the token and namespace.
     pub async fn connect(&self) -> Result<mesh_agent_sdk::GoalClient> {
-        let mut client = mesh_agent_sdk::GoalClient::connect(&self.url)
+        let mut client = mesh_agent_sdk::GoalClient::connect_with(&self.url, &self.tls)
             .await?
             .with_namespace(&self.namespace)?;
         if let Some(token) = self.token.as_deref().filter(|t| !t.trim().is_empty()) {
@@ -157,6 +182,11 @@ enum Command {
         #[arg(long)]
         upstream: String,
     },
+    /// Certificates for mutual TLS.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
     /// API tokens for a coordinator with authentication on.
     Token {
         #[command(subcommand)]
@@ -247,6 +277,11 @@ async fn run(cli: Cli) -> Result<()> {
         url: cli.coordinator.clone(),
         token: cli.token.clone(),
         namespace: cli.namespace.clone(),
+        tls: mesh_agent_sdk::TlsFiles {
+            ca_file: cli.ca.clone(),
+            cert_file: cli.cert.clone(),
+            key_file: cli.key.clone(),
+        },
     };
     match cli.command {
         Command::Dev(args) => {
@@ -325,6 +360,21 @@ async fn run(cli: Cli) -> Result<()> {
         Command::BenchEchoServer { listen } => bench::serve_echo(listen, shutdown_signal()).await,
         Command::BenchRelay { listen, upstream } => {
             bench::serve_relay(listen, upstream, shutdown_signal()).await
+        }
+        Command::Certs {
+            command: CertsCommand::Dev { dir, hosts, nodes },
+        } => {
+            let hosts = if hosts.is_empty() {
+                vec!["localhost".to_owned(), "127.0.0.1".to_owned()]
+            } else {
+                hosts
+            };
+            let nodes = if nodes.is_empty() {
+                vec!["node-1".to_owned()]
+            } else {
+                nodes
+            };
+            certs::dev(&dir, &hosts, &nodes)
         }
         Command::Token { command } => {
             init_tracing("warn");

@@ -29,6 +29,25 @@ pub struct CoordinatorConfig {
     pub registry: RegistryConfig,
     pub dispatch: DispatchConfig,
     pub auth: AuthConfig,
+    pub tls: TlsConfig,
+}
+
+/// TLS on the gRPC port (docs/security.md): the coordinator's certificate and key, and the CA
+/// whose certificates nodes must present (`mesh certs dev` writes all of them).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// With it, a node stream must present a certificate this CA signed, for the node's
+    /// name; clients may present one or not (they authenticate with tokens).
+    pub client_ca_file: Option<PathBuf>,
+}
+
+impl TlsConfig {
+    pub fn enabled(&self) -> bool {
+        self.cert_file.is_some() || self.key_file.is_some()
+    }
 }
 
 /// Who may call the coordinator (docs/security.md).
@@ -53,6 +72,7 @@ impl Default for CoordinatorConfig {
             registry: RegistryConfig::default(),
             dispatch: DispatchConfig::default(),
             auth: AuthConfig::default(),
+            tls: TlsConfig::default(),
         }
     }
 }

@@ -114,7 +114,13 @@ pub async fn start(
     }
     let store = Store::open(&config.data_dir)?;
     let epoch = store.bump_epoch().await?;
-    let (guard, bootstrap) = grpc::Guard::start(&store, config.auth.enabled).await?;
+    let tls = server_tls(&config.tls)?;
+    let (guard, bootstrap) = grpc::Guard::start(
+        &store,
+        config.auth.enabled,
+        config.tls.client_ca_file.is_some(),
+    )
+    .await?;
     if let Some(secret) = bootstrap {
         let path = config.data_dir.join(ADMIN_TOKEN_FILE);
         write_secret(&path, &secret)?;
@@ -155,6 +161,7 @@ pub async fn start(
     let grpc = tokio::spawn(serve_grpc(
         handles,
         guard,
+        tls,
         readiness.clone(),
         grpc_listener,
         async move {
@@ -188,6 +195,40 @@ pub async fn start(
     })
 }
 
+/// The server's TLS from its files, read and checked now so that a bad file stops the start.
+fn server_tls(
+    config: &crate::config::TlsConfig,
+) -> Result<Option<tonic::transport::ServerTlsConfig>> {
+    use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+    if !config.enabled() {
+        if config.client_ca_file.is_some() {
+            return Err(Error::Fatal(
+                "tls.client_ca_file needs tls.cert_file and tls.key_file".into(),
+            ));
+        }
+        return Ok(None);
+    }
+    let read = |field: &str, path: &Option<std::path::PathBuf>| -> Result<Vec<u8>> {
+        let path = path
+            .as_ref()
+            .ok_or_else(|| Error::Fatal(format!("tls.{field} is missing")))?;
+        std::fs::read(path)
+            .map_err(|e| Error::Fatal(format!("tls.{field}: cannot read {}: {e}", path.display())))
+    };
+    let identity = Identity::from_pem(
+        read("cert_file", &config.cert_file)?,
+        read("key_file", &config.key_file)?,
+    );
+    let mut tls = ServerTlsConfig::new().identity(identity);
+    if config.client_ca_file.is_some() {
+        let ca = read("client_ca_file", &config.client_ca_file)?;
+        tls = tls
+            .client_ca_root(Certificate::from_pem(ca))
+            .client_auth_optional(true);
+    }
+    Ok(Some(tls))
+}
+
 /// The file in the data directory that holds the first cluster admin token.
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
 
@@ -218,6 +259,7 @@ pub async fn run(
 async fn serve_grpc(
     handles: Handles,
     guard: grpc::Guard,
+    tls: Option<tonic::transport::ServerTlsConfig>,
     readiness: Readiness,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -258,7 +300,17 @@ async fn serve_grpc(
     let incoming = tonic::transport::server::TcpIncoming::from(listener)
         .with_nodelay(Some(true))
         .with_keepalive(Some(Duration::from_secs(30)));
-    let result = tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        server = match server.tls_config(tls) {
+            Ok(server) => server,
+            Err(e) => {
+                warn!(error = %e, "TLS configuration refused; not serving gRPC");
+                return;
+            }
+        };
+    }
+    let result = server
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))

@@ -39,6 +39,21 @@ pub struct NodeSessionArgs {
     pub peer: String,
     /// The namespace the stream was opened in: the one the node serves.
     pub namespace: Namespace,
+    /// The client certificate the node presented (DER): then its name must be one the
+    /// certificate is for.
+    pub certificate: Option<Vec<u8>>,
+}
+
+/// Whether a certificate (DER) is for `name` (one of its DNS names).
+pub fn certificate_is_for(der: &[u8], name: &str) -> bool {
+    let der = rustls_pki_types::CertificateDer::from(der);
+    let Ok(cert) = webpki::EndEntityCert::try_from(&der) else {
+        return false;
+    };
+    let Ok(name) = rustls_pki_types::ServerName::try_from(name) else {
+        return false;
+    };
+    cert.verify_is_valid_for_subject_name(&name).is_ok()
 }
 
 pub struct NodeSessionState {
@@ -97,6 +112,16 @@ impl Actor for NodeSession {
             NodeSessionMsg::Frame(frame) => {
                 let ((node, instance), frame) = match (&st.node, frame) {
                     (None, FromNode::Register(mut registration)) => {
+                        if let Some(der) = &st.args.certificate
+                            && !certificate_is_for(der, &registration.node_name)
+                        {
+                            let why = format!(
+                                "the client certificate is not for node `{}`: a node's name must be one of its certificate's DNS names",
+                                registration.node_name
+                            );
+                            st.close_with(&myself, tonic::Code::PermissionDenied, why);
+                            return Ok(());
+                        }
                         // The node serves the namespace its stream was opened in, whatever
                         // labels it claims.
                         let ns = st.args.namespace.as_str();

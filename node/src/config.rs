@@ -39,6 +39,9 @@ pub struct NodeConfig {
     /// A file holding a `worker` token, for a coordinator with authentication on; `mesh
     /// node` reads `MESH_TOKEN` when this is absent.
     pub token_file: Option<PathBuf>,
+    /// TLS to an `https://` coordinator: `ca_file`, and `cert_file` + `key_file` for mutual
+    /// TLS (the certificate must be for this node's `name`).
+    pub tls: mesh_agent_sdk::TlsFiles,
     /// The namespace this node serves: it gets the tasks of that namespace's runs only
     /// (`MESH_NAMESPACE` for `mesh node` when absent; `default` else).
     pub namespace: Option<String>,
@@ -127,6 +130,7 @@ impl Default for NodeConfig {
             ],
             llm: NodeLlmConfig::default(),
             token_file: None,
+            tls: mesh_agent_sdk::TlsFiles::default(),
             namespace: None,
             token: None,
         }
@@ -284,6 +288,7 @@ impl NodeConfig {
             reconnect_max: self.reconnect_max,
             token: self.token.clone(),
             namespace: self.namespace.clone(),
+            tls: self.tls.clone(),
             ..RuntimeConfig::default()
         }
     }

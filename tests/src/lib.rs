@@ -134,6 +134,9 @@ pub struct Timings {
     pub coordinator_extra: String,
     pub registry_extra: String,
     pub dispatch_extra: String,
+    /// A directory written by `mesh certs dev`: the coordinator serves TLS with a client CA,
+    /// clients reach it over https with the CA, nodes with their own certificate.
+    pub certs: Option<PathBuf>,
 }
 
 impl Default for Timings {
@@ -151,6 +154,7 @@ impl Default for Timings {
             coordinator_extra: String::new(),
             registry_extra: String::new(),
             dispatch_extra: String::new(),
+            certs: None,
         }
     }
 }
@@ -197,7 +201,20 @@ impl Mesh {
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}:{}", self.host, self.grpc_port)
+        let scheme = if self.timings.certs.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}:{}", self.host, self.grpc_port)
+    }
+
+    /// What a client of this mesh needs for TLS: the CA, when the mesh has certificates.
+    pub fn client_tls(&self) -> mesh_agent_sdk::TlsFiles {
+        mesh_agent_sdk::TlsFiles {
+            ca_file: self.timings.certs.as_ref().map(|d| d.join("ca.pem")),
+            ..Default::default()
+        }
     }
 
     pub fn db_path(&self) -> PathBuf {
@@ -212,6 +229,7 @@ impl Mesh {
 http_listen = "127.0.0.1:{http}"
 data_dir = "{data}"
 {coordinator_extra}
+{tls}
 [registry]
 heartbeat_every = "{hb}ms"
 lease = "{lease}ms"
@@ -240,6 +258,14 @@ max_pending_per_skill = {max_skill}
             max_runs = t.max_active_runs,
             max_skill = t.max_pending_per_skill,
             coordinator_extra = t.coordinator_extra,
+            tls = t
+                .certs
+                .as_ref()
+                .map(|d| format!(
+                    "[tls]\ncert_file = \"{0}/coordinator.pem\"\nkey_file = \"{0}/coordinator.key\"\nclient_ca_file = \"{0}/ca.pem\"\n",
+                    d.display()
+                ))
+                .unwrap_or_default(),
             registry_extra = t.registry_extra,
             dispatch_extra = t.dispatch_extra,
         );
@@ -253,10 +279,11 @@ max_pending_per_skill = {max_skill}
             &["coordinator", "--config", path.to_str().unwrap()],
         ));
         let url = self.url();
+        let tls = self.client_tls();
         wait_for("the coordinator to answer", Duration::from_secs(20), || {
-            let url = url.clone();
+            let (url, tls) = (url.clone(), tls.clone());
             async move {
-                let client = GoalClient::connect(&url).await.ok()?;
+                let client = GoalClient::connect_with(&url, &tls).await.ok()?;
                 match client.nodes().await {
                     Ok(_) => Some(()),
                     // Answering, with authentication on.
@@ -312,6 +339,17 @@ max_pending_per_skill = {max_skill}
         let mut http = http_port
             .map(|p| format!("http_listen = \"127.0.0.1:{p}\"\n"))
             .unwrap_or_default();
+        let tls = self
+            .timings
+            .certs
+            .as_ref()
+            .map(|d| {
+                format!(
+                    "\n[tls]\nca_file = \"{0}/ca.pem\"\ncert_file = \"{0}/{name}.pem\"\nkey_file = \"{0}/{name}.key\"\n",
+                    d.display()
+                )
+            })
+            .unwrap_or_default();
         if let Some(token) = &self.worker_token {
             let file = self.dir.path().join(format!("{name}.token"));
             std::fs::write(&file, token).expect("write the worker token");
@@ -326,6 +364,7 @@ reconnect_max = "500ms"
 drain_grace = "20s"
 {http}
 {agents_toml}
+{tls}
 "#,
             url = self.url(),
             log = self.exec_log(name).display(),
@@ -357,7 +396,7 @@ drain_grace = "20s"
     }
 
     pub async fn client(&self) -> GoalClient {
-        let client = GoalClient::connect(&self.url())
+        let client = GoalClient::connect_with(&self.url(), &self.client_tls())
             .await
             .expect("connect to the coordinator");
         match &self.admin_token {

@@ -247,7 +247,8 @@ async fn a_node_stream_must_start_with_register() {
 }
 
 /// Before: an `https://` address was tried (and a node retried it for ever), and an error
-/// printed a Rust backtrace when `RUST_BACKTRACE` was set. After: one clear line, exit 1.
+/// printed a Rust backtrace when `RUST_BACKTRACE` was set. After: one clear line, exit 1;
+/// an `https://` address without the CA that signed the coordinator is refused at start.
 #[test]
 fn cli_errors_are_one_line_and_https_is_refused_at_start() {
     use std::process::Command;
@@ -266,7 +267,7 @@ fn cli_errors_are_one_line_and_https_is_refused_at_start() {
     let cases: [(&[&str], &str); 4] = [
         (
             &["--coordinator", "https://127.0.0.1:1", "nodes"],
-            "TLS is not supported",
+            "needs the CA that signed its certificate",
         ),
         (
             &["--coordinator", "ftp://127.0.0.1:1", "nodes"],
@@ -276,7 +277,10 @@ fn cli_errors_are_one_line_and_https_is_refused_at_start() {
             &["--coordinator", "http://127.0.0.1:1", "nodes"],
             "127.0.0.1:1",
         ),
-        (&["node", "--config", node_config], "TLS is not supported"),
+        (
+            &["node", "--config", node_config],
+            "needs the CA that signed its certificate",
+        ),
     ];
     for (args, says) in cases {
         let started = std::time::Instant::now();

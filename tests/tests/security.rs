@@ -550,3 +550,147 @@ async fn a_node_serves_its_own_namespace_only() {
         RunState::Succeeded
     );
 }
+
+/// `mesh certs dev` writes a CA and certificates. A coordinator with TLS and a client CA
+/// takes node streams only with a certificate it signed, for the node's own name; clients
+/// reach it over https with the CA and a token; plain http and another CA are refused.
+#[tokio::test]
+async fn nodes_need_a_certificate_for_their_name_and_clients_the_ca() {
+    let certs = tempfile::tempdir().unwrap();
+    let dir = certs.path().to_str().unwrap().to_owned();
+    let out = std::process::Command::new(mesh_tests::mesh_bin())
+        .args(["certs", "dev", &dir, "--node", "n1", "--node", "n2"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mode = std::fs::metadata(certs.path().join("n1.key"))
+        .unwrap()
+        .permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+        0o600
+    );
+    let timings = Timings {
+        coordinator_extra: "[auth]\nenabled = true\n".into(),
+        certs: Some(certs.path().to_owned()),
+        ..Timings::default()
+    };
+    let mut mesh = Mesh::start(timings).await;
+    assert!(mesh.url().starts_with("https://"));
+    mesh.worker_token = Some(token_over_tls(&mesh, "worker").await);
+    mesh.start_node("n1", "[[agents]]\nkind = \"echo\"\n").await;
+    let client = mesh.client().await;
+    let run = client
+        .submit(goal("over tls", &[("e", "echo", json!({"x": 1}), &[])]))
+        .await
+        .unwrap();
+    assert_eq!(
+        client.wait(&run.run_id).await.unwrap().state,
+        RunState::Succeeded
+    );
+
+    // n1's certificate under another name is refused.
+    let impostor = |name: &str, tls: &str| {
+        format!(
+            "coordinator = \"{}\"\nname = \"{name}\"\nreconnect_min = \"50ms\"\nreconnect_max = \"200ms\"\n[[agents]]\nkind = \"echo\"\n[tls]\n{tls}",
+            mesh.url()
+        )
+    };
+    let refused = |file: &'static str, config: String, says: &'static str| {
+        let path = mesh.dir.path().join(format!("{file}.toml"));
+        std::fs::write(&path, config).unwrap();
+        let proc = mesh_harness::Proc::spawn(
+            &mesh_tests::mesh_bin(),
+            file,
+            mesh.dir.path(),
+            &["node", "--config", path.to_str().unwrap()],
+            &[("MESH_TOKEN", mesh.worker_token.as_deref().unwrap())],
+        )
+        .unwrap();
+        let log = mesh.dir.path().join(format!("{file}.log"));
+        async move {
+            mesh_tests::wait_for(says, Duration::from_secs(10), || async {
+                std::fs::read_to_string(&log)
+                    .ok()
+                    .filter(|l| l.contains(says))
+                    .map(|_| ())
+            })
+            .await;
+            drop(proc);
+        }
+    };
+    refused(
+        "wrong-name",
+        impostor(
+            "n2",
+            &format!("ca_file = \"{dir}/ca.pem\"\ncert_file = \"{dir}/n1.pem\"\nkey_file = \"{dir}/n1.key\"\n"),
+        ),
+        "the client certificate is not for node `n2`",
+    )
+    .await;
+    refused(
+        "no-cert",
+        impostor("n2", &format!("ca_file = \"{dir}/ca.pem\"\n")),
+        "needs a client certificate",
+    )
+    .await;
+    let names: Vec<String> = client
+        .nodes()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|n| n.node_id.0)
+        .collect();
+    assert_eq!(names, ["n1"]);
+
+    // Plain http to the TLS port, or a CA that did not sign the coordinator: no answer.
+    let plain = format!("http://127.0.0.1:{}", mesh.grpc_port);
+    let answered = match GoalClient::connect(&plain).await {
+        Ok(c) => c.nodes().await.is_ok(),
+        Err(_) => false,
+    };
+    assert!(!answered, "plain http answered");
+    let other = tempfile::tempdir().unwrap();
+    let status = std::process::Command::new(mesh_tests::mesh_bin())
+        .args(["certs", "dev", other.path().to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(status.status.success());
+    let foreign = mesh_agent_sdk::TlsFiles {
+        ca_file: Some(other.path().join("ca.pem")),
+        ..Default::default()
+    };
+    let answered = match GoalClient::connect_with(&mesh.url(), &foreign).await {
+        Ok(c) => c.nodes().await.is_ok(),
+        Err(_) => false,
+    };
+    assert!(!answered, "a foreign CA was trusted");
+}
+
+/// A token of `role` in `default`, made by the cluster admin over https with the CLI.
+async fn token_over_tls(mesh: &Mesh, role: &str) -> String {
+    let admin = mesh.admin_token.clone().unwrap();
+    let ca = mesh.client_tls().ca_file.unwrap();
+    let mut all = vec!["--coordinator".to_owned(), mesh.url(), "--ca".to_owned()];
+    all.push(ca.to_str().unwrap().to_owned());
+    all.extend(["token", "create", "--role", role].map(str::to_owned));
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(mesh_tests::mesh_bin())
+            .args(&all)
+            .env("MESH_TOKEN", admin)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}

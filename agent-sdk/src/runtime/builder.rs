@@ -59,7 +59,7 @@ impl NodeRuntimeBuilder {
     /// Checks the configuration and every agent card.
     pub fn build(self) -> Result<NodeRuntime> {
         check_id("name", &self.config.name).map_err(|e| Error::Config(e.to_string()))?;
-        crate::client::check_coordinator_url(&self.config.coordinator)
+        crate::client::check_coordinator_url(&self.config.coordinator, self.config.tls.is_set())
             .map_err(|e| Error::Config(format!("coordinator: {e}")))?;
         if self.agents.is_empty() {
             return Err(Error::Config(

@@ -173,8 +173,12 @@ impl ConnState {
         self.generation += 1;
         let generation = self.generation;
         let cfg = &self.args.config;
-        let endpoint = Endpoint::from_shared(cfg.coordinator.clone())
-            .map_err(|e| format!("bad coordinator address {}: {e}", cfg.coordinator))?
+        let mut endpoint = Endpoint::from_shared(cfg.coordinator.clone())
+            .map_err(|e| format!("bad coordinator address {}: {e}", cfg.coordinator))?;
+        if let Some(tls) = cfg.tls.client_config()? {
+            endpoint = endpoint.tls_config(tls).map_err(|e| format!("tls: {e}"))?;
+        }
+        let endpoint = endpoint
             .connect_timeout(cfg.connect_timeout)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))

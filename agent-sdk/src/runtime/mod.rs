@@ -63,6 +63,9 @@ pub struct RuntimeConfig {
     /// The namespace this node serves (`mesh-namespace` when the stream opens): it gets the
     /// tasks of that namespace's runs only. `default` when absent.
     pub namespace: Option<String>,
+    /// TLS to an `https://` coordinator: its CA, and this node's certificate and key (a
+    /// coordinator with a client CA requires them; the certificate must be for `name`).
+    pub tls: crate::client::TlsFiles,
 }
 
 impl Default for RuntimeConfig {
@@ -79,6 +82,7 @@ impl Default for RuntimeConfig {
             restart_window: Duration::from_secs(30),
             token: None,
             namespace: None,
+            tls: crate::client::TlsFiles::default(),
         }
     }
 }

@@ -39,6 +39,8 @@ const AUDIT_BATCH: usize = 256;
 pub struct Caller {
     pub principal: Principal,
     pub namespace: Namespace,
+    /// The client certificate the peer presented over TLS (DER), if any.
+    pub certificate: Option<Vec<u8>>,
     resource: Arc<Mutex<String>>,
 }
 
@@ -67,6 +69,8 @@ impl Caller {
 #[derive(Clone, Debug)]
 pub struct Guard {
     enabled: bool,
+    /// Node streams must present a client certificate (`tls.client_ca_file` is set).
+    node_certificates: bool,
     tokens: Arc<RwLock<Tokens>>,
     audit: mpsc::Sender<AuditEntry>,
 }
@@ -77,6 +81,7 @@ impl Guard {
     pub async fn start(
         store: &Store,
         enabled: bool,
+        node_certificates: bool,
     ) -> crate::error::Result<(Guard, Option<String>)> {
         let tokens = Tokens::new(store.tokens().await?);
         let mut bootstrap = None;
@@ -85,6 +90,7 @@ impl Guard {
             tokio::spawn(write_audit(store.clone(), rx));
             Guard {
                 enabled,
+                node_certificates,
                 tokens: Arc::new(RwLock::new(tokens)),
                 audit: tx,
             }
@@ -142,6 +148,7 @@ impl Guard {
         authorization: Option<&str>,
         namespace: Option<&str>,
         peer: &str,
+        certificate: Option<Vec<u8>>,
     ) -> Result<(Caller, Need), Box<Refusal>> {
         let namespace = match namespace {
             None | Some("") => DEFAULT_NAMESPACE.to_owned(),
@@ -162,11 +169,23 @@ impl Guard {
             reason,
             peer: peer.to_owned(),
         };
+        let has_certificate = certificate.is_some();
         let caller = |principal| Caller {
             principal,
             namespace: Namespace(namespace.clone()),
+            certificate: certificate.clone(),
             resource: Arc::default(),
         };
+        let rule = need(path);
+        if self.node_certificates && rule == Some(Need::Worker) && !has_certificate {
+            let why =
+                "a node stream needs a client certificate signed by the coordinator's client CA"
+                    .to_owned();
+            return Err(Refusal::new(
+                Status::unauthenticated(why.clone()),
+                Some(row("anonymous", Decision::Denied, why)),
+            ));
+        }
         if !self.enabled {
             return Ok((
                 caller(Principal::anonymous()),
@@ -284,15 +303,30 @@ where
                 .map(str::to_owned)
         };
         let (authorization, namespace) = (header("authorization"), header(NAMESPACE_HEADER));
-        let peer = request
-            .extensions()
-            .get::<tonic::transport::server::TcpConnectInfo>()
-            .and_then(|i| i.remote_addr())
-            .map(|a| a.to_string())
-            .unwrap_or_default();
-        let decided =
-            self.guard
-                .decide(&path, authorization.as_deref(), namespace.as_deref(), &peer);
+        use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+        let (peer, certificate) = match request.extensions().get::<TlsConnectInfo<TcpConnectInfo>>()
+        {
+            Some(tls) => (
+                tls.get_ref().remote_addr(),
+                tls.peer_certs()
+                    .and_then(|certs| certs.first().map(|c| c.as_ref().to_vec())),
+            ),
+            None => (
+                request
+                    .extensions()
+                    .get::<TcpConnectInfo>()
+                    .and_then(|i| i.remote_addr()),
+                None,
+            ),
+        };
+        let peer = peer.map(|a| a.to_string()).unwrap_or_default();
+        let decided = self.guard.decide(
+            &path,
+            authorization.as_deref(),
+            namespace.as_deref(),
+            &peer,
+            certificate,
+        );
         let audit = self.guard.audit.clone();
         let audited = self.guard.enabled;
         match decided {

@@ -78,7 +78,8 @@ impl pb::node_service_server::NodeService for NodeApi {
         &self,
         request: Request<Streaming<pb::NodeFrame>>,
     ) -> Result<Response<FrameStream>, Status> {
-        let namespace = super::Caller::of(&request)?.namespace;
+        let caller = super::Caller::of(&request)?;
+        let (namespace, certificate) = (caller.namespace, caller.certificate);
         let bound = self.handles.config.registry.max_unregistered_streams;
         let permit = Arc::clone(&self.unregistered)
             .try_acquire_owned()
@@ -106,6 +107,7 @@ impl pb::node_service_server::NodeService for NodeApi {
             tx,
             peer,
             namespace,
+            certificate,
         };
         let (session, _) = Actor::spawn_linked(None, NodeSession, args, self.handles.root.clone())
             .await
