@@ -33,30 +33,85 @@ pub struct DevArgs {
     /// Goal file for --demo.
     #[arg(long)]
     goal: Option<PathBuf>,
+    /// The whole local mesh with mutual TLS and tokens: certificates in DATA_DIR/certs, a
+    /// cluster admin token in DATA_DIR/admin.token (docs/security.md).
+    #[arg(long)]
+    secure: bool,
 }
 
 pub async fn run(args: DevArgs, prometheus: PrometheusHandle) -> Result<()> {
     let started = Instant::now();
-    let config = CoordinatorConfig {
+    let mut config = CoordinatorConfig {
         listen: args.listen,
         http_listen: args.http_listen,
         data_dir: args.data_dir.clone(),
         ..CoordinatorConfig::default()
     };
+    let certs = args.data_dir.join("certs");
+    let node_names = ["node-1", "node-2"];
+    if args.secure {
+        if !certs.join("ca.pem").exists() {
+            let hosts = ["localhost".to_owned(), args.listen.ip().to_string()];
+            let nodes = node_names.map(str::to_owned);
+            crate::certs::dev(&certs, &hosts, &nodes)?;
+        }
+        config.auth.enabled = true;
+        config.tls = mesh_coordinator::config::TlsConfig {
+            cert_file: Some(certs.join("coordinator.pem")),
+            key_file: Some(certs.join("coordinator.key")),
+            client_ca_file: Some(certs.join("ca.pem")),
+        };
+    }
     let coordinator = mesh_coordinator::start(config, Some(prometheus))
         .await
         .with_context(|| format!("starting the coordinator on {}", args.listen))?;
-    let url = format!("http://{}", coordinator.grpc_addr);
+    let scheme = if args.secure { "https" } else { "http" };
+    let url = format!("{scheme}://{}", coordinator.grpc_addr);
+    // Secured: the admin token the coordinator wrote, and a worker token for the nodes.
+    let client_tls = mesh_agent_sdk::TlsFiles {
+        ca_file: args.secure.then(|| certs.join("ca.pem")),
+        ..Default::default()
+    };
+    let admin_file = args.data_dir.join(mesh_coordinator::ADMIN_TOKEN_FILE);
+    let (admin, worker) = if args.secure {
+        let admin = std::fs::read_to_string(&admin_file)
+            .with_context(|| format!("cannot read {}", admin_file.display()))?
+            .trim()
+            .to_owned();
+        let client = GoalClient::connect_with(&url, &client_tls)
+            .await?
+            .with_token(&admin)?;
+        let worker = client
+            .create_token(
+                "dev-nodes",
+                "default",
+                "worker",
+                Some(Duration::from_secs(86_400)),
+            )
+            .await?
+            .secret;
+        (Some(admin), Some(worker))
+    } else {
+        (None, None)
+    };
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut nodes = Vec::new();
     // With a model provider in the environment, node-1 hosts the `llm` agent too.
     let providers = mesh_agent_sdk::llm::LlmConfig::from_env().configured();
-    for name in ["node-1", "node-2"] {
+    for name in node_names {
         let mut cfg = NodeConfig {
             coordinator: url.clone(),
             name: name.into(),
+            token: worker.clone().map(mesh_agent_sdk::llm::Secret::new),
             ..NodeConfig::default()
         };
+        if args.secure {
+            cfg.tls = mesh_agent_sdk::TlsFiles {
+                ca_file: Some(certs.join("ca.pem")),
+                cert_file: Some(certs.join(format!("{name}.pem"))),
+                key_file: Some(certs.join(format!("{name}.key"))),
+            };
+        }
         if name == "node-1" && !providers.is_empty() {
             cfg.agents.push(AgentConfig::of(BuiltinKind::Llm));
         }
@@ -76,6 +131,13 @@ pub async fn run(args: DevArgs, prometheus: PrometheusHandle) -> Result<()> {
         args.data_dir.display()
     );
     println!("mesh dev: nodes node-1, node-2 with agents echo, sleep, flaky");
+    if args.secure {
+        println!(
+            "mesh dev: secured with mutual TLS and tokens; for client commands:\n  export MESH_COORDINATOR={url} MESH_CA={} MESH_TOKEN=$(cat {})",
+            certs.join("ca.pem").display(),
+            admin_file.display()
+        );
+    }
     if providers.is_empty() {
         println!(
             "mesh dev: no model provider found; set OPENAI_API_KEY, ANTHROPIC_API_KEY, GEMINI_API_KEY or OLLAMA_HOST (see docs/llm.md) for the `llm` agent"
@@ -89,7 +151,14 @@ pub async fn run(args: DevArgs, prometheus: PrometheusHandle) -> Result<()> {
     }
 
     let outcome = if args.demo {
-        demo(&url, args.goal.as_deref(), started).await
+        demo(
+            &url,
+            &client_tls,
+            admin.as_deref(),
+            args.goal.as_deref(),
+            started,
+        )
+        .await
     } else {
         println!(
             "mesh dev: ready; try `mesh goal submit examples/goals/hello.yaml --watch` (Ctrl-C stops)"
@@ -105,7 +174,13 @@ pub async fn run(args: DevArgs, prometheus: PrometheusHandle) -> Result<()> {
     outcome
 }
 
-async fn demo(url: &str, goal: Option<&std::path::Path>, started: Instant) -> Result<()> {
+async fn demo(
+    url: &str,
+    tls: &mesh_agent_sdk::TlsFiles,
+    token: Option<&str>,
+    goal: Option<&std::path::Path>,
+    started: Instant,
+) -> Result<()> {
     let (name, text) = match goal {
         Some(path) => crate::goalfile::read(path)?,
         None => (
@@ -114,7 +189,10 @@ async fn demo(url: &str, goal: Option<&std::path::Path>, started: Instant) -> Re
         ),
     };
     let goal = crate::goalfile::goal(&name, &text, serde_json::json!({}), None)?;
-    let client = GoalClient::connect(url).await?;
+    let mut client = GoalClient::connect_with(url, tls).await?;
+    if let Some(token) = token {
+        client = client.with_token(token)?;
+    }
     let deadline = Instant::now() + Duration::from_secs(10);
     while client
         .nodes()

@@ -136,6 +136,10 @@ enum Command {
         /// Directory of the embedded store.
         #[arg(long, env = "MESH_DATA_DIR")]
         data_dir: Option<PathBuf>,
+        /// Listen beyond loopback without TLS and authentication (a trusted network only;
+        /// warned at every start).
+        #[arg(long)]
+        insecure: bool,
     },
     /// Run a worker node with built-in agents (or `mesh node drain NODE`).
     #[command(args_conflicts_with_subcommands = true)]
@@ -297,9 +301,11 @@ async fn run(cli: Cli) -> Result<()> {
             listen,
             http_listen,
             data_dir,
+            insecure,
         } => {
             init_tracing("info,ractor=warn");
             let mut cfg: CoordinatorConfig = read_toml(config.as_ref())?;
+            cfg.insecure |= insecure;
             cfg.listen = listen.unwrap_or(cfg.listen);
             cfg.http_listen = http_listen.unwrap_or(cfg.http_listen);
             cfg.data_dir = data_dir.unwrap_or(cfg.data_dir);
@@ -388,5 +394,34 @@ async fn run(cli: Cli) -> Result<()> {
             init_tracing("warn");
             client::agents(&target, cli.output, skill.as_deref()).await
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The annotated configurations in `deploy/` are what the binary reads: every key known,
+    /// every node valid.
+    #[test]
+    fn the_deploy_configurations_parse() {
+        let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&deploy).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            if name.starts_with("coordinator") && name.ends_with(".toml") {
+                let cfg: CoordinatorConfig = read_toml(Some(&path)).unwrap();
+                if name.contains("secure") {
+                    assert!(cfg.auth.enabled && cfg.tls.enabled(), "{name}");
+                }
+                seen += 1;
+            } else if name.starts_with("node") && name.ends_with(".toml") {
+                let cfg = NodeConfig::from_file(&path).unwrap();
+                cfg.validate().unwrap();
+                seen += 1;
+            }
+        }
+        assert!(seen >= 4, "{seen} configurations");
     }
 }

@@ -30,6 +30,9 @@ pub struct CoordinatorConfig {
     pub dispatch: DispatchConfig,
     pub auth: AuthConfig,
     pub tls: TlsConfig,
+    /// Listen beyond loopback without TLS and authentication (`--insecure`); otherwise such a
+    /// coordinator refuses to start.
+    pub insecure: bool,
 }
 
 /// TLS on the gRPC port (docs/security.md): the coordinator's certificate and key, and the CA
@@ -73,6 +76,7 @@ impl Default for CoordinatorConfig {
             dispatch: DispatchConfig::default(),
             auth: AuthConfig::default(),
             tls: TlsConfig::default(),
+            insecure: false,
         }
     }
 }

@@ -109,9 +109,7 @@ pub async fn start(
     prometheus: Option<PrometheusHandle>,
 ) -> Result<Coordinator> {
     crate::metrics::describe();
-    if !config.listen.ip().is_loopback() {
-        warn!(listen = %config.listen, "listening beyond loopback without TLS or tokens; anyone who reaches this address can use the mesh");
-    }
+    check_exposure(&config)?;
     let store = Store::open(&config.data_dir)?;
     let epoch = store.bump_epoch().await?;
     let tls = server_tls(&config.tls)?;
@@ -193,6 +191,33 @@ pub async fn start(
         #[cfg(test)]
         handles: kept,
     })
+}
+
+/// Secure by default: a coordinator that listens beyond loopback needs TLS and
+/// authentication, unless told `insecure` (then it warns at every start).
+fn check_exposure(config: &CoordinatorConfig) -> Result<()> {
+    if config.listen.ip().is_loopback() {
+        return Ok(());
+    }
+    let missing: Vec<&str> = [
+        (!config.tls.enabled()).then_some("[tls]"),
+        (!config.auth.enabled).then_some("[auth] enabled = true"),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if config.insecure {
+        warn!(listen = %config.listen, missing = %missing.join(" and "), "listening beyond loopback without TLS or tokens (--insecure): anyone who reaches this address can use the mesh");
+        return Ok(());
+    }
+    Err(Error::Fatal(format!(
+        "listen = {}: beyond loopback the coordinator needs {} (docs/security.md); give --insecure to run without on a trusted network",
+        config.listen,
+        missing.join(" and ")
+    )))
 }
 
 /// The server's TLS from its files, read and checked now so that a bad file stops the start.

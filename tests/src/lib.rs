@@ -227,6 +227,7 @@ impl Mesh {
         let config = format!(
             r#"listen = "{host}:{grpc}"
 http_listen = "127.0.0.1:{http}"
+insecure = {insecure}
 data_dir = "{data}"
 {coordinator_extra}
 {tls}
@@ -245,6 +246,8 @@ max_pending_per_skill = {max_skill}
 {dispatch_extra}
 "#,
             host = self.host,
+            // Tests in network namespaces listen beyond loopback, without TLS.
+            insecure = !self.host.starts_with("127.") && t.certs.is_none(),
             grpc = self.grpc_port,
             http = self.http_port,
             data = self.dir.path().join("data").display(),

@@ -694,3 +694,84 @@ async fn token_over_tls(mesh: &Mesh, role: &str) -> String {
     );
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
+
+/// Secure by default: told to listen beyond loopback without TLS and authentication, the
+/// coordinator refuses to start, naming what is missing; with `--insecure` it starts and
+/// warns; with both it starts quietly.
+#[tokio::test]
+async fn beyond_loopback_the_coordinator_needs_tls_and_tokens_or_insecure() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = |data: &str| {
+        vec![
+            "coordinator".to_owned(),
+            "--listen".to_owned(),
+            format!("0.0.0.0:{}", mesh_tests::free_port()),
+            "--http-listen".to_owned(),
+            format!("127.0.0.1:{}", mesh_tests::free_port()),
+            "--data-dir".to_owned(),
+            dir.path().join(data).to_str().unwrap().to_owned(),
+        ]
+    };
+    let refused = std::process::Command::new(mesh_tests::mesh_bin())
+        .args(args("a"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("beyond loopback the coordinator needs [tls] and [auth] enabled = true"),
+        "{err}"
+    );
+    assert!(err.contains("--insecure"), "{err}");
+
+    let mut insecure = args("b");
+    insecure.push("--insecure".to_owned());
+    let refs: Vec<&str> = insecure.iter().map(String::as_str).collect();
+    let proc =
+        mesh_harness::Proc::spawn(&mesh_tests::mesh_bin(), "insecure", dir.path(), &refs, &[])
+            .unwrap();
+    mesh_tests::wait_for("the warning", Duration::from_secs(10), || async {
+        let log = std::fs::read_to_string(dir.path().join("insecure.log")).ok()?;
+        log.contains("without TLS or tokens (--insecure)")
+            .then_some(())
+    })
+    .await;
+    drop(proc);
+}
+
+/// `mesh dev --secure` runs the whole local mesh with mutual TLS and tokens: certificates and
+/// a cluster admin token in its data directory, nodes with their certificates and a worker
+/// token, and the sample goal runs to the end; it prints how to use it, never the token.
+#[tokio::test]
+async fn mesh_dev_secure_runs_the_sample_goal_over_mutual_tls_with_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (grpc, http) = (mesh_tests::free_port(), mesh_tests::free_port());
+    let out = tokio::task::spawn_blocking({
+        let data = data.clone();
+        move || {
+            std::process::Command::new(mesh_tests::mesh_bin())
+                .args(["dev", "--secure", "--demo"])
+                .args(["--listen", &format!("127.0.0.1:{grpc}")])
+                .args(["--http-listen", &format!("127.0.0.1:{http}")])
+                .args(["--data-dir", data.to_str().unwrap()])
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("succeeded"), "{stdout}");
+    assert!(
+        stdout.contains(&format!("export MESH_COORDINATOR=https://127.0.0.1:{grpc}")),
+        "{stdout}"
+    );
+    let admin = std::fs::read_to_string(data.join("admin.token")).unwrap();
+    assert!(!stdout.contains(admin.trim()) && !stderr.contains(admin.trim()));
+    for file in ["ca.pem", "coordinator.pem", "node-1.pem", "node-2.key"] {
+        assert!(data.join("certs").join(file).exists(), "{file}");
+    }
+}
