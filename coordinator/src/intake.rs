@@ -125,7 +125,7 @@ pub async fn prepare(
         // The definition is copied into the goal: the run stays on this version.
         (None, Some(reference)) => {
             let (name, version) = mesh_proto::convert::parse_workflow_ref(reference)?;
-            let record = store.workflow(&name, version).await?;
+            let record = namespaced_workflow(store, &goal.namespace, &name, version).await?;
             mesh_workflow::parse(&record.definition, limits)?
         }
         // A text goal: an agent with the `plan` skill writes the workflow.
@@ -171,7 +171,7 @@ pub async fn prepare(
         },
     };
     let workflow = mesh_workflow::validate(def, limits)?;
-    check_sub_workflows(&workflow, limits, store).await?;
+    check_sub_workflows(&workflow, limits, store, &goal.namespace).await?;
     let inputs = workflow.bind_inputs(&goal.inputs)?;
     let objective = if goal.objective.is_empty() {
         workflow.def.description.clone()
@@ -203,6 +203,44 @@ pub fn stored_key(namespace: &Namespace, key: &str) -> String {
     } else {
         format!("{namespace}\u{1f}{key}")
     }
+}
+
+/// A registered workflow's name as stored: a namespace's own, as keys are ([`stored_key`]),
+/// so that one namespace can neither read nor shadow another's workflows.
+pub fn stored_name(namespace: &Namespace, name: &str) -> String {
+    stored_key(namespace, name)
+}
+
+/// The name a namespace knows a stored workflow by.
+pub fn plain_name(stored: &str) -> &str {
+    stored
+        .rsplit_once('\u{1f}')
+        .map_or(stored, |(_, name)| name)
+}
+
+/// An error of the store about a namespace's workflow, in the namespace's words.
+pub fn in_namespace_words(e: Error, namespace: &Namespace) -> Error {
+    let prefix = format!("{namespace}\u{1f}");
+    match e {
+        Error::WorkflowNotFound(n) => Error::WorkflowNotFound(n.replace(&prefix, "")),
+        Error::AlreadyExists(m) => Error::AlreadyExists(m.replace(&prefix, "")),
+        other => other,
+    }
+}
+
+/// A namespace's registered workflow, `NAME@VERSION` or its newest version.
+pub async fn namespaced_workflow(
+    store: &Store,
+    namespace: &Namespace,
+    name: &str,
+    version: Option<u32>,
+) -> Result<WorkflowRecord> {
+    let mut record = store
+        .workflow(&stored_name(namespace, name), version)
+        .await
+        .map_err(|e| in_namespace_words(e, namespace))?;
+    record.name = plain_name(&record.name).to_owned();
+    Ok(record)
 }
 
 /// A stable digest of a goal as submitted (64-bit FNV-1a over its JSON with every object's
@@ -237,6 +275,7 @@ pub async fn check_sub_workflows(
     workflow: &Workflow,
     limits: &Limits,
     store: &Store,
+    namespace: &Namespace,
 ) -> Result<()> {
     let mut found: HashMap<(String, u32), WorkflowDef> = HashMap::new();
     let mut level = vec![workflow.clone()];
@@ -251,7 +290,8 @@ pub async fn check_sub_workflows(
                 if found.contains_key(&key) {
                     continue;
                 }
-                let Ok(record) = store.workflow(name, Some(*version)).await else {
+                let Ok(record) = namespaced_workflow(store, namespace, name, Some(*version)).await
+                else {
                     continue;
                 };
                 let Ok(def) = mesh_workflow::parse(&record.definition, limits) else {

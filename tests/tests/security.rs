@@ -775,3 +775,66 @@ async fn mesh_dev_secure_runs_the_sample_goal_over_mutual_tls_with_tokens() {
         assert!(data.join("certs").join(file).exists(), "{file}");
     }
 }
+
+/// Registered workflows are each namespace's own: another namespace neither reads nor lists
+/// them, registers the same name and version with other content without a clash, and a
+/// goal naming the workflow runs its own namespace's definition.
+#[tokio::test]
+async fn registered_workflows_are_each_namespaces_own() {
+    let mut mesh = secured().await;
+    mesh.worker_token = Some(token(&mesh, "team-a", "worker", &["--name", "a-node"]).await);
+    mesh.start_node(
+        "n1",
+        "namespace = \"team-a\"\n[[agents]]\nkind = \"echo\"\n",
+    )
+    .await;
+    let a = token(&mesh, "team-a", "write", &["--name", "a"]).await;
+    let b = token(&mesh, "team-b", "write", &["--name", "b"]).await;
+    let base = GoalClient::connect(&mesh.url()).await.unwrap();
+    let team_a = base
+        .clone()
+        .with_token(&a)
+        .unwrap()
+        .with_namespace("team-a")
+        .unwrap();
+    let team_b = base
+        .clone()
+        .with_token(&b)
+        .unwrap()
+        .with_namespace("team-b")
+        .unwrap();
+    let def = |who: &str| {
+        format!(
+            "name: review\nversion: 1\nsteps:\n  - {{ id: s, uses: echo, with: {{ by: {who} }} }}\noutputs:\n  by: \"${{{{ steps.s.output.with.by }}}}\"\n"
+        )
+    };
+    let (record, created) = team_a.register_workflow(&def("a")).await.unwrap();
+    assert!(created);
+    assert_eq!(record.name, "review");
+    let e = team_b.get_workflow("review", None).await.unwrap_err();
+    assert_eq!(e.code(), Some(RpcCode::NotFound), "{e}");
+    assert!(e.to_string().contains("`review"), "{e}");
+    assert!(!e.to_string().contains('\u{1f}'), "{e}");
+    assert!(
+        team_b
+            .list_workflows(None, 100, None)
+            .await
+            .unwrap()
+            .0
+            .is_empty()
+    );
+    let (theirs, created) = team_b.register_workflow(&def("b")).await.unwrap();
+    assert!(created, "no clash with team-a's review@1");
+    assert_eq!(theirs.name, "review");
+    let listed = team_a.list_workflows(None, 100, None).await.unwrap().0;
+    assert_eq!(listed.len(), 1);
+    assert!(listed[0].definition.contains("by: a"));
+
+    let mut goal = mesh_tests::workflow_goal("steps: []", json!({}));
+    goal.workflow = None;
+    goal.workflow_ref = Some("review".into());
+    let run = team_a.submit(goal).await.unwrap();
+    let view = team_a.wait(&run.run_id).await.unwrap();
+    assert_eq!(view.state, RunState::Succeeded, "{view:?}");
+    assert_eq!(view.output.unwrap()["by"], "a");
+}

@@ -6,7 +6,7 @@ use mesh_proto::pb;
 use mesh_workflow::Invalid;
 use tonic::{Request, Response, Status};
 
-use super::status;
+use super::{Caller, status};
 use crate::error::Error;
 use crate::intake;
 use crate::root::Handles;
@@ -42,9 +42,11 @@ impl pb::workflow_service_server::WorkflowService for WorkflowApi {
         &self,
         request: Request<pb::RegisterWorkflowRequest>,
     ) -> Result<Response<pb::Workflow>, Status> {
+        let caller = Caller::of(&request)?;
+        let ns = &caller.namespace;
         let source = request.into_inner().definition;
         let limits = &self.handles.deps.limits;
-        let workflow = mesh_workflow::load(&source, limits).map_err(|e| status(e.into()))?;
+        let mut workflow = mesh_workflow::load(&source, limits).map_err(|e| status(e.into()))?;
         check_id("definition.name", &workflow.def.name).map_err(|_| {
             invalid(
                 "definition.name",
@@ -57,19 +59,26 @@ impl pb::workflow_service_server::WorkflowService for WorkflowApi {
                 "a registered workflow needs a `version`, a whole number from 1",
             ));
         }
-        intake::check_sub_workflows(&workflow, limits, &self.handles.store)
+        intake::check_sub_workflows(&workflow, limits, &self.handles.store, ns)
             .await
             .map_err(status)?;
+        caller.acted_on(format!(
+            "workflow {}@{}",
+            workflow.def.name,
+            workflow.def.version.unwrap_or_default()
+        ));
+        workflow.def.name = intake::stored_name(ns, &workflow.def.name);
         let new = NewWorkflow {
             source,
             def: workflow.def,
         };
-        let (record, created) = self
+        let (mut record, created) = self
             .handles
             .store
             .register_workflow(new)
             .await
-            .map_err(status)?;
+            .map_err(|e| status(intake::in_namespace_words(e, ns)))?;
+        record.name = intake::plain_name(&record.name).to_owned();
         tracing::info!(name = %record.name, version = record.version, created, "workflow registered");
         let mut answer = pb::Workflow::from(record);
         answer.created = created;
@@ -81,15 +90,14 @@ impl pb::workflow_service_server::WorkflowService for WorkflowApi {
         &self,
         request: Request<pb::GetWorkflowRequest>,
     ) -> Result<Response<pb::Workflow>, Status> {
+        let caller = Caller::of(&request)?;
         let req = request.into_inner();
         check_id("name", &req.name).map_err(|e| status(e.into()))?;
         let version = (req.version > 0).then_some(req.version);
-        let record = self
-            .handles
-            .store
-            .workflow(&req.name, version)
-            .await
-            .map_err(status)?;
+        let record =
+            intake::namespaced_workflow(&self.handles.store, &caller.namespace, &req.name, version)
+                .await
+                .map_err(status)?;
         Ok(Response::new(record.into()))
     }
 
@@ -98,6 +106,8 @@ impl pb::workflow_service_server::WorkflowService for WorkflowApi {
         &self,
         request: Request<pb::ListWorkflowsRequest>,
     ) -> Result<Response<pb::ListWorkflowsResponse>, Status> {
+        let caller = Caller::of(&request)?;
+        let ns = &caller.namespace;
         let req = request.into_inner();
         let name = (!req.name.is_empty()).then_some(req.name);
         if let Some(n) = &name {
@@ -117,19 +127,28 @@ impl pb::workflow_service_server::WorkflowService for WorkflowApi {
             None
         } else {
             match parse_workflow_ref(&req.page_token) {
-                Ok((n, Some(v))) => Some((n, v)),
+                Ok((n, Some(v))) => Some((intake::stored_name(ns, &n), v)),
                 _ => return Err(invalid("page_token", "not a token this service gave")),
             }
         };
+        let name = name.map(|n| intake::stored_name(ns, &n));
         let (workflows, next) = self
             .handles
             .store
-            .list_workflows(name.as_deref(), page_size, after)
+            .list_workflows(ns, name.as_deref(), page_size, after)
             .await
             .map_err(status)?;
         Ok(Response::new(pb::ListWorkflowsResponse {
-            workflows: workflows.into_iter().map(Into::into).collect(),
-            next_page_token: next.unwrap_or_default(),
+            workflows: workflows
+                .into_iter()
+                .map(|mut w| {
+                    w.name = intake::plain_name(&w.name).to_owned();
+                    w.into()
+                })
+                .collect(),
+            next_page_token: next
+                .map(|t| intake::plain_name(&t).to_owned())
+                .unwrap_or_default(),
         }))
     }
 

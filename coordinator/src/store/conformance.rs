@@ -358,7 +358,10 @@ pub(crate) async fn workflows_list_in_pages(f: &impl Fixture) {
     let mut seen = Vec::new();
     let mut after = None;
     loop {
-        let (page, next) = store.list_workflows(None, 2, after).await.unwrap();
+        let (page, next) = store
+            .list_workflows(&Namespace::default(), None, 2, after)
+            .await
+            .unwrap();
         assert!(page.len() <= 2);
         seen.extend(page.iter().map(|w| format!("{}@{}", w.name, w.version)));
         let Some(next) = next else { break };
@@ -366,9 +369,26 @@ pub(crate) async fn workflows_list_in_pages(f: &impl Fixture) {
         after = Some((n.to_owned(), v.parse().unwrap()));
     }
     assert_eq!(seen, ["a@2", "a@1", "b@1", "c@2", "c@1"]);
-    let (only_c, next) = store.list_workflows(Some("c"), 10, None).await.unwrap();
+    let (only_c, next) = store
+        .list_workflows(&Namespace::default(), Some("c"), 10, None)
+        .await
+        .unwrap();
     assert_eq!(only_c.iter().map(|w| w.version).collect::<Vec<_>>(), [2, 1]);
     assert_eq!(next, None);
+    // Another namespace's workflows (stored under its prefix) are listed to it alone.
+    let team = Namespace("team".into());
+    store
+        .register_workflow(workflow(&crate::intake::stored_name(&team, "a"), 1, 1))
+        .await
+        .unwrap();
+    let (theirs, _) = store.list_workflows(&team, None, 10, None).await.unwrap();
+    assert_eq!(theirs.len(), 1);
+    assert_eq!(crate::intake::plain_name(&theirs[0].name), "a");
+    let (ours, _) = store
+        .list_workflows(&Namespace::default(), None, 10, None)
+        .await
+        .unwrap();
+    assert_eq!(ours.len(), 5, "the default namespace's only");
 }
 
 pub(crate) async fn swarm_members_are_kept_once(f: &impl Fixture) {

@@ -135,6 +135,7 @@ pub trait Backend: Clone + Send + Sync + 'static {
     /// the previous page.
     fn list_workflows(
         &self,
+        namespace: &Namespace,
         name: Option<&str>,
         page_size: u32,
         after: Option<(String, u32)>,
@@ -222,11 +223,12 @@ impl Backend for Store {
     }
     async fn list_workflows(
         &self,
+        namespace: &Namespace,
         name: Option<&str>,
         page_size: u32,
         after: Option<(String, u32)>,
     ) -> Result<WorkflowPage> {
-        on_backend!(self, s => s.list_workflows(name, page_size, after).await)
+        on_backend!(self, s => s.list_workflows(namespace, name, page_size, after).await)
     }
     async fn knows_idempotency_key(&self, key: &str) -> Result<bool> {
         on_backend!(self, s => s.knows_idempotency_key(key).await)

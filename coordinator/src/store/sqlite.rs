@@ -287,21 +287,32 @@ impl Backend for SqliteStore {
     /// previous page.
     async fn list_workflows(
         &self,
+        namespace: &Namespace,
         name: Option<&str>,
         page_size: u32,
         after: Option<(String, u32)>,
     ) -> Result<WorkflowPage> {
         let conn = self.read();
         let (after_name, after_version) = after.map_or((None, None), |(n, v)| (Some(n), Some(v)));
+        // The default namespace's names have no separator; another's start with it.
+        let prefix = (!namespace.is_default()).then(|| format!("{namespace}\u{1f}"));
         let mut rows = conn
             .prepare_cached(
                 "SELECT name, version, description, source, steps, created_at_ms FROM workflows
                  WHERE (?1 IS NULL OR name = ?1)
                    AND (?2 IS NULL OR name > ?2 OR (name = ?2 AND version < ?3))
+                   AND (CASE WHEN ?5 IS NULL THEN instr(name, char(31)) = 0
+                        ELSE substr(name, 1, length(?5)) = ?5 END)
                  ORDER BY name, version DESC LIMIT ?4",
             )?
             .query_map(
-                params![name, after_name, after_version, page_size as i64 + 1],
+                params![
+                    name,
+                    after_name,
+                    after_version,
+                    page_size as i64 + 1,
+                    prefix
+                ],
                 workflow_row,
             )?
             .collect::<rusqlite::Result<Vec<_>>>()?;
