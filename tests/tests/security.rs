@@ -99,6 +99,18 @@ async fn token(mesh: &Mesh, namespace: &str, role: &str, extra: &[&str]) -> Stri
     out.trim().to_owned()
 }
 
+/// A client acting in `namespace` with a new token of `role` there.
+async fn member(mesh: &Mesh, namespace: &str, role: &str) -> GoalClient {
+    let secret = token(mesh, namespace, role, &["--name", namespace]).await;
+    GoalClient::connect(&mesh.url())
+        .await
+        .unwrap()
+        .with_token(&secret)
+        .unwrap()
+        .with_namespace(namespace)
+        .unwrap()
+}
+
 /// A raw call of `path` with an empty message, in `namespace`, with `token`.
 async fn call(channel: &Channel, path: &'static str, namespace: &str, token: Option<&str>) -> Code {
     let mut grpc = Grpc::new(channel.clone());
@@ -372,21 +384,8 @@ async fn bad_tokens_are_refused_naming_why_and_everything_is_audited() {
 #[tokio::test]
 async fn a_namespace_sees_and_acts_on_its_own_runs_only() {
     let mesh = secured().await;
-    let a = token(&mesh, "team-a", "write", &["--name", "a"]).await;
-    let b = token(&mesh, "team-b", "admin", &["--name", "b"]).await;
-    let base = GoalClient::connect(&mesh.url()).await.unwrap();
-    let team_a = base
-        .clone()
-        .with_token(&a)
-        .unwrap()
-        .with_namespace("team-a")
-        .unwrap();
-    let team_b = base
-        .clone()
-        .with_token(&b)
-        .unwrap()
-        .with_namespace("team-b")
-        .unwrap();
+    let team_a = member(&mesh, "team-a", "write").await;
+    let team_b = member(&mesh, "team-b", "admin").await;
     let gate = "steps:\n  - { id: gate, approval: { message: ok? } }\n";
     let mut goal_a = mesh_tests::workflow_goal(gate, json!({}));
     goal_a.idempotency_key = Some("nightly".into());
@@ -468,21 +467,8 @@ async fn a_node_serves_its_own_namespace_only() {
         None,
     );
     mesh.wait_healthy("a1").await;
-    let a = token(&mesh, "team-a", "write", &["--name", "a"]).await;
-    let b = token(&mesh, "team-b", "write", &["--name", "b"]).await;
-    let base = GoalClient::connect(&mesh.url()).await.unwrap();
-    let team_a = base
-        .clone()
-        .with_token(&a)
-        .unwrap()
-        .with_namespace("team-a")
-        .unwrap();
-    let team_b = base
-        .clone()
-        .with_token(&b)
-        .unwrap()
-        .with_namespace("team-b")
-        .unwrap();
+    let team_a = member(&mesh, "team-a", "write").await;
+    let team_b = member(&mesh, "team-b", "write").await;
 
     let run = team_a
         .submit(goal("a's", &[("e", "echo", json!({"x": 1}), &[])]))
@@ -788,21 +774,8 @@ async fn registered_workflows_are_each_namespaces_own() {
         "namespace = \"team-a\"\n[[agents]]\nkind = \"echo\"\n",
     )
     .await;
-    let a = token(&mesh, "team-a", "write", &["--name", "a"]).await;
-    let b = token(&mesh, "team-b", "write", &["--name", "b"]).await;
-    let base = GoalClient::connect(&mesh.url()).await.unwrap();
-    let team_a = base
-        .clone()
-        .with_token(&a)
-        .unwrap()
-        .with_namespace("team-a")
-        .unwrap();
-    let team_b = base
-        .clone()
-        .with_token(&b)
-        .unwrap()
-        .with_namespace("team-b")
-        .unwrap();
+    let team_a = member(&mesh, "team-a", "write").await;
+    let team_b = member(&mesh, "team-b", "write").await;
     let def = |who: &str| {
         format!(
             "name: review\nversion: 1\nsteps:\n  - {{ id: s, uses: echo, with: {{ by: {who} }} }}\noutputs:\n  by: \"${{{{ steps.s.output.with.by }}}}\"\n"
