@@ -30,6 +30,7 @@ pub struct CoordinatorConfig {
     pub dispatch: DispatchConfig,
     pub auth: AuthConfig,
     pub tls: TlsConfig,
+    pub quotas: crate::quotas::QuotasConfig,
     /// Listen beyond loopback without TLS and authentication (`--insecure`); otherwise such a
     /// coordinator refuses to start.
     pub insecure: bool,
@@ -76,6 +77,7 @@ impl Default for CoordinatorConfig {
             dispatch: DispatchConfig::default(),
             auth: AuthConfig::default(),
             tls: TlsConfig::default(),
+            quotas: crate::quotas::QuotasConfig::default(),
             insecure: false,
         }
     }

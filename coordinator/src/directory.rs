@@ -11,7 +11,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use dashmap::DashMap;
-use mesh_proto::domain::{RunId, RunView};
+use mesh_proto::domain::{Namespace, RunId, RunView};
 use ractor::ActorRef;
 use serde_json::Value;
 use tokio::sync::Notify;
@@ -24,7 +24,9 @@ const RECENT_BYTES: usize = 32 << 20;
 
 #[derive(Clone, Debug, Default)]
 pub struct RunDirectory {
-    live: Arc<DashMap<RunId, ActorRef<RunMsg>>>,
+    live: Arc<DashMap<RunId, (ActorRef<RunMsg>, Namespace)>>,
+    /// Live runs by namespace, for the namespaces' quotas.
+    by_namespace: Arc<DashMap<Namespace, usize>>,
     finished: Arc<Mutex<Recent>>,
     /// Told of every run that comes live or leaves: waiters for a run wait on it instead of
     /// polling.
@@ -33,14 +35,29 @@ pub struct RunDirectory {
 
 impl RunDirectory {
     pub fn get(&self, run_id: &RunId) -> Option<ActorRef<RunMsg>> {
-        self.live.get(run_id).map(|r| r.clone())
+        self.live.get(run_id).map(|r| r.0.clone())
     }
 
-    /// A run is live: it answers for itself from now on.
-    pub fn insert(&self, run_id: RunId, run: ActorRef<RunMsg>) {
+    /// A run of `namespace` is live: it answers for itself from now on.
+    pub fn insert(&self, run_id: RunId, run: ActorRef<RunMsg>, namespace: Namespace) {
         self.recent().remove(&run_id);
-        self.live.insert(run_id, run);
+        if let Some((_, (_, was))) = self.live.remove(&run_id) {
+            self.left(&was);
+        }
+        *self.by_namespace.entry(namespace.clone()).or_default() += 1;
+        self.live.insert(run_id, (run, namespace));
         self.changed.notify_waiters();
+    }
+
+    /// Live runs of `namespace`.
+    pub fn live_in(&self, namespace: &Namespace) -> usize {
+        self.by_namespace.get(namespace).map_or(0, |n| *n)
+    }
+
+    fn left(&self, namespace: &Namespace) {
+        if let Some(mut n) = self.by_namespace.get_mut(namespace) {
+            *n = n.saturating_sub(1);
+        }
     }
 
     /// A run stops: its entry goes (only if it is still this actor's), and a finished run
@@ -49,15 +66,21 @@ impl RunDirectory {
         if let Some(view) = finished {
             self.recent().insert(view);
         }
-        self.live
-            .remove_if(run_id, |_, r| r.get_id() == run.get_id());
+        if let Some((_, (_, ns))) = self
+            .live
+            .remove_if(run_id, |_, r| r.0.get_id() == run.get_id())
+        {
+            self.left(&ns);
+        }
         self.changed.notify_waiters();
     }
 
     /// A run's actor failed (it stops without `post_stop`, so it cannot retire itself):
     /// its entry goes, if it is still this actor's.
     pub fn forget(&self, run_id: &RunId, actor: ractor::ActorId) {
-        self.live.remove_if(run_id, |_, r| r.get_id() == actor);
+        if let Some((_, (_, ns))) = self.live.remove_if(run_id, |_, r| r.0.get_id() == actor) {
+            self.left(&ns);
+        }
         self.changed.notify_waiters();
     }
 
@@ -90,7 +113,7 @@ impl RunDirectory {
     }
 
     pub fn all(&self) -> Vec<ActorRef<RunMsg>> {
-        self.live.iter().map(|e| e.value().clone()).collect()
+        self.live.iter().map(|e| e.value().0.clone()).collect()
     }
 
     /// Live runs.
@@ -272,7 +295,10 @@ mod tests {
         let arrived = wait_for(true);
         tokio::task::yield_now().await;
         let (actor, handle) = ractor::Actor::spawn(None, Idle, ()).await.unwrap();
-        dir.insert(id.clone(), actor.clone());
+        let team = Namespace("team".into());
+        dir.insert(id.clone(), actor.clone(), team.clone());
+        assert_eq!(dir.live_in(&team), 1, "counted in its namespace");
+        assert_eq!(dir.live_in(&Namespace::default()), 0);
         tokio::time::timeout(std::time::Duration::from_secs(1), arrived)
             .await
             .expect("woken when the run came live")
@@ -280,6 +306,7 @@ mod tests {
         let left = wait_for(false);
         tokio::task::yield_now().await;
         dir.retire(&id, &actor, None);
+        assert_eq!(dir.live_in(&team), 0, "and no longer");
         tokio::time::timeout(std::time::Duration::from_secs(1), left)
             .await
             .expect("woken when the run left")

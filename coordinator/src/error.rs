@@ -24,6 +24,12 @@ pub enum Error {
     FailedPrecondition(String),
     #[error("{0}")]
     ResourceExhausted(String),
+    /// A namespace's quota: try again after `retry_after_ms`.
+    #[error("{message}; retry in {retry_after_ms} ms")]
+    QuotaExceeded {
+        message: String,
+        retry_after_ms: u64,
+    },
     #[error("{0} did not answer in time")]
     Timeout(&'static str),
     #[error("{0} is not running")]
@@ -61,6 +67,13 @@ impl From<Error> for tonic::Status {
                     "retry-after-ms",
                     tonic::metadata::MetadataValue::from_static("1000"),
                 );
+                status
+            }
+            Error::QuotaExceeded { retry_after_ms, .. } => {
+                let mut status = tonic::Status::resource_exhausted(msg);
+                if let Ok(v) = retry_after_ms.to_string().parse() {
+                    status.metadata_mut().insert("retry-after-ms", v);
+                }
                 status
             }
             Error::Timeout(_) => tonic::Status::deadline_exceeded(msg),

@@ -32,6 +32,8 @@ pub struct Intake {
     pub supervisor: ActorRef<SwarmsMsg>,
     pub registry: ActorRef<RegistryMsg>,
     pub admission: Admission,
+    /// The namespaces' quotas, for new submissions (`None`: none).
+    pub quotas: Option<std::sync::Arc<crate::quotas::Quotas>>,
 }
 
 impl Intake {
@@ -47,6 +49,12 @@ impl Intake {
             }
             None => false,
         };
+        if !known && let Some(quotas) = &self.quotas {
+            quotas.admit(
+                &goal.namespace,
+                self.deps.directory.live_in(&goal.namespace),
+            )?;
+        }
         if goal.kind() == GoalKind::Text && !known {
             self.require_planner().await?;
         }

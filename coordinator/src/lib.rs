@@ -17,6 +17,7 @@ pub mod machine;
 pub mod metrics;
 pub mod node_link;
 pub mod node_session;
+pub mod quotas;
 pub mod readiness;
 pub mod registry;
 pub mod root;
@@ -355,6 +356,7 @@ async fn serve_grpc(
         )
         .add_service(
             GoalServiceServer::new(grpc::GoalApi {
+                quotas: std::sync::Arc::new(quotas::Quotas::new(handles.config.quotas.clone())),
                 handles: handles.clone(),
             })
             .max_decoding_message_size(max)

@@ -572,9 +572,11 @@ impl Actor for Run {
             picked,
             first,
         } = begin(&args.deps, &args.run_id, args.begin).await?;
-        args.deps
-            .directory
-            .insert(machine.run_id().clone(), myself.clone());
+        args.deps.directory.insert(
+            machine.run_id().clone(),
+            myself.clone(),
+            machine.namespace().clone(),
+        );
         metrics::gauge!(m::RUNS_ACTIVE).increment(1.0);
         myself.cast(RunMsg::Start)?;
         Ok(RunActorState {

@@ -811,3 +811,55 @@ async fn registered_workflows_are_each_namespaces_own() {
     assert_eq!(view.state, RunState::Succeeded, "{view:?}");
     assert_eq!(view.output.unwrap()["by"], "a");
 }
+
+/// Quotas per namespace: past its runs in progress or its submissions per second a
+/// namespace is refused with RESOURCE_EXHAUSTED naming the quota and when to retry; other
+/// namespaces go on, and a retried submission of a known key is not counted.
+#[tokio::test]
+async fn namespaces_are_held_to_their_quotas() {
+    let timings = Timings {
+        coordinator_extra: "[auth]\nenabled = true\n[quotas.default]\nsubmissions_per_second = 3\n[quotas.namespaces.small]\nmax_active_runs = 1\n".into(),
+        ..Timings::default()
+    };
+    let mesh = Mesh::start(timings).await;
+    let small = member(&mesh, "small", "write").await;
+    let busy = member(&mesh, "busy", "write").await;
+    let gate = || {
+        let mut g = mesh_tests::workflow_goal(
+            "steps:\n  - { id: gate, approval: { message: ok? } }\n",
+            json!({}),
+        );
+        g.idempotency_key = Some("first".into());
+        g
+    };
+    let held = small.submit(gate()).await.unwrap();
+    let again = small.submit(gate()).await.unwrap();
+    assert_eq!(again.run_id, held.run_id, "a known key is not counted");
+    let mut other = gate();
+    other.idempotency_key = None;
+    let e = small.submit(other).await.unwrap_err();
+    assert_eq!(e.code(), Some(RpcCode::ResourceExhausted), "{e}");
+    assert!(
+        e.to_string().contains(
+            "namespace `small` has 1 runs in progress, its quota (max_active_runs) is 1; retry in"
+        ),
+        "{e}"
+    );
+    // `busy` has the default quota: 3 at once, then a wait.
+    let mut refused = None;
+    for i in 0..20 {
+        let mut g = gate();
+        g.idempotency_key = Some(format!("b{i}"));
+        if let Err(e) = busy.submit(g).await {
+            refused = Some(e);
+            break;
+        }
+    }
+    let e = refused.expect("past 3 submissions in a second, one is refused");
+    assert_eq!(e.code(), Some(RpcCode::ResourceExhausted), "{e}");
+    assert!(
+        e.to_string()
+            .contains("over its quota of 3 submissions per second"),
+        "{e}"
+    );
+}

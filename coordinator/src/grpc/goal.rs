@@ -24,6 +24,7 @@ const WAIT_FOR_LIVE: Duration = Duration::from_secs(2);
 
 #[derive(Clone, Debug)]
 pub struct GoalApi {
+    pub quotas: std::sync::Arc<crate::quotas::Quotas>,
     pub handles: Handles,
 }
 
@@ -87,6 +88,7 @@ impl GoalApi {
             deps: self.handles.deps.clone(),
             supervisor: self.handles.swarms.get(),
             registry: self.handles.registry.get(),
+            quotas: Some(self.quotas.clone()),
             admission: intake::Admission {
                 max_active_runs: self.handles.config.dispatch.max_active_runs,
                 max_pending_per_skill: self.handles.config.dispatch.max_pending_per_skill,
