@@ -69,13 +69,49 @@ pub struct Cluster {
     pub url: String,
     pub coordinator: Proc,
     pub nodes: Vec<Proc>,
+    /// With TLS and tokens: the certificates, the cluster admin token and the nodes' one.
+    pub secure: Option<Secure>,
+}
+
+/// What a secured cluster's clients and nodes need.
+pub struct Secure {
+    pub certs: PathBuf,
+    pub admin: String,
+    pub worker: String,
 }
 
 impl Cluster {
     /// Starts a coordinator (default intervals plus `extra_toml`) and waits until it answers.
     pub async fn coordinator(extra_toml: &str) -> Result<Cluster> {
+        Self::start(extra_toml, false).await
+    }
+
+    /// As [`Cluster::coordinator`], with mutual TLS (`mesh certs dev`) and tokens.
+    pub async fn secured(extra_toml: &str) -> Result<Cluster> {
+        Self::start(extra_toml, true).await
+    }
+
+    async fn start(extra_toml: &str, secure: bool) -> Result<Cluster> {
         let dir = tempfile::tempdir()?;
         let (grpc, http) = (free_port()?, free_port()?);
+        let certs = dir.path().join("certs");
+        let mut extra = extra_toml.to_owned();
+        if secure {
+            let c = certs.to_string_lossy();
+            let mut made = spawn(
+                dir.path(),
+                "certs",
+                &["certs", "dev", &c, "--node", "n1", "--node", "n2"],
+            )?;
+            let status = made.wait_exit(Duration::from_secs(30)).await?;
+            if !status.success() {
+                bail!("mesh certs dev failed: {}", made.log_text());
+            }
+            extra.push_str(&format!(
+                "\n[auth]\nenabled = true\n[tls]\ncert_file = \"{c}/coordinator.pem\"\nkey_file = \"{c}/coordinator.key\"\nclient_ca_file = \"{c}/ca.pem\"\n"
+            ));
+        }
+        let extra_toml = extra;
         let config = format!(
             "listen = \"127.0.0.1:{grpc}\"\nhttp_listen = \"127.0.0.1:{http}\"\ndata_dir = \"{}\"\n{extra_toml}\n",
             dir.path().join("data").display()
@@ -87,32 +123,76 @@ impl Cluster {
             "coordinator",
             &["coordinator", "--config", &path.to_string_lossy()],
         )?;
-        let url = format!("http://127.0.0.1:{grpc}");
+        let scheme = if secure { "https" } else { "http" };
+        let url = format!("{scheme}://127.0.0.1:{grpc}");
+        let tls = mesh_agent_sdk::TlsFiles {
+            ca_file: secure.then(|| certs.join("ca.pem")),
+            ..Default::default()
+        };
+        let admin_file = dir.path().join("data").join("admin.token");
         let probe = url.clone();
         wait_until("the coordinator", Duration::from_secs(30), || {
-            let url = probe.clone();
+            let (url, tls, admin_file) = (probe.clone(), tls.clone(), admin_file.clone());
             async move {
-                match GoalClient::connect(&url).await {
-                    Ok(c) => c.nodes().await.is_ok(),
-                    Err(_) => false,
+                let Ok(mut c) = GoalClient::connect_with(&url, &tls).await else {
+                    return false;
+                };
+                if secure {
+                    let Ok(admin) = std::fs::read_to_string(&admin_file) else {
+                        return false;
+                    };
+                    let Ok(with) = c.with_token(admin.trim()) else {
+                        return false;
+                    };
+                    c = with;
                 }
+                c.nodes().await.is_ok()
             }
         })
         .await?;
-        Ok(Cluster {
+        let mut cluster = Cluster {
             dir,
             url,
             coordinator,
             nodes: Vec::new(),
-        })
+            secure: None,
+        };
+        if secure {
+            let admin = std::fs::read_to_string(&admin_file)?.trim().to_owned();
+            let client = GoalClient::connect_with(&cluster.url, &tls)
+                .await?
+                .with_token(&admin)?;
+            let worker = client
+                .create_token("bench-nodes", "default", "worker", None)
+                .await?
+                .secret;
+            cluster.secure = Some(Secure {
+                certs,
+                admin,
+                worker,
+            });
+        }
+        Ok(cluster)
     }
 
     /// Starts a node with `agents_toml`; does not wait.
     pub fn spawn_node(&mut self, name: &str, agents_toml: &str) -> Result<()> {
-        let config = format!(
-            "coordinator = \"{}\"\nname = \"{name}\"\nreconnect_min = \"20ms\"\nreconnect_max = \"200ms\"\n{agents_toml}\n",
+        let mut config = format!(
+            "coordinator = \"{}\"\nname = \"{name}\"\nreconnect_min = \"20ms\"\nreconnect_max = \"200ms\"\n",
             self.url
         );
+        if let Some(secure) = &self.secure {
+            let token = self.dir.path().join(format!("{name}.token"));
+            std::fs::write(&token, &secure.worker)?;
+            config.push_str(&format!("token_file = \"{}\"\n", token.display()));
+        }
+        config.push_str(agents_toml);
+        if let Some(secure) = &self.secure {
+            let c = secure.certs.display();
+            config.push_str(&format!(
+                "\n[tls]\nca_file = \"{c}/ca.pem\"\ncert_file = \"{c}/{name}.pem\"\nkey_file = \"{c}/{name}.key\"\n"
+            ));
+        }
         let path: PathBuf = self.dir.path().join(format!("{name}.toml"));
         std::fs::write(&path, config)?;
         let node = spawn(
@@ -126,7 +206,7 @@ impl Cluster {
 
     /// Waits until `n` nodes are healthy.
     pub async fn wait_nodes(&self, n: usize) -> Result<()> {
-        let client = GoalClient::connect(&self.url).await?;
+        let client = self.client().await?;
         wait_until(
             &format!("{n} healthy nodes"),
             Duration::from_secs(30),
@@ -156,7 +236,18 @@ impl Cluster {
     }
 
     pub async fn client(&self) -> Result<GoalClient> {
-        Ok(GoalClient::connect(&self.url).await?)
+        match &self.secure {
+            None => Ok(GoalClient::connect(&self.url).await?),
+            Some(secure) => {
+                let tls = mesh_agent_sdk::TlsFiles {
+                    ca_file: Some(secure.certs.join("ca.pem")),
+                    ..Default::default()
+                };
+                Ok(GoalClient::connect_with(&self.url, &tls)
+                    .await?
+                    .with_token(&secure.admin)?)
+            }
+        }
     }
 
     pub fn node(&mut self, name: &str) -> Option<&mut Proc> {

@@ -23,6 +23,10 @@ use stats::{Figure, summarize};
 pub enum Workload {
     W1,
     W2,
+    /// w1 with mutual TLS and tokens.
+    W1Secure,
+    /// w2 with mutual TLS and tokens.
+    W2Secure,
     W3,
     W4,
     Durable,
@@ -35,10 +39,12 @@ pub enum Workload {
 }
 
 impl Workload {
-    const ALL: [Workload; 11] = [
+    const ALL: [Workload; 13] = [
         Workload::Baseline,
         Workload::W1,
         Workload::W2,
+        Workload::W1Secure,
+        Workload::W2Secure,
         Workload::W3,
         Workload::W4,
         Workload::Durable,
@@ -53,6 +59,8 @@ impl Workload {
         match self {
             Workload::W1 => "w1",
             Workload::W2 => "w2",
+            Workload::W1Secure => "w1-secure",
+            Workload::W2Secure => "w2-secure",
             Workload::W3 => "w3",
             Workload::W4 => "w4",
             Workload::Durable => "durable",
@@ -85,12 +93,12 @@ fn target(workload: &str, figure: &str) -> Option<&'static str> {
 /// The baseline figure each figure is compared with.
 fn baseline_of(workload: &str, figure: &str) -> Option<&'static str> {
     Some(match (workload, figure) {
-        ("w1", "steps/s" | "steps/s, submit + watch") => "sequential rate",
-        ("w1", "p50" | "p50, submit + watch") => "sequential p50",
-        ("w1", "p99" | "p99, submit + watch") => "sequential p99",
-        ("w2" | "w3", "steps/s" | "steps/s, submit + watch") => "64 in flight rate",
-        ("w2" | "w3", "p50" | "p50, submit + watch") => "64 in flight p50",
-        ("w2" | "w3", "p99" | "p99, submit + watch") => "64 in flight p99",
+        ("w1" | "w1-secure", "steps/s" | "steps/s, submit + watch") => "sequential rate",
+        ("w1" | "w1-secure", "p50" | "p50, submit + watch") => "sequential p50",
+        ("w1" | "w1-secure", "p99" | "p99, submit + watch") => "sequential p99",
+        ("w2" | "w2-secure" | "w3", "steps/s" | "steps/s, submit + watch") => "64 in flight rate",
+        ("w2" | "w2-secure" | "w3", "p50" | "p50, submit + watch") => "64 in flight p50",
+        ("w2" | "w2-secure" | "w3", "p99" | "p99, submit + watch") => "64 in flight p99",
         ("durable", "p50 per step, one chain") => "sequential p50",
         ("llm", "p50 through the mesh") => "sequential p50",
         ("llm", "p99 through the mesh") => "sequential p99",
@@ -176,6 +184,8 @@ async fn run_one(w: Workload, sizes: &Sizes) -> Result<Vec<Figure>> {
     match w {
         Workload::W1 => workloads::w1(sizes).await,
         Workload::W2 => workloads::w2(sizes).await,
+        Workload::W1Secure => workloads::w1_secure(sizes).await,
+        Workload::W2Secure => workloads::w2_secure(sizes).await,
         Workload::W3 => workloads::w3(sizes).await,
         Workload::W4 => workloads::w4(sizes).await,
         Workload::Durable => workloads::durable(sizes).await,

@@ -202,6 +202,37 @@ pub async fn w2(sizes: &Sizes) -> Result<Vec<Figure>> {
     Ok(figures)
 }
 
+/// w1 and w2 on a cluster with mutual TLS and tokens: the cost of security.
+async fn secured(sizes: &Sizes, nodes: &[&str], n: usize, in_flight: usize) -> Result<Vec<Figure>> {
+    let mut cluster = Cluster::secured("").await?;
+    let agents = echo_agents(&["echo"], 64);
+    for node in nodes {
+        cluster.spawn_node(node, &agents)?;
+    }
+    cluster.wait_nodes(nodes.len()).await?;
+    let client = cluster.client().await?;
+    load(
+        &client,
+        "secure warm-up",
+        sizes.warmup,
+        in_flight,
+        echo_goal,
+    )
+    .await?;
+    let (samples, wall) = load(&client, "secure", n, in_flight, echo_goal).await?;
+    Ok(latency_figures(samples, wall, "steps/s"))
+}
+
+/// w1 with mutual TLS and tokens.
+pub async fn w1_secure(sizes: &Sizes) -> Result<Vec<Figure>> {
+    secured(sizes, &["n1"], sizes.sequential, 1).await
+}
+
+/// w2 with mutual TLS and tokens.
+pub async fn w2_secure(sizes: &Sizes) -> Result<Vec<Figure>> {
+    secured(sizes, &["n1", "n2"], sizes.parallel, 64).await
+}
+
 /// w3: echo goals over 8 echo agents on two nodes, 64 in flight.
 pub async fn w3(sizes: &Sizes) -> Result<Vec<Figure>> {
     let agents = echo_agents(&["echo-1", "echo-2", "echo-3", "echo-4"], 16);
