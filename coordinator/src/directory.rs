@@ -54,10 +54,13 @@ impl RunDirectory {
         self.by_namespace.get(namespace).map_or(0, |n| *n)
     }
 
+    /// One run of `namespace` left; a namespace with none left is forgotten, so that the
+    /// map holds only namespaces with live runs.
     fn left(&self, namespace: &Namespace) {
         if let Some(mut n) = self.by_namespace.get_mut(namespace) {
             *n = n.saturating_sub(1);
         }
+        self.by_namespace.remove_if(namespace, |_, n| *n == 0);
     }
 
     /// A run stops: its entry goes (only if it is still this actor's), and a finished run
@@ -307,6 +310,7 @@ mod tests {
         tokio::task::yield_now().await;
         dir.retire(&id, &actor, None);
         assert_eq!(dir.live_in(&team), 0, "and no longer");
+        assert!(dir.by_namespace.is_empty(), "a namespace without runs is forgotten");
         tokio::time::timeout(std::time::Duration::from_secs(1), left)
             .await
             .expect("woken when the run left")
