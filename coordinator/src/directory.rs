@@ -310,7 +310,10 @@ mod tests {
         tokio::task::yield_now().await;
         dir.retire(&id, &actor, None);
         assert_eq!(dir.live_in(&team), 0, "and no longer");
-        assert!(dir.by_namespace.is_empty(), "a namespace without runs is forgotten");
+        assert!(
+            dir.by_namespace.is_empty(),
+            "a namespace without runs is forgotten"
+        );
         tokio::time::timeout(std::time::Duration::from_secs(1), left)
             .await
             .expect("woken when the run left")
