@@ -10,6 +10,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let mut config = tonic_prost_build::Config::new();
     config.protoc_executable(protoc);
+    // A task's secrets must never be printed: its Debug is written by hand (src/lib.rs).
+    config.skip_debug(["mesh.v1.Task", "mesh.v1.SetSecretRequest"]);
     tonic_prost_build::configure()
         // The node RPC is named Connect, which clashes with the generated transport
         // constructor; clients are built from a Channel instead.

@@ -9,6 +9,7 @@ use mesh_proto::pb;
 use mesh_proto::pb::auth_service_client::AuthServiceClient;
 use mesh_proto::pb::goal_service_client::GoalServiceClient;
 use mesh_proto::pb::registry_service_client::RegistryServiceClient;
+use mesh_proto::pb::secret_service_client::SecretServiceClient;
 use mesh_proto::pb::workflow_service_client::WorkflowServiceClient;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
@@ -89,6 +90,7 @@ pub struct GoalClient {
     registry: RegistryServiceClient<Channel>,
     workflows: WorkflowServiceClient<Channel>,
     auth: AuthServiceClient<Channel>,
+    secrets: SecretServiceClient<Channel>,
     /// `authorization: Bearer …`, sent with every call when set.
     token: Option<Bearer>,
     /// `mesh-namespace`, sent with every call when set (the coordinator's `default` else).
@@ -199,7 +201,8 @@ impl GoalClient {
             goals: GoalServiceClient::new(channel.clone()),
             registry: RegistryServiceClient::new(channel.clone()),
             workflows: WorkflowServiceClient::new(channel.clone()),
-            auth: AuthServiceClient::new(channel),
+            auth: AuthServiceClient::new(channel.clone()),
+            secrets: SecretServiceClient::new(channel),
             token: None,
             namespace: None,
         })
@@ -300,6 +303,52 @@ impl GoalClient {
         query: pb::ListAuditRequest,
     ) -> Result<pb::ListAuditResponse, ClientError> {
         let r = self.auth.clone().list_audit(self.request(query)).await?;
+        Ok(r.into_inner())
+    }
+
+    /// Sets a secret of the client's namespace (`SecretService.SetSecret`).
+    pub async fn set_secret(
+        &self,
+        name: &str,
+        value: &[u8],
+    ) -> Result<pb::SecretInfo, ClientError> {
+        let r = self
+            .secrets
+            .clone()
+            .set_secret(self.request(pb::SetSecretRequest {
+                name: name.to_owned(),
+                value: value.to_vec(),
+            }))
+            .await?;
+        Ok(r.into_inner())
+    }
+
+    /// One page of the namespace's secrets: names and times, never values.
+    pub async fn list_secrets(
+        &self,
+        page_size: u32,
+        page_token: &str,
+    ) -> Result<pb::ListSecretsResponse, ClientError> {
+        let r = self
+            .secrets
+            .clone()
+            .list_secrets(self.request(pb::ListSecretsRequest {
+                page_size,
+                page_token: page_token.to_owned(),
+            }))
+            .await?;
+        Ok(r.into_inner())
+    }
+
+    /// Deletes a secret of the namespace.
+    pub async fn delete_secret(&self, name: &str) -> Result<pb::SecretInfo, ClientError> {
+        let r = self
+            .secrets
+            .clone()
+            .delete_secret(self.request(pb::DeleteSecretRequest {
+                name: name.to_owned(),
+            }))
+            .await?;
         Ok(r.into_inner())
     }
 

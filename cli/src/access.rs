@@ -1,4 +1,4 @@
-//! Access commands: API tokens and the audit log (docs/security.md).
+//! Access commands: API tokens, secrets and the audit log (docs/security.md).
 
 use std::time::Duration;
 
@@ -35,6 +35,26 @@ pub enum TokenCommand {
     },
     /// Revoke a token at once.
     Revoke { token_id: String },
+}
+
+#[derive(Subcommand)]
+pub enum SecretCommand {
+    /// Set a secret of namespace NS; its value is read from stdin (one trailing newline is
+    /// dropped), never from the command line.
+    Set { namespace: String, name: String },
+    /// List a namespace's secrets: names and times, never values.
+    Ls {
+        namespace: String,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        #[arg(long, default_value = "")]
+        page_token: String,
+    },
+    /// Delete a secret.
+    Rm { namespace: String, name: String },
+    /// Write a new secrets key (for `secrets.key_file` or `MESH_SECRETS_KEY`) to FILE,
+    /// readable by its owner only; refuses to replace one.
+    Key { file: std::path::PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -140,6 +160,91 @@ pub async fn token(target: &Target, format: Output, command: TokenCommand) -> Re
                 })),
                 Output::Table => table(&TOKEN_HEADERS, vec![token_row(&t)]),
             }
+        }
+    }
+    Ok(())
+}
+
+/// A secret's value from stdin, without its last newline; bounded.
+fn read_value() -> Result<Vec<u8>> {
+    use std::io::Read;
+    let limit = mesh_proto::secrets::MAX_VALUE;
+    let mut value = Vec::new();
+    std::io::stdin()
+        .take(limit as u64 + 2)
+        .read_to_end(&mut value)?;
+    if value.last() == Some(&b'\n') {
+        value.pop();
+        if value.last() == Some(&b'\r') {
+            value.pop();
+        }
+    }
+    if value.len() > limit {
+        anyhow::bail!("the value on stdin is over the limit of {limit} bytes");
+    }
+    Ok(value)
+}
+
+pub async fn secret(target: &Target, format: Output, command: SecretCommand) -> Result<()> {
+    let row =
+        |s: &pb::SecretInfo| vec![s.name.clone(), when(s.created_at_ms), when(s.updated_at_ms)];
+    const HEADERS: [&str; 3] = ["name", "created", "updated"];
+    let json = |s: &pb::SecretInfo| {
+        serde_json::json!({
+            "name": s.name, "created_at_ms": s.created_at_ms, "updated_at_ms": s.updated_at_ms,
+        })
+    };
+    match command {
+        SecretCommand::Set { namespace, name } => {
+            let value = read_value()?;
+            let client = target.connect_in(&namespace).await?;
+            let set = client.set_secret(&name, &value).await?;
+            match format {
+                Output::Json => output::json(&json(&set)),
+                Output::Table => eprintln!("secret {} set in namespace {namespace}", set.name),
+            }
+        }
+        SecretCommand::Ls {
+            namespace,
+            limit,
+            page_token,
+        } => {
+            let client = target.connect_in(&namespace).await?;
+            let page = client.list_secrets(limit, &page_token).await?;
+            match format {
+                Output::Json => output::json(&serde_json::json!({
+                    "secrets": page.secrets.iter().map(json).collect::<Vec<_>>(),
+                    "next_page_token": page.next_page_token,
+                })),
+                Output::Table => {
+                    table(&HEADERS, page.secrets.iter().map(row).collect());
+                    if !page.next_page_token.is_empty() {
+                        eprintln!("more: --page-token {}", page.next_page_token);
+                    }
+                }
+            }
+        }
+        SecretCommand::Rm { namespace, name } => {
+            let client = target.connect_in(&namespace).await?;
+            client.delete_secret(&name).await?;
+            if matches!(format, Output::Table) {
+                eprintln!("secret {name} deleted from namespace {namespace}");
+            } else {
+                output::json(&serde_json::json!({ "name": name, "deleted": true }));
+            }
+        }
+        SecretCommand::Key { file } => {
+            if file.exists() {
+                anyhow::bail!(
+                    "{} exists: a new key would not open the secrets sealed with it",
+                    file.display()
+                );
+            }
+            mesh_coordinator::secrets::ensure_key_file(&file)?;
+            eprintln!(
+                "a new secrets key is in {} (readable by you only): set secrets.key_file to it",
+                file.display()
+            );
         }
     }
     Ok(())

@@ -47,6 +47,11 @@ pub async fn run(args: DevArgs, prometheus: PrometheusHandle) -> Result<()> {
         data_dir: args.data_dir.clone(),
         ..CoordinatorConfig::default()
     };
+    // Secrets work out of the box: a key of the local mesh's own, beside its store.
+    std::fs::create_dir_all(&args.data_dir)?;
+    let key = args.data_dir.join("secrets.key");
+    mesh_coordinator::secrets::ensure_key_file(&key)?;
+    config.secrets.key_file = Some(key);
     let certs = args.data_dir.join("certs");
     let node_names = ["node-1", "node-2"];
     if args.secure {

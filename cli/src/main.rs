@@ -89,6 +89,11 @@ impl Target {
         }
         Ok(client)
     }
+
+    /// A client acting in `namespace` rather than the global one.
+    pub async fn connect_in(&self, namespace: &str) -> Result<mesh_agent_sdk::GoalClient> {
+        Ok(self.connect().await?.with_namespace(namespace)?)
+    }
 }
 
 /// A token from a file (its first line).
@@ -195,6 +200,11 @@ enum Command {
     Token {
         #[command(subcommand)]
         command: access::TokenCommand,
+    },
+    /// Secrets of a namespace, for workflows to name as `${{ secrets.NAME }}`.
+    Secret {
+        #[command(subcommand)]
+        command: access::SecretCommand,
     },
     /// The audit log: authorization decisions and state-changing calls.
     Audit {
@@ -337,8 +347,8 @@ async fn run(cli: Cli) -> Result<()> {
                 Some(path) => Some(read_token(path)?),
                 None => cli.token.clone().map(mesh_agent_sdk::llm::Secret::new),
             };
-            if cfg.namespace.is_none() {
-                cfg.namespace = Some(cli.namespace.clone());
+            if cfg.namespaces.is_empty() {
+                cfg.namespaces = vec![cli.namespace.clone()];
             }
             mesh_node::run(cfg, Some(prometheus()?), shutdown_signal()).await?;
             Ok(())
@@ -385,6 +395,10 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Token { command } => {
             init_tracing("warn");
             access::token(&target, cli.output, command).await
+        }
+        Command::Secret { command } => {
+            init_tracing("warn");
+            access::secret(&target, cli.output, command).await
         }
         Command::Audit { command } => {
             init_tracing("warn");

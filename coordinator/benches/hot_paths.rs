@@ -86,6 +86,7 @@ fn dispatcher_selection(c: &mut Criterion) {
                 idempotency_key: String::new(),
                 timeout: None,
                 labels: Default::default(),
+                secrets: Default::default(),
                 agent: None,
                 run: 0u32,
                 ready_at: Instant::now(),

@@ -139,6 +139,9 @@ pub const RULES: &[(&str, Need)] = &[
     ("/mesh.v1.AuthService/ListTokens", Need::Admin),
     ("/mesh.v1.AuthService/RevokeToken", Need::Admin),
     ("/mesh.v1.AuthService/ListAudit", Need::Admin),
+    ("/mesh.v1.SecretService/SetSecret", Need::Admin),
+    ("/mesh.v1.SecretService/ListSecrets", Need::Admin),
+    ("/mesh.v1.SecretService/DeleteSecret", Need::Admin),
 ];
 
 /// Services anyone may call: health and reflection.
@@ -298,7 +301,28 @@ pub enum AuthError {
     Expired(String),
     #[error("token {0} has been revoked")]
     Revoked(String),
+    #[error("JWT refused: {0}")]
+    Jwt(String),
 }
+
+/// The token of an `authorization: Bearer …` header.
+pub fn bearer(header: Option<&str>) -> Result<&str, AuthError> {
+    let header = header.ok_or(AuthError::Missing)?;
+    header
+        .strip_prefix("Bearer ")
+        .or_else(|| header.strip_prefix("bearer "))
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .ok_or(AuthError::Malformed)
+}
+
+/// Whether a bearer token is one of the coordinator's own (else it may be a JWT).
+pub fn is_api_token(token: &str) -> bool {
+    token.starts_with(SECRET_PREFIX)
+}
+
+/// What every API token's secret starts with.
+const SECRET_PREFIX: &str = "mesh_";
 
 /// A new secret and its hash: 32 random bytes from the system's generator.
 pub fn new_secret() -> (String, String) {
@@ -309,7 +333,7 @@ pub fn new_secret() -> (String, String) {
         .fill(&mut bytes)
         .expect("the system's random generator");
     let secret = format!(
-        "mesh_{}",
+        "{SECRET_PREFIX}{}",
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
     );
     let hash = hash(&secret);
@@ -342,13 +366,11 @@ impl Tokens {
 
     /// The principal of an `authorization` header's value at `now_ms`.
     pub fn authenticate(&self, header: Option<&str>, now_ms: i64) -> Result<Principal, AuthError> {
-        let header = header.ok_or(AuthError::Missing)?;
-        let secret = header
-            .strip_prefix("Bearer ")
-            .or_else(|| header.strip_prefix("bearer "))
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .ok_or(AuthError::Malformed)?;
+        self.check(bearer(header)?, now_ms)
+    }
+
+    /// The principal of an API token's secret at `now_ms`.
+    pub fn check(&self, secret: &str, now_ms: i64) -> Result<Principal, AuthError> {
         // Looked up by its hash: how long the lookup takes tells nothing of the secret.
         let record = self.by_hash.get(&hash(secret)).ok_or(AuthError::Unknown)?;
         if record.revoked_at_ms.is_some() {

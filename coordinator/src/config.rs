@@ -31,6 +31,7 @@ pub struct CoordinatorConfig {
     pub auth: AuthConfig,
     pub tls: TlsConfig,
     pub quotas: crate::quotas::QuotasConfig,
+    pub secrets: crate::secrets::SecretsConfig,
     /// Listen beyond loopback without TLS and authentication (`--insecure`); otherwise such a
     /// coordinator refuses to start.
     pub insecure: bool,
@@ -62,6 +63,8 @@ pub struct AuthConfig {
     /// call's namespace. At the first start with it on, a cluster admin token is written to
     /// `<data_dir>/admin.token`.
     pub enabled: bool,
+    /// JWTs from an outside issuer, accepted besides the coordinator's own tokens.
+    pub jwt: Option<crate::jwt::JwtConfig>,
 }
 
 impl Default for CoordinatorConfig {
@@ -78,6 +81,7 @@ impl Default for CoordinatorConfig {
             auth: AuthConfig::default(),
             tls: TlsConfig::default(),
             quotas: crate::quotas::QuotasConfig::default(),
+            secrets: crate::secrets::SecretsConfig::default(),
             insecure: false,
         }
     }

@@ -148,6 +148,8 @@ pub struct DispatchRequest<R = ActorRef<RunMsg>> {
     pub timeout: Option<Duration>,
     /// Labels the agent must have (its card's, which include its node's).
     pub labels: BTreeMap<String, String>,
+    /// The secrets the input names, for the task only (never logged: `Debug` hides them).
+    pub secrets: mesh_proto::secrets::Secrets,
     pub run: R,
     pub ready_at: Instant,
 }
@@ -159,10 +161,7 @@ impl<R> DispatchRequest<R> {
             Some(name) => card.name == *name,
             None => card.has_skill(&self.skill),
         };
-        able && self
-            .labels
-            .iter()
-            .all(|(k, v)| card.labels.get(k) == Some(v))
+        able && mesh_proto::domain::labels_match(&card.labels, &self.labels)
     }
 
     /// What the request waits for, for messages.
@@ -554,6 +553,7 @@ impl<R: Clone> DispatchState<R> {
             input: req.input.clone(),
             deadline_ms: req.timeout.map_or(deadline_ms, |t| t.as_millis() as u64),
             idempotency_key: req.idempotency_key.clone(),
+            secrets: req.secrets.clone(),
         };
         match slot.tx.try_send(Outbound::Frame(ToNode::Task(task))) {
             Ok(()) => {}
@@ -1082,6 +1082,7 @@ mod tests {
             idempotency_key: format!("r/{step}"),
             timeout: None,
             labels: BTreeMap::new(),
+            secrets: Default::default(),
             run: 0,
             ready_at: Instant::now(),
         }

@@ -13,6 +13,7 @@ pub mod grpc;
 mod http;
 pub mod intake;
 pub mod journal;
+pub mod jwt;
 pub mod machine;
 pub mod metrics;
 pub mod node_link;
@@ -22,6 +23,7 @@ pub mod readiness;
 pub mod registry;
 pub mod root;
 pub mod run;
+pub mod secrets;
 mod slot;
 pub mod store;
 pub mod swarm;
@@ -114,10 +116,20 @@ pub async fn start(
     let store = Store::open(&config.data_dir)?;
     let epoch = store.bump_epoch().await?;
     let tls = server_tls(&config.tls)?;
+    let jwt = match &config.auth.jwt {
+        None => None,
+        Some(_) if !config.auth.enabled => {
+            return Err(Error::Fatal(
+                "auth.jwt is set but auth.enabled is not: JWTs would not be asked for".into(),
+            ));
+        }
+        Some(jwt) => Some(jwt::JwtVerifier::new(jwt).map_err(|e| Error::Fatal(e.to_string()))?),
+    };
     let (guard, bootstrap) = grpc::Guard::start(
         &store,
         config.auth.enabled,
         config.tls.client_ca_file.is_some(),
+        jwt,
     )
     .await?;
     if let Some(secret) = bootstrap {
@@ -131,11 +143,13 @@ pub async fn start(
     let http_addr = http_listener.local_addr()?;
 
     let readiness = Readiness::starting();
+    let secrets = secrets::Vault::load(store.clone(), secrets::load_key(&config.secrets)?).await?;
     let args = RootArgs {
         config: config.clone(),
         store,
         epoch,
         readiness: readiness.clone(),
+        secrets,
     };
     let (root, root_done) = Actor::spawn(None, CoordinatorRoot, args)
         .await
@@ -259,7 +273,7 @@ fn server_tls(
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
 
 /// Writes a secret to a new file only its owner can read.
-fn write_secret(path: &std::path::Path, secret: &str) -> Result<()> {
+pub(crate) fn write_secret(path: &std::path::Path, secret: &str) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut file = std::fs::OpenOptions::new()
@@ -294,6 +308,7 @@ async fn serve_grpc(
     use pb::goal_service_server::GoalServiceServer;
     use pb::node_service_server::NodeServiceServer;
     use pb::registry_service_server::RegistryServiceServer;
+    use pb::secret_service_server::SecretServiceServer;
     use pb::workflow_service_server::WorkflowServiceServer;
 
     let max = grpc::MAX_MESSAGE_BYTES;
@@ -347,6 +362,9 @@ async fn serve_grpc(
         .layer(grpc::GuardLayer { guard })
         .add_service(health_service)
         .add_service(auth)
+        .add_service(SecretServiceServer::new(grpc::SecretApi {
+            vault: handles.deps.secrets.clone(),
+        }))
         .add_optional_service(reflection)
         .add_optional_service(reflection_alpha)
         .add_service(

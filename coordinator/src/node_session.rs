@@ -37,8 +37,8 @@ pub struct NodeSessionArgs {
     pub dispatcher: Slot<DispatcherMsg>,
     pub tx: NodeTx,
     pub peer: String,
-    /// The namespace the stream was opened in: the one the node serves.
-    pub namespace: Namespace,
+    /// The namespaces the stream was opened in: those the node serves.
+    pub namespaces: Vec<Namespace>,
     /// The client certificate the node presented (DER): then its name must be one the
     /// certificate is for.
     pub certificate: Option<Vec<u8>>,
@@ -122,15 +122,18 @@ impl Actor for NodeSession {
                             st.close_with(&myself, tonic::Code::PermissionDenied, why);
                             return Ok(());
                         }
-                        // The node serves the namespace its stream was opened in, whatever
+                        // The node serves the namespaces its stream was opened in, whatever
                         // labels it claims.
-                        let ns = st.args.namespace.as_str();
+                        let mut served: Vec<&str> =
+                            st.args.namespaces.iter().map(Namespace::as_str).collect();
+                        served.sort_unstable();
+                        served.dedup();
+                        let ns = served.join(",");
                         registration
                             .labels
-                            .insert(NAMESPACE_LABEL.to_owned(), ns.to_owned());
+                            .insert(NAMESPACE_LABEL.to_owned(), ns.clone());
                         for card in &mut registration.agents {
-                            card.labels
-                                .insert(NAMESPACE_LABEL.to_owned(), ns.to_owned());
+                            card.labels.insert(NAMESPACE_LABEL.to_owned(), ns.clone());
                         }
                         let session = myself.clone();
                         let tx = st.args.tx.clone();

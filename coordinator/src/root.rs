@@ -60,6 +60,7 @@ pub struct RootArgs {
     pub store: Store,
     pub epoch: u64,
     pub readiness: crate::readiness::Readiness,
+    pub secrets: crate::secrets::Vault,
 }
 
 pub struct RootState {
@@ -153,6 +154,7 @@ impl Actor for CoordinatorRoot {
             },
             supervisor: Default::default(),
             queues,
+            secrets: args.secrets.clone(),
         };
         let swarms = Slot::new(spawn_swarms(root.clone(), &deps).await?);
         let _ = deps.supervisor.set(swarms.clone());

@@ -5,13 +5,14 @@
 //! the deadline are armed again for the time they have left.
 //! Child of its `Swarm`.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
 use mesh_proto::domain::*;
+use mesh_proto::secrets::Secrets;
 use mesh_workflow::{Action, Limits, Target};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde_json::Value;
@@ -138,6 +139,8 @@ pub struct RunDeps {
     pub queues: QueueBoard,
     /// Told when the runs found at start-up are resumed.
     pub readiness: crate::readiness::Readiness,
+    /// The namespaces' secrets, opened for the tasks whose input names them.
+    pub secrets: crate::secrets::Vault,
 }
 
 pub struct RunArgs {
@@ -278,6 +281,8 @@ pub struct RunActorState {
     /// When this run last wrote to its journal (Unix ms).
     updated_at_ms: i64,
     started: Instant,
+    /// The secrets handed to attempts in flight, to scrub from what they send back.
+    secrets: HashMap<FencingToken, Secrets>,
 }
 
 impl RunActorState {
@@ -405,6 +410,27 @@ impl RunActorState {
                     }
                     Action::Approval { .. } | Action::Signal { .. } => return,
                 };
+                // The secrets the input names, opened for this attempt only; the input
+                // keeps their placeholders (docs/security.md).
+                let names = mesh_proto::secrets::references(&input);
+                let secrets = if names.is_empty() {
+                    Secrets::new()
+                } else {
+                    match self
+                        .deps
+                        .secrets
+                        .open(self.machine.namespace().as_str(), &names)
+                    {
+                        Ok(secrets) => secrets,
+                        Err(why) => {
+                            let _ = myself.cast(RunMsg::AttemptFailed {
+                                token,
+                                error: TaskError::new("secret", why, false),
+                            });
+                            return;
+                        }
+                    }
+                };
                 debug!(%token, skill = %spec.skill(), "dispatching attempt");
                 self.deps
                     .dispatcher
@@ -423,10 +449,14 @@ impl RunActorState {
                             );
                             labels
                         },
-                        token,
+                        token: token.clone(),
+                        secrets: secrets.clone(),
                         run: myself.clone(),
                         ready_at: Instant::now(),
                     }));
+                if !secrets.is_empty() {
+                    self.secrets.insert(token, secrets);
+                }
             }
             JournalEvent::StepWaiting {
                 step,
@@ -592,6 +622,7 @@ impl Actor for Run {
             updated_at_ms,
             started: Instant::now(),
             first,
+            secrets: HashMap::new(),
         })
     }
 
@@ -668,7 +699,13 @@ impl Actor for Run {
                     }
                 }
             }
-            RunMsg::Result { result, ack } => {
+            RunMsg::Result { mut result, ack } => {
+                if let Some(secrets) = st.secrets.remove(&result.token) {
+                    match &mut result.outcome {
+                        Ok(output) => mesh_proto::secrets::scrub(output, &secrets),
+                        Err(e) => e.message = mesh_proto::secrets::scrub_text(&e.message, &secrets),
+                    }
+                }
                 let token = &result.token;
                 let (code, message) = match st.machine.on_result(&result) {
                     Some(decision) => {
@@ -687,11 +724,13 @@ impl Actor for Run {
                 ack.send(code, message);
             }
             RunMsg::AttemptFailed { token, error } => {
+                st.secrets.remove(&token);
                 if let Some(decision) = st.machine.on_failed(&token, error) {
                     apply_decision(st, &myself, decision).await?;
                 }
             }
             RunMsg::AttemptLost { token, reason } => {
+                st.secrets.remove(&token);
                 if let Some(events) = st.machine.on_lost(&token, &reason) {
                     st.commit(&myself, events).await?;
                 }
@@ -768,10 +807,13 @@ impl Actor for Run {
                             fraction: p.fraction,
                         },
                         Report::Delta(d) => RunEvent::Delta {
+                            text: match st.secrets.get(&d.token) {
+                                Some(secrets) => mesh_proto::secrets::scrub_text(&d.text, secrets),
+                                None => d.text,
+                            },
                             step: d.token.step_id,
                             index: d.token.index,
                             attempt: d.token.attempt,
-                            text: d.text,
                             restart: d.restart,
                         },
                     });

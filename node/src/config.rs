@@ -42,9 +42,10 @@ pub struct NodeConfig {
     /// TLS to an `https://` coordinator: `ca_file`, and `cert_file` + `key_file` for mutual
     /// TLS (the certificate must be for this node's `name`).
     pub tls: mesh_agent_sdk::TlsFiles,
-    /// The namespace this node serves: it gets the tasks of that namespace's runs only
-    /// (`MESH_NAMESPACE` for `mesh node` when absent; `default` else).
-    pub namespace: Option<String>,
+    /// The namespaces this node serves: it gets the tasks of their runs only, and its token
+    /// must hold the `worker` role in each (`MESH_NAMESPACE` for `mesh node` when empty;
+    /// `default` else).
+    pub namespaces: Vec<String>,
     /// The token itself (from `token_file` or the environment; not a configuration key).
     #[serde(skip)]
     pub token: Option<mesh_agent_sdk::llm::Secret>,
@@ -131,7 +132,7 @@ impl Default for NodeConfig {
             llm: NodeLlmConfig::default(),
             token_file: None,
             tls: mesh_agent_sdk::TlsFiles::default(),
-            namespace: None,
+            namespaces: Vec::new(),
             token: None,
         }
     }
@@ -287,7 +288,7 @@ impl NodeConfig {
             reconnect_min: self.reconnect_min,
             reconnect_max: self.reconnect_max,
             token: self.token.clone(),
-            namespace: self.namespace.clone(),
+            namespaces: self.namespaces.clone(),
             tls: self.tls.clone(),
             ..RuntimeConfig::default()
         }

@@ -9,6 +9,7 @@
 //!     prompt: "Write three sentences about ${{ inputs.topic }}"
 //!     max_tokens: 400
 //!     temperature: 0.2
+//!     api_key: ${{ secrets.OPENAI_API_KEY }}   # optional: a namespace secret, else the node's key
 //! ```
 //!
 //! Its output: `text`, `provider`, `model`, `usage` (`input_tokens`, `output_tokens`),
@@ -83,7 +84,7 @@ fn read_call(with: &Value) -> Result<Call, AgentError> {
             "with: an llm step needs `model` (or `models`) and `prompt`",
         ));
     };
-    const KNOWN: [&str; 7] = [
+    const KNOWN: [&str; 8] = [
         "model",
         "models",
         "system",
@@ -91,6 +92,7 @@ fn read_call(with: &Value) -> Result<Call, AgentError> {
         "max_tokens",
         "temperature",
         "response_schema",
+        "api_key",
     ];
     if let Some(unknown) = obj.keys().find(|k| !KNOWN.contains(&k.as_str())) {
         return Err(bad(
@@ -172,6 +174,9 @@ fn read_call(with: &Value) -> Result<Call, AgentError> {
             JsonSchema::compile(s).map_err(|e| bad("response_schema", e))?,
         )),
     };
+    let api_key = text("api_key")?
+        .filter(|k| !k.is_empty())
+        .map(mesh_agent_sdk::llm::Secret::new);
     let system = text("system")?;
     let system = match &schema {
         Some((s, _)) => Some(format!(
@@ -189,6 +194,7 @@ fn read_call(with: &Value) -> Result<Call, AgentError> {
             max_tokens,
             temperature,
             timeout: None,
+            api_key,
         },
     })
 }
@@ -402,6 +408,7 @@ impl Agent for LlmPlanner {
             max_tokens: Some(4096),
             temperature: Some(0.0),
             timeout: Some(left.max(Duration::from_millis(1))),
+            api_key: None,
         };
         let first = self.ask(&ctx, &request).await?;
         let problems = match check_plan(&first) {

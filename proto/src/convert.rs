@@ -669,6 +669,11 @@ impl From<ToNode> for pb::CoordinatorFrame {
                 input_json: to_json(&t.input),
                 deadline_ms: t.deadline_ms,
                 idempotency_key: t.idempotency_key,
+                secrets: t
+                    .secrets
+                    .into_iter()
+                    .map(|(k, v)| (k, v.expose().to_owned()))
+                    .collect(),
             }),
             ToNode::Cancel { token, reason } => Kind::Cancel(pb::CancelTask {
                 token: Some(token.into()),
@@ -712,6 +717,11 @@ impl TryFrom<pb::CoordinatorFrame> for ToNode {
                     input: parse_json_deep("task.input_json", &t.input_json, Value::Null)?,
                     deadline_ms: t.deadline_ms,
                     idempotency_key: t.idempotency_key,
+                    secrets: t
+                        .secrets
+                        .into_iter()
+                        .map(|(k, v)| (k, crate::secrets::SecretValue::new(v)))
+                        .collect(),
                 }),
                 Kind::Cancel(c) => ToNode::Cancel {
                     token: FencingToken::try_from(c.token)?,

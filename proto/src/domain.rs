@@ -218,6 +218,8 @@ pub struct Task {
     pub input: Value,
     pub deadline_ms: u64,
     pub idempotency_key: String,
+    /// The secrets the input names, for this attempt only (see [`crate::secrets`]).
+    pub secrets: crate::secrets::Secrets,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -346,10 +348,25 @@ pub enum ToNode {
 /// The namespace of everything given without one.
 pub const DEFAULT_NAMESPACE: &str = "default";
 
-/// The label the coordinator puts on every node and agent card: the namespace the node's
-/// stream was opened in (whatever the node says). A run's attempts go only to agents whose
-/// label is the run's namespace.
+/// The label the coordinator puts on every node and agent card: the namespaces the node's
+/// stream was opened in, sorted and comma-separated (whatever the node says). A run's
+/// attempts go only to agents whose label lists the run's namespace.
 pub const NAMESPACE_LABEL: &str = "mesh.namespace";
+
+/// Whether a label set's [`NAMESPACE_LABEL`] lists `namespace`.
+pub fn serves_namespace(labels: &BTreeMap<String, String>, namespace: &str) -> bool {
+    labels
+        .get(NAMESPACE_LABEL)
+        .is_some_and(|list| list.split(',').any(|ns| ns == namespace))
+}
+
+/// Whether `labels` has every label `wanted` asks for; the namespace label by membership.
+pub fn labels_match(labels: &BTreeMap<String, String>, wanted: &BTreeMap<String, String>) -> bool {
+    wanted.iter().all(|(k, v)| match k.as_str() {
+        NAMESPACE_LABEL => serves_namespace(labels, v),
+        _ => labels.get(k) == Some(v),
+    })
+}
 
 /// The tenant unit: every goal, run, workflow and node belongs to one. Its rule is
 /// [`crate::convert::check_id`]'s.

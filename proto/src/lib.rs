@@ -12,6 +12,7 @@ pub mod codec;
 pub mod convert;
 pub mod domain;
 pub mod fuzz;
+pub mod secrets;
 
 /// Generated protobuf and gRPC code for package `mesh.v1`.
 #[allow(clippy::all, missing_docs)]
@@ -52,3 +53,26 @@ pub fn declared_methods() -> Vec<String> {
 }
 
 pub use convert::FieldError;
+
+impl std::fmt::Debug for pb::Task {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Task")
+            .field("token", &self.token)
+            .field("agent", &self.agent)
+            .field("skill", &self.skill)
+            .field("input_json", &self.input_json)
+            .field("deadline_ms", &self.deadline_ms)
+            .field("idempotency_key", &self.idempotency_key)
+            .field("secrets", &self.secrets.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for pb::SetSecretRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SetSecretRequest")
+            .field("name", &self.name)
+            .field("value", &"***")
+            .finish()
+    }
+}

@@ -470,6 +470,7 @@ impl pb::node_service_server::NodeService for UnreadableTask {
                             input_json: "{not json".into(),
                             deadline_ms: 60_000,
                             idempotency_key: "run-1/a/0".into(),
+                            secrets: Default::default(),
                         }),
                     ];
                     for kind in frames {

@@ -40,6 +40,9 @@ const NEEDS: &[(&str, &str)] = &[
     ("/mesh.v1.AuthService/ListTokens", "admin"),
     ("/mesh.v1.AuthService/RevokeToken", "admin"),
     ("/mesh.v1.AuthService/ListAudit", "admin"),
+    ("/mesh.v1.SecretService/SetSecret", "admin"),
+    ("/mesh.v1.SecretService/ListSecrets", "admin"),
+    ("/mesh.v1.SecretService/DeleteSecret", "admin"),
 ];
 
 /// Which roles of a namespace cover a need in it.
@@ -462,7 +465,7 @@ async fn a_node_serves_its_own_namespace_only() {
     mesh.worker_token = Some(token(&mesh, "team-a", "worker", &["--name", "a-node"]).await);
     mesh.spawn_node_in(
         "a1",
-        "namespace = \"team-a\"\n[[agents]]\nkind = \"echo\"\n",
+        "namespaces = [\"team-a\"]\n[[agents]]\nkind = \"echo\"\n",
         None,
         None,
     );
@@ -508,7 +511,7 @@ async fn a_node_serves_its_own_namespace_only() {
     std::fs::write(
         &config,
         format!(
-            "coordinator = \"{}\"\nname = \"a1\"\nnamespace = \"team-b\"\nreconnect_min = \"50ms\"\nreconnect_max = \"200ms\"\n[[agents]]\nkind = \"echo\"\n",
+            "coordinator = \"{}\"\nname = \"a1\"\nnamespaces = [\"team-b\"]\nreconnect_min = \"50ms\"\nreconnect_max = \"200ms\"\n[[agents]]\nkind = \"echo\"\n",
             mesh.url()
         ),
     )
@@ -771,7 +774,7 @@ async fn registered_workflows_are_each_namespaces_own() {
     mesh.worker_token = Some(token(&mesh, "team-a", "worker", &["--name", "a-node"]).await);
     mesh.start_node(
         "n1",
-        "namespace = \"team-a\"\n[[agents]]\nkind = \"echo\"\n",
+        "namespaces = [\"team-a\"]\n[[agents]]\nkind = \"echo\"\n",
     )
     .await;
     let team_a = member(&mesh, "team-a", "write").await;
@@ -862,4 +865,394 @@ async fn namespaces_are_held_to_their_quotas() {
             .contains("over its quota of 3 submissions per second"),
         "{e}"
     );
+}
+
+/// Runs the `mesh` CLI with `token` and `stdin`; returns (success, stdout, stderr).
+async fn cli_in(mesh: &Mesh, token: &str, args: &[&str], stdin: &str) -> (bool, String, String) {
+    use std::io::Write;
+    let mut all = vec!["--coordinator".to_owned(), mesh.url()];
+    all.extend(args.iter().map(|a| (*a).to_owned()));
+    let (token, stdin) = (token.to_owned(), stdin.to_owned());
+    let out = tokio::task::spawn_blocking(move || {
+        let mut child = std::process::Command::new(mesh_tests::mesh_bin())
+            .args(&all)
+            .env("MESH_TOKEN", token)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The audit rows of `method` in `namespace`, as JSON, read by `admin` with the CLI.
+async fn audit_of(mesh: &Mesh, admin: &str, namespace: &str, method: &str) -> String {
+    let args = [
+        "--namespace",
+        namespace,
+        "--output",
+        "json",
+        "audit",
+        "ls",
+        "--method",
+        method,
+    ];
+    let (ok, audit, err) = cli(mesh, admin, &args).await;
+    assert!(ok, "{err}");
+    audit
+}
+
+/// Every file under `dir`, whose bytes hold `needle`.
+fn files_holding(dir: &std::path::Path, needle: &[u8]) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for entry in std::fs::read_dir(&d).unwrap().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                todo.push(path);
+            } else if let Ok(bytes) = std::fs::read(&path)
+                && bytes.windows(needle.len()).any(|w| w == needle)
+            {
+                found.push(path.display().to_string());
+            }
+        }
+    }
+    found
+}
+
+/// A namespace's secret, set with `mesh secret set` from stdin, reaches the model provider as
+/// the key of the step that names it (`api_key: ${{ secrets.… }}`), and nowhere else: not the
+/// store, not a log of any process, not the run's view or any answer, not an agent's output
+/// (an echo of it comes back as its placeholder). A secret that is not set fails its step for
+/// good, naming it; another namespace's secret of the same name is not it.
+#[tokio::test]
+async fn a_secret_reaches_the_provider_and_nowhere_else() {
+    use mesh_tests::fake_llm::{FakeLlm, Wire};
+    const VALUE: &str = "sk-secret-7c1d9e0f3a2b4c5d6e7f8091";
+    let fake = FakeLlm::start(VALUE).await;
+    let keys = tempfile::tempdir().unwrap();
+    let key_file = keys.path().join("secrets.key");
+    let (ok, _, err) = {
+        let out = std::process::Command::new(mesh_tests::mesh_bin())
+            .args(["secret", "key", key_file.to_str().unwrap()])
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::new(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    assert!(ok, "{err}");
+    let mut mesh = Mesh::start(Timings {
+        coordinator_extra: format!(
+            "[auth]\nenabled = true\n[secrets]\nkey_file = \"{}\"\n",
+            key_file.display()
+        ),
+        ..Timings::default()
+    })
+    .await;
+    mesh.worker_token = Some(token(&mesh, "team-a", "worker", &["--name", "a-node"]).await);
+    // The node has no key of its own for the provider.
+    mesh.spawn_node_in(
+        "a1",
+        &format!(
+            "namespaces = [\"team-a\"]\n[[agents]]\nkind = \"llm\"\n[[agents]]\nkind = \"echo\"\n[llm.openai]\nbase_url = \"{}\"\n",
+            fake.base_url(Wire::OpenAi)
+        ),
+        None,
+        None,
+    );
+    mesh.wait_healthy("a1").await;
+    let admin = mesh.admin_token.clone().unwrap();
+    let (ok, _, err) = cli_in(
+        &mesh,
+        &admin,
+        &["secret", "set", "team-a", "OPENAI_KEY"],
+        &format!("{VALUE}\n"),
+    )
+    .await;
+    assert!(ok, "{err}");
+    // team-b has a secret of the same name, with another value.
+    let (ok, _, err) = cli_in(
+        &mesh,
+        &admin,
+        &["secret", "set", "team-b", "OPENAI_KEY"],
+        "not-the-key",
+    )
+    .await;
+    assert!(ok, "{err}");
+    let (ok, listed, err) = cli(
+        &mesh,
+        &admin,
+        &["--output", "json", "secret", "ls", "team-a"],
+    )
+    .await;
+    assert!(ok, "{err}");
+    let listed: Value = serde_json::from_str(&listed).unwrap();
+    assert_eq!(listed["secrets"][0]["name"], "OPENAI_KEY", "{listed}");
+
+    let team_a = member(&mesh, "team-a", "write").await;
+    let flow = r#"
+steps:
+  - id: ask
+    uses: llm
+    with:
+      model: openai/gpt-4o-mini
+      prompt: "Say hello"
+      api_key: "${{ secrets.OPENAI_KEY }}"
+  - id: leak
+    uses: echo
+    with: { header: "Bearer ${{ secrets.OPENAI_KEY }}" }
+"#;
+    let run = team_a
+        .submit(mesh_tests::workflow_goal(flow, json!({})))
+        .await
+        .unwrap();
+    let view = tokio::time::timeout(Duration::from_secs(30), team_a.wait(&run.run_id))
+        .await
+        .expect("the run ends")
+        .unwrap();
+    assert_eq!(view.state, RunState::Succeeded, "{view:?}");
+    let answer = view.steps[0].output.clone().unwrap();
+    assert!(
+        answer["text"].as_str().is_some_and(|t| !t.is_empty()),
+        "{answer}"
+    );
+    let echoed = view.steps[1].output.clone().unwrap().to_string();
+    assert!(
+        echoed.contains("Bearer ${{ secrets.OPENAI_KEY }}"),
+        "the echo comes back as the placeholder: {echoed}"
+    );
+
+    // Not set: the step fails for good, naming the secret and the namespace.
+    let missing = "steps:\n  - { id: m, uses: echo, with: { k: \"${{ secrets.NOPE }}\" } }\n";
+    let run = team_a
+        .submit(mesh_tests::workflow_goal(missing, json!({})))
+        .await
+        .unwrap();
+    let failed = team_a.wait(&run.run_id).await.unwrap();
+    assert_eq!(failed.state, RunState::Failed);
+    let error = failed.steps[0].error.clone().unwrap_or_default();
+    assert!(
+        error.contains("secret `NOPE` is not set in namespace `team-a`"),
+        "{error}"
+    );
+    assert_eq!(failed.steps[0].attempt, 1, "not retried");
+    // A bad reference is refused at submission, naming the rule.
+    let bad = "steps:\n  - { id: m, uses: echo, with: { k: \"${{ secrets.A + 'x' }}\" } }\n";
+    let err = team_a
+        .submit(mesh_tests::workflow_goal(bad, json!({})))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(RpcCode::InvalidArgument), "{err}");
+    assert!(err.to_string().contains("a secret is named alone"), "{err}");
+
+    // Every answer a client got, every file of the mesh (stores, logs of every process).
+    let answers = format!("{view:?} {failed:?} {listed}");
+    assert!(!answers.contains(VALUE));
+    let run_json = cli(
+        &mesh,
+        &admin,
+        &[
+            "--namespace",
+            "team-a",
+            "--output",
+            "json",
+            "run",
+            "get",
+            run.run_id.as_str(),
+        ],
+    )
+    .await
+    .1;
+    assert!(!run_json.contains(VALUE));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let holding = files_holding(mesh.dir.path(), VALUE.as_bytes());
+    assert!(holding.is_empty(), "the secret is in {holding:?}");
+    // The audit names who set it, not its value.
+    let audit = audit_of(&mesh, &admin, "team-a", "/mesh.v1.SecretService/SetSecret").await;
+    assert!(
+        audit.contains("secret/OPENAI_KEY") && audit.contains("bootstrap"),
+        "{audit}"
+    );
+
+    // Deleted, it is gone: a write token may not delete it, the admin may.
+    let (ok, _, err) = cli(
+        &mesh,
+        &token(&mesh, "team-a", "write", &[]).await,
+        &["secret", "rm", "team-a", "OPENAI_KEY"],
+    )
+    .await;
+    assert!(!ok && err.contains("admin"), "{err}");
+    let (ok, _, err) = cli(&mesh, &admin, &["secret", "rm", "team-a", "OPENAI_KEY"]).await;
+    assert!(ok, "{err}");
+    let (ok, _, err) = cli(&mesh, &admin, &["secret", "rm", "team-a", "OPENAI_KEY"]).await;
+    assert!(
+        !ok && err.contains("not set in namespace `team-a`"),
+        "{err}"
+    );
+}
+
+/// JWTs of an outside issuer (`[auth.jwt]`): their `permissions` claim's `namespace:role`
+/// entries are the caller's roles, as Temporal's claim mapper reads them. A worker JWT for two
+/// namespaces lets one node serve both; a node asking for a namespace its token lacks is
+/// refused naming it. Expired, wrong-audience, wrong-issuer, foreign-key and symmetric tokens
+/// are UNAUTHENTICATED, each naming why; the audit log names the JWT's subject.
+#[tokio::test]
+async fn jwts_of_an_outside_issuer_grant_their_namespace_roles() {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
+    let keys = tempfile::tempdir().unwrap();
+    let issuer = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let stranger = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let public = keys.path().join("issuer.pem");
+    std::fs::write(&public, issuer.public_key_pem()).unwrap();
+    let mut mesh = Mesh::start(Timings {
+        coordinator_extra: format!(
+            "[auth]\nenabled = true\n[auth.jwt]\nissuer = \"https://id.example.test\"\naudience = \"agentmesh\"\npublic_key_files = [\"{}\"]\nalgorithms = [\"ES256\"]\n",
+            public.display()
+        ),
+        ..Timings::default()
+    })
+    .await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let claims = |sub: &str, permissions: &[&str]| {
+        json!({
+            "iss": "https://id.example.test", "aud": "agentmesh", "sub": sub,
+            "exp": now + 600, "permissions": permissions,
+        })
+    };
+    let sign = |claims: &Value, key: &rcgen::KeyPair| {
+        let key = EncodingKey::from_ec_pem(key.serialize_pem().as_bytes()).unwrap();
+        encode(&Header::new(Algorithm::ES256), claims, &key).unwrap()
+    };
+    let url = mesh.url();
+    let as_member = |token: String, namespace: &'static str| {
+        let url = url.clone();
+        async move {
+            GoalClient::connect(&url)
+                .await
+                .unwrap()
+                .with_token(&token)
+                .unwrap()
+                .with_namespace(namespace)
+                .unwrap()
+        }
+    };
+
+    // One node serves team-a and team-b with one worker JWT.
+    let worker = sign(
+        &claims("node-ab", &["team-a:worker", "team-b:worker"]),
+        &issuer,
+    );
+    mesh.worker_token = Some(worker);
+    mesh.spawn_node_in(
+        "ab",
+        "namespaces = [\"team-a\", \"team-b\"]\n[[agents]]\nkind = \"echo\"\n",
+        None,
+        None,
+    );
+    mesh.wait_healthy("ab").await;
+    let alice = sign(&claims("alice", &["team-a:write"]), &issuer);
+    let bob = sign(&claims("bob", &["team-b:write", "team-c:read"]), &issuer);
+    for (token, namespace) in [(alice.clone(), "team-a"), (bob.clone(), "team-b")] {
+        let client = as_member(token, namespace).await;
+        let run = client
+            .submit(goal(namespace, &[("e", "echo", json!({}), &[])]))
+            .await
+            .unwrap();
+        let view = client.wait(&run.run_id).await.unwrap();
+        assert_eq!(view.state, RunState::Succeeded, "{namespace}: {view:?}");
+        assert_eq!(view.steps[0].agent.as_ref().unwrap().node.as_str(), "ab");
+    }
+    let err = as_member(alice.clone(), "team-b")
+        .await
+        .submit(goal("b", &[("e", "echo", json!({}), &[])]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(RpcCode::PermissionDenied), "{err}");
+    assert!(err.to_string().contains("jwt:alice"), "{err}");
+
+    // Refused, each naming why.
+    let mut expired = claims("alice", &["team-a:write"]);
+    expired["exp"] = json!(now - 600);
+    let mut audience = claims("alice", &["team-a:write"]);
+    audience["aud"] = json!("another-service");
+    let mut issued_elsewhere = claims("alice", &["team-a:write"]);
+    issued_elsewhere["iss"] = json!("https://evil.example.test");
+    let symmetric = encode(
+        &Header::new(Algorithm::HS256),
+        &claims("alice", &["team-a:write"]),
+        &EncodingKey::from_secret(b"guessable").unwrap(),
+    )
+    .unwrap();
+    let cases = [
+        (sign(&expired, &issuer), "expired"),
+        (sign(&audience, &issuer), "audience is not `agentmesh`"),
+        (sign(&issued_elsewhere, &issuer), "issuer is not"),
+        (
+            sign(&claims("alice", &["team-a:write"]), &stranger),
+            "signature does not verify",
+        ),
+        (symmetric, "algorithm"),
+        ("not.a.jwt".to_owned(), "not a well-formed JWT"),
+    ];
+    for (token, why) in cases {
+        let err = as_member(token, "team-a").await.nodes().await.unwrap_err();
+        assert_eq!(err.code(), Some(RpcCode::Unauthenticated), "{why}: {err}");
+        assert!(err.to_string().contains(why), "{why}: {err}");
+    }
+
+    // A node asking for a namespace its token does not grant is refused, naming it.
+    let config = mesh.dir.path().join("greedy.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "coordinator = \"{}\"\nname = \"greedy\"\nnamespaces = [\"team-a\", \"team-c\"]\nreconnect_min = \"50ms\"\nreconnect_max = \"200ms\"\n[[agents]]\nkind = \"echo\"\n",
+            mesh.url()
+        ),
+    )
+    .unwrap();
+    let worker_ab = mesh.worker_token.clone().unwrap();
+    let greedy = mesh_harness::Proc::spawn(
+        &mesh_tests::mesh_bin(),
+        "greedy",
+        mesh.dir.path(),
+        &["node", "--config", config.to_str().unwrap()],
+        &[("MESH_TOKEN", worker_ab.as_str())],
+    )
+    .unwrap();
+    mesh_tests::wait_for(
+        "the greedy node refused",
+        Duration::from_secs(10),
+        || async {
+            let log = std::fs::read_to_string(mesh.dir.path().join("greedy.log")).ok()?;
+            log.contains("in namespace `team-c`").then_some(())
+        },
+    )
+    .await;
+    drop(greedy);
+
+    // The audit log names the JWT's subject.
+    let admin = mesh.admin_token.clone().unwrap();
+    let audit = audit_of(&mesh, &admin, "team-a", "/mesh.v1.GoalService/SubmitGoal").await;
+    assert!(audit.contains("jwt:alice"), "{audit}");
 }

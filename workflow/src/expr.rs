@@ -754,7 +754,18 @@ fn split(text: &str) -> Result<Vec<Part<'_>>, String> {
         }
         let body = &rest[start + 3..];
         let end = closing(body).ok_or_else(|| "`${{` without its closing `}}`".to_owned())?;
-        parts.push(Part::Expr(&body[..end]));
+        let inner = &body[..end];
+        if mesh_proto::secrets::reference(inner).is_some() {
+            // A secret stays as written: its value is put in on the node, never here.
+            parts.push(Part::Text(&rest[start..start + 3 + end + 2]));
+        } else if inner.trim_start().starts_with("secrets") {
+            return Err(format!(
+                "`{}`: a secret is named alone, as `${{{{ secrets.NAME }}}}` (NAME: letters, digits, `_`)",
+                inner.trim()
+            ));
+        } else {
+            parts.push(Part::Expr(inner));
+        }
         rest = &body[end + 2..];
     }
     if !rest.is_empty() {

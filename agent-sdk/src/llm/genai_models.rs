@@ -58,7 +58,11 @@ impl Models {
         &self.config
     }
 
-    fn target(&self, model: &ModelRef) -> Result<(ServiceTarget, Secret), LlmError> {
+    fn target(
+        &self,
+        model: &ModelRef,
+        key: Option<&Secret>,
+    ) -> Result<(ServiceTarget, Secret), LlmError> {
         let cfg = self.config.provider(model.provider);
         let (kind, default_base) = match model.provider {
             Provider::OpenAi => (AdapterKind::OpenAI, "https://api.openai.com/v1/"),
@@ -69,7 +73,7 @@ impl Models {
             ),
             Provider::Ollama => (AdapterKind::Ollama, "http://localhost:11434/"),
         };
-        let key = match (&cfg.api_key, model.provider) {
+        let key = match (key.or(cfg.api_key.as_ref()), model.provider) {
             (Some(k), _) if !k.is_empty() => k.clone(),
             // A local Ollama takes no key; genai wants some value.
             (_, Provider::Ollama) => Secret::new("ollama"),
@@ -306,7 +310,7 @@ fn reqwest_of(e: &genai::Error) -> Option<&reqwest::Error> {
 
 impl ChatModel for Models {
     fn chat_stream(&self, model: &ModelRef, request: &ChatRequest) -> ChatStream {
-        let (target, key) = match self.target(model) {
+        let (target, key) = match self.target(model, request.api_key.as_ref()) {
             Ok(t) => t,
             Err(e) => return futures::stream::once(async move { Err(e) }).boxed(),
         };
@@ -403,7 +407,7 @@ mod tests {
     fn a_missing_key_names_the_variable_and_the_config_field() {
         let models = Models::new(LlmConfig::default()).unwrap();
         let m = ModelRef::parse("anthropic/claude-haiku-4-5").unwrap();
-        let Err(LlmError::NotConfigured(msg)) = models.target(&m) else {
+        let Err(LlmError::NotConfigured(msg)) = models.target(&m, None) else {
             panic!("not configured")
         };
         assert!(
@@ -411,6 +415,9 @@ mod tests {
             "{msg}"
         );
         let local = ModelRef::parse("ollama/llama3.2").unwrap();
-        assert!(models.target(&local).is_ok(), "a local Ollama needs no key");
+        assert!(
+            models.target(&local, None).is_ok(),
+            "a local Ollama needs no key"
+        );
     }
 }

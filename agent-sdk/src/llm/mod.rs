@@ -285,6 +285,9 @@ pub struct ChatRequest {
     pub temperature: Option<f64>,
     /// Give up on the whole call (stream included) after this long.
     pub timeout: Option<Duration>,
+    /// The key for this call instead of the node's (a namespace's secret, handed in the
+    /// task: `api_key: ${{ secrets.OPENAI_API_KEY }}`).
+    pub api_key: Option<Secret>,
 }
 
 /// Tokens a call used.

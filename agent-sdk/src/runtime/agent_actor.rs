@@ -116,11 +116,17 @@ impl<A: Agent> Actor for AgentActor<A> {
                 let agent = st.args.agent.clone();
                 let reports = st.args.progress.clone();
                 let token = task.token;
+                // The secrets the input names go in now, and nothing that comes back
+                // carries their values (docs/security.md).
+                let secrets = Arc::new(task.secrets);
+                let mut input = task.input;
+                mesh_proto::secrets::fill(&mut input, &secrets);
+                let kept = secrets.clone();
                 let span = tracing::info_span!("agent.handle", agent = %name, run_id = %token.run_id, step_id = %token.step_id, attempt = token.attempt);
                 let work = tokio::spawn(
                     async move {
                         tokio::select! {
-                            result = agent.handle(ctx, task.input) => result.map_err(TaskError::from),
+                            result = agent.handle(ctx, input) => result.map_err(TaskError::from),
                             _ = tokio::time::sleep(deadline) => Err(TaskError::new("timeout", format!("no result within {} ms", deadline.as_millis()), true)),
                             _ = cancel.cancelled() => Err(TaskError::new("cancelled", "the attempt was cancelled", false)),
                         }
@@ -128,16 +134,28 @@ impl<A: Agent> Actor for AgentActor<A> {
                     .instrument(span),
                 );
                 tokio::spawn(async move {
+                    let secrets = kept;
                     let outcome = match work.await {
                         Ok(outcome) => outcome,
                         Err(e) => {
-                            let message = panic_message(e);
+                            let message =
+                                mesh_proto::secrets::scrub_text(&panic_message(e), &secrets);
                             let _ = myself.cast(AgentMsg::Panicked(message.clone()));
                             Err(TaskError::new(
                                 "agent_panicked",
                                 format!("agent `{name}` panicked: {message}"),
                                 true,
                             ))
+                        }
+                    };
+                    let outcome = match outcome {
+                        Ok(mut output) => {
+                            mesh_proto::secrets::scrub(&mut output, &secrets);
+                            Ok(output)
+                        }
+                        Err(mut e) => {
+                            e.message = mesh_proto::secrets::scrub_text(&e.message, &secrets);
+                            Err(e)
                         }
                     };
                     let label = match &outcome {

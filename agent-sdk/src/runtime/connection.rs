@@ -202,10 +202,11 @@ impl ConnState {
                 .map_err(|_| "the token is not printable ASCII".to_owned())?;
             request.metadata_mut().insert("authorization", value);
         }
-        if let Some(ns) = &cfg.namespace {
-            let value = ns
+        if !cfg.namespaces.is_empty() {
+            let list = cfg.namespaces.join(",");
+            let value = list
                 .parse()
-                .map_err(|_| format!("namespace `{ns}` is not ASCII"))?;
+                .map_err(|_| format!("namespaces `{list}` are not ASCII"))?;
             request.metadata_mut().insert("mesh-namespace", value);
         }
         let response = tokio::time::timeout(cfg.connect_timeout, client.connect(request))

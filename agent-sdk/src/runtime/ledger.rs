@@ -214,6 +214,7 @@ mod tests {
             input: json!({}),
             idempotency_key: "k".into(),
             deadline_ms: 1_000,
+            secrets: Default::default(),
         }
     }
 

@@ -60,9 +60,10 @@ pub struct RuntimeConfig {
     /// node); sent as `authorization: Bearer …` when the stream opens.
     #[serde(skip_serializing)]
     pub token: Option<crate::llm::Secret>,
-    /// The namespace this node serves (`mesh-namespace` when the stream opens): it gets the
-    /// tasks of that namespace's runs only. `default` when absent.
-    pub namespace: Option<String>,
+    /// The namespaces this node serves (`mesh-namespace: a,b` when the stream opens; its
+    /// token must hold the `worker` role in each): it gets the tasks of their runs only.
+    /// `default` when empty.
+    pub namespaces: Vec<String>,
     /// TLS to an `https://` coordinator: its CA, and this node's certificate and key (a
     /// coordinator with a client CA requires them; the certificate must be for `name`).
     pub tls: crate::client::TlsFiles,
@@ -81,7 +82,7 @@ impl Default for RuntimeConfig {
             restart_budget: 5,
             restart_window: Duration::from_secs(30),
             token: None,
-            namespace: None,
+            namespaces: Vec::new(),
             tls: crate::client::TlsFiles::default(),
         }
     }

@@ -24,9 +24,11 @@ use tower::{Layer, Service};
 use tracing::warn;
 
 use crate::auth::{
-    AuditEntry, AuditQuery, DEFAULT_NAMESPACE, Decision, EVERY_NAMESPACE, NAMESPACE_HEADER, Need,
-    Principal, Role, TokenRecord, Tokens, need, new_secret,
+    AuditEntry, AuditQuery, AuthError, DEFAULT_NAMESPACE, Decision, EVERY_NAMESPACE,
+    NAMESPACE_HEADER, Need, Principal, Role, TokenRecord, Tokens, bearer, is_api_token, need,
+    new_secret,
 };
+use crate::jwt::JwtVerifier;
 use crate::store::{Backend, Store, now_ms};
 
 /// Audit rows waiting to be written; past it callers wait.
@@ -39,6 +41,8 @@ const AUDIT_BATCH: usize = 256;
 pub struct Caller {
     pub principal: Principal,
     pub namespace: Namespace,
+    /// Every namespace of the call: the one above, or those a node stream serves.
+    pub namespaces: Vec<Namespace>,
     /// The client certificate the peer presented over TLS (DER), if any.
     pub certificate: Option<Vec<u8>>,
     resource: Arc<Mutex<String>>,
@@ -72,6 +76,8 @@ pub struct Guard {
     /// Node streams must present a client certificate (`tls.client_ca_file` is set).
     node_certificates: bool,
     tokens: Arc<RwLock<Tokens>>,
+    /// JWTs from an outside issuer, when configured.
+    jwt: Option<Arc<JwtVerifier>>,
     audit: mpsc::Sender<AuditEntry>,
 }
 
@@ -82,6 +88,7 @@ impl Guard {
         store: &Store,
         enabled: bool,
         node_certificates: bool,
+        jwt: Option<JwtVerifier>,
     ) -> crate::error::Result<(Guard, Option<String>)> {
         let tokens = Tokens::new(store.tokens().await?);
         let mut bootstrap = None;
@@ -92,6 +99,7 @@ impl Guard {
                 enabled,
                 node_certificates,
                 tokens: Arc::new(RwLock::new(tokens)),
+                jwt: jwt.map(Arc::new),
                 audit: tx,
             }
         };
@@ -103,6 +111,16 @@ impl Guard {
             bootstrap = Some(secret);
         }
         Ok((guard, bootstrap))
+    }
+
+    /// The principal of a call's `authorization`: one of the coordinator's tokens, or a JWT
+    /// when an issuer is configured.
+    fn authenticate(&self, authorization: Option<&str>) -> Result<Principal, AuthError> {
+        let token = bearer(authorization)?;
+        match &self.jwt {
+            Some(jwt) if !is_api_token(token) => jwt.verify(token),
+            _ => self.read_tokens().check(token, now_ms()),
+        }
     }
 
     fn read_tokens(&self) -> std::sync::RwLockReadGuard<'_, Tokens> {
@@ -150,14 +168,20 @@ impl Guard {
         peer: &str,
         certificate: Option<Vec<u8>>,
     ) -> Result<(Caller, Need), Box<Refusal>> {
-        let namespace = match namespace {
-            None | Some("") => DEFAULT_NAMESPACE.to_owned(),
-            Some(ns) => {
-                check_id(NAMESPACE_HEADER, ns)
-                    .map_err(|e| Refusal::new(Status::invalid_argument(e.to_string()), None))?;
-                ns.to_owned()
+        // A node stream may serve several namespaces (`a,b`); every other call acts in one.
+        let rule = need(path);
+        let namespaces: Vec<String> = match namespace {
+            None | Some("") => vec![DEFAULT_NAMESPACE.to_owned()],
+            Some(list) if rule == Some(Need::Worker) => {
+                list.split(',').map(|ns| ns.trim().to_owned()).collect()
             }
+            Some(ns) => vec![ns.to_owned()],
         };
+        for ns in &namespaces {
+            check_id(NAMESPACE_HEADER, ns)
+                .map_err(|e| Refusal::new(Status::invalid_argument(e.to_string()), None))?;
+        }
+        let namespace = namespaces.join(",");
         let row = |actor: &str, decision, reason: String| AuditEntry {
             seq: 0,
             at_ms: now_ms(),
@@ -172,11 +196,11 @@ impl Guard {
         let has_certificate = certificate.is_some();
         let caller = |principal| Caller {
             principal,
-            namespace: Namespace(namespace.clone()),
+            namespace: Namespace(namespaces[0].clone()),
+            namespaces: namespaces.iter().cloned().map(Namespace).collect(),
             certificate: certificate.clone(),
             resource: Arc::default(),
         };
-        let rule = need(path);
         if self.node_certificates && rule == Some(Need::Worker) && !has_certificate {
             let why =
                 "a node stream needs a client certificate signed by the coordinator's client CA"
@@ -202,7 +226,7 @@ impl Guard {
         if need == Need::Open {
             return Ok((caller(Principal::anonymous()), need));
         }
-        let principal = match self.read_tokens().authenticate(authorization, now_ms()) {
+        let principal = match self.authenticate(authorization) {
             Ok(p) => p,
             Err(e) => {
                 let why = e.to_string();
@@ -212,9 +236,9 @@ impl Guard {
                 ));
             }
         };
-        if !principal.may(&namespace, need) {
+        if let Some(ns) = namespaces.iter().find(|ns| !principal.may(ns, need)) {
             let why = format!(
-                "{} may not call {path} in namespace `{namespace}`: it needs the {} role there",
+                "{} may not call {path} in namespace `{ns}`: it needs the {} role there",
                 principal.subject,
                 need.as_str()
             );
@@ -395,7 +419,7 @@ fn token_pb(t: &TokenRecord) -> pb::Token {
 }
 
 /// 1..=1000; 0 means 100.
-fn page_size(field: &str, n: u32) -> Result<u32, Status> {
+pub(super) fn page_size(field: &str, n: u32) -> Result<u32, Status> {
     match n {
         0 => Ok(100),
         1..=1000 => Ok(n),

@@ -6,6 +6,7 @@ mod goal;
 mod limits;
 mod node;
 mod registry;
+mod secrets;
 mod workflow;
 
 pub use auth::{AuthApi, Caller, Guard, GuardLayer};
@@ -13,6 +14,7 @@ pub use goal::GoalApi;
 pub use limits::CallLimitsLayer;
 pub use node::NodeApi;
 pub use registry::RegistryApi;
+pub use secrets::SecretApi;
 pub use workflow::WorkflowApi;
 
 use crate::error::Error;

@@ -79,7 +79,7 @@ impl pb::node_service_server::NodeService for NodeApi {
         request: Request<Streaming<pb::NodeFrame>>,
     ) -> Result<Response<FrameStream>, Status> {
         let caller = super::Caller::of(&request)?;
-        let (namespace, certificate) = (caller.namespace, caller.certificate);
+        let (namespaces, certificate) = (caller.namespaces, caller.certificate);
         let bound = self.handles.config.registry.max_unregistered_streams;
         let permit = Arc::clone(&self.unregistered)
             .try_acquire_owned()
@@ -106,7 +106,7 @@ impl pb::node_service_server::NodeService for NodeApi {
             dispatcher: self.handles.dispatcher.clone(),
             tx,
             peer,
-            namespace,
+            namespaces,
             certificate,
         };
         let (session, _) = Actor::spawn_linked(None, NodeSession, args, self.handles.root.clone())

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use mesh_proto::convert::check_id;
-use mesh_proto::domain::{NAMESPACE_LABEL, NodeId, NodeView};
+use mesh_proto::domain::{NodeId, NodeView, serves_namespace};
 use mesh_proto::pb;
 use tonic::{Request, Response, Status};
 
@@ -33,11 +33,7 @@ impl RegistryApi {
         let every = caller.principal.is_cluster_admin() && caller.authenticated();
         Ok(nodes
             .into_iter()
-            .filter(|n| {
-                every
-                    || n.labels.get(NAMESPACE_LABEL).map(String::as_str)
-                        == Some(caller.namespace.as_str())
-            })
+            .filter(|n| every || serves_namespace(&n.labels, caller.namespace.as_str()))
             .collect())
     }
 }

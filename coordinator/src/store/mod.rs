@@ -24,6 +24,7 @@ use mesh_workflow::WorkflowDef;
 
 use crate::auth::{AuditEntry, AuditPage, AuditQuery, TokenRecord};
 use crate::error::Result;
+use crate::secrets::SealedSecret;
 
 mod sqlite;
 pub use sqlite::SqliteStore;
@@ -159,6 +160,16 @@ pub trait Backend: Clone + Send + Sync + 'static {
     /// Every token, newest first (hashes, never secrets).
     fn tokens(&self) -> impl Future<Output = Result<Vec<TokenRecord>>> + Send;
 
+    /// Stores a sealed secret, replacing the namespace's earlier one of that name.
+    fn put_secret(&self, secret: SealedSecret) -> impl Future<Output = Result<()>> + Send;
+
+    /// Deletes a secret; deleting one that is not there is not an error.
+    fn delete_secret(&self, namespace: &str, name: &str)
+    -> impl Future<Output = Result<()>> + Send;
+
+    /// Every secret, sealed.
+    fn secrets(&self) -> impl Future<Output = Result<Vec<SealedSecret>>> + Send;
+
     /// Appends rows to the audit log (append-only: nothing updates or deletes them).
     fn append_audit(&self, rows: Vec<AuditEntry>) -> impl Future<Output = Result<()>> + Send;
 
@@ -247,6 +258,15 @@ impl Backend for Store {
     }
     async fn tokens(&self) -> Result<Vec<TokenRecord>> {
         on_backend!(self, s => s.tokens().await)
+    }
+    async fn put_secret(&self, secret: SealedSecret) -> Result<()> {
+        on_backend!(self, s => s.put_secret(secret).await)
+    }
+    async fn delete_secret(&self, namespace: &str, name: &str) -> Result<()> {
+        on_backend!(self, s => s.delete_secret(namespace, name).await)
+    }
+    async fn secrets(&self) -> Result<Vec<SealedSecret>> {
+        on_backend!(self, s => s.secrets().await)
     }
     async fn append_audit(&self, rows: Vec<AuditEntry>) -> Result<()> {
         on_backend!(self, s => s.append_audit(rows).await)

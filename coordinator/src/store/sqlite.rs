@@ -22,6 +22,7 @@ use super::{
 };
 use crate::auth::{AuditEntry, AuditPage, AuditQuery, Decision, TokenRecord};
 use crate::error::{Error, Result};
+use crate::secrets::SealedSecret;
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -84,6 +85,14 @@ CREATE TABLE IF NOT EXISTS audit (
     peer TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS audit_by_namespace ON audit (namespace, seq);
+CREATE TABLE IF NOT EXISTS secrets (
+    namespace TEXT NOT NULL,
+    name TEXT NOT NULL,
+    sealed BLOB NOT NULL,
+    created_at_ms INTEGER NOT NULL,
+    updated_at_ms INTEGER NOT NULL,
+    PRIMARY KEY (namespace, name)
+);
 CREATE TABLE IF NOT EXISTS swarm_members (
     goal_id TEXT NOT NULL,
     skill TEXT NOT NULL,
@@ -120,6 +129,8 @@ enum WriteOp {
         oneshot::Sender<Result<(WorkflowRecord, bool)>>,
     ),
     PutToken(Box<TokenRecord>, oneshot::Sender<Result<()>>),
+    PutSecret(Box<SealedSecret>, oneshot::Sender<Result<()>>),
+    DeleteSecret(String, String, oneshot::Sender<Result<()>>),
     Audit(Vec<AuditEntry>, oneshot::Sender<Result<()>>),
 }
 
@@ -456,6 +467,37 @@ impl Backend for SqliteStore {
             .await?
     }
 
+    async fn put_secret(&self, secret: SealedSecret) -> Result<()> {
+        self.write(|reply| WriteOp::PutSecret(Box::new(secret), reply))
+            .await?
+    }
+
+    async fn delete_secret(&self, namespace: &str, name: &str) -> Result<()> {
+        let (namespace, name) = (namespace.to_owned(), name.to_owned());
+        self.write(|reply| WriteOp::DeleteSecret(namespace, name, reply))
+            .await?
+    }
+
+    async fn secrets(&self) -> Result<Vec<SealedSecret>> {
+        let conn = self.read();
+        let mut stmt = conn.prepare_cached(
+            "SELECT namespace, name, sealed, created_at_ms, updated_at_ms FROM secrets
+             ORDER BY namespace, name",
+        )?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(SealedSecret {
+                    namespace: r.get(0)?,
+                    name: r.get(1)?,
+                    sealed: r.get(2)?,
+                    created_at_ms: r.get(3)?,
+                    updated_at_ms: r.get(4)?,
+                })
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(rows)
+    }
+
     async fn tokens(&self) -> Result<Vec<TokenRecord>> {
         let conn = self.read();
         let mut stmt = conn.prepare_cached(
@@ -640,6 +682,17 @@ fn commit_group(conn: &mut Connection, batch: impl Iterator<Item = WriteOp>) {
             WriteOp::PutToken(token, reply) => {
                 Applied::Probe(reply, in_savepoint(&mut tx, |c| put_token(c, &token)))
             }
+            WriteOp::PutSecret(secret, reply) => {
+                Applied::Probe(reply, in_savepoint(&mut tx, |c| put_secret(c, &secret)))
+            }
+            WriteOp::DeleteSecret(namespace, name, reply) => Applied::Probe(
+                reply,
+                in_savepoint(&mut tx, |c| {
+                    c.prepare_cached("DELETE FROM secrets WHERE namespace = ?1 AND name = ?2")?
+                        .execute(params![namespace, name])?;
+                    Ok(())
+                }),
+            ),
             WriteOp::Audit(rows, reply) => {
                 Applied::Probe(reply, in_savepoint(&mut tx, |c| append_audit(c, &rows)))
             }
@@ -663,9 +716,10 @@ impl Applied {
             WriteOp::AddMember(_, _, reply) => Applied::Member(reply, err(why)),
             WriteOp::Probe(reply) => Applied::Probe(reply, err(why)),
             WriteOp::Register(_, reply) => Applied::Register(reply, err(why)),
-            WriteOp::PutToken(_, reply) | WriteOp::Audit(_, reply) => {
-                Applied::Probe(reply, err(why))
-            }
+            WriteOp::PutToken(_, reply)
+            | WriteOp::PutSecret(_, reply)
+            | WriteOp::DeleteSecret(_, _, reply)
+            | WriteOp::Audit(_, reply) => Applied::Probe(reply, err(why)),
         }
     }
 
@@ -926,6 +980,23 @@ fn put_token(conn: &Connection, t: &TokenRecord) -> Result<()> {
         t.created_at_ms,
         t.expires_at_ms,
         t.revoked_at_ms
+    ])?;
+    Ok(())
+}
+
+fn put_secret(conn: &Connection, s: &SealedSecret) -> Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO secrets (namespace, name, sealed, created_at_ms, updated_at_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (namespace, name) DO UPDATE SET sealed = excluded.sealed,
+             updated_at_ms = excluded.updated_at_ms",
+    )?
+    .execute(params![
+        s.namespace,
+        s.name,
+        s.sealed,
+        s.created_at_ms,
+        s.updated_at_ms
     ])?;
     Ok(())
 }
