@@ -85,7 +85,8 @@ pub enum Need {
     Write,
     Worker,
     Admin,
-    /// Across namespaces: draining a node, which serves several.
+    /// Every namespace's admin (a grant on `*`): no method needs it yet, and it answers
+    /// whether a caller sees across namespaces.
     ClusterAdmin,
 }
 
@@ -134,7 +135,8 @@ pub const RULES: &[(&str, Need)] = &[
     ("/mesh.v1.WorkflowService/Validate", Need::Read),
     ("/mesh.v1.RegistryService/ListNodes", Need::Read),
     ("/mesh.v1.RegistryService/ListAgents", Need::Read),
-    ("/mesh.v1.RegistryService/DrainNode", Need::ClusterAdmin),
+    // The handler asks for admin in every namespace the node serves.
+    ("/mesh.v1.RegistryService/DrainNode", Need::Admin),
     ("/mesh.v1.AuthService/CreateToken", Need::Admin),
     ("/mesh.v1.AuthService/ListTokens", Need::Admin),
     ("/mesh.v1.AuthService/RevokeToken", Need::Admin),

@@ -35,7 +35,7 @@ const NEEDS: &[(&str, &str)] = &[
     ("/mesh.v1.WorkflowService/Validate", "read"),
     ("/mesh.v1.RegistryService/ListNodes", "read"),
     ("/mesh.v1.RegistryService/ListAgents", "read"),
-    ("/mesh.v1.RegistryService/DrainNode", "cluster admin"),
+    ("/mesh.v1.RegistryService/DrainNode", "admin"),
     ("/mesh.v1.AuthService/CreateToken", "admin"),
     ("/mesh.v1.AuthService/ListTokens", "admin"),
     ("/mesh.v1.AuthService/RevokeToken", "admin"),
@@ -538,6 +538,14 @@ async fn a_node_serves_its_own_namespace_only() {
         team_a.wait(&still.run_id).await.unwrap().state,
         RunState::Succeeded
     );
+
+    // A namespace's admin drains its own node; another namespace's admin does not find it.
+    let b_admin = member(&mesh, "team-b", "admin").await;
+    let err = b_admin.drain_node("a1", "not yours").await.unwrap_err();
+    assert_eq!(err.code(), Some(RpcCode::NotFound), "{err}");
+    let a_admin = member(&mesh, "team-a", "admin").await;
+    let drained = a_admin.drain_node("a1", "maintenance").await.unwrap();
+    assert_eq!(drained.node_id.as_str(), "a1");
 }
 
 /// `mesh certs dev` writes a CA and certificates. A coordinator with TLS and a client CA
@@ -1190,6 +1198,15 @@ async fn jwts_of_an_outside_issuer_grant_their_namespace_roles() {
         .unwrap_err();
     assert_eq!(err.code(), Some(RpcCode::PermissionDenied), "{err}");
     assert!(err.to_string().contains("jwt:alice"), "{err}");
+
+    // A node of two namespaces is drained only by an admin of both.
+    let a_admin = as_member(sign(&claims("carol", &["team-a:admin"]), &issuer), "team-a").await;
+    let err = a_admin.drain_node("ab", "mine?").await.unwrap_err();
+    assert_eq!(err.code(), Some(RpcCode::PermissionDenied), "{err}");
+    assert!(
+        err.to_string().contains("serves namespace `team-b` too"),
+        "{err}"
+    );
 
     // Refused, each naming why.
     let mut expired = claims("alice", &["team-a:write"]);

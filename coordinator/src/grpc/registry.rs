@@ -3,11 +3,12 @@
 use std::time::Duration;
 
 use mesh_proto::convert::check_id;
-use mesh_proto::domain::{NodeId, NodeView, serves_namespace};
+use mesh_proto::domain::{NAMESPACE_LABEL, NodeId, NodeView, serves_namespace};
 use mesh_proto::pb;
 use tonic::{Request, Response, Status};
 
 use super::{Caller, status};
+use crate::auth::Need;
 use crate::error::call_result;
 use crate::registry::RegistryMsg;
 use crate::root::Handles;
@@ -45,8 +46,34 @@ impl pb::registry_service_server::RegistryService for RegistryApi {
         &self,
         request: Request<pb::DrainNodeRequest>,
     ) -> Result<Response<pb::NodeView>, Status> {
+        let caller = Caller::of(&request)?;
         let req = request.into_inner();
         check_id("node_id", &req.node_id).map_err(|e| status(e.into()))?;
+        caller.acted_on(format!("node/{}", req.node_id));
+        // A node of another namespace is not found; one that serves others too needs the
+        // caller to administer each of them.
+        let Some(seen) = self
+            .nodes(&caller)
+            .await?
+            .into_iter()
+            .find(|n| n.node_id.as_str() == req.node_id)
+        else {
+            return Err(status(crate::error::Error::NodeNotFound(req.node_id)));
+        };
+        let served = seen
+            .labels
+            .get(NAMESPACE_LABEL)
+            .cloned()
+            .unwrap_or_default();
+        if let Some(other) = served
+            .split(',')
+            .find(|ns| !caller.principal.may(ns, Need::Admin))
+        {
+            return Err(Status::permission_denied(format!(
+                "node `{}` serves namespace `{other}` too: draining it needs the admin role there",
+                req.node_id
+            )));
+        }
         let reason = if req.reason.is_empty() {
             "drain requested by an operator".to_owned()
         } else {
