@@ -550,6 +550,39 @@ impl GoalClient {
     }
 
     /// Checks a definition on the coordinator without storing it.
+    /// Where a run spent its time (`GoalService.GetRunTrace`): per step and attempt, when it
+    /// was queued, started and finished, where, how it ended, what it cost; the critical path.
+    pub async fn trace(&self, run_id: &RunId) -> Result<pb::RunTrace, ClientError> {
+        let r = self
+            .goals
+            .clone()
+            .get_run_trace(self.request(pb::GetRunTraceRequest {
+                run_id: run_id.0.clone(),
+            }))
+            .await?;
+        Ok(r.into_inner())
+    }
+
+    /// A workflow's steps over its recent finished runs (`WorkflowService.Profile`): p50 and
+    /// p95 duration, failure rate, share of the cost. `version` `None`: every version.
+    pub async fn profile(
+        &self,
+        name: &str,
+        version: Option<u32>,
+        runs: u32,
+    ) -> Result<pb::WorkflowProfile, ClientError> {
+        let r = self
+            .workflows
+            .clone()
+            .profile(self.request(pb::ProfileWorkflowRequest {
+                name: name.to_owned(),
+                version: version.unwrap_or(0),
+                runs,
+            }))
+            .await?;
+        Ok(r.into_inner())
+    }
+
     pub async fn validate_workflow(
         &self,
         definition: &str,

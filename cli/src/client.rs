@@ -91,6 +91,14 @@ pub enum RunCommand {
     Get { run_id: String },
     /// Follow a run until it finishes; exit non-zero unless it succeeds.
     Watch { run_id: String },
+    /// Where a run spent its time: a waterfall of its steps and attempts, with the critical
+    /// path (*) and the slowest steps (!) marked.
+    Trace {
+        run_id: String,
+        /// Columns for the bars.
+        #[arg(long, default_value_t = 60)]
+        width: usize,
+    },
     /// Print a step's output as JSON (the run's output without STEP), read in pages: for
     /// outputs too large for `run get` to show.
     Output {
@@ -305,6 +313,12 @@ async fn follow(
     }
 }
 
+fn mesh_now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
 fn run_id(s: String) -> Result<RunId> {
     Ok(mesh_proto::convert::run_id("run_id", s)?)
 }
@@ -317,6 +331,16 @@ pub async fn run(target: &crate::Target, format: Output, command: RunCommand) ->
             output::run(&view, format);
         }
         RunCommand::Watch { run_id: id } => watch_run(&client, &run_id(id)?, format).await?,
+        RunCommand::Trace { run_id: id, width } => {
+            let trace = client.trace(&run_id(id)?).await?;
+            match format {
+                Output::Json => output::json(&crate::trace::trace_json(&trace)),
+                Output::Table => print!(
+                    "{}",
+                    crate::trace::waterfall(&trace, mesh_now_ms(), width.clamp(10, 400))
+                ),
+            }
+        }
         RunCommand::Output { run_id: id, step } => {
             let value = client.output(&run_id(id)?, step.as_deref()).await?;
             output::json(&value);

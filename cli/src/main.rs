@@ -7,6 +7,7 @@ mod client;
 mod dev;
 mod goalfile;
 mod output;
+mod trace;
 mod workflows;
 
 use std::net::SocketAddr;

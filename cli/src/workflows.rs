@@ -25,6 +25,14 @@ pub enum WorkflowCommand {
         #[arg(long)]
         page_token: Option<String>,
     },
+    /// Per step over the workflow's recent finished runs (`NAME` for every version,
+    /// `NAME@VERSION` for one): p50 and p95 duration, failure rate, share of the cost.
+    Profile {
+        reference: String,
+        /// How many recent runs (at most 500).
+        #[arg(long, default_value_t = 100)]
+        runs: u32,
+    },
     /// Check a definition; with `--remote` the coordinator checks it instead of this binary.
     Validate {
         file: PathBuf,
@@ -76,6 +84,20 @@ pub async fn workflow(
                     w.version,
                     w.steps
                 ),
+            }
+        }
+        WorkflowCommand::Profile { reference, runs } => {
+            let (name, version) = mesh_proto::convert::parse_workflow_ref(&reference)?;
+            let profile = client.profile(&name, version, runs).await?;
+            match format {
+                Output::Json => output::json(&crate::trace::profile_json(&profile)),
+                Output::Table => {
+                    println!("{} over its last {} runs", profile.workflow, profile.runs);
+                    table(
+                        &crate::trace::PROFILE_HEADERS,
+                        crate::trace::profile_rows(&profile),
+                    );
+                }
             }
         }
         WorkflowCommand::Get { reference } => {

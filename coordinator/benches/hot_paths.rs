@@ -127,6 +127,7 @@ fn journal_append(c: &mut Criterion) {
             node: "n1".into(),
             agent: "echo".into(),
         }),
+        elapsed_ms: 12,
     };
     let mut seq = 1;
     c.bench_function("store: journal append, one writer (one commit each)", |b| {

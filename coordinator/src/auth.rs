@@ -129,10 +129,12 @@ pub const RULES: &[(&str, Need)] = &[
     ("/mesh.v1.GoalService/SkipStep", Need::Write),
     ("/mesh.v1.GoalService/RaiseBudget", Need::Write),
     ("/mesh.v1.GoalService/GetOutput", Need::Read),
+    ("/mesh.v1.GoalService/GetRunTrace", Need::Read),
     ("/mesh.v1.WorkflowService/Register", Need::Write),
     ("/mesh.v1.WorkflowService/Get", Need::Read),
     ("/mesh.v1.WorkflowService/List", Need::Read),
     ("/mesh.v1.WorkflowService/Validate", Need::Read),
+    ("/mesh.v1.WorkflowService/Profile", Need::Read),
     ("/mesh.v1.RegistryService/ListNodes", Need::Read),
     ("/mesh.v1.RegistryService/ListAgents", Need::Read),
     // The handler asks for admin in every namespace the node serves.

@@ -42,6 +42,9 @@ pub enum JournalEvent {
         /// The agent that produced it.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         agent: Option<AgentKey>,
+        /// How long the agent worked on it (0: not measured), for traces.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        elapsed_ms: u64,
     },
     /// An attempt failed; another may follow.
     TaskFailed {
@@ -52,6 +55,9 @@ pub enum JournalEvent {
         /// The agent the attempt ran on, when it got that far.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         agent: Option<AgentKey>,
+        /// How long the agent worked on it (0: not measured or never ran), for traces.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        elapsed_ms: u64,
     },
     /// The step waits for a person or a signal, until `until_ms` (Unix ms) at most.
     StepWaiting {
@@ -124,6 +130,10 @@ pub enum JournalEvent {
         output: Option<Value>,
         error: Option<String>,
     },
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl JournalEvent {

@@ -28,6 +28,7 @@ mod slot;
 pub mod store;
 pub mod swarm;
 pub mod swarms;
+pub mod trace;
 
 use std::future::Future;
 use std::net::SocketAddr;

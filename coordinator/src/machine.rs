@@ -785,6 +785,30 @@ impl RunMachine {
             self.apply(event);
         }
         let mut decision = self.decide_result(i, index, result);
+        // The agent's own measure of the attempt goes with its result, for traces.
+        let id = self.id(i);
+        for event in &mut decision.events {
+            if let JournalEvent::TaskSucceeded {
+                step,
+                index: at,
+                attempt,
+                elapsed_ms,
+                ..
+            }
+            | JournalEvent::TaskFailed {
+                step,
+                index: at,
+                attempt,
+                elapsed_ms,
+                ..
+            } = event
+                && *step == id
+                && *at == index
+                && *attempt == result.token.attempt
+            {
+                *elapsed_ms = result.elapsed_ms;
+            }
+        }
         if let Some(event) = spent {
             decision.events.insert(0, event);
         }
@@ -941,6 +965,7 @@ impl RunMachine {
                 attempt,
                 output: output.clone(),
                 agent,
+                elapsed_ms: 0,
             },
         );
         let spec = self.workflow.steps[i].clone();
@@ -994,6 +1019,7 @@ impl RunMachine {
                 attempt,
                 output: output.clone(),
                 agent,
+                elapsed_ms: 0,
             },
         );
         match self.plan(&output) {
@@ -1044,6 +1070,7 @@ impl RunMachine {
                 attempt,
                 error: error.clone(),
                 agent,
+                elapsed_ms: 0,
             },
         );
         let retryable = error.retryable && !policy.non_retryable.contains(&error.code);
@@ -1680,6 +1707,7 @@ mod tests {
             let result = TaskResult {
                 token: token(m, step, 0),
                 outcome: Ok(json!("ok")),
+                elapsed_ms: 0,
                 usage: vec![ModelUsage {
                     provider: "openai".into(),
                     model: "gpt-4o-mini".into(),
@@ -1729,6 +1757,7 @@ steps:
         let result = TaskResult {
             token: token(&m, "s", 0),
             outcome: Ok(json!("one")),
+            elapsed_ms: 7,
             usage: vec![ModelUsage {
                 provider: "ollama".into(),
                 model: "m".into(),

@@ -580,6 +580,7 @@ impl TryFrom<pb::NodeFrame> for FromNode {
                             token,
                             outcome,
                             usage,
+                            elapsed_ms: r.elapsed_ms,
                         }),
                         Err(e) => FromNode::Result(TaskResult::new(
                             token,
@@ -628,6 +629,7 @@ impl From<FromNode> for pb::NodeFrame {
                     }),
                 }),
                 usage: r.usage.into_iter().map(Into::into).collect(),
+                elapsed_ms: r.elapsed_ms,
             }),
             FromNode::Progress(p) => Kind::Progress(pb::TaskProgress {
                 token: Some(p.token.into()),
@@ -1391,6 +1393,7 @@ mod tests {
                 token: Some(token.clone().into()),
                 outcome: Some(pb::task_result::Outcome::OutputJson("1".into())),
                 usage,
+                elapsed_ms: 0,
             })),
         };
         let entry = |cost: f64| pb::ModelUsage {
@@ -1433,6 +1436,7 @@ mod tests {
                 message: "it broke".into(),
                 retryable: true,
             }),
+            elapsed_ms: 1_234,
             // A failed attempt's calls travel too, priced or not.
             usage: vec![
                 ModelUsage {

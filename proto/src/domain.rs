@@ -228,6 +228,8 @@ pub struct TaskResult {
     pub outcome: TaskOutcome,
     /// Model calls the attempt made, failed attempts too.
     pub usage: Vec<ModelUsage>,
+    /// How long the agent worked on it, by the node's clock (0: not measured).
+    pub elapsed_ms: u64,
 }
 
 impl TaskResult {
@@ -237,6 +239,7 @@ impl TaskResult {
             token,
             outcome,
             usage: Vec::new(),
+            elapsed_ms: 0,
         }
     }
 }

@@ -32,6 +32,8 @@ const UNARY: &[(&str, bool)] = &[
     ("/mesh.v1.GoalService/SkipStep", false),
     ("/mesh.v1.GoalService/RaiseBudget", false),
     ("/mesh.v1.GoalService/GetOutput", false),
+    ("/mesh.v1.GoalService/GetRunTrace", false),
+    ("/mesh.v1.WorkflowService/Profile", false),
     ("/mesh.v1.WorkflowService/Register", false),
     ("/mesh.v1.WorkflowService/Get", false),
     ("/mesh.v1.WorkflowService/List", true),
@@ -210,6 +212,16 @@ fn hostile_message(rng: &mut fastrand::Rng, path: &str) -> Vec<u8> {
         "DrainNode" => pb::DrainNodeRequest {
             node_id: random_text(rng),
             reason: random_text(rng),
+        }
+        .encode_to_vec(),
+        "GetRunTrace" => pb::GetRunTraceRequest {
+            run_id: random_text(rng),
+        }
+        .encode_to_vec(),
+        "Profile" => pb::ProfileWorkflowRequest {
+            name: random_text(rng),
+            version: rng.u32(..),
+            runs: rng.u32(..),
         }
         .encode_to_vec(),
         _ => random_bytes(rng, 256),

@@ -667,3 +667,111 @@ async fn a_step_runs_only_where_its_labels_are() {
         "{error}"
     );
 }
+
+/// A finished run's trace has every step and attempt with where and when it ran and how it
+/// ended, and its critical path; `mesh run trace` draws it, `mesh workflow profile` sums a
+/// registered workflow's steps over its runs. Unknown runs and workflows are NOT_FOUND.
+#[tokio::test]
+async fn a_run_is_traced_step_by_step_and_a_workflow_profiled_over_its_runs() {
+    let mut mesh = Mesh::start(Timings::default()).await;
+    mesh.start_node("n1", AGENTS).await;
+    let client = mesh.client().await;
+    let flow = "name: traced\nversion: 1\nsteps:\n  - {id: fetch, uses: echo}\n  - {id: slow, uses: sleep, needs: [fetch], with: {ms: 300}}\n  - {id: quick, uses: echo, needs: [fetch]}\n  - {id: shaky, uses: flaky, needs: [quick]}\n";
+    client.register_workflow(flow).await.unwrap();
+    let mut runs = Vec::new();
+    for _ in 0..3 {
+        let mut goal = workflow_goal("", json!({}));
+        goal.workflow = None;
+        goal.workflow_ref = Some("traced@1".into());
+        let run = client.submit(goal).await.unwrap();
+        let view = client.wait(&run.run_id).await.unwrap();
+        assert_eq!(view.state, RunState::Succeeded, "{view:?}");
+        runs.push(run.run_id);
+    }
+
+    let trace = client.trace(&runs[0]).await.unwrap();
+    assert_eq!(
+        (trace.workflow.as_str(), trace.state.as_str()),
+        ("traced@1", "succeeded")
+    );
+    assert!(
+        trace.finished_at_ms >= trace.created_at_ms + 300,
+        "{trace:?}"
+    );
+    let step = |id: &str| trace.steps.iter().find(|s| s.step_id == id).unwrap();
+    let slow = &step("slow").attempts[0];
+    assert_eq!(
+        (slow.node.as_str(), slow.outcome.as_str()),
+        ("n1", "succeeded")
+    );
+    assert!(slow.queued_at_ms <= slow.started_at_ms, "{slow:?}");
+    assert!(slow.finished_at_ms - slow.started_at_ms >= 300, "{slow:?}");
+    let shaky = &step("shaky").attempts;
+    assert_eq!(shaky.len(), 2, "a failure, then success: {shaky:?}");
+    assert_eq!(
+        (shaky[0].outcome.as_str(), shaky[0].error_code.as_str()),
+        ("failed", "flaky")
+    );
+    assert!(shaky[0].retryable && shaky[1].outcome == "succeeded");
+    // The retry waited its backoff: queued after the failure.
+    assert!(
+        shaky[1].queued_at_ms >= shaky[0].finished_at_ms,
+        "{shaky:?}"
+    );
+    // The critical path runs from `fetch` to whichever branch ended last.
+    let last = trace.steps.iter().max_by_key(|s| s.finished_at_ms).unwrap();
+    assert_eq!(
+        trace.critical_path.first().map(String::as_str),
+        Some("fetch")
+    );
+    assert_eq!(trace.critical_path.last(), Some(&last.step_id));
+    for s in &trace.steps {
+        assert_eq!(
+            s.critical,
+            trace.critical_path.contains(&s.step_id),
+            "{}",
+            s.step_id
+        );
+    }
+
+    // The CLI draws it.
+    let drawn = cli(&mesh, &["run", "trace", runs[0].as_str(), "--width", "40"]);
+    assert!(drawn.contains("critical path (*): fetch → "), "{drawn}");
+    assert!(
+        drawn
+            .lines()
+            .any(|l| l.starts_with("*") && l.contains("fetch")),
+        "{drawn}"
+    );
+    assert!(
+        drawn.contains("flaky: attempt 1 of step shaky fails on purpose"),
+        "{drawn}"
+    );
+    assert!(drawn.contains('█') && drawn.contains('x'), "{drawn}");
+
+    // The profile over the three runs.
+    let profile = client.profile("traced", Some(1), 10).await.unwrap();
+    assert_eq!((profile.workflow.as_str(), profile.runs), ("traced@1", 3));
+    let p = |id: &str| profile.steps.iter().find(|s| s.step_id == id).unwrap();
+    assert_eq!(p("slow").runs, 3);
+    assert!(p("slow").p50_ms >= 300 && p("slow").p95_ms >= p("slow").p50_ms);
+    assert_eq!(
+        p("shaky").failure_rate,
+        0.0,
+        "it succeeded in the end every time"
+    );
+    let table = cli(&mesh, &["workflow", "profile", "traced"]);
+    assert!(table.contains("traced over its last 3 runs"), "{table}");
+    for id in ["fetch", "slow", "quick", "shaky"] {
+        assert!(table.contains(id), "{table}");
+    }
+
+    let err = client.trace(&RunId("run-nope".into())).await.unwrap_err();
+    assert_eq!(err.code(), Some(RpcCode::NotFound), "{err}");
+    let err = client.profile("nope", None, 0).await.unwrap_err();
+    assert_eq!(err.code(), Some(RpcCode::NotFound), "{err}");
+    assert!(
+        err.to_string().contains("`nope` has no finished run"),
+        "{err}"
+    );
+}

@@ -122,6 +122,7 @@ impl<A: Agent> Actor for AgentActor<A> {
                 let mut input = task.input;
                 mesh_proto::secrets::fill(&mut input, &secrets);
                 let kept = secrets.clone();
+                let began = Instant::now();
                 let span = tracing::info_span!("agent.handle", agent = %name, run_id = %token.run_id, step_id = %token.step_id, attempt = token.attempt);
                 let work = tokio::spawn(
                     async move {
@@ -172,6 +173,7 @@ impl<A: Agent> Actor for AgentActor<A> {
                         token: token.clone(),
                         outcome,
                         usage,
+                        elapsed_ms: began.elapsed().as_millis() as u64,
                     };
                     let _ = reports.send((token, Report::Result(result))).await;
                 });

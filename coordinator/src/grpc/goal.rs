@@ -464,6 +464,22 @@ impl pb::goal_service_server::GoalService for GoalApi {
         Ok(Response::new(bounded::run(view)))
     }
 
+    #[tracing::instrument(name = "grpc.get_run_trace", skip_all)]
+    async fn get_run_trace(
+        &self,
+        request: Request<pb::GetRunTraceRequest>,
+    ) -> Result<Response<pb::RunTrace>, Status> {
+        let caller = Caller::of(&request)?;
+        let id = run_id("run_id", request.into_inner().run_id).map_err(|e| status(e.into()))?;
+        let (namespace, trace) = crate::trace::load(&self.handles.store, &id)
+            .await
+            .map_err(status)?;
+        if namespace != caller.namespace {
+            return Err(status(Error::RunNotFound(id.0)));
+        }
+        Ok(Response::new(trace))
+    }
+
     #[tracing::instrument(name = "grpc.get_output", skip_all)]
     async fn get_output(
         &self,

@@ -172,4 +172,53 @@ impl pb::workflow_service_server::WorkflowService for WorkflowApi {
         };
         Ok(Response::new(answer))
     }
+
+    #[tracing::instrument(name = "grpc.profile_workflow", skip_all)]
+    async fn profile(
+        &self,
+        request: Request<pb::ProfileWorkflowRequest>,
+    ) -> Result<Response<pb::WorkflowProfile>, Status> {
+        let caller = Caller::of(&request)?;
+        let req = request.into_inner();
+        check_id("name", &req.name).map_err(|e| status(e.into()))?;
+        let runs = match req.runs {
+            0 => 100,
+            n @ 1..=500 => n,
+            n => {
+                return Err(status(Error::InvalidArgument(FieldError::new(
+                    "runs",
+                    format!("{n} is over the limit of 500"),
+                ))));
+            }
+        };
+        let version = (req.version > 0).then_some(req.version);
+        let names = [
+            req.name.clone(),
+            intake::stored_name(&caller.namespace, &req.name),
+        ];
+        let ids = self
+            .handles
+            .store
+            .runs_of_workflow(&caller.namespace, &names, version, runs)
+            .await
+            .map_err(status)?;
+        let label = match version {
+            Some(v) => format!("{}@{v}", req.name),
+            None => req.name.clone(),
+        };
+        if ids.is_empty() {
+            return Err(Status::not_found(format!(
+                "workflow `{label}` has no finished run in namespace `{}`",
+                caller.namespace
+            )));
+        }
+        let mut traces = Vec::with_capacity(ids.len());
+        for id in &ids {
+            let (_, trace) = crate::trace::load(&self.handles.store, id)
+                .await
+                .map_err(status)?;
+            traces.push(trace);
+        }
+        Ok(Response::new(crate::trace::profile(&label, &traces)))
+    }
 }

@@ -148,6 +148,19 @@ pub trait Backend: Clone + Send + Sync + 'static {
     /// Runs not finished yet, oldest first.
     fn unfinished_runs(&self) -> impl Future<Output = Result<Vec<RunId>>> + Send;
 
+    /// When each entry of a run's journal was written (Unix ms), in journal order.
+    fn journal_times(&self, run_id: &RunId) -> impl Future<Output = Result<Vec<i64>>> + Send;
+
+    /// The newest finished runs of a namespace whose goal's workflow is named one of `names`
+    /// (and is `version`, when given), newest first, at most `limit`.
+    fn runs_of_workflow(
+        &self,
+        namespace: &Namespace,
+        names: &[String],
+        version: Option<u32>,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<RunId>>> + Send;
+
     /// A run and its whole journal, for replaying it; `RunNotFound` when there is none.
     fn load_run(&self, run_id: &RunId) -> impl Future<Output = Result<StoredRun>> + Send;
 
@@ -246,6 +259,18 @@ impl Backend for Store {
     }
     async fn unfinished_runs(&self) -> Result<Vec<RunId>> {
         on_backend!(self, s => s.unfinished_runs().await)
+    }
+    async fn journal_times(&self, run_id: &RunId) -> Result<Vec<i64>> {
+        on_backend!(self, s => s.journal_times(run_id).await)
+    }
+    async fn runs_of_workflow(
+        &self,
+        namespace: &Namespace,
+        names: &[String],
+        version: Option<u32>,
+        limit: u32,
+    ) -> Result<Vec<RunId>> {
+        on_backend!(self, s => s.runs_of_workflow(namespace, names, version, limit).await)
     }
     async fn load_run(&self, run_id: &RunId) -> Result<StoredRun> {
         on_backend!(self, s => s.load_run(run_id).await)

@@ -359,6 +359,49 @@ impl Backend for SqliteStore {
             .collect())
     }
 
+    async fn journal_times(&self, run_id: &RunId) -> Result<Vec<i64>> {
+        let conn = self.read();
+        let mut stmt =
+            conn.prepare_cached("SELECT at_ms FROM journal WHERE run_id = ?1 ORDER BY seq")?;
+        let rows = stmt.query_map(params![run_id.0], |r| r.get::<_, i64>(0))?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    async fn runs_of_workflow(
+        &self,
+        namespace: &Namespace,
+        names: &[String],
+        version: Option<u32>,
+        limit: u32,
+    ) -> Result<Vec<RunId>> {
+        // Newest first, scanning back until `limit` match: a profile is an operator's
+        // occasional question, and the goals' specs already name their workflow.
+        let conn = self.read();
+        let mut stmt = conn.prepare_cached(
+            "SELECT r.run_id FROM runs r JOIN goals g ON g.goal_id = r.goal_id
+             WHERE r.namespace = ?1 AND r.state <> 'running'
+               AND json_extract(g.spec, '$.workflow.name') IN (?2, ?3)
+               AND (?4 = 0 OR json_extract(g.spec, '$.workflow.version') = ?4)
+             ORDER BY r.run_id DESC LIMIT ?5",
+        )?;
+        let name = |i: usize| names.get(i).or(names.first()).cloned().unwrap_or_default();
+        let rows = stmt.query_map(
+            params![
+                namespace.as_str(),
+                name(0),
+                name(1),
+                version.unwrap_or(0),
+                limit
+            ],
+            |r| r.get::<_, String>(0),
+        )?;
+        Ok(rows
+            .collect::<rusqlite::Result<Vec<_>>>()?
+            .into_iter()
+            .map(RunId)
+            .collect())
+    }
+
     /// Loads a run and its whole journal, for replaying it.
     async fn load_run(&self, run_id: &RunId) -> Result<StoredRun> {
         let conn = self.read();
