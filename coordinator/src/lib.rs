@@ -6,6 +6,7 @@
 
 pub mod auth;
 pub mod config;
+mod dashboard;
 pub mod directory;
 pub mod dispatcher;
 pub mod error;
@@ -172,6 +173,19 @@ pub async fn start(
 
     #[cfg(test)]
     let kept = handles.clone();
+    let board = dashboard::Dashboard {
+        guard: guard.clone(),
+        goals: std::sync::Arc::new(grpc::GoalApi {
+            quotas: std::sync::Arc::new(quotas::Quotas::new(handles.config.quotas.clone())),
+            handles: handles.clone(),
+        }),
+        workflows: std::sync::Arc::new(grpc::WorkflowApi {
+            handles: handles.clone(),
+        }),
+        registry: std::sync::Arc::new(grpc::RegistryApi {
+            handles: handles.clone(),
+        }),
+    };
     let grpc = tokio::spawn(serve_grpc(
         handles,
         guard,
@@ -182,13 +196,16 @@ pub async fn start(
             let _ = grpc_stop_rx.await;
         },
     ));
-    let router = http::router(prometheus, readiness.clone());
+    let router = http::router(prometheus, readiness.clone()).merge(dashboard::routes(board));
     let http = tokio::spawn(async move {
-        let result = axum::serve(http_listener, router)
-            .with_graceful_shutdown(async move {
-                let _ = http_stop_rx.await;
-            })
-            .await;
+        let result = axum::serve(
+            http_listener,
+            router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move {
+            let _ = http_stop_rx.await;
+        })
+        .await;
         if let Err(e) = result {
             warn!(error = %e, "HTTP server failed");
         }

@@ -123,6 +123,46 @@ impl Guard {
         }
     }
 
+    /// Whether authentication is on.
+    pub(crate) fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    /// Writes an audit row (behind the caller, in a batch).
+    pub(crate) async fn audit(&self, row: AuditEntry) {
+        let _ = self.audit.send(row).await;
+    }
+
+    /// The audit row of a state-changing call let through, with authentication on.
+    pub(crate) async fn audit_allowed(
+        &self,
+        caller: &Caller,
+        path: &str,
+        peer: &str,
+        reason: String,
+    ) {
+        if !self.enabled {
+            return;
+        }
+        let resource = caller
+            .resource
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        self.audit(AuditEntry {
+            seq: 0,
+            at_ms: now_ms(),
+            actor: caller.principal.subject.clone(),
+            namespace: caller.namespace.0.clone(),
+            method: path.to_owned(),
+            resource,
+            decision: Decision::Allowed,
+            reason,
+            peer: peer.to_owned(),
+        })
+        .await;
+    }
+
     fn read_tokens(&self) -> std::sync::RwLockReadGuard<'_, Tokens> {
         self.tokens.read().unwrap_or_else(|p| p.into_inner())
     }
@@ -160,7 +200,7 @@ impl Guard {
     }
 
     /// Decides a call: the caller to pass on, or the status to answer with its audit row.
-    fn decide(
+    pub(crate) fn decide(
         &self,
         path: &str,
         authorization: Option<&str>,
@@ -259,6 +299,11 @@ pub struct Refusal {
 }
 
 impl Refusal {
+    /// The answer, and the audit row to write.
+    pub(crate) fn into_parts(self) -> (Status, Option<AuditEntry>) {
+        (self.status, self.row)
+    }
+
     fn new(status: Status, row: Option<AuditEntry>) -> Box<Refusal> {
         Box::new(Refusal { status, row })
     }
