@@ -16,6 +16,10 @@ pub const STEP_DURATION: &str = "mesh_step_duration_seconds";
 pub const RUNS_ACTIVE: &str = "mesh_runs_active";
 pub const RUNS_FINISHED: &str = "mesh_runs_finished_total";
 pub const ACTOR_RESTARTS: &str = "mesh_actor_restarts_total";
+pub const SKILL_HEALTHY_AGENTS: &str = "mesh_registry_skill_healthy_agents";
+pub const STEPS_PARKED: &str = "mesh_steps_parked_total";
+/// Most distinct `skill` labels published.
+pub const MAX_SKILL_LABELS: usize = 256;
 
 pub fn describe() {
     describe_gauge!(NODES, "Nodes known to the registry, by health");
@@ -51,6 +55,14 @@ pub fn describe() {
     );
     describe_gauge!(RUNS_ACTIVE, "Runs in progress on this coordinator");
     describe_counter!(RUNS_FINISHED, "Runs finished, by state");
+    describe_gauge!(
+        SKILL_HEALTHY_AGENTS,
+        "Healthy agents that serve each skill (0: none can take its steps)"
+    );
+    describe_counter!(
+        STEPS_PARKED,
+        "Steps parked for an operator (on_failure: park, or held at a budget)"
+    );
     describe_counter!(
         ACTOR_RESTARTS,
         "Actors restarted by their supervisor, by actor"

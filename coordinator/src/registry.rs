@@ -116,6 +116,9 @@ pub struct RegistryState {
     pub config: RegistryConfig,
     pub nodes: HashMap<NodeId, NodeEntry>,
     next_instance: u64,
+    /// Skills whose healthy-agent gauge was published, so that a skill no agent serves any
+    /// more reads 0 rather than its last count.
+    skills_published: std::collections::BTreeSet<String>,
 }
 
 impl RegistryState {
@@ -125,6 +128,7 @@ impl RegistryState {
             config,
             nodes: HashMap::new(),
             next_instance: epoch << 32,
+            skills_published: Default::default(),
         }
     }
 
@@ -334,7 +338,7 @@ impl RegistryState {
         views
     }
 
-    fn publish_gauges(&self) {
+    fn publish_gauges(&mut self) {
         for health in [
             Health::Healthy,
             Health::Suspect,
@@ -345,6 +349,34 @@ impl RegistryState {
             let (n, a) = nodes.fold((0, 0), |(n, a), e| (n + 1, a + e.agents.len()));
             metrics::gauge!(m::NODES, "health" => health.as_str()).set(n as f64);
             metrics::gauge!(m::AGENTS, "health" => health.as_str()).set(a as f64);
+        }
+        // Healthy agents per skill, for the "no healthy agent for a skill" alert; the label's
+        // values are bounded by MAX_SKILL_LABELS.
+        let mut healthy: std::collections::BTreeMap<&str, u32> = Default::default();
+        for e in self.nodes.values() {
+            for card in &e.agents {
+                for skill in &card.skills {
+                    let n = healthy.entry(skill.name.as_str()).or_default();
+                    if e.health == Health::Healthy {
+                        *n += 1;
+                    }
+                }
+            }
+        }
+        for skill in &self.skills_published {
+            if !healthy.contains_key(skill.as_str()) {
+                metrics::gauge!(m::SKILL_HEALTHY_AGENTS, "skill" => skill.clone()).set(0.0);
+            }
+        }
+        for (skill, n) in &healthy {
+            if self.skills_published.len() >= m::MAX_SKILL_LABELS
+                && !self.skills_published.contains(*skill)
+            {
+                continue;
+            }
+            metrics::gauge!(m::SKILL_HEALTHY_AGENTS, "skill" => skill.to_string())
+                .set(f64::from(*n));
+            self.skills_published.insert((*skill).to_owned());
         }
     }
 }

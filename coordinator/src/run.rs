@@ -463,6 +463,7 @@ impl RunActorState {
                 until_ms: Some(until),
                 ..
             } => self.arm_wait(myself, step.clone(), *until),
+            JournalEvent::StepParked { .. } => metrics::counter!(m::STEPS_PARKED).increment(1),
             JournalEvent::RunFinished { state, .. } => {
                 info!(run_id = %self.machine.run_id(), %state, elapsed_ms = self.started.elapsed().as_millis() as u64, "run finished");
                 metrics::counter!(m::RUNS_FINISHED, "state" => state.as_str()).increment(1);
