@@ -313,8 +313,15 @@ async fn a_read_only_token_sees_no_buttons_and_its_actions_are_refused() {
         .click()
         .await
         .unwrap();
-    let error = text(c, "p.error").await.unwrap_or_default();
-    assert!(error.contains("unknown token"), "{error}");
+    wait_for(
+        "the login page to name the unknown token",
+        Duration::from_secs(20),
+        || async {
+            let error = text(c, "p.error").await?;
+            error.contains("unknown token").then_some(())
+        },
+    )
+    .await;
 
     let field = c.find(Locator::Css("input[name=token]")).await.unwrap();
     field.send_keys(&viewer).await.unwrap();
@@ -324,10 +331,16 @@ async fn a_read_only_token_sees_no_buttons_and_its_actions_are_refused() {
         .click()
         .await
         .unwrap();
+    // The login answers with a cookie and a redirect: go on only once it has.
+    wait_for("the login to succeed", Duration::from_secs(20), || async {
+        let path = c.current_url().await.ok()?.path().to_owned();
+        (!path.ends_with("/ui/login")).then_some(())
+    })
+    .await;
     c.goto(&ui(&mesh, &format!("/ui/runs/{run}")))
         .await
         .unwrap();
-    assert_eq!(text(c, "#run-state").await.as_deref(), Some("running"));
+    wait_text(c, "#run-state", "running").await;
     let buttons = c
         .find_all(Locator::Css("form.action button"))
         .await
