@@ -46,6 +46,7 @@ mod error;
 pub mod llm;
 pub mod metrics;
 mod runtime;
+pub mod telemetry;
 
 pub use agent::{Agent, AgentCard, AgentError, Context, Progress};
 pub use client::{

@@ -224,13 +224,10 @@ enum Command {
 /// protocol sends it): not a problem, so not in the log unless asked for.
 const QUIET: &str = "genai::adapter::adapters::openai::streamer=error";
 
-fn init_tracing(default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("MESH_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{default},{QUIET}")));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+/// Logs (and, when `OTEL_EXPORTER_OTLP_ENDPOINT` is set, spans) of this process, under the
+/// service name `service` (docs/observability.md); keep the answer until the process ends.
+fn init_tracing(default: &str, service: &str) -> mesh_agent_sdk::telemetry::Telemetry {
+    mesh_agent_sdk::telemetry::init(&format!("{default},{QUIET}"), service)
 }
 
 /// Installs the process-wide Prometheus recorder and keeps it tidy.
@@ -300,11 +297,14 @@ async fn run(cli: Cli) -> Result<()> {
     };
     match cli.command {
         Command::Dev(args) => {
-            init_tracing(if args.demo {
-                "warn"
-            } else {
-                "info,ractor=warn"
-            });
+            let _telemetry = init_tracing(
+                if args.demo {
+                    "warn"
+                } else {
+                    "info,ractor=warn"
+                },
+                "mesh-dev",
+            );
             dev::run(args, prometheus()?).await
         }
         Command::Coordinator {
@@ -314,7 +314,7 @@ async fn run(cli: Cli) -> Result<()> {
             data_dir,
             insecure,
         } => {
-            init_tracing("info,ractor=warn");
+            let _telemetry = init_tracing("info,ractor=warn", "mesh-coordinator");
             let mut cfg: CoordinatorConfig = read_toml(config.as_ref())?;
             cfg.insecure |= insecure;
             cfg.listen = listen.unwrap_or(cfg.listen);
@@ -327,7 +327,7 @@ async fn run(cli: Cli) -> Result<()> {
             action: Some(NodeAction::Drain { node, reason }),
             ..
         } => {
-            init_tracing("warn");
+            let _telemetry = init_tracing("warn", "mesh-cli");
             client::drain(&target, cli.output, &node, &reason).await
         }
         Command::Node {
@@ -335,7 +335,7 @@ async fn run(cli: Cli) -> Result<()> {
             config,
             name,
         } => {
-            init_tracing("info,ractor=warn");
+            let _telemetry = init_tracing("info,ractor=warn", "mesh-node");
             let mut cfg = match &config {
                 Some(p) => NodeConfig::from_file(p)?,
                 None => NodeConfig::default(),
@@ -355,23 +355,23 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Goal { command } => {
-            init_tracing("warn");
+            let _telemetry = init_tracing("warn", "mesh-cli");
             client::goal(&target, cli.output, command).await
         }
         Command::Workflow { command } => {
-            init_tracing("warn");
+            let _telemetry = init_tracing("warn", "mesh-cli");
             workflows::workflow(&target, cli.output, command).await
         }
         Command::Run { command } => {
-            init_tracing("warn");
+            let _telemetry = init_tracing("warn", "mesh-cli");
             client::run(&target, cli.output, command).await
         }
         Command::Nodes => {
-            init_tracing("warn");
+            let _telemetry = init_tracing("warn", "mesh-cli");
             client::nodes(&target, cli.output).await
         }
         Command::Bench(args) => {
-            init_tracing("warn");
+            let _telemetry = init_tracing("warn", "mesh-cli");
             bench::run(args, cli.output).await
         }
         Command::BenchEchoServer { listen } => bench::serve_echo(listen, shutdown_signal()).await,
@@ -394,19 +394,19 @@ async fn run(cli: Cli) -> Result<()> {
             certs::dev(&dir, &hosts, &nodes)
         }
         Command::Token { command } => {
-            init_tracing("warn");
+            let _telemetry = init_tracing("warn", "mesh-cli");
             access::token(&target, cli.output, command).await
         }
         Command::Secret { command } => {
-            init_tracing("warn");
+            let _telemetry = init_tracing("warn", "mesh-cli");
             access::secret(&target, cli.output, command).await
         }
         Command::Audit { command } => {
-            init_tracing("warn");
+            let _telemetry = init_tracing("warn", "mesh-cli");
             access::audit(&target, cli.output, command).await
         }
         Command::Agents { skill } => {
-            init_tracing("warn");
+            let _telemetry = init_tracing("warn", "mesh-cli");
             client::agents(&target, cli.output, skill.as_deref()).await
         }
     }

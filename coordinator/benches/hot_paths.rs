@@ -87,6 +87,7 @@ fn dispatcher_selection(c: &mut Criterion) {
                 timeout: None,
                 labels: Default::default(),
                 secrets: Default::default(),
+                traceparent: None,
                 agent: None,
                 run: 0u32,
                 ready_at: Instant::now(),

@@ -150,8 +150,22 @@ pub struct DispatchRequest<R = ActorRef<RunMsg>> {
     pub labels: BTreeMap<String, String>,
     /// The secrets the input names, for the task only (never logged: `Debug` hides them).
     pub secrets: mesh_proto::secrets::Secrets,
+    /// W3C trace context of the step attempt's span (`None` with tracing off).
+    pub traceparent: Option<String>,
     pub run: R,
     pub ready_at: Instant,
+}
+
+/// The span of sending an attempt to `agent`, child of the attempt's span `parent`: its
+/// trace context travels in the task, so that the agent's span is its child.
+fn dispatch_span(parent: &str, agent: &AgentKey, ready_at: Instant) -> String {
+    let span = tracing::info_span!(
+        "dispatch",
+        agent = %agent,
+        queued_ms = ready_at.elapsed().as_millis() as u64,
+    );
+    mesh_proto::trace_context::set_parent(&span, parent);
+    mesh_proto::trace_context::traceparent_of(&span).unwrap_or_default()
 }
 
 impl<R> DispatchRequest<R> {
@@ -554,6 +568,11 @@ impl<R: Clone> DispatchState<R> {
             deadline_ms: req.timeout.map_or(deadline_ms, |t| t.as_millis() as u64),
             idempotency_key: req.idempotency_key.clone(),
             secrets: req.secrets.clone(),
+            traceparent: req
+                .traceparent
+                .as_deref()
+                .map(|parent| dispatch_span(parent, &slot.key, req.ready_at))
+                .unwrap_or_default(),
         };
         match slot.tx.try_send(Outbound::Frame(ToNode::Task(task))) {
             Ok(()) => {}
@@ -1083,6 +1102,7 @@ mod tests {
             timeout: None,
             labels: BTreeMap::new(),
             secrets: Default::default(),
+            traceparent: None,
             run: 0,
             ready_at: Instant::now(),
         }

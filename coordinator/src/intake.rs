@@ -376,6 +376,8 @@ pub async fn submit(
     // a dropped connection) cannot leave a stored run without its actor. What a caller is
     // told is then either the run, or an error for which nothing was stored.
     let (deps, supervisor) = (deps.clone(), supervisor.clone());
+    // The submission's span is the run's parent (tracing on only).
+    let traceparent = mesh_proto::trace_context::traceparent_of(&tracing::Span::current());
     let durable = tokio::spawn(async move {
         let run = deps.store.submit(new).await?;
         if run.created {
@@ -385,6 +387,7 @@ pub async fn submit(
                 machine,
                 events,
                 created_at_ms: at_ms,
+                traceparent,
             }));
             if let Err(e) = start_swarm(&deps, &supervisor, goal_id, run_id, begin).await {
                 // The goal is durable: the next resume starts it.

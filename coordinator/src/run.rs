@@ -165,6 +165,8 @@ pub struct NewStart {
     pub machine: RunMachine,
     pub events: Vec<JournalEvent>,
     pub created_at_ms: i64,
+    /// Trace context of the submission, the parent of the run's span (tracing on only).
+    pub traceparent: Option<String>,
 }
 
 /// A run actor's state as it begins, from wherever it begins.
@@ -283,9 +285,68 @@ pub struct RunActorState {
     started: Instant,
     /// The secrets handed to attempts in flight, to scrub from what they send back.
     secrets: HashMap<FencingToken, Secrets>,
+    /// The run's span and its attempts' spans in flight: made only when spans are exported
+    /// (`Span::none()` and empty otherwise; see `mesh_proto::trace_context`).
+    span: tracing::Span,
+    attempt_spans: HashMap<FencingToken, tracing::Span>,
+}
+
+/// The span of a run, child of its submission's when it has one; `Span::none()` with tracing
+/// off, so that nothing is made.
+fn run_span(machine: &RunMachine, parent: Option<&str>) -> tracing::Span {
+    if !mesh_proto::trace_context::enabled() {
+        return tracing::Span::none();
+    }
+    let span = tracing::info_span!(
+        parent: None,
+        "run",
+        run_id = %machine.run_id(),
+        namespace = %machine.namespace(),
+        state = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
+    );
+    if let Some(parent) = parent {
+        mesh_proto::trace_context::set_parent(&span, parent);
+    }
+    if let Some(id) = mesh_proto::trace_context::trace_id(&span) {
+        span.record("trace_id", id);
+    }
+    span
 }
 
 impl RunActorState {
+    /// A span for the attempt `token` of a step, child of the run's; its trace context, for
+    /// the dispatch (`None` with tracing off).
+    fn attempt_span(&mut self, token: &FencingToken, skill: &str) -> Option<String> {
+        if self.span.is_none() {
+            return None;
+        }
+        let span = tracing::info_span!(
+            parent: &self.span,
+            "step",
+            run_id = %token.run_id,
+            step_id = %token.step_id,
+            index = token.index,
+            attempt = token.attempt,
+            skill,
+            error = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
+        let traceparent = mesh_proto::trace_context::traceparent_of(&span);
+        self.attempt_spans.insert(token.clone(), span);
+        traceparent
+    }
+
+    /// Ends the span of the attempt `token`, marked failed with `error`.
+    fn attempt_ended(&mut self, token: &FencingToken, error: Option<&str>) {
+        if let Some(span) = self.attempt_spans.remove(token)
+            && let Some(error) = error
+        {
+            span.record("error", error);
+            span.record("otel.status_code", "ERROR");
+        }
+    }
+
     /// The run as clients see it, from memory: it equals the store's view because every
     /// change is journaled before anyone can ask.
     fn view(&self) -> RunView {
@@ -432,6 +493,7 @@ impl RunActorState {
                     }
                 };
                 debug!(%token, skill = %spec.skill(), "dispatching attempt");
+                let traceparent = self.attempt_span(&token, spec.skill());
                 self.deps
                     .dispatcher
                     .cast(DispatcherMsg::Dispatch(DispatchRequest {
@@ -451,6 +513,7 @@ impl RunActorState {
                         },
                         token: token.clone(),
                         secrets: secrets.clone(),
+                        traceparent,
                         run: myself.clone(),
                         ready_at: Instant::now(),
                     }));
@@ -465,6 +528,9 @@ impl RunActorState {
             } => self.arm_wait(myself, step.clone(), *until),
             JournalEvent::StepParked { .. } => metrics::counter!(m::STEPS_PARKED).increment(1),
             JournalEvent::RunFinished { state, .. } => {
+                self.span.record("state", state.as_str());
+                self.attempt_spans.clear();
+                self.span = tracing::Span::none();
                 info!(run_id = %self.machine.run_id(), %state, elapsed_ms = self.started.elapsed().as_millis() as u64, "run finished");
                 metrics::counter!(m::RUNS_FINISHED, "state" => state.as_str()).increment(1);
                 self.deps.dispatcher.cast(DispatcherMsg::CancelRun {
@@ -595,6 +661,10 @@ impl Actor for Run {
         myself: ActorRef<Self::Msg>,
         args: RunArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
+        let parent = match &args.begin {
+            Begin::New(new) => new.traceparent.clone(),
+            Begin::Load | Begin::Stored(_) => None,
+        };
         let Begun {
             machine,
             next_seq,
@@ -603,6 +673,7 @@ impl Actor for Run {
             picked,
             first,
         } = begin(&args.deps, &args.run_id, args.begin).await?;
+        let span = run_span(&machine, parent.as_deref());
         args.deps.directory.insert(
             machine.run_id().clone(),
             myself.clone(),
@@ -624,6 +695,8 @@ impl Actor for Run {
             started: Instant::now(),
             first,
             secrets: HashMap::new(),
+            span,
+            attempt_spans: HashMap::new(),
         })
     }
 
@@ -665,211 +738,229 @@ impl Actor for Run {
         msg: Self::Msg,
         st: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        // The machine reads no clock: every message's decisions are made at this time.
-        let now = now_ms();
-        st.machine.at(now);
-        match msg {
-            RunMsg::Start => match st.first.take() {
-                // A new run: its first decisions are journaled already.
-                Some(events) => {
-                    st.arm_deadline(&myself);
-                    st.committed(&myself, &events);
-                }
-                None => {
-                    st.arm_timers(&myself);
-                    let events = st.machine.restart_running();
-                    st.commit(&myself, events).await?;
-                }
-            },
-            RunMsg::Redispatch => {
+        // What a message does happens in the run's span: its logs carry the run's fields and
+        // trace id (nothing is made with tracing off).
+        let span = st.span.clone();
+        tracing::Instrument::instrument(on_message(myself, msg, st), span).await
+    }
+}
+
+/// A run actor's answer to one message.
+async fn on_message(
+    myself: ActorRef<RunMsg>,
+    msg: RunMsg,
+    st: &mut RunActorState,
+) -> Result<(), ActorProcessingErr> {
+    // The machine reads no clock: every message's decisions are made at this time.
+    let now = now_ms();
+    st.machine.at(now);
+    match msg {
+        RunMsg::Start => match st.first.take() {
+            // A new run: its first decisions are journaled already.
+            Some(events) => {
+                st.arm_deadline(&myself);
+                st.committed(&myself, &events);
+            }
+            None => {
+                st.arm_timers(&myself);
                 let events = st.machine.restart_running();
                 st.commit(&myself, events).await?;
             }
-            RunMsg::Assigned { token, agent } => {
-                if st.machine.on_assigned(&token, &agent)
-                    && let Some(i) = st.machine.position(&token.step_id)
-                {
-                    let skill = st.machine.spec(i).skill().to_owned();
-                    if st.picked.insert((skill.clone(), agent.clone())) {
-                        let _ = st
-                            .swarm
-                            .cast(SwarmMsg::Member(SwarmMember { skill, agent }));
-                    }
-                    if st.watchers.is_some() {
-                        st.publish(RunEvent::Step(st.machine.step_view(i)));
-                    }
+        },
+        RunMsg::Redispatch => {
+            let events = st.machine.restart_running();
+            st.commit(&myself, events).await?;
+        }
+        RunMsg::Assigned { token, agent } => {
+            if st.machine.on_assigned(&token, &agent)
+                && let Some(i) = st.machine.position(&token.step_id)
+            {
+                let skill = st.machine.spec(i).skill().to_owned();
+                if st.picked.insert((skill.clone(), agent.clone())) {
+                    let _ = st
+                        .swarm
+                        .cast(SwarmMsg::Member(SwarmMember { skill, agent }));
+                }
+                if st.watchers.is_some() {
+                    st.publish(RunEvent::Step(st.machine.step_view(i)));
                 }
             }
-            RunMsg::Result { mut result, ack } => {
-                if let Some(secrets) = st.secrets.remove(&result.token) {
-                    match &mut result.outcome {
-                        Ok(output) => mesh_proto::secrets::scrub(output, &secrets),
-                        Err(e) => e.message = mesh_proto::secrets::scrub_text(&e.message, &secrets),
-                    }
+        }
+        RunMsg::Result { mut result, ack } => {
+            st.attempt_ended(
+                &result.token,
+                result.outcome.as_ref().err().map(|e| e.message.as_str()),
+            );
+            if let Some(secrets) = st.secrets.remove(&result.token) {
+                match &mut result.outcome {
+                    Ok(output) => mesh_proto::secrets::scrub(output, &secrets),
+                    Err(e) => e.message = mesh_proto::secrets::scrub_text(&e.message, &secrets),
                 }
-                let token = &result.token;
-                let (code, message) = match st.machine.on_result(&result) {
-                    Some(decision) => {
-                        apply_decision(st, &myself, decision).await?;
-                        (AckCode::Accepted, String::new())
-                    }
-                    None => {
-                        warn!(%token, "result for an attempt that is no longer current rejected");
-                        metrics::counter!(m::STALE_RESULTS).increment(1);
-                        (
-                            AckCode::Stale,
-                            "stale fencing token: the step moved on".to_owned(),
-                        )
-                    }
-                };
-                ack.send(code, message);
             }
-            RunMsg::AttemptFailed { token, error } => {
-                st.secrets.remove(&token);
-                if let Some(decision) = st.machine.on_failed(&token, error) {
+            let token = &result.token;
+            let (code, message) = match st.machine.on_result(&result) {
+                Some(decision) => {
                     apply_decision(st, &myself, decision).await?;
+                    (AckCode::Accepted, String::new())
                 }
-            }
-            RunMsg::AttemptLost { token, reason } => {
-                st.secrets.remove(&token);
-                if let Some(events) = st.machine.on_lost(&token, &reason) {
-                    st.commit(&myself, events).await?;
+                None => {
+                    warn!(%token, "result for an attempt that is no longer current rejected");
+                    metrics::counter!(m::STALE_RESULTS).increment(1);
+                    (
+                        AckCode::Stale,
+                        "stale fencing token: the step moved on".to_owned(),
+                    )
                 }
+            };
+            ack.send(code, message);
+        }
+        RunMsg::AttemptFailed { token, error } => {
+            st.attempt_ended(&token, Some(&error.message));
+            st.secrets.remove(&token);
+            if let Some(decision) = st.machine.on_failed(&token, error) {
+                apply_decision(st, &myself, decision).await?;
             }
-            RunMsg::Retry {
-                step,
-                index,
-                attempt,
-            } => {
-                let events = st.machine.on_retry(&step, index, attempt);
+        }
+        RunMsg::AttemptLost { token, reason } => {
+            st.attempt_ended(&token, Some(&reason));
+            st.secrets.remove(&token);
+            if let Some(events) = st.machine.on_lost(&token, &reason) {
                 st.commit(&myself, events).await?;
             }
-            RunMsg::WaitExpired(step) => {
-                let events = st.machine.on_wait_expired(&step, now);
-                st.commit(&myself, events).await?;
+        }
+        RunMsg::Retry {
+            step,
+            index,
+            attempt,
+        } => {
+            let events = st.machine.on_retry(&step, index, attempt);
+            st.commit(&myself, events).await?;
+        }
+        RunMsg::WaitExpired(step) => {
+            let events = st.machine.on_wait_expired(&step, now);
+            st.commit(&myself, events).await?;
+        }
+        #[cfg(test)]
+        RunMsg::Crash => panic!("run crashed on purpose (a test)"),
+        RunMsg::DeadlinePassed => {
+            let events = st.machine.on_deadline();
+            st.commit(&myself, events).await?;
+        }
+        RunMsg::Cancel { reason, reply } => {
+            let events = st.machine.finish(
+                RunState::Cancelled,
+                None,
+                Some(format!("cancelled: {reason}")),
+            );
+            let _ = reply.send(st.commit_and_view(&myself, Ok(events)).await);
+        }
+        RunMsg::Decide {
+            step,
+            approved,
+            comment,
+            by,
+            reply,
+        } => {
+            let decided = st.machine.on_decision(&step, approved, &comment, &by);
+            if decided.is_ok() {
+                info!(run_id = %st.machine.run_id(), %step, approved, "approval decided");
             }
-            #[cfg(test)]
-            RunMsg::Crash => panic!("run crashed on purpose (a test)"),
-            RunMsg::DeadlinePassed => {
-                let events = st.machine.on_deadline();
-                st.commit(&myself, events).await?;
-            }
-            RunMsg::Cancel { reason, reply } => {
-                let events = st.machine.finish(
-                    RunState::Cancelled,
-                    None,
-                    Some(format!("cancelled: {reason}")),
-                );
-                let _ = reply.send(st.commit_and_view(&myself, Ok(events)).await);
-            }
-            RunMsg::Decide {
-                step,
-                approved,
-                comment,
-                by,
-                reply,
-            } => {
-                let decided = st.machine.on_decision(&step, approved, &comment, &by);
-                if decided.is_ok() {
-                    info!(run_id = %st.machine.run_id(), %step, approved, "approval decided");
-                }
-                let _ = reply.send(st.commit_and_view(&myself, decided).await);
-            }
-            RunMsg::Signal {
-                name,
-                payload,
-                reply,
-            } => {
-                let decided = if st.machine.state().is_terminal() {
-                    Err(Error::FailedPrecondition(format!(
-                        "run {} is {}",
-                        st.machine.run_id(),
-                        st.machine.state()
-                    )))
-                } else {
-                    Ok(st.machine.on_signal(&name, payload))
-                };
-                let _ = reply.send(st.commit_and_view(&myself, decided).await);
-            }
-            RunMsg::Report(report) => {
-                let token = report.token();
-                let current = st.machine.position(&token.step_id).is_some_and(|i| {
-                    st.machine.steps()[i]
-                        .tasks
-                        .get(token.index as usize)
-                        .is_some_and(|t| t.attempt == token.attempt)
+            let _ = reply.send(st.commit_and_view(&myself, decided).await);
+        }
+        RunMsg::Signal {
+            name,
+            payload,
+            reply,
+        } => {
+            let decided = if st.machine.state().is_terminal() {
+                Err(Error::FailedPrecondition(format!(
+                    "run {} is {}",
+                    st.machine.run_id(),
+                    st.machine.state()
+                )))
+            } else {
+                Ok(st.machine.on_signal(&name, payload))
+            };
+            let _ = reply.send(st.commit_and_view(&myself, decided).await);
+        }
+        RunMsg::Report(report) => {
+            let token = report.token();
+            let current = st.machine.position(&token.step_id).is_some_and(|i| {
+                st.machine.steps()[i]
+                    .tasks
+                    .get(token.index as usize)
+                    .is_some_and(|t| t.attempt == token.attempt)
+            });
+            if current {
+                st.publish(match report {
+                    Report::Progress(p) => RunEvent::Progress {
+                        step: p.token.step_id,
+                        attempt: p.token.attempt,
+                        message: p.message,
+                        fraction: p.fraction,
+                    },
+                    Report::Delta(d) => RunEvent::Delta {
+                        text: match st.secrets.get(&d.token) {
+                            Some(secrets) => mesh_proto::secrets::scrub_text(&d.text, secrets),
+                            None => d.text,
+                        },
+                        step: d.token.step_id,
+                        index: d.token.index,
+                        attempt: d.token.attempt,
+                        restart: d.restart,
+                    },
                 });
-                if current {
-                    st.publish(match report {
-                        Report::Progress(p) => RunEvent::Progress {
-                            step: p.token.step_id,
-                            attempt: p.token.attempt,
-                            message: p.message,
-                            fraction: p.fraction,
-                        },
-                        Report::Delta(d) => RunEvent::Delta {
-                            text: match st.secrets.get(&d.token) {
-                                Some(secrets) => mesh_proto::secrets::scrub_text(&d.text, secrets),
-                                None => d.text,
-                            },
-                            step: d.token.step_id,
-                            index: d.token.index,
-                            attempt: d.token.attempt,
-                            restart: d.restart,
-                        },
-                    });
-                }
-            }
-            RunMsg::RetryFrom { step, reply } => {
-                let decided = st.machine.on_retry_from(&step);
-                if decided.is_ok() {
-                    info!(run_id = %st.machine.run_id(), %step, "retrying from a step");
-                }
-                let _ = reply.send(st.commit_and_view(&myself, decided).await);
-            }
-            RunMsg::Skip {
-                step,
-                comment,
-                reply,
-            } => {
-                let decided = st.machine.on_skip(&step, &comment);
-                let _ = reply.send(st.commit_and_view(&myself, decided).await);
-            }
-            RunMsg::RaiseBudget { raise, reply } => {
-                let decided = st.machine.on_raise_budget(raise);
-                if decided.is_ok() {
-                    info!(run_id = %st.machine.run_id(), "budget raised");
-                }
-                let _ = reply.send(st.commit_and_view(&myself, decided).await);
-            }
-            RunMsg::ChildStarted(child) => {
-                if !st.children.contains(&child) {
-                    st.children.push(child);
-                }
-            }
-            RunMsg::ChildFinished { token, outcome } => {
-                let result = TaskResult::new(token, outcome);
-                if let Some(decision) = st.machine.on_result(&result) {
-                    apply_decision(st, &myself, decision).await?;
-                }
-            }
-            RunMsg::View(reply) => {
-                let _ = reply.send(st.view());
-            }
-            RunMsg::Subscribe(reply) => {
-                let view = st.view();
-                let rx = st
-                    .watchers
-                    .get_or_insert_with(|| broadcast::channel(WATCH_BUFFER).0)
-                    .subscribe();
-                let _ = reply.send((view, rx));
             }
         }
-        if st.machine.state().is_terminal() {
-            myself.stop(Some(st.machine.state().as_str().to_owned()));
+        RunMsg::RetryFrom { step, reply } => {
+            let decided = st.machine.on_retry_from(&step);
+            if decided.is_ok() {
+                info!(run_id = %st.machine.run_id(), %step, "retrying from a step");
+            }
+            let _ = reply.send(st.commit_and_view(&myself, decided).await);
         }
-        Ok(())
+        RunMsg::Skip {
+            step,
+            comment,
+            reply,
+        } => {
+            let decided = st.machine.on_skip(&step, &comment);
+            let _ = reply.send(st.commit_and_view(&myself, decided).await);
+        }
+        RunMsg::RaiseBudget { raise, reply } => {
+            let decided = st.machine.on_raise_budget(raise);
+            if decided.is_ok() {
+                info!(run_id = %st.machine.run_id(), "budget raised");
+            }
+            let _ = reply.send(st.commit_and_view(&myself, decided).await);
+        }
+        RunMsg::ChildStarted(child) => {
+            if !st.children.contains(&child) {
+                st.children.push(child);
+            }
+        }
+        RunMsg::ChildFinished { token, outcome } => {
+            let result = TaskResult::new(token, outcome);
+            if let Some(decision) = st.machine.on_result(&result) {
+                apply_decision(st, &myself, decision).await?;
+            }
+        }
+        RunMsg::View(reply) => {
+            let _ = reply.send(st.view());
+        }
+        RunMsg::Subscribe(reply) => {
+            let view = st.view();
+            let rx = st
+                .watchers
+                .get_or_insert_with(|| broadcast::channel(WATCH_BUFFER).0)
+                .subscribe();
+            let _ = reply.send((view, rx));
+        }
     }
+    if st.machine.state().is_terminal() {
+        myself.stop(Some(st.machine.state().as_str().to_owned()));
+    }
+    Ok(())
 }
 
 /// Waits for a run to end: from its live actor's events, or from the store once it is not

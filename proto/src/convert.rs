@@ -676,6 +676,7 @@ impl From<ToNode> for pb::CoordinatorFrame {
                     .into_iter()
                     .map(|(k, v)| (k, v.expose().to_owned()))
                     .collect(),
+                traceparent: t.traceparent,
             }),
             ToNode::Cancel { token, reason } => Kind::Cancel(pb::CancelTask {
                 token: Some(token.into()),
@@ -724,6 +725,7 @@ impl TryFrom<pb::CoordinatorFrame> for ToNode {
                         .into_iter()
                         .map(|(k, v)| (k, crate::secrets::SecretValue::new(v)))
                         .collect(),
+                    traceparent: t.traceparent,
                 }),
                 Kind::Cancel(c) => ToNode::Cancel {
                     token: FencingToken::try_from(c.token)?,

@@ -220,6 +220,8 @@ pub struct Task {
     pub idempotency_key: String,
     /// The secrets the input names, for this attempt only (see [`crate::secrets`]).
     pub secrets: crate::secrets::Secrets,
+    /// W3C trace context of the dispatch that sent it (empty with tracing off).
+    pub traceparent: String,
 }
 
 #[derive(Clone, Debug, PartialEq)]

@@ -13,6 +13,7 @@ pub mod convert;
 pub mod domain;
 pub mod fuzz;
 pub mod secrets;
+pub mod trace_context;
 
 /// Generated protobuf and gRPC code for package `mesh.v1`.
 #[allow(clippy::all, missing_docs)]
@@ -64,6 +65,7 @@ impl std::fmt::Debug for pb::Task {
             .field("deadline_ms", &self.deadline_ms)
             .field("idempotency_key", &self.idempotency_key)
             .field("secrets", &self.secrets.keys().collect::<Vec<_>>())
+            .field("traceparent", &self.traceparent)
             .finish()
     }
 }

@@ -115,7 +115,13 @@ pub async fn wait_assigned(client: &GoalClient, run: &mesh_agent_sdk::RunId) {
 
 /// Starts the `mesh` binary under test with `args`, its output in `<dir>/<name>.log`.
 pub fn spawn_mesh(name: &str, dir: &Path, args: &[&str]) -> Proc {
-    Proc::spawn(&mesh_bin(), name, dir, args, &[]).expect("spawn mesh")
+    spawn_mesh_with(name, dir, args, &[])
+}
+
+/// [`spawn_mesh`] with more environment.
+pub fn spawn_mesh_with(name: &str, dir: &Path, args: &[&str], env: &[(String, String)]) -> Proc {
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    Proc::spawn(&mesh_bin(), name, dir, args, &env).expect("spawn mesh")
 }
 
 /// Intervals for a test coordinator; short, so that tests are quick.
@@ -137,6 +143,8 @@ pub struct Timings {
     /// A directory written by `mesh certs dev`: the coordinator serves TLS with a client CA,
     /// clients reach it over https with the CA, nodes with their own certificate.
     pub certs: Option<PathBuf>,
+    /// More environment for the coordinator and the nodes (`OTEL_*`, say).
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for Timings {
@@ -155,6 +163,7 @@ impl Default for Timings {
             registry_extra: String::new(),
             dispatch_extra: String::new(),
             certs: None,
+            env: Vec::new(),
         }
     }
 }
@@ -276,10 +285,11 @@ max_pending_per_skill = {max_skill}
         std::fs::write(&path, config).expect("write config");
         let n = self.dir.path().read_dir().map(|d| d.count()).unwrap_or(0);
         let name = format!("coordinator-{n}");
-        self.coordinator = Some(spawn_mesh(
+        self.coordinator = Some(spawn_mesh_with(
             &name,
             self.dir.path(),
             &["coordinator", "--config", path.to_str().unwrap()],
+            &self.timings.env,
         ));
         let url = self.url();
         let tls = self.client_tls();
@@ -376,7 +386,12 @@ drain_grace = "20s"
         std::fs::write(&path, config).expect("write node config");
         let config = path.to_str().unwrap();
         let proc = match netns {
-            None => spawn_mesh(name, self.dir.path(), &["node", "--config", config]),
+            None => spawn_mesh_with(
+                name,
+                self.dir.path(),
+                &["node", "--config", config],
+                &self.timings.env,
+            ),
             Some(ns) => {
                 let bin = mesh_bin();
                 let args = [

@@ -471,6 +471,7 @@ impl pb::node_service_server::NodeService for UnreadableTask {
                             deadline_ms: 60_000,
                             idempotency_key: "run-1/a/0".into(),
                             secrets: Default::default(),
+                            traceparent: String::new(),
                         }),
                     ];
                     for kind in frames {

@@ -308,6 +308,27 @@ fn reqwest_of(e: &genai::Error) -> Option<&reqwest::Error> {
     }
 }
 
+/// The span of one model call, named and with attributes as OpenTelemetry's GenAI semantic
+/// conventions say; child of the agent's span. None with tracing off.
+fn chat_span(model: &ModelRef) -> tracing::Span {
+    if !mesh_proto::trace_context::enabled() {
+        return tracing::Span::none();
+    }
+    tracing::info_span!(
+        "gen_ai.chat",
+        otel.name = format!("chat {}", model.model),
+        otel.kind = "client",
+        otel.status_code = tracing::field::Empty,
+        gen_ai.operation.name = "chat",
+        gen_ai.provider.name = model.provider.as_str(),
+        gen_ai.request.model = model.model.as_str(),
+        gen_ai.usage.input_tokens = tracing::field::Empty,
+        gen_ai.usage.output_tokens = tracing::field::Empty,
+        gen_ai.response.finish_reasons = tracing::field::Empty,
+        error.type = tracing::field::Empty,
+    )
+}
+
 impl ChatModel for Models {
     fn chat_stream(&self, model: &ModelRef, request: &ChatRequest) -> ChatStream {
         let (target, key) = match self.target(model, request.api_key.as_ref()) {
@@ -321,7 +342,9 @@ impl ChatModel for Models {
         let opts = options(request, timeout);
         let deadline = tokio::time::Instant::now() + timeout;
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<ChatEvent, LlmError>>(64);
-        tokio::spawn(async move {
+        let span = chat_span(&model);
+        let traced = span.clone();
+        let work = async move {
             let timed_out = || LlmError::Timeout {
                 model: model.to_string(),
                 after: timeout,
@@ -381,8 +404,26 @@ impl ChatModel for Models {
                 Ok(Err(e)) => Err(e),
                 Err(_) => Err(timed_out()),
             };
+            match &outcome {
+                Ok(ChatEvent::Done(reply)) => {
+                    if let Some(usage) = &reply.usage {
+                        traced.record("gen_ai.usage.input_tokens", usage.input_tokens);
+                        traced.record("gen_ai.usage.output_tokens", usage.output_tokens);
+                    }
+                    traced.record(
+                        "gen_ai.response.finish_reasons",
+                        reply.finish_reason.as_str(),
+                    );
+                }
+                Ok(ChatEvent::Delta(_)) => {}
+                Err(e) => {
+                    traced.record("error.type", e.code());
+                    traced.record("otel.status_code", "ERROR");
+                }
+            }
             let _ = tx.send(outcome).await;
-        });
+        };
+        tokio::spawn(tracing::Instrument::instrument(work, span));
         tokio_stream::wrappers::ReceiverStream::new(rx).boxed()
     }
 }

@@ -123,14 +123,32 @@ impl<A: Agent> Actor for AgentActor<A> {
                 mesh_proto::secrets::fill(&mut input, &secrets);
                 let kept = secrets.clone();
                 let began = Instant::now();
-                let span = tracing::info_span!("agent.handle", agent = %name, run_id = %token.run_id, step_id = %token.step_id, attempt = token.attempt);
+                let span = tracing::info_span!(
+                    "agent.handle",
+                    agent = %name,
+                    skill = %task.skill,
+                    run_id = %token.run_id,
+                    step_id = %token.step_id,
+                    attempt = token.attempt,
+                    trace_id = tracing::field::Empty,
+                    otel.status_code = tracing::field::Empty,
+                );
+                // The dispatch's span is its parent: one trace across the processes.
+                mesh_proto::trace_context::set_parent(&span, &task.traceparent);
+                if let Some(id) = mesh_proto::trace_context::trace_id(&span) {
+                    span.record("trace_id", id);
+                }
                 let work = tokio::spawn(
                     async move {
-                        tokio::select! {
+                        let outcome = tokio::select! {
                             result = agent.handle(ctx, input) => result.map_err(TaskError::from),
                             _ = tokio::time::sleep(deadline) => Err(TaskError::new("timeout", format!("no result within {} ms", deadline.as_millis()), true)),
                             _ = cancel.cancelled() => Err(TaskError::new("cancelled", "the attempt was cancelled", false)),
+                        };
+                        if outcome.is_err() {
+                            tracing::Span::current().record("otel.status_code", "ERROR");
                         }
+                        outcome
                     }
                     .instrument(span),
                 );

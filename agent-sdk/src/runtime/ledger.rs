@@ -215,6 +215,7 @@ mod tests {
             idempotency_key: "k".into(),
             deadline_ms: 1_000,
             secrets: Default::default(),
+            traceparent: String::new(),
         }
     }
 

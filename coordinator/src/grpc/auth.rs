@@ -372,6 +372,7 @@ where
                 .map(str::to_owned)
         };
         let (authorization, namespace) = (header("authorization"), header(NAMESPACE_HEADER));
+        let traceparent = header(mesh_proto::trace_context::TRACEPARENT);
         use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
         let (peer, certificate) = match request.extensions().get::<TlsConnectInfo<TcpConnectInfo>>()
         {
@@ -409,40 +410,65 @@ where
             }),
             Ok((caller, need)) => {
                 request.extensions_mut().insert(caller.clone());
-                let answer = self.inner.call(request);
-                Box::pin(async move {
-                    let response = answer.await?;
-                    if audited && need.changes_state() {
-                        let reason = response
-                            .headers()
-                            .get("grpc-status")
-                            .and_then(|v| v.to_str().ok())
-                            .filter(|code| *code != "0")
-                            .map(|code| format!("answered grpc-status {code}"))
-                            .unwrap_or_default();
-                        let resource = caller
-                            .resource
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .clone();
-                        let row = AuditEntry {
-                            seq: 0,
-                            at_ms: now_ms(),
-                            actor: caller.principal.subject,
-                            namespace: caller.namespace.0,
-                            method: path,
-                            resource,
-                            decision: Decision::Allowed,
-                            reason,
-                            peer,
-                        };
-                        let _ = audit.send(row).await;
-                    }
-                    Ok(response)
-                })
+                let span = rpc_span(&path, traceparent);
+                let answer = {
+                    let _entered = span.enter();
+                    self.inner.call(request)
+                };
+                Box::pin(tracing::Instrument::instrument(
+                    async move {
+                        let response = answer.await?;
+                        if audited && need.changes_state() {
+                            let reason = response
+                                .headers()
+                                .get("grpc-status")
+                                .and_then(|v| v.to_str().ok())
+                                .filter(|code| *code != "0")
+                                .map(|code| format!("answered grpc-status {code}"))
+                                .unwrap_or_default();
+                            let resource = caller
+                                .resource
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .clone();
+                            let row = AuditEntry {
+                                seq: 0,
+                                at_ms: now_ms(),
+                                actor: caller.principal.subject,
+                                namespace: caller.namespace.0,
+                                method: path,
+                                resource,
+                                decision: Decision::Allowed,
+                                reason,
+                                peer,
+                            };
+                            let _ = audit.send(row).await;
+                        }
+                        Ok(response)
+                    },
+                    span,
+                ))
             }
         }
     }
+}
+
+/// The server span of a call, child of the caller's `traceparent` when it sent one; none
+/// with tracing off, nor for a node's stream, which lasts as long as the node.
+fn rpc_span(path: &str, traceparent: Option<String>) -> tracing::Span {
+    if !mesh_proto::trace_context::enabled() || path == "/mesh.v1.NodeService/Connect" {
+        return tracing::Span::none();
+    }
+    let span = tracing::info_span!(
+        "rpc",
+        otel.name = path.trim_start_matches('/'),
+        otel.kind = "server",
+        rpc.system = "grpc",
+    );
+    if let Some(parent) = traceparent {
+        mesh_proto::trace_context::set_parent(&span, &parent);
+    }
+    span
 }
 
 /// `AuthService`: tokens and the audit log.
