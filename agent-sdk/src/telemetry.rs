@@ -9,7 +9,8 @@
 //!   When it is not set, no exporter, no OpenTelemetry layer and no trace context exist: the
 //!   mesh's spans are not even made (see [`mesh_proto::trace_context`]).
 //!
-//! Only the mesh's own spans are exported (targets `mesh_*`), whatever `MESH_LOG` says.
+//! Only the mesh's own spans at `info` and above are exported (targets `mesh_*`), whatever
+//! `MESH_LOG` says.
 
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::trace::SdkTracerProvider;
@@ -60,7 +61,7 @@ pub fn init(default_filter: &str, service: &str) -> Telemetry {
             let tracer = provider.tracer("agentmesh");
             let layer = tracing_opentelemetry::layer()
                 .with_tracer(tracer)
-                .with_filter(filter_fn(|m| m.target().starts_with("mesh_")));
+                .with_filter(filter_fn(exported));
             (Some(provider), Some(layer))
         }
         Some(Err(e)) => {
@@ -77,6 +78,12 @@ pub fn init(default_filter: &str, service: &str) -> Telemetry {
         mesh_proto::trace_context::enable();
     }
     Telemetry { provider }
+}
+
+/// Which spans are exported: the mesh's own, at `info` and above (not the registry's sweep,
+/// say, which is `debug` and runs ten times a second).
+fn exported(m: &tracing::Metadata<'_>) -> bool {
+    m.target().starts_with("mesh_") && *m.level() <= tracing::Level::INFO
 }
 
 /// The log layer: text or JSON lines (each with the fields of the spans it is in) to `out`.
@@ -139,7 +146,7 @@ mod tests {
         let writer = out.clone();
         let spans = tracing_opentelemetry::layer()
             .with_tracer(SdkTracerProvider::builder().build().tracer("test"))
-            .with_filter(filter_fn(|m| m.target().starts_with("mesh_")));
+            .with_filter(filter_fn(exported));
         let subscriber = tracing_subscriber::registry()
             .with(log_layer(
                 true,
