@@ -15,8 +15,20 @@ pub fn free_port() -> Result<u16> {
 
 /// Starts this same binary (the `mesh` that runs the benchmark) as `name`, logging warnings.
 pub fn spawn(dir: &std::path::Path, name: &str, args: &[&str]) -> Result<Proc> {
+    spawn_with(dir, name, args, &[])
+}
+
+/// [`spawn`] with more environment.
+fn spawn_with(
+    dir: &std::path::Path,
+    name: &str,
+    args: &[&str],
+    env: &[(String, String)],
+) -> Result<Proc> {
     let me = std::env::current_exe()?;
-    Ok(Proc::spawn(&me, name, dir, args, &[("MESH_LOG", "warn")])?)
+    let mut all = vec![("MESH_LOG", "warn")];
+    all.extend(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    Ok(Proc::spawn(&me, name, dir, args, &all)?)
 }
 
 /// Polls `check` every 5 ms until it is true, for at most `timeout`.
@@ -67,10 +79,14 @@ impl Deadline {
 pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub url: String,
+    /// The coordinator's HTTP port (metrics, health, the dashboard).
+    pub http: u16,
     pub coordinator: Proc,
     pub nodes: Vec<Proc>,
     /// With TLS and tokens: the certificates, the cluster admin token and the nodes' one.
     pub secure: Option<Secure>,
+    /// More environment for the coordinator and nodes (`OTEL_*`).
+    pub env: Vec<(String, String)>,
 }
 
 /// What a secured cluster's clients and nodes need.
@@ -83,15 +99,20 @@ pub struct Secure {
 impl Cluster {
     /// Starts a coordinator (default intervals plus `extra_toml`) and waits until it answers.
     pub async fn coordinator(extra_toml: &str) -> Result<Cluster> {
-        Self::start(extra_toml, false).await
+        Self::start(extra_toml, false, Vec::new()).await
+    }
+
+    /// As [`Cluster::coordinator`], its processes with more environment.
+    pub async fn with_env(extra_toml: &str, env: Vec<(String, String)>) -> Result<Cluster> {
+        Self::start(extra_toml, false, env).await
     }
 
     /// As [`Cluster::coordinator`], with mutual TLS (`mesh certs dev`) and tokens.
     pub async fn secured(extra_toml: &str) -> Result<Cluster> {
-        Self::start(extra_toml, true).await
+        Self::start(extra_toml, true, Vec::new()).await
     }
 
-    async fn start(extra_toml: &str, secure: bool) -> Result<Cluster> {
+    async fn start(extra_toml: &str, secure: bool, env: Vec<(String, String)>) -> Result<Cluster> {
         let dir = tempfile::tempdir()?;
         let (grpc, http) = (free_port()?, free_port()?);
         let certs = dir.path().join("certs");
@@ -118,10 +139,11 @@ impl Cluster {
         );
         let path = dir.path().join("coordinator.toml");
         std::fs::write(&path, config)?;
-        let coordinator = spawn(
+        let coordinator = spawn_with(
             dir.path(),
             "coordinator",
             &["coordinator", "--config", &path.to_string_lossy()],
+            &env,
         )?;
         let scheme = if secure { "https" } else { "http" };
         let url = format!("{scheme}://127.0.0.1:{grpc}");
@@ -153,9 +175,11 @@ impl Cluster {
         let mut cluster = Cluster {
             dir,
             url,
+            http,
             coordinator,
             nodes: Vec::new(),
             secure: None,
+            env,
         };
         if secure {
             let admin = std::fs::read_to_string(&admin_file)?.trim().to_owned();
@@ -195,10 +219,11 @@ impl Cluster {
         }
         let path: PathBuf = self.dir.path().join(format!("{name}.toml"));
         std::fs::write(&path, config)?;
-        let node = spawn(
+        let node = spawn_with(
             self.dir.path(),
             name,
             &["node", "--config", &path.to_string_lossy()],
+            &self.env,
         )?;
         self.nodes.push(node);
         Ok(())

@@ -6,6 +6,7 @@
 
 mod baseline;
 mod cluster;
+mod otlp;
 mod stats;
 mod workloads;
 
@@ -27,6 +28,10 @@ pub enum Workload {
     W1Secure,
     /// w2 with mutual TLS and tokens.
     W2Secure,
+    /// w2 with every process exporting its spans over OTLP (to a sink in this process).
+    W2Traced,
+    /// The dashboard's page of a finished run of 1,000 steps.
+    Dashboard,
     W3,
     W4,
     Durable,
@@ -39,12 +44,14 @@ pub enum Workload {
 }
 
 impl Workload {
-    const ALL: [Workload; 13] = [
+    const ALL: [Workload; 15] = [
         Workload::Baseline,
         Workload::W1,
         Workload::W2,
         Workload::W1Secure,
         Workload::W2Secure,
+        Workload::W2Traced,
+        Workload::Dashboard,
         Workload::W3,
         Workload::W4,
         Workload::Durable,
@@ -61,6 +68,8 @@ impl Workload {
             Workload::W2 => "w2",
             Workload::W1Secure => "w1-secure",
             Workload::W2Secure => "w2-secure",
+            Workload::W2Traced => "w2-traced",
+            Workload::Dashboard => "dashboard",
             Workload::W3 => "w3",
             Workload::W4 => "w4",
             Workload::Durable => "durable",
@@ -86,6 +95,7 @@ fn target(workload: &str, figure: &str) -> Option<&'static str> {
         ("registry", "coordinator CPU") => "< 0.25 cores at 1,000 × 10",
         ("failover", "kill -9 to all re-dispatched") => "< lease + 1 s = 6,000 ms",
         ("llm", "added p50") => "< 1,000 µs",
+        ("dashboard", "p50, run page of 1,000 steps") => "< 50 ms",
         _ => return None,
     })
 }
@@ -96,9 +106,15 @@ fn baseline_of(workload: &str, figure: &str) -> Option<&'static str> {
         ("w1" | "w1-secure", "steps/s" | "steps/s, submit + watch") => "sequential rate",
         ("w1" | "w1-secure", "p50" | "p50, submit + watch") => "sequential p50",
         ("w1" | "w1-secure", "p99" | "p99, submit + watch") => "sequential p99",
-        ("w2" | "w2-secure" | "w3", "steps/s" | "steps/s, submit + watch") => "64 in flight rate",
-        ("w2" | "w2-secure" | "w3", "p50" | "p50, submit + watch") => "64 in flight p50",
-        ("w2" | "w2-secure" | "w3", "p99" | "p99, submit + watch") => "64 in flight p99",
+        ("w2" | "w2-secure" | "w2-traced" | "w3", "steps/s" | "steps/s, submit + watch") => {
+            "64 in flight rate"
+        }
+        ("w2" | "w2-secure" | "w2-traced" | "w3", "p50" | "p50, submit + watch") => {
+            "64 in flight p50"
+        }
+        ("w2" | "w2-secure" | "w2-traced" | "w3", "p99" | "p99, submit + watch") => {
+            "64 in flight p99"
+        }
         ("durable", "p50 per step, one chain") => "sequential p50",
         ("llm", "p50 through the mesh") => "sequential p50",
         ("llm", "p99 through the mesh") => "sequential p99",
@@ -186,6 +202,8 @@ async fn run_one(w: Workload, sizes: &Sizes) -> Result<Vec<Figure>> {
         Workload::W2 => workloads::w2(sizes).await,
         Workload::W1Secure => workloads::w1_secure(sizes).await,
         Workload::W2Secure => workloads::w2_secure(sizes).await,
+        Workload::W2Traced => workloads::w2_traced(sizes).await,
+        Workload::Dashboard => workloads::dashboard(sizes).await,
         Workload::W3 => workloads::w3(sizes).await,
         Workload::W4 => workloads::w4(sizes).await,
         Workload::Durable => workloads::durable(sizes).await,

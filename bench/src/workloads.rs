@@ -202,6 +202,100 @@ pub async fn w2(sizes: &Sizes) -> Result<Vec<Figure>> {
     Ok(figures)
 }
 
+/// w2 with OpenTelemetry on: the coordinator and both nodes export every span over OTLP/gRPC
+/// to a receiver in this process, which counts them. The cost of tracing.
+pub async fn w2_traced(sizes: &Sizes) -> Result<Vec<Figure>> {
+    let sink = crate::otlp::Sink::start().await?;
+    let env = vec![(
+        "OTEL_EXPORTER_OTLP_ENDPOINT".to_owned(),
+        format!("http://{}", sink.addr),
+    )];
+    let mut cluster = Cluster::with_env("", env).await?;
+    let agents = echo_agents(&["echo"], 64);
+    cluster.spawn_node("n1", &agents)?;
+    cluster.spawn_node("n2", &agents)?;
+    cluster.wait_nodes(2).await?;
+    let client = cluster.client().await?;
+    load(&client, "w2-traced warm-up", sizes.warmup, 64, echo_goal).await?;
+    let before = sink.spans();
+    let (samples, wall) = load(&client, "w2-traced", sizes.parallel, 64, echo_goal).await?;
+    let mut figures = latency_figures(samples, wall, "steps/s");
+    // Spans still buffered go out within the batch delay (5 s by default): wait until none
+    // has come for longer than that. A span the exporter's queue dropped never comes.
+    let (mut seen, mut quiet_since, began) = (sink.spans(), Instant::now(), Instant::now());
+    while quiet_since.elapsed() < Duration::from_secs(6)
+        && began.elapsed() < Duration::from_secs(30)
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if sink.spans() != seen {
+            (seen, quiet_since) = (sink.spans(), Instant::now());
+        }
+    }
+    let exported = seen - before;
+    ensure!(exported > 0, "no span reached the OTLP receiver");
+    figures.push(Figure::new(
+        "spans received per goal",
+        exported as f64 / sizes.parallel as f64,
+        "",
+    ));
+    Ok(figures)
+}
+
+/// The dashboard's page of a run of 1,000 steps, finished: each request renders the page from
+/// the run's view and trace, as a person opening it would.
+pub async fn dashboard(sizes: &Sizes) -> Result<Vec<Figure>> {
+    const STEPS: usize = 1_000;
+    let agents = echo_agents(&["echo"], 64);
+    let cluster = Cluster::with_nodes("", &[("n1", &agents)]).await?;
+    let client = cluster.client().await?;
+    let steps = (0..STEPS)
+        .map(|i| step(&format!("s{i}"), "echo", json!({ "i": i }), &[]))
+        .collect();
+    let run = client.submit(goal("bench dashboard", steps)).await?.run_id;
+    let deadline = Deadline::new("the 1,000-step run to finish", Duration::from_secs(120));
+    while !client.get_run(&run).await?.state.is_terminal() {
+        deadline.tick().await?;
+    }
+    mesh_agent_sdk::llm::install_crypto_provider();
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()?;
+    let url = format!("http://127.0.0.1:{}/ui/runs/{run}", cluster.http);
+    let get = async || -> Result<usize> {
+        let page = http.get(&url).send().await?.error_for_status()?;
+        Ok(page.bytes().await?.len())
+    };
+    let bytes = get().await?;
+    ensure!(
+        bytes > STEPS * 50,
+        "the run page ({bytes} bytes) does not list its {STEPS} steps"
+    );
+    for _ in 0..5 {
+        get().await?;
+    }
+    let n = sizes.sequential.clamp(20, 200);
+    let began = Instant::now();
+    let mut samples = Vec::with_capacity(n);
+    for _ in 0..n {
+        let at = Instant::now();
+        get().await?;
+        samples.push(at.elapsed());
+    }
+    let figures = latency_figures(samples, began.elapsed(), "pages/s");
+    let names = [
+        "pages/s, run page of 1,000 steps",
+        "p50, run page of 1,000 steps",
+        "p99, run page of 1,000 steps",
+    ];
+    let mut figures: Vec<Figure> = figures
+        .into_iter()
+        .zip(names)
+        .map(|(f, name)| Figure { name, ..f })
+        .collect();
+    figures.push(Figure::new("page size", bytes as f64 / 1024.0, "KiB"));
+    Ok(figures)
+}
+
 /// w1 and w2 on a cluster with mutual TLS and tokens: the cost of security.
 async fn secured(sizes: &Sizes, nodes: &[&str], n: usize, in_flight: usize) -> Result<Vec<Figure>> {
     let mut cluster = Cluster::secured("").await?;
