@@ -35,6 +35,18 @@ use crate::swarms::SwarmsMsg;
 /// Events a watcher may fall behind by before its watch ends.
 const WATCH_BUFFER: usize = 256;
 
+/// The text a running attempt has streamed that is kept for watchers who come later, per
+/// attempt; past it they see the rest as it comes, not what came before.
+const MAX_STREAMED_BYTES: usize = 256 * 1024;
+
+/// What a watcher of a live run gets: the run as it is, the text its running attempts have
+/// streamed so far (as deltas that restart each attempt's text), and every event after.
+pub struct Subscription {
+    pub view: RunView,
+    pub streamed: Vec<RunEvent>,
+    pub events: broadcast::Receiver<Arc<RunEvent>>,
+}
+
 pub enum RunMsg {
     /// Sent to itself once started: re-dispatch what was in flight, then make progress.
     Start,
@@ -115,7 +127,7 @@ pub enum RunMsg {
         outcome: TaskOutcome,
     },
     View(RpcReplyPort<RunView>),
-    Subscribe(RpcReplyPort<(RunView, broadcast::Receiver<Arc<RunEvent>>)>),
+    Subscribe(RpcReplyPort<Subscription>),
 }
 
 pub struct Run;
@@ -289,6 +301,9 @@ pub struct RunActorState {
     /// (`Span::none()` and empty otherwise; see `mesh_proto::trace_context`).
     span: tracing::Span,
     attempt_spans: HashMap<FencingToken, tracing::Span>,
+    /// The text each running attempt has streamed so far (scrubbed, at most
+    /// `MAX_STREAMED_BYTES`), for watchers who come in the middle.
+    streamed: HashMap<FencingToken, String>,
 }
 
 /// The span of a run, child of its submission's when it has one; `Span::none()` with tracing
@@ -337,8 +352,20 @@ impl RunActorState {
         traceparent
     }
 
-    /// Ends the span of the attempt `token`, marked failed with `error`.
+    /// Whether `token` is its task's current attempt (what it reports is shown).
+    fn is_current(&self, token: &FencingToken) -> bool {
+        self.machine.position(&token.step_id).is_some_and(|i| {
+            self.machine.steps()[i]
+                .tasks
+                .get(token.index as usize)
+                .is_some_and(|t| t.attempt == token.attempt)
+        })
+    }
+
+    /// Forgets the text the attempt `token` streamed, and ends its span, marked failed with
+    /// `error`.
     fn attempt_ended(&mut self, token: &FencingToken, error: Option<&str>) {
+        self.streamed.remove(token);
         if let Some(span) = self.attempt_spans.remove(token)
             && let Some(error) = error
         {
@@ -530,6 +557,7 @@ impl RunActorState {
             JournalEvent::RunFinished { state, .. } => {
                 self.span.record("state", state.as_str());
                 self.attempt_spans.clear();
+                self.streamed.clear();
                 self.span = tracing::Span::none();
                 info!(run_id = %self.machine.run_id(), %state, elapsed_ms = self.started.elapsed().as_millis() as u64, "run finished");
                 metrics::counter!(m::RUNS_FINISHED, "state" => state.as_str()).increment(1);
@@ -697,6 +725,7 @@ impl Actor for Run {
             secrets: HashMap::new(),
             span,
             attempt_spans: HashMap::new(),
+            streamed: HashMap::new(),
         })
     }
 
@@ -884,32 +913,36 @@ async fn on_message(
             let _ = reply.send(st.commit_and_view(&myself, decided).await);
         }
         RunMsg::Report(report) => {
-            let token = report.token();
-            let current = st.machine.position(&token.step_id).is_some_and(|i| {
-                st.machine.steps()[i]
-                    .tasks
-                    .get(token.index as usize)
-                    .is_some_and(|t| t.attempt == token.attempt)
-            });
-            if current {
-                st.publish(match report {
+            if st.is_current(report.token()) {
+                let event = match report {
                     Report::Progress(p) => RunEvent::Progress {
                         step: p.token.step_id,
                         attempt: p.token.attempt,
                         message: p.message,
                         fraction: p.fraction,
                     },
-                    Report::Delta(d) => RunEvent::Delta {
-                        text: match st.secrets.get(&d.token) {
+                    Report::Delta(d) => {
+                        let text = match st.secrets.get(&d.token) {
                             Some(secrets) => mesh_proto::secrets::scrub_text(&d.text, secrets),
                             None => d.text,
-                        },
-                        step: d.token.step_id,
-                        index: d.token.index,
-                        attempt: d.token.attempt,
-                        restart: d.restart,
-                    },
-                });
+                        };
+                        let kept = st.streamed.entry(d.token.clone()).or_default();
+                        if d.restart {
+                            kept.clear();
+                        }
+                        if kept.len() + text.len() <= MAX_STREAMED_BYTES {
+                            kept.push_str(&text);
+                        }
+                        RunEvent::Delta {
+                            text,
+                            step: d.token.step_id,
+                            index: d.token.index,
+                            attempt: d.token.attempt,
+                            restart: d.restart,
+                        }
+                    }
+                };
+                st.publish(event);
             }
         }
         RunMsg::RetryFrom { step, reply } => {
@@ -950,11 +983,25 @@ async fn on_message(
         }
         RunMsg::Subscribe(reply) => {
             let view = st.view();
-            let rx = st
+            let events = st
                 .watchers
                 .get_or_insert_with(|| broadcast::channel(WATCH_BUFFER).0)
                 .subscribe();
-            let _ = reply.send((view, rx));
+            let streamed = (st.streamed.iter())
+                .filter(|(token, text)| !text.is_empty() && st.is_current(token))
+                .map(|(token, text)| RunEvent::Delta {
+                    step: token.step_id.clone(),
+                    index: token.index,
+                    attempt: token.attempt,
+                    text: text.clone(),
+                    restart: true,
+                })
+                .collect();
+            let _ = reply.send(Subscription {
+                view,
+                streamed,
+                events,
+            });
         }
     }
     if st.machine.state().is_terminal() {
@@ -973,7 +1020,11 @@ pub async fn wait_until_finished(deps: &RunDeps, id: &RunId) -> Result<RunView> 
         tokio::pin!(changed);
         changed.as_mut().enable();
         if let Some(run) = deps.directory.get(id)
-            && let Ok(ractor::rpc::CallResult::Success((view, mut rx))) = run
+            && let Ok(ractor::rpc::CallResult::Success(Subscription {
+                view,
+                events: mut rx,
+                ..
+            })) = run
                 .call(RunMsg::Subscribe, Some(Duration::from_secs(5)))
                 .await
         {

@@ -482,6 +482,69 @@ async fn a_watcher_sees_the_text_as_it_comes() {
     );
 }
 
+/// A watcher who comes while a step streams gets the text so far first (one delta that
+/// restarts the step's text), then the rest as it comes: the whole answer, from its beginning.
+#[tokio::test]
+async fn a_late_watcher_gets_the_text_so_far_then_the_rest() {
+    use futures::StreamExt;
+    use mesh_agent_sdk::RunEvent;
+    let fake = FakeLlm::start(KEY).await;
+    let mesh = mesh_with_llm(&fake, KEY).await;
+    fake.knobs()
+        .chunk_delay_ms
+        .store(100, std::sync::atomic::Ordering::SeqCst);
+    let client = mesh.client().await;
+    let prompt = "one two three four five six seven eight nine ten";
+    let goal = workflow_goal(
+        &one_step(json!({ "model": "openai/late", "prompt": prompt })),
+        json!({}),
+    );
+    let (run, early) = client.submit_and_watch(goal).await.unwrap();
+    let mut early = Box::pin(early);
+    // Wait for text to have been streamed, as an early watcher sees it.
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(event) = early.next().await {
+            if matches!(event.unwrap(), RunEvent::Delta { .. }) {
+                break;
+            }
+        }
+    })
+    .await
+    .expect("text is streamed");
+    let mut late = Box::pin(client.watch(&run.run_id).await.unwrap());
+    let mut text = String::new();
+    let mut first: Option<(String, bool)> = None;
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(event) = late.next().await {
+            match event.unwrap() {
+                RunEvent::Delta {
+                    text: delta,
+                    restart,
+                    ..
+                } => {
+                    first.get_or_insert((delta.clone(), restart));
+                    if restart {
+                        text.clear();
+                    }
+                    text.push_str(&delta);
+                }
+                RunEvent::Finished { .. } => break,
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("the run finishes");
+    let answer = FakeLlm::answer_to(prompt);
+    let (caught_up, restart) = first.expect("the late watcher got text");
+    assert!(restart, "the text so far restarts the step's text");
+    assert!(
+        answer.starts_with(&caught_up) && caught_up.len() < answer.len(),
+        "the text so far is the answer's beginning: {caught_up:?}"
+    );
+    assert_eq!(text, answer, "then the rest, nothing missing or twice");
+}
+
 /// A run's journal as (kind, event JSON), in order, read from the store file.
 fn journal(mesh: &Mesh, run: &mesh_agent_sdk::RunId) -> Vec<(String, Value)> {
     let db = rusqlite::Connection::open(mesh.db_path()).unwrap();

@@ -48,15 +48,19 @@ fn finished_events(view: RunView) -> Vec<Result<pb::RunEvent, Status>> {
 /// watcher that falls more than the buffer behind is cut off (RESOURCE_EXHAUSTED) rather
 /// than holding memory, and one whose run stops without finishing (its actor restarts)
 /// gets UNAVAILABLE; either can watch again and starts from a fresh snapshot.
-fn live_events(
-    view: RunView,
-    rx: tokio::sync::broadcast::Receiver<std::sync::Arc<RunEvent>>,
-) -> EventStream {
+fn live_events(subscription: run::Subscription) -> EventStream {
+    let run::Subscription {
+        view,
+        streamed,
+        events: rx,
+    } = subscription;
     if view.state.is_terminal() {
         return Box::pin(stream::iter(finished_events(view)));
     }
     let run_id = view.run_id.clone();
-    let first = stream::iter(finished_events(view));
+    // The text running steps have streamed so far comes right after the snapshot.
+    let caught_up = streamed.into_iter().map(|e| Ok(bounded::event(e)));
+    let first = stream::iter(finished_events(view).into_iter().chain(caught_up));
     let live = BroadcastStream::new(rx)
         .map(Some)
         .chain(stream::once(std::future::ready(None)))
@@ -121,12 +125,12 @@ impl GoalApi {
             tokio::pin!(changed);
             changed.as_mut().enable();
             if let Some(run) = self.handles.directory.get(id)
-                && let Ok((view, rx)) = call_result(
+                && let Ok(subscription) = call_result(
                     "run",
                     run.call(RunMsg::Subscribe, Some(RUN_CALL_TIMEOUT)).await,
                 )
             {
-                return Ok(live_events(view, rx));
+                return Ok(live_events(subscription));
             }
             let view = run::stored_view(&self.handles.deps, id)
                 .await
