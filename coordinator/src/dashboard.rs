@@ -675,9 +675,18 @@ fn sse_events(
                 RunEvent::Finished { state, .. } => {
                     Event::default().event("end").data(state.as_str())
                 }
-                RunEvent::Progress { .. } | RunEvent::Snapshot(_) | RunEvent::Step(_) => {
-                    Event::default().event("change").data("")
+                // Data that is not empty: a browser drops an event whose data is.
+                RunEvent::Snapshot(view) => {
+                    Event::default().event("change").data(view.state.as_str())
                 }
+                RunEvent::Step(step) => Event::default().event("change").data(format!(
+                    "{} {}",
+                    step.id,
+                    step.state.as_str()
+                )),
+                RunEvent::Progress { step, .. } => Event::default()
+                    .event("change")
+                    .data(format!("{step} progress")),
             }
         })
         .map(Ok)

@@ -127,6 +127,21 @@ async fn wait_text(b: &Client, css: &str, want: &str) {
     .await;
 }
 
+/// Waits (20 s at most) until `css` is on a run's page and the page has caught up with the
+/// run's events (no redraw under way: `run.js` marks it), so that what a test finds next
+/// stays on the page while the run does not move.
+async fn settled_on(b: &Client, css: &str) -> fantoccini::elements::Element {
+    wait_for(
+        &format!("{css} on a settled page"),
+        Duration::from_secs(20),
+        || async {
+            b.find(Locator::Css("#run[data-busy='0']")).await.ok()?;
+            b.find(Locator::Css(css)).await.ok()
+        },
+    )
+    .await
+}
+
 async fn submit(client: &GoalClient, flow: &str) -> RunId {
     client
         .submit(workflow_goal(flow, json!({})))
@@ -174,7 +189,8 @@ async fn the_overview_lists_the_nodes_and_a_run_goes_live_to_succeeded() {
     c.goto(&ui(&mesh, &format!("/ui/runs/{run}")))
         .await
         .unwrap();
-    assert_eq!(text(c, "#run-state").await.as_deref(), Some("running"));
+    // (The page redraws itself as events come: what it reads is waited for, not read once.)
+    wait_text(c, "#run-state", "running").await;
     c.execute("window.__kept = 42", vec![]).await.unwrap();
     wait_text(c, "#run-state", "succeeded").await;
     let kept = c.execute("return window.__kept", vec![]).await.unwrap();
@@ -218,12 +234,7 @@ async fn approvals_and_cancellations_are_done_from_the_page() {
     c.goto(&ui(&mesh, &format!("/ui/runs/{gated}")))
         .await
         .unwrap();
-    let approve = c
-        .wait()
-        .at_most(Duration::from_secs(20))
-        .for_element(Locator::Css("button.approve"))
-        .await
-        .unwrap();
+    let approve = settled_on(c, "button.approve").await;
     c.find(Locator::Css("form.action input[name=comment]"))
         .await
         .unwrap()
@@ -244,12 +255,7 @@ async fn approvals_and_cancellations_are_done_from_the_page() {
     c.goto(&ui(&mesh, &format!("/ui/runs/{long}")))
         .await
         .unwrap();
-    c.find(Locator::Css("button.cancel"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    settled_on(c, "button.cancel").await.click().await.unwrap();
     wait_text(c, "#run-state", "cancelled").await;
     assert_eq!(
         client.get_run(&long).await.unwrap().state,
@@ -365,5 +371,106 @@ async fn a_read_only_token_sees_no_buttons_and_its_actions_are_refused() {
         "{answer}"
     );
     assert_eq!(admin.get_run(&run).await.unwrap().state, RunState::Running);
+    b.client.clone().close().await.unwrap();
+}
+
+/// A model step's text streams onto its page while the model writes it, from its beginning
+/// even for a page opened in the middle; a step waiting for a signal is sent one with a JSON
+/// payload from the page, and the run goes on with it.
+#[tokio::test]
+async fn a_model_steps_text_streams_in_and_a_signal_with_a_payload_is_sent_from_the_page() {
+    use mesh_tests::fake_llm::{FakeLlm, Wire};
+    const KEY: &str = "sk-test-dashboard-0123456789";
+    let fake = FakeLlm::start(KEY).await;
+    // Eleven chunks, 300 ms apart: the step streams for about three seconds.
+    fake.knobs()
+        .chunk_delay_ms
+        .store(300, std::sync::atomic::Ordering::SeqCst);
+    let mut mesh = Mesh::start(Timings::default()).await;
+    let agents = format!(
+        "{AGENTS}\n[[agents]]\nkind = \"llm\"\nmax_concurrency = 4\n\n[llm.openai]\nbase_url = \"{}\"\napi_key = \"{KEY}\"\n",
+        fake.base_url(Wire::OpenAi)
+    );
+    mesh.start_node("n1", &agents).await;
+    let b = browser(mesh.dir.path()).await;
+    let c = &b.client;
+    let client = mesh.client().await;
+
+    let prompt = "one two three four five six seven eight nine ten";
+    let answer = FakeLlm::answer_to(prompt);
+    let run = submit(
+        &client,
+        &format!(
+            "steps:\n  - {{id: ask, uses: llm, with: {{model: openai/writer, prompt: \"{prompt}\"}}}}\n  - id: gate\n    needs: [ask]\n    wait_for: {{signal: go, timeout: 5m}}\n  - {{id: after, uses: echo, needs: [gate], with: {{ticket: \"${{{{ steps.gate.output.ticket }}}}\"}}}}\n"
+        ),
+    )
+    .await;
+    // The page is opened once the model has begun to answer.
+    wait_for("the model to begin", Duration::from_secs(20), || async {
+        (fake.seen().iter().any(|s| s.stream)).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    c.goto(&ui(&mesh, &format!("/ui/runs/{run}")))
+        .await
+        .unwrap();
+    // Part of the answer, from its beginning, while the step still runs.
+    let partial = wait_for(
+        "part of the answer on the page",
+        Duration::from_secs(20),
+        || async {
+            let shown = text(c, "#delta-ask").await?;
+            (!shown.is_empty() && shown.len() < answer.trim_end().len()).then_some(shown)
+        },
+    )
+    .await;
+    assert!(
+        answer.starts_with(partial.trim_end()),
+        "the page shows the answer from its beginning: {partial:?} of {answer:?}"
+    );
+    let running = c
+        .find_all(Locator::Css("tr.step[data-step=ask][data-state=running]"))
+        .await
+        .unwrap();
+    assert_eq!(running.len(), 1, "the text came while the step ran");
+    shot(c, "streaming").await;
+
+    // Then the step ends and its output holds the whole answer; the run waits for `go`.
+    let send = settled_on(c, "button.signal").await;
+    let output = c
+        .execute(
+            "const o = document.querySelector('tr.detail[data-step=ask] details.output pre');
+             return o ? o.textContent : '';",
+            vec![],
+        )
+        .await
+        .unwrap();
+    let output = output.as_str().unwrap_or_default();
+    assert!(output.contains(answer.trim()), "{output}");
+    c.find(Locator::Css("form.action input[name=name]"))
+        .await
+        .unwrap()
+        .send_keys("go")
+        .await
+        .unwrap();
+    c.find(Locator::Css("form.action input[name=payload]"))
+        .await
+        .unwrap()
+        .send_keys(r#"{"ticket": 7}"#)
+        .await
+        .unwrap();
+    shot(c, "signal").await;
+    send.click().await.unwrap();
+    wait_text(c, "#run-state", "succeeded").await;
+    let view = client.get_run(&run).await.unwrap();
+    assert_eq!(view.state, RunState::Succeeded);
+    let gate = view.steps.iter().find(|s| s.id.as_str() == "gate").unwrap();
+    assert_eq!(gate.output, Some(json!({ "ticket": 7 })));
+    let after = view
+        .steps
+        .iter()
+        .find(|s| s.id.as_str() == "after")
+        .unwrap();
+    assert_eq!(after.output.as_ref().unwrap()["with"]["ticket"], json!(7));
     b.client.clone().close().await.unwrap();
 }
