@@ -59,8 +59,14 @@ pub fn init(default_filter: &str, service: &str) -> Telemetry {
     let (provider, spans) = match otlp_configured().then(|| exporter(service)) {
         Some(Ok(provider)) => {
             let tracer = provider.tracer("agentmesh");
+            // No source locations, thread ids or busy/idle timers on every span: each costs
+            // work on every span and every enter, and the mesh's spans say what they are.
             let layer = tracing_opentelemetry::layer()
                 .with_tracer(tracer)
+                .with_location(false)
+                .with_threads(false)
+                .with_tracked_inactivity(false)
+                .with_target(false)
                 .with_filter(filter_fn(exported));
             (Some(provider), Some(layer))
         }

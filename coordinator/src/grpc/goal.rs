@@ -248,7 +248,7 @@ fn check_comment(comment: &str) -> Result<(), Status> {
 
 #[tonic::async_trait]
 impl pb::goal_service_server::GoalService for GoalApi {
-    #[tracing::instrument(name = "grpc.submit_goal", skip_all)]
+    #[tracing::instrument(name = "grpc.submit_goal", level = "debug", skip_all)]
     async fn submit_goal(
         &self,
         request: Request<pb::SubmitGoalRequest>,
@@ -266,7 +266,7 @@ impl pb::goal_service_server::GoalService for GoalApi {
     type SubmitAndWatchStream =
         Pin<Box<dyn Stream<Item = Result<pb::SubmitAndWatchEvent, Status>> + Send>>;
 
-    #[tracing::instrument(name = "grpc.submit_and_watch", skip_all)]
+    #[tracing::instrument(name = "grpc.submit_and_watch", level = "debug", skip_all)]
     async fn submit_and_watch(
         &self,
         request: Request<pb::SubmitGoalRequest>,
@@ -298,7 +298,7 @@ impl pb::goal_service_server::GoalService for GoalApi {
         )))
     }
 
-    #[tracing::instrument(name = "grpc.get_run", skip_all)]
+    #[tracing::instrument(name = "grpc.get_run", level = "debug", skip_all)]
     async fn get_run(
         &self,
         request: Request<pb::GetRunRequest>,
@@ -311,7 +311,7 @@ impl pb::goal_service_server::GoalService for GoalApi {
 
     type WatchRunStream = EventStream;
 
-    #[tracing::instrument(name = "grpc.watch_run", skip_all)]
+    #[tracing::instrument(name = "grpc.watch_run", level = "debug", skip_all)]
     async fn watch_run(
         &self,
         request: Request<pb::WatchRunRequest>,
@@ -321,7 +321,7 @@ impl pb::goal_service_server::GoalService for GoalApi {
         Ok(Response::new(self.watch(&id).await?))
     }
 
-    #[tracing::instrument(name = "grpc.cancel_run", skip_all)]
+    #[tracing::instrument(name = "grpc.cancel_run", level = "debug", skip_all)]
     async fn cancel_run(
         &self,
         request: Request<pb::CancelRunRequest>,
@@ -354,7 +354,7 @@ impl pb::goal_service_server::GoalService for GoalApi {
         ))))
     }
 
-    #[tracing::instrument(name = "grpc.approve", skip_all)]
+    #[tracing::instrument(name = "grpc.approve", level = "debug", skip_all)]
     async fn approve(
         &self,
         request: Request<pb::DecideRequest>,
@@ -362,7 +362,7 @@ impl pb::goal_service_server::GoalService for GoalApi {
         self.decide(request, true).await
     }
 
-    #[tracing::instrument(name = "grpc.reject", skip_all)]
+    #[tracing::instrument(name = "grpc.reject", level = "debug", skip_all)]
     async fn reject(
         &self,
         request: Request<pb::DecideRequest>,
@@ -370,7 +370,7 @@ impl pb::goal_service_server::GoalService for GoalApi {
         self.decide(request, false).await
     }
 
-    #[tracing::instrument(name = "grpc.retry_run", skip_all)]
+    #[tracing::instrument(name = "grpc.retry_run", level = "debug", skip_all)]
     async fn retry_run(
         &self,
         request: Request<pb::RetryRunRequest>,
@@ -394,7 +394,7 @@ impl pb::goal_service_server::GoalService for GoalApi {
         Ok(Response::new(bounded::run(self.view(&id).await?)))
     }
 
-    #[tracing::instrument(name = "grpc.skip_step", skip_all)]
+    #[tracing::instrument(name = "grpc.skip_step", level = "debug", skip_all)]
     async fn skip_step(
         &self,
         request: Request<pb::SkipStepRequest>,
@@ -415,7 +415,7 @@ impl pb::goal_service_server::GoalService for GoalApi {
         Ok(Response::new(bounded::run(view)))
     }
 
-    #[tracing::instrument(name = "grpc.raise_budget", skip_all)]
+    #[tracing::instrument(name = "grpc.raise_budget", level = "debug", skip_all)]
     async fn raise_budget(
         &self,
         request: Request<pb::RaiseBudgetRequest>,
@@ -446,7 +446,7 @@ impl pb::goal_service_server::GoalService for GoalApi {
         Ok(Response::new(bounded::run(view)))
     }
 
-    #[tracing::instrument(name = "grpc.signal", skip_all)]
+    #[tracing::instrument(name = "grpc.signal", level = "debug", skip_all)]
     async fn signal(
         &self,
         request: Request<pb::SignalRequest>,
@@ -468,7 +468,7 @@ impl pb::goal_service_server::GoalService for GoalApi {
         Ok(Response::new(bounded::run(view)))
     }
 
-    #[tracing::instrument(name = "grpc.get_run_trace", skip_all)]
+    #[tracing::instrument(name = "grpc.get_run_trace", level = "debug", skip_all)]
     async fn get_run_trace(
         &self,
         request: Request<pb::GetRunTraceRequest>,
@@ -484,7 +484,7 @@ impl pb::goal_service_server::GoalService for GoalApi {
         Ok(Response::new(trace))
     }
 
-    #[tracing::instrument(name = "grpc.get_output", skip_all)]
+    #[tracing::instrument(name = "grpc.get_output", level = "debug", skip_all)]
     async fn get_output(
         &self,
         request: Request<pb::GetOutputRequest>,
@@ -533,7 +533,7 @@ impl pb::goal_service_server::GoalService for GoalApi {
         }))
     }
 
-    #[tracing::instrument(name = "grpc.list_runs", skip_all)]
+    #[tracing::instrument(name = "grpc.list_runs", level = "debug", skip_all)]
     async fn list_runs(
         &self,
         request: Request<pb::ListRunsRequest>,

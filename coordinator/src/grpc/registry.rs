@@ -41,7 +41,7 @@ impl RegistryApi {
 
 #[tonic::async_trait]
 impl pb::registry_service_server::RegistryService for RegistryApi {
-    #[tracing::instrument(name = "grpc.drain_node", skip_all)]
+    #[tracing::instrument(name = "grpc.drain_node", level = "debug", skip_all)]
     async fn drain_node(
         &self,
         request: Request<pb::DrainNodeRequest>,
@@ -99,7 +99,7 @@ impl pb::registry_service_server::RegistryService for RegistryApi {
         Ok(Response::new(view.into()))
     }
 
-    #[tracing::instrument(name = "grpc.list_nodes", skip_all)]
+    #[tracing::instrument(name = "grpc.list_nodes", level = "debug", skip_all)]
     async fn list_nodes(
         &self,
         request: Request<pb::ListNodesRequest>,
@@ -111,7 +111,7 @@ impl pb::registry_service_server::RegistryService for RegistryApi {
         }))
     }
 
-    #[tracing::instrument(name = "grpc.list_agents", skip_all)]
+    #[tracing::instrument(name = "grpc.list_agents", level = "debug", skip_all)]
     async fn list_agents(
         &self,
         request: Request<pb::ListAgentsRequest>,

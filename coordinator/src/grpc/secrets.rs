@@ -20,7 +20,7 @@ fn info(s: SecretInfo) -> pb::SecretInfo {
 
 #[tonic::async_trait]
 impl pb::secret_service_server::SecretService for SecretApi {
-    #[tracing::instrument(name = "grpc.set_secret", skip_all)]
+    #[tracing::instrument(name = "grpc.set_secret", level = "debug", skip_all)]
     async fn set_secret(
         &self,
         request: Request<pb::SetSecretRequest>,
@@ -36,7 +36,7 @@ impl pb::secret_service_server::SecretService for SecretApi {
         Ok(Response::new(info(set)))
     }
 
-    #[tracing::instrument(name = "grpc.list_secrets", skip_all)]
+    #[tracing::instrument(name = "grpc.list_secrets", level = "debug", skip_all)]
     async fn list_secrets(
         &self,
         request: Request<pb::ListSecretsRequest>,
@@ -60,7 +60,7 @@ impl pb::secret_service_server::SecretService for SecretApi {
         }))
     }
 
-    #[tracing::instrument(name = "grpc.delete_secret", skip_all)]
+    #[tracing::instrument(name = "grpc.delete_secret", level = "debug", skip_all)]
     async fn delete_secret(
         &self,
         request: Request<pb::DeleteSecretRequest>,

@@ -37,7 +37,7 @@ fn invalid(field: &str, message: impl Into<String>) -> Status {
 
 #[tonic::async_trait]
 impl pb::workflow_service_server::WorkflowService for WorkflowApi {
-    #[tracing::instrument(name = "grpc.register_workflow", skip_all)]
+    #[tracing::instrument(name = "grpc.register_workflow", level = "debug", skip_all)]
     async fn register(
         &self,
         request: Request<pb::RegisterWorkflowRequest>,
@@ -85,7 +85,7 @@ impl pb::workflow_service_server::WorkflowService for WorkflowApi {
         Ok(Response::new(answer))
     }
 
-    #[tracing::instrument(name = "grpc.get_workflow", skip_all)]
+    #[tracing::instrument(name = "grpc.get_workflow", level = "debug", skip_all)]
     async fn get(
         &self,
         request: Request<pb::GetWorkflowRequest>,
@@ -101,7 +101,7 @@ impl pb::workflow_service_server::WorkflowService for WorkflowApi {
         Ok(Response::new(record.into()))
     }
 
-    #[tracing::instrument(name = "grpc.list_workflows", skip_all)]
+    #[tracing::instrument(name = "grpc.list_workflows", level = "debug", skip_all)]
     async fn list(
         &self,
         request: Request<pb::ListWorkflowsRequest>,
@@ -152,7 +152,7 @@ impl pb::workflow_service_server::WorkflowService for WorkflowApi {
         }))
     }
 
-    #[tracing::instrument(name = "grpc.validate_workflow", skip_all)]
+    #[tracing::instrument(name = "grpc.validate_workflow", level = "debug", skip_all)]
     async fn validate(
         &self,
         request: Request<pb::ValidateWorkflowRequest>,
@@ -173,7 +173,7 @@ impl pb::workflow_service_server::WorkflowService for WorkflowApi {
         Ok(Response::new(answer))
     }
 
-    #[tracing::instrument(name = "grpc.profile_workflow", skip_all)]
+    #[tracing::instrument(name = "grpc.profile_workflow", level = "debug", skip_all)]
     async fn profile(
         &self,
         request: Request<pb::ProfileWorkflowRequest>,
