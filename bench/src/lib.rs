@@ -6,7 +6,6 @@
 
 mod baseline;
 mod cluster;
-mod otlp;
 mod stats;
 mod workloads;
 

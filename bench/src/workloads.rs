@@ -205,11 +205,8 @@ pub async fn w2(sizes: &Sizes) -> Result<Vec<Figure>> {
 /// w2 with OpenTelemetry on: the coordinator and both nodes export every span over OTLP/gRPC
 /// to a receiver in this process, which counts them. The cost of tracing.
 pub async fn w2_traced(sizes: &Sizes) -> Result<Vec<Figure>> {
-    let sink = crate::otlp::Sink::start().await?;
-    let env = vec![(
-        "OTEL_EXPORTER_OTLP_ENDPOINT".to_owned(),
-        format!("http://{}", sink.addr),
-    )];
+    let sink = mesh_harness::otlp::Receiver::start(false).await?;
+    let env = vec![("OTEL_EXPORTER_OTLP_ENDPOINT".to_owned(), sink.endpoint())];
     let mut cluster = Cluster::with_env("", env).await?;
     let agents = echo_agents(&["echo"], 64);
     cluster.spawn_node("n1", &agents)?;
@@ -217,18 +214,18 @@ pub async fn w2_traced(sizes: &Sizes) -> Result<Vec<Figure>> {
     cluster.wait_nodes(2).await?;
     let client = cluster.client().await?;
     load(&client, "w2-traced warm-up", sizes.warmup, 64, echo_goal).await?;
-    let before = sink.spans();
+    let before = sink.count();
     let (samples, wall) = load(&client, "w2-traced", sizes.parallel, 64, echo_goal).await?;
     let mut figures = latency_figures(samples, wall, "steps/s");
     // Spans still buffered go out within the batch delay (5 s by default): wait until none
     // has come for longer than that. A span the exporter's queue dropped never comes.
-    let (mut seen, mut quiet_since, began) = (sink.spans(), Instant::now(), Instant::now());
+    let (mut seen, mut quiet_since, began) = (sink.count(), Instant::now(), Instant::now());
     while quiet_since.elapsed() < Duration::from_secs(6)
         && began.elapsed() < Duration::from_secs(30)
     {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        if sink.spans() != seen {
-            (seen, quiet_since) = (sink.spans(), Instant::now());
+        if sink.count() != seen {
+            (seen, quiet_since) = (sink.count(), Instant::now());
         }
     }
     let exported = seen - before;

@@ -3,9 +3,11 @@
 //! real, wait for it with a bound, read its memory and CPU time from `/proc`, find free
 //! loopback ports, and poll a condition with a deadline. A [`Proc`] is killed on drop, and
 //! its log is printed when the thread that drops it is panicking (a failed test). And a
-//! model provider on loopback ([`fake_llm`]) that the `llm` tests and `mesh bench llm` call.
+//! model provider on loopback ([`fake_llm`]) that the `llm` tests and `mesh bench llm` call,
+//! and an OTLP trace receiver ([`otlp`]) for the telemetry tests and `mesh bench w2-traced`.
 
 pub mod fake_llm;
+pub mod otlp;
 
 use std::fmt;
 use std::fs::File;

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use mesh_agent_sdk::{GoalClient, Health, NodeView};
 
-pub use mesh_harness::fake_llm;
+pub use mesh_harness::{fake_llm, otlp};
 pub mod netns;
 pub mod raw;
 

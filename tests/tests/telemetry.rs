@@ -2,108 +2,22 @@
 //! steps cross two nodes is one connected trace at an OTLP receiver, parent links right.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mesh_proto::pb;
 use mesh_proto::pb::goal_service_client::GoalServiceClient;
-use mesh_tests::{Mesh, Timings, free_port, wait_for};
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
-    TraceService, TraceServiceServer,
-};
-use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTraceServiceRequest, ExportTraceServiceResponse,
-};
-use opentelemetry_proto::tonic::common::v1::KeyValue;
-use opentelemetry_proto::tonic::common::v1::any_value::Value as Any;
-use tonic::{Request, Response, Status};
-
-/// A span as received: its ids, its name, its attributes and its process.
-#[derive(Clone, Debug)]
-struct Got {
-    trace_id: Vec<u8>,
-    span_id: Vec<u8>,
-    parent: Vec<u8>,
-    name: String,
-    attributes: HashMap<String, String>,
-    service: String,
-    pid: String,
-}
-
-fn text(attributes: &[KeyValue]) -> HashMap<String, String> {
-    attributes
-        .iter()
-        .map(|kv| {
-            let value = match kv.value.as_ref().and_then(|v| v.value.clone()) {
-                Some(Any::StringValue(s)) => s,
-                Some(Any::IntValue(i)) => i.to_string(),
-                Some(Any::BoolValue(b)) => b.to_string(),
-                Some(Any::DoubleValue(d)) => d.to_string(),
-                other => format!("{other:?}"),
-            };
-            (kv.key.clone(), value)
-        })
-        .collect()
-}
-
-/// An OTLP/gRPC trace receiver that keeps every span it is sent.
-#[derive(Clone, Default)]
-struct Receiver {
-    spans: Arc<Mutex<Vec<Got>>>,
-}
-
-#[tonic::async_trait]
-impl TraceService for Receiver {
-    async fn export(
-        &self,
-        request: Request<ExportTraceServiceRequest>,
-    ) -> Result<Response<ExportTraceServiceResponse>, Status> {
-        let mut spans = self.spans.lock().unwrap();
-        for resource in request.into_inner().resource_spans {
-            let process = text(&resource.resource.map(|r| r.attributes).unwrap_or_default());
-            for scope in resource.scope_spans {
-                for span in scope.spans {
-                    spans.push(Got {
-                        trace_id: span.trace_id,
-                        span_id: span.span_id,
-                        parent: span.parent_span_id,
-                        name: span.name,
-                        attributes: text(&span.attributes),
-                        service: process.get("service.name").cloned().unwrap_or_default(),
-                        pid: process.get("process.pid").cloned().unwrap_or_default(),
-                    });
-                }
-            }
-        }
-        Ok(Response::new(ExportTraceServiceResponse {
-            partial_success: None,
-        }))
-    }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
+use mesh_tests::otlp::{Receiver, Span};
+use mesh_tests::{Mesh, Timings, wait_for};
+use tonic::Request;
 
 #[tokio::test]
 async fn a_run_across_two_nodes_is_one_connected_trace() {
     // The receiver, on a free loopback port, for the three processes.
-    let receiver = Receiver::default();
-    let port = free_port();
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(TraceServiceServer::new(receiver.clone()))
-            .serve_with_shutdown(addr, async {
-                let _ = stopped.await;
-            }),
-    );
+    let receiver = Receiver::start(true).await.unwrap();
     let env = vec![
         (
             "OTEL_EXPORTER_OTLP_ENDPOINT".to_owned(),
-            format!("http://127.0.0.1:{port}"),
+            receiver.endpoint(),
         ),
         ("OTEL_BSP_SCHEDULE_DELAY".to_owned(), "100".to_owned()),
         ("MESH_LOG_FORMAT".to_owned(), "json".to_owned()),
@@ -156,27 +70,23 @@ async fn a_run_across_two_nodes_is_one_connected_trace() {
         .run_id;
 
     // Every span of the run reaches the receiver once the run is over.
-    let spans = wait_for("the run's spans", Duration::from_secs(30), || {
-        let spans = receiver.spans.clone();
-        async move {
-            let spans = spans.lock().unwrap().clone();
-            let handled = spans.iter().filter(|s| s.name == "agent.handle").count();
-            let run_ended = spans.iter().any(|s| s.name == "run");
-            (handled >= 3 && run_ended).then_some(spans)
-        }
+    let spans = wait_for("the run's spans", Duration::from_secs(30), || async {
+        let spans = receiver.spans();
+        let handled = spans.iter().filter(|s| s.name == "agent.handle").count();
+        let run_ended = spans.iter().any(|s| s.name == "run");
+        (handled >= 3 && run_ended).then_some(spans)
     })
     .await;
-    let _ = stop.send(());
-    let _ = server.await;
+    drop(receiver);
 
-    let ours: Vec<&Got> = spans
+    let ours: Vec<&Span> = spans
         .iter()
-        .filter(|s| hex(&s.trace_id) == client_trace)
+        .filter(|s| s.trace_id == client_trace)
         .collect();
-    let by_id: HashMap<Vec<u8>, &Got> = ours.iter().map(|s| (s.span_id.clone(), *s)).collect();
-    let parent_of = |s: &Got| by_id.get(&s.parent).copied();
+    let by_id: HashMap<&str, &Span> = ours.iter().map(|s| (s.span_id.as_str(), *s)).collect();
+    let parent_of = |s: &Span| by_id.get(s.parent.as_str()).copied();
     let named =
-        |name: &str| -> Vec<&Got> { ours.iter().copied().filter(|s| s.name == name).collect() };
+        |name: &str| -> Vec<&Span> { ours.iter().copied().filter(|s| s.name == name).collect() };
     let names: Vec<&str> = ours.iter().map(|s| s.name.as_str()).collect();
 
     // submit: the server span of the call is the child of the client's span.
@@ -187,8 +97,7 @@ async fn a_run_across_two_nodes_is_one_connected_trace() {
         "one server span for the submission: {names:?}"
     );
     assert_eq!(
-        hex(&rpc[0].parent),
-        client_span,
+        rpc[0].parent, client_span,
         "the client's span is its parent"
     );
     assert_eq!(rpc[0].service, "mesh-coordinator");
