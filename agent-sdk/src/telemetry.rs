@@ -60,9 +60,12 @@ pub fn init(default_filter: &str, service: &str) -> Telemetry {
         Some(Ok(provider)) => {
             let tracer = provider.tracer("agentmesh");
             // No source locations, thread ids or busy/idle timers on every span: each costs
-            // work on every span and every enter, and the mesh's spans say what they are.
+            // work on every span and every enter, and the mesh's spans say what they are. No
+            // OpenTelemetry context attached on every enter either: the mesh links spans by
+            // their tracing parents and by `traceparent`, never by `Context::current()`.
             let layer = tracing_opentelemetry::layer()
                 .with_tracer(tracer)
+                .with_context_activation(false)
                 .with_location(false)
                 .with_threads(false)
                 .with_tracked_inactivity(false)

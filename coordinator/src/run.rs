@@ -555,11 +555,11 @@ impl RunActorState {
             } => self.arm_wait(myself, step.clone(), *until),
             JournalEvent::StepParked { .. } => metrics::counter!(m::STEPS_PARKED).increment(1),
             JournalEvent::RunFinished { state, .. } => {
-                self.span.record("state", state.as_str());
+                let span = std::mem::replace(&mut self.span, tracing::Span::none());
+                span.record("state", state.as_str());
                 self.attempt_spans.clear();
                 self.streamed.clear();
-                self.span = tracing::Span::none();
-                info!(run_id = %self.machine.run_id(), %state, elapsed_ms = self.started.elapsed().as_millis() as u64, "run finished");
+                span.in_scope(|| info!(run_id = %self.machine.run_id(), %state, elapsed_ms = self.started.elapsed().as_millis() as u64, "run finished"));
                 metrics::counter!(m::RUNS_FINISHED, "state" => state.as_str()).increment(1);
                 self.deps.dispatcher.cast(DispatcherMsg::CancelRun {
                     run_id: self.machine.run_id().clone(),
@@ -767,10 +767,10 @@ impl Actor for Run {
         msg: Self::Msg,
         st: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        // What a message does happens in the run's span: its logs carry the run's fields and
-        // trace id (nothing is made with tracing off).
-        let span = st.span.clone();
-        tracing::Instrument::instrument(on_message(myself, msg, st), span).await
+        // The run's logs are written in its span, so they carry its fields and trace id; the
+        // messages themselves are not (entering a span on each costs the exporting process
+        // more than its logs gain).
+        on_message(myself, msg, st).await
     }
 }
 
@@ -833,7 +833,7 @@ async fn on_message(
                     (AckCode::Accepted, String::new())
                 }
                 None => {
-                    warn!(%token, "result for an attempt that is no longer current rejected");
+                    st.span.in_scope(|| warn!(%token, "result for an attempt that is no longer current rejected"));
                     metrics::counter!(m::STALE_RESULTS).increment(1);
                     (
                         AckCode::Stale,
@@ -892,7 +892,9 @@ async fn on_message(
         } => {
             let decided = st.machine.on_decision(&step, approved, &comment, &by);
             if decided.is_ok() {
-                info!(run_id = %st.machine.run_id(), %step, approved, "approval decided");
+                st.span.in_scope(
+                    || info!(run_id = %st.machine.run_id(), %step, approved, "approval decided"),
+                );
             }
             let _ = reply.send(st.commit_and_view(&myself, decided).await);
         }
@@ -948,7 +950,9 @@ async fn on_message(
         RunMsg::RetryFrom { step, reply } => {
             let decided = st.machine.on_retry_from(&step);
             if decided.is_ok() {
-                info!(run_id = %st.machine.run_id(), %step, "retrying from a step");
+                st.span.in_scope(
+                    || info!(run_id = %st.machine.run_id(), %step, "retrying from a step"),
+                );
             }
             let _ = reply.send(st.commit_and_view(&myself, decided).await);
         }
@@ -963,7 +967,8 @@ async fn on_message(
         RunMsg::RaiseBudget { raise, reply } => {
             let decided = st.machine.on_raise_budget(raise);
             if decided.is_ok() {
-                info!(run_id = %st.machine.run_id(), "budget raised");
+                st.span
+                    .in_scope(|| info!(run_id = %st.machine.run_id(), "budget raised"));
             }
             let _ = reply.send(st.commit_and_view(&myself, decided).await);
         }

@@ -3,10 +3,9 @@
 //! connected trace. Nothing here does any work until [`enable`] is called, which the process
 //! does when it exports spans: with tracing off, spans are not made and contexts not read.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use opentelemetry::propagation::TextMapPropagator;
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
@@ -30,9 +29,9 @@ pub fn traceparent_of(span: &tracing::Span) -> Option<String> {
     if !enabled() {
         return None;
     }
-    let mut carrier = HashMap::new();
+    let mut carrier = Traceparent(None);
     TraceContextPropagator::new().inject_context(&span.context(), &mut carrier);
-    carrier.remove(TRACEPARENT)
+    carrier.0
 }
 
 /// Makes `span` a child of the context a `traceparent` names; a malformed one is ignored.
@@ -40,9 +39,30 @@ pub fn set_parent(span: &tracing::Span, traceparent: &str) {
     if !enabled() || traceparent.is_empty() {
         return;
     }
-    let carrier = HashMap::from([(TRACEPARENT.to_owned(), traceparent.to_owned())]);
-    let cx = TraceContextPropagator::new().extract(&carrier);
+    let cx = TraceContextPropagator::new().extract(&Traceparent(Some(traceparent)));
     let _ = span.set_parent(cx);
+}
+
+/// A carrier of the `traceparent` alone (the mesh sends no `tracestate`): one string, where a
+/// map would cost a table and two more strings per span on the hot path.
+struct Traceparent<T>(Option<T>);
+
+impl Injector for Traceparent<String> {
+    fn set(&mut self, key: &str, value: String) {
+        if key == TRACEPARENT {
+            self.0 = Some(value);
+        }
+    }
+}
+
+impl Extractor for Traceparent<&str> {
+    fn get(&self, key: &str) -> Option<&str> {
+        (key == TRACEPARENT).then_some(self.0).flatten()
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        vec![TRACEPARENT]
+    }
 }
 
 /// The trace id of `span`, in hex, for logs; `None` with tracing off.
