@@ -12,7 +12,9 @@
 //!   `prompt_eval_count` and `eval_count`.
 //!
 //! The answer is deterministic: `answer: ` followed by the words of the last user message, one
-//! word per chunk. Input tokens are the words of every message; output tokens the words of the
+//! word per chunk (after a tool's result, OpenAI's and Anthropic's wires: `answer: tool said `
+//! and the result). Queued tool calls (`Knobs::call_tools`) are asked for, streamed in pieces,
+//! by the next call that offers tools. Input tokens are the words of every message; output tokens the words of the
 //! answer. Knobs make the next calls fail (429 with `retry-after`, 500), cut a stream midway,
 //! slow every chunk, or ask for another key; every request is recorded.
 
@@ -65,6 +67,35 @@ pub struct Knobs {
     pub chunk_delay_ms: AtomicU64,
     /// The next calls answer these texts, in order, instead of echoing their prompt.
     pub answers: Mutex<std::collections::VecDeque<String>>,
+    /// The next calls (that offer tools) ask for these tool calls, in order, instead of
+    /// answering: each a list of `(tool name, arguments)`.
+    pub tool_calls: Mutex<std::collections::VecDeque<Vec<(String, Value)>>>,
+}
+
+impl Knobs {
+    /// Makes the next call that offers tools ask for `calls`.
+    pub fn call_tools(&self, calls: &[(&str, Value)]) {
+        let calls = calls.iter().map(|(n, a)| ((*n).to_owned(), a.clone()));
+        self.tool_calls.lock().unwrap().push_back(calls.collect());
+    }
+}
+
+/// The calls a request is answered with, when it offers tools and some are queued.
+fn tool_calls_for(shared: &Shared, body: &Value) -> Option<Vec<(String, Value)>> {
+    let offers = body["tools"].as_array().is_some_and(|t| !t.is_empty());
+    offers
+        .then(|| shared.knobs.tool_calls.lock().unwrap().pop_front())
+        .flatten()
+}
+
+/// The arguments of a call, as the JSON text a model streams in pieces.
+fn argument_pieces(arguments: &Value) -> Vec<String> {
+    let text = arguments.to_string();
+    text.chars()
+        .collect::<Vec<_>>()
+        .chunks(6)
+        .map(|c| c.iter().collect())
+        .collect()
 }
 
 struct Shared {
@@ -195,7 +226,20 @@ fn texts(wire: Wire, body: &Value) -> (Vec<String>, String) {
             }
             for m in body["messages"].as_array().into_iter().flatten() {
                 let text = content_text(&m["content"]);
-                if m["role"] == "user" {
+                // A tool's result (OpenAI's `tool` role, Anthropic's `tool_result` block)
+                // is what the answer echoes, so a test sees it reached the model.
+                let results: Vec<String> = m["content"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|p| p["type"] == "tool_result")
+                    .map(|p| content_text(&p["content"]))
+                    .collect();
+                if m["role"] == "tool" {
+                    last_user = format!("tool said {text}");
+                } else if !results.is_empty() {
+                    last_user = format!("tool said {}", results.join(" "));
+                } else if m["role"] == "user" {
                     last_user = text.clone();
                 }
                 all.push(text);
@@ -325,6 +369,9 @@ async fn openai(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Byt
     }
     let (all, last) = texts(Wire::OpenAi, &body);
     let input: u64 = all.iter().map(|t| words(t)).sum();
+    if stream && let Some(calls) = tool_calls_for(&shared, &body) {
+        return openai_tool_calls(&shared, &body, &model, input, calls);
+    }
     let chunks = reply_chunks(&shared, &last);
     let output = chunks.len() as u64;
     let usage = json!({ "prompt_tokens": input, "completion_tokens": output, "total_tokens": input + output });
@@ -363,6 +410,101 @@ async fn openai(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Byt
     stream_body(&shared, frames, "text/event-stream")
 }
 
+/// A streamed answer that asks for `calls`: each call's id, name, then its arguments in
+/// pieces, `finish_reason: tool_calls`, usage when asked, `[DONE]`.
+fn openai_tool_calls(
+    shared: &Shared,
+    body: &Value,
+    model: &str,
+    input: u64,
+    calls: Vec<(String, Value)>,
+) -> Response {
+    let chunk = |delta: Value, finish: Value| {
+        sse(&json!({
+            "id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": model,
+            "choices": [{ "index": 0, "delta": delta, "finish_reason": finish }],
+        }))
+    };
+    let mut frames = vec![chunk(
+        json!({ "role": "assistant", "content": null }),
+        Value::Null,
+    )];
+    let mut output = 0;
+    for (i, (name, arguments)) in calls.iter().enumerate() {
+        frames.push(chunk(
+            json!({ "tool_calls": [{ "index": i, "id": format!("call_{i}"), "type": "function",
+                "function": { "name": name, "arguments": "" } }] }),
+            Value::Null,
+        ));
+        for piece in argument_pieces(arguments) {
+            output += 1;
+            frames.push(chunk(
+                json!({ "tool_calls": [{ "index": i, "function": { "arguments": piece } }] }),
+                Value::Null,
+            ));
+        }
+    }
+    frames.push(chunk(json!({}), json!("tool_calls")));
+    if body["stream_options"]["include_usage"] == json!(true) {
+        frames.push(sse(&json!({
+            "id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": model,
+            "choices": [], "usage": { "prompt_tokens": input, "completion_tokens": output,
+                "total_tokens": input + output },
+        })));
+    }
+    frames.push("data: [DONE]\n\n".to_owned());
+    stream_body(shared, frames, "text/event-stream")
+}
+
+/// A streamed answer that asks for `calls`: a `tool_use` block per call with its input in
+/// `input_json_delta` pieces, `stop_reason: tool_use`.
+fn anthropic_tool_calls(
+    shared: &Shared,
+    model: &str,
+    input: u64,
+    calls: Vec<(String, Value)>,
+) -> Response {
+    let mut frames = vec![sse_event(
+        "message_start",
+        &json!({ "type": "message_start", "message": {
+            "id": "msg_1", "type": "message", "role": "assistant", "model": model,
+            "content": [], "stop_reason": null, "stop_sequence": null,
+            "usage": { "input_tokens": input, "output_tokens": 1 } } }),
+    )];
+    let mut output = 0;
+    for (i, (name, arguments)) in calls.iter().enumerate() {
+        frames.push(sse_event(
+            "content_block_start",
+            &json!({ "type": "content_block_start", "index": i,
+                "content_block": { "type": "tool_use", "id": format!("toolu_{i}"),
+                    "name": name, "input": {} } }),
+        ));
+        for piece in argument_pieces(arguments) {
+            output += 1;
+            frames.push(sse_event(
+                "content_block_delta",
+                &json!({ "type": "content_block_delta", "index": i,
+                    "delta": { "type": "input_json_delta", "partial_json": piece } }),
+            ));
+        }
+        frames.push(sse_event(
+            "content_block_stop",
+            &json!({ "type": "content_block_stop", "index": i }),
+        ));
+    }
+    frames.push(sse_event(
+        "message_delta",
+        &json!({ "type": "message_delta",
+            "delta": { "stop_reason": "tool_use", "stop_sequence": null },
+            "usage": { "output_tokens": output } }),
+    ));
+    frames.push(sse_event(
+        "message_stop",
+        &json!({ "type": "message_stop" }),
+    ));
+    stream_body(shared, frames, "text/event-stream")
+}
+
 async fn anthropic(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
     let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let model = body["model"].as_str().unwrap_or_default().to_owned();
@@ -373,6 +515,9 @@ async fn anthropic(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: 
     }
     let (all, last) = texts(Wire::Anthropic, &body);
     let input: u64 = all.iter().map(|t| words(t)).sum();
+    if stream && let Some(calls) = tool_calls_for(&shared, &body) {
+        return anthropic_tool_calls(&shared, &model, input, calls);
+    }
     let chunks = reply_chunks(&shared, &last);
     let output = chunks.len() as u64;
     if !stream {

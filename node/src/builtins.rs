@@ -130,6 +130,7 @@ pub fn add(
             prices: llm.prices.clone(),
             retry: RetryPolicy::default(),
             log,
+            http: crate::tools::http_client(),
         });
     }
     builder.agent(Builtin {

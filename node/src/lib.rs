@@ -11,6 +11,7 @@
 mod builtins;
 mod config;
 mod llm;
+mod tools;
 
 use std::future::Future;
 

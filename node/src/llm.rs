@@ -21,13 +21,14 @@ use std::time::Duration;
 
 use mesh_agent_sdk::llm::{
     ChatModel, ChatReply, ChatRequest, DeltaBuffer, FallbackError, LlmError, Message, ModelRef,
-    Prices, RetryPolicy, Streamed, Usage, chat_with_fallback, parse_models,
+    Prices, RetryPolicy, Streamed, ToolCall, Usage, chat_with_fallback, parse_models,
 };
 use mesh_agent_sdk::{Agent, AgentCard, AgentError, Context, ModelUsage};
 use mesh_workflow::JsonSchema;
 use serde_json::{Value, json};
 
 use crate::builtins::ExecutionLog;
+use crate::tools::{self, Tool};
 
 /// Most output tokens a step may ask for.
 const MAX_TOKENS: u64 = 1_000_000;
@@ -44,6 +45,8 @@ pub struct LlmAgent {
     pub prices: Prices,
     pub retry: RetryPolicy,
     pub log: ExecutionLog,
+    /// The client of HTTP tools.
+    pub http: reqwest::Client,
 }
 
 /// A step's `with`, checked.
@@ -52,6 +55,81 @@ struct Call {
     request: ChatRequest,
     /// `response_schema`: the answer must be JSON matching it.
     schema: Option<(Value, JsonSchema)>,
+    /// `tools`, offered to the model, and `max_turns`, the most model calls of the attempt.
+    tools: Vec<Tool>,
+    max_turns: u32,
+}
+
+/// One tool call done: what the model is told, and what the step's output records.
+struct Called {
+    for_model: String,
+    journaled: Value,
+}
+
+/// Most model calls an attempt with tools makes when `max_turns` is not given, and the most
+/// it may give.
+const DEFAULT_MAX_TURNS: u32 = 8;
+const MAX_TURNS: u32 = 64;
+/// How much of a tool's answer the step's output keeps (the model gets all of it).
+const RESULT_IN_OUTPUT: usize = 4 * 1024;
+
+impl LlmAgent {
+    /// Runs the call the model `asked` for (an unknown tool or bad arguments are told to the
+    /// model), reporting it as progress; fails only when the attempt is cancelled meanwhile.
+    async fn call_tool(
+        &self,
+        ctx: &Context,
+        tools: &[Tool],
+        asked: &ToolCall,
+        turn: u32,
+    ) -> Result<Called, AgentError> {
+        ctx.progress(format!("turn {turn}: calling tool `{}`", asked.name), None);
+        let began = std::time::Instant::now();
+        let outcome = match tools.iter().find(|t| t.spec.name == asked.name) {
+            None => tools::Outcome {
+                ok: false,
+                text: format!(
+                    "there is no tool named `{}` (tools: {})",
+                    asked.name,
+                    tools
+                        .iter()
+                        .map(|t| t.spec.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            },
+            Some(tool) => {
+                let left = ctx
+                    .deadline()
+                    .saturating_duration_since(tokio::time::Instant::now());
+                tokio::select! {
+                    o = tool.call(&self.http, &asked.arguments, left) => o,
+                    _ = ctx.cancelled() => return Err(AgentError::fatal("cancelled", "the attempt was cancelled during a tool call")),
+                }
+            }
+        };
+        let kept = match outcome.text.char_indices().nth(RESULT_IN_OUTPUT) {
+            Some((i, _)) => format!("{}…", &outcome.text[..i]),
+            None => outcome.text.clone(),
+        };
+        let journaled = json!({
+            "turn": turn,
+            "tool": asked.name,
+            "arguments": asked.arguments,
+            "ok": outcome.ok,
+            "result": kept,
+            "elapsed_ms": began.elapsed().as_millis() as u64,
+        });
+        let for_model = if outcome.ok {
+            outcome.text
+        } else {
+            format!("error: {}", outcome.text)
+        };
+        Ok(Called {
+            for_model,
+            journaled,
+        })
+    }
 }
 
 impl std::fmt::Debug for Call {
@@ -84,7 +162,7 @@ fn read_call(with: &Value) -> Result<Call, AgentError> {
             "with: an llm step needs `model` (or `models`) and `prompt`",
         ));
     };
-    const KNOWN: [&str; 8] = [
+    const KNOWN: [&str; 10] = [
         "model",
         "models",
         "system",
@@ -93,6 +171,8 @@ fn read_call(with: &Value) -> Result<Call, AgentError> {
         "temperature",
         "response_schema",
         "api_key",
+        "tools",
+        "max_turns",
     ];
     if let Some(unknown) = obj.keys().find(|k| !KNOWN.contains(&k.as_str())) {
         return Err(bad(
@@ -185,17 +265,33 @@ fn read_call(with: &Value) -> Result<Call, AgentError> {
         )),
         None => system,
     };
+    let tools = tools::read_tools(obj.get("tools"))?;
+    let max_turns = match obj.get("max_turns") {
+        None | Some(Value::Null) => DEFAULT_MAX_TURNS,
+        Some(v) => match v.as_u64() {
+            Some(n) if (1..=u64::from(MAX_TURNS)).contains(&n) => n as u32,
+            _ => {
+                return Err(bad(
+                    "max_turns",
+                    format!("must be a whole number from 1 to {MAX_TURNS}"),
+                ));
+            }
+        },
+    };
     Ok(Call {
         chain,
         schema,
         request: ChatRequest {
             system,
             messages: vec![Message::user(prompt)],
+            tools: tools.iter().map(|t| t.spec.clone()).collect(),
             max_tokens,
             temperature,
             timeout: None,
             api_key,
         },
+        tools,
+        max_turns,
     })
 }
 
@@ -245,35 +341,68 @@ impl Agent for LlmAgent {
     async fn handle(&self, ctx: Context, input: Value) -> Result<Value, AgentError> {
         self.log.record(&self.card.name, &ctx);
         let mut call = read_call(&input["with"])?;
-        let left = ctx
-            .deadline()
-            .saturating_duration_since(tokio::time::Instant::now());
-        call.request.timeout = Some(left.max(Duration::from_millis(1)));
         // Text reaches the run's watchers as it comes, at most every 50 ms per attempt.
         let mut buffer = DeltaBuffer::new(DELTA_EVERY, DELTA_MAX_BYTES);
-        let outcome = {
-            let mut hear = |heard: Streamed| match heard {
-                Streamed::Delta(text) => {
-                    if let Some(out) = buffer.push(&text, std::time::Instant::now()) {
-                        ctx.delta(out);
+        let mut usage = Usage::default();
+        let mut cost = Some(0.0);
+        let mut transcript = Vec::new();
+        let mut turn = 0;
+        let fallen = loop {
+            turn += 1;
+            let left = ctx
+                .deadline()
+                .saturating_duration_since(tokio::time::Instant::now());
+            call.request.timeout = Some(left.max(Duration::from_millis(1)));
+            let outcome = {
+                let mut hear = |heard: Streamed| match heard {
+                    Streamed::Delta(text) => {
+                        if let Some(out) = buffer.push(&text, std::time::Instant::now()) {
+                            ctx.delta(out);
+                        }
                     }
-                }
-                Streamed::Restart { .. } => {
-                    buffer.clear();
-                    ctx.delta_restart("");
+                    Streamed::Restart { .. } => {
+                        buffer.clear();
+                        ctx.delta_restart("");
+                    }
+                };
+                tokio::select! {
+                    r = chat_with_fallback(self.models.as_ref(), &call.chain, &call.request, self.retry, &mut hear) => r,
+                    _ = ctx.cancelled() => return Err(AgentError::fatal("cancelled", "the call was cancelled")),
                 }
             };
-            tokio::select! {
-                r = chat_with_fallback(self.models.as_ref(), &call.chain, &call.request, self.retry, &mut hear) => r,
-                _ = ctx.cancelled() => return Err(AgentError::fatal("cancelled", "the call was cancelled")),
+            if let Some(rest) = buffer.flush() {
+                ctx.delta(rest);
+            }
+            let fallen = outcome.map_err(|e| failure(&e))?;
+            let (u, c) = account(&ctx, &self.prices, &fallen.reply);
+            usage += u;
+            cost = cost.zip(c).map(|(a, b)| a + b);
+            if fallen.reply.tool_calls.is_empty() {
+                break fallen;
+            }
+            if turn >= call.max_turns {
+                return Err(AgentError::fatal(
+                    "max_turns",
+                    format!(
+                        "the model still asked for tools after {turn} turns (with.max_turns: {})",
+                        call.max_turns
+                    ),
+                ));
+            }
+            let reply = fallen.reply;
+            call.request.messages.push(Message::assistant_calls(
+                reply.text.clone(),
+                reply.tool_calls.clone(),
+            ));
+            for asked in &reply.tool_calls {
+                let entry = self.call_tool(&ctx, &call.tools, asked, turn).await?;
+                call.request
+                    .messages
+                    .push(Message::tool_result(asked.id.clone(), entry.for_model));
+                transcript.push(entry.journaled);
             }
         };
-        if let Some(rest) = buffer.flush() {
-            ctx.delta(rest);
-        }
-        let fallen = outcome.map_err(|e| failure(&e))?;
         let reply = &fallen.reply;
-        let (mut usage, mut cost) = account(&ctx, &self.prices, reply);
         let mut text = reply.text.clone();
         let mut parsed = None;
         if let Some((_, schema)) = &call.schema {
@@ -321,6 +450,8 @@ impl Agent for LlmAgent {
             "usage_reported": reply.usage.is_some(),
             "cost_usd": cost,
             "finish_reason": reply.finish_reason,
+            "turns": turn,
+            "tool_calls": transcript,
             "rate_limited": fallen.rate_limited,
             "fallbacks": fallen.earlier.iter().map(|a| json!({
                 "model": a.model.to_string(),
@@ -405,6 +536,7 @@ impl Agent for LlmPlanner {
         let mut request = ChatRequest {
             system: Some(PLANNER_SYSTEM.replace("MODEL", &model)),
             messages: vec![Message::user(objective)],
+            tools: Vec::new(),
             max_tokens: Some(4096),
             temperature: Some(0.0),
             timeout: Some(left.max(Duration::from_millis(1))),

@@ -184,6 +184,7 @@ mod tests {
                             output_tokens: 1,
                         }),
                         finish_reason: "stop".into(),
+                        tool_calls: Vec::new(),
                     })),
                 ],
                 Err(e) => vec![Ok(ChatEvent::Delta("par".into())), Err(e)],

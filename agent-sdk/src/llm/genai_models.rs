@@ -9,7 +9,8 @@ use std::time::Duration;
 use futures::StreamExt;
 use genai::adapter::AdapterKind;
 use genai::chat::{
-    ChatMessage, ChatOptions, ChatRequest as GenaiRequest, ChatStreamEvent, StopReason,
+    ChatMessage, ChatOptions, ChatRequest as GenaiRequest, ChatStreamEvent, StopReason, Tool,
+    ToolCall as GenaiToolCall, ToolResponse,
 };
 use genai::resolver::{AuthData, Endpoint};
 use genai::{ModelIden, ModelSpec, ServiceTarget};
@@ -18,7 +19,7 @@ use crate::metrics as m;
 
 use super::{
     ChatEvent, ChatModel, ChatReply, ChatRequest, ChatStream, LlmConfig, LlmError, ModelRef,
-    Provider, Role, Secret, Usage,
+    Provider, Role, Secret, ToolCall, Usage,
 };
 
 /// The default per-call limit when the request gives none.
@@ -118,12 +119,36 @@ fn genai_request(request: &ChatRequest) -> GenaiRequest {
         .iter()
         .map(|m| match m.role {
             Role::User => ChatMessage::user(m.text.clone()),
-            Role::Assistant => ChatMessage::assistant(m.text.clone()),
+            Role::Assistant if m.tool_calls.is_empty() => ChatMessage::assistant(m.text.clone()),
+            Role::Assistant => {
+                let calls: Vec<GenaiToolCall> = m
+                    .tool_calls
+                    .iter()
+                    .map(|c| GenaiToolCall {
+                        call_id: c.id.clone(),
+                        fn_name: c.name.clone(),
+                        fn_arguments: c.arguments.clone(),
+                        thought_signatures: None,
+                    })
+                    .collect();
+                ChatMessage::from(calls)
+            }
+            Role::Tool => ChatMessage::from(ToolResponse::new(
+                m.tool_call_id.clone().unwrap_or_default(),
+                m.text.clone(),
+            )),
         })
         .collect();
     let mut req = GenaiRequest::new(messages);
     if let Some(system) = &request.system {
         req = req.with_system(system.clone());
+    }
+    if !request.tools.is_empty() {
+        req = req.with_tools(request.tools.iter().map(|t| {
+            Tool::new(t.name.clone())
+                .with_description(t.description.clone())
+                .with_schema(t.parameters.clone())
+        }));
     }
     req
 }
@@ -132,6 +157,7 @@ fn options(request: &ChatRequest, timeout: Duration) -> ChatOptions {
     let mut opts = ChatOptions::default()
         .with_capture_usage(true)
         .with_capture_content(true)
+        .with_capture_tool_calls(true)
         .with_stream_header_timeout(timeout)
         .with_stream_read_timeout(timeout);
     if let Some(n) = request.max_tokens {
@@ -157,6 +183,7 @@ fn finish_reason(reason: Option<StopReason>) -> String {
     };
     match text.as_str() {
         "end_turn" | "STOP" | "COMPLETE" | "completed" => "stop".to_owned(),
+        "tool_use" | "tool_calls" | "function_call" => "tool_calls".to_owned(),
         "max_tokens" | "MAX_TOKENS" => "length".to_owned(),
         _ => text.to_lowercase(),
     }
@@ -381,13 +408,28 @@ impl ChatModel for Models {
                                 input_tokens: u.prompt_tokens.unwrap_or(0).max(0) as u64,
                                 output_tokens: u.completion_tokens.unwrap_or(0).max(0) as u64,
                             });
-                            let finish = finish_reason(end.captured_stop_reason.clone());
-                            let whole = end.captured_first_text().map(str::to_owned);
+                            let mut finish = finish_reason(end.captured_stop_reason.clone());
+                            let whole = end.captured_texts().map(|t| t.concat());
+                            let tool_calls: Vec<ToolCall> = end
+                                .captured_tool_calls()
+                                .unwrap_or_default()
+                                .into_iter()
+                                .map(|c| ToolCall {
+                                    id: c.call_id.clone(),
+                                    name: c.fn_name.clone(),
+                                    arguments: c.fn_arguments.clone(),
+                                })
+                                .collect();
+                            // Gemini ends a call for tools with `STOP`: name it alike.
+                            if !tool_calls.is_empty() {
+                                finish = "tool_calls".to_owned();
+                            }
                             return Ok(Some(ChatReply {
                                 model: model.clone(),
-                                text: whole.unwrap_or(text),
+                                text: whole.filter(|t| !t.is_empty()).unwrap_or(text),
                                 usage,
                                 finish_reason: finish,
+                                tool_calls,
                             }));
                         }
                         _ => {}

@@ -184,6 +184,7 @@ mod tests {
                 text: "ok".into(),
                 usage: None,
                 finish_reason: "stop".into(),
+                tool_calls: Vec::new(),
             };
             futures::stream::iter([Ok(ChatEvent::Done(reply))]).boxed()
         }

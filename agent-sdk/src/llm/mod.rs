@@ -252,12 +252,20 @@ impl LlmConfig {
 pub enum Role {
     User,
     Assistant,
+    /// The result of a tool call, answering the assistant message that asked for it.
+    Tool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Message {
     pub role: Role,
     pub text: String,
+    /// An assistant message's tool calls.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+    /// A tool message's call: the id of the call it answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
 }
 
 impl Message {
@@ -265,6 +273,8 @@ impl Message {
         Message {
             role: Role::User,
             text: text.into(),
+            tool_calls: Vec::new(),
+            tool_call_id: None,
         }
     }
 
@@ -272,8 +282,44 @@ impl Message {
         Message {
             role: Role::Assistant,
             text: text.into(),
+            tool_calls: Vec::new(),
+            tool_call_id: None,
         }
     }
+
+    /// The assistant's turn that asked for `calls` (with any text it said alongside).
+    pub fn assistant_calls(text: impl Into<String>, calls: Vec<ToolCall>) -> Self {
+        Message {
+            tool_calls: calls,
+            ..Message::assistant(text)
+        }
+    }
+
+    /// The result of the call `call_id`, as text (JSON, usually) for the model.
+    pub fn tool_result(call_id: impl Into<String>, text: impl Into<String>) -> Self {
+        Message {
+            role: Role::Tool,
+            text: text.into(),
+            tool_calls: Vec::new(),
+            tool_call_id: Some(call_id.into()),
+        }
+    }
+}
+
+/// A tool offered to the model: its name, what it does, and a JSON Schema of its arguments.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ToolSpec {
+    pub name: String,
+    pub description: String,
+    pub parameters: serde_json::Value,
+}
+
+/// A call the model asked for: its id (to answer it), the tool and the arguments.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ToolCall {
+    pub id: String,
+    pub name: String,
+    pub arguments: serde_json::Value,
 }
 
 /// One chat call.
@@ -281,6 +327,8 @@ impl Message {
 pub struct ChatRequest {
     pub system: Option<String>,
     pub messages: Vec<Message>,
+    /// Tools the model may call; its reply then may hold calls instead of (or beside) text.
+    pub tools: Vec<ToolSpec>,
     pub max_tokens: Option<u32>,
     pub temperature: Option<f64>,
     /// Give up on the whole call (stream included) after this long.
@@ -311,8 +359,11 @@ pub struct ChatReply {
     pub text: String,
     /// `None` when the provider did not report it.
     pub usage: Option<Usage>,
-    /// `stop`, `length`, … as the provider said it (lowercase).
+    /// `stop`, `length`, `tool_calls`, … as the provider said it (lowercase; a call for
+    /// tools is `tool_calls` for every provider).
     pub finish_reason: String,
+    /// The tools the model asked to call, in its order; empty when it answered.
+    pub tool_calls: Vec<ToolCall>,
 }
 
 /// What a streaming call yields: text as it comes, then the whole reply.

@@ -1,0 +1,561 @@
+//! Tools the `llm` agent offers a model (reference: docs/tools.md). A step declares them in
+//! its `with.tools`; each has a name, a description, a JSON Schema of its arguments and what
+//! calling it does:
+//!
+//! ```yaml
+//! tools:
+//!   - name: weather
+//!     description: The weather in a city today
+//!     parameters: { type: object, properties: { city: { type: string } }, required: [city] }
+//!     http:
+//!       method: GET
+//!       url: "https://api.example.com/weather/{city}"   # `{arg}` filled, percent-encoded
+//!       headers: { Authorization: "Bearer ${{ secrets.WEATHER_KEY }}" }
+//!       allow_hosts: [api.example.com]                 # default: the URL's own host
+//!       max_response_bytes: 65536
+//!       timeout: 10s
+//! ```
+//!
+//! A call the model asks for is checked against the schema before anything is sent; an HTTP
+//! call goes only to an allowed host, over http or https, follows no redirect, and reads at
+//! most `max_response_bytes` of the answer. What goes wrong in a call (bad arguments, a host not
+//! allowed, an HTTP error, a timeout) is told to the model as the call's result, so it can
+//! correct itself; the attempt fails only when the declarations themselves are wrong.
+
+use std::time::Duration;
+
+use mesh_agent_sdk::AgentError;
+use mesh_agent_sdk::llm::ToolSpec;
+use mesh_workflow::JsonSchema;
+use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
+use serde_json::{Map, Value, json};
+
+/// Most tools a step may declare.
+pub const MAX_TOOLS: usize = 32;
+/// The response cap when a tool gives none, and the most one may give.
+const DEFAULT_RESPONSE_BYTES: usize = 64 * 1024;
+const MAX_RESPONSE_BYTES: usize = 1024 * 1024;
+/// A call's time limit when a tool gives none (the step's deadline bounds it too).
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A declared tool, checked.
+#[derive(Debug)]
+pub struct Tool {
+    pub spec: ToolSpec,
+    schema: JsonSchema,
+    kind: Kind,
+}
+
+#[derive(Debug)]
+enum Kind {
+    Http(HttpTool),
+}
+
+#[derive(Debug)]
+struct HttpTool {
+    method: reqwest::Method,
+    url: String,
+    headers: Vec<(reqwest::header::HeaderName, reqwest::header::HeaderValue)>,
+    allow_hosts: Vec<String>,
+    max_response_bytes: usize,
+    timeout: Duration,
+}
+
+/// What a call gave back for the model, and whether it went wrong.
+#[derive(Debug, PartialEq)]
+pub struct Outcome {
+    pub ok: bool,
+    pub text: String,
+}
+
+impl Outcome {
+    fn ok(text: String) -> Self {
+        Outcome { ok: true, text }
+    }
+
+    fn error(text: impl Into<String>) -> Self {
+        Outcome {
+            ok: false,
+            text: text.into(),
+        }
+    }
+}
+
+fn bad(path: &str, why: impl std::fmt::Display) -> AgentError {
+    AgentError::bad_input(format!("with.{path}: {why}"))
+}
+
+/// Reads `with.tools`: a list of declarations, each checked with the path of what is wrong.
+pub fn read_tools(value: Option<&Value>) -> Result<Vec<Tool>, AgentError> {
+    let list = match value {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Array(list)) => list,
+        Some(_) => return Err(bad("tools", "must be a list of tools")),
+    };
+    if list.len() > MAX_TOOLS {
+        return Err(bad(
+            "tools",
+            format!("{} tools, the limit is {MAX_TOOLS}", list.len()),
+        ));
+    }
+    let mut tools: Vec<Tool> = Vec::with_capacity(list.len());
+    for (i, item) in list.iter().enumerate() {
+        let tool = read_tool(&format!("tools[{i}]"), item)?;
+        if let Some(j) = tools.iter().position(|t| t.spec.name == tool.spec.name) {
+            return Err(bad(
+                &format!("tools[{i}].name"),
+                format!("`{}` is already tools[{j}]", tool.spec.name),
+            ));
+        }
+        tools.push(tool);
+    }
+    Ok(tools)
+}
+
+fn read_tool(path: &str, item: &Value) -> Result<Tool, AgentError> {
+    let obj = item.as_object().ok_or_else(|| {
+        bad(
+            path,
+            "must be a map with name, description, parameters and http",
+        )
+    })?;
+    const KNOWN: [&str; 4] = ["name", "description", "parameters", "http"];
+    if let Some(unknown) = obj.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+        return Err(bad(
+            &format!("{path}.{unknown}"),
+            format!("unknown field (known: {})", KNOWN.join(", ")),
+        ));
+    }
+    let name = obj
+        .get("name")
+        .and_then(Value::as_str)
+        .ok_or_else(|| bad(&format!("{path}.name"), "required, a string"))?;
+    // What every provider accepts as a function name.
+    let valid = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if !valid {
+        return Err(bad(
+            &format!("{path}.name"),
+            format!("`{name}`: 1 to 64 letters, digits, `_` or `-`"),
+        ));
+    }
+    let description = match obj.get("description") {
+        None | Some(Value::Null) => String::new(),
+        Some(Value::String(s)) => s.clone(),
+        Some(_) => return Err(bad(&format!("{path}.description"), "must be a string")),
+    };
+    let parameters = match obj.get("parameters") {
+        None | Some(Value::Null) => json!({ "type": "object", "properties": {} }),
+        Some(p @ Value::Object(_)) => p.clone(),
+        Some(_) => {
+            return Err(bad(
+                &format!("{path}.parameters"),
+                "must be a JSON Schema (a map)",
+            ));
+        }
+    };
+    if parameters.get("type").and_then(Value::as_str) != Some("object") {
+        return Err(bad(
+            &format!("{path}.parameters.type"),
+            "must be `object`: a tool takes named arguments",
+        ));
+    }
+    let schema =
+        JsonSchema::compile(&parameters).map_err(|e| bad(&format!("{path}.parameters"), e))?;
+    let kind = match obj.get("http") {
+        Some(http) => Kind::Http(read_http(&format!("{path}.http"), http)?),
+        None => return Err(bad(path, "say what the tool does: `http`")),
+    };
+    Ok(Tool {
+        spec: ToolSpec {
+            name: name.to_owned(),
+            description,
+            parameters,
+        },
+        schema,
+        kind,
+    })
+}
+
+fn read_http(path: &str, value: &Value) -> Result<HttpTool, AgentError> {
+    let obj = value
+        .as_object()
+        .ok_or_else(|| bad(path, "must be a map"))?;
+    const KNOWN: [&str; 6] = [
+        "method",
+        "url",
+        "headers",
+        "allow_hosts",
+        "max_response_bytes",
+        "timeout",
+    ];
+    if let Some(unknown) = obj.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+        return Err(bad(
+            &format!("{path}.{unknown}"),
+            format!("unknown field (known: {})", KNOWN.join(", ")),
+        ));
+    }
+    let method = match obj.get("method") {
+        None | Some(Value::Null) => reqwest::Method::GET,
+        Some(Value::String(m)) => match m.to_ascii_uppercase().as_str() {
+            "GET" => reqwest::Method::GET,
+            "POST" => reqwest::Method::POST,
+            "PUT" => reqwest::Method::PUT,
+            "PATCH" => reqwest::Method::PATCH,
+            "DELETE" => reqwest::Method::DELETE,
+            _ => {
+                return Err(bad(
+                    &format!("{path}.method"),
+                    format!("`{m}`: one of GET, POST, PUT, PATCH, DELETE"),
+                ));
+            }
+        },
+        Some(_) => return Err(bad(&format!("{path}.method"), "must be a string")),
+    };
+    let url = obj
+        .get("url")
+        .and_then(Value::as_str)
+        .ok_or_else(|| bad(&format!("{path}.url"), "required, a string"))?
+        .to_owned();
+    // The template must be a URL once its placeholders are filled.
+    let sample = fill(&url, &Map::new(), true)
+        .and_then(|u| reqwest::Url::parse(&u).map_err(|e| e.to_string()))
+        .map_err(|e| bad(&format!("{path}.url"), format!("`{url}`: {e}")))?;
+    if !matches!(sample.scheme(), "http" | "https") {
+        return Err(bad(&format!("{path}.url"), "must be http or https"));
+    }
+    let mut headers = Vec::new();
+    match obj.get("headers") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(map)) => {
+            for (k, v) in map {
+                let here = format!("{path}.headers.{k}");
+                let name = reqwest::header::HeaderName::from_bytes(k.as_bytes())
+                    .map_err(|_| bad(&here, "not a header name"))?;
+                let text = v.as_str().ok_or_else(|| bad(&here, "must be a string"))?;
+                // The value may be a secret: never quoted in an error.
+                let mut value = reqwest::header::HeaderValue::from_str(text)
+                    .map_err(|_| bad(&here, "not a valid header value"))?;
+                value.set_sensitive(true);
+                headers.push((name, value));
+            }
+        }
+        Some(_) => return Err(bad(&format!("{path}.headers"), "must be a map")),
+    }
+    let allow_hosts = match obj.get("allow_hosts") {
+        None | Some(Value::Null) => {
+            if url
+                .split("://")
+                .nth(1)
+                .unwrap_or_default()
+                .split('/')
+                .next()
+                .unwrap_or_default()
+                .contains('{')
+            {
+                return Err(bad(
+                    &format!("{path}.allow_hosts"),
+                    "required when the URL's host has a placeholder",
+                ));
+            }
+            vec![sample.host_str().unwrap_or_default().to_ascii_lowercase()]
+        }
+        Some(Value::Array(list)) if !list.is_empty() => list
+            .iter()
+            .enumerate()
+            .map(|(i, h)| {
+                h.as_str()
+                    .filter(|h| !h.is_empty())
+                    .map(str::to_ascii_lowercase)
+                    .ok_or_else(|| bad(&format!("{path}.allow_hosts[{i}]"), "must be a host name"))
+            })
+            .collect::<Result<_, _>>()?,
+        Some(_) => {
+            return Err(bad(
+                &format!("{path}.allow_hosts"),
+                "must be a list of host names (`*.example.com` allows its subdomains)",
+            ));
+        }
+    };
+    let max_response_bytes = match obj.get("max_response_bytes") {
+        None | Some(Value::Null) => DEFAULT_RESPONSE_BYTES,
+        Some(v) => match v.as_u64() {
+            Some(n) if (1..=MAX_RESPONSE_BYTES as u64).contains(&n) => n as usize,
+            _ => {
+                return Err(bad(
+                    &format!("{path}.max_response_bytes"),
+                    format!("must be a whole number from 1 to {MAX_RESPONSE_BYTES}"),
+                ));
+            }
+        },
+    };
+    let timeout = match obj.get("timeout") {
+        None | Some(Value::Null) => DEFAULT_TIMEOUT,
+        Some(Value::String(t)) => humantime::parse_duration(t)
+            .ok()
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| {
+                bad(
+                    &format!("{path}.timeout"),
+                    format!("`{t}` is not a duration like 10s"),
+                )
+            })?,
+        Some(_) => {
+            return Err(bad(
+                &format!("{path}.timeout"),
+                "must be a duration like 10s",
+            ));
+        }
+    };
+    Ok(HttpTool {
+        method,
+        url,
+        headers,
+        allow_hosts,
+        max_response_bytes,
+        timeout,
+    })
+}
+
+/// `template` with each `{name}` replaced by the argument `name`, percent-encoded; the names it
+/// used are taken out of `args`. With `sample`, placeholders become `x` (to check the shape).
+fn fill(template: &str, args: &Map<String, Value>, sample: bool) -> Result<String, String> {
+    let mut out = String::with_capacity(template.len());
+    let mut rest = template;
+    while let Some(open) = rest.find('{') {
+        out.push_str(&rest[..open]);
+        let after = &rest[open + 1..];
+        let close = after
+            .find('}')
+            .ok_or_else(|| "a `{` without its `}`".to_owned())?;
+        let name = &after[..close];
+        if sample {
+            out.push('x');
+        } else {
+            let value = match args.get(name) {
+                Some(Value::String(s)) => s.clone(),
+                Some(v @ (Value::Number(_) | Value::Bool(_))) => v.to_string(),
+                Some(_) => return Err(format!("argument `{name}` must be a string or a number")),
+                None => return Err(format!("argument `{name}` is missing")),
+            };
+            out.extend(utf8_percent_encode(&value, NON_ALPHANUMERIC));
+        }
+        rest = &after[close + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// Placeholder names of a URL template.
+fn placeholders(template: &str) -> Vec<&str> {
+    template
+        .split('{')
+        .skip(1)
+        .filter_map(|p| p.split_once('}').map(|(name, _)| name))
+        .collect()
+}
+
+fn host_allowed(host: &str, allowed: &[String]) -> bool {
+    let host = host.to_ascii_lowercase();
+    allowed.iter().any(|a| match a.strip_prefix("*.") {
+        Some(parent) => host.ends_with(&format!(".{parent}")),
+        None => host == *a,
+    })
+}
+
+impl Tool {
+    /// Calls the tool with the model's `arguments`, within `left`; what went wrong is the
+    /// outcome's text, for the model.
+    pub async fn call(&self, http: &reqwest::Client, arguments: &Value, left: Duration) -> Outcome {
+        if let Some((at, problem)) = self.schema.first_problem(arguments) {
+            return Outcome::error(format!("invalid arguments: {at}: {problem}"));
+        }
+        match &self.kind {
+            Kind::Http(tool) => tool.call(http, arguments, left).await,
+        }
+    }
+}
+
+impl HttpTool {
+    async fn call(&self, http: &reqwest::Client, arguments: &Value, left: Duration) -> Outcome {
+        let empty = Map::new();
+        let args = arguments.as_object().unwrap_or(&empty);
+        let url = match fill(&self.url, args, false)
+            .and_then(|u| reqwest::Url::parse(&u).map_err(|e| format!("the URL is not valid: {e}")))
+        {
+            Ok(u) => u,
+            Err(e) => return Outcome::error(e),
+        };
+        let host = url.host_str().unwrap_or_default();
+        if !matches!(url.scheme(), "http" | "https") || !host_allowed(host, &self.allow_hosts) {
+            return Outcome::error(format!(
+                "host `{host}` is not allowed (allowed: {})",
+                self.allow_hosts.join(", ")
+            ));
+        }
+        // Arguments not in the URL: the query of a GET or DELETE, the JSON body otherwise.
+        let used = placeholders(&self.url);
+        let rest: Map<String, Value> = args
+            .iter()
+            .filter(|(k, _)| !used.contains(&k.as_str()))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let mut url = url;
+        let has_body = !matches!(self.method, reqwest::Method::GET | reqwest::Method::DELETE);
+        if !has_body && !rest.is_empty() {
+            let mut query = url.query_pairs_mut();
+            for (k, v) in &rest {
+                match v {
+                    Value::String(s) => query.append_pair(k, s),
+                    other => query.append_pair(k, &other.to_string()),
+                };
+            }
+        }
+        let mut request = http
+            .request(self.method.clone(), url)
+            .timeout(self.timeout.min(left));
+        for (k, v) in &self.headers {
+            request = request.header(k, v.clone());
+        }
+        if has_body {
+            request = request
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(Value::Object(rest).to_string());
+        }
+        let mut response = match request.send().await {
+            Ok(r) => r,
+            Err(e) if e.is_timeout() => return Outcome::error("the call timed out"),
+            Err(e) => return Outcome::error(format!("the call failed: {}", e.without_url())),
+        };
+        let status = response.status();
+        let mut body = Vec::new();
+        let mut cut = false;
+        loop {
+            match response.chunk().await {
+                Ok(Some(chunk)) => {
+                    let room = self.max_response_bytes - body.len();
+                    if chunk.len() > room {
+                        body.extend_from_slice(&chunk[..room]);
+                        cut = true;
+                        break;
+                    }
+                    body.extend_from_slice(&chunk);
+                }
+                Ok(None) => break,
+                Err(e) if e.is_timeout() => return Outcome::error("the call timed out"),
+                Err(e) => {
+                    return Outcome::error(format!(
+                        "reading the answer failed: {}",
+                        e.without_url()
+                    ));
+                }
+            }
+        }
+        let mut text = String::from_utf8_lossy(&body).into_owned();
+        if cut {
+            text.push_str(&format!(
+                "\n[answer cut at {} bytes]",
+                self.max_response_bytes
+            ));
+        }
+        if status.is_success() {
+            Outcome::ok(text)
+        } else {
+            Outcome::error(format!("HTTP {}: {text}", status.as_u16()))
+        }
+    }
+}
+
+/// The HTTP client of tool calls: no redirects (an allowed host cannot send a call elsewhere),
+/// no proxy from the environment, rustls on ring.
+pub fn http_client() -> reqwest::Client {
+    mesh_agent_sdk::llm::install_crypto_provider();
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .build()
+        .expect("an HTTP client with no options that can fail")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tools(v: Value) -> Result<Vec<Tool>, String> {
+        read_tools(Some(&v)).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn declarations_are_checked_and_errors_name_the_field() {
+        let ok = tools(json!([{ "name": "w", "parameters": { "type": "object" },
+            "http": { "url": "https://api.example.com/w/{city}" } }]))
+        .unwrap();
+        let Kind::Http(h) = &ok[0].kind;
+        assert_eq!(h.allow_hosts, ["api.example.com"]);
+        for (bad, field) in [
+            (json!({ "name": "w" }), "tools[0]"),
+            (
+                json!({ "name": "w w", "http": { "url": "http://a/" } }),
+                "tools[0].name",
+            ),
+            (
+                json!({ "name": "w", "http": { "url": "ftp://a/" } }),
+                "tools[0].http.url",
+            ),
+            (
+                json!({ "name": "w", "http": { "url": "http://a/", "verb": "GET" } }),
+                "tools[0].http.verb",
+            ),
+            (
+                json!({ "name": "w", "http": { "url": "http://{h}/" } }),
+                "tools[0].http.allow_hosts",
+            ),
+            (
+                json!({ "name": "w", "http": { "url": "http://a/", "method": "TRACE" } }),
+                "tools[0].http.method",
+            ),
+            (
+                json!({ "name": "w", "http": { "url": "http://a/", "max_response_bytes": 0 } }),
+                "tools[0].http.max_response_bytes",
+            ),
+            (
+                json!({ "name": "w", "parameters": { "type": "string" }, "http": { "url": "http://a/" } }),
+                "tools[0].parameters.type",
+            ),
+        ] {
+            let e = tools(json!([bad])).unwrap_err();
+            assert!(e.contains(&format!("with.{field}:")), "{field}: {e}");
+        }
+        let e = tools(json!([
+            { "name": "w", "http": { "url": "http://a/" } },
+            { "name": "w", "http": { "url": "http://b/" } }
+        ]))
+        .unwrap_err();
+        assert!(e.contains("tools[1].name") && e.contains("tools[0]"), "{e}");
+    }
+
+    #[test]
+    fn placeholders_are_filled_percent_encoded_and_hosts_matched() {
+        let args = json!({ "city": "São Paulo/x", "n": 3 });
+        let args = args.as_object().unwrap();
+        assert_eq!(
+            fill("https://a/w/{city}?n={n}", args, false).unwrap(),
+            "https://a/w/S%C3%A3o%20Paulo%2Fx?n=3"
+        );
+        assert!(
+            fill("https://a/{missing}", args, false)
+                .unwrap_err()
+                .contains("missing")
+        );
+        assert_eq!(placeholders("https://a/{x}/{y}"), ["x", "y"]);
+        let allowed = vec!["api.example.com".to_owned(), "*.internal".to_owned()];
+        assert!(host_allowed("API.example.com", &allowed));
+        assert!(host_allowed("db.internal", &allowed));
+        assert!(!host_allowed("internal", &allowed));
+        assert!(!host_allowed("example.com", &allowed));
+        assert!(!host_allowed("api.example.com.evil.net", &allowed));
+    }
+}

@@ -1,0 +1,288 @@
+//! Tools of the `llm` agent (docs/tools.md), through real processes: the fake provider asks for
+//! tool calls in each provider's real streaming format, the node calls a real HTTP server on
+//! loopback, and the model gets the result back in its next call.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::HeaderMap;
+use axum::routing::get;
+use mesh_agent_sdk::{RunState, RunView};
+use mesh_tests::fake_llm::{FakeLlm, Wire};
+use mesh_tests::{Mesh, Timings, workflow_goal};
+use serde_json::{Value, json};
+
+const KEY: &str = "sk-test-5f1e2d3c4b5a69788796a5b4";
+const TOOL_TOKEN: &str = "tool-token-9a8b7c6d5e4f";
+
+/// What the weather server was asked: path, query and `authorization` header.
+type Asked = Arc<Mutex<Vec<(String, String, String)>>>;
+
+/// A weather server on loopback: `GET /weather/{city}` answers `sunny in CITY` to a caller with
+/// the right token, 401 otherwise; `/big` answers 100 KiB.
+async fn weather_server() -> (std::net::SocketAddr, Asked, tokio::task::JoinHandle<()>) {
+    let asked: Asked = Arc::default();
+    async fn weather(
+        State(asked): State<Asked>,
+        Path(city): Path<String>,
+        RawQuery(query): RawQuery,
+        headers: HeaderMap,
+    ) -> (axum::http::StatusCode, String) {
+        let auth = headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        asked.lock().unwrap().push((
+            format!("/weather/{city}"),
+            query.unwrap_or_default(),
+            auth.clone(),
+        ));
+        if auth != format!("Bearer {TOOL_TOKEN}") {
+            return (axum::http::StatusCode::UNAUTHORIZED, "no".into());
+        }
+        (axum::http::StatusCode::OK, format!("sunny in {city}"))
+    }
+    let app = Router::new()
+        .route("/weather/{city}", get(weather))
+        .route("/big", get(|| async { "x".repeat(100 * 1024) }))
+        .with_state(asked.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (addr, asked, server)
+}
+
+fn llm_node(fake: &FakeLlm) -> String {
+    format!(
+        r#"
+[[agents]]
+kind = "llm"
+max_concurrency = 8
+
+[llm.openai]
+base_url = "{openai}"
+api_key = "{KEY}"
+
+[llm.anthropic]
+base_url = "{anthropic}"
+api_key = "{KEY}"
+"#,
+        openai = fake.base_url(Wire::OpenAi),
+        anthropic = fake.base_url(Wire::Anthropic),
+    )
+}
+
+fn weather_tool(addr: std::net::SocketAddr) -> Value {
+    json!({
+        "name": "weather",
+        "description": "Today's weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": { "city": { "type": "string" }, "units": { "type": "string" } },
+            "required": ["city"]
+        },
+        "http": {
+            "url": format!("http://{addr}/weather/{{city}}"),
+            "headers": { "Authorization": format!("Bearer {TOOL_TOKEN}") },
+        }
+    })
+}
+
+async fn run_step(mesh: &Mesh, with: Value) -> RunView {
+    let client = mesh.client().await;
+    let text = json!({ "steps": [{ "id": "ask", "uses": "llm", "with": with }] }).to_string();
+    let run = client
+        .submit(workflow_goal(&text, json!({})))
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(30), client.wait(&run.run_id))
+        .await
+        .expect("the run finishes")
+        .unwrap()
+}
+
+async fn mesh_with(fake: &FakeLlm) -> Mesh {
+    let mut mesh = Mesh::start(Timings::default()).await;
+    mesh.start_node("n1", &llm_node(fake)).await;
+    mesh
+}
+
+/// On OpenAI's and Anthropic's wires: the model asks for the weather, the node calls the
+/// server (placeholder filled and percent-encoded, the other argument in the query, the header
+/// sent), the model is given the answer and answers with it; the step's output lists the call,
+/// and the usage counts both model calls.
+#[tokio::test]
+async fn a_model_calls_an_http_tool_and_answers_with_its_result() {
+    let fake = FakeLlm::start(KEY).await;
+    let (addr, asked, _server) = weather_server().await;
+    let mesh = mesh_with(&fake).await;
+    for model in ["openai/tool-model", "anthropic/tool-model"] {
+        asked.lock().unwrap().clear();
+        let before = fake.seen().len();
+        fake.knobs()
+            .call_tools(&[("weather", json!({ "city": "São Paulo", "units": "metric" }))]);
+        let view = run_step(
+            &mesh,
+            json!({ "model": model, "prompt": "weather in Sao Paulo?", "tools": [weather_tool(addr)] }),
+        )
+        .await;
+        assert_eq!(view.state, RunState::Succeeded, "{model}: {view:?}");
+        let out = view.steps[0].output.clone().unwrap();
+        assert_eq!(
+            out["text"], "answer: tool said sunny in São Paulo",
+            "{model}: {out}"
+        );
+        assert_eq!(out["turns"], 2, "{model}");
+        assert_eq!(out["finish_reason"], "stop", "{model}");
+        let calls = out["tool_calls"].as_array().unwrap();
+        assert_eq!(calls.len(), 1, "{model}: {out}");
+        assert_eq!(calls[0]["tool"], "weather");
+        assert_eq!(calls[0]["turn"], 1);
+        assert_eq!(calls[0]["ok"], true);
+        assert_eq!(calls[0]["result"], "sunny in São Paulo");
+        assert_eq!(
+            calls[0]["arguments"],
+            json!({ "city": "São Paulo", "units": "metric" })
+        );
+        let asked = asked.lock().unwrap().clone();
+        assert_eq!(
+            asked,
+            [(
+                "/weather/São Paulo".to_owned(),
+                "units=metric".to_owned(),
+                format!("Bearer {TOOL_TOKEN}")
+            )],
+            "{model}"
+        );
+        // Two model calls: the first offered the tool, the second carried its result.
+        let seen = &fake.seen()[before..];
+        assert_eq!(seen.len(), 2, "{model}");
+        assert!(seen[0].body["tools"].to_string().contains("weather"));
+        assert!(
+            seen[1].body.to_string().contains("sunny in São Paulo"),
+            "{model}: the result went back to the model: {}",
+            seen[1].body
+        );
+        let usage = &out["usage"];
+        assert!(
+            usage["output_tokens"].as_u64().unwrap() > 5,
+            "{model}: both calls counted: {usage}"
+        );
+    }
+}
+
+/// What goes wrong in a call is told to the model, which carries on: a host not allowed (no
+/// request is made), arguments that break the schema, a tool that does not exist, an answer
+/// over the cap (cut), and an HTTP error.
+#[tokio::test]
+async fn a_bad_call_is_told_to_the_model_and_nothing_unallowed_is_sent() {
+    let fake = FakeLlm::start(KEY).await;
+    let (addr, asked, _server) = weather_server().await;
+    let mesh = mesh_with(&fake).await;
+    let port = addr.port();
+    let anywhere = json!({
+        "name": "fetch",
+        "parameters": { "type": "object", "properties": { "host": { "type": "string" },
+            "path": { "type": "string" } }, "required": ["host", "path"] },
+        "http": { "url": format!("http://{{host}}:{port}/{{path}}"), "allow_hosts": ["127.0.0.1"],
+            "max_response_bytes": 1000 }
+    });
+    fake.knobs().call_tools(&[
+        ("fetch", json!({ "host": "127.0.0.2", "path": "big" })),
+        ("weather", json!({ "town": "Paris" })),
+        ("teleport", json!({})),
+        ("fetch", json!({ "host": "127.0.0.1", "path": "big" })),
+    ]);
+    let mut no_token = weather_tool(addr);
+    no_token["name"] = json!("weather_anonymous");
+    no_token["http"]["headers"] = json!({});
+    fake.knobs()
+        .call_tools(&[("weather_anonymous", json!({ "city": "Oslo" }))]);
+    let view = run_step(
+        &mesh,
+        json!({ "model": "openai/tool-model", "prompt": "go", "max_turns": 3,
+            "tools": [weather_tool(addr), anywhere, no_token] }),
+    )
+    .await;
+    assert_eq!(view.state, RunState::Succeeded, "{view:?}");
+    let out = view.steps[0].output.clone().unwrap();
+    let calls = out["tool_calls"].as_array().unwrap();
+    assert_eq!(calls.len(), 5, "{out}");
+    let result = |i: usize| calls[i]["result"].as_str().unwrap().to_owned();
+    assert_eq!(calls[0]["ok"], false);
+    assert!(
+        result(0).contains("host `127.0.0.2` is not allowed"),
+        "{}",
+        result(0)
+    );
+    assert_eq!(calls[1]["ok"], false);
+    assert!(
+        result(1).contains("invalid arguments") && result(1).contains("city"),
+        "{}",
+        result(1)
+    );
+    assert!(
+        result(2).contains("no tool named `teleport`"),
+        "{}",
+        result(2)
+    );
+    assert_eq!(calls[3]["ok"], true);
+    assert!(
+        result(3).starts_with(&"x".repeat(1000))
+            && result(3).ends_with("[answer cut at 1000 bytes]"),
+        "{}",
+        result(3)
+    );
+    assert_eq!(calls[4]["ok"], false);
+    assert!(result(4).starts_with("HTTP 401"), "{}", result(4));
+    assert_eq!(calls[4]["turn"], 2);
+    // Only the anonymous weather call reached the server; the host not allowed got nothing.
+    let asked = asked.lock().unwrap().clone();
+    assert_eq!(asked.len(), 1, "{asked:?}");
+    assert_eq!(asked[0].0, "/weather/Oslo");
+    assert_eq!(out["turns"], 3);
+}
+
+/// A model that keeps asking for tools is stopped at `max_turns`: the attempt fails for good,
+/// naming the field; a bad declaration is refused before any call, naming its path.
+#[tokio::test]
+async fn the_tool_loop_is_bounded_and_bad_declarations_are_refused() {
+    let fake = FakeLlm::start(KEY).await;
+    let (addr, _asked, _server) = weather_server().await;
+    let mesh = mesh_with(&fake).await;
+    for _ in 0..3 {
+        fake.knobs()
+            .call_tools(&[("weather", json!({ "city": "Lima" }))]);
+    }
+    let view = run_step(
+        &mesh,
+        json!({ "model": "openai/tool-model", "prompt": "loop", "max_turns": 2,
+            "tools": [weather_tool(addr)] }),
+    )
+    .await;
+    assert_eq!(view.state, RunState::Failed, "{view:?}");
+    let error = view.steps[0].error.clone().unwrap_or_default();
+    assert!(
+        error.contains("after 2 turns") && error.contains("with.max_turns: 2"),
+        "{error}"
+    );
+    assert_eq!(view.steps[0].attempt, 1, "not retried: {view:?}");
+
+    let before = fake.seen().len();
+    let mut bad = weather_tool(addr);
+    bad["http"]["url"] = json!("file:///etc/passwd");
+    let view = run_step(
+        &mesh,
+        json!({ "model": "openai/tool-model", "prompt": "x", "tools": [bad] }),
+    )
+    .await;
+    assert_eq!(view.state, RunState::Failed);
+    let error = view.steps[0].error.clone().unwrap_or_default();
+    assert!(error.contains("with.tools[0].http.url"), "{error}");
+    assert_eq!(fake.seen().len(), before, "no model call was made");
+}
