@@ -131,6 +131,7 @@ pub fn add(
             retry: RetryPolicy::default(),
             log,
             http: crate::tools::http_client(),
+            mcp: llm.mcp.clone(),
         });
     }
     builder.agent(Builtin {
@@ -140,11 +141,13 @@ pub fn add(
     })
 }
 
-/// What every `llm` agent of a node shares: its providers and prices.
+/// What every `llm` agent of a node shares: its providers and prices, and the MCP servers
+/// its steps may use.
 #[derive(Clone)]
 pub struct LlmSetup {
     pub models: Arc<dyn ChatModel>,
     pub prices: Prices,
+    pub mcp: Arc<crate::mcp::Servers>,
 }
 
 #[cfg(test)]

@@ -36,6 +36,8 @@ pub struct NodeConfig {
     pub agents: Vec<AgentConfig>,
     /// Model providers for `llm` agents, over what the environment says.
     pub llm: NodeLlmConfig,
+    /// MCP servers the `llm` agent's steps may use as tools, by name (`docs/tools.md`).
+    pub mcp: BTreeMap<String, McpServerConfig>,
     /// A file holding a `worker` token, for a coordinator with authentication on; `mesh
     /// node` reads `MESH_TOKEN` when this is absent.
     pub token_file: Option<PathBuf>,
@@ -49,6 +51,32 @@ pub struct NodeConfig {
     /// The token itself (from `token_file` or the environment; not a configuration key).
     #[serde(skip)]
     pub token: Option<mesh_agent_sdk::llm::Secret>,
+}
+
+/// `[mcp.NAME]`: an MCP server, either a command the node starts for each attempt that uses
+/// it (speaking MCP over stdio, with a clean environment: `PATH`, `HOME` and `env` only) or
+/// the URL of a streamable HTTP server. Steps name servers; they cannot start commands of
+/// their own.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct McpServerConfig {
+    /// The program and its arguments.
+    #[serde(default)]
+    pub command: Vec<String>,
+    /// Variables for the command, on top of `PATH` and `HOME`.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// A streamable HTTP server's endpoint (`http://host:port/mcp`).
+    pub url: Option<String>,
+    /// A bearer token for the HTTP server.
+    pub bearer: Option<mesh_agent_sdk::llm::Secret>,
+    /// The limit for starting the server and listing its tools, and for each call.
+    #[serde(default = "default_mcp_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+fn default_mcp_timeout() -> Duration {
+    Duration::from_secs(30)
 }
 
 /// `[llm]`: per provider `base_url` and `api_key` (over `OPENAI_API_KEY` and the like), and
@@ -130,6 +158,7 @@ impl Default for NodeConfig {
                 AgentConfig::of(BuiltinKind::Flaky),
             ],
             llm: NodeLlmConfig::default(),
+            mcp: BTreeMap::new(),
             token_file: None,
             tls: mesh_agent_sdk::TlsFiles::default(),
             namespaces: Vec::new(),
@@ -240,6 +269,21 @@ impl NodeConfig {
     }
 
     pub fn validate(&self) -> Result<(), Error> {
+        for (name, server) in &self.mcp {
+            match (server.command.is_empty(), &server.url) {
+                (false, None) | (true, Some(_)) => {}
+                _ => {
+                    return Err(Error::Config(format!(
+                        "mcp.{name}: give `command` (a stdio server) or `url` (streamable HTTP), one of them"
+                    )));
+                }
+            }
+            if server.timeout.is_zero() {
+                return Err(Error::Config(format!(
+                    "mcp.{name}.timeout: must be above 0"
+                )));
+            }
+        }
         if self.agents.is_empty() {
             return Err(Error::Config(
                 "agents: a node needs at least one agent".into(),

@@ -11,6 +11,7 @@
 mod builtins;
 mod config;
 mod llm;
+mod mcp;
 mod tools;
 
 use std::future::Future;
@@ -52,6 +53,7 @@ pub async fn run(
             &config.llm.limits()?,
         )),
         prices: config.llm.prices()?,
+        mcp: Arc::new(config.mcp.clone()),
     };
     let mut builder = NodeRuntime::builder().config(config.runtime_config());
     for agent in &config.agents {

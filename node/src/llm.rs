@@ -28,7 +28,7 @@ use mesh_workflow::JsonSchema;
 use serde_json::{Value, json};
 
 use crate::builtins::ExecutionLog;
-use crate::tools::{self, Tool};
+use crate::tools::{self, Declared, Tool};
 
 /// Most output tokens a step may ask for.
 const MAX_TOKENS: u64 = 1_000_000;
@@ -47,6 +47,8 @@ pub struct LlmAgent {
     pub log: ExecutionLog,
     /// The client of HTTP tools.
     pub http: reqwest::Client,
+    /// The node's MCP servers, which steps name.
+    pub mcp: Arc<crate::mcp::Servers>,
 }
 
 /// A step's `with`, checked.
@@ -55,8 +57,9 @@ struct Call {
     request: ChatRequest,
     /// `response_schema`: the answer must be JSON matching it.
     schema: Option<(Value, JsonSchema)>,
-    /// `tools`, offered to the model, and `max_turns`, the most model calls of the attempt.
-    tools: Vec<Tool>,
+    /// `tools`, offered to the model once opened, and `max_turns`, the most model calls of the
+    /// attempt.
+    declared: Declared,
     max_turns: u32,
 }
 
@@ -265,7 +268,7 @@ fn read_call(with: &Value) -> Result<Call, AgentError> {
         )),
         None => system,
     };
-    let tools = tools::read_tools(obj.get("tools"))?;
+    let declared = tools::read_tools(obj.get("tools"))?;
     let max_turns = match obj.get("max_turns") {
         None | Some(Value::Null) => DEFAULT_MAX_TURNS,
         Some(v) => match v.as_u64() {
@@ -284,13 +287,13 @@ fn read_call(with: &Value) -> Result<Call, AgentError> {
         request: ChatRequest {
             system,
             messages: vec![Message::user(prompt)],
-            tools: tools.iter().map(|t| t.spec.clone()).collect(),
+            tools: Vec::new(),
             max_tokens,
             temperature,
             timeout: None,
             api_key,
         },
-        tools,
+        declared,
         max_turns,
     })
 }
@@ -341,6 +344,29 @@ impl Agent for LlmAgent {
     async fn handle(&self, ctx: Context, input: Value) -> Result<Value, AgentError> {
         self.log.record(&self.card.name, &ctx);
         let mut call = read_call(&input["with"])?;
+        let left = ctx
+            .deadline()
+            .saturating_duration_since(tokio::time::Instant::now());
+        let toolbox = std::mem::take(&mut call.declared)
+            .open(&self.mcp, left)
+            .await?;
+        call.request.tools = toolbox.tools.iter().map(|t| t.spec.clone()).collect();
+        let answer = self.converse(&ctx, call, &toolbox.tools).await;
+        toolbox.close().await;
+        answer
+    }
+}
+
+impl LlmAgent {
+    /// The attempt's conversation: model calls and the tool calls they ask for, in turns, then
+    /// the answer (checked against `response_schema` when the step gives one).
+    async fn converse(
+        &self,
+        ctx: &Context,
+        mut call: Call,
+        tools: &[Tool],
+    ) -> Result<Value, AgentError> {
+        let ctx = ctx.clone();
         // Text reaches the run's watchers as it comes, at most every 50 ms per attempt.
         let mut buffer = DeltaBuffer::new(DELTA_EVERY, DELTA_MAX_BYTES);
         let mut usage = Usage::default();
@@ -395,7 +421,7 @@ impl Agent for LlmAgent {
                 reply.tool_calls.clone(),
             ));
             for asked in &reply.tool_calls {
-                let entry = self.call_tool(&ctx, &call.tools, asked, turn).await?;
+                let entry = self.call_tool(&ctx, tools, asked, turn).await?;
                 call.request
                     .messages
                     .push(Message::tool_result(asked.id.clone(), entry.for_model));

@@ -22,6 +22,7 @@
 //! allowed, an HTTP error, a timeout) is told to the model as the call's result, so it can
 //! correct itself; the attempt fails only when the declarations themselves are wrong.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use mesh_agent_sdk::AgentError;
@@ -29,6 +30,8 @@ use mesh_agent_sdk::llm::ToolSpec;
 use mesh_workflow::JsonSchema;
 use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
 use serde_json::{Map, Value, json};
+
+use crate::mcp;
 
 /// Most tools a step may declare.
 pub const MAX_TOOLS: usize = 32;
@@ -42,13 +45,42 @@ const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Debug)]
 pub struct Tool {
     pub spec: ToolSpec,
-    schema: JsonSchema,
+    /// The arguments' schema, checked before a call (an MCP server's may not compile here:
+    /// then the server checks them).
+    schema: Option<JsonSchema>,
     kind: Kind,
 }
 
 #[derive(Debug)]
 enum Kind {
     Http(HttpTool),
+    /// The tool `remote` of an MCP server's session.
+    Mcp {
+        session: Arc<mcp::Session>,
+        remote: String,
+    },
+}
+
+/// A step's tools as declared: its own, and the MCP servers whose tools it takes.
+#[derive(Debug, Default)]
+pub struct Declared {
+    pub tools: Vec<Tool>,
+    mcp: Vec<McpUse>,
+}
+
+/// `- mcp: NAME` or `- mcp: { server: NAME, tools: [..] }`.
+#[derive(Debug)]
+struct McpUse {
+    path: String,
+    server: String,
+    only: Option<Vec<String>>,
+}
+
+/// The tools of one attempt, MCP sessions open; [`Toolbox::close`] ends them.
+#[derive(Debug)]
+pub struct Toolbox {
+    pub tools: Vec<Tool>,
+    sessions: Vec<Arc<mcp::Session>>,
 }
 
 #[derive(Debug)]
@@ -69,11 +101,11 @@ pub struct Outcome {
 }
 
 impl Outcome {
-    fn ok(text: String) -> Self {
+    pub fn ok(text: String) -> Self {
         Outcome { ok: true, text }
     }
 
-    fn error(text: impl Into<String>) -> Self {
+    pub fn error(text: impl Into<String>) -> Self {
         Outcome {
             ok: false,
             text: text.into(),
@@ -86,9 +118,9 @@ fn bad(path: &str, why: impl std::fmt::Display) -> AgentError {
 }
 
 /// Reads `with.tools`: a list of declarations, each checked with the path of what is wrong.
-pub fn read_tools(value: Option<&Value>) -> Result<Vec<Tool>, AgentError> {
+pub fn read_tools(value: Option<&Value>) -> Result<Declared, AgentError> {
     let list = match value {
-        None | Some(Value::Null) => return Ok(Vec::new()),
+        None | Some(Value::Null) => return Ok(Declared::default()),
         Some(Value::Array(list)) => list,
         Some(_) => return Err(bad("tools", "must be a list of tools")),
     };
@@ -99,7 +131,12 @@ pub fn read_tools(value: Option<&Value>) -> Result<Vec<Tool>, AgentError> {
         ));
     }
     let mut tools: Vec<Tool> = Vec::with_capacity(list.len());
+    let mut mcp = Vec::new();
     for (i, item) in list.iter().enumerate() {
+        if let Some(server) = item.get("mcp") {
+            mcp.push(read_mcp(&format!("tools[{i}]"), item, server)?);
+            continue;
+        }
         let tool = read_tool(&format!("tools[{i}]"), item)?;
         if let Some(j) = tools.iter().position(|t| t.spec.name == tool.spec.name) {
             return Err(bad(
@@ -109,7 +146,157 @@ pub fn read_tools(value: Option<&Value>) -> Result<Vec<Tool>, AgentError> {
         }
         tools.push(tool);
     }
-    Ok(tools)
+    Ok(Declared { tools, mcp })
+}
+
+fn read_mcp(path: &str, item: &Value, server: &Value) -> Result<McpUse, AgentError> {
+    if item.as_object().is_some_and(|o| o.len() > 1) {
+        return Err(bad(path, "an `mcp` entry has no other field"));
+    }
+    let here = format!("{path}.mcp");
+    let (server, only) = match server {
+        Value::String(name) => (name.clone(), None),
+        Value::Object(obj) => {
+            if let Some(unknown) = obj
+                .keys()
+                .find(|k| !["server", "tools"].contains(&k.as_str()))
+            {
+                return Err(bad(
+                    &format!("{here}.{unknown}"),
+                    "unknown field (known: server, tools)",
+                ));
+            }
+            let name = obj
+                .get("server")
+                .and_then(Value::as_str)
+                .ok_or_else(|| bad(&format!("{here}.server"), "required, a server's name"))?;
+            let only = match obj.get("tools") {
+                None | Some(Value::Null) => None,
+                Some(Value::Array(list)) => Some(
+                    list.iter()
+                        .enumerate()
+                        .map(|(i, t)| {
+                            t.as_str().map(str::to_owned).ok_or_else(|| {
+                                bad(&format!("{here}.tools[{i}]"), "must be a tool's name")
+                            })
+                        })
+                        .collect::<Result<_, _>>()?,
+                ),
+                Some(_) => return Err(bad(&format!("{here}.tools"), "must be a list of names")),
+            };
+            (name.to_owned(), only)
+        }
+        _ => {
+            return Err(bad(
+                &here,
+                "a server's name, or a map with `server` and `tools`",
+            ));
+        }
+    };
+    Ok(McpUse {
+        path: here,
+        server,
+        only,
+    })
+}
+
+impl Declared {
+    /// Opens the MCP servers the step names (from the node's `servers`) and adds their tools;
+    /// a server the node does not have is refused naming it, one that does not answer fails
+    /// the attempt (retryable).
+    pub async fn open(self, servers: &mcp::Servers, left: Duration) -> Result<Toolbox, AgentError> {
+        let mut tools = self.tools;
+        let mut sessions = Vec::new();
+        for use_ in self.mcp {
+            let Some(config) = servers.get(&use_.server) else {
+                let names: Vec<&str> = servers.keys().map(String::as_str).collect();
+                return Err(bad(
+                    &use_.path,
+                    format!(
+                        "this node has no MCP server `{}` (it has: {})",
+                        use_.server,
+                        if names.is_empty() {
+                            "none".to_owned()
+                        } else {
+                            names.join(", ")
+                        }
+                    ),
+                ));
+            };
+            let (session, listed) =
+                mcp::connect(&use_.server, config, left)
+                    .await
+                    .map_err(|e| {
+                        AgentError::retryable(
+                            "mcp_unavailable",
+                            format!("MCP server `{}`: {e}", use_.server),
+                        )
+                    })?;
+            let session = Arc::new(session);
+            if let Some(only) = &use_.only
+                && let Some(missing) = only.iter().find(|n| !listed.iter().any(|t| t.name == **n))
+            {
+                return Err(bad(
+                    &use_.path,
+                    format!("MCP server `{}` has no tool `{missing}`", use_.server),
+                ));
+            }
+            for t in listed {
+                if use_
+                    .only
+                    .as_ref()
+                    .is_some_and(|o| !o.iter().any(|n| *n == t.name))
+                {
+                    continue;
+                }
+                if tools.iter().any(|have| have.spec.name == t.name) {
+                    return Err(bad(
+                        &use_.path,
+                        format!(
+                            "MCP server `{}` has a tool `{}`, a name taken already",
+                            use_.server, t.name
+                        ),
+                    ));
+                }
+                let parameters = Value::Object((*t.input_schema).clone());
+                tools.push(Tool {
+                    spec: ToolSpec {
+                        name: t.name.to_string(),
+                        description: t.description.as_deref().unwrap_or_default().to_owned(),
+                        parameters: parameters.clone(),
+                    },
+                    schema: JsonSchema::compile(&parameters).ok(),
+                    kind: Kind::Mcp {
+                        session: session.clone(),
+                        remote: t.name.to_string(),
+                    },
+                });
+            }
+            sessions.push(session);
+        }
+        if tools.len() > MAX_TOOLS {
+            return Err(bad(
+                "tools",
+                format!(
+                    "{} tools with the MCP servers', the limit is {MAX_TOOLS}",
+                    tools.len()
+                ),
+            ));
+        }
+        Ok(Toolbox { tools, sessions })
+    }
+}
+
+impl Toolbox {
+    /// Ends the attempt's MCP sessions.
+    pub async fn close(self) {
+        drop(self.tools);
+        for session in self.sessions {
+            if let Ok(session) = Arc::try_unwrap(session) {
+                session.close().await;
+            }
+        }
+    }
 }
 
 fn read_tool(path: &str, item: &Value) -> Result<Tool, AgentError> {
@@ -164,7 +351,7 @@ fn read_tool(path: &str, item: &Value) -> Result<Tool, AgentError> {
         ));
     }
     let schema =
-        JsonSchema::compile(&parameters).map_err(|e| bad(&format!("{path}.parameters"), e))?;
+        Some(JsonSchema::compile(&parameters).map_err(|e| bad(&format!("{path}.parameters"), e))?);
     let kind = match obj.get("http") {
         Some(http) => Kind::Http(read_http(&format!("{path}.http"), http)?),
         None => return Err(bad(path, "say what the tool does: `http`")),
@@ -370,11 +557,16 @@ impl Tool {
     /// Calls the tool with the model's `arguments`, within `left`; what went wrong is the
     /// outcome's text, for the model.
     pub async fn call(&self, http: &reqwest::Client, arguments: &Value, left: Duration) -> Outcome {
-        if let Some((at, problem)) = self.schema.first_problem(arguments) {
+        if let Some((at, problem)) = self
+            .schema
+            .as_ref()
+            .and_then(|s| s.first_problem(arguments))
+        {
             return Outcome::error(format!("invalid arguments: {at}: {problem}"));
         }
         match &self.kind {
             Kind::Http(tool) => tool.call(http, arguments, left).await,
+            Kind::Mcp { session, remote } => session.call(remote, arguments, left).await,
         }
     }
 }
@@ -484,7 +676,7 @@ pub fn http_client() -> reqwest::Client {
 mod tests {
     use super::*;
 
-    fn tools(v: Value) -> Result<Vec<Tool>, String> {
+    fn tools(v: Value) -> Result<Declared, String> {
         read_tools(Some(&v)).map_err(|e| e.to_string())
     }
 
@@ -493,7 +685,9 @@ mod tests {
         let ok = tools(json!([{ "name": "w", "parameters": { "type": "object" },
             "http": { "url": "https://api.example.com/w/{city}" } }]))
         .unwrap();
-        let Kind::Http(h) = &ok[0].kind;
+        let Kind::Http(h) = &ok.tools[0].kind else {
+            panic!("an HTTP tool")
+        };
         assert_eq!(h.allow_hosts, ["api.example.com"]);
         for (bad, field) in [
             (json!({ "name": "w" }), "tools[0]"),
@@ -535,6 +729,35 @@ mod tests {
         ]))
         .unwrap_err();
         assert!(e.contains("tools[1].name") && e.contains("tools[0]"), "{e}");
+    }
+
+    #[test]
+    fn mcp_entries_name_a_server_and_may_pick_its_tools() {
+        let d =
+            tools(json!([{ "mcp": "files" }, { "mcp": { "server": "git", "tools": ["log"] } }]))
+                .unwrap();
+        assert_eq!(d.mcp.len(), 2);
+        assert_eq!(d.mcp[1].server, "git");
+        assert_eq!(d.mcp[1].only.as_deref(), Some(&["log".to_owned()][..]));
+        for (bad, field) in [
+            (json!({ "mcp": 3 }), "tools[0].mcp"),
+            (json!({ "mcp": "files", "name": "x" }), "tools[0]"),
+            (
+                json!({ "mcp": { "server": "git", "only": [] } }),
+                "tools[0].mcp.only",
+            ),
+            (
+                json!({ "mcp": { "tools": ["log"] } }),
+                "tools[0].mcp.server",
+            ),
+            (
+                json!({ "mcp": { "server": "git", "tools": [1] } }),
+                "tools[0].mcp.tools[0]",
+            ),
+        ] {
+            let e = tools(json!([bad])).unwrap_err();
+            assert!(e.contains(&format!("with.{field}:")), "{field}: {e}");
+        }
     }
 
     #[test]

@@ -286,3 +286,145 @@ async fn the_tool_loop_is_bounded_and_bad_declarations_are_refused() {
     assert!(error.contains("with.tools[0].http.url"), "{error}");
     assert_eq!(fake.seen().len(), before, "no model call was made");
 }
+
+/// The Python with the official MCP SDK that `scripts/check` installs (`target/py`), or
+/// `$MESH_TEST_PYTHON`.
+fn python() -> String {
+    if let Ok(p) = std::env::var("MESH_TEST_PYTHON") {
+        return p;
+    }
+    let local = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/py/bin/python");
+    assert!(
+        std::path::Path::new(local).exists(),
+        "no Python with the MCP SDK: run scripts/check, or set MESH_TEST_PYTHON to a python \
+         with `mcp==2.3.0` installed"
+    );
+    local.to_owned()
+}
+
+const MCP_SERVER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/mcp/server.py");
+
+/// The MCP server over streamable HTTP on a free port, killed on drop.
+struct HttpMcp {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Drop for HttpMcp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn http_mcp() -> HttpMcp {
+    let port = mesh_tests::free_port();
+    let child = std::process::Command::new(python())
+        .args([MCP_SERVER, "http", &port.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start the MCP server");
+    let server = HttpMcp { child, port };
+    mesh_tests::wait_for(
+        "the MCP server to listen",
+        Duration::from_secs(20),
+        || async {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .ok()
+        },
+    )
+    .await;
+    server
+}
+
+/// A step uses an MCP server's tools, over stdio (a child process the node starts with a
+/// clean environment) and over streamable HTTP: the tools are listed and offered to the model,
+/// calls go to the server and their results (errors included) back to the model.
+#[tokio::test]
+async fn a_model_uses_the_tools_of_an_mcp_server_over_stdio_and_http() {
+    let fake = FakeLlm::start(KEY).await;
+    let http = http_mcp().await;
+    let node = format!(
+        r#"{}
+[mcp.notes]
+command = ["{py}", "{MCP_SERVER}", "stdio"]
+env = {{ NOTES_MODE = "test" }}
+
+[mcp.notes_http]
+url = "http://127.0.0.1:{port}/mcp"
+"#,
+        llm_node(&fake),
+        py = python(),
+        port = http.port,
+    );
+    let mut mesh = Mesh::start(Timings::default()).await;
+    mesh.start_node("n1", &node).await;
+    for server in ["notes", "notes_http"] {
+        let before = fake.seen().len();
+        fake.knobs().call_tools(&[
+            ("add", json!({ "a": 2, "b": 3 })),
+            ("shout", json!({ "text": "quiet please" })),
+        ]);
+        fake.knobs().call_tools(&[
+            ("refuse", json!({ "reason": "not today" })),
+            ("environment", json!({})),
+        ]);
+        let view = run_step(
+            &mesh,
+            json!({ "model": "openai/tool-model", "prompt": "use your tools",
+                "tools": [{ "mcp": server }] }),
+        )
+        .await;
+        assert_eq!(view.state, RunState::Succeeded, "{server}: {view:?}");
+        let out = view.steps[0].output.clone().unwrap();
+        let calls = out["tool_calls"].as_array().unwrap();
+        let results: Vec<(&str, bool, &str)> = calls
+            .iter()
+            .map(|c| {
+                (
+                    c["tool"].as_str().unwrap(),
+                    c["ok"].as_bool().unwrap(),
+                    c["result"].as_str().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(results[0], ("add", true, "5"), "{server}: {out}");
+        assert_eq!(results[1], ("shout", true, "QUIET PLEASE"), "{server}");
+        assert_eq!((results[2].0, results[2].1), ("refuse", false), "{server}");
+        assert!(
+            results[2].2.contains("not today"),
+            "{server}: {}",
+            results[2].2
+        );
+        assert_eq!(out["turns"], 3, "{server}");
+        // The server's tools were offered to the model, with their schemas.
+        let offered = fake.seen()[before].body["tools"].to_string();
+        for tool in ["add", "shout", "refuse", "environment"] {
+            assert!(offered.contains(tool), "{server}: {offered}");
+        }
+        if server == "notes" {
+            let vars: Vec<&str> = results[3].2.split_whitespace().collect();
+            assert!(vars.contains(&"NOTES_MODE"), "{vars:?}");
+            for var in &vars {
+                assert!(
+                    ["HOME", "PATH", "NOTES_MODE", "LC_CTYPE"].contains(var),
+                    "the stdio server got `{var}` from the node: {vars:?}"
+                );
+            }
+        }
+    }
+    // A step that names a server the node does not have is refused, naming what it has.
+    let view = run_step(
+        &mesh,
+        json!({ "model": "openai/tool-model", "prompt": "x", "tools": [{ "mcp": "files" }] }),
+    )
+    .await;
+    assert_eq!(view.state, RunState::Failed);
+    let error = view.steps[0].error.clone().unwrap_or_default();
+    assert!(
+        error.contains("with.tools[0].mcp") && error.contains("it has: notes, notes_http"),
+        "{error}"
+    );
+}
