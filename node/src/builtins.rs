@@ -88,10 +88,9 @@ impl Agent for Builtin {
                 Ok(json!({ "attempt": ctx.attempt(), "input": input }))
             }
             // Hosted as `LlmAgent` (see `add`).
-            BuiltinKind::Llm | BuiltinKind::LlmPlanner => Err(AgentError::fatal(
-                "internal",
-                "model agents are hosted apart",
-            )),
+            BuiltinKind::Llm | BuiltinKind::LlmPlanner | BuiltinKind::Code => Err(
+                AgentError::fatal("internal", "model agents are hosted apart"),
+            ),
         }
     }
 }
@@ -109,6 +108,7 @@ pub fn add(
             BuiltinKind::Flaky => "fails its first attempts of each step, then echoes",
             BuiltinKind::Llm => "calls a language model: with.model (or models), prompt, system",
             BuiltinKind::LlmPlanner => "a language model writes a text goal's workflow",
+            BuiltinKind::Code => "runs with.code (python or shell) in a sandbox",
         })
         .max_concurrency(config.max_concurrency);
     for skill in config.skills() {
@@ -123,6 +123,13 @@ pub fn add(
             log,
         });
     }
+    if config.kind == BuiltinKind::Code {
+        return builder.agent(crate::code::CodeAgent {
+            card,
+            sandbox: llm.sandbox.clone(),
+            log,
+        });
+    }
     if config.kind == BuiltinKind::Llm {
         return builder.agent(LlmAgent {
             card,
@@ -132,6 +139,7 @@ pub fn add(
             log,
             http: crate::tools::http_client(),
             mcp: llm.mcp.clone(),
+            sandbox: llm.sandbox.clone(),
         });
     }
     builder.agent(Builtin {
@@ -148,6 +156,7 @@ pub struct LlmSetup {
     pub models: Arc<dyn ChatModel>,
     pub prices: Prices,
     pub mcp: Arc<crate::mcp::Servers>,
+    pub sandbox: crate::sandbox::Sandbox,
 }
 
 #[cfg(test)]

@@ -38,6 +38,8 @@ pub struct NodeConfig {
     pub llm: NodeLlmConfig,
     /// MCP servers the `llm` agent's steps may use as tools, by name (`docs/tools.md`).
     pub mcp: BTreeMap<String, McpServerConfig>,
+    /// The sandbox of `code` agents and tools (`docs/tools.md`).
+    pub sandbox: crate::sandbox::SandboxConfig,
     /// A file holding a `worker` token, for a coordinator with authentication on; `mesh
     /// node` reads `MESH_TOKEN` when this is absent.
     pub token_file: Option<PathBuf>,
@@ -159,6 +161,7 @@ impl Default for NodeConfig {
             ],
             llm: NodeLlmConfig::default(),
             mcp: BTreeMap::new(),
+            sandbox: crate::sandbox::SandboxConfig::default(),
             token_file: None,
             tls: mesh_agent_sdk::TlsFiles::default(),
             namespaces: Vec::new(),
@@ -177,6 +180,8 @@ pub enum BuiltinKind {
     Llm,
     /// Serves `plan`: a model writes a text goal's workflow (`model` names it).
     LlmPlanner,
+    /// Runs Python or shell in a sandbox (see `docs/tools.md`).
+    Code,
 }
 
 impl BuiltinKind {
@@ -187,6 +192,7 @@ impl BuiltinKind {
             BuiltinKind::Flaky => "flaky",
             BuiltinKind::Llm => "llm",
             BuiltinKind::LlmPlanner => "plan",
+            BuiltinKind::Code => "code",
         }
     }
 }

@@ -9,9 +9,11 @@
 //! - `llm`: calls a language model on OpenAI, Anthropic, Gemini or Ollama (`docs/llm.md`).
 
 mod builtins;
+mod code;
 mod config;
 mod llm;
 mod mcp;
+mod sandbox;
 mod tools;
 
 use std::future::Future;
@@ -54,6 +56,7 @@ pub async fn run(
         )),
         prices: config.llm.prices()?,
         mcp: Arc::new(config.mcp.clone()),
+        sandbox: sandbox::Sandbox::new(config.sandbox.clone()),
     };
     let mut builder = NodeRuntime::builder().config(config.runtime_config());
     for agent in &config.agents {

@@ -49,6 +49,8 @@ pub struct LlmAgent {
     pub http: reqwest::Client,
     /// The node's MCP servers, which steps name.
     pub mcp: Arc<crate::mcp::Servers>,
+    /// Where `code` tools run.
+    pub sandbox: crate::sandbox::Sandbox,
 }
 
 /// A step's `with`, checked.
@@ -106,7 +108,7 @@ impl LlmAgent {
                     .deadline()
                     .saturating_duration_since(tokio::time::Instant::now());
                 tokio::select! {
-                    o = tool.call(&self.http, &asked.arguments, left) => o,
+                    o = tool.call(&self.http, &self.sandbox, &asked.arguments, left) => o,
                     _ = ctx.cancelled() => return Err(AgentError::fatal("cancelled", "the attempt was cancelled during a tool call")),
                 }
             }

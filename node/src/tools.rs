@@ -54,6 +54,11 @@ pub struct Tool {
 #[derive(Debug)]
 enum Kind {
     Http(HttpTool),
+    /// Runs the model's code in the node's sandbox.
+    Code {
+        language: crate::sandbox::Language,
+        limits: crate::sandbox::Limits,
+    },
     /// The tool `remote` of an MCP server's session.
     Mcp {
         session: Arc<mcp::Session>,
@@ -137,6 +142,20 @@ pub fn read_tools(value: Option<&Value>) -> Result<Declared, AgentError> {
             mcp.push(read_mcp(&format!("tools[{i}]"), item, server)?);
             continue;
         }
+        if let Some(code) = item.get("code") {
+            let tool = read_code(&format!("tools[{i}]"), item, code)?;
+            if let Some(j) = tools.iter().position(|t| t.spec.name == tool.spec.name) {
+                return Err(bad(
+                    &format!("tools[{i}].code"),
+                    format!(
+                        "`{}` is already tools[{j}]: give one a `name`",
+                        tool.spec.name
+                    ),
+                ));
+            }
+            tools.push(tool);
+            continue;
+        }
         let tool = read_tool(&format!("tools[{i}]"), item)?;
         if let Some(j) = tools.iter().position(|t| t.spec.name == tool.spec.name) {
             return Err(bad(
@@ -147,6 +166,73 @@ pub fn read_tools(value: Option<&Value>) -> Result<Declared, AgentError> {
         tools.push(tool);
     }
     Ok(Declared { tools, mcp })
+}
+
+/// `- code: { language: python, name: run_python, timeout: 10s, memory_mb: 256, … }`: the
+/// model writes code, the node runs it in its sandbox.
+fn read_code(path: &str, item: &Value, code: &Value) -> Result<Tool, AgentError> {
+    if item.as_object().is_some_and(|o| o.len() > 1) {
+        return Err(bad(path, "a `code` entry has no other field"));
+    }
+    let here = format!("{path}.code");
+    let obj = code
+        .as_object()
+        .ok_or_else(|| bad(&here, "a map with `language` (python or shell) and limits"))?;
+    const KNOWN: [&str; 8] = [
+        "language",
+        "name",
+        "timeout",
+        "memory_mb",
+        "processes",
+        "output_bytes",
+        "disk_mb",
+        "description",
+    ];
+    if let Some(unknown) = obj.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+        return Err(bad(
+            &format!("{here}.{unknown}"),
+            format!("unknown field (known: {})", KNOWN.join(", ")),
+        ));
+    }
+    let (language, limits) = crate::code::read_language_and_limits(obj, &format!("with.{here}"))?;
+    let name = match obj.get("name") {
+        None | Some(Value::Null) => format!("run_{}", language.as_str()),
+        Some(Value::String(n)) => n.clone(),
+        Some(_) => return Err(bad(&format!("{here}.name"), "must be a string")),
+    };
+    let what = match language {
+        crate::sandbox::Language::Python => "Python 3 code (run with python3 -c)",
+        crate::sandbox::Language::Shell => "a POSIX shell script (run with sh -c)",
+    };
+    let description = obj
+        .get("description")
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .unwrap_or_else(|| {
+            format!(
+                "Runs {what} in a sandbox with no network and a fresh, empty working \
+                 directory; at most {} s. Returns exit_code, stdout and stderr: print what \
+                 you need to read.",
+                limits.timeout.as_secs()
+            )
+        });
+    let parameters = json!({
+        "type": "object",
+        "properties": {
+            "code": { "type": "string", "description": "The code to run." },
+            "stdin": { "type": "string", "description": "Its standard input." }
+        },
+        "required": ["code"]
+    });
+    Ok(Tool {
+        spec: ToolSpec {
+            name,
+            description,
+            parameters: parameters.clone(),
+        },
+        schema: Some(JsonSchema::compile(&parameters).map_err(|e| bad(&here, e))?),
+        kind: Kind::Code { language, limits },
+    })
 }
 
 fn read_mcp(path: &str, item: &Value, server: &Value) -> Result<McpUse, AgentError> {
@@ -556,7 +642,13 @@ fn host_allowed(host: &str, allowed: &[String]) -> bool {
 impl Tool {
     /// Calls the tool with the model's `arguments`, within `left`; what went wrong is the
     /// outcome's text, for the model.
-    pub async fn call(&self, http: &reqwest::Client, arguments: &Value, left: Duration) -> Outcome {
+    pub async fn call(
+        &self,
+        http: &reqwest::Client,
+        sandbox: &crate::sandbox::Sandbox,
+        arguments: &Value,
+        left: Duration,
+    ) -> Outcome {
         if let Some((at, problem)) = self
             .schema
             .as_ref()
@@ -567,6 +659,21 @@ impl Tool {
         match &self.kind {
             Kind::Http(tool) => tool.call(http, arguments, left).await,
             Kind::Mcp { session, remote } => session.call(remote, arguments, left).await,
+            Kind::Code { language, limits } => {
+                let code = arguments["code"].as_str().unwrap_or_default();
+                let stdin = arguments["stdin"].as_str().unwrap_or_default();
+                let limits = crate::sandbox::Limits {
+                    timeout: limits.timeout.min(left),
+                    ..*limits
+                };
+                match sandbox.run(*language, code, stdin, limits).await {
+                    Ok(result) => Outcome {
+                        ok: crate::code::failure(&result, &limits).is_none(),
+                        text: result.to_json().to_string(),
+                    },
+                    Err(e) => Outcome::error(e),
+                }
+            }
         }
     }
 }
