@@ -8,6 +8,7 @@ use mesh_proto::domain::*;
 use mesh_proto::pb;
 use mesh_proto::pb::auth_service_client::AuthServiceClient;
 use mesh_proto::pb::goal_service_client::GoalServiceClient;
+use mesh_proto::pb::memory_service_client::MemoryServiceClient;
 use mesh_proto::pb::registry_service_client::RegistryServiceClient;
 use mesh_proto::pb::secret_service_client::SecretServiceClient;
 use mesh_proto::pb::workflow_service_client::WorkflowServiceClient;
@@ -91,6 +92,7 @@ pub struct GoalClient {
     workflows: WorkflowServiceClient<Channel>,
     auth: AuthServiceClient<Channel>,
     secrets: SecretServiceClient<Channel>,
+    memory: MemoryServiceClient<Channel>,
     /// `authorization: Bearer …`, sent with every call when set.
     token: Option<Bearer>,
     /// `mesh-namespace`, sent with every call when set (the coordinator's `default` else).
@@ -202,7 +204,8 @@ impl GoalClient {
             registry: RegistryServiceClient::new(channel.clone()),
             workflows: WorkflowServiceClient::new(channel.clone()),
             auth: AuthServiceClient::new(channel.clone()),
-            secrets: SecretServiceClient::new(channel),
+            secrets: SecretServiceClient::new(channel.clone()),
+            memory: MemoryServiceClient::new(channel),
             token: None,
             namespace: None,
         })
@@ -350,6 +353,68 @@ impl GoalClient {
             }))
             .await?;
         Ok(r.into_inner())
+    }
+
+    /// One page of the namespace's memory keys (`MemoryService.ListMemory`; docs/memory.md).
+    pub async fn list_memory(
+        &self,
+        query: pb::ListMemoryRequest,
+    ) -> Result<pb::ListMemoryResponse, ClientError> {
+        let r = self.memory.clone().list_memory(self.request(query)).await?;
+        Ok(r.into_inner())
+    }
+
+    /// The newest `last` entries of a memory key, oldest first.
+    pub async fn get_memory(
+        &self,
+        scope: &str,
+        key: &str,
+        last: u32,
+    ) -> Result<Vec<pb::MemoryEntry>, ClientError> {
+        let r = self
+            .memory
+            .clone()
+            .get_memory(self.request(pb::GetMemoryRequest {
+                scope: scope.to_owned(),
+                key: key.to_owned(),
+                last,
+            }))
+            .await?;
+        Ok(r.into_inner().entries)
+    }
+
+    /// Appends a JSON value to a memory key, kept `ttl` (forever when `None`).
+    pub async fn put_memory(
+        &self,
+        scope: &str,
+        key: &str,
+        value: &serde_json::Value,
+        ttl: Option<std::time::Duration>,
+    ) -> Result<pb::MemoryEntry, ClientError> {
+        let r = self
+            .memory
+            .clone()
+            .put_memory(self.request(pb::PutMemoryRequest {
+                scope: scope.to_owned(),
+                key: key.to_owned(),
+                value_json: value.to_string(),
+                ttl_ms: ttl.map_or(0, |t| t.as_millis() as u64),
+            }))
+            .await?;
+        Ok(r.into_inner())
+    }
+
+    /// Deletes every entry of a memory key; how many there were.
+    pub async fn delete_memory(&self, scope: &str, key: &str) -> Result<u64, ClientError> {
+        let r = self
+            .memory
+            .clone()
+            .delete_memory(self.request(pb::DeleteMemoryRequest {
+                scope: scope.to_owned(),
+                key: key.to_owned(),
+            }))
+            .await?;
+        Ok(r.into_inner().deleted)
     }
 
     /// Submits a goal; returns once it is durable.

@@ -58,6 +58,148 @@ pub enum SecretCommand {
 }
 
 #[derive(Subcommand)]
+pub enum MemoryCommand {
+    /// Keys of the namespace's memory, with their number of entries.
+    Ls {
+        /// Only this scope (`workflow:NAME`, `agent:NAME`, `swarm:GOAL_ID`).
+        #[arg(long)]
+        scope: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        #[arg(long, default_value = "")]
+        page_token: String,
+    },
+    /// The newest entries of a key, oldest first.
+    Get {
+        scope: String,
+        #[arg(value_name = "KEY")]
+        entry_key: String,
+        #[arg(long, default_value_t = 10)]
+        last: u32,
+    },
+    /// Append a JSON value to a key.
+    Put {
+        scope: String,
+        #[arg(value_name = "KEY")]
+        entry_key: String,
+        /// JSON (a bare word is taken as a string).
+        value: String,
+        /// How long the entry is kept (`30d`); forever when absent.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<std::time::Duration>,
+    },
+    /// Delete every entry of a key.
+    Rm {
+        scope: String,
+        #[arg(value_name = "KEY")]
+        entry_key: String,
+    },
+}
+
+pub async fn memory(target: &Target, format: Output, command: MemoryCommand) -> Result<()> {
+    let client = target.connect().await?;
+    let entry_json = |e: &pb::MemoryEntry| {
+        serde_json::json!({
+            "value": serde_json::from_str::<serde_json::Value>(&e.value_json).unwrap_or_default(),
+            "run_id": e.run_id, "step_id": e.step_id, "at_ms": e.at_ms,
+            "expires_at_ms": e.expires_at_ms,
+        })
+    };
+    match command {
+        MemoryCommand::Ls {
+            scope,
+            limit,
+            page_token,
+        } => {
+            let page = client
+                .list_memory(pb::ListMemoryRequest {
+                    scope: scope.unwrap_or_default(),
+                    page_size: limit,
+                    page_token,
+                })
+                .await?;
+            match format {
+                Output::Json => output::json(&serde_json::json!({
+                    "keys": page.keys.iter().map(|k| serde_json::json!({
+                        "scope": k.scope, "key": k.key, "entries": k.entries,
+                        "updated_at_ms": k.updated_at_ms,
+                    })).collect::<Vec<_>>(),
+                    "next_page_token": page.next_page_token,
+                })),
+                Output::Table => {
+                    let rows = page
+                        .keys
+                        .iter()
+                        .map(|k| {
+                            vec![
+                                k.scope.clone(),
+                                k.key.clone(),
+                                k.entries.to_string(),
+                                when(k.updated_at_ms),
+                            ]
+                        })
+                        .collect();
+                    table(&["scope", "key", "entries", "updated"], rows);
+                    if !page.next_page_token.is_empty() {
+                        eprintln!("more: --page-token {:?}", page.next_page_token);
+                    }
+                }
+            }
+        }
+        MemoryCommand::Get {
+            scope,
+            entry_key: key,
+            last,
+        } => {
+            let entries = client.get_memory(&scope, &key, last).await?;
+            match format {
+                Output::Json => output::json(&serde_json::json!({
+                    "entries": entries.iter().map(entry_json).collect::<Vec<_>>(),
+                })),
+                Output::Table => {
+                    let rows = entries
+                        .iter()
+                        .map(|e| {
+                            let from = if e.run_id.is_empty() {
+                                "(put)".to_owned()
+                            } else {
+                                format!("{}/{}", e.run_id, e.step_id)
+                            };
+                            vec![when(e.at_ms), from, e.value_json.clone()]
+                        })
+                        .collect();
+                    table(&["at", "from", "value"], rows);
+                }
+            }
+        }
+        MemoryCommand::Put {
+            scope,
+            entry_key: key,
+            value,
+            ttl,
+        } => {
+            let value = serde_json::from_str(&value).unwrap_or(serde_json::Value::String(value));
+            let put = client.put_memory(&scope, &key, &value, ttl).await?;
+            match format {
+                Output::Json => output::json(&entry_json(&put)),
+                Output::Table => eprintln!("remembered under {scope} {key}"),
+            }
+        }
+        MemoryCommand::Rm {
+            scope,
+            entry_key: key,
+        } => {
+            let deleted = client.delete_memory(&scope, &key).await?;
+            match format {
+                Output::Json => output::json(&serde_json::json!({ "deleted": deleted })),
+                Output::Table => eprintln!("{deleted} entries of {scope} {key} deleted"),
+            }
+        }
+    }
+    Ok(())
+}
+
+#[derive(Subcommand)]
 pub enum AuditCommand {
     /// Audit rows, newest first.
     Ls {

@@ -207,6 +207,11 @@ enum Command {
         #[command(subcommand)]
         command: access::SecretCommand,
     },
+    /// Memory that outlives runs (docs/memory.md), in the namespace of `--namespace`.
+    Memory {
+        #[command(subcommand)]
+        command: access::MemoryCommand,
+    },
     /// The audit log: authorization decisions and state-changing calls.
     Audit {
         #[command(subcommand)]
@@ -400,6 +405,10 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Secret { command } => {
             let _telemetry = init_tracing("warn", "mesh-cli");
             access::secret(&target, cli.output, command).await
+        }
+        Command::Memory { command } => {
+            let _telemetry = init_tracing("warn", "mesh-cli");
+            access::memory(&target, cli.output, command).await
         }
         Command::Audit { command } => {
             let _telemetry = init_tracing("warn", "mesh-cli");

@@ -146,6 +146,10 @@ pub const RULES: &[(&str, Need)] = &[
     ("/mesh.v1.SecretService/SetSecret", Need::Admin),
     ("/mesh.v1.SecretService/ListSecrets", Need::Admin),
     ("/mesh.v1.SecretService/DeleteSecret", Need::Admin),
+    ("/mesh.v1.MemoryService/ListMemory", Need::Read),
+    ("/mesh.v1.MemoryService/GetMemory", Need::Read),
+    ("/mesh.v1.MemoryService/PutMemory", Need::Write),
+    ("/mesh.v1.MemoryService/DeleteMemory", Need::Write),
 ];
 
 /// Services anyone may call: health and reflection.

@@ -123,6 +123,19 @@ pub enum JournalEvent {
         attempt: u32,
         usage: Vec<ModelUsage>,
     },
+    /// A task's output saved to memory (docs/memory.md): written to the memory table in the
+    /// same transaction as this entry, so an accepted result is remembered exactly once.
+    MemorySaved {
+        step: StepId,
+        index: u32,
+        /// `workflow:NAME`, `agent:SKILL` or `swarm:GOAL`.
+        scope: String,
+        key: String,
+        value: Value,
+        /// How long the entry is kept (0: forever).
+        #[serde(default, skip_serializing_if = "is_zero")]
+        ttl_ms: u64,
+    },
     /// A failed run runs again (after `StepReset`s).
     RunResumed,
     RunFinished {
@@ -157,6 +170,7 @@ impl JournalEvent {
             JournalEvent::StepResumed { .. } => "step_resumed",
             JournalEvent::StepReset { .. } => "step_reset",
             JournalEvent::UsageRecorded { .. } => "usage_recorded",
+            JournalEvent::MemorySaved { .. } => "memory_saved",
             JournalEvent::RunResumed => "run_resumed",
             JournalEvent::RunFinished { .. } => "run_finished",
         }
@@ -183,7 +197,8 @@ impl JournalEvent {
             | JournalEvent::StepParked { step, .. }
             | JournalEvent::StepResumed { step }
             | JournalEvent::StepReset { step }
-            | JournalEvent::UsageRecorded { step, .. } => Some(step),
+            | JournalEvent::UsageRecorded { step, .. }
+            | JournalEvent::MemorySaved { step, .. } => Some(step),
         }
     }
 }

@@ -16,6 +16,7 @@ pub mod intake;
 pub mod journal;
 pub mod jwt;
 pub mod machine;
+pub mod memory;
 pub mod metrics;
 pub mod node_link;
 pub mod node_session;
@@ -324,6 +325,7 @@ async fn serve_grpc(
 ) {
     use pb::auth_service_server::AuthServiceServer;
     use pb::goal_service_server::GoalServiceServer;
+    use pb::memory_service_server::MemoryServiceServer;
     use pb::node_service_server::NodeServiceServer;
     use pb::registry_service_server::RegistryServiceServer;
     use pb::secret_service_server::SecretServiceServer;
@@ -382,6 +384,9 @@ async fn serve_grpc(
         .add_service(auth)
         .add_service(SecretServiceServer::new(grpc::SecretApi {
             vault: handles.deps.secrets.clone(),
+        }))
+        .add_service(MemoryServiceServer::new(grpc::MemoryApi {
+            store: handles.deps.store.clone(),
         }))
         .add_optional_service(reflection)
         .add_optional_service(reflection_alpha)

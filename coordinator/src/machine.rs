@@ -16,7 +16,7 @@ use std::time::Duration;
 use mesh_proto::FieldError;
 use mesh_proto::domain::*;
 use mesh_workflow::validate::{Action, Step};
-use mesh_workflow::{Limits, OnFailure, RunBindings, Workflow, WorkflowDef};
+use mesh_workflow::{Limits, MemoryScope, OnFailure, RunBindings, Workflow, WorkflowDef};
 use serde_json::{Map, Value, json};
 
 use crate::config::DispatchConfig;
@@ -157,6 +157,17 @@ impl From<Vec<JournalEvent>> for Decision {
         }
     }
 }
+
+/// Where a task's memory is kept, and how many entries it loads.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemoryRef {
+    pub scope: String,
+    pub key: String,
+    pub last: u32,
+}
+
+/// The largest memory entry saved; a bigger output is remembered by its size only.
+pub const MAX_MEMORY_VALUE_BYTES: usize = 64 * 1024;
 
 #[derive(Debug)]
 pub struct RunMachine {
@@ -809,10 +820,83 @@ impl RunMachine {
                 *elapsed_ms = result.elapsed_ms;
             }
         }
+        // A remembered step's output is saved with the result that accepted it.
+        let saved = decision.events.iter().position(|e| {
+            matches!(e, JournalEvent::TaskSucceeded { step, index: at, attempt, .. }
+                if *step == id && *at == index && *attempt == result.token.attempt)
+        });
+        if let Some(at) = saved
+            && let Some(event) = self.memory_saved(i, index, &decision.events[at])
+        {
+            decision.events.insert(at + 1, event);
+        }
         if let Some(event) = spent {
             decision.events.insert(0, event);
         }
         Some(decision)
+    }
+
+    /// Where step `i`'s task `index` keeps its memory: the scope (`workflow:NAME`,
+    /// `agent:SKILL`, `swarm:GOAL`), the rendered key, and how many entries it loads; `None`
+    /// for a step without memory.
+    pub fn memory_of(
+        &self,
+        i: usize,
+        index: u32,
+    ) -> Option<std::result::Result<MemoryRef, String>> {
+        let memory = self.spec(i).memory.as_ref()?;
+        let scope = match memory.scope {
+            MemoryScope::Workflow => format!("workflow:{}", self.workflow.def.name),
+            MemoryScope::Agent => format!("agent:{}", self.spec(i).skill()),
+            MemoryScope::Swarm => format!("swarm:{}", self.goal_id),
+        };
+        let mut b = self.step_bindings(i);
+        if self.spec(i).foreach.is_some() {
+            let item = self
+                .items(i)
+                .get(index as usize)
+                .cloned()
+                .unwrap_or(Value::Null);
+            b.rest.insert("item".into(), item);
+            b.rest.insert("index".into(), json!(index));
+        }
+        Some(match memory.key.render(&b) {
+            Ok(Value::String(key)) if !key.is_empty() && key.len() <= 256 => Ok(MemoryRef {
+                scope,
+                key,
+                last: memory.last,
+            }),
+            Ok(other) => Err(format!(
+                "memory.key: must render to a text of 1 to 256 bytes, not {other}"
+            )),
+            Err(e) => Err(format!("memory.key: {e}")),
+        })
+    }
+
+    /// The memory entry a successful task saves: its output's `remember` when it has one,
+    /// else its output (a marker with the size when that is over `MAX_MEMORY_VALUE_BYTES`).
+    fn memory_saved(&self, i: usize, index: u32, succeeded: &JournalEvent) -> Option<JournalEvent> {
+        let memory = self.spec(i).memory.as_ref().filter(|m| m.save)?;
+        let JournalEvent::TaskSucceeded { output, .. } = succeeded else {
+            return None;
+        };
+        let target = self.memory_of(i, index)?.ok()?;
+        let mut value = output
+            .get("remember")
+            .cloned()
+            .unwrap_or_else(|| output.clone());
+        let size = serde_json::to_vec(&value).map_or(0, |v| v.len());
+        if size > MAX_MEMORY_VALUE_BYTES {
+            value = json!({ "elided_bytes": size });
+        }
+        Some(JournalEvent::MemorySaved {
+            step: self.id(i),
+            index,
+            scope: target.scope,
+            key: target.key,
+            value,
+            ttl_ms: memory.ttl.map_or(0, |t| t.as_millis() as u64),
+        })
     }
 
     /// Why the run may not start another model call: the budget it reached, and its spend.
@@ -1419,6 +1503,8 @@ impl RunMachine {
                 }
                 self.retained_bytes = retained;
             }
+            // Kept by the store, not by the run.
+            JournalEvent::MemorySaved { .. } => {}
             JournalEvent::UsageRecorded { step, usage, .. } => {
                 let total = self.usage.entry(step.clone()).or_default();
                 for u in usage {
@@ -1691,6 +1777,64 @@ mod tests {
 
     fn state(m: &RunMachine, step: &str) -> StepState {
         m.step(&step.into()).unwrap().state
+    }
+
+    /// A step with memory: its key rendered from the inputs, its scope named; its accepted
+    /// output's `remember` (or the output) saved right after the result, with the TTL; a step
+    /// with `save: false` saves nothing.
+    #[test]
+    fn a_remembered_step_saves_its_output_with_its_result() {
+        let yaml = "name: chat
+version: 1
+inputs: { user: string }
+steps:
+  - id: a
+    uses: llm
+    memory: { scope: workflow, key: 'u-${{ inputs.user }}', ttl: 1h }
+  - id: b
+    uses: echo
+    needs: [a]
+    memory: { scope: agent, key: k, save: false }
+";
+        let mut m = machine(yaml, json!({ "user": "ann" }));
+        m.advance();
+        let a = m.position(&"a".into()).unwrap();
+        assert_eq!(
+            m.memory_of(a, 0),
+            Some(Ok(MemoryRef {
+                scope: "workflow:chat".into(),
+                key: "u-ann".into(),
+                last: 10,
+            }))
+        );
+        let e = ok(
+            &mut m,
+            "a",
+            0,
+            json!({ "text": "hi", "remember": { "prompt": "p", "text": "hi" } }),
+        );
+        let at = e
+            .iter()
+            .position(|e| matches!(e, JournalEvent::TaskSucceeded { .. }))
+            .unwrap();
+        assert_eq!(
+            e[at + 1],
+            JournalEvent::MemorySaved {
+                step: "a".into(),
+                index: 0,
+                scope: "workflow:chat".into(),
+                key: "u-ann".into(),
+                value: json!({ "prompt": "p", "text": "hi" }),
+                ttl_ms: 3_600_000,
+            }
+        );
+        let e = ok(&mut m, "b", 0, json!({ "x": 1 }));
+        assert!(
+            !e.iter()
+                .any(|e| matches!(e, JournalEvent::MemorySaved { .. }))
+        );
+        let b = m.position(&"b".into()).unwrap();
+        assert_eq!(m.memory_of(b, 0).unwrap().unwrap().scope, "agent:echo");
     }
 
     /// A cost budget: each `llm` result's spend is journaled; once the run has spent its

@@ -446,6 +446,60 @@ impl RunActorState {
         }
     }
 
+    /// Loads the newest entries of the task's memory into its input (`memory: { scope, key,
+    /// entries }`) off the actor, then dispatches it; a store that cannot be read fails the
+    /// attempt, retryably.
+    fn dispatch_with_memory(
+        &self,
+        myself: &ActorRef<RunMsg>,
+        mut request: DispatcherMsg,
+        memory: crate::machine::MemoryRef,
+    ) {
+        let (store, dispatcher, myself) = (
+            self.deps.store.clone(),
+            self.deps.dispatcher.clone(),
+            myself.clone(),
+        );
+        let namespace = self.machine.namespace().to_string();
+        tokio::spawn(async move {
+            let DispatcherMsg::Dispatch(r) = &mut request else {
+                return;
+            };
+            match store
+                .memory(&namespace, &memory.scope, &memory.key, memory.last)
+                .await
+            {
+                Ok(entries) => {
+                    let entries: Vec<Value> = entries
+                        .into_iter()
+                        .map(|e| {
+                            serde_json::json!({ "value": e.value, "run_id": e.run_id,
+                                "step_id": e.step_id, "at_ms": e.at_ms })
+                        })
+                        .collect();
+                    if let Some(input) = r.input.as_object_mut() {
+                        input.insert(
+                            "memory".into(),
+                            serde_json::json!({ "scope": memory.scope, "key": memory.key,
+                                "entries": entries }),
+                        );
+                    }
+                    dispatcher.cast(request);
+                }
+                Err(e) => {
+                    let _ = myself.cast(RunMsg::AttemptFailed {
+                        token: r.token.clone(),
+                        error: TaskError::new(
+                            "memory",
+                            format!("reading memory failed: {e}"),
+                            true,
+                        ),
+                    });
+                }
+            }
+        });
+    }
+
     /// Journals an operator's decision (approve, signal, retry, skip) and answers with the
     /// run as it is then; a decision the machine refused is answered with its error.
     async fn commit_and_view(
@@ -519,31 +573,45 @@ impl RunActorState {
                         }
                     }
                 };
+                // The step's memory, to load before the task goes (docs/memory.md).
+                let memory = match self.machine.memory_of(i, *index) {
+                    Some(Ok(m)) if m.last > 0 => Some(m),
+                    Some(Ok(_)) | None => None,
+                    Some(Err(e)) => {
+                        let _ = myself.cast(RunMsg::AttemptFailed {
+                            token,
+                            error: TaskError::new("input", e, false),
+                        });
+                        return;
+                    }
+                };
                 debug!(%token, skill = %spec.skill(), "dispatching attempt");
                 let traceparent = self.attempt_span(&token, spec.skill());
-                self.deps
-                    .dispatcher
-                    .cast(DispatcherMsg::Dispatch(DispatchRequest {
-                        skill,
-                        agent,
-                        input,
-                        idempotency_key: format!("{}/{}/{}", self.machine.run_id(), step, index),
-                        timeout: spec.timeout,
-                        // Only agents of the run's namespace; a step cannot name another.
-                        labels: {
-                            let mut labels = spec.labels.clone();
-                            labels.insert(
-                                NAMESPACE_LABEL.to_owned(),
-                                self.machine.namespace().to_string(),
-                            );
-                            labels
-                        },
-                        token: token.clone(),
-                        secrets: secrets.clone(),
-                        traceparent,
-                        run: myself.clone(),
-                        ready_at: Instant::now(),
-                    }));
+                let request = DispatcherMsg::Dispatch(DispatchRequest {
+                    skill,
+                    agent,
+                    input,
+                    idempotency_key: format!("{}/{}/{}", self.machine.run_id(), step, index),
+                    timeout: spec.timeout,
+                    // Only agents of the run's namespace; a step cannot name another.
+                    labels: {
+                        let mut labels = spec.labels.clone();
+                        labels.insert(
+                            NAMESPACE_LABEL.to_owned(),
+                            self.machine.namespace().to_string(),
+                        );
+                        labels
+                    },
+                    token: token.clone(),
+                    secrets: secrets.clone(),
+                    traceparent,
+                    run: myself.clone(),
+                    ready_at: Instant::now(),
+                });
+                match memory {
+                    None => self.deps.dispatcher.cast(request),
+                    Some(memory) => self.dispatch_with_memory(myself, request, memory),
+                }
                 if !secrets.is_empty() {
                     self.secrets.insert(token, secrets);
                 }

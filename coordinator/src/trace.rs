@@ -144,7 +144,9 @@ pub fn build(
                     steps[i].waiting_since_ms = at;
                 }
             }
-            JournalEvent::SignalReceived { .. } | JournalEvent::StepExpanded { .. } => {}
+            JournalEvent::SignalReceived { .. }
+            | JournalEvent::StepExpanded { .. }
+            | JournalEvent::MemorySaved { .. } => {}
             JournalEvent::StepSucceeded { step, .. } => {
                 end(&mut steps, &position, step, at, "succeeded")
             }

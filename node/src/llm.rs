@@ -300,6 +300,35 @@ fn read_call(with: &Value) -> Result<Call, AgentError> {
     })
 }
 
+/// Puts a step's memory (docs/memory.md) before its prompt: entries saved by earlier `llm`
+/// steps (`{prompt, text}`) as the exchanges they were, any other value in the system prompt.
+fn remember(request: &mut ChatRequest, entries: &Value) {
+    let Some(entries) = entries.as_array().filter(|e| !e.is_empty()) else {
+        return;
+    };
+    let mut exchanges = Vec::new();
+    let mut facts = Vec::new();
+    for entry in entries {
+        let value = &entry["value"];
+        match (value["prompt"].as_str(), value["text"].as_str()) {
+            (Some(prompt), Some(text)) => {
+                exchanges.push(Message::user(prompt));
+                exchanges.push(Message::assistant(text));
+            }
+            _ => facts.push(format!("- {value}")),
+        }
+    }
+    if !facts.is_empty() {
+        let known = format!("What you remember:\n{}", facts.join("\n"));
+        request.system = Some(match request.system.take() {
+            Some(s) => format!("{s}\n\n{known}"),
+            None => known,
+        });
+    }
+    exchanges.append(&mut request.messages);
+    request.messages = exchanges;
+}
+
 /// The agent's error for a chain that did not answer: retryable when the last failure was
 /// transient (the step's retry policy decides), not when the request or the key is wrong.
 fn failure(e: &FallbackError) -> AgentError {
@@ -346,6 +375,7 @@ impl Agent for LlmAgent {
     async fn handle(&self, ctx: Context, input: Value) -> Result<Value, AgentError> {
         self.log.record(&self.card.name, &ctx);
         let mut call = read_call(&input["with"])?;
+        remember(&mut call.request, &input["memory"]["entries"]);
         let left = ctx
             .deadline()
             .saturating_duration_since(tokio::time::Instant::now());
@@ -469,9 +499,19 @@ impl LlmAgent {
                 )
             })?);
         }
+        let prompt = call
+            .request
+            .messages
+            .iter()
+            .rev()
+            .find(|m| m.role == mesh_agent_sdk::llm::Role::User && m.tool_call_id.is_none())
+            .map(|m| m.text.clone())
+            .unwrap_or_default();
         Ok(json!({
             "json": parsed,
             "text": text,
+            // What a step with `memory` saves: this exchange, for the next run's prompt.
+            "remember": { "prompt": prompt, "text": text },
             "provider": reply.model.provider.as_str(),
             "model": reply.model.model,
             "usage": { "input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens },

@@ -45,6 +45,10 @@ const NEEDS: &[(&str, &str)] = &[
     ("/mesh.v1.SecretService/SetSecret", "admin"),
     ("/mesh.v1.SecretService/ListSecrets", "admin"),
     ("/mesh.v1.SecretService/DeleteSecret", "admin"),
+    ("/mesh.v1.MemoryService/ListMemory", "read"),
+    ("/mesh.v1.MemoryService/GetMemory", "read"),
+    ("/mesh.v1.MemoryService/PutMemory", "write"),
+    ("/mesh.v1.MemoryService/DeleteMemory", "write"),
 ];
 
 /// Which roles of a namespace cover a need in it.

@@ -93,6 +93,59 @@ pub struct StepDef {
     /// Wait for a named signal sent to the run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wait_for: Option<WaitForDef>,
+    /// Memory that outlives the run: loaded into the task's input, saved from its output.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<MemoryDef>,
+}
+
+/// `memory: { scope, key, last, save, ttl }` on a task step (docs/memory.md).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryDef {
+    /// Whose memory: `workflow` (the registered workflow's, across its runs), `agent` (the
+    /// step's skill's or agent's, across workflows) or `swarm` (the goal's team's).
+    pub scope: MemoryScope,
+    /// The entry list's key in that scope, templated (`${{ inputs.user }}`).
+    pub key: String,
+    /// How many of the newest entries the task gets (0: none).
+    #[serde(default = "default_memory_last")]
+    pub last: u32,
+    /// Whether the task's output (its `remember` field when it has one) is saved.
+    #[serde(default = "default_true")]
+    pub save: bool,
+    /// How long a saved entry is kept; forever when absent.
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub ttl: Option<Duration>,
+}
+
+fn default_memory_last() -> u32 {
+    10
+}
+
+fn default_true() -> bool {
+    true
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MemoryScope {
+    Workflow,
+    Agent,
+    Swarm,
+}
+
+impl MemoryScope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MemoryScope::Workflow => "workflow",
+            MemoryScope::Agent => "agent",
+            MemoryScope::Swarm => "swarm",
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

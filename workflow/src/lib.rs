@@ -8,9 +8,11 @@ pub mod expr;
 pub mod fuzz;
 pub mod validate;
 
-pub use def::{Budget, OnExceed, OnFailure, RetryDef, StepDef, WorkflowDef};
+pub use def::{
+    Budget, MemoryDef, MemoryScope, OnExceed, OnFailure, RetryDef, StepDef, WorkflowDef,
+};
 pub use expr::{Bindings, Expr, RunBindings, Template};
 pub use validate::{
-    Action, Invalid, JsonSchema, Limits, Problem, Step, Target, Workflow, check_sub_workflows,
-    load, parse, validate,
+    Action, Invalid, JsonSchema, Limits, MAX_MEMORY_LAST, Memory, Problem, Step, Target, Workflow,
+    check_sub_workflows, load, parse, validate,
 };

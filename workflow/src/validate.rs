@@ -147,7 +147,22 @@ pub struct Step {
     pub on_failure: OnFailure,
     /// Labels the agent must have (its own or its node's).
     pub labels: BTreeMap<String, String>,
+    pub memory: Option<Memory>,
 }
+
+/// A step's memory, checked: its key compiled.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Memory {
+    pub scope: MemoryScope,
+    pub key: Template,
+    pub last: u32,
+    pub save: bool,
+    pub ttl: Option<Duration>,
+}
+
+/// Most entries a task may load, and the longest a saved entry may be kept.
+pub const MAX_MEMORY_LAST: u32 = 100;
+pub const MAX_MEMORY_TTL: Duration = Duration::from_secs(3 * 365 * 24 * 3600);
 
 impl Step {
     pub fn skill(&self) -> &str {
@@ -163,6 +178,7 @@ impl Step {
     /// Every expression of the step, for finding the steps it reads.
     pub fn exprs(&self) -> Vec<&Expr> {
         let mut out = self.with.exprs();
+        out.extend(self.memory.iter().flat_map(|m| m.key.exprs()));
         out.extend(self.when.iter());
         out.extend(self.foreach.iter().map(|f| &f.items));
         out.extend(self.repeat.iter().map(|l| &l.until));
@@ -769,6 +785,40 @@ pub fn validate(def: WorkflowDef, limits: &Limits) -> Result<Workflow, Invalid> 
         for e in with.exprs() {
             c.variables(&at("with"), e, &known);
         }
+        let memory = s.memory.as_ref().and_then(|m| {
+            if !is_task || matches!(action, Action::Task(Target::Workflow { .. })) {
+                c.problem(
+                    at("memory"),
+                    "only a step with `uses` or `agent` has memory",
+                );
+            }
+            if m.scope == MemoryScope::Workflow && def.name.is_empty() {
+                c.problem(
+                    at("memory.scope"),
+                    "`workflow` memory belongs to a named workflow: register it, or give it a `name`",
+                );
+            }
+            if m.last > MAX_MEMORY_LAST {
+                c.problem(at("memory.last"), format!("must be 0 to {MAX_MEMORY_LAST}"));
+            }
+            if m.ttl.is_some_and(|t| t.is_zero() || t > MAX_MEMORY_TTL) {
+                c.problem(at("memory.ttl"), "must be above 0 and at most 3 years");
+            }
+            if m.key.is_empty() || m.key.len() > 256 {
+                c.problem(at("memory.key"), "must be 1 to 256 bytes");
+            }
+            let key = c.value(&at("memory.key"), &Value::String(m.key.clone()))?;
+            for e in key.exprs() {
+                c.variables(&at("memory.key"), e, &known);
+            }
+            Some(Memory {
+                scope: m.scope,
+                key,
+                last: m.last,
+                save: m.save,
+                ttl: m.ttl,
+            })
+        });
         steps.push(Step {
             id: s.id.clone(),
             action,
@@ -781,6 +831,7 @@ pub fn validate(def: WorkflowDef, limits: &Limits) -> Result<Workflow, Invalid> 
             timeout: s.timeout,
             on_failure: s.on_failure,
             labels: s.labels.clone(),
+            memory,
         });
     }
 

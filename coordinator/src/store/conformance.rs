@@ -37,6 +37,7 @@ macro_rules! conformance_suite {
             unknown_things_are_not_found,
             the_store_can_be_probed,
             another_layout_is_refused,
+            memory_is_saved_with_its_result_kept_per_key_and_expires,
         );
     };
     (@cases $make:expr; $($case:ident),* $(,)?) => {
@@ -449,4 +450,123 @@ pub(crate) async fn another_layout_is_refused(f: &impl Fixture) {
         .expect("a store of another layout opens")
         .to_string();
     assert!(err.contains("layout 1"), "names the layout found: {err}");
+}
+
+pub(crate) async fn memory_is_saved_with_its_result_kept_per_key_and_expires(f: &impl Fixture) {
+    use crate::memory::{MAX_ENTRIES_PER_KEY, NewMemory};
+    let store = f.open().unwrap();
+    let run = store.submit(new_run(goal(None))).await.unwrap();
+    let saved = |n: u32| JournalEvent::MemorySaved {
+        step: "a".into(),
+        index: 0,
+        scope: "workflow:w".into(),
+        key: "k".into(),
+        value: json!({ "n": n }),
+        ttl_ms: 0,
+    };
+    // Saved in the same write as the journal entries around it.
+    store
+        .record(&run.run_id, 1, vec![started("a", 1), saved(1)])
+        .await
+        .unwrap();
+    let got = store
+        .memory("default", "workflow:w", "k", 10)
+        .await
+        .unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].value, json!({ "n": 1 }));
+    assert_eq!(
+        (got[0].run_id.as_str(), got[0].step_id.as_str()),
+        (run.run_id.0.as_str(), "a")
+    );
+    // Another namespace, scope or key sees nothing of it.
+    assert!(
+        store
+            .memory("other", "workflow:w", "k", 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        store
+            .memory("default", "agent:w", "k", 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // A key keeps its newest MAX_ENTRIES_PER_KEY, and `last` takes the newest, oldest first.
+    for n in 0..MAX_ENTRIES_PER_KEY + 5 {
+        store
+            .put_memory(NewMemory {
+                namespace: "default".into(),
+                scope: "agent:a".into(),
+                key: "many".into(),
+                value: json!(n),
+                ttl_ms: 0,
+            })
+            .await
+            .unwrap();
+    }
+    let all = store
+        .memory("default", "agent:a", "many", 5000)
+        .await
+        .unwrap();
+    assert_eq!(all.len(), MAX_ENTRIES_PER_KEY as usize);
+    assert_eq!(all[0].value, json!(5));
+    let last = store.memory("default", "agent:a", "many", 2).await.unwrap();
+    let values: Vec<_> = last.iter().map(|e| e.value.clone()).collect();
+    assert_eq!(
+        values,
+        [
+            json!(MAX_ENTRIES_PER_KEY + 3),
+            json!(MAX_ENTRIES_PER_KEY + 4)
+        ]
+    );
+    // An entry past its time is not read, and keys list in pages.
+    store
+        .put_memory(NewMemory {
+            namespace: "default".into(),
+            scope: "agent:a".into(),
+            key: "brief".into(),
+            value: json!("gone soon"),
+            ttl_ms: 1,
+        })
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    assert!(
+        store
+            .memory("default", "agent:a", "brief", 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let page = store.list_memory("default", None, 1, None).await.unwrap();
+    assert_eq!(page.keys.len(), 1);
+    assert_eq!(
+        (page.keys[0].scope.as_str(), page.keys[0].key.as_str()),
+        ("agent:a", "many")
+    );
+    let rest = store
+        .list_memory("default", None, 10, page.next.clone())
+        .await
+        .unwrap();
+    let keys: Vec<_> = rest
+        .keys
+        .iter()
+        .map(|k| (k.scope.as_str(), k.key.as_str()))
+        .collect();
+    assert_eq!(keys, [("workflow:w", "k")]);
+    assert_eq!(rest.next, None);
+    store
+        .delete_memory("default", "agent:a", "many")
+        .await
+        .unwrap();
+    assert!(
+        store
+            .memory("default", "agent:a", "many", 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }

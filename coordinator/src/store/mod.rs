@@ -24,6 +24,7 @@ use mesh_workflow::WorkflowDef;
 
 use crate::auth::{AuditEntry, AuditPage, AuditQuery, TokenRecord};
 use crate::error::Result;
+use crate::memory::{MemoryEntry, MemoryPage, NewMemory};
 use crate::secrets::SealedSecret;
 
 mod sqlite;
@@ -183,6 +184,35 @@ pub trait Backend: Clone + Send + Sync + 'static {
     /// Every secret, sealed.
     fn secrets(&self) -> impl Future<Output = Result<Vec<SealedSecret>>> + Send;
 
+    /// Appends a memory entry put through the API.
+    fn put_memory(&self, new: NewMemory) -> impl Future<Output = Result<()>> + Send;
+
+    /// Deletes every entry of a key; deleting a key that is not there is not an error.
+    fn delete_memory(
+        &self,
+        namespace: &str,
+        scope: &str,
+        key: &str,
+    ) -> impl Future<Output = Result<()>> + Send;
+
+    /// The newest `last` entries of a key not expired, oldest first.
+    fn memory(
+        &self,
+        namespace: &str,
+        scope: &str,
+        key: &str,
+        last: u32,
+    ) -> impl Future<Output = Result<Vec<MemoryEntry>>> + Send;
+
+    /// One page of a namespace's keys (of one scope, when given), by scope then key.
+    fn list_memory(
+        &self,
+        namespace: &str,
+        scope: Option<&str>,
+        page_size: u32,
+        after: Option<(String, String)>,
+    ) -> impl Future<Output = Result<MemoryPage>> + Send;
+
     /// Appends rows to the audit log (append-only: nothing updates or deletes them).
     fn append_audit(&self, rows: Vec<AuditEntry>) -> impl Future<Output = Result<()>> + Send;
 
@@ -292,6 +322,30 @@ impl Backend for Store {
     }
     async fn secrets(&self) -> Result<Vec<SealedSecret>> {
         on_backend!(self, s => s.secrets().await)
+    }
+    async fn put_memory(&self, new: NewMemory) -> Result<()> {
+        on_backend!(self, s => s.put_memory(new).await)
+    }
+    async fn delete_memory(&self, namespace: &str, scope: &str, key: &str) -> Result<()> {
+        on_backend!(self, s => s.delete_memory(namespace, scope, key).await)
+    }
+    async fn memory(
+        &self,
+        namespace: &str,
+        scope: &str,
+        key: &str,
+        last: u32,
+    ) -> Result<Vec<MemoryEntry>> {
+        on_backend!(self, s => s.memory(namespace, scope, key, last).await)
+    }
+    async fn list_memory(
+        &self,
+        namespace: &str,
+        scope: Option<&str>,
+        page_size: u32,
+        after: Option<(String, String)>,
+    ) -> Result<MemoryPage> {
+        on_backend!(self, s => s.list_memory(namespace, scope, page_size, after).await)
     }
     async fn append_audit(&self, rows: Vec<AuditEntry>) -> Result<()> {
         on_backend!(self, s => s.append_audit(rows).await)

@@ -22,6 +22,7 @@ use super::{
 };
 use crate::auth::{AuditEntry, AuditPage, AuditQuery, Decision, TokenRecord};
 use crate::error::{Error, Result};
+use crate::memory::{MemoryEntry, MemoryKey, MemoryPage, NewMemory};
 use crate::secrets::SealedSecret;
 
 const SCHEMA: &str = r#"
@@ -93,6 +94,18 @@ CREATE TABLE IF NOT EXISTS secrets (
     updated_at_ms INTEGER NOT NULL,
     PRIMARY KEY (namespace, name)
 );
+CREATE TABLE IF NOT EXISTS memory (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    namespace TEXT NOT NULL,
+    scope TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    run_id TEXT NOT NULL,
+    step_id TEXT NOT NULL,
+    at_ms INTEGER NOT NULL,
+    expires_at_ms INTEGER
+);
+CREATE INDEX IF NOT EXISTS memory_by_key ON memory (namespace, scope, key, seq);
 CREATE TABLE IF NOT EXISTS swarm_members (
     goal_id TEXT NOT NULL,
     skill TEXT NOT NULL,
@@ -132,6 +145,9 @@ enum WriteOp {
     PutSecret(Box<SealedSecret>, oneshot::Sender<Result<()>>),
     DeleteSecret(String, String, oneshot::Sender<Result<()>>),
     Audit(Vec<AuditEntry>, oneshot::Sender<Result<()>>),
+    PutMemory(Box<NewMemory>, oneshot::Sender<Result<()>>),
+    /// Namespace, scope, key.
+    DeleteMemory(String, String, String, oneshot::Sender<Result<()>>),
 }
 
 #[derive(Clone)]
@@ -521,6 +537,93 @@ impl Backend for SqliteStore {
             .await?
     }
 
+    async fn put_memory(&self, new: NewMemory) -> Result<()> {
+        self.write(|reply| WriteOp::PutMemory(Box::new(new), reply))
+            .await?
+    }
+
+    async fn delete_memory(&self, namespace: &str, scope: &str, key: &str) -> Result<()> {
+        let (n, s, k) = (namespace.to_owned(), scope.to_owned(), key.to_owned());
+        self.write(|reply| WriteOp::DeleteMemory(n, s, k, reply))
+            .await?
+    }
+
+    async fn memory(
+        &self,
+        namespace: &str,
+        scope: &str,
+        key: &str,
+        last: u32,
+    ) -> Result<Vec<MemoryEntry>> {
+        let conn = self.read();
+        let mut stmt = conn.prepare_cached(
+            "SELECT seq, value, run_id, step_id, at_ms, expires_at_ms FROM memory
+             WHERE namespace = ?1 AND scope = ?2 AND key = ?3
+             AND (expires_at_ms IS NULL OR expires_at_ms > ?4)
+             ORDER BY seq DESC LIMIT ?5",
+        )?;
+        let mut rows = stmt
+            .query_map(params![namespace, scope, key, now_ms(), last], |r| {
+                Ok(MemoryEntry {
+                    seq: r.get(0)?,
+                    value: serde_json::from_str(&r.get::<_, String>(1)?).unwrap_or(Value::Null),
+                    run_id: r.get(2)?,
+                    step_id: r.get(3)?,
+                    at_ms: r.get(4)?,
+                    expires_at_ms: r.get(5)?,
+                })
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        rows.reverse();
+        Ok(rows)
+    }
+
+    async fn list_memory(
+        &self,
+        namespace: &str,
+        scope: Option<&str>,
+        page_size: u32,
+        after: Option<(String, String)>,
+    ) -> Result<MemoryPage> {
+        let conn = self.read();
+        let (after_scope, after_key) = after.unwrap_or_default();
+        let mut stmt = conn.prepare_cached(
+            "SELECT scope, key, COUNT(*), MAX(at_ms) FROM memory
+             WHERE namespace = ?1 AND (?2 IS NULL OR scope = ?2)
+             AND (expires_at_ms IS NULL OR expires_at_ms > ?3)
+             AND (scope > ?4 OR (scope = ?4 AND key > ?5))
+             GROUP BY scope, key ORDER BY scope, key LIMIT ?6",
+        )?;
+        let keys = stmt
+            .query_map(
+                params![
+                    namespace,
+                    scope,
+                    now_ms(),
+                    after_scope,
+                    after_key,
+                    page_size + 1
+                ],
+                |r| {
+                    Ok(MemoryKey {
+                        scope: r.get(0)?,
+                        key: r.get(1)?,
+                        entries: r.get::<_, i64>(2)? as u64,
+                        updated_at_ms: r.get(3)?,
+                    })
+                },
+            )?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        let mut keys = keys;
+        let next = (keys.len() > page_size as usize).then(|| {
+            keys.truncate(page_size as usize);
+            keys.last()
+                .map(|k| (k.scope.clone(), k.key.clone()))
+                .unwrap_or_default()
+        });
+        Ok(MemoryPage { keys, next })
+    }
+
     async fn secrets(&self) -> Result<Vec<SealedSecret>> {
         let conn = self.read();
         let mut stmt = conn.prepare_cached(
@@ -728,6 +831,30 @@ fn commit_group(conn: &mut Connection, batch: impl Iterator<Item = WriteOp>) {
             WriteOp::PutSecret(secret, reply) => {
                 Applied::Probe(reply, in_savepoint(&mut tx, |c| put_secret(c, &secret)))
             }
+            WriteOp::PutMemory(new, reply) => Applied::Probe(
+                reply,
+                in_savepoint(&mut tx, |c| {
+                    let expires = (new.ttl_ms > 0).then(|| now + new.ttl_ms as i64);
+                    insert_memory(
+                        c,
+                        (&new.namespace, &new.scope, &new.key),
+                        &new.value,
+                        ("", ""),
+                        now,
+                        expires,
+                    )
+                }),
+            ),
+            WriteOp::DeleteMemory(namespace, scope, key, reply) => Applied::Probe(
+                reply,
+                in_savepoint(&mut tx, |c| {
+                    c.prepare_cached(
+                        "DELETE FROM memory WHERE namespace = ?1 AND scope = ?2 AND key = ?3",
+                    )?
+                    .execute(params![namespace, scope, key])?;
+                    Ok(())
+                }),
+            ),
             WriteOp::DeleteSecret(namespace, name, reply) => Applied::Probe(
                 reply,
                 in_savepoint(&mut tx, |c| {
@@ -762,6 +889,8 @@ impl Applied {
             WriteOp::PutToken(_, reply)
             | WriteOp::PutSecret(_, reply)
             | WriteOp::DeleteSecret(_, _, reply)
+            | WriteOp::PutMemory(_, reply)
+            | WriteOp::DeleteMemory(_, _, _, reply)
             | WriteOp::Audit(_, reply) => Applied::Probe(reply, err(why)),
         }
     }
@@ -868,6 +997,28 @@ fn record(
     let run = &run_id.0;
     for (i, event) in events.iter().enumerate() {
         append(conn, run_id, seq + i as u64, event, now)?;
+        if let JournalEvent::MemorySaved {
+            step,
+            scope,
+            key,
+            value,
+            ttl_ms,
+            ..
+        } = event
+        {
+            let namespace: String = conn
+                .prepare_cached("SELECT namespace FROM runs WHERE run_id = ?1")?
+                .query_row(params![run], |r| r.get(0))?;
+            let expires = (*ttl_ms > 0).then(|| now + *ttl_ms as i64);
+            insert_memory(
+                conn,
+                (&namespace, scope, key),
+                value,
+                (run, &step.0),
+                now,
+                expires,
+            )?;
+        }
         if let JournalEvent::RunResumed = event {
             conn.prepare_cached(
                 "UPDATE runs SET state = 'running', output = NULL, error = NULL WHERE run_id = ?1",
@@ -893,6 +1044,46 @@ fn record(
     }
     conn.prepare_cached("UPDATE runs SET updated_at_ms = ?2 WHERE run_id = ?1")?
         .execute(params![run, now])?;
+    Ok(())
+}
+
+/// Appends a memory entry, then forgets the key's expired entries and those past
+/// `MAX_ENTRIES_PER_KEY`.
+fn insert_memory(
+    conn: &Connection,
+    (namespace, scope, key): (&str, &str, &str),
+    value: &Value,
+    (run, step): (&str, &str),
+    now: i64,
+    expires: Option<i64>,
+) -> Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO memory (namespace, scope, key, value, run_id, step_id, at_ms, expires_at_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )?
+    .execute(params![
+        namespace,
+        scope,
+        key,
+        json_text(value),
+        run,
+        step,
+        now,
+        expires
+    ])?;
+    conn.prepare_cached(
+        "DELETE FROM memory WHERE namespace = ?1 AND scope = ?2 AND key = ?3
+         AND (expires_at_ms <= ?4 OR seq <= (SELECT seq FROM memory
+              WHERE namespace = ?1 AND scope = ?2 AND key = ?3
+              ORDER BY seq DESC LIMIT 1 OFFSET ?5))",
+    )?
+    .execute(params![
+        namespace,
+        scope,
+        key,
+        now,
+        crate::memory::MAX_ENTRIES_PER_KEY
+    ])?;
     Ok(())
 }
 
