@@ -1,12 +1,13 @@
 //! The [`Agent`] trait and what a handler sees.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mesh_proto::domain::{FencingToken, ModelUsage, TaskError, TaskResult};
 use serde_json::Value;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -88,9 +89,52 @@ pub(crate) enum Report {
         text: String,
         restart: bool,
     },
+    /// A skill of the mesh called by the attempt; its answer goes to `reply`.
+    SkillCall {
+        call_id: String,
+        skill: String,
+        input: Value,
+        reply: SkillReply,
+    },
     /// The attempt's result, after every report of the attempt (same channel, so that a
     /// watcher gets the last text before the step ends); never dropped.
     Result(TaskResult),
+}
+
+/// A skill call's answer: the child task's output, or why there is none.
+pub type SkillOutcome = Result<Value, TaskError>;
+
+/// Where the answer to a skill call goes (once).
+#[derive(Clone)]
+pub(crate) struct SkillReply(Arc<Mutex<Option<oneshot::Sender<SkillOutcome>>>>);
+
+impl SkillReply {
+    /// Whether nobody waits for the answer any more (the attempt ended).
+    pub(crate) fn abandoned(&self) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_none_or(|tx| tx.is_closed())
+    }
+
+    pub(crate) fn send(&self, outcome: SkillOutcome) {
+        if let Some(tx) = self.0.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = tx.send(outcome);
+        }
+    }
+}
+
+impl std::fmt::Debug for SkillReply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SkillReply")
+    }
+}
+
+impl PartialEq for SkillReply {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
 }
 
 /// What a handler knows about its attempt.
@@ -104,6 +148,8 @@ pub struct Context {
     pub(crate) progress: Option<mpsc::Sender<(FencingToken, Report)>>,
     /// Model calls of this attempt, sent with its result.
     pub(crate) usage: Arc<Mutex<Vec<ModelUsage>>>,
+    /// Skill calls made so far, for their ids.
+    pub(crate) calls: Arc<AtomicU32>,
 }
 
 impl Context {
@@ -123,6 +169,7 @@ impl Context {
             cancel: CancellationToken::new(),
             progress: None,
             usage: Arc::default(),
+            calls: Arc::default(),
         }
     }
 
@@ -215,6 +262,43 @@ impl Context {
                 };
             }
             None => all.push(usage),
+        }
+    }
+
+    /// Calls a skill of the mesh, as a model's tool does (docs/tools.md): the coordinator
+    /// journals the call and dispatches it as a child task of this attempt's run, to an agent
+    /// of the run's namespace with the skill; this waits for its output, until the attempt's
+    /// deadline or its cancellation. A skill called this way cannot call skills itself.
+    pub async fn call_skill(&self, skill: &str, input: Value) -> SkillOutcome {
+        let Some(tx) = &self.progress else {
+            return Err(TaskError::new(
+                "no_coordinator",
+                "this attempt is not connected to a coordinator",
+                false,
+            ));
+        };
+        let n = self.calls.fetch_add(1, Ordering::Relaxed) + 1;
+        let (reply, answer) = oneshot::channel();
+        let call = Report::SkillCall {
+            call_id: format!("call-{n}"),
+            skill: skill.to_owned(),
+            input,
+            reply: SkillReply(Arc::new(Mutex::new(Some(reply)))),
+        };
+        let lost = || {
+            TaskError::new(
+                "connection_lost",
+                "the node lost the coordinator before the call's answer",
+                true,
+            )
+        };
+        if tx.send((self.token.clone(), call)).await.is_err() {
+            return Err(lost());
+        }
+        tokio::select! {
+            outcome = answer => outcome.unwrap_or_else(|_| Err(lost())),
+            _ = self.cancel.cancelled() => Err(TaskError::new("cancelled", "the attempt was cancelled during a skill call", false)),
+            _ = tokio::time::sleep_until(self.deadline) => Err(TaskError::new("timeout", format!("skill `{skill}` did not answer before the attempt's deadline"), true)),
         }
     }
 

@@ -1012,7 +1012,14 @@ impl Actor for Dispatcher {
                         && f.agent.node == node
                         && f.instance == instance =>
                 {
-                    let _ = f.run.cast(RunMsg::Report(report));
+                    let _ = f.run.cast(match report {
+                        // The run answers on the caller's stream.
+                        Report::SkillCall(call) => RunMsg::SkillCall {
+                            call,
+                            reply: f.tx.clone(),
+                        },
+                        other => RunMsg::Report(other),
+                    });
                 }
                 _ => {
                     debug!(token = %report.token(), "report for an attempt that is not current dropped")

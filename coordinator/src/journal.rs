@@ -136,6 +136,27 @@ pub enum JournalEvent {
         #[serde(default, skip_serializing_if = "is_zero")]
         ttl_ms: u64,
     },
+    /// An attempt called a skill (a model's tool): a child task of the run, `step~call_id`.
+    SkillCalled {
+        step: StepId,
+        index: u32,
+        attempt: u32,
+        call_id: String,
+        skill: String,
+        input: Value,
+    },
+    /// What the child task of a skill call gave back to its caller.
+    SkillReturned {
+        step: StepId,
+        index: u32,
+        attempt: u32,
+        call_id: String,
+        outcome: std::result::Result<Value, TaskError>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        agent: Option<AgentKey>,
+        #[serde(default, skip_serializing_if = "is_zero")]
+        elapsed_ms: u64,
+    },
     /// A failed run runs again (after `StepReset`s).
     RunResumed,
     RunFinished {
@@ -171,6 +192,8 @@ impl JournalEvent {
             JournalEvent::StepReset { .. } => "step_reset",
             JournalEvent::UsageRecorded { .. } => "usage_recorded",
             JournalEvent::MemorySaved { .. } => "memory_saved",
+            JournalEvent::SkillCalled { .. } => "skill_called",
+            JournalEvent::SkillReturned { .. } => "skill_returned",
             JournalEvent::RunResumed => "run_resumed",
             JournalEvent::RunFinished { .. } => "run_finished",
         }
@@ -198,7 +221,9 @@ impl JournalEvent {
             | JournalEvent::StepResumed { step }
             | JournalEvent::StepReset { step }
             | JournalEvent::UsageRecorded { step, .. }
-            | JournalEvent::MemorySaved { step, .. } => Some(step),
+            | JournalEvent::MemorySaved { step, .. }
+            | JournalEvent::SkillCalled { step, .. }
+            | JournalEvent::SkillReturned { step, .. } => Some(step),
         }
     }
 }

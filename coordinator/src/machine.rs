@@ -1503,8 +1503,10 @@ impl RunMachine {
                 }
                 self.retained_bytes = retained;
             }
-            // Kept by the store, not by the run.
-            JournalEvent::MemorySaved { .. } => {}
+            // Kept by the store, not by the run; a skill call is its caller's business.
+            JournalEvent::MemorySaved { .. }
+            | JournalEvent::SkillCalled { .. }
+            | JournalEvent::SkillReturned { .. } => {}
             JournalEvent::UsageRecorded { step, usage, .. } => {
                 let total = self.usage.entry(step.clone()).or_default();
                 for u in usage {

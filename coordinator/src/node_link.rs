@@ -3,7 +3,7 @@
 //! the registry and the dispatcher (which own streams) write frames; a run answers a result
 //! through a [`ResultAck`], without knowing the wire.
 
-use mesh_proto::domain::{AckCode, FencingToken, TaskDelta, TaskProgress, ToNode};
+use mesh_proto::domain::{AckCode, FencingToken, SkillCall, TaskDelta, TaskProgress, ToNode};
 use tokio::sync::mpsc;
 
 /// What goes down a node's stream.
@@ -26,6 +26,8 @@ pub enum Report {
     Progress(TaskProgress),
     /// Text produced so far (a model's tokens, coalesced by the node).
     Delta(TaskDelta),
+    /// The attempt calls a skill (journaled by its run, which answers on the node's stream).
+    SkillCall(SkillCall),
 }
 
 impl Report {
@@ -33,6 +35,7 @@ impl Report {
         match self {
             Report::Progress(p) => &p.token,
             Report::Delta(d) => &d.token,
+            Report::SkillCall(c) => &c.token,
         }
     }
 }

@@ -208,6 +208,11 @@ impl Actor for NodeSession {
                         instance,
                         report: Report::Delta(delta),
                     }),
+                    FromNode::SkillCall(call) => st.args.dispatcher.cast(DispatcherMsg::Report {
+                        node,
+                        instance,
+                        report: Report::SkillCall(call),
+                    }),
                     FromNode::Draining => {
                         st.draining = true;
                         st.args

@@ -86,6 +86,11 @@ pub enum RunMsg {
     Redispatch,
     /// Progress of the current attempt of a step, for watchers.
     Report(Report),
+    /// The current attempt of a step calls a skill; answered on `reply`, its node's stream.
+    SkillCall {
+        call: SkillCall,
+        reply: crate::node_link::NodeTx,
+    },
     Cancel {
         reason: String,
         reply: RpcReplyPort<Result<RunView>>,
@@ -304,7 +309,21 @@ pub struct RunActorState {
     /// The text each running attempt has streamed so far (scrubbed, at most
     /// `MAX_STREAMED_BYTES`), for watchers who come in the middle.
     streamed: HashMap<FencingToken, String>,
+    /// Skill calls in flight, by their child task's token.
+    skill_calls: HashMap<FencingToken, PendingSkillCall>,
 }
+
+/// A skill call an attempt made, running as a child task.
+#[derive(Debug)]
+struct PendingSkillCall {
+    caller: FencingToken,
+    call_id: String,
+    reply: crate::node_link::NodeTx,
+    started: Instant,
+}
+
+/// Most skill calls of a run in flight at once.
+const MAX_SKILL_CALLS: usize = 64;
 
 /// The span of a run, child of its submission's when it has one; `Span::none()` with tracing
 /// off, so that nothing is made.
@@ -444,6 +463,141 @@ impl RunActorState {
                 });
             }
         }
+    }
+
+    /// An attempt's skill call: refused (answered at once) when the caller is no longer
+    /// current, is itself a skill call, or the run has too many in flight; else journaled and
+    /// dispatched as a child task `STEP~CALL_ID` of the run, in its namespace, fenced like any.
+    async fn skill_call(
+        &mut self,
+        myself: &ActorRef<RunMsg>,
+        call: SkillCall,
+        reply: crate::node_link::NodeTx,
+    ) -> Result<()> {
+        let refuse = |why: String| {
+            let _ = reply.try_send(crate::node_link::Outbound::Frame(ToNode::SkillResult {
+                token: call.token.clone(),
+                call_id: call.call_id.clone(),
+                outcome: Err(TaskError::new("skill_call_refused", why, false)),
+            }));
+        };
+        let caller = &call.token;
+        if caller
+            .step_id
+            .0
+            .contains(mesh_proto::convert::SKILL_CALL_MARK)
+        {
+            refuse("a skill called as a tool cannot call skills itself".into());
+            return Ok(());
+        }
+        if !self.is_current(caller) || self.machine.state().is_terminal() {
+            refuse("the calling attempt is no longer current".into());
+            return Ok(());
+        }
+        if self.skill_calls.len() >= MAX_SKILL_CALLS {
+            refuse(format!(
+                "the run has {MAX_SKILL_CALLS} skill calls in flight, its limit"
+            ));
+            return Ok(());
+        }
+        let child = FencingToken {
+            step_id: StepId(format!(
+                "{}{}{}",
+                caller.step_id,
+                mesh_proto::convert::SKILL_CALL_MARK,
+                call.call_id
+            )),
+            ..caller.clone()
+        };
+        if self.skill_calls.contains_key(&child) {
+            refuse(format!("call `{}` was made already", call.call_id));
+            return Ok(());
+        }
+        self.commit(
+            myself,
+            vec![JournalEvent::SkillCalled {
+                step: caller.step_id.clone(),
+                index: caller.index,
+                attempt: caller.attempt,
+                call_id: call.call_id.clone(),
+                skill: call.skill.clone(),
+                input: call.input.clone(),
+            }],
+        )
+        .await?;
+        let namespace = self.machine.namespace().to_string();
+        self.deps
+            .dispatcher
+            .cast(DispatcherMsg::Dispatch(DispatchRequest {
+                skill: call.skill.clone(),
+                agent: None,
+                input: serde_json::json!({ "with": call.input, "needs": {} }),
+                idempotency_key: format!(
+                    "{}/{}/{}/{}",
+                    self.machine.run_id(),
+                    child.step_id,
+                    child.index,
+                    child.attempt
+                ),
+                timeout: None,
+                labels: [(NAMESPACE_LABEL.to_owned(), namespace)].into(),
+                token: child.clone(),
+                secrets: Secrets::new(),
+                traceparent: None,
+                run: myself.clone(),
+                ready_at: Instant::now(),
+            }));
+        self.skill_calls.insert(
+            child,
+            PendingSkillCall {
+                caller: call.token,
+                call_id: call.call_id,
+                reply,
+                started: Instant::now(),
+            },
+        );
+        Ok(())
+    }
+
+    /// A skill call's child task ended: journaled, and answered to the caller (which may be
+    /// gone: its node then drops the answer).
+    async fn skill_returned(
+        &mut self,
+        myself: &ActorRef<RunMsg>,
+        child: &FencingToken,
+        outcome: std::result::Result<Value, TaskError>,
+        agent: Option<AgentKey>,
+        elapsed_ms: u64,
+    ) -> Result<()> {
+        let Some(pending) = self.skill_calls.remove(child) else {
+            return Ok(());
+        };
+        let elapsed_ms = if elapsed_ms > 0 {
+            elapsed_ms
+        } else {
+            pending.started.elapsed().as_millis() as u64
+        };
+        self.commit(
+            myself,
+            vec![JournalEvent::SkillReturned {
+                step: pending.caller.step_id.clone(),
+                index: pending.caller.index,
+                attempt: pending.caller.attempt,
+                call_id: pending.call_id.clone(),
+                outcome: outcome.clone(),
+                agent,
+                elapsed_ms,
+            }],
+        )
+        .await?;
+        let _ = pending
+            .reply
+            .try_send(crate::node_link::Outbound::Frame(ToNode::SkillResult {
+                token: pending.caller,
+                call_id: pending.call_id,
+                outcome,
+            }));
+        Ok(())
     }
 
     /// Loads the newest entries of the task's memory into its input (`memory: { scope, key,
@@ -794,6 +948,7 @@ impl Actor for Run {
             span,
             attempt_spans: HashMap::new(),
             streamed: HashMap::new(),
+            skill_calls: HashMap::new(),
         })
     }
 
@@ -882,6 +1037,32 @@ async fn on_message(
                     st.publish(RunEvent::Step(st.machine.step_view(i)));
                 }
             }
+        }
+        RunMsg::SkillCall { call, reply } => st.skill_call(&myself, call, reply).await?,
+        RunMsg::Result { result, ack } if st.skill_calls.contains_key(&result.token) => {
+            let agent = None;
+            st.skill_returned(
+                &myself,
+                &result.token,
+                result.outcome.clone(),
+                agent,
+                result.elapsed_ms,
+            )
+            .await?;
+            ack.send(AckCode::Accepted, String::new());
+        }
+        RunMsg::AttemptFailed { token, error } if st.skill_calls.contains_key(&token) => {
+            st.skill_returned(&myself, &token, Err(error), None, 0)
+                .await?;
+        }
+        RunMsg::AttemptLost { token, reason } if st.skill_calls.contains_key(&token) => {
+            let error = TaskError::new(
+                "lost",
+                format!("the skill's agent was lost: {reason}"),
+                true,
+            );
+            st.skill_returned(&myself, &token, Err(error), None, 0)
+                .await?;
         }
         RunMsg::Result { mut result, ack } => {
             st.attempt_ended(
@@ -991,6 +1172,8 @@ async fn on_message(
                         message: p.message,
                         fraction: p.fraction,
                     },
+                    // Sent to the run as `RunMsg::SkillCall` by the dispatcher.
+                    Report::SkillCall(_) => return Ok(()),
                     Report::Delta(d) => {
                         let text = match st.secrets.get(&d.token) {
                             Some(secrets) => mesh_proto::secrets::scrub_text(&d.text, secrets),

@@ -146,7 +146,9 @@ pub fn build(
             }
             JournalEvent::SignalReceived { .. }
             | JournalEvent::StepExpanded { .. }
-            | JournalEvent::MemorySaved { .. } => {}
+            | JournalEvent::MemorySaved { .. }
+            | JournalEvent::SkillCalled { .. }
+            | JournalEvent::SkillReturned { .. } => {}
             JournalEvent::StepSucceeded { step, .. } => {
                 end(&mut steps, &position, step, at, "succeeded")
             }

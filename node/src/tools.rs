@@ -54,6 +54,8 @@ pub struct Tool {
 #[derive(Debug)]
 enum Kind {
     Http(HttpTool),
+    /// A skill of the mesh, called as a child task of the run.
+    Skill(String),
     /// Runs the model's code in the node's sandbox.
     Code {
         language: crate::sandbox::Language,
@@ -142,6 +144,20 @@ pub fn read_tools(value: Option<&Value>) -> Result<Declared, AgentError> {
             mcp.push(read_mcp(&format!("tools[{i}]"), item, server)?);
             continue;
         }
+        if let Some(skill) = item.get("skill") {
+            let tool = read_skill(&format!("tools[{i}]"), item, skill)?;
+            if let Some(j) = tools.iter().position(|t| t.spec.name == tool.spec.name) {
+                return Err(bad(
+                    &format!("tools[{i}]"),
+                    format!(
+                        "`{}` is already tools[{j}]: give one a `name`",
+                        tool.spec.name
+                    ),
+                ));
+            }
+            tools.push(tool);
+            continue;
+        }
         if let Some(code) = item.get("code") {
             let tool = read_code(&format!("tools[{i}]"), item, code)?;
             if let Some(j) = tools.iter().position(|t| t.spec.name == tool.spec.name) {
@@ -166,6 +182,62 @@ pub fn read_tools(value: Option<&Value>) -> Result<Declared, AgentError> {
         tools.push(tool);
     }
     Ok(Declared { tools, mcp })
+}
+
+/// `- skill: summarize` with, optionally, `name`, `description` and `parameters` (a JSON
+/// Schema of what the skill takes as `with`; any object when absent): the model calls a skill
+/// of the mesh, which the coordinator runs as a child task of the run.
+fn read_skill(path: &str, item: &Value, skill: &Value) -> Result<Tool, AgentError> {
+    let obj = item.as_object().expect("an entry with `skill` is a map");
+    const KNOWN: [&str; 4] = ["skill", "name", "description", "parameters"];
+    if let Some(unknown) = obj.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+        return Err(bad(
+            &format!("{path}.{unknown}"),
+            format!("unknown field (known: {})", KNOWN.join(", ")),
+        ));
+    }
+    let skill = skill
+        .as_str()
+        .filter(|s| {
+            !s.is_empty()
+                && s.len() <= 128
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+        })
+        .ok_or_else(|| bad(&format!("{path}.skill"), "a skill's name"))?;
+    let name = match obj.get("name") {
+        None | Some(Value::Null) => skill.replace('.', "_"),
+        Some(Value::String(n)) => n.clone(),
+        Some(_) => return Err(bad(&format!("{path}.name"), "must be a string")),
+    };
+    let description = obj
+        .get("description")
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .unwrap_or_else(|| {
+            format!("Runs the mesh's skill `{skill}` with these arguments as its input.")
+        });
+    let parameters = match obj.get("parameters") {
+        None | Some(Value::Null) => json!({ "type": "object" }),
+        Some(p @ Value::Object(_)) => p.clone(),
+        Some(_) => {
+            return Err(bad(
+                &format!("{path}.parameters"),
+                "must be a JSON Schema (a map)",
+            ));
+        }
+    };
+    let schema =
+        JsonSchema::compile(&parameters).map_err(|e| bad(&format!("{path}.parameters"), e))?;
+    Ok(Tool {
+        spec: ToolSpec {
+            name,
+            description,
+            parameters,
+        },
+        schema: Some(schema),
+        kind: Kind::Skill(skill.to_owned()),
+    })
 }
 
 /// `- code: { language: python, name: run_python, timeout: 10s, memory_mb: 256, … }`: the
@@ -644,6 +716,7 @@ impl Tool {
     /// outcome's text, for the model.
     pub async fn call(
         &self,
+        ctx: &mesh_agent_sdk::Context,
         http: &reqwest::Client,
         sandbox: &crate::sandbox::Sandbox,
         arguments: &Value,
@@ -659,6 +732,10 @@ impl Tool {
         match &self.kind {
             Kind::Http(tool) => tool.call(http, arguments, left).await,
             Kind::Mcp { session, remote } => session.call(remote, arguments, left).await,
+            Kind::Skill(skill) => match ctx.call_skill(skill, arguments.clone()).await {
+                Ok(output) => Outcome::ok(output.to_string()),
+                Err(e) => Outcome::error(format!("{}: {}", e.code, e.message)),
+            },
             Kind::Code { language, limits } => {
                 let code = arguments["code"].as_str().unwrap_or_default();
                 let stdin = arguments["stdin"].as_str().unwrap_or_default();

@@ -381,13 +381,24 @@ pub fn run_id(field: &str, value: String) -> Result<RunId> {
 
 // ---------------------------------------------------------------- tokens and cards
 
+/// What joins a step's id and a skill call's in the token of the call's child task.
+pub const SKILL_CALL_MARK: char = '~';
+
 impl TryFrom<Option<pb::FencingToken>> for FencingToken {
     type Error = FieldError;
 
     fn try_from(t: Option<pb::FencingToken>) -> Result<Self> {
         let t = t.ok_or_else(|| FieldError::new("token", "missing"))?;
         check_id("token.run_id", &t.run_id)?;
-        check_id("token.step_id", &t.step_id)?;
+        // `STEP~CALL` is the child task of a skill call an attempt of STEP made: `~` is in
+        // no workflow's step id, so the two never meet.
+        match t.step_id.split_once(SKILL_CALL_MARK) {
+            Some((step, call)) => {
+                check_id("token.step_id", step)?;
+                check_id("token.step_id", call)?;
+            }
+            None => check_id("token.step_id", &t.step_id)?,
+        }
         if t.attempt == 0 {
             return Err(FieldError::new("token.attempt", "attempts count from 1"));
         }
@@ -598,6 +609,30 @@ impl TryFrom<pb::NodeFrame> for FromNode {
                     text: truncated(d.text, MAX_DELTA_BYTES),
                     restart: d.restart,
                 }),
+                Kind::SkillCall(c) => {
+                    let valid = !c.call_id.is_empty()
+                        && c.call_id.len() <= 64
+                        && c.call_id
+                            .chars()
+                            .all(|ch| ch.is_ascii_alphanumeric() || ch == '_' || ch == '-');
+                    if !valid {
+                        return Err(FieldError::new(
+                            "skill_call.call_id",
+                            "1 to 64 letters, digits, `_` or `-`",
+                        ));
+                    }
+                    check_id("skill_call.skill", &c.skill)?;
+                    FromNode::SkillCall(SkillCall {
+                        token: FencingToken::try_from(c.token)?,
+                        call_id: c.call_id,
+                        skill: c.skill,
+                        input: parse_json_deep(
+                            "skill_call.input_json",
+                            &c.input_json,
+                            Value::Null,
+                        )?,
+                    })
+                }
                 Kind::Draining(_) => FromNode::Draining,
                 Kind::AgentDown(a) => FromNode::AgentDown {
                     agent: a.agent,
@@ -640,6 +675,12 @@ impl From<FromNode> for pb::NodeFrame {
                 token: Some(d.token.into()),
                 text: d.text,
                 restart: d.restart,
+            }),
+            FromNode::SkillCall(c) => Kind::SkillCall(pb::SkillCall {
+                token: Some(c.token.into()),
+                call_id: c.call_id,
+                skill: c.skill,
+                input_json: to_json(&c.input),
             }),
             FromNode::Draining => Kind::Draining(pb::Draining {}),
             FromNode::AgentDown { agent, reason } => {
@@ -695,6 +736,22 @@ impl From<ToNode> for pb::CoordinatorFrame {
                 },
                 message,
             }),
+            ToNode::SkillResult {
+                token,
+                call_id,
+                outcome,
+            } => Kind::SkillResult(pb::SkillCallResult {
+                token: Some(token.into()),
+                call_id,
+                outcome: Some(match outcome {
+                    Ok(v) => pb::skill_call_result::Outcome::OutputJson(to_json(&v)),
+                    Err(e) => pb::skill_call_result::Outcome::Error(pb::TaskError {
+                        code: e.code,
+                        message: e.message,
+                        retryable: e.retryable,
+                    }),
+                }),
+            }),
         };
         pb::CoordinatorFrame { kind: Some(kind) }
     }
@@ -741,6 +798,21 @@ impl TryFrom<pb::CoordinatorFrame> for ToNode {
                     },
                     message: a.message,
                 },
+                Kind::SkillResult(r) => {
+                    ToNode::SkillResult {
+                        token: FencingToken::try_from(r.token)?,
+                        call_id: r.call_id,
+                        outcome: match r.outcome {
+                            Some(pb::skill_call_result::Outcome::OutputJson(j)) => Ok(
+                                parse_json_deep("skill_result.output_json", &j, Value::Null)?,
+                            ),
+                            Some(pb::skill_call_result::Outcome::Error(e)) => {
+                                Err(TaskError::new(&e.code, e.message, e.retryable))
+                            }
+                            None => return Err(FieldError::new("skill_result.outcome", "missing")),
+                        },
+                    }
+                }
             },
         )
     }
@@ -1420,6 +1492,54 @@ mod tests {
             assert!(e.message.starts_with(field), "{}", e.message);
             assert!(r.usage.is_empty());
         }
+    }
+
+    /// A skill call and its answer survive the wire; a child's token `STEP~CALL` is read, a
+    /// bad call id or a second `~` is refused naming the field.
+    #[test]
+    fn skill_calls_round_trip_and_their_tokens_are_checked() {
+        let token = FencingToken {
+            run_id: "r1".into(),
+            step_id: "ask".into(),
+            attempt: 1,
+            epoch: 2,
+            index: 0,
+        };
+        let call = FromNode::SkillCall(SkillCall {
+            token: token.clone(),
+            call_id: "call-1".into(),
+            skill: "echo".into(),
+            input: serde_json::json!({ "text": "hi" }),
+        });
+        let back = FromNode::try_from(pb::NodeFrame::from(call.clone())).unwrap();
+        assert_eq!(back, call);
+        for outcome in [
+            Ok(serde_json::json!({ "x": 1 })),
+            Err(TaskError::new("e", "no", true)),
+        ] {
+            let answer = ToNode::SkillResult {
+                token: FencingToken {
+                    step_id: "ask~call-1".into(),
+                    ..token.clone()
+                },
+                call_id: "call-1".into(),
+                outcome,
+            };
+            let back = ToNode::try_from(pb::CoordinatorFrame::from(answer.clone())).unwrap();
+            assert_eq!(back, answer);
+        }
+        let mut bad = pb::NodeFrame::from(call);
+        if let Some(pb::node_frame::Kind::SkillCall(c)) = &mut bad.kind {
+            c.call_id = "no spaces".into();
+        }
+        let e = FromNode::try_from(bad.clone()).unwrap_err();
+        assert!(e.to_string().contains("skill_call.call_id"), "{e}");
+        if let Some(pb::node_frame::Kind::SkillCall(c)) = &mut bad.kind {
+            c.call_id = "call-1".into();
+            c.token.as_mut().unwrap().step_id = "a~b~c".into();
+        }
+        let e = FromNode::try_from(bad).unwrap_err();
+        assert!(e.to_string().contains("token.step_id"), "{e}");
     }
 
     #[test]

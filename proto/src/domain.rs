@@ -311,6 +311,16 @@ pub struct TaskDelta {
     pub restart: bool,
 }
 
+/// An attempt calls a skill of the mesh; answered by [`ToNode::SkillResult`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct SkillCall {
+    /// The calling attempt.
+    pub token: FencingToken,
+    pub call_id: String,
+    pub skill: String,
+    pub input: Value,
+}
+
 /// Whether the coordinator took a task result.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AckCode {
@@ -329,6 +339,7 @@ pub enum FromNode {
     Delta(TaskDelta),
     Draining,
     AgentDown { agent: String, reason: String },
+    SkillCall(SkillCall),
 }
 
 /// Frames the coordinator sends on a node's stream.
@@ -347,6 +358,12 @@ pub enum ToNode {
         token: FencingToken,
         code: AckCode,
         message: String,
+    },
+    /// The answer to the attempt `token`'s call `call_id`.
+    SkillResult {
+        token: FencingToken,
+        call_id: String,
+        outcome: Result<Value, TaskError>,
     },
 }
 

@@ -428,3 +428,107 @@ url = "http://127.0.0.1:{port}/mcp"
         "{error}"
     );
 }
+
+/// The journal of a run, as (kind, event).
+fn journal(mesh: &Mesh, run: &mesh_agent_sdk::RunId) -> Vec<(String, Value)> {
+    let db = rusqlite::Connection::open(mesh.db_path()).unwrap();
+    db.prepare("SELECT kind, event FROM journal WHERE run_id = ?1 ORDER BY seq")
+        .unwrap()
+        .query_map([run.as_str()], |r| {
+            let event: String = r.get(1)?;
+            Ok((r.get(0)?, serde_json::from_str(&event).unwrap()))
+        })
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+/// A model calls a skill of the mesh as a tool: the call crosses from the llm agent's node to
+/// the coordinator, which journals it and dispatches a child task to the agent with the skill
+/// on another node, then gives its output back to the model. A skill called as a tool cannot
+/// call skills itself, and the model is told so.
+#[tokio::test]
+async fn a_model_calls_a_skill_of_the_mesh_as_a_tool() {
+    let fake = FakeLlm::start(KEY).await;
+    let mut mesh = Mesh::start(Timings::default()).await;
+    mesh.start_node("n1", &llm_node(&fake)).await;
+    mesh.start_node("n2", "[[agents]]\nkind = \"echo\"\n").await;
+    fake.knobs()
+        .call_tools(&[("echo", json!({ "text": "through the mesh" }))]);
+    let client = mesh.client().await;
+    let text = json!({ "steps": [{ "id": "ask", "uses": "llm", "with": {
+        "model": "openai/tool-model", "prompt": "echo something",
+        "tools": [{ "skill": "echo", "parameters": { "type": "object",
+            "properties": { "text": { "type": "string" } }, "required": ["text"] } }] } }] })
+    .to_string();
+    let run = client
+        .submit(workflow_goal(&text, json!({})))
+        .await
+        .unwrap();
+    let view = tokio::time::timeout(Duration::from_secs(30), client.wait(&run.run_id))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(view.state, RunState::Succeeded, "{view:?}");
+    let out = view.steps[0].output.clone().unwrap();
+    let call = &out["tool_calls"][0];
+    assert_eq!(call["tool"], "echo");
+    assert_eq!(call["ok"], true, "{out}");
+    let echoed: Value = serde_json::from_str(call["result"].as_str().unwrap()).unwrap();
+    assert_eq!(echoed["with"], json!({ "text": "through the mesh" }));
+
+    // Journaled like a step: the call, then what came back.
+    let journal = journal(&mesh, &run.run_id);
+    let called = journal
+        .iter()
+        .find(|(k, _)| k == "skill_called")
+        .expect("the call is journaled");
+    assert_eq!(called.1["skill"], "echo");
+    assert_eq!(called.1["input"], json!({ "text": "through the mesh" }));
+    assert_eq!(called.1["step"], "ask");
+    let returned = journal
+        .iter()
+        .find(|(k, _)| k == "skill_returned")
+        .expect("its answer is journaled");
+    assert_eq!(returned.1["call_id"], called.1["call_id"]);
+    let outcome = &returned.1["outcome"]["Ok"];
+    assert_eq!(outcome["with"], json!({ "text": "through the mesh" }));
+    let at = |kind: &str| journal.iter().position(|(k, _)| k == kind).unwrap();
+    assert!(at("skill_called") < at("skill_returned"));
+    assert!(at("skill_returned") < at("task_succeeded"));
+
+    // A skill called as a tool (here the llm agent itself) cannot call skills in turn: its
+    // model is told so, and answers with what it was told.
+    fake.knobs().call_tools(&[(
+        "llm",
+        json!({ "model": "openai/tool-model", "prompt": "inner",
+            "tools": [{ "skill": "echo" }] }),
+    )]);
+    fake.knobs()
+        .call_tools(&[("echo", json!({ "text": "deeper" }))]);
+    let text = json!({ "steps": [{ "id": "outer", "uses": "llm", "with": {
+        "model": "openai/tool-model", "prompt": "go deep",
+        "tools": [{ "skill": "llm" }] } }] })
+    .to_string();
+    let run = client
+        .submit(workflow_goal(&text, json!({})))
+        .await
+        .unwrap();
+    let view = tokio::time::timeout(Duration::from_secs(30), client.wait(&run.run_id))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(view.state, RunState::Succeeded, "{view:?}");
+    let out = view.steps[0].output.clone().unwrap();
+    let inner: Value =
+        serde_json::from_str(out["tool_calls"][0]["result"].as_str().unwrap()).unwrap();
+    let inner_call = &inner["tool_calls"][0];
+    assert_eq!(inner_call["ok"], false, "{inner}");
+    assert!(
+        inner_call["result"]
+            .as_str()
+            .unwrap()
+            .contains("cannot call skills"),
+        "{inner}"
+    );
+}

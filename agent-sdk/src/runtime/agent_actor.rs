@@ -111,6 +111,7 @@ impl<A: Agent> Actor for AgentActor<A> {
                     cancel: cancel.clone(),
                     progress: Some(st.args.progress.clone()),
                     usage: Arc::default(),
+                    calls: Arc::default(),
                 };
                 let spent = ctx.usage.clone();
                 let agent = st.args.agent.clone();

@@ -5,6 +5,7 @@
 //! exponential backoff and jitter, and the node registers again as a new instance.
 //! Child of `NodeRoot`.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use mesh_proto::domain::*;
@@ -20,7 +21,7 @@ use tracing::{debug, info, warn};
 use super::agent_actor::AgentMsg;
 use super::ledger::{Acked, Admit, AgentState, Ledger, MAX_UNACKED};
 use super::{AgentSlot, AgentTable, RuntimeConfig};
-use crate::agent::Report;
+use crate::agent::{Report, SkillReply};
 use crate::metrics as m;
 
 /// Frames buffered towards the coordinator.
@@ -84,7 +85,12 @@ pub struct ConnState {
     /// Attempts, held attempts, unacknowledged results, drain: the decisions, apart from I/O.
     ledger: Ledger,
     drain_waiters: Vec<RpcReplyPort<()>>,
+    /// Skill calls sent and not answered yet, by caller and call id.
+    skill_calls: HashMap<(FencingToken, String), SkillReply>,
 }
+
+/// Most skill calls of the node's attempts waiting for their answers at once.
+const MAX_SKILL_CALLS: usize = 1024;
 
 /// Wait before reconnect attempt `failures` (1-based): capped exponential, full jitter on
 /// the upper half.
@@ -303,6 +309,14 @@ impl ConnState {
                     let _ = agent.cast(AgentMsg::Cancel(token));
                 }
             }
+            ToNode::SkillResult {
+                token,
+                call_id,
+                outcome,
+            } => match self.skill_calls.remove(&(token, call_id)) {
+                Some(reply) => reply.send(outcome),
+                None => debug!("answer to a skill call nobody waits for dropped"),
+            },
             ToNode::Drain { reason } => {
                 info!(%reason, "coordinator asked this node to drain");
                 self.ledger.drain();
@@ -342,6 +356,7 @@ impl Actor for Connection {
             failures: 0,
             ledger: Ledger::new(MAX_UNACKED),
             drain_waiters: Vec::new(),
+            skill_calls: HashMap::new(),
         })
     }
 
@@ -384,6 +399,14 @@ impl Actor for Connection {
                 if st.link.as_ref().is_some_and(|l| l.generation == generation) {
                     warn!(%reason, "stream to the coordinator lost");
                     st.drop_link();
+                    // Their answers would come on the lost stream: the callers learn now.
+                    for (_, reply) in st.skill_calls.drain() {
+                        reply.send(Err(TaskError::new(
+                            "connection_lost",
+                            format!("the stream to the coordinator was lost: {reason}"),
+                            true,
+                        )));
+                    }
                     st.schedule_reconnect(&myself);
                 }
             }
@@ -410,6 +433,41 @@ impl Actor for Connection {
             // The forwarder turns results into `ConnMsg::Result`; one arriving here is too.
             ConnMsg::Report(_, Report::Result(result)) => {
                 let _ = myself.cast(ConnMsg::Result(result));
+            }
+            ConnMsg::Report(
+                token,
+                Report::SkillCall {
+                    call_id,
+                    skill,
+                    input,
+                    reply,
+                },
+            ) => {
+                // Calls of attempts that ended meanwhile wait for nothing.
+                st.skill_calls.retain(|_, r| !r.abandoned());
+                let registered = st.link.as_ref().is_some_and(|l| l.instance.is_some());
+                if !registered {
+                    reply.send(Err(TaskError::new(
+                        "connection_lost",
+                        "the node is not connected to the coordinator",
+                        true,
+                    )));
+                } else if st.skill_calls.len() >= MAX_SKILL_CALLS {
+                    reply.send(Err(TaskError::new(
+                        "skill_calls_full",
+                        format!("the node has {MAX_SKILL_CALLS} skill calls waiting, its limit"),
+                        true,
+                    )));
+                } else {
+                    st.skill_calls
+                        .insert((token.clone(), call_id.clone()), reply);
+                    st.send(FromNode::SkillCall(SkillCall {
+                        token,
+                        call_id,
+                        skill,
+                        input,
+                    }));
+                }
             }
             ConnMsg::Report(token, Report::Delta { text, restart }) => {
                 st.send(FromNode::Delta(TaskDelta {
