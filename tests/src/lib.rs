@@ -589,3 +589,38 @@ pub fn workflow_goal(text: &str, inputs: serde_json::Value) -> mesh_agent_sdk::G
         namespace: Default::default(),
     }
 }
+
+/// Submits a workflow (YAML or JSON text) and waits for its run to end, 60 s at most.
+pub async fn run_workflow(
+    client: &GoalClient,
+    text: &str,
+    inputs: serde_json::Value,
+) -> mesh_agent_sdk::RunView {
+    let run = client
+        .submit(workflow_goal(text, inputs))
+        .await
+        .expect("the goal is taken");
+    tokio::time::timeout(Duration::from_secs(60), client.wait(&run.run_id))
+        .await
+        .expect("the run finishes within 60 s")
+        .expect("the run can be watched")
+}
+
+impl Mesh {
+    /// A run's journal as the store holds it: (kind, event), in order.
+    pub fn journal(&self, run: &mesh_agent_sdk::RunId) -> Vec<(String, serde_json::Value)> {
+        let db = rusqlite::Connection::open(self.db_path()).expect("open the store");
+        db.prepare("SELECT kind, event FROM journal WHERE run_id = ?1 ORDER BY seq")
+            .expect("a journal query")
+            .query_map([run.as_str()], |r| {
+                let event: String = r.get(1)?;
+                Ok((
+                    r.get(0)?,
+                    serde_json::from_str(&event).expect("a JSON event"),
+                ))
+            })
+            .expect("the journal")
+            .collect::<Result<_, _>>()
+            .expect("its rows")
+    }
+}

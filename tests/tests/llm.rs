@@ -465,7 +465,8 @@ async fn a_watcher_sees_the_text_as_it_comes() {
     let view = client.get_run(&run.run_id).await.unwrap();
     assert_eq!(output(&view)["text"], answer);
     // The journal holds the answer once (in the result), never a row per delta.
-    let kinds: Vec<String> = journal(&mesh, &run.run_id)
+    let kinds: Vec<String> = mesh
+        .journal(&run.run_id)
         .into_iter()
         .map(|(k, _)| k)
         .collect();
@@ -543,20 +544,6 @@ async fn a_late_watcher_gets_the_text_so_far_then_the_rest() {
         "the text so far is the answer's beginning: {caught_up:?}"
     );
     assert_eq!(text, answer, "then the rest, nothing missing or twice");
-}
-
-/// A run's journal as (kind, event JSON), in order, read from the store file.
-fn journal(mesh: &Mesh, run: &mesh_agent_sdk::RunId) -> Vec<(String, Value)> {
-    let db = rusqlite::Connection::open(mesh.db_path()).unwrap();
-    db.prepare("SELECT kind, event FROM journal WHERE run_id = ?1 ORDER BY seq")
-        .unwrap()
-        .query_map([run.as_str()], |r| {
-            let event: String = r.get(1)?;
-            Ok((r.get(0)?, serde_json::from_str(&event).unwrap()))
-        })
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap()
 }
 
 /// `mesh goal submit --watch` prints a step's text as it comes.
@@ -1049,7 +1036,8 @@ steps:
     );
     assert_eq!(view.usage.input_tokens + view.usage.output_tokens, 28);
     // The raise is in the journal, with its comment, and the step resumed after it.
-    let kinds: Vec<(String, Value)> = journal(&mesh, &run_id)
+    let kinds: Vec<(String, Value)> = mesh
+        .journal(&run_id)
         .into_iter()
         .filter(|(k, _)| k.starts_with("budget") || k.starts_with("step_resumed"))
         .collect();

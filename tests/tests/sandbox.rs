@@ -234,14 +234,7 @@ async fn a_model_runs_code_through_the_code_tool() {
         "model": "openai/coder", "prompt": "add 0..100",
         "tools": [{ "code": { "language": "python", "timeout": "5s" } }] } }] })
     .to_string();
-    let run = client
-        .submit(workflow_goal(&text, json!({})))
-        .await
-        .unwrap();
-    let view = tokio::time::timeout(Duration::from_secs(30), client.wait(&run.run_id))
-        .await
-        .unwrap()
-        .unwrap();
+    let view = mesh_tests::run_workflow(&client, &text, json!({})).await;
     assert_eq!(view.state, RunState::Succeeded, "{view:?}");
     let out = view.steps[0].output.clone().unwrap();
     let call = &out["tool_calls"][0];

@@ -429,20 +429,6 @@ url = "http://127.0.0.1:{port}/mcp"
     );
 }
 
-/// The journal of a run, as (kind, event).
-fn journal(mesh: &Mesh, run: &mesh_agent_sdk::RunId) -> Vec<(String, Value)> {
-    let db = rusqlite::Connection::open(mesh.db_path()).unwrap();
-    db.prepare("SELECT kind, event FROM journal WHERE run_id = ?1 ORDER BY seq")
-        .unwrap()
-        .query_map([run.as_str()], |r| {
-            let event: String = r.get(1)?;
-            Ok((r.get(0)?, serde_json::from_str(&event).unwrap()))
-        })
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap()
-}
-
 /// A model calls a skill of the mesh as a tool: the call crosses from the llm agent's node to
 /// the coordinator, which journals it and dispatches a child task to the agent with the skill
 /// on another node, then gives its output back to the model. A skill called as a tool cannot
@@ -461,14 +447,7 @@ async fn a_model_calls_a_skill_of_the_mesh_as_a_tool() {
         "tools": [{ "skill": "echo", "parameters": { "type": "object",
             "properties": { "text": { "type": "string" } }, "required": ["text"] } }] } }] })
     .to_string();
-    let run = client
-        .submit(workflow_goal(&text, json!({})))
-        .await
-        .unwrap();
-    let view = tokio::time::timeout(Duration::from_secs(30), client.wait(&run.run_id))
-        .await
-        .unwrap()
-        .unwrap();
+    let view = mesh_tests::run_workflow(&client, &text, json!({})).await;
     assert_eq!(view.state, RunState::Succeeded, "{view:?}");
     let out = view.steps[0].output.clone().unwrap();
     let call = &out["tool_calls"][0];
@@ -478,7 +457,7 @@ async fn a_model_calls_a_skill_of_the_mesh_as_a_tool() {
     assert_eq!(echoed["with"], json!({ "text": "through the mesh" }));
 
     // Journaled like a step: the call, then what came back.
-    let journal = journal(&mesh, &run.run_id);
+    let journal = mesh.journal(&view.run_id);
     let called = journal
         .iter()
         .find(|(k, _)| k == "skill_called")
@@ -510,14 +489,7 @@ async fn a_model_calls_a_skill_of_the_mesh_as_a_tool() {
         "model": "openai/tool-model", "prompt": "go deep",
         "tools": [{ "skill": "llm" }] } }] })
     .to_string();
-    let run = client
-        .submit(workflow_goal(&text, json!({})))
-        .await
-        .unwrap();
-    let view = tokio::time::timeout(Duration::from_secs(30), client.wait(&run.run_id))
-        .await
-        .unwrap()
-        .unwrap();
+    let view = mesh_tests::run_workflow(&client, &text, json!({})).await;
     assert_eq!(view.state, RunState::Succeeded, "{view:?}");
     let out = view.steps[0].output.clone().unwrap();
     let inner: Value =
