@@ -39,11 +39,14 @@ pub enum Workload {
     Registry,
     Failover,
     Llm,
+    /// A step whose agent calls `echo` as a skill (a tool call through the coordinator),
+    /// against an `echo` step: the cost of a skill called as a tool.
+    SkillCall,
     Baseline,
 }
 
 impl Workload {
-    const ALL: [Workload; 15] = [
+    const ALL: [Workload; 16] = [
         Workload::Baseline,
         Workload::W1,
         Workload::W2,
@@ -59,6 +62,7 @@ impl Workload {
         Workload::Registry,
         Workload::Failover,
         Workload::Llm,
+        Workload::SkillCall,
     ];
 
     fn name(self) -> &'static str {
@@ -77,6 +81,7 @@ impl Workload {
             Workload::Registry => "registry",
             Workload::Failover => "failover",
             Workload::Llm => "llm",
+            Workload::SkillCall => "skill-call",
             Workload::Baseline => "baseline",
         }
     }
@@ -117,6 +122,9 @@ fn baseline_of(workload: &str, figure: &str) -> Option<&'static str> {
         ("durable", "p50 per step, one chain") => "sequential p50",
         ("llm", "p50 through the mesh") => "sequential p50",
         ("llm", "p99 through the mesh") => "sequential p99",
+        ("skill-call", "p50, echo step") | ("skill-call", "p50, step calling echo") => {
+            "sequential p50"
+        }
         _ => return None,
     })
 }
@@ -202,6 +210,7 @@ async fn run_one(w: Workload, sizes: &Sizes) -> Result<Vec<Figure>> {
         Workload::W1Secure => workloads::w1_secure(sizes).await,
         Workload::W2Secure => workloads::w2_secure(sizes).await,
         Workload::W2Traced => workloads::w2_traced(sizes).await,
+        Workload::SkillCall => workloads::skill_call(sizes).await,
         Workload::Dashboard => workloads::dashboard(sizes).await,
         Workload::W3 => workloads::w3(sizes).await,
         Workload::W4 => workloads::w4(sizes).await,

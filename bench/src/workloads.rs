@@ -831,3 +831,84 @@ pub async fn llm(sizes: &Sizes) -> Result<Vec<Figure>> {
     ));
     Ok(figures)
 }
+
+/// An agent of this process that calls the skill `echo` through the coordinator (as a model's
+/// tool call does) and answers with its output.
+struct Caller;
+
+impl mesh_agent_sdk::Agent for Caller {
+    fn card(&self) -> mesh_agent_sdk::AgentCard {
+        mesh_agent_sdk::AgentCard::new("caller")
+            .skill("call-echo")
+            .max_concurrency(64)
+    }
+
+    async fn handle(
+        &self,
+        ctx: mesh_agent_sdk::Context,
+        input: Value,
+    ) -> Result<Value, mesh_agent_sdk::AgentError> {
+        ctx.call_skill("echo", input["with"].clone())
+            .await
+            .map_err(|e| mesh_agent_sdk::AgentError::retryable(&e.code, e.message))
+    }
+}
+
+fn call_echo_goal() -> GoalSpec {
+    goal(
+        "bench skill call",
+        vec![step(
+            "c",
+            "call-echo",
+            json!({ "p": "x".repeat(PAYLOAD_BYTES) }),
+            &[],
+        )],
+    )
+}
+
+/// skill-call: one at a time, an `echo` step, then a step whose agent calls `echo` as a skill
+/// (journaled, dispatched as a child task, answered on the caller's stream): what a skill
+/// called as a tool adds to a step.
+pub async fn skill_call(sizes: &Sizes) -> Result<Vec<Figure>> {
+    let cluster = Cluster::with_nodes("", &[("n1", &echo_agents(&["echo"], 64))]).await?;
+    let runtime = mesh_agent_sdk::NodeRuntime::builder()
+        .coordinator(cluster.url.clone())
+        .name("caller-node")
+        .agent(Caller)
+        .build()?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let node = tokio::spawn(runtime.run_until(async move {
+        let _ = stopped.await;
+    }));
+    cluster.wait_nodes(2).await?;
+    let client = cluster.client().await?;
+    load(
+        &client,
+        "skill-call warm-up",
+        sizes.warmup,
+        1,
+        call_echo_goal,
+    )
+    .await?;
+    let (direct, _) = load(&client, "echo step", sizes.sequential, 1, echo_goal).await?;
+    let (called, _) = load(
+        &client,
+        "step calling echo",
+        sizes.sequential,
+        1,
+        call_echo_goal,
+    )
+    .await?;
+    let p50 = |mut s: Vec<Duration>| {
+        s.sort_unstable();
+        crate::stats::percentile(&s, 50.0).as_secs_f64() * 1e6
+    };
+    let (direct, called) = (p50(direct), p50(called));
+    let _ = stop.send(());
+    let _ = node.await;
+    Ok(vec![
+        Figure::new("p50, echo step", direct, "µs"),
+        Figure::new("p50, step calling echo", called, "µs"),
+        Figure::new("added by the skill call, p50", called - direct, "µs"),
+    ])
+}
