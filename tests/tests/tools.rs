@@ -504,3 +504,56 @@ async fn a_model_calls_a_skill_of_the_mesh_as_a_tool() {
         "{inner}"
     );
 }
+
+/// The team example (examples/workflows/llm-team.yaml) against the fake provider: the
+/// researcher runs Python through the code tool, the writer drafts, the critic's JSON ends the
+/// loop; a second run on the same topic gives the researcher the first one's notes.
+#[tokio::test]
+async fn the_team_example_researches_with_code_writes_critiques_and_remembers() {
+    let fake = FakeLlm::start(KEY).await;
+    let mut mesh = Mesh::start(Timings::default()).await;
+    mesh.start_node("n1", &llm_node(&fake)).await;
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples/workflows/llm-team.yaml");
+    let text = std::fs::read_to_string(path).unwrap();
+    let client = mesh.client().await;
+    let inputs = json!({ "model": "openai/team-model", "topic": "fencing tokens" });
+    let team_run = |facts: &str| {
+        fake.knobs()
+            .call_tools(&[("run_python", json!({ "code": "print(6 * 7)" }))]);
+        let mut answers = fake.knobs().answers.lock().unwrap();
+        answers.push_back(facts.to_owned());
+        answers.push_back("a brief about fencing tokens".to_owned());
+        answers.push_back(
+            json!({ "score": 9, "critique": "clear", "draft": "the final brief" }).to_string(),
+        );
+    };
+
+    team_run("five facts, one of them 42");
+    let first = mesh_tests::run_workflow(&client, &text, inputs.clone()).await;
+    assert_eq!(first.state, RunState::Succeeded, "{first:?}");
+    let out = first.output.clone().unwrap();
+    assert_eq!(out["brief"], "the final brief");
+    assert_eq!(out["score"], 9);
+    assert_eq!(out["facts"], "five facts, one of them 42");
+    let research = first.steps[0].output.clone().unwrap();
+    let call = &research["tool_calls"][0];
+    assert_eq!(call["tool"], "run_python");
+    let ran: Value = serde_json::from_str(call["result"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        ran["stdout"], "42\n",
+        "the code ran in the sandbox: {research}"
+    );
+
+    let before = fake.seen().len();
+    team_run("five more facts");
+    let second = mesh_tests::run_workflow(&client, &text, inputs).await;
+    assert_eq!(second.state, RunState::Succeeded, "{second:?}");
+    let research_call = &fake.seen()[before].body;
+    assert!(
+        research_call["messages"]
+            .to_string()
+            .contains("five facts, one of them 42"),
+        "the researcher starts from the first run's notes: {research_call}"
+    );
+}
