@@ -99,12 +99,7 @@ impl Agent for CodeAgent {
             "output_bytes",
             "disk_mb",
         ];
-        if let Some(unknown) = obj.keys().find(|k| !KNOWN.contains(&k.as_str())) {
-            return Err(AgentError::bad_input(format!(
-                "with.{unknown}: unknown field (known: {})",
-                KNOWN.join(", ")
-            )));
-        }
+        crate::tools::only_known(obj, &KNOWN, "")?;
         let (language, limits) = read_language_and_limits(obj, "with")?;
         let code = obj
             .get("code")

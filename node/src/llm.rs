@@ -179,12 +179,7 @@ fn read_call(with: &Value) -> Result<Call, AgentError> {
         "tools",
         "max_turns",
     ];
-    if let Some(unknown) = obj.keys().find(|k| !KNOWN.contains(&k.as_str())) {
-        return Err(bad(
-            unknown,
-            format!("unknown field (known: {})", KNOWN.join(", ")),
-        ));
-    }
+    tools::only_known(obj, &KNOWN, "")?;
     let names: Vec<String> = match (obj.get("model"), obj.get("models")) {
         (Some(_), Some(_)) => return Err(bad("models", "give `model` or `models`, not both")),
         (Some(Value::String(m)), None) => vec![m.clone()],

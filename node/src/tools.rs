@@ -124,6 +124,22 @@ fn bad(path: &str, why: impl std::fmt::Display) -> AgentError {
     AgentError::bad_input(format!("with.{path}: {why}"))
 }
 
+/// Refuses a field of `obj` (the map at `with.PATH`; `with` itself when `path` is empty) that
+/// is not one of `known`, naming it and the known ones.
+pub fn only_known(obj: &Map<String, Value>, known: &[&str], path: &str) -> Result<(), AgentError> {
+    match obj.keys().find(|k| !known.contains(&k.as_str())) {
+        None => Ok(()),
+        Some(unknown) => Err(bad(
+            &if path.is_empty() {
+                unknown.clone()
+            } else {
+                format!("{path}.{unknown}")
+            },
+            format!("unknown field (known: {})", known.join(", ")),
+        )),
+    }
+}
+
 /// Reads `with.tools`: a list of declarations, each checked with the path of what is wrong.
 pub fn read_tools(value: Option<&Value>) -> Result<Declared, AgentError> {
     let list = match value {
@@ -140,43 +156,30 @@ pub fn read_tools(value: Option<&Value>) -> Result<Declared, AgentError> {
     let mut tools: Vec<Tool> = Vec::with_capacity(list.len());
     let mut mcp = Vec::new();
     for (i, item) in list.iter().enumerate() {
-        if let Some(server) = item.get("mcp") {
-            mcp.push(read_mcp(&format!("tools[{i}]"), item, server)?);
+        let path = format!("tools[{i}]");
+        // The tool, where its name comes from, and what to say when the name is taken.
+        let (tool, named_at, hint) = if let Some(server) = item.get("mcp") {
+            mcp.push(read_mcp(&path, item, server)?);
             continue;
-        }
-        if let Some(skill) = item.get("skill") {
-            let tool = read_skill(&format!("tools[{i}]"), item, skill)?;
-            if let Some(j) = tools.iter().position(|t| t.spec.name == tool.spec.name) {
-                return Err(bad(
-                    &format!("tools[{i}]"),
-                    format!(
-                        "`{}` is already tools[{j}]: give one a `name`",
-                        tool.spec.name
-                    ),
-                ));
-            }
-            tools.push(tool);
-            continue;
-        }
-        if let Some(code) = item.get("code") {
-            let tool = read_code(&format!("tools[{i}]"), item, code)?;
-            if let Some(j) = tools.iter().position(|t| t.spec.name == tool.spec.name) {
-                return Err(bad(
-                    &format!("tools[{i}].code"),
-                    format!(
-                        "`{}` is already tools[{j}]: give one a `name`",
-                        tool.spec.name
-                    ),
-                ));
-            }
-            tools.push(tool);
-            continue;
-        }
-        let tool = read_tool(&format!("tools[{i}]"), item)?;
+        } else if let Some(skill) = item.get("skill") {
+            (
+                read_skill(&path, item, skill)?,
+                path.clone(),
+                ": give one a `name`",
+            )
+        } else if let Some(code) = item.get("code") {
+            (
+                read_code(&path, item, code)?,
+                format!("{path}.code"),
+                ": give one a `name`",
+            )
+        } else {
+            (read_tool(&path, item)?, format!("{path}.name"), "")
+        };
         if let Some(j) = tools.iter().position(|t| t.spec.name == tool.spec.name) {
             return Err(bad(
-                &format!("tools[{i}].name"),
-                format!("`{}` is already tools[{j}]", tool.spec.name),
+                &named_at,
+                format!("`{}` is already tools[{j}]{hint}", tool.spec.name),
             ));
         }
         tools.push(tool);
@@ -190,12 +193,7 @@ pub fn read_tools(value: Option<&Value>) -> Result<Declared, AgentError> {
 fn read_skill(path: &str, item: &Value, skill: &Value) -> Result<Tool, AgentError> {
     let obj = item.as_object().expect("an entry with `skill` is a map");
     const KNOWN: [&str; 4] = ["skill", "name", "description", "parameters"];
-    if let Some(unknown) = obj.keys().find(|k| !KNOWN.contains(&k.as_str())) {
-        return Err(bad(
-            &format!("{path}.{unknown}"),
-            format!("unknown field (known: {})", KNOWN.join(", ")),
-        ));
-    }
+    only_known(obj, &KNOWN, path)?;
     let skill = skill
         .as_str()
         .filter(|s| {
@@ -260,12 +258,7 @@ fn read_code(path: &str, item: &Value, code: &Value) -> Result<Tool, AgentError>
         "disk_mb",
         "description",
     ];
-    if let Some(unknown) = obj.keys().find(|k| !KNOWN.contains(&k.as_str())) {
-        return Err(bad(
-            &format!("{here}.{unknown}"),
-            format!("unknown field (known: {})", KNOWN.join(", ")),
-        ));
-    }
+    only_known(obj, &KNOWN, &here)?;
     let (language, limits) = crate::code::read_language_and_limits(obj, &format!("with.{here}"))?;
     let name = match obj.get("name") {
         None | Some(Value::Null) => format!("run_{}", language.as_str()),
@@ -315,15 +308,7 @@ fn read_mcp(path: &str, item: &Value, server: &Value) -> Result<McpUse, AgentErr
     let (server, only) = match server {
         Value::String(name) => (name.clone(), None),
         Value::Object(obj) => {
-            if let Some(unknown) = obj
-                .keys()
-                .find(|k| !["server", "tools"].contains(&k.as_str()))
-            {
-                return Err(bad(
-                    &format!("{here}.{unknown}"),
-                    "unknown field (known: server, tools)",
-                ));
-            }
+            only_known(obj, &["server", "tools"], &here)?;
             let name = obj
                 .get("server")
                 .and_then(Value::as_str)
@@ -465,12 +450,7 @@ fn read_tool(path: &str, item: &Value) -> Result<Tool, AgentError> {
         )
     })?;
     const KNOWN: [&str; 4] = ["name", "description", "parameters", "http"];
-    if let Some(unknown) = obj.keys().find(|k| !KNOWN.contains(&k.as_str())) {
-        return Err(bad(
-            &format!("{path}.{unknown}"),
-            format!("unknown field (known: {})", KNOWN.join(", ")),
-        ));
-    }
+    only_known(obj, &KNOWN, path)?;
     let name = obj
         .get("name")
         .and_then(Value::as_str)
@@ -537,12 +517,7 @@ fn read_http(path: &str, value: &Value) -> Result<HttpTool, AgentError> {
         "max_response_bytes",
         "timeout",
     ];
-    if let Some(unknown) = obj.keys().find(|k| !KNOWN.contains(&k.as_str())) {
-        return Err(bad(
-            &format!("{path}.{unknown}"),
-            format!("unknown field (known: {})", KNOWN.join(", ")),
-        ));
-    }
+    only_known(obj, &KNOWN, path)?;
     let method = match obj.get("method") {
         None | Some(Value::Null) => reqwest::Method::GET,
         Some(Value::String(m)) => match m.to_ascii_uppercase().as_str() {
