@@ -436,7 +436,7 @@ async fn a_model_steps_text_streams_in_and_a_signal_with_a_payload_is_sent_from_
     shot(c, "streaming").await;
 
     // Then the step ends and its output holds the whole answer; the run waits for `go`.
-    let send = settled_on(c, "button.signal").await;
+    settled_on(c, "button.signal").await;
     let output = c
         .execute(
             "const o = document.querySelector('tr.detail[data-step=ask] details.output pre');
@@ -460,7 +460,9 @@ async fn a_model_steps_text_streams_in_and_a_signal_with_a_payload_is_sent_from_
         .await
         .unwrap();
     shot(c, "signal").await;
-    send.click().await.unwrap();
+    // A live update may have redrawn the page since the button was found (typed input is
+    // kept across redraws): click the button the page has now.
+    settled_on(c, "button.signal").await.click().await.unwrap();
     wait_text(c, "#run-state", "succeeded").await;
     let view = client.get_run(&run).await.unwrap();
     assert_eq!(view.state, RunState::Succeeded);
