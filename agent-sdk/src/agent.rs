@@ -5,7 +5,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use mesh_proto::domain::{FencingToken, ModelUsage, TaskError, TaskResult};
+use mesh_proto::domain::{
+    FencingToken, MAX_TOOL_RESULT_BYTES, ModelUsage, TaskError, TaskResult, ToolDecision,
+};
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -96,6 +98,23 @@ pub(crate) enum Report {
         input: Value,
         reply: SkillReply,
     },
+    /// A tool call of the attempt that waits for a person; the decision goes to `reply` as
+    /// `{approved, comment, by}`.
+    ToolApproval {
+        call_id: String,
+        tool: String,
+        arguments: Value,
+        reply: SkillReply,
+    },
+    /// A tool call the attempt made, once it returned: journaled by the run.
+    ToolUsed {
+        call_id: String,
+        tool: String,
+        arguments: Value,
+        ok: bool,
+        result: String,
+        elapsed_ms: u64,
+    },
     /// The attempt's result, after every report of the attempt (same channel, so that a
     /// watcher gets the last text before the step ends); never dropped.
     Result(TaskResult),
@@ -135,6 +154,18 @@ impl PartialEq for SkillReply {
     fn eq(&self, other: &Self) -> bool {
         Arc::ptr_eq(&self.0, &other.0)
     }
+}
+
+/// A tool call an attempt made, for [`Context::tool_used`].
+#[derive(Clone, Copy, Debug)]
+pub struct UsedTool<'a> {
+    /// From [`Context::new_call_id`]; the one its approval was asked with, if it was.
+    pub call_id: &'a str,
+    pub tool: &'a str,
+    pub arguments: &'a Value,
+    pub ok: bool,
+    pub result: &'a str,
+    pub elapsed_ms: u64,
 }
 
 /// What a handler knows about its attempt.
@@ -270,6 +301,88 @@ impl Context {
     /// of the run's namespace with the skill; this waits for its output, until the attempt's
     /// deadline or its cancellation. A skill called this way cannot call skills itself.
     pub async fn call_skill(&self, skill: &str, input: Value) -> SkillOutcome {
+        self.call_skill_as(&self.next_call_id(), skill, input).await
+    }
+
+    /// As [`call_skill`](Self::call_skill), under `call_id` (from
+    /// [`new_call_id`](Self::new_call_id)): the id its approval was asked with, say.
+    pub async fn call_skill_as(&self, call_id: &str, skill: &str, input: Value) -> SkillOutcome {
+        let call_id = call_id.to_owned();
+        self.ask(
+            |reply| Report::SkillCall {
+                call_id,
+                skill: skill.to_owned(),
+                input,
+                reply,
+            },
+            &format!("skill `{skill}` did not answer"),
+        )
+        .await
+    }
+
+    /// Asks a person to approve the tool call `tool(arguments)` (a tool with `approval:
+    /// true`, docs/tools.md): the run journals the request and shows the step awaiting
+    /// approval with these exact arguments until someone approves or rejects it with the
+    /// run's `Approve`/`Reject` (`mesh run approve|reject`), the attempt's deadline passes or
+    /// it is cancelled.
+    /// `call_id` names the call in the run's journal: one of [`new_call_id`](Self::new_call_id),
+    /// given again to [`tool_used`](Self::tool_used) once the call is made.
+    pub async fn ask_approval(
+        &self,
+        call_id: &str,
+        tool: &str,
+        arguments: Value,
+    ) -> Result<ToolDecision, TaskError> {
+        let call_id = call_id.to_owned();
+        let answer = self
+            .ask(
+                |reply| Report::ToolApproval {
+                    call_id,
+                    tool: tool.to_owned(),
+                    arguments,
+                    reply,
+                },
+                &format!("tool `{tool}` was not decided on"),
+            )
+            .await?;
+        let field = |k: &str| answer.get(k).and_then(Value::as_str).unwrap_or_default();
+        Ok(ToolDecision {
+            approved: answer.get("approved").and_then(Value::as_bool) == Some(true),
+            comment: field("comment").to_owned(),
+            by: field("by").to_owned(),
+        })
+    }
+
+    /// Tells the run about a tool call this attempt made (not a skill call: those are
+    /// journaled by the coordinator), once it returned; the run journals it. `result` is cut
+    /// to its first 4 KiB. Dropped if the stream is busy, like progress.
+    pub fn tool_used(&self, used: UsedTool<'_>) {
+        let mut result = used.result.to_owned();
+        if result.len() > MAX_TOOL_RESULT_BYTES {
+            result = mesh_proto::convert::truncated(result, MAX_TOOL_RESULT_BYTES);
+        }
+        self.report(Report::ToolUsed {
+            call_id: used.call_id.to_owned(),
+            tool: used.tool.to_owned(),
+            arguments: used.arguments.clone(),
+            ok: used.ok,
+            result,
+            elapsed_ms: used.elapsed_ms,
+        });
+    }
+
+    /// A new id for a call of this attempt, unique within it: `call-N`.
+    pub fn new_call_id(&self) -> String {
+        self.next_call_id()
+    }
+
+    fn next_call_id(&self) -> String {
+        format!("call-{}", self.calls.fetch_add(1, Ordering::Relaxed) + 1)
+    }
+
+    /// Sends a report that the coordinator answers, and waits for the answer until the
+    /// attempt's deadline or its cancellation.
+    async fn ask(&self, report: impl FnOnce(SkillReply) -> Report, late: &str) -> SkillOutcome {
         let Some(tx) = &self.progress else {
             return Err(TaskError::new(
                 "no_coordinator",
@@ -277,14 +390,8 @@ impl Context {
                 false,
             ));
         };
-        let n = self.calls.fetch_add(1, Ordering::Relaxed) + 1;
         let (reply, answer) = oneshot::channel();
-        let call = Report::SkillCall {
-            call_id: format!("call-{n}"),
-            skill: skill.to_owned(),
-            input,
-            reply: SkillReply(Arc::new(Mutex::new(Some(reply)))),
-        };
+        let report = report(SkillReply(Arc::new(Mutex::new(Some(reply)))));
         let lost = || {
             TaskError::new(
                 "connection_lost",
@@ -292,13 +399,13 @@ impl Context {
                 true,
             )
         };
-        if tx.send((self.token.clone(), call)).await.is_err() {
+        if tx.send((self.token.clone(), report)).await.is_err() {
             return Err(lost());
         }
         tokio::select! {
             outcome = answer => outcome.unwrap_or_else(|_| Err(lost())),
-            _ = self.cancel.cancelled() => Err(TaskError::new("cancelled", "the attempt was cancelled during a skill call", false)),
-            _ = tokio::time::sleep_until(self.deadline) => Err(TaskError::new("timeout", format!("skill `{skill}` did not answer before the attempt's deadline"), true)),
+            _ = self.cancel.cancelled() => Err(TaskError::new("cancelled", "the attempt was cancelled while it waited", false)),
+            _ = tokio::time::sleep_until(self.deadline) => Err(TaskError::new("timeout", format!("{late} before the attempt's deadline"), true)),
         }
     }
 

@@ -48,7 +48,7 @@ pub mod metrics;
 mod runtime;
 pub mod telemetry;
 
-pub use agent::{Agent, AgentCard, AgentError, Context, Progress};
+pub use agent::{Agent, AgentCard, AgentError, Context, Progress, UsedTool};
 pub use client::{
     ClientError, GoalClient, RpcCode, TlsFiles, WorkflowProblem, check_coordinator_url,
 };
@@ -56,6 +56,6 @@ pub use error::{Error, Result};
 pub use mesh_proto::domain::{
     AgentKey, AgentView, Budget, FencingToken, GoalSpec, Health, ModelUsage, NodeView, OnExceed,
     RunEvent, RunId, RunPage, RunRef, RunState, RunSummary, RunView, SkillSpec, StepId, StepSpec,
-    StepState, StepView, SwarmMember, UsageTotal, WorkflowRecord,
+    StepState, StepView, SwarmMember, ToolDecision, UsageTotal, WorkflowRecord,
 };
 pub use runtime::{NodeRuntime, NodeRuntimeBuilder, RuntimeConfig};

@@ -174,6 +174,26 @@ pub fn waterfall(t: &pb::RunTrace, now_ms: i64, width: usize) -> String {
                     a.error.chars().take(120).collect::<String>()
                 ));
             }
+            for c in &a.calls {
+                let took = if c.finished_at_ms > 0 {
+                    ms(c.finished_at_ms - c.started_at_ms)
+                } else {
+                    "…".to_owned()
+                };
+                let decision = if c.decision.is_empty() {
+                    String::new()
+                } else {
+                    format!(" [{}, waited {}]", c.decision, ms(c.waited_ms))
+                };
+                out.push_str(&format!(
+                    "{:<name_w$}   ↳ {} {}({}) {} {took}{decision}\n",
+                    "",
+                    c.kind,
+                    c.tool,
+                    c.arguments_json.chars().take(80).collect::<String>(),
+                    c.outcome,
+                ));
+            }
         }
     }
     let cost: f64 = t.steps.iter().map(|s| s.cost_usd).sum();
@@ -207,8 +227,19 @@ pub fn trace_json(t: &pb::RunTrace) -> Value {
                 "error": a.error, "error_code": a.error_code, "retryable": a.retryable,
                 "input_tokens": a.input_tokens, "output_tokens": a.output_tokens,
                 "cost_usd": a.cost_usd,
+                "calls": a.calls.iter().map(call_json).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
+    })
+}
+
+fn call_json(c: &pb::ToolCallTrace) -> Value {
+    json!({
+        "call_id": c.call_id, "tool": c.tool, "kind": c.kind,
+        "arguments": serde_json::from_str::<Value>(&c.arguments_json).unwrap_or(Value::Null),
+        "outcome": c.outcome, "started_at_ms": c.started_at_ms,
+        "finished_at_ms": c.finished_at_ms, "waited_ms": c.waited_ms,
+        "decision": c.decision, "result": c.result,
     })
 }
 

@@ -1018,6 +1018,10 @@ impl Actor for Dispatcher {
                             call,
                             reply: f.tx.clone(),
                         },
+                        Report::ToolApproval(ask) => RunMsg::ToolApproval {
+                            ask,
+                            reply: f.tx.clone(),
+                        },
                         other => RunMsg::Report(other),
                     });
                 }

@@ -157,6 +157,41 @@ pub enum JournalEvent {
         #[serde(default, skip_serializing_if = "is_zero")]
         elapsed_ms: u64,
     },
+    /// An attempt's tool call waits for a person (`approval: true` on the tool).
+    ToolApprovalAsked {
+        step: StepId,
+        index: u32,
+        attempt: u32,
+        call_id: String,
+        tool: String,
+        arguments: Value,
+    },
+    /// A person approved or rejected it.
+    ToolApprovalDecided {
+        step: StepId,
+        index: u32,
+        attempt: u32,
+        call_id: String,
+        approved: bool,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        comment: String,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        by: String,
+    },
+    /// A tool call an attempt made on its node (HTTP, MCP, code), once it returned.
+    ToolUsed {
+        step: StepId,
+        index: u32,
+        attempt: u32,
+        call_id: String,
+        tool: String,
+        arguments: Value,
+        ok: bool,
+        /// The start of the tool's answer (at most 4 KiB).
+        result: String,
+        #[serde(default, skip_serializing_if = "is_zero")]
+        elapsed_ms: u64,
+    },
     /// A failed run runs again (after `StepReset`s).
     RunResumed,
     RunFinished {
@@ -194,6 +229,9 @@ impl JournalEvent {
             JournalEvent::MemorySaved { .. } => "memory_saved",
             JournalEvent::SkillCalled { .. } => "skill_called",
             JournalEvent::SkillReturned { .. } => "skill_returned",
+            JournalEvent::ToolApprovalAsked { .. } => "tool_approval_asked",
+            JournalEvent::ToolApprovalDecided { .. } => "tool_approval_decided",
+            JournalEvent::ToolUsed { .. } => "tool_used",
             JournalEvent::RunResumed => "run_resumed",
             JournalEvent::RunFinished { .. } => "run_finished",
         }
@@ -223,7 +261,10 @@ impl JournalEvent {
             | JournalEvent::UsageRecorded { step, .. }
             | JournalEvent::MemorySaved { step, .. }
             | JournalEvent::SkillCalled { step, .. }
-            | JournalEvent::SkillReturned { step, .. } => Some(step),
+            | JournalEvent::SkillReturned { step, .. }
+            | JournalEvent::ToolApprovalAsked { step, .. }
+            | JournalEvent::ToolApprovalDecided { step, .. }
+            | JournalEvent::ToolUsed { step, .. } => Some(step),
         }
     }
 }

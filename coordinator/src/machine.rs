@@ -104,6 +104,17 @@ pub struct Task {
     pub agent: Option<AgentKey>,
     pub output: Option<Value>,
     pub error: Option<String>,
+    /// A tool call of the attempt `asking.attempt` that waits for a person.
+    pub asking: Option<ToolAsk>,
+}
+
+/// A tool call that waits for a person's decision, with its exact arguments.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ToolAsk {
+    pub attempt: u32,
+    pub call_id: String,
+    pub tool: String,
+    pub arguments: Value,
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -1260,6 +1271,20 @@ impl RunMachine {
         by: &str,
     ) -> Result<Vec<JournalEvent>> {
         let i = self.known_step(id)?;
+        if let Some((index, ask)) = self.asking(i) {
+            let event = JournalEvent::ToolApprovalDecided {
+                step: id.clone(),
+                index,
+                attempt: ask.attempt,
+                call_id: ask.call_id.clone(),
+                approved,
+                comment: comment.to_owned(),
+                by: by.to_owned(),
+            };
+            let mut out = Vec::new();
+            self.emit(&mut out, event);
+            return Ok(out);
+        }
         let state = self.steps[i].state;
         if state != StepState::AwaitingApproval {
             return Err(Error::FailedPrecondition(format!(
@@ -1286,6 +1311,49 @@ impl RunMachine {
         }
         self.advance_into(&mut out);
         Ok(out)
+    }
+
+    /// The attempt `token` asks a person to approve its tool call: journaled and shown, when
+    /// the attempt is current and has no other call waiting; `None` (refused) otherwise.
+    pub fn on_tool_approval(
+        &mut self,
+        token: &FencingToken,
+        call_id: &str,
+        tool: &str,
+        arguments: Value,
+    ) -> Option<Vec<JournalEvent>> {
+        let (i, index) = self.current(token)?;
+        let t = &self.steps[i].tasks[index as usize];
+        if t.asking.as_ref().is_some_and(|a| a.attempt == t.attempt) {
+            return None;
+        }
+        let mut out = Vec::new();
+        self.emit(
+            &mut out,
+            JournalEvent::ToolApprovalAsked {
+                step: token.step_id.clone(),
+                index,
+                attempt: token.attempt,
+                call_id: call_id.to_owned(),
+                tool: tool.to_owned(),
+                arguments,
+            },
+        );
+        Some(out)
+    }
+
+    /// The first task of step `i` whose current attempt waits for a decision on a tool call.
+    pub fn asking(&self, i: usize) -> Option<(u32, &ToolAsk)> {
+        let s = &self.steps[i];
+        if s.state != StepState::Running {
+            return None;
+        }
+        s.tasks.iter().enumerate().find_map(|(k, t)| {
+            t.asking
+                .as_ref()
+                .filter(|a| t.state == StepState::Running && a.attempt == t.attempt)
+                .map(|a| (k as u32, a))
+        })
     }
 
     /// A signal: kept, and given to every step waiting for it.
@@ -1503,10 +1571,40 @@ impl RunMachine {
                 }
                 self.retained_bytes = retained;
             }
-            // Kept by the store, not by the run; a skill call is its caller's business.
+            JournalEvent::ToolApprovalAsked {
+                step,
+                index,
+                attempt,
+                call_id,
+                tool,
+                arguments,
+            } => {
+                if let Some(t) = self.task_mut(step, *index) {
+                    t.asking = Some(ToolAsk {
+                        attempt: *attempt,
+                        call_id: call_id.clone(),
+                        tool: tool.clone(),
+                        arguments: arguments.clone(),
+                    });
+                }
+            }
+            JournalEvent::ToolApprovalDecided {
+                step,
+                index,
+                call_id,
+                ..
+            } => {
+                if let Some(t) = self.task_mut(step, *index)
+                    && t.asking.as_ref().is_some_and(|a| a.call_id == *call_id)
+                {
+                    t.asking = None;
+                }
+            }
+            // Kept by the store, not by the run; a skill or tool call is its caller's business.
             JournalEvent::MemorySaved { .. }
             | JournalEvent::SkillCalled { .. }
-            | JournalEvent::SkillReturned { .. } => {}
+            | JournalEvent::SkillReturned { .. }
+            | JournalEvent::ToolUsed { .. } => {}
             JournalEvent::UsageRecorded { step, usage, .. } => {
                 let total = self.usage.entry(step.clone()).or_default();
                 for u in usage {
@@ -1662,10 +1760,22 @@ impl RunMachine {
         let spec = self.spec(i);
         let last = s.tasks.iter().rev().find(|t| t.attempt > 0);
         let foreach = spec.foreach.is_some();
+        // A running step whose attempt waits for a decision on a tool call shows as awaiting
+        // approval, with the call's exact arguments.
+        let asking = self.asking(i).map(|(_, a)| {
+            format!(
+                "tool `{}` waits for approval, with arguments {}",
+                a.tool, a.arguments
+            )
+        });
         StepView {
             id: self.id(i),
             uses: spec.skill().to_owned(),
-            state: s.state,
+            state: if asking.is_some() {
+                StepState::AwaitingApproval
+            } else {
+                s.state
+            },
             attempt: last.map_or(0, |t| t.attempt),
             agent: last.and_then(|t| t.agent.clone()),
             output: s.output.clone(),
@@ -1687,7 +1797,7 @@ impl RunMachine {
             } else {
                 0
             },
-            detail: s.detail.clone(),
+            detail: asking.or_else(|| s.detail.clone()),
             output_elided_bytes: None,
             usage: self.step_usage(i),
         }
@@ -1779,6 +1889,70 @@ mod tests {
 
     fn state(m: &RunMachine, step: &str) -> StepState {
         m.step(&step.into()).unwrap().state
+    }
+
+    /// A tool call waiting for approval: the running step shows as awaiting approval with the
+    /// exact arguments, survives a replay, is decided once (by the approve of the step), and
+    /// is forgotten when its attempt ends; a second ask while one waits, or from a stale
+    /// attempt, is refused.
+    #[test]
+    fn a_tool_call_waits_for_a_decision_on_its_running_step() {
+        let yaml = "steps:\n  - {id: ask, uses: llm}\n";
+        let mut m = machine(yaml, json!({}));
+        let mut journal = m.advance();
+        let t = token(&m, "ask", 0);
+        let args = json!({ "city": "Lyon" });
+        journal.extend(
+            m.on_tool_approval(&t, "call-1", "weather", args.clone())
+                .unwrap(),
+        );
+        let view = m.step_view(0);
+        assert_eq!(view.state, StepState::AwaitingApproval);
+        assert_eq!(
+            view.detail.as_deref(),
+            Some(r#"tool `weather` waits for approval, with arguments {"city":"Lyon"}"#)
+        );
+        assert_eq!(
+            state(&m, "ask"),
+            StepState::Running,
+            "the attempt still runs"
+        );
+        assert!(
+            m.on_tool_approval(&t, "call-2", "weather", args.clone())
+                .is_none(),
+            "one call waits at a time"
+        );
+        let stale = FencingToken {
+            attempt: t.attempt + 1,
+            ..t.clone()
+        };
+        assert!(
+            m.on_tool_approval(&stale, "call-3", "weather", args.clone())
+                .is_none()
+        );
+
+        let mut again = machine(yaml, json!({})).replay(&journal);
+        assert_eq!(again.step_view(0), m.step_view(0), "replayed");
+        let e = again
+            .on_decision(&"ask".into(), false, "no", "ana")
+            .unwrap();
+        assert!(matches!(
+            &e[..],
+            [JournalEvent::ToolApprovalDecided { approved: false, call_id, by, .. }]
+                if call_id == "call-1" && by == "ana"
+        ));
+        assert_eq!(again.step_view(0).state, StepState::Running);
+        assert_eq!(again.step_view(0).detail, None);
+        let err = again.on_decision(&"ask".into(), true, "", "").unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("does not await approval (it is running)")
+        );
+
+        // The attempt ends while its call waits: nothing waits any more.
+        ok(&mut m, "ask", 0, json!("done"));
+        assert_eq!(m.step_view(0).state, StepState::Succeeded);
+        assert!(m.asking(0).is_none());
     }
 
     /// A step with memory: its key rendered from the inputs, its scope named; its accepted

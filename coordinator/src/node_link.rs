@@ -3,7 +3,9 @@
 //! the registry and the dispatcher (which own streams) write frames; a run answers a result
 //! through a [`ResultAck`], without knowing the wire.
 
-use mesh_proto::domain::{AckCode, FencingToken, SkillCall, TaskDelta, TaskProgress, ToNode};
+use mesh_proto::domain::{
+    AckCode, FencingToken, SkillCall, TaskDelta, TaskProgress, ToNode, ToolApproval, ToolUsed,
+};
 use tokio::sync::mpsc;
 
 /// What goes down a node's stream.
@@ -19,8 +21,7 @@ pub enum Outbound {
 
 pub type NodeTx = mpsc::Sender<Outbound>;
 
-/// What an agent reports during an attempt, for watchers only (never journaled): passed on
-/// only while the attempt is current.
+/// What an agent reports during an attempt: passed on only while the attempt is current.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Report {
     Progress(TaskProgress),
@@ -28,6 +29,10 @@ pub enum Report {
     Delta(TaskDelta),
     /// The attempt calls a skill (journaled by its run, which answers on the node's stream).
     SkillCall(SkillCall),
+    /// A tool call waits for a person (journaled by its run, which answers on the stream).
+    ToolApproval(ToolApproval),
+    /// A tool call the attempt made (journaled by its run).
+    ToolUsed(ToolUsed),
 }
 
 impl Report {
@@ -36,6 +41,8 @@ impl Report {
             Report::Progress(p) => &p.token,
             Report::Delta(d) => &d.token,
             Report::SkillCall(c) => &c.token,
+            Report::ToolApproval(a) => &a.token,
+            Report::ToolUsed(u) => &u.token,
         }
     }
 }

@@ -213,6 +213,16 @@ impl Actor for NodeSession {
                         instance,
                         report: Report::SkillCall(call),
                     }),
+                    FromNode::ToolApproval(ask) => st.args.dispatcher.cast(DispatcherMsg::Report {
+                        node,
+                        instance,
+                        report: Report::ToolApproval(ask),
+                    }),
+                    FromNode::ToolUsed(used) => st.args.dispatcher.cast(DispatcherMsg::Report {
+                        node,
+                        instance,
+                        report: Report::ToolUsed(used),
+                    }),
                     FromNode::Draining => {
                         st.draining = true;
                         st.args

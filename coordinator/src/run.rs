@@ -91,6 +91,12 @@ pub enum RunMsg {
         call: SkillCall,
         reply: crate::node_link::NodeTx,
     },
+    /// The current attempt of a step asks a person to approve a tool call; the decision is
+    /// answered on `reply`, its node's stream.
+    ToolApproval {
+        ask: ToolApproval,
+        reply: crate::node_link::NodeTx,
+    },
     Cancel {
         reason: String,
         reply: RpcReplyPort<Result<RunView>>,
@@ -311,6 +317,10 @@ pub struct RunActorState {
     streamed: HashMap<FencingToken, String>,
     /// Skill calls in flight, by their child task's token.
     skill_calls: HashMap<FencingToken, PendingSkillCall>,
+    /// Where the decision on a tool call waiting for approval goes: the asking attempt and
+    /// its node's stream, by (step, task, attempt, call id). Gone after a restart: the node
+    /// lost its stream too, and its attempt asks again.
+    tool_replies: HashMap<(StepId, u32, u32, String), (FencingToken, crate::node_link::NodeTx)>,
 }
 
 /// A skill call an attempt made, running as a child task.
@@ -559,6 +569,81 @@ impl RunActorState {
         Ok(())
     }
 
+    /// An attempt's tool call waits for a person: journaled (its arguments scrubbed of the
+    /// attempt's secrets) and shown as the step awaiting approval; refused (answered at once,
+    /// as rejected) when the attempt is no longer current or waits for another decision.
+    async fn tool_approval(
+        &mut self,
+        myself: &ActorRef<RunMsg>,
+        ask: ToolApproval,
+        reply: crate::node_link::NodeTx,
+    ) -> Result<()> {
+        let mut arguments = ask.arguments;
+        if let Some(secrets) = self.secrets.get(&ask.token) {
+            mesh_proto::secrets::scrub(&mut arguments, secrets);
+        }
+        let Some(events) =
+            self.machine
+                .on_tool_approval(&ask.token, &ask.call_id, &ask.tool, arguments)
+        else {
+            let _ = reply.try_send(crate::node_link::Outbound::Frame(ToNode::ToolDecision {
+                token: ask.token,
+                call_id: ask.call_id,
+                decision: ToolDecision {
+                    approved: false,
+                    comment: "the attempt is no longer current, or already waits for a \
+                              decision on another call"
+                        .into(),
+                    by: "agentmesh".into(),
+                },
+            }));
+            return Ok(());
+        };
+        // Decisions of attempts that ended meanwhile would go nowhere.
+        let machine = &self.machine;
+        self.tool_replies.retain(|(step, index, attempt, _), _| {
+            machine.position(step).is_some_and(|i| {
+                machine
+                    .asking(i)
+                    .is_some_and(|(k, a)| k == *index && a.attempt == *attempt)
+            })
+        });
+        let t = &ask.token;
+        self.tool_replies.insert(
+            (t.step_id.clone(), t.index, t.attempt, ask.call_id),
+            (ask.token.clone(), reply),
+        );
+        self.commit(myself, events).await
+    }
+
+    /// A tool call the current attempt made, journaled (scrubbed of its secrets).
+    async fn tool_used(&mut self, myself: &ActorRef<RunMsg>, used: ToolUsed) -> Result<()> {
+        if !self.is_current(&used.token) || self.machine.state().is_terminal() {
+            return Ok(());
+        }
+        let (mut arguments, mut result) = (used.arguments, used.result);
+        if let Some(secrets) = self.secrets.get(&used.token) {
+            mesh_proto::secrets::scrub(&mut arguments, secrets);
+            result = mesh_proto::secrets::scrub_text(&result, secrets);
+        }
+        let t = used.token;
+        self.commit(
+            myself,
+            vec![JournalEvent::ToolUsed {
+                step: t.step_id,
+                index: t.index,
+                attempt: t.attempt,
+                call_id: used.call_id,
+                tool: used.tool,
+                arguments,
+                ok: used.ok,
+                result,
+                elapsed_ms: used.elapsed_ms,
+            }],
+        )
+        .await
+    }
+
     /// A skill call's child task ended: journaled, and answered to the caller (which may be
     /// gone: its node then drops the answer).
     async fn skill_returned(
@@ -776,6 +861,28 @@ impl RunActorState {
                 ..
             } => self.arm_wait(myself, step.clone(), *until),
             JournalEvent::StepParked { .. } => metrics::counter!(m::STEPS_PARKED).increment(1),
+            JournalEvent::ToolApprovalDecided {
+                step,
+                index,
+                attempt,
+                call_id,
+                approved,
+                comment,
+                by,
+            } => {
+                let key = (step.clone(), *index, *attempt, call_id.clone());
+                if let Some((token, tx)) = self.tool_replies.remove(&key) {
+                    let _ = tx.try_send(crate::node_link::Outbound::Frame(ToNode::ToolDecision {
+                        token,
+                        call_id: call_id.clone(),
+                        decision: ToolDecision {
+                            approved: *approved,
+                            comment: comment.clone(),
+                            by: by.clone(),
+                        },
+                    }));
+                }
+            }
             JournalEvent::RunFinished { state, .. } => {
                 let span = std::mem::replace(&mut self.span, tracing::Span::none());
                 span.record("state", state.as_str());
@@ -949,6 +1056,7 @@ impl Actor for Run {
             attempt_spans: HashMap::new(),
             streamed: HashMap::new(),
             skill_calls: HashMap::new(),
+            tool_replies: HashMap::new(),
         })
     }
 
@@ -1039,6 +1147,7 @@ async fn on_message(
             }
         }
         RunMsg::SkillCall { call, reply } => st.skill_call(&myself, call, reply).await?,
+        RunMsg::ToolApproval { ask, reply } => st.tool_approval(&myself, ask, reply).await?,
         RunMsg::Result { result, ack } if st.skill_calls.contains_key(&result.token) => {
             let agent = None;
             st.skill_returned(
@@ -1172,8 +1281,9 @@ async fn on_message(
                         message: p.message,
                         fraction: p.fraction,
                     },
-                    // Sent to the run as `RunMsg::SkillCall` by the dispatcher.
-                    Report::SkillCall(_) => return Ok(()),
+                    // Sent to the run as `RunMsg::SkillCall` (`ToolApproval`) by the dispatcher.
+                    Report::SkillCall(_) | Report::ToolApproval(_) => return Ok(()),
+                    Report::ToolUsed(used) => return Ok(st.tool_used(&myself, used).await?),
                     Report::Delta(d) => {
                         let text = match st.secrets.get(&d.token) {
                             Some(secrets) => mesh_proto::secrets::scrub_text(&d.text, secrets),

@@ -144,11 +144,134 @@ pub fn build(
                     steps[i].waiting_since_ms = at;
                 }
             }
+            JournalEvent::SkillCalled {
+                step,
+                index,
+                attempt,
+                call_id,
+                skill,
+                input,
+            } => {
+                if let Some(a) = attempt_of(&mut steps, &position, step, *index, *attempt) {
+                    match a.calls.iter_mut().find(|c| c.call_id == *call_id) {
+                        // Approved a moment ago.
+                        Some(c) => c.kind = "skill".into(),
+                        None => a.calls.push(pb::ToolCallTrace {
+                            call_id: call_id.clone(),
+                            tool: skill.clone(),
+                            kind: "skill".into(),
+                            arguments_json: input.to_string(),
+                            outcome: "running".into(),
+                            started_at_ms: at,
+                            ..Default::default()
+                        }),
+                    }
+                }
+            }
+            JournalEvent::SkillReturned {
+                step,
+                index,
+                attempt,
+                call_id,
+                outcome,
+                ..
+            } => {
+                if let Some(c) = call_of(&mut steps, &position, step, *index, *attempt, call_id) {
+                    c.finished_at_ms = at;
+                    (c.outcome, c.result) = match outcome {
+                        Ok(v) => ("succeeded".into(), preview(&v.to_string())),
+                        Err(e) => (
+                            "failed".into(),
+                            preview(&format!("{}: {}", e.code, e.message)),
+                        ),
+                    };
+                }
+            }
+            JournalEvent::ToolApprovalAsked {
+                step,
+                index,
+                attempt,
+                call_id,
+                tool,
+                arguments,
+            } => {
+                if let Some(a) = attempt_of(&mut steps, &position, step, *index, *attempt) {
+                    a.calls.push(pb::ToolCallTrace {
+                        call_id: call_id.clone(),
+                        tool: tool.clone(),
+                        kind: "tool".into(),
+                        arguments_json: arguments.to_string(),
+                        outcome: "waiting".into(),
+                        started_at_ms: at,
+                        ..Default::default()
+                    });
+                }
+            }
+            JournalEvent::ToolApprovalDecided {
+                step,
+                index,
+                attempt,
+                call_id,
+                approved,
+                comment,
+                by,
+            } => {
+                if let Some(c) = call_of(&mut steps, &position, step, *index, *attempt, call_id) {
+                    c.waited_ms = at - c.started_at_ms;
+                    let by = if by.is_empty() {
+                        "a person"
+                    } else {
+                        by.as_str()
+                    };
+                    c.decision = match (approved, comment.is_empty()) {
+                        (true, true) => format!("approved by {by}"),
+                        (true, false) => format!("approved by {by}: {comment}"),
+                        (false, true) => format!("rejected by {by}"),
+                        (false, false) => format!("rejected by {by}: {comment}"),
+                    };
+                    if *approved {
+                        c.outcome = "running".into();
+                    } else {
+                        c.outcome = "rejected".into();
+                        c.finished_at_ms = at;
+                    }
+                }
+            }
+            JournalEvent::ToolUsed {
+                step,
+                index,
+                attempt,
+                call_id,
+                tool,
+                arguments,
+                ok,
+                result,
+                elapsed_ms,
+            } => {
+                if let Some(a) = attempt_of(&mut steps, &position, step, *index, *attempt) {
+                    // A call that waited for approval is in the trace already.
+                    let c = match a.calls.iter().position(|c| c.call_id == *call_id) {
+                        Some(k) => &mut a.calls[k],
+                        None => {
+                            a.calls.push(pb::ToolCallTrace {
+                                call_id: call_id.clone(),
+                                tool: tool.clone(),
+                                kind: "tool".into(),
+                                arguments_json: arguments.to_string(),
+                                started_at_ms: at - *elapsed_ms as i64,
+                                ..Default::default()
+                            });
+                            a.calls.last_mut().expect("just pushed")
+                        }
+                    };
+                    c.finished_at_ms = at;
+                    c.outcome = if *ok { "succeeded" } else { "failed" }.into();
+                    c.result = preview(result);
+                }
+            }
             JournalEvent::SignalReceived { .. }
             | JournalEvent::StepExpanded { .. }
-            | JournalEvent::MemorySaved { .. }
-            | JournalEvent::SkillCalled { .. }
-            | JournalEvent::SkillReturned { .. } => {}
+            | JournalEvent::MemorySaved { .. } => {}
             JournalEvent::StepSucceeded { step, .. } => {
                 end(&mut steps, &position, step, at, "succeeded")
             }
@@ -216,6 +339,27 @@ fn add_steps(
             ..Default::default()
         });
     }
+}
+
+/// How much of a call's result a trace carries.
+const PREVIEW_BYTES: usize = 512;
+
+fn preview(text: &str) -> String {
+    mesh_proto::convert::truncated(text.to_owned(), PREVIEW_BYTES)
+}
+
+fn call_of<'a>(
+    steps: &'a mut [pb::StepTrace],
+    position: &HashMap<String, usize>,
+    step: &StepId,
+    index: u32,
+    attempt: u32,
+    call_id: &str,
+) -> Option<&'a mut pb::ToolCallTrace> {
+    attempt_of(steps, position, step, index, attempt)?
+        .calls
+        .iter_mut()
+        .find(|c| c.call_id == call_id)
 }
 
 fn attempt_of<'a>(

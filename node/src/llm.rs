@@ -108,7 +108,7 @@ impl LlmAgent {
                     .deadline()
                     .saturating_duration_since(tokio::time::Instant::now());
                 tokio::select! {
-                    o = tool.call(ctx, &self.http, &self.sandbox, &asked.arguments, left) => o,
+                    o = tool.call(ctx, &self.http, &self.sandbox, &asked.arguments, left) => o?,
                     _ = ctx.cancelled() => return Err(AgentError::fatal("cancelled", "the attempt was cancelled during a tool call")),
                 }
             }

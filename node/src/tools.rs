@@ -49,6 +49,8 @@ pub struct Tool {
     /// then the server checks them).
     schema: Option<JsonSchema>,
     kind: Kind,
+    /// `approval: true`: each call waits for a person's decision first.
+    pub approval: bool,
 }
 
 #[derive(Debug)]
@@ -81,6 +83,8 @@ struct McpUse {
     path: String,
     server: String,
     only: Option<Vec<String>>,
+    /// `approval: true`: every tool of the server waits for a person's decision.
+    approval: bool,
 }
 
 /// The tools of one attempt, MCP sessions open; [`Toolbox::close`] ends them.
@@ -140,6 +144,15 @@ pub fn only_known(obj: &Map<String, Value>, known: &[&str], path: &str) -> Resul
     }
 }
 
+/// `approval` of a declaration at `path`: absent or a boolean.
+fn read_approval(obj: &Map<String, Value>, path: &str) -> Result<bool, AgentError> {
+    match obj.get("approval") {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(_) => Err(bad(&format!("{path}.approval"), "must be true or false")),
+    }
+}
+
 /// Reads `with.tools`: a list of declarations, each checked with the path of what is wrong.
 pub fn read_tools(value: Option<&Value>) -> Result<Declared, AgentError> {
     let list = match value {
@@ -192,8 +205,9 @@ pub fn read_tools(value: Option<&Value>) -> Result<Declared, AgentError> {
 /// of the mesh, which the coordinator runs as a child task of the run.
 fn read_skill(path: &str, item: &Value, skill: &Value) -> Result<Tool, AgentError> {
     let obj = item.as_object().expect("an entry with `skill` is a map");
-    const KNOWN: [&str; 4] = ["skill", "name", "description", "parameters"];
+    const KNOWN: [&str; 5] = ["skill", "name", "description", "parameters", "approval"];
     only_known(obj, &KNOWN, path)?;
+    let approval = read_approval(obj, path)?;
     let skill = skill
         .as_str()
         .filter(|s| {
@@ -235,6 +249,7 @@ fn read_skill(path: &str, item: &Value, skill: &Value) -> Result<Tool, AgentErro
         },
         schema: Some(schema),
         kind: Kind::Skill(skill.to_owned()),
+        approval,
     })
 }
 
@@ -248,7 +263,7 @@ fn read_code(path: &str, item: &Value, code: &Value) -> Result<Tool, AgentError>
     let obj = code
         .as_object()
         .ok_or_else(|| bad(&here, "a map with `language` (python or shell) and limits"))?;
-    const KNOWN: [&str; 8] = [
+    const KNOWN: [&str; 9] = [
         "language",
         "name",
         "timeout",
@@ -257,8 +272,10 @@ fn read_code(path: &str, item: &Value, code: &Value) -> Result<Tool, AgentError>
         "output_bytes",
         "disk_mb",
         "description",
+        "approval",
     ];
     only_known(obj, &KNOWN, &here)?;
+    let approval = read_approval(obj, &here)?;
     let (language, limits) = crate::code::read_language_and_limits(obj, &format!("with.{here}"))?;
     let name = match obj.get("name") {
         None | Some(Value::Null) => format!("run_{}", language.as_str()),
@@ -297,6 +314,7 @@ fn read_code(path: &str, item: &Value, code: &Value) -> Result<Tool, AgentError>
         },
         schema: Some(JsonSchema::compile(&parameters).map_err(|e| bad(&here, e))?),
         kind: Kind::Code { language, limits },
+        approval,
     })
 }
 
@@ -305,10 +323,12 @@ fn read_mcp(path: &str, item: &Value, server: &Value) -> Result<McpUse, AgentErr
         return Err(bad(path, "an `mcp` entry has no other field"));
     }
     let here = format!("{path}.mcp");
+    let mut approval = false;
     let (server, only) = match server {
         Value::String(name) => (name.clone(), None),
         Value::Object(obj) => {
-            only_known(obj, &["server", "tools"], &here)?;
+            only_known(obj, &["server", "tools", "approval"], &here)?;
+            approval = read_approval(obj, &here)?;
             let name = obj
                 .get("server")
                 .and_then(Value::as_str)
@@ -340,6 +360,7 @@ fn read_mcp(path: &str, item: &Value, server: &Value) -> Result<McpUse, AgentErr
         path: here,
         server,
         only,
+        approval,
     })
 }
 
@@ -413,6 +434,7 @@ impl Declared {
                         session: session.clone(),
                         remote: t.name.to_string(),
                     },
+                    approval: use_.approval,
                 });
             }
             sessions.push(session);
@@ -449,8 +471,9 @@ fn read_tool(path: &str, item: &Value) -> Result<Tool, AgentError> {
             "must be a map with name, description, parameters and http",
         )
     })?;
-    const KNOWN: [&str; 4] = ["name", "description", "parameters", "http"];
+    const KNOWN: [&str; 5] = ["name", "description", "parameters", "http", "approval"];
     only_known(obj, &KNOWN, path)?;
+    let approval = read_approval(obj, path)?;
     let name = obj
         .get("name")
         .and_then(Value::as_str)
@@ -502,6 +525,7 @@ fn read_tool(path: &str, item: &Value) -> Result<Tool, AgentError> {
         },
         schema,
         kind,
+        approval,
     })
 }
 
@@ -687,8 +711,11 @@ fn host_allowed(host: &str, allowed: &[String]) -> bool {
 }
 
 impl Tool {
-    /// Calls the tool with the model's `arguments`, within `left`; what went wrong is the
-    /// outcome's text, for the model.
+    /// Calls the tool with the model's `arguments`, within `left`, once a person approved it
+    /// when the tool asks for approval; what went wrong in the call, a rejection included, is
+    /// the outcome's text, for the model. Fails only when no decision could be had (the
+    /// attempt's deadline, its cancellation, the coordinator lost). A call made here (not a
+    /// skill: the coordinator journals those) is told to the run for its journal.
     pub async fn call(
         &self,
         ctx: &mesh_agent_sdk::Context,
@@ -696,21 +723,80 @@ impl Tool {
         sandbox: &crate::sandbox::Sandbox,
         arguments: &Value,
         left: Duration,
-    ) -> Outcome {
+    ) -> Result<Outcome, AgentError> {
         if let Some((at, problem)) = self
             .schema
             .as_ref()
             .and_then(|s| s.first_problem(arguments))
         {
-            return Outcome::error(format!("invalid arguments: {at}: {problem}"));
+            return Ok(Outcome::error(format!(
+                "invalid arguments: {at}: {problem}"
+            )));
         }
+        let call_id = ctx.new_call_id();
+        if self.approval {
+            let decision = ctx
+                .ask_approval(&call_id, &self.spec.name, arguments.clone())
+                .await
+                .map_err(|e| AgentError {
+                    code: e.code,
+                    message: format!(
+                        "tool `{}` waited for approval: {}",
+                        self.spec.name, e.message
+                    ),
+                    retryable: e.retryable,
+                })?;
+            if !decision.approved {
+                let why = if decision.comment.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", decision.comment)
+                };
+                return Ok(Outcome::error(format!(
+                    "the call was rejected by {}{why}; it did not run",
+                    if decision.by.is_empty() {
+                        "a person"
+                    } else {
+                        &decision.by
+                    }
+                )));
+            }
+        }
+        let began = std::time::Instant::now();
+        let outcome = self
+            .run(ctx, &call_id, http, sandbox, arguments, left)
+            .await;
+        if !matches!(self.kind, Kind::Skill(_)) {
+            ctx.tool_used(mesh_agent_sdk::UsedTool {
+                call_id: &call_id,
+                tool: &self.spec.name,
+                arguments,
+                ok: outcome.ok,
+                result: &outcome.text,
+                elapsed_ms: began.elapsed().as_millis() as u64,
+            });
+        }
+        Ok(outcome)
+    }
+
+    async fn run(
+        &self,
+        ctx: &mesh_agent_sdk::Context,
+        call_id: &str,
+        http: &reqwest::Client,
+        sandbox: &crate::sandbox::Sandbox,
+        arguments: &Value,
+        left: Duration,
+    ) -> Outcome {
         match &self.kind {
             Kind::Http(tool) => tool.call(http, arguments, left).await,
             Kind::Mcp { session, remote } => session.call(remote, arguments, left).await,
-            Kind::Skill(skill) => match ctx.call_skill(skill, arguments.clone()).await {
-                Ok(output) => Outcome::ok(output.to_string()),
-                Err(e) => Outcome::error(format!("{}: {}", e.code, e.message)),
-            },
+            Kind::Skill(skill) => {
+                match ctx.call_skill_as(call_id, skill, arguments.clone()).await {
+                    Ok(output) => Outcome::ok(output.to_string()),
+                    Err(e) => Outcome::error(format!("{}: {}", e.code, e.message)),
+                }
+            }
             Kind::Code { language, limits } => {
                 let code = arguments["code"].as_str().unwrap_or_default();
                 let stdin = arguments["stdin"].as_str().unwrap_or_default();
@@ -848,6 +934,16 @@ mod tests {
             panic!("an HTTP tool")
         };
         assert_eq!(h.allow_hosts, ["api.example.com"]);
+        assert!(!ok.tools[0].approval, "no approval unless asked");
+        let asked = tools(json!([
+            { "name": "w", "approval": true, "http": { "url": "http://a/" } },
+            { "skill": "echo", "approval": true },
+            { "code": { "language": "shell", "approval": true } },
+            { "mcp": { "server": "git", "approval": true } }
+        ]))
+        .unwrap();
+        assert!(asked.tools.iter().all(|t| t.approval), "{asked:?}");
+        assert!(asked.mcp[0].approval);
         for (bad, field) in [
             (json!({ "name": "w" }), "tools[0]"),
             (
@@ -877,6 +973,14 @@ mod tests {
             (
                 json!({ "name": "w", "parameters": { "type": "string" }, "http": { "url": "http://a/" } }),
                 "tools[0].parameters.type",
+            ),
+            (
+                json!({ "name": "w", "approval": "yes", "http": { "url": "http://a/" } }),
+                "tools[0].approval",
+            ),
+            (
+                json!({ "code": { "language": "python", "approval": 1 } }),
+                "tools[0].code.approval",
             ),
         ] {
             let e = tools(json!([bad])).unwrap_err();

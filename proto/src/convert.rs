@@ -65,6 +65,36 @@ pub fn check_id(field: &str, value: &str) -> Result<()> {
     Ok(())
 }
 
+/// Checks a call id of an attempt (skill calls, tool approvals): 1 to 64 letters, digits, `_`
+/// or `-`.
+pub fn check_call_id(field: &str, value: &str) -> Result<()> {
+    let valid = !value.is_empty()
+        && value.len() <= 64
+        && value
+            .chars()
+            .all(|ch| ch.is_ascii_alphanumeric() || ch == '_' || ch == '-');
+    if valid {
+        Ok(())
+    } else {
+        Err(FieldError::new(
+            field,
+            "1 to 64 letters, digits, `_` or `-`",
+        ))
+    }
+}
+
+/// Checks a tool's name as a model sees it: 1 to 128 bytes, no control characters (MCP
+/// servers name their tools more freely than ids allow).
+pub fn check_tool_name(field: &str, value: &str) -> Result<()> {
+    if value.is_empty() || value.len() > MAX_ID_LEN || value.chars().any(char::is_control) {
+        return Err(FieldError::new(
+            field,
+            format!("1 to {MAX_ID_LEN} bytes without control characters"),
+        ));
+    }
+    Ok(())
+}
+
 /// Longest error message from an agent that is kept; a longer one is cut.
 pub const MAX_ERROR_MESSAGE: usize = 4096;
 /// Most text in one delta frame; agents coalesce deltas well below it.
@@ -610,17 +640,7 @@ impl TryFrom<pb::NodeFrame> for FromNode {
                     restart: d.restart,
                 }),
                 Kind::SkillCall(c) => {
-                    let valid = !c.call_id.is_empty()
-                        && c.call_id.len() <= 64
-                        && c.call_id
-                            .chars()
-                            .all(|ch| ch.is_ascii_alphanumeric() || ch == '_' || ch == '-');
-                    if !valid {
-                        return Err(FieldError::new(
-                            "skill_call.call_id",
-                            "1 to 64 letters, digits, `_` or `-`",
-                        ));
-                    }
+                    check_call_id("skill_call.call_id", &c.call_id)?;
                     check_id("skill_call.skill", &c.skill)?;
                     FromNode::SkillCall(SkillCall {
                         token: FencingToken::try_from(c.token)?,
@@ -631,6 +651,37 @@ impl TryFrom<pb::NodeFrame> for FromNode {
                             &c.input_json,
                             Value::Null,
                         )?,
+                    })
+                }
+                Kind::ToolApproval(a) => {
+                    check_call_id("tool_approval.call_id", &a.call_id)?;
+                    check_tool_name("tool_approval.tool", &a.tool)?;
+                    FromNode::ToolApproval(ToolApproval {
+                        token: FencingToken::try_from(a.token)?,
+                        call_id: a.call_id,
+                        tool: a.tool,
+                        arguments: parse_json_deep(
+                            "tool_approval.arguments_json",
+                            &a.arguments_json,
+                            Value::Null,
+                        )?,
+                    })
+                }
+                Kind::ToolUsed(u) => {
+                    check_call_id("tool_used.call_id", &u.call_id)?;
+                    check_tool_name("tool_used.tool", &u.tool)?;
+                    FromNode::ToolUsed(ToolUsed {
+                        token: FencingToken::try_from(u.token)?,
+                        call_id: u.call_id,
+                        tool: u.tool,
+                        arguments: parse_json_deep(
+                            "tool_used.arguments_json",
+                            &u.arguments_json,
+                            Value::Null,
+                        )?,
+                        ok: u.ok,
+                        result: truncated(u.result, MAX_TOOL_RESULT_BYTES),
+                        elapsed_ms: u.elapsed_ms,
                     })
                 }
                 Kind::Draining(_) => FromNode::Draining,
@@ -681,6 +732,21 @@ impl From<FromNode> for pb::NodeFrame {
                 call_id: c.call_id,
                 skill: c.skill,
                 input_json: to_json(&c.input),
+            }),
+            FromNode::ToolApproval(a) => Kind::ToolApproval(pb::ToolApproval {
+                token: Some(a.token.into()),
+                call_id: a.call_id,
+                tool: a.tool,
+                arguments_json: to_json(&a.arguments),
+            }),
+            FromNode::ToolUsed(u) => Kind::ToolUsed(pb::ToolUsed {
+                token: Some(u.token.into()),
+                call_id: u.call_id,
+                tool: u.tool,
+                arguments_json: to_json(&u.arguments),
+                ok: u.ok,
+                result: u.result,
+                elapsed_ms: u.elapsed_ms,
             }),
             FromNode::Draining => Kind::Draining(pb::Draining {}),
             FromNode::AgentDown { agent, reason } => {
@@ -752,6 +818,17 @@ impl From<ToNode> for pb::CoordinatorFrame {
                     }),
                 }),
             }),
+            ToNode::ToolDecision {
+                token,
+                call_id,
+                decision,
+            } => Kind::ToolDecision(pb::ToolDecision {
+                token: Some(token.into()),
+                call_id,
+                approved: decision.approved,
+                comment: decision.comment,
+                by: decision.by,
+            }),
         };
         pb::CoordinatorFrame { kind: Some(kind) }
     }
@@ -813,6 +890,15 @@ impl TryFrom<pb::CoordinatorFrame> for ToNode {
                         },
                     }
                 }
+                Kind::ToolDecision(d) => ToNode::ToolDecision {
+                    token: FencingToken::try_from(d.token)?,
+                    call_id: d.call_id,
+                    decision: ToolDecision {
+                        approved: d.approved,
+                        comment: d.comment,
+                        by: d.by,
+                    },
+                },
             },
         )
     }
@@ -1540,6 +1626,73 @@ mod tests {
         }
         let e = FromNode::try_from(bad).unwrap_err();
         assert!(e.to_string().contains("token.step_id"), "{e}");
+    }
+
+    #[test]
+    fn tool_approvals_and_calls_round_trip_and_are_checked() {
+        let token = FencingToken {
+            run_id: "r1".into(),
+            step_id: "ask".into(),
+            attempt: 1,
+            epoch: 2,
+            index: 0,
+        };
+        let ask = FromNode::ToolApproval(ToolApproval {
+            token: token.clone(),
+            call_id: "call-1".into(),
+            tool: "refund".into(),
+            arguments: serde_json::json!({ "order": "A-17" }),
+        });
+        assert_eq!(
+            FromNode::try_from(pb::NodeFrame::from(ask.clone())).unwrap(),
+            ask
+        );
+        let decision = ToNode::ToolDecision {
+            token: token.clone(),
+            call_id: "call-1".into(),
+            decision: ToolDecision {
+                approved: false,
+                comment: "too much".into(),
+                by: "ana".into(),
+            },
+        };
+        assert_eq!(
+            ToNode::try_from(pb::CoordinatorFrame::from(decision.clone())).unwrap(),
+            decision
+        );
+        let used = FromNode::ToolUsed(ToolUsed {
+            token,
+            call_id: "call-2".into(),
+            tool: "weather".into(),
+            arguments: serde_json::json!({ "city": "Lyon" }),
+            ok: true,
+            result: "sunny".into(),
+            elapsed_ms: 84,
+        });
+        assert_eq!(
+            FromNode::try_from(pb::NodeFrame::from(used.clone())).unwrap(),
+            used
+        );
+        // A result over 4 KiB is cut, a control character in a tool's name refused.
+        let mut frame = pb::NodeFrame::from(used);
+        if let Some(pb::node_frame::Kind::ToolUsed(u)) = &mut frame.kind {
+            u.result = "x".repeat(10_000);
+        }
+        let FromNode::ToolUsed(cut) = FromNode::try_from(frame.clone()).unwrap() else {
+            panic!("a tool call")
+        };
+        assert!(cut.result.len() < 4_200 && cut.result.ends_with("(truncated)"));
+        if let Some(pb::node_frame::Kind::ToolUsed(u)) = &mut frame.kind {
+            u.tool = "bad\nname".into();
+        }
+        let e = FromNode::try_from(frame).unwrap_err();
+        assert!(e.to_string().contains("tool_used.tool"), "{e}");
+        let mut frame = pb::NodeFrame::from(ask);
+        if let Some(pb::node_frame::Kind::ToolApproval(a)) = &mut frame.kind {
+            a.call_id = String::new();
+        }
+        let e = FromNode::try_from(frame).unwrap_err();
+        assert!(e.to_string().contains("tool_approval.call_id"), "{e}");
     }
 
     #[test]

@@ -321,6 +321,40 @@ pub struct SkillCall {
     pub input: Value,
 }
 
+/// An attempt's tool call waits for a person; answered by [`ToNode::ToolDecision`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct ToolApproval {
+    /// The calling attempt.
+    pub token: FencingToken,
+    pub call_id: String,
+    pub tool: String,
+    pub arguments: Value,
+}
+
+/// A tool call an attempt made on its node, once it returned.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ToolUsed {
+    pub token: FencingToken,
+    pub call_id: String,
+    pub tool: String,
+    pub arguments: Value,
+    pub ok: bool,
+    /// The start of the tool's answer, at most [`MAX_TOOL_RESULT_BYTES`].
+    pub result: String,
+    pub elapsed_ms: u64,
+}
+
+/// How much of a tool's answer travels to the journal.
+pub const MAX_TOOL_RESULT_BYTES: usize = 4 * 1024;
+
+/// A person's decision on a tool call.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ToolDecision {
+    pub approved: bool,
+    pub comment: String,
+    pub by: String,
+}
+
 /// Whether the coordinator took a task result.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AckCode {
@@ -340,6 +374,8 @@ pub enum FromNode {
     Draining,
     AgentDown { agent: String, reason: String },
     SkillCall(SkillCall),
+    ToolApproval(ToolApproval),
+    ToolUsed(ToolUsed),
 }
 
 /// Frames the coordinator sends on a node's stream.
@@ -364,6 +400,12 @@ pub enum ToNode {
         token: FencingToken,
         call_id: String,
         outcome: Result<Value, TaskError>,
+    },
+    /// A person's decision on the attempt `token`'s tool call `call_id`.
+    ToolDecision {
+        token: FencingToken,
+        call_id: String,
+        decision: ToolDecision,
     },
 }
 

@@ -505,6 +505,130 @@ async fn a_model_calls_a_skill_of_the_mesh_as_a_tool() {
     );
 }
 
+/// A tool with `approval: true`: the run waits, showing the step awaiting approval with the
+/// call's exact arguments, and nothing is sent; approved, the call is made and its result goes
+/// to the model; rejected, nothing is sent and the model is told who rejected it and why.
+/// Each request, decision and call is journaled and in the run's trace.
+#[tokio::test]
+async fn a_tool_that_needs_approval_waits_for_a_person() {
+    let fake = FakeLlm::start(KEY).await;
+    let (addr, asked, _server) = weather_server().await;
+    let mesh = mesh_with(&fake).await;
+    let client = mesh.client().await;
+    let mut tool = weather_tool(addr);
+    tool["approval"] = json!(true);
+    let text = json!({ "steps": [{ "id": "ask", "uses": "llm", "timeout": "60s", "with": {
+        "model": "openai/tool-model", "prompt": "weather in Lyon?", "tools": [tool] } }] })
+    .to_string();
+    for approve in [true, false] {
+        asked.lock().unwrap().clear();
+        let before = fake.seen().len();
+        fake.knobs()
+            .call_tools(&[("weather", json!({ "city": "Lyon", "units": "metric" }))]);
+        let run = client
+            .submit(workflow_goal(&text, json!({})))
+            .await
+            .unwrap()
+            .run_id;
+        let waiting = mesh_tests::wait_for(
+            "the step to await approval",
+            Duration::from_secs(20),
+            || async {
+                let view = client.get_run(&run).await.ok()?;
+                (view.steps[0].state == mesh_agent_sdk::StepState::AwaitingApproval).then_some(view)
+            },
+        )
+        .await;
+        let detail = waiting.steps[0].detail.clone().unwrap_or_default();
+        assert!(
+            detail.contains("weather") && detail.contains(r#"{"city":"Lyon","units":"metric"}"#),
+            "the exact arguments are shown: {detail}"
+        );
+        // Nothing is sent while it waits.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            asked.lock().unwrap().is_empty(),
+            "no call before a decision"
+        );
+        let decided = client
+            .decide(&run, "ask", approve, "checked", "ana")
+            .await
+            .unwrap();
+        assert_ne!(
+            decided.steps[0].state,
+            mesh_agent_sdk::StepState::AwaitingApproval,
+            "decided: {decided:?}"
+        );
+        // Deciding twice is refused: nothing waits any more.
+        let again = client.decide(&run, "ask", approve, "", "ana").await;
+        assert!(
+            matches!(
+                &again,
+                Err(mesh_agent_sdk::ClientError::Rpc {
+                    code: mesh_agent_sdk::RpcCode::FailedPrecondition,
+                    ..
+                })
+            ),
+            "{again:?}"
+        );
+        let view = tokio::time::timeout(Duration::from_secs(30), client.wait(&run))
+            .await
+            .expect("the run finishes")
+            .unwrap();
+        assert_eq!(view.state, RunState::Succeeded, "{view:?}");
+        let out = view.steps[0].output.clone().unwrap();
+        let call = &out["tool_calls"][0];
+        let journal = mesh.journal(&run);
+        let kinds: Vec<&str> = journal.iter().map(|(k, _)| k.as_str()).collect();
+        let at = |kind: &str| kinds.iter().position(|k| *k == kind);
+        let asked_at = at("tool_approval_asked").expect("the request is journaled");
+        let decided_at = at("tool_approval_decided").expect("the decision is journaled");
+        assert!(asked_at < decided_at, "{kinds:?}");
+        let request = &journal[asked_at].1;
+        assert_eq!(request["tool"], "weather");
+        assert_eq!(
+            request["arguments"],
+            json!({ "city": "Lyon", "units": "metric" })
+        );
+        let decision = &journal[decided_at].1;
+        assert_eq!(decision["approved"], approve);
+        assert_eq!(decision["comment"], "checked");
+        let trace = client.trace(&run).await.unwrap();
+        let traced = &trace.steps[0].attempts[0].calls[0];
+        assert_eq!(traced.tool, "weather");
+        assert_eq!(traced.call_id, request["call_id"].as_str().unwrap());
+        if approve {
+            assert_eq!(asked.lock().unwrap().len(), 1, "approved: the call is made");
+            assert_eq!(call["ok"], true, "{out}");
+            assert_eq!(out["text"], "answer: tool said sunny in Lyon");
+            let used_at = at("tool_used").expect("the call itself is journaled");
+            assert!(decided_at < used_at, "{kinds:?}");
+            let used = &journal[used_at].1;
+            assert_eq!(used["call_id"], request["call_id"]);
+            assert_eq!(used["ok"], true);
+            assert_eq!(used["result"], "sunny in Lyon");
+            assert_eq!(traced.outcome, "succeeded");
+            assert!(traced.decision.starts_with("approved by "), "{traced:?}");
+        } else {
+            assert!(
+                asked.lock().unwrap().is_empty(),
+                "rejected: nothing is sent"
+            );
+            assert_eq!(call["ok"], false, "{out}");
+            assert!(at("tool_used").is_none(), "{kinds:?}");
+            let told = fake.seen()[before..]
+                .last()
+                .map(|r| r.body.to_string())
+                .unwrap_or_default();
+            assert!(
+                told.contains("the call was rejected by") && told.contains("checked"),
+                "the model is told: {told}"
+            );
+            assert_eq!(traced.outcome, "rejected");
+        }
+    }
+}
+
 /// The team example (examples/workflows/llm-team.yaml) against the fake provider: the
 /// researcher runs Python through the code tool, the writer drafts, the critic's JSON ends the
 /// loop; a second run on the same topic gives the researcher the first one's notes.

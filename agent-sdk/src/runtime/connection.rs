@@ -85,7 +85,7 @@ pub struct ConnState {
     /// Attempts, held attempts, unacknowledged results, drain: the decisions, apart from I/O.
     ledger: Ledger,
     drain_waiters: Vec<RpcReplyPort<()>>,
-    /// Skill calls sent and not answered yet, by caller and call id.
+    /// Skill calls and tool approvals sent and not answered yet, by caller and call id.
     skill_calls: HashMap<(FencingToken, String), SkillReply>,
 }
 
@@ -118,6 +118,30 @@ impl ConnState {
             && link.tx.try_send(frame.into()).is_err()
         {
             debug!("outbound queue full; frame dropped");
+        }
+    }
+
+    /// Sends a frame the coordinator answers (a skill call, a tool approval), keeping `reply`
+    /// for the answer; refused at once when the node is not registered or too many wait.
+    fn ask(&mut self, token: FencingToken, call_id: String, frame: FromNode, reply: SkillReply) {
+        // Calls of attempts that ended meanwhile wait for nothing.
+        self.skill_calls.retain(|_, r| !r.abandoned());
+        let registered = self.link.as_ref().is_some_and(|l| l.instance.is_some());
+        if !registered {
+            reply.send(Err(TaskError::new(
+                "connection_lost",
+                "the node is not connected to the coordinator",
+                true,
+            )));
+        } else if self.skill_calls.len() >= MAX_SKILL_CALLS {
+            reply.send(Err(TaskError::new(
+                "skill_calls_full",
+                format!("the node has {MAX_SKILL_CALLS} calls waiting for answers, its limit"),
+                true,
+            )));
+        } else {
+            self.skill_calls.insert((token, call_id), reply);
+            self.send(frame);
         }
     }
 
@@ -317,6 +341,18 @@ impl ConnState {
                 Some(reply) => reply.send(outcome),
                 None => debug!("answer to a skill call nobody waits for dropped"),
             },
+            ToNode::ToolDecision {
+                token,
+                call_id,
+                decision,
+            } => match self.skill_calls.remove(&(token, call_id)) {
+                Some(reply) => reply.send(Ok(serde_json::json!({
+                    "approved": decision.approved,
+                    "comment": decision.comment,
+                    "by": decision.by,
+                }))),
+                None => debug!("decision on a tool call nobody waits for dropped"),
+            },
             ToNode::Drain { reason } => {
                 info!(%reason, "coordinator asked this node to drain");
                 self.ledger.drain();
@@ -443,32 +479,50 @@ impl Actor for Connection {
                     reply,
                 },
             ) => {
-                // Calls of attempts that ended meanwhile wait for nothing.
-                st.skill_calls.retain(|_, r| !r.abandoned());
-                let registered = st.link.as_ref().is_some_and(|l| l.instance.is_some());
-                if !registered {
-                    reply.send(Err(TaskError::new(
-                        "connection_lost",
-                        "the node is not connected to the coordinator",
-                        true,
-                    )));
-                } else if st.skill_calls.len() >= MAX_SKILL_CALLS {
-                    reply.send(Err(TaskError::new(
-                        "skill_calls_full",
-                        format!("the node has {MAX_SKILL_CALLS} skill calls waiting, its limit"),
-                        true,
-                    )));
-                } else {
-                    st.skill_calls
-                        .insert((token.clone(), call_id.clone()), reply);
-                    st.send(FromNode::SkillCall(SkillCall {
-                        token,
-                        call_id,
-                        skill,
-                        input,
-                    }));
-                }
+                let frame = FromNode::SkillCall(SkillCall {
+                    token: token.clone(),
+                    call_id: call_id.clone(),
+                    skill,
+                    input,
+                });
+                st.ask(token, call_id, frame, reply);
             }
+            ConnMsg::Report(
+                token,
+                Report::ToolApproval {
+                    call_id,
+                    tool,
+                    arguments,
+                    reply,
+                },
+            ) => {
+                let frame = FromNode::ToolApproval(ToolApproval {
+                    token: token.clone(),
+                    call_id: call_id.clone(),
+                    tool,
+                    arguments,
+                });
+                st.ask(token, call_id, frame, reply);
+            }
+            ConnMsg::Report(
+                token,
+                Report::ToolUsed {
+                    call_id,
+                    tool,
+                    arguments,
+                    ok,
+                    result,
+                    elapsed_ms,
+                },
+            ) => st.send(FromNode::ToolUsed(ToolUsed {
+                token,
+                call_id,
+                tool,
+                arguments,
+                ok,
+                result,
+                elapsed_ms,
+            })),
             ConnMsg::Report(token, Report::Delta { text, restart }) => {
                 st.send(FromNode::Delta(TaskDelta {
                     token,
