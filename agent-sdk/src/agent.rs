@@ -13,6 +13,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::messages::{Mail, Message};
+
 pub use mesh_proto::domain::AgentCard;
 
 /// An agent: a card that says what it can do, and a handler.
@@ -28,6 +30,24 @@ pub trait Agent: Send + Sync + 'static {
         ctx: Context,
         input: Value,
     ) -> impl Future<Output = Result<Value, AgentError>> + Send;
+
+    /// A message for this agent (docs/messages.md), when its card takes messages
+    /// ([`AgentCard::inbox`], [`AgentCard::subscribe`]); `mail` sends from this agent. `Ok`
+    /// acknowledges it; an error has it delivered again later, a few times at most. At least
+    /// once: after a node is lost a message may come again (the same [`Message::id`]).
+    fn on_message(
+        &self,
+        mail: Mail,
+        message: Message,
+    ) -> impl Future<Output = Result<(), AgentError>> + Send {
+        let _ = (mail, message);
+        async {
+            Err(AgentError::fatal(
+                "no_handler",
+                "this agent has no on_message handler",
+            ))
+        }
+    }
 }
 
 /// An agent's failure. Retryable errors are tried again by the coordinator (up to its cap);
@@ -181,6 +201,8 @@ pub struct Context {
     pub(crate) usage: Arc<Mutex<Vec<ModelUsage>>>,
     /// Skill calls made so far, for their ids.
     pub(crate) calls: Arc<AtomicU32>,
+    /// Where messages go from.
+    pub(crate) mail: Mail,
 }
 
 impl Context {
@@ -201,7 +223,14 @@ impl Context {
             progress: None,
             usage: Arc::default(),
             calls: Arc::default(),
+            mail: Mail::new("", None, None),
         }
+    }
+
+    /// Sends messages from this attempt's agent (docs/messages.md): `ctx.mail().send("critic",
+    /// json!(..))`, `.publish(topic, ..)`, `.broadcast(..)` to the run's swarm.
+    pub fn mail(&self) -> Mail {
+        self.mail.clone()
     }
 
     /// The attempt's fencing token.

@@ -44,6 +44,7 @@ mod agent;
 mod client;
 mod error;
 pub mod llm;
+pub mod messages;
 pub mod metrics;
 mod runtime;
 pub mod telemetry;
@@ -58,4 +59,5 @@ pub use mesh_proto::domain::{
     RunEvent, RunId, RunPage, RunRef, RunState, RunSummary, RunView, SkillSpec, StepId, StepSpec,
     StepState, StepView, SwarmMember, ToolDecision, UsageTotal, WorkflowRecord,
 };
+pub use messages::{Mail, Message};
 pub use runtime::{NodeRuntime, NodeRuntimeBuilder, RuntimeConfig};

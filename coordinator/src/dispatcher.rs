@@ -22,6 +22,7 @@ use tracing::{debug, info, warn};
 use crate::config::DispatchConfig;
 use crate::metrics as m;
 use crate::node_link::{NodeTx, Outbound, Report, ResultAck};
+use crate::postbox::{Outgoing, Postbox};
 use crate::run::RunMsg;
 use mesh_workflow::JsonSchema;
 
@@ -240,6 +241,25 @@ pub enum DispatcherMsg {
         node: NodeId,
         instance: u64,
         report: Report,
+    },
+    /// An agent sends a message (docs/messages.md); answered on `tx`.
+    Message {
+        node: NodeId,
+        instance: u64,
+        send: SendMessage,
+        tx: NodeTx,
+    },
+    /// A message to a swarm, its recipients found by the run.
+    Post {
+        out: Outgoing,
+        tx: NodeTx,
+    },
+    /// A node answered a delivery.
+    MessageAck {
+        node: NodeId,
+        instance: u64,
+        delivery: u64,
+        outcome: Result<(), TaskError>,
     },
     /// Drop the run's pending attempts and cancel its in-flight ones.
     CancelRun {
@@ -800,6 +820,8 @@ pub struct DispatcherArgs {
 pub struct DispatcherActorState {
     core: DispatchState<ActorRef<RunMsg>>,
     config: DispatchConfig,
+    /// Messages between agents, which travel on the same streams.
+    postbox: Postbox,
 }
 
 impl DispatcherActorState {
@@ -835,6 +857,32 @@ impl DispatcherActorState {
         }
     }
 
+    /// Sends what the postbox can deliver now. A frame that does not fit the node's queue
+    /// stays in flight and goes out again after its timeout.
+    fn deliver(&mut self, now: Instant) {
+        for (tx, frame) in self.postbox.pump(now) {
+            metrics::counter!(m::MESSAGES, "outcome" => "delivered").increment(1);
+            let _ = tx.try_send(Outbound::Frame(frame));
+        }
+        let dropped = std::mem::take(&mut self.postbox.dropped);
+        if dropped > 0 {
+            metrics::counter!(m::MESSAGES_DROPPED).increment(dropped);
+        }
+    }
+
+    /// Takes a message for its recipients and answers the sender.
+    fn post(&mut self, out: Outgoing, tx: &NodeTx, now: Instant) {
+        let message_id = out.message_id.clone();
+        let outcome = self.postbox.post(out, crate::store::now_ms());
+        let label = if outcome.is_ok() { "taken" } else { "refused" };
+        metrics::counter!(m::MESSAGES, "outcome" => label).increment(1);
+        let _ = tx.try_send(Outbound::Frame(ToNode::MessageSent {
+            message_id,
+            outcome,
+        }));
+        self.deliver(now);
+    }
+
     fn pump(&mut self) {
         if self.core.pending.is_empty() {
             return;
@@ -868,12 +916,13 @@ impl Actor for Dispatcher {
                 core
             },
             config: args.config,
+            postbox: Postbox::default(),
         })
     }
 
     async fn handle(
         &self,
-        _myself: ActorRef<Self::Msg>,
+        myself: ActorRef<Self::Msg>,
         msg: Self::Msg,
         st: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
@@ -885,12 +934,16 @@ impl Actor for Dispatcher {
                 agents,
                 tx,
             } => {
+                st.postbox.node_up(&node, instance, &agents, tx.clone());
                 st.core.node_up(&node, instance, agents, tx);
                 st.pump();
+                st.deliver(now);
             }
             DispatcherMsg::NodeDown { node, instance } => {
                 let lost = st.core.node_down(&node, instance);
                 st.hand_back(lost, "node lost");
+                st.postbox.node_down(&node, instance);
+                st.deliver(now);
             }
             DispatcherMsg::NodeDispatchable {
                 node,
@@ -909,12 +962,108 @@ impl Actor for Dispatcher {
             } => {
                 let lost = st.core.agent_down(&node, instance, &agent);
                 st.hand_back(lost, "agent down");
+                st.postbox.agent_down(&node, instance, &agent);
+                st.deliver(now);
             }
             #[cfg(test)]
             DispatcherMsg::Crash => panic!("dispatcher crashed on purpose (a test)"),
             DispatcherMsg::ResetNodes => {
                 let lost = st.core.reset_nodes();
                 st.hand_back(lost, "registry restarted");
+                st.postbox.reset_nodes();
+            }
+            DispatcherMsg::Message {
+                node,
+                instance,
+                send,
+                tx,
+            } => {
+                let refuse = |error: TaskError| {
+                    metrics::counter!(m::MESSAGES, "outcome" => "refused").increment(1);
+                    let _ = tx.try_send(Outbound::Frame(ToNode::MessageSent {
+                        message_id: send.message_id.clone(),
+                        outcome: Err(error),
+                    }));
+                };
+                let namespace = match st.postbox.sender_namespace(
+                    &node,
+                    instance,
+                    &send.from_agent,
+                    &send.namespace,
+                ) {
+                    Ok(ns) => ns,
+                    Err(e) => {
+                        refuse(e);
+                        return Ok(());
+                    }
+                };
+                let out = |topic: String, recipients: Vec<String>| Outgoing {
+                    namespace: namespace.clone(),
+                    message_id: send.message_id.clone(),
+                    from: send.from_agent.clone(),
+                    topic,
+                    priority: send.priority,
+                    payload: send.payload.clone(),
+                    recipients,
+                };
+                match &send.to {
+                    Recipient::Agent(agent) => {
+                        match st.postbox.recipients_of_agent(&namespace, agent) {
+                            Ok(r) => st.post(out(String::new(), r), &tx, now),
+                            Err(e) => refuse(e),
+                        }
+                    }
+                    Recipient::Topic(topic) => {
+                        let r = st.postbox.subscribers(&namespace, topic);
+                        st.post(out(topic.clone(), r), &tx, now);
+                    }
+                    Recipient::SwarmOf(token) => match st.core.in_flight.get(&task_key(token)) {
+                        Some(f)
+                            if f.token == *token
+                                && f.agent.node == node
+                                && f.instance == instance =>
+                        {
+                            // The run knows its swarm; the answer comes back as `Post`.
+                            let (run, myself) = (f.run.clone(), myself.clone());
+                            let topic = format!("swarm:{}", token.run_id);
+                            let mut out = out(topic, Vec::new());
+                            tokio::spawn(async move {
+                                let asked = run
+                                    .call(RunMsg::SwarmAgents, Some(Duration::from_secs(5)))
+                                    .await;
+                                if let Ok(ractor::rpc::CallResult::Success(names)) = asked {
+                                    out.recipients =
+                                        names.into_iter().filter(|n| *n != out.from).collect();
+                                    let _ = myself.cast(DispatcherMsg::Post { out, tx });
+                                } else {
+                                    let _ = tx.try_send(Outbound::Frame(ToNode::MessageSent {
+                                        message_id: out.message_id,
+                                        outcome: Err(TaskError::new(
+                                            "unavailable",
+                                            "the run did not say who its swarm is; send again",
+                                            true,
+                                        )),
+                                    }));
+                                }
+                            });
+                        }
+                        _ => refuse(TaskError::new(
+                            "bad_message",
+                            "send_message.swarm_of: not an attempt in flight on this node",
+                            false,
+                        )),
+                    },
+                }
+            }
+            DispatcherMsg::Post { out, tx } => st.post(out, &tx, now),
+            DispatcherMsg::MessageAck {
+                node,
+                instance,
+                delivery,
+                outcome,
+            } => {
+                st.postbox.ack(&node, instance, delivery, outcome, now);
+                st.deliver(now);
             }
             DispatcherMsg::Dispatch(req) => {
                 let deadline = st.deadline_ms();
@@ -1039,6 +1188,8 @@ impl Actor for Dispatcher {
                 st.pump();
             }
             DispatcherMsg::Sweep => {
+                st.postbox.sweep(now);
+                st.deliver(now);
                 let (unschedulable, timed_out) =
                     st.core.sweep(now, st.config.unschedulable_timeout);
                 for req in unschedulable {
@@ -1094,6 +1245,8 @@ mod tests {
             skills: vec![SkillSpec::named(skill)],
             labels: Default::default(),
             max_concurrency: max,
+            inbox: false,
+            topics: Vec::new(),
         }
     }
 

@@ -20,6 +20,7 @@ pub mod memory;
 pub mod metrics;
 pub mod node_link;
 pub mod node_session;
+pub mod postbox;
 pub mod quotas;
 pub mod readiness;
 pub mod registry;

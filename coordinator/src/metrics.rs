@@ -18,6 +18,8 @@ pub const RUNS_FINISHED: &str = "mesh_runs_finished_total";
 pub const ACTOR_RESTARTS: &str = "mesh_actor_restarts_total";
 pub const SKILL_HEALTHY_AGENTS: &str = "mesh_registry_skill_healthy_agents";
 pub const STEPS_PARKED: &str = "mesh_steps_parked_total";
+pub const MESSAGES: &str = "mesh_messages_total";
+pub const MESSAGES_DROPPED: &str = "mesh_messages_dropped_total";
 /// Most distinct `skill` labels published.
 pub const MAX_SKILL_LABELS: usize = 256;
 
@@ -62,6 +64,14 @@ pub fn describe() {
     describe_counter!(
         STEPS_PARKED,
         "Steps parked for an operator (on_failure: park, or held at a budget)"
+    );
+    describe_counter!(
+        MESSAGES,
+        "Messages between agents, by outcome: taken, refused, delivered (each delivery)"
+    );
+    describe_counter!(
+        MESSAGES_DROPPED,
+        "Messages dropped after their handler failed at every delivery"
     );
     describe_counter!(
         ACTOR_RESTARTS,

@@ -223,6 +223,22 @@ impl Actor for NodeSession {
                         instance,
                         report: Report::ToolUsed(used),
                     }),
+                    FromNode::SendMessage(send) => {
+                        st.args.dispatcher.cast(DispatcherMsg::Message {
+                            node,
+                            instance,
+                            send,
+                            tx: st.args.tx.clone(),
+                        })
+                    }
+                    FromNode::MessageAck { delivery, outcome } => {
+                        st.args.dispatcher.cast(DispatcherMsg::MessageAck {
+                            node,
+                            instance,
+                            delivery,
+                            outcome,
+                        })
+                    }
                     FromNode::Draining => {
                         st.draining = true;
                         st.args

@@ -138,6 +138,8 @@ pub enum RunMsg {
         outcome: TaskOutcome,
     },
     View(RpcReplyPort<RunView>),
+    /// The names of the agents of the run's swarm so far (a broadcast's recipients).
+    SwarmAgents(RpcReplyPort<Vec<String>>),
     Subscribe(RpcReplyPort<Subscription>),
 }
 
@@ -1346,6 +1348,12 @@ async fn on_message(
         }
         RunMsg::View(reply) => {
             let _ = reply.send(st.view());
+        }
+        RunMsg::SwarmAgents(reply) => {
+            let mut names: Vec<String> = st.picked.iter().map(|(_, a)| a.agent.clone()).collect();
+            names.sort();
+            names.dedup();
+            let _ = reply.send(names);
         }
         RunMsg::Subscribe(reply) => {
             let view = st.view();

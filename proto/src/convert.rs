@@ -95,6 +95,38 @@ pub fn check_tool_name(field: &str, value: &str) -> Result<()> {
     Ok(())
 }
 
+/// Most topics one agent subscribes to.
+pub const MAX_TOPICS: usize = 32;
+/// Largest message payload, as JSON.
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+
+fn task_error_from_pb(e: pb::TaskError) -> TaskError {
+    TaskError {
+        code: truncated(e.code, MAX_ID_LEN),
+        message: truncated(e.message, MAX_ERROR_MESSAGE),
+        retryable: e.retryable,
+    }
+}
+
+fn task_error_to_pb(e: TaskError) -> pb::TaskError {
+    pb::TaskError {
+        code: e.code,
+        message: e.message,
+        retryable: e.retryable,
+    }
+}
+
+/// A message's payload: JSON of at most [`MAX_MESSAGE_BYTES`].
+fn message_payload(field: &str, json: &str) -> Result<Value> {
+    if json.len() > MAX_MESSAGE_BYTES {
+        return Err(FieldError::new(
+            field,
+            format!("is {} bytes, the limit is {MAX_MESSAGE_BYTES}", json.len()),
+        ));
+    }
+    parse_json_deep(field, json, Value::Null)
+}
+
 /// Longest error message from an agent that is kept; a longer one is cut.
 pub const MAX_ERROR_MESSAGE: usize = 4096;
 /// Most text in one delta frame; agents coalesce deltas well below it.
@@ -494,6 +526,15 @@ fn card_from_pb(i: usize, c: pb::AgentCard) -> Result<AgentCard> {
             })
         })
         .collect::<Result<Vec<_>>>()?;
+    if c.topics.len() > MAX_TOPICS {
+        return Err(FieldError::new(
+            at("topics"),
+            format!("{} topics, the limit is {MAX_TOPICS}", c.topics.len()),
+        ));
+    }
+    for (j, t) in c.topics.iter().enumerate() {
+        check_id(&at(&format!("topics[{j}]")), t)?;
+    }
     Ok(AgentCard {
         name: c.name,
         version: c.version,
@@ -501,6 +542,8 @@ fn card_from_pb(i: usize, c: pb::AgentCard) -> Result<AgentCard> {
         skills,
         labels: c.labels.into_iter().collect(),
         max_concurrency: c.max_concurrency,
+        inbox: c.inbox,
+        topics: c.topics,
     })
 }
 
@@ -513,6 +556,8 @@ impl From<AgentCard> for pb::AgentCard {
             skills: c.skills.into_iter().map(Into::into).collect(),
             labels: c.labels.into_iter().collect(),
             max_concurrency: c.max_concurrency,
+            inbox: c.inbox,
+            topics: c.topics,
         }
     }
 }
@@ -684,6 +729,54 @@ impl TryFrom<pb::NodeFrame> for FromNode {
                         elapsed_ms: u.elapsed_ms,
                     })
                 }
+                Kind::SendMessage(m) => {
+                    use pb::send_message::To;
+                    check_call_id("send_message.message_id", &m.message_id)?;
+                    check_id("send_message.from_agent", &m.from_agent)?;
+                    if !m.namespace.is_empty() {
+                        check_id("send_message.namespace", &m.namespace)?;
+                    }
+                    let to = match m.to {
+                        Some(To::Agent(a)) => {
+                            check_id("send_message.agent", &a)?;
+                            Recipient::Agent(a)
+                        }
+                        Some(To::Topic(t)) => {
+                            check_id("send_message.topic", &t)?;
+                            Recipient::Topic(t)
+                        }
+                        Some(To::SwarmOf(t)) => {
+                            Recipient::SwarmOf(FencingToken::try_from(Some(t))?)
+                        }
+                        None => {
+                            return Err(FieldError::new(
+                                "send_message.to",
+                                "missing: an agent, a topic or a swarm",
+                            ));
+                        }
+                    };
+                    if m.priority > u32::from(MAX_PRIORITY) {
+                        return Err(FieldError::new(
+                            "send_message.priority",
+                            format!("{} is over {MAX_PRIORITY}", m.priority),
+                        ));
+                    }
+                    FromNode::SendMessage(SendMessage {
+                        payload: message_payload("send_message.payload_json", &m.payload_json)?,
+                        message_id: m.message_id,
+                        from_agent: m.from_agent,
+                        namespace: m.namespace,
+                        to,
+                        priority: m.priority as u8,
+                    })
+                }
+                Kind::MessageAck(a) => FromNode::MessageAck {
+                    delivery: a.delivery,
+                    outcome: match a.error {
+                        None => Ok(()),
+                        Some(e) => Err(task_error_from_pb(e)),
+                    },
+                },
                 Kind::Draining(_) => FromNode::Draining,
                 Kind::AgentDown(a) => FromNode::AgentDown {
                     agent: a.agent,
@@ -747,6 +840,22 @@ impl From<FromNode> for pb::NodeFrame {
                 ok: u.ok,
                 result: u.result,
                 elapsed_ms: u.elapsed_ms,
+            }),
+            FromNode::SendMessage(m) => Kind::SendMessage(pb::SendMessage {
+                message_id: m.message_id,
+                from_agent: m.from_agent,
+                namespace: m.namespace,
+                to: Some(match m.to {
+                    Recipient::Agent(a) => pb::send_message::To::Agent(a),
+                    Recipient::Topic(t) => pb::send_message::To::Topic(t),
+                    Recipient::SwarmOf(t) => pb::send_message::To::SwarmOf(t.into()),
+                }),
+                priority: m.priority.into(),
+                payload_json: to_json(&m.payload),
+            }),
+            FromNode::MessageAck { delivery, outcome } => Kind::MessageAck(pb::MessageAck {
+                delivery,
+                error: outcome.err().map(task_error_to_pb),
             }),
             FromNode::Draining => Kind::Draining(pb::Draining {}),
             FromNode::AgentDown { agent, reason } => {
@@ -829,6 +938,33 @@ impl From<ToNode> for pb::CoordinatorFrame {
                 comment: decision.comment,
                 by: decision.by,
             }),
+            ToNode::MessageSent {
+                message_id,
+                outcome,
+            } => Kind::MessageSent(match outcome {
+                Ok(recipients) => pb::MessageSent {
+                    message_id,
+                    recipients,
+                    error: None,
+                },
+                Err(e) => pb::MessageSent {
+                    message_id,
+                    recipients: 0,
+                    error: Some(task_error_to_pb(e)),
+                },
+            }),
+            ToNode::Deliver(d) => Kind::Deliver(pb::DeliverMessage {
+                delivery: d.delivery,
+                agent: d.agent,
+                message_id: d.message_id,
+                from_agent: d.from_agent,
+                topic: d.topic,
+                priority: d.priority.into(),
+                payload_json: to_json(&d.payload),
+                namespace: d.namespace,
+                sent_at_ms: d.sent_at_ms,
+                attempt: d.attempt,
+            }),
         };
         pb::CoordinatorFrame { kind: Some(kind) }
     }
@@ -890,6 +1026,25 @@ impl TryFrom<pb::CoordinatorFrame> for ToNode {
                         },
                     }
                 }
+                Kind::MessageSent(m) => ToNode::MessageSent {
+                    message_id: m.message_id,
+                    outcome: match m.error {
+                        None => Ok(m.recipients),
+                        Some(e) => Err(task_error_from_pb(e)),
+                    },
+                },
+                Kind::Deliver(d) => ToNode::Deliver(Delivered {
+                    delivery: d.delivery,
+                    agent: d.agent,
+                    message_id: d.message_id,
+                    from_agent: d.from_agent,
+                    topic: d.topic,
+                    priority: d.priority.min(u32::from(MAX_PRIORITY)) as u8,
+                    payload: parse_json_deep("deliver.payload_json", &d.payload_json, Value::Null)?,
+                    namespace: d.namespace,
+                    sent_at_ms: d.sent_at_ms,
+                    attempt: d.attempt,
+                }),
                 Kind::ToolDecision(d) => ToNode::ToolDecision {
                     token: FencingToken::try_from(d.token)?,
                     call_id: d.call_id,

@@ -116,6 +116,12 @@ pub struct AgentCard {
     pub skills: Vec<SkillSpec>,
     pub labels: BTreeMap<String, String>,
     pub max_concurrency: u32,
+    /// It takes messages sent to it by name.
+    #[serde(default)]
+    pub inbox: bool,
+    /// Topics it subscribes to.
+    #[serde(default)]
+    pub topics: Vec<String>,
 }
 
 impl AgentCard {
@@ -128,7 +134,26 @@ impl AgentCard {
             skills: Vec::new(),
             labels: BTreeMap::new(),
             max_concurrency: 1,
+            inbox: false,
+            topics: Vec::new(),
         }
+    }
+
+    /// It takes messages sent to it by name (its handler's `on_message`).
+    pub fn inbox(mut self) -> Self {
+        self.inbox = true;
+        self
+    }
+
+    /// It subscribes to `topic` (and takes messages).
+    pub fn subscribe(mut self, topic: &str) -> Self {
+        self.topics.push(topic.to_owned());
+        self
+    }
+
+    /// Whether messages may be delivered to it.
+    pub fn takes_messages(&self) -> bool {
+        self.inbox || !self.topics.is_empty()
     }
 
     pub fn skill(mut self, name: &str) -> Self {
@@ -347,6 +372,48 @@ pub struct ToolUsed {
 /// How much of a tool's answer travels to the journal.
 pub const MAX_TOOL_RESULT_BYTES: usize = 4 * 1024;
 
+/// Where a message goes.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Recipient {
+    /// The agent of that name (one instance of it, on any node).
+    Agent(String),
+    /// Every agent subscribed to the topic (one instance of each).
+    Topic(String),
+    /// Every agent of the swarm of the run of this attempt, the sender aside.
+    SwarmOf(FencingToken),
+}
+
+/// A message an agent sends; answered by [`ToNode::MessageSent`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct SendMessage {
+    pub message_id: String,
+    pub from_agent: String,
+    /// Empty: the node's only namespace.
+    pub namespace: String,
+    pub to: Recipient,
+    pub priority: u8,
+    pub payload: Value,
+}
+
+/// A message as delivered to an agent.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Delivered {
+    pub delivery: u64,
+    pub agent: String,
+    pub message_id: String,
+    pub from_agent: String,
+    /// The topic it was published to, `swarm:RUN` for a broadcast, empty when sent by name.
+    pub topic: String,
+    pub priority: u8,
+    pub payload: Value,
+    pub namespace: String,
+    pub sent_at_ms: i64,
+    pub attempt: u32,
+}
+
+/// The highest message priority.
+pub const MAX_PRIORITY: u8 = 9;
+
 /// A person's decision on a tool call.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ToolDecision {
@@ -367,15 +434,26 @@ pub enum AckCode {
 #[derive(Clone, Debug, PartialEq)]
 pub enum FromNode {
     Register(Registration),
-    Heartbeat { instance: u64 },
+    Heartbeat {
+        instance: u64,
+    },
     Result(TaskResult),
     Progress(TaskProgress),
     Delta(TaskDelta),
     Draining,
-    AgentDown { agent: String, reason: String },
+    AgentDown {
+        agent: String,
+        reason: String,
+    },
     SkillCall(SkillCall),
     ToolApproval(ToolApproval),
     ToolUsed(ToolUsed),
+    SendMessage(SendMessage),
+    /// A delivery handled (`Ok`) or failed in the handler.
+    MessageAck {
+        delivery: u64,
+        outcome: Result<(), TaskError>,
+    },
 }
 
 /// Frames the coordinator sends on a node's stream.
@@ -407,6 +485,12 @@ pub enum ToNode {
         call_id: String,
         decision: ToolDecision,
     },
+    /// The answer to a sent message: how many agents will get it, or why it was refused.
+    MessageSent {
+        message_id: String,
+        outcome: Result<u32, TaskError>,
+    },
+    Deliver(Delivered),
 }
 
 /// The namespace of everything given without one.

@@ -8,7 +8,7 @@ use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mesh_proto::domain::{AgentCard, FencingToken, Task, TaskError, TaskResult};
+use mesh_proto::domain::{AgentCard, Delivered, FencingToken, Task, TaskError, TaskResult};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -17,10 +17,13 @@ use tracing::{Instrument, warn};
 
 use super::connection::ConnMsg;
 use crate::agent::{Agent, Context, Report};
+use crate::messages::{Mail, Message};
 use crate::metrics as m;
 
 pub enum AgentMsg {
     Run(Task),
+    /// A message for this agent, handled in a task of its own.
+    Message(Delivered),
     Cancel(FencingToken),
     /// An attempt finished (sent by its task).
     Done(FencingToken),
@@ -46,6 +49,38 @@ pub struct AgentArgs<A> {
 pub struct AgentState<A> {
     args: AgentArgs<A>,
     running: HashMap<FencingToken, CancellationToken>,
+    /// Messages handled lately, (sender, id): one delivered again is acknowledged, not
+    /// handled twice.
+    handled: Arc<std::sync::Mutex<Handled>>,
+}
+
+/// The ids of messages handled lately, at most [`REMEMBERED`].
+#[derive(Debug, Default)]
+pub struct Handled {
+    ids: std::collections::HashSet<(String, String)>,
+    order: std::collections::VecDeque<(String, String)>,
+}
+
+const REMEMBERED: usize = 4_096;
+/// How long a message handler may take before its delivery is failed (the coordinator waits
+/// 30 s for an answer).
+const MESSAGE_WITHIN: Duration = Duration::from_secs(25);
+
+impl Handled {
+    fn contains(&self, id: &(String, String)) -> bool {
+        self.ids.contains(id)
+    }
+
+    fn insert(&mut self, id: (String, String)) {
+        if self.ids.insert(id.clone()) {
+            self.order.push_back(id);
+            if self.order.len() > REMEMBERED
+                && let Some(old) = self.order.pop_front()
+            {
+                self.ids.remove(&old);
+            }
+        }
+    }
 }
 
 fn panic_message(e: tokio::task::JoinError) -> String {
@@ -72,6 +107,7 @@ impl<A: Agent> Actor for AgentActor<A> {
         Ok(AgentState {
             args,
             running: HashMap::new(),
+            handled: Arc::default(),
         })
     }
 
@@ -112,6 +148,7 @@ impl<A: Agent> Actor for AgentActor<A> {
                     progress: Some(st.args.progress.clone()),
                     usage: Arc::default(),
                     calls: Arc::default(),
+                    mail: Mail::new(&name, Some(task.token.clone()), Some(st.args.conn.clone())),
                 };
                 let spent = ctx.usage.clone();
                 let agent = st.args.agent.clone();
@@ -196,6 +233,65 @@ impl<A: Agent> Actor for AgentActor<A> {
                     };
                     let _ = reports.send((token, Report::Result(result))).await;
                 });
+            }
+            AgentMsg::Message(d) => {
+                let conn = st.args.conn.clone();
+                let id = (d.from_agent.clone(), d.message_id.clone());
+                let delivery = d.delivery;
+                if st
+                    .handled
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .contains(&id)
+                {
+                    let _ = conn.cast(ConnMsg::MessageDone {
+                        delivery,
+                        outcome: Ok(()),
+                    });
+                    return Ok(());
+                }
+                let name = st.args.card.name.clone();
+                let mail = Mail::new(&name, None, Some(conn.clone())).namespace(&d.namespace);
+                let message = Message {
+                    id: d.message_id,
+                    from: d.from_agent,
+                    topic: (!d.topic.is_empty()).then_some(d.topic),
+                    priority: d.priority,
+                    payload: d.payload,
+                    namespace: d.namespace,
+                    sent_at_ms: d.sent_at_ms,
+                    attempt: d.attempt,
+                };
+                let agent = st.args.agent.clone();
+                let handled = st.handled.clone();
+                let span = tracing::info_span!("agent.message", agent = %name, from = %message.from, message_id = %message.id);
+                tokio::spawn(
+                    async move {
+                        let work = tokio::spawn(async move {
+                            tokio::time::timeout(MESSAGE_WITHIN, agent.on_message(mail, message))
+                                .await
+                        });
+                        let outcome = match work.await {
+                            Ok(Ok(Ok(()))) => Ok(()),
+                            Ok(Ok(Err(e))) => Err(TaskError::from(e)),
+                            Ok(Err(_)) => Err(TaskError::new(
+                                "timeout",
+                                format!("no answer within {} s", MESSAGE_WITHIN.as_secs()),
+                                true,
+                            )),
+                            Err(e) => Err(TaskError::new(
+                                "agent_panicked",
+                                format!("the message handler panicked: {}", panic_message(e)),
+                                true,
+                            )),
+                        };
+                        if outcome.is_ok() {
+                            handled.lock().unwrap_or_else(|p| p.into_inner()).insert(id);
+                        }
+                        let _ = conn.cast(ConnMsg::MessageDone { delivery, outcome });
+                    }
+                    .instrument(span),
+                );
             }
             AgentMsg::Cancel(token) => {
                 if let Some(cancel) = st.running.get(&token) {

@@ -13,7 +13,7 @@ use mesh_proto::pb;
 use mesh_proto::pb::node_service_client::NodeServiceClient;
 use ractor::concurrency::JoinHandle;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
 use tracing::{debug, info, warn};
@@ -58,6 +58,16 @@ pub enum ConnMsg {
     AgentBack(String),
     /// Finish in-flight attempts, take no new ones, then close; the reply comes when done.
     Drain(Option<RpcReplyPort<()>>),
+    /// An agent sends a message; the coordinator's answer goes to `reply`.
+    Send {
+        send: SendMessage,
+        reply: oneshot::Sender<Result<u32, TaskError>>,
+    },
+    /// An agent handled a delivered message (or failed to).
+    MessageDone {
+        delivery: u64,
+        outcome: Result<(), TaskError>,
+    },
 }
 
 struct Link {
@@ -87,6 +97,8 @@ pub struct ConnState {
     drain_waiters: Vec<RpcReplyPort<()>>,
     /// Skill calls and tool approvals sent and not answered yet, by caller and call id.
     skill_calls: HashMap<(FencingToken, String), SkillReply>,
+    /// Messages sent and not answered yet, by id.
+    sends: HashMap<String, oneshot::Sender<Result<u32, TaskError>>>,
 }
 
 /// Most skill calls of the node's attempts waiting for their answers at once.
@@ -341,6 +353,27 @@ impl ConnState {
                 Some(reply) => reply.send(outcome),
                 None => debug!("answer to a skill call nobody waits for dropped"),
             },
+            ToNode::MessageSent {
+                message_id,
+                outcome,
+            } => {
+                if let Some(reply) = self.sends.remove(&message_id) {
+                    let _ = reply.send(outcome);
+                }
+            }
+            ToNode::Deliver(d) => match self.args.agents.get(&d.agent) {
+                AgentSlot::Live(agent) => {
+                    let _ = agent.cast(AgentMsg::Message(d));
+                }
+                AgentSlot::Restarting | AgentSlot::Absent => self.send(FromNode::MessageAck {
+                    delivery: d.delivery,
+                    outcome: Err(TaskError::new(
+                        "agent_unavailable",
+                        format!("agent `{}` is not running on this node", d.agent),
+                        true,
+                    )),
+                }),
+            },
             ToNode::ToolDecision {
                 token,
                 call_id,
@@ -393,6 +426,7 @@ impl Actor for Connection {
             ledger: Ledger::new(MAX_UNACKED),
             drain_waiters: Vec::new(),
             skill_calls: HashMap::new(),
+            sends: HashMap::new(),
         })
     }
 
@@ -443,8 +477,40 @@ impl Actor for Connection {
                             true,
                         )));
                     }
+                    for (_, reply) in st.sends.drain() {
+                        let _ = reply.send(Err(TaskError::new(
+                            "connection_lost",
+                            format!("the stream to the coordinator was lost: {reason}"),
+                            true,
+                        )));
+                    }
                     st.schedule_reconnect(&myself);
                 }
+            }
+            ConnMsg::Send { send, reply } => {
+                st.sends.retain(|_, r| !r.is_closed());
+                let registered = st.link.as_ref().is_some_and(|l| l.instance.is_some());
+                if !registered {
+                    let _ = reply.send(Err(TaskError::new(
+                        "connection_lost",
+                        "the node is not connected to the coordinator",
+                        true,
+                    )));
+                } else if st.sends.len() >= MAX_SKILL_CALLS {
+                    let _ = reply.send(Err(TaskError::new(
+                        "sends_full",
+                        format!(
+                            "the node has {MAX_SKILL_CALLS} messages waiting for answers, its limit"
+                        ),
+                        true,
+                    )));
+                } else {
+                    st.sends.insert(send.message_id.clone(), reply);
+                    st.send(FromNode::SendMessage(send));
+                }
+            }
+            ConnMsg::MessageDone { delivery, outcome } => {
+                st.send(FromNode::MessageAck { delivery, outcome });
             }
             ConnMsg::Heartbeat => {
                 if let Some(instance) = st.link.as_ref().and_then(|l| l.instance) {

@@ -11,7 +11,7 @@
 
 mod agent_actor;
 mod builder;
-mod connection;
+pub(crate) mod connection;
 mod ledger;
 mod root;
 
