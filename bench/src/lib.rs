@@ -42,11 +42,13 @@ pub enum Workload {
     /// A step whose agent calls `echo` as a skill (a tool call through the coordinator),
     /// against an `echo` step: the cost of a skill called as a tool.
     SkillCall,
+    /// Messages between agents: latency one at a time, and throughput with 8 senders.
+    Messages,
     Baseline,
 }
 
 impl Workload {
-    const ALL: [Workload; 16] = [
+    const ALL: [Workload; 17] = [
         Workload::Baseline,
         Workload::W1,
         Workload::W2,
@@ -63,6 +65,7 @@ impl Workload {
         Workload::Failover,
         Workload::Llm,
         Workload::SkillCall,
+        Workload::Messages,
     ];
 
     fn name(self) -> &'static str {
@@ -82,6 +85,7 @@ impl Workload {
             Workload::Failover => "failover",
             Workload::Llm => "llm",
             Workload::SkillCall => "skill-call",
+            Workload::Messages => "messages",
             Workload::Baseline => "baseline",
         }
     }
@@ -211,6 +215,7 @@ async fn run_one(w: Workload, sizes: &Sizes) -> Result<Vec<Figure>> {
         Workload::W2Secure => workloads::w2_secure(sizes).await,
         Workload::W2Traced => workloads::w2_traced(sizes).await,
         Workload::SkillCall => workloads::skill_call(sizes).await,
+        Workload::Messages => workloads::messages(sizes).await,
         Workload::Dashboard => workloads::dashboard(sizes).await,
         Workload::W3 => workloads::w3(sizes).await,
         Workload::W4 => workloads::w4(sizes).await,

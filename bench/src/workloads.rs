@@ -912,3 +912,190 @@ pub async fn skill_call(sizes: &Sizes) -> Result<Vec<Figure>> {
         Figure::new("added by the skill call, p50", called - direct, "µs"),
     ])
 }
+
+/// What the `sink` of the messages workload received: when each message was sent (ns since the
+/// workload began, in its payload) and when it arrived.
+#[derive(Default)]
+struct Sink {
+    began: Option<std::time::Instant>,
+    latencies: std::sync::Mutex<Vec<Duration>>,
+    arrived: tokio::sync::Notify,
+}
+
+struct SinkAgent(std::sync::Arc<Sink>);
+
+impl mesh_agent_sdk::Agent for SinkAgent {
+    fn card(&self) -> mesh_agent_sdk::AgentCard {
+        mesh_agent_sdk::AgentCard::new("sink")
+            .skill("sink.noop")
+            .inbox()
+    }
+
+    async fn handle(
+        &self,
+        _ctx: mesh_agent_sdk::Context,
+        _input: Value,
+    ) -> Result<Value, mesh_agent_sdk::AgentError> {
+        Ok(Value::Null)
+    }
+
+    async fn on_message(
+        &self,
+        _mail: mesh_agent_sdk::Mail,
+        message: mesh_agent_sdk::Message,
+    ) -> Result<(), mesh_agent_sdk::AgentError> {
+        let began = self.0.began.expect("set before the runtime starts");
+        let sent = Duration::from_nanos(message.payload["t"].as_u64().unwrap_or_default());
+        let latency = began.elapsed().saturating_sub(sent);
+        self.0.latencies.lock().unwrap().push(latency);
+        self.0.arrived.notify_one();
+        Ok(())
+    }
+}
+
+/// Sends `with.count` messages to `sink`, `with.in_flight` sends at a time (each waits for
+/// the coordinator's answer), stamped with the time since the workload began.
+struct Blaster {
+    name: String,
+    began: std::time::Instant,
+}
+
+impl mesh_agent_sdk::Agent for Blaster {
+    fn card(&self) -> mesh_agent_sdk::AgentCard {
+        mesh_agent_sdk::AgentCard::new(&self.name)
+            .skill(&self.name)
+            .max_concurrency(4)
+    }
+
+    async fn handle(
+        &self,
+        ctx: mesh_agent_sdk::Context,
+        input: Value,
+    ) -> Result<Value, mesh_agent_sdk::AgentError> {
+        let count = input["with"]["count"].as_u64().unwrap_or(1);
+        let in_flight = input["with"]["in_flight"].as_u64().unwrap_or(1) as usize;
+        let mail = ctx.mail();
+        let began = self.began;
+        let refused = futures::stream::iter(0..count)
+            .map(|_| {
+                let mail = mail.clone();
+                async move {
+                    let t = began.elapsed().as_nanos() as u64;
+                    mail.send("sink", json!({ "t": t })).await
+                }
+            })
+            .buffer_unordered(in_flight)
+            .filter_map(|sent| std::future::ready(sent.err()))
+            .next()
+            .await;
+        match refused {
+            None => Ok(json!({ "sent": count })),
+            Some(e) => Err(mesh_agent_sdk::AgentError::fatal(&e.code, e.message)),
+        }
+    }
+}
+
+/// messages: `sink` takes messages on one node; the blasters send from another. One at a
+/// time (one sender, the next sent once the last arrived): the latency from send to handler,
+/// p50 and p99. Then 8 senders with 32 sends in flight each: messages per second, from the
+/// first send to the last arrival.
+pub async fn messages(sizes: &Sizes) -> Result<Vec<Figure>> {
+    const SENDERS: usize = 8;
+    let cluster = Cluster::with_nodes("", &[]).await?;
+    let began = std::time::Instant::now();
+    let sink = std::sync::Arc::new(Sink {
+        began: Some(began),
+        ..Sink::default()
+    });
+    let receiver = mesh_agent_sdk::NodeRuntime::builder()
+        .coordinator(cluster.url.clone())
+        .name("sink-node")
+        .agent(SinkAgent(sink.clone()))
+        .build()?;
+    let mut senders = mesh_agent_sdk::NodeRuntime::builder()
+        .coordinator(cluster.url.clone())
+        .name("blaster-node");
+    for i in 0..SENDERS {
+        senders = senders.agent(Blaster {
+            name: format!("blaster-{i}"),
+            began,
+        });
+    }
+    let senders = senders.build()?;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut nodes = Vec::new();
+    for runtime in [receiver, senders] {
+        let mut stopped = stopped.clone();
+        nodes.push(tokio::spawn(runtime.run_until(async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        })));
+    }
+    cluster.wait_nodes(2).await?;
+    let client = cluster.client().await?;
+    let send = |skill: String, count: usize, in_flight: usize| {
+        goal(
+            "bench messages",
+            vec![step(
+                "b",
+                &skill,
+                json!({ "count": count, "in_flight": in_flight }),
+                &[],
+            )],
+        )
+    };
+    // One at a time: each message waits for the one before to arrive.
+    client
+        .submit_and_wait(send("blaster-0".into(), sizes.warmup, 1))
+        .await?;
+    let warm = sizes.warmup;
+    wait_until("the warm-up messages", Duration::from_secs(60), || {
+        let n = sink.latencies.lock().unwrap().len();
+        async move { n >= warm }
+    })
+    .await?;
+    sink.latencies.lock().unwrap().clear();
+    let bar = progress("one message at a time", sizes.sequential as u64);
+    for _ in 0..sizes.sequential {
+        let arrived = sink.arrived.notified();
+        client.submit(send("blaster-0".into(), 1, 1)).await?;
+        tokio::time::timeout(Duration::from_secs(10), arrived)
+            .await
+            .map_err(|_| anyhow::anyhow!("a message did not arrive within 10 s"))?;
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let mut one: Vec<Duration> = std::mem::take(&mut *sink.latencies.lock().unwrap());
+    one.sort_unstable();
+    // Throughput: every sender at once.
+    let per_sender = sizes.parallel / SENDERS;
+    let total = per_sender * SENDERS;
+    let start = std::time::Instant::now();
+    for i in 0..SENDERS {
+        client
+            .submit(send(format!("blaster-{i}"), per_sender, 32))
+            .await?;
+    }
+    wait_until("every message to arrive", Duration::from_secs(300), || {
+        let n = sink.latencies.lock().unwrap().len();
+        async move { n >= total }
+    })
+    .await?;
+    let took = start.elapsed();
+    let mut many: Vec<Duration> = std::mem::take(&mut *sink.latencies.lock().unwrap());
+    many.sort_unstable();
+    let _ = stop.send(true);
+    for node in nodes {
+        let _ = node.await;
+    }
+    let us = |s: &[Duration], p: f64| percentile(s, p).as_secs_f64() * 1e6;
+    Ok(vec![
+        Figure::new("p50, one at a time", us(&one, 50.0), "µs"),
+        Figure::new("p99, one at a time", us(&one, 99.0), "µs"),
+        Figure::new(
+            "messages/s, 8 senders × 32 in flight",
+            total as f64 / took.as_secs_f64(),
+            "/s",
+        ),
+        Figure::new("p50 under that load", us(&many, 50.0), "µs"),
+    ])
+}
