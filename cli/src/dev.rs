@@ -119,6 +119,12 @@ pub async fn run(args: DevArgs, prometheus: PrometheusHandle) -> Result<()> {
         }
         if name == "node-1" && !providers.is_empty() {
             cfg.agents.push(AgentConfig::of(BuiltinKind::Llm));
+            // The team of examples/workflows/llm-team.yaml, which message one another.
+            for role in ["researcher", "writer", "critic"] {
+                let mut agent = AgentConfig::of(BuiltinKind::Llm);
+                agent.name = Some(role.to_owned());
+                cfg.agents.push(agent);
+            }
         }
         let mut stop = stop_rx.clone();
         nodes.push(tokio::spawn(async move {
@@ -150,7 +156,7 @@ pub async fn run(args: DevArgs, prometheus: PrometheusHandle) -> Result<()> {
     } else {
         let names: Vec<&str> = providers.iter().map(|p| p.as_str()).collect();
         println!(
-            "mesh dev: node-1 hosts the `llm` agent; providers found: {}",
+            "mesh dev: node-1 hosts the `llm` agent and its team (researcher, writer, critic); providers found: {}",
             names.join(", ")
         );
     }

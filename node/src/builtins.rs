@@ -132,7 +132,8 @@ pub fn add(
     }
     if config.kind == BuiltinKind::Llm {
         return builder.agent(LlmAgent {
-            card,
+            card: card.inbox(),
+            inbox: Arc::default(),
             models: llm.models.clone(),
             prices: llm.prices.clone(),
             retry: RetryPolicy::default(),

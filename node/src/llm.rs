@@ -51,6 +51,58 @@ pub struct LlmAgent {
     pub mcp: Arc<crate::mcp::Servers>,
     /// Where `code` tools run.
     pub sandbox: crate::sandbox::Sandbox,
+    /// Messages sent to this agent, until a step with `inbox` takes them.
+    pub inbox: Arc<Inbox>,
+}
+
+/// The messages an `llm` agent received (docs/messages.md), held on its node until a step
+/// with `with.inbox` puts them before its prompt.
+#[derive(Debug, Default)]
+pub struct Inbox {
+    held: std::sync::Mutex<std::collections::VecDeque<mesh_agent_sdk::Message>>,
+    arrived: tokio::sync::Notify,
+}
+
+/// Most messages an `llm` agent holds; past it, a delivery fails and the coordinator holds the
+/// message (and delivers it again later).
+const INBOX: usize = 256;
+/// The longest `with.inbox.wait`.
+const MAX_INBOX_WAIT: Duration = Duration::from_secs(300);
+
+impl Inbox {
+    fn take(&self) -> Vec<mesh_agent_sdk::Message> {
+        self.held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+            .collect()
+    }
+
+    /// What the agent received so far; when nothing yet, what comes within `wait`.
+    async fn take_within(&self, wait: Duration) -> Vec<mesh_agent_sdk::Message> {
+        let until = tokio::time::Instant::now() + wait;
+        loop {
+            let arrived = self.arrived.notified();
+            let got = self.take();
+            if !got.is_empty() || tokio::time::Instant::now() >= until {
+                return got;
+            }
+            let _ = tokio::time::timeout_at(until, arrived).await;
+        }
+    }
+}
+
+/// The messages a step read, before its prompt.
+fn with_messages(prompt: &str, messages: &[mesh_agent_sdk::Message]) -> String {
+    let mut text = String::from("Messages you received:\n");
+    for m in messages {
+        let body = match &m.payload["text"] {
+            Value::String(t) => t.clone(),
+            _ => m.payload.to_string(),
+        };
+        text.push_str(&format!("- from {}: {body}\n", m.from));
+    }
+    format!("{text}\n{prompt}")
 }
 
 /// A step's `with`, checked.
@@ -63,6 +115,9 @@ struct Call {
     /// attempt.
     declared: Declared,
     max_turns: u32,
+    /// `inbox`: the messages received are put before the prompt; when none has come yet,
+    /// the step waits for one this long.
+    inbox: Option<Duration>,
 }
 
 /// One tool call done: what the model is told, and what the step's output records.
@@ -167,7 +222,7 @@ fn read_call(with: &Value) -> Result<Call, AgentError> {
             "with: an llm step needs `model` (or `models`) and `prompt`",
         ));
     };
-    const KNOWN: [&str; 10] = [
+    const KNOWN: [&str; 11] = [
         "model",
         "models",
         "system",
@@ -178,6 +233,7 @@ fn read_call(with: &Value) -> Result<Call, AgentError> {
         "api_key",
         "tools",
         "max_turns",
+        "inbox",
     ];
     tools::only_known(obj, &KNOWN, "")?;
     let names: Vec<String> = match (obj.get("model"), obj.get("models")) {
@@ -278,7 +334,25 @@ fn read_call(with: &Value) -> Result<Call, AgentError> {
             }
         },
     };
+    let inbox = match obj.get("inbox") {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => None,
+        Some(Value::Bool(true)) => Some(Duration::ZERO),
+        Some(Value::Object(o)) => {
+            tools::only_known(o, &["wait"], "inbox")?;
+            let wait = match o.get("wait") {
+                None => Duration::ZERO,
+                Some(Value::String(w)) => humantime::parse_duration(w)
+                    .ok()
+                    .filter(|w| *w <= MAX_INBOX_WAIT)
+                    .ok_or_else(|| bad("inbox.wait", "a duration up to 5m, like `10s`"))?,
+                Some(_) => return Err(bad("inbox.wait", "a duration up to 5m, like `10s`")),
+            };
+            Some(wait)
+        }
+        Some(_) => return Err(bad("inbox", "true, or a map with `wait`")),
+    };
     Ok(Call {
+        inbox,
         chain,
         schema,
         request: ChatRequest {
@@ -367,9 +441,41 @@ impl Agent for LlmAgent {
         self.card.clone()
     }
 
+    async fn on_message(
+        &self,
+        _mail: mesh_agent_sdk::Mail,
+        message: mesh_agent_sdk::Message,
+    ) -> Result<(), AgentError> {
+        let mut held = self.inbox.held.lock().unwrap_or_else(|p| p.into_inner());
+        if held.len() >= INBOX {
+            return Err(AgentError::retryable(
+                "inbox_full",
+                format!(
+                    "agent `{}` holds {INBOX} messages no step took",
+                    self.card.name
+                ),
+            ));
+        }
+        held.push_back(message);
+        drop(held);
+        self.inbox.arrived.notify_waiters();
+        Ok(())
+    }
+
     async fn handle(&self, ctx: Context, input: Value) -> Result<Value, AgentError> {
         self.log.record(&self.card.name, &ctx);
         let mut call = read_call(&input["with"])?;
+        if let Some(wait) = call.inbox {
+            let messages = tokio::select! {
+                m = self.inbox.take_within(wait) => m,
+                _ = ctx.cancelled() => return Err(AgentError::fatal("cancelled", "the attempt was cancelled")),
+            };
+            if !messages.is_empty()
+                && let Some(first) = call.request.messages.first_mut()
+            {
+                first.text = with_messages(&first.text, &messages);
+            }
+        }
         remember(&mut call.request, &input["memory"]["entries"]);
         let left = ctx
             .deadline()

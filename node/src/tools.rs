@@ -63,6 +63,12 @@ enum Kind {
         language: crate::sandbox::Language,
         limits: crate::sandbox::Limits,
     },
+    /// Sends the model's text as a message (docs/messages.md): to an agent by name, or to a
+    /// topic.
+    Message {
+        to: Option<String>,
+        topic: Option<String>,
+    },
     /// The tool `remote` of an MCP server's session.
     Mcp {
         session: Arc<mcp::Session>,
@@ -178,6 +184,12 @@ pub fn read_tools(value: Option<&Value>) -> Result<Declared, AgentError> {
             (
                 read_skill(&path, item, skill)?,
                 path.clone(),
+                ": give one a `name`",
+            )
+        } else if let Some(message) = item.get("message") {
+            (
+                read_message(&path, item, message)?,
+                format!("{path}.message"),
                 ": give one a `name`",
             )
         } else if let Some(code) = item.get("code") {
@@ -315,6 +327,86 @@ fn read_code(path: &str, item: &Value, code: &Value) -> Result<Tool, AgentError>
         schema: Some(JsonSchema::compile(&parameters).map_err(|e| bad(&here, e))?),
         kind: Kind::Code { language, limits },
         approval,
+    })
+}
+
+/// `- message: { to: writer }` or `{ topic: drafts }`, with `name`, `description` and
+/// `approval`: the model sends a text as a message (docs/messages.md).
+fn read_message(path: &str, item: &Value, message: &Value) -> Result<Tool, AgentError> {
+    if item.as_object().is_some_and(|o| o.len() > 1) {
+        return Err(bad(path, "a `message` entry has no other field"));
+    }
+    let here = format!("{path}.message");
+    let obj = message
+        .as_object()
+        .ok_or_else(|| bad(&here, "a map with `to` (an agent) or `topic`"))?;
+    only_known(
+        obj,
+        &["to", "topic", "name", "description", "approval"],
+        &here,
+    )?;
+    let target = |field: &str| -> Result<Option<String>, AgentError> {
+        match obj.get(field) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(t))
+                if !t.is_empty()
+                    && t.len() <= 128
+                    && t.chars().all(|c| {
+                        c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':')
+                    }) =>
+            {
+                Ok(Some(t.clone()))
+            }
+            Some(_) => Err(bad(
+                &format!("{here}.{field}"),
+                "a name of letters, digits, `_`, `-`, `.` or `:`",
+            )),
+        }
+    };
+    let (to, topic) = (target("to")?, target("topic")?);
+    let (default_name, description) = match (&to, &topic) {
+        (Some(to), None) => (
+            format!("message_{to}"),
+            format!("Sends a message to the agent `{to}`."),
+        ),
+        (None, Some(topic)) => (
+            format!("publish_{topic}"),
+            format!("Publishes a message to the agents subscribed to `{topic}`."),
+        ),
+        _ => return Err(bad(&here, "give `to` (an agent) or `topic`, one of them")),
+    };
+    let name = match obj.get("name") {
+        None | Some(Value::Null) => default_name
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect(),
+        Some(Value::String(n)) => n.clone(),
+        Some(_) => return Err(bad(&format!("{here}.name"), "must be a string")),
+    };
+    let description = match obj.get("description") {
+        Some(Value::String(d)) => d.clone(),
+        _ => description,
+    };
+    let parameters = json!({
+        "type": "object",
+        "properties": { "text": { "type": "string", "description": "What to say." } },
+        "required": ["text"]
+    });
+    Ok(Tool {
+        spec: ToolSpec {
+            name,
+            description,
+            parameters: parameters.clone(),
+        },
+        schema: Some(JsonSchema::compile(&parameters).map_err(|e| bad(&here, e))?),
+        kind: Kind::Message { to, topic },
+        approval: read_approval(obj, &here)?,
     })
 }
 
@@ -797,6 +889,19 @@ impl Tool {
                     Err(e) => Outcome::error(format!("{}: {}", e.code, e.message)),
                 }
             }
+            Kind::Message { to, topic } => {
+                let payload = json!({ "text": arguments["text"] });
+                let mail = ctx.mail();
+                let sent = match (to, topic) {
+                    (Some(to), _) => mail.send(to, payload).await,
+                    (None, Some(topic)) => mail.publish(topic, payload).await,
+                    (None, None) => unreachable!("read_message gives one"),
+                };
+                match sent {
+                    Ok(n) => Outcome::ok(format!("sent to {n} agent(s)")),
+                    Err(e) => Outcome::error(format!("{}: {}", e.code, e.message)),
+                }
+            }
             Kind::Code { language, limits } => {
                 let code = arguments["code"].as_str().unwrap_or_default();
                 let stdin = arguments["stdin"].as_str().unwrap_or_default();
@@ -943,6 +1048,12 @@ mod tests {
         ]))
         .unwrap();
         assert!(asked.tools.iter().all(|t| t.approval), "{asked:?}");
+        let sends = tools(
+            json!([{ "message": { "to": "writer" } }, { "message": { "topic": "news.v1" } }]),
+        )
+        .unwrap();
+        let names: Vec<&str> = sends.tools.iter().map(|t| t.spec.name.as_str()).collect();
+        assert_eq!(names, ["message_writer", "publish_news_v1"]);
         assert!(asked.mcp[0].approval);
         for (bad, field) in [
             (json!({ "name": "w" }), "tools[0]"),
@@ -981,6 +1092,15 @@ mod tests {
             (
                 json!({ "code": { "language": "python", "approval": 1 } }),
                 "tools[0].code.approval",
+            ),
+            (
+                json!({ "message": { "to": "a", "topic": "b" } }),
+                "tools[0].message",
+            ),
+            (json!({ "message": { "to": "a b" } }), "tools[0].message.to"),
+            (
+                json!({ "message": { "to": "a", "cc": "b" } }),
+                "tools[0].message.cc",
             ),
         ] {
             let e = tools(json!([bad])).unwrap_err();

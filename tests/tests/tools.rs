@@ -636,7 +636,12 @@ async fn a_tool_that_needs_approval_waits_for_a_person() {
 async fn the_team_example_researches_with_code_writes_critiques_and_remembers() {
     let fake = FakeLlm::start(KEY).await;
     let mut mesh = Mesh::start(Timings::default()).await;
-    mesh.start_node("n1", &llm_node(&fake)).await;
+    let team: String = ["researcher", "writer", "critic"]
+        .iter()
+        .map(|name| format!("[[agents]]\nkind = \"llm\"\nname = \"{name}\"\n"))
+        .collect();
+    mesh.start_node("n1", &format!("{team}{}", llm_node(&fake)))
+        .await;
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../examples/workflows/llm-team.yaml");
     let text = std::fs::read_to_string(path).unwrap();
@@ -645,6 +650,10 @@ async fn the_team_example_researches_with_code_writes_critiques_and_remembers() 
     let team_run = |facts: &str| {
         fake.knobs()
             .call_tools(&[("run_python", json!({ "code": "print(6 * 7)" }))]);
+        fake.knobs().call_tools(&[(
+            "message_writer",
+            json!({ "text": format!("notes for the writer: {facts}") }),
+        )]);
         let mut answers = fake.knobs().answers.lock().unwrap();
         answers.push_back(facts.to_owned());
         answers.push_back("a brief about fencing tokens".to_owned());
@@ -667,6 +676,22 @@ async fn the_team_example_researches_with_code_writes_critiques_and_remembers() 
     assert_eq!(
         ran["stdout"], "42\n",
         "the code ran in the sandbox: {research}"
+    );
+    let sent = &research["tool_calls"][1];
+    assert_eq!(sent["tool"], "message_writer");
+    assert_eq!(sent["result"], "sent to 1 agent(s)", "{research}");
+    // The writer's model got the researcher's message before its prompt.
+    let writer_call = fake
+        .seen()
+        .iter()
+        .map(|r| r.body.to_string())
+        .find(|b| b.contains("You are a writer"))
+        .expect("the writer called its model");
+    assert!(
+        writer_call.contains("Messages you received")
+            && writer_call
+                .contains("from researcher: notes for the writer: five facts, one of them 42"),
+        "{writer_call}"
     );
 
     let before = fake.seen().len();
