@@ -11,6 +11,7 @@ use mesh_proto::pb::goal_service_client::GoalServiceClient;
 use mesh_proto::pb::memory_service_client::MemoryServiceClient;
 use mesh_proto::pb::registry_service_client::RegistryServiceClient;
 use mesh_proto::pb::secret_service_client::SecretServiceClient;
+use mesh_proto::pb::tool_service_client::ToolServiceClient;
 use mesh_proto::pb::workflow_service_client::WorkflowServiceClient;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
@@ -93,6 +94,7 @@ pub struct GoalClient {
     auth: AuthServiceClient<Channel>,
     secrets: SecretServiceClient<Channel>,
     memory: MemoryServiceClient<Channel>,
+    tools: ToolServiceClient<Channel>,
     /// `authorization: Bearer …`, sent with every call when set.
     token: Option<Bearer>,
     /// `mesh-namespace`, sent with every call when set (the coordinator's `default` else).
@@ -205,7 +207,8 @@ impl GoalClient {
             workflows: WorkflowServiceClient::new(channel.clone()),
             auth: AuthServiceClient::new(channel.clone()),
             secrets: SecretServiceClient::new(channel.clone()),
-            memory: MemoryServiceClient::new(channel),
+            memory: MemoryServiceClient::new(channel.clone()),
+            tools: ToolServiceClient::new(channel),
             token: None,
             namespace: None,
         })
@@ -353,6 +356,51 @@ impl GoalClient {
             }))
             .await?;
         Ok(r.into_inner())
+    }
+
+    /// Registers a tool in the namespace (`ToolService.PutTool`; docs/tools.md): a
+    /// declaration as a step's `with.tools` entry, which steps then name with `- use: NAME`.
+    pub async fn put_tool(
+        &self,
+        name: &str,
+        declaration: &serde_json::Value,
+    ) -> Result<pb::ToolInfo, ClientError> {
+        let r = self
+            .tools
+            .clone()
+            .put_tool(self.request(pb::PutToolRequest {
+                name: name.to_owned(),
+                declaration_json: declaration.to_string(),
+            }))
+            .await?;
+        Ok(r.into_inner())
+    }
+
+    pub async fn get_tool(&self, name: &str) -> Result<pb::ToolInfo, ClientError> {
+        let req = self.request(pb::GetToolRequest {
+            name: name.to_owned(),
+        });
+        Ok(self.tools.clone().get_tool(req).await?.into_inner())
+    }
+
+    /// One page of the namespace's registered tools, by name.
+    pub async fn list_tools(
+        &self,
+        page_size: u32,
+        page_token: &str,
+    ) -> Result<pb::ListToolsResponse, ClientError> {
+        let req = self.request(pb::ListToolsRequest {
+            page_size,
+            page_token: page_token.to_owned(),
+        });
+        Ok(self.tools.clone().list_tools(req).await?.into_inner())
+    }
+
+    pub async fn delete_tool(&self, name: &str) -> Result<pb::ToolInfo, ClientError> {
+        let req = self.request(pb::GetToolRequest {
+            name: name.to_owned(),
+        });
+        Ok(self.tools.clone().delete_tool(req).await?.into_inner())
     }
 
     /// One page of the namespace's memory keys (`MemoryService.ListMemory`; docs/memory.md).

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Subcommand;
 use mesh_proto::pb;
 
@@ -94,6 +94,97 @@ pub enum MemoryCommand {
         #[arg(value_name = "KEY")]
         entry_key: String,
     },
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum ToolCommand {
+    /// Register a tool from a YAML or JSON file: a declaration as a step's `with.tools` entry
+    /// (docs/tools.md); replaces an earlier one of that name.
+    Put {
+        /// The name the model sees.
+        name: String,
+        /// The declaration's file (`-` for stdin).
+        file: std::path::PathBuf,
+    },
+    /// The namespace's registered tools.
+    Ls {
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        #[arg(long, default_value = "")]
+        page_token: String,
+    },
+    /// One tool's declaration.
+    Get { name: String },
+    /// Delete a tool; steps that use it then fail, naming it.
+    Rm { name: String },
+}
+
+fn tool_json(t: &pb::ToolInfo) -> serde_json::Value {
+    serde_json::json!({
+        "name": t.name, "kind": t.kind,
+        "declaration": serde_json::from_str::<serde_json::Value>(&t.declaration_json)
+            .unwrap_or_default(),
+        "created_at_ms": t.created_at_ms, "updated_at_ms": t.updated_at_ms,
+    })
+}
+
+pub async fn tool(target: &Target, format: Output, command: ToolCommand) -> Result<()> {
+    let client = target.connect().await?;
+    let show = |t: &pb::ToolInfo| match format {
+        Output::Json => output::json(&tool_json(t)),
+        Output::Table => table(
+            &["name", "kind", "updated"],
+            vec![vec![t.name.clone(), t.kind.clone(), when(t.updated_at_ms)]],
+        ),
+    };
+    match command {
+        ToolCommand::Put { name, file } => {
+            let text = if file.as_os_str() == "-" {
+                let mut text = String::new();
+                std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)?;
+                text
+            } else {
+                std::fs::read_to_string(&file)
+                    .with_context(|| format!("cannot read {}", file.display()))?
+            };
+            // YAML 1.2 booleans only, as in workflows: `approval: yes` stays a string.
+            let mut options = serde_saphyr::Options::default();
+            options.strict_booleans = true;
+            let declaration: serde_json::Value =
+                serde_saphyr::from_str_with_options(&text, options)
+                    .with_context(|| format!("{} is not YAML or JSON", file.display()))?;
+            show(&client.put_tool(&name, &declaration).await?);
+        }
+        ToolCommand::Get { name } => match format {
+            Output::Json => output::json(&tool_json(&client.get_tool(&name).await?)),
+            Output::Table => {
+                let t = client.get_tool(&name).await?;
+                let declaration: serde_json::Value =
+                    serde_json::from_str(&t.declaration_json).unwrap_or_default();
+                println!("{}", serde_json::to_string_pretty(&declaration)?);
+            }
+        },
+        ToolCommand::Ls { limit, page_token } => {
+            let page = client.list_tools(limit, &page_token).await?;
+            match format {
+                Output::Json => output::json(&serde_json::json!({
+                    "tools": page.tools.iter().map(tool_json).collect::<Vec<_>>(),
+                    "next_page_token": page.next_page_token,
+                })),
+                Output::Table => {
+                    let rows = (page.tools.iter())
+                        .map(|t| vec![t.name.clone(), t.kind.clone(), when(t.updated_at_ms)])
+                        .collect();
+                    table(&["name", "kind", "updated"], rows);
+                    if !page.next_page_token.is_empty() {
+                        eprintln!("more: --page-token {:?}", page.next_page_token);
+                    }
+                }
+            }
+        }
+        ToolCommand::Rm { name } => show(&client.delete_tool(&name).await?),
+    }
+    Ok(())
 }
 
 pub async fn memory(target: &Target, format: Output, command: MemoryCommand) -> Result<()> {

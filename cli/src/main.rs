@@ -207,6 +207,11 @@ enum Command {
         #[command(subcommand)]
         command: access::SecretCommand,
     },
+    /// Tools registered once per namespace (docs/tools.md), in the namespace of `--namespace`.
+    Tool {
+        #[command(subcommand)]
+        command: access::ToolCommand,
+    },
     /// Memory that outlives runs (docs/memory.md), in the namespace of `--namespace`.
     Memory {
         #[command(subcommand)]
@@ -409,6 +414,10 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Memory { command } => {
             let _telemetry = init_tracing("warn", "mesh-cli");
             access::memory(&target, cli.output, command).await
+        }
+        Command::Tool { command } => {
+            let _telemetry = init_tracing("warn", "mesh-cli");
+            access::tool(&target, cli.output, command).await
         }
         Command::Audit { command } => {
             let _telemetry = init_tracing("warn", "mesh-cli");

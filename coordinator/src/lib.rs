@@ -31,6 +31,7 @@ mod slot;
 pub mod store;
 pub mod swarm;
 pub mod swarms;
+pub mod tools;
 pub mod trace;
 
 use std::future::Future;
@@ -148,12 +149,14 @@ pub async fn start(
 
     let readiness = Readiness::starting();
     let secrets = secrets::Vault::load(store.clone(), secrets::load_key(&config.secrets)?).await?;
+    let tools = tools::ToolRegistry::load(store.clone()).await?;
     let args = RootArgs {
         config: config.clone(),
         store,
         epoch,
         readiness: readiness.clone(),
         secrets,
+        tools,
     };
     let (root, root_done) = Actor::spawn(None, CoordinatorRoot, args)
         .await
@@ -330,6 +333,7 @@ async fn serve_grpc(
     use pb::node_service_server::NodeServiceServer;
     use pb::registry_service_server::RegistryServiceServer;
     use pb::secret_service_server::SecretServiceServer;
+    use pb::tool_service_server::ToolServiceServer;
     use pb::workflow_service_server::WorkflowServiceServer;
 
     let max = grpc::MAX_MESSAGE_BYTES;
@@ -388,6 +392,9 @@ async fn serve_grpc(
         }))
         .add_service(MemoryServiceServer::new(grpc::MemoryApi {
             store: handles.deps.store.clone(),
+        }))
+        .add_service(ToolServiceServer::new(grpc::ToolApi {
+            tools: handles.deps.tools.clone(),
         }))
         .add_optional_service(reflection)
         .add_optional_service(reflection_alpha)

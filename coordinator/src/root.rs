@@ -61,6 +61,7 @@ pub struct RootArgs {
     pub epoch: u64,
     pub readiness: crate::readiness::Readiness,
     pub secrets: crate::secrets::Vault,
+    pub tools: crate::tools::ToolRegistry,
 }
 
 pub struct RootState {
@@ -155,6 +156,7 @@ impl Actor for CoordinatorRoot {
             supervisor: Default::default(),
             queues,
             secrets: args.secrets.clone(),
+            tools: args.tools.clone(),
         };
         let swarms = Slot::new(spawn_swarms(root.clone(), &deps).await?);
         let _ = deps.supervisor.set(swarms.clone());

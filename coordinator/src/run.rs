@@ -166,6 +166,8 @@ pub struct RunDeps {
     pub readiness: crate::readiness::Readiness,
     /// The namespaces' secrets, opened for the tasks whose input names them.
     pub secrets: crate::secrets::Vault,
+    /// The namespaces' registered tools, put in place of a step's references to them.
+    pub tools: crate::tools::ToolRegistry,
 }
 
 pub struct RunArgs {
@@ -775,7 +777,18 @@ impl RunActorState {
                 let token = self.machine.token(i, *index);
                 let spec = self.machine.spec(i).clone();
                 let input = match self.machine.take_task_input(i, *index) {
-                    Ok(input) => input,
+                    Ok(mut input) => {
+                        // Registered tools before the secrets: theirs are opened too.
+                        let namespace = self.machine.namespace().as_str();
+                        if let Err(e) = self.deps.tools.resolve(namespace, &mut input) {
+                            let _ = myself.cast(RunMsg::AttemptFailed {
+                                token,
+                                error: TaskError::new("bad_input", e, false),
+                            });
+                            return;
+                        }
+                        input
+                    }
                     Err(e) => {
                         let _ = myself.cast(RunMsg::AttemptFailed {
                             token,

@@ -706,3 +706,89 @@ async fn the_team_example_researches_with_code_writes_critiques_and_remembers() 
         "the researcher starts from the first run's notes: {research_call}"
     );
 }
+
+/// A tool registered once in a namespace (with `mesh tool put` from a YAML file) is used by
+/// name from any step there, its secret-free declaration put in place at dispatch; a name not
+/// registered fails the step naming the entry; another namespace does not see it; bad
+/// declarations are refused naming the field.
+#[tokio::test]
+async fn a_tool_registered_once_is_used_by_name_in_its_namespace() {
+    let fake = FakeLlm::start(KEY).await;
+    let (addr, asked, _server) = weather_server().await;
+    let mesh = mesh_with(&fake).await;
+    let client = mesh.client().await;
+
+    let mut declaration = weather_tool(addr);
+    declaration.as_object_mut().unwrap().remove("name").unwrap();
+    let file = mesh.dir.path().join("weather.yaml");
+    std::fs::write(&file, serde_json::to_string(&declaration).unwrap()).unwrap();
+    let mesh_cli = |args: &[&str]| {
+        std::process::Command::new(mesh_tests::mesh_bin())
+            .args(["--coordinator", &mesh.url(), "--output", "json"])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = mesh_cli(&["tool", "put", "weather", file.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = mesh_cli(&["tool", "ls"]);
+    let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(listed["tools"][0]["name"], "weather");
+    assert_eq!(listed["tools"][0]["kind"], "http");
+
+    fake.knobs()
+        .call_tools(&[("weather", json!({ "city": "Oslo" }))]);
+    let view = run_step(
+        &mesh,
+        json!({ "model": "openai/tool-model", "prompt": "weather?", "tools": ["weather"] }),
+    )
+    .await;
+    assert_eq!(view.state, RunState::Succeeded, "{view:?}");
+    let out = view.steps[0].output.clone().unwrap();
+    assert_eq!(out["text"], "answer: tool said sunny in Oslo", "{out}");
+    assert_eq!(asked.lock().unwrap().len(), 1);
+
+    let view = run_step(
+        &mesh,
+        json!({ "model": "openai/tool-model", "prompt": "x",
+            "tools": [{ "use": "weather" }, { "use": "nothere" }] }),
+    )
+    .await;
+    assert_eq!(view.state, RunState::Failed, "{view:?}");
+    let error = view.steps[0].error.clone().unwrap_or_default();
+    assert!(
+        error.contains("with.tools[1]") && error.contains("`nothere`"),
+        "{error}"
+    );
+
+    let other = mesh.client().await.with_namespace("team-b").unwrap();
+    assert!(other.list_tools(0, "").await.unwrap().tools.is_empty());
+    let missing = other.get_tool("weather").await.unwrap_err();
+    assert_eq!(missing.code(), Some(mesh_agent_sdk::RpcCode::NotFound));
+
+    for (name, bad, field) in [
+        ("w w", json!({ "http": { "url": "http://a/" } }), "name"),
+        (
+            "w",
+            json!({ "http": {}, "skill": "echo" }),
+            "declaration_json",
+        ),
+        ("w", json!(["not", "a", "map"]), "declaration_json"),
+    ] {
+        let e = client.put_tool(name, &bad).await.unwrap_err();
+        assert_eq!(
+            e.code(),
+            Some(mesh_agent_sdk::RpcCode::InvalidArgument),
+            "{e}"
+        );
+        assert!(e.to_string().contains(field), "{field}: {e}");
+    }
+    let removed = client.delete_tool("weather").await.unwrap();
+    assert_eq!(removed.name, "weather");
+    let gone = client.delete_tool("weather").await.unwrap_err();
+    assert_eq!(gone.code(), Some(mesh_agent_sdk::RpcCode::NotFound));
+}

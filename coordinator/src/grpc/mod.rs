@@ -8,6 +8,7 @@ mod memory;
 mod node;
 mod registry;
 mod secrets;
+mod tools;
 mod workflow;
 
 pub use auth::{AuthApi, Caller, Guard, GuardLayer};
@@ -17,6 +18,7 @@ pub use memory::MemoryApi;
 pub use node::NodeApi;
 pub use registry::RegistryApi;
 pub use secrets::SecretApi;
+pub use tools::ToolApi;
 pub use workflow::WorkflowApi;
 
 use crate::error::Error;

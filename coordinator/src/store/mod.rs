@@ -26,6 +26,7 @@ use crate::auth::{AuditEntry, AuditPage, AuditQuery, TokenRecord};
 use crate::error::Result;
 use crate::memory::{MemoryEntry, MemoryPage, NewMemory};
 use crate::secrets::SealedSecret;
+use crate::tools::ToolRecord;
 
 mod sqlite;
 pub use sqlite::SqliteStore;
@@ -184,6 +185,15 @@ pub trait Backend: Clone + Send + Sync + 'static {
     /// Every secret, sealed.
     fn secrets(&self) -> impl Future<Output = Result<Vec<SealedSecret>>> + Send;
 
+    /// Registers a tool in its namespace, replacing the earlier one of that name.
+    fn put_tool(&self, tool: ToolRecord) -> impl Future<Output = Result<()>> + Send;
+
+    /// Deletes a registered tool; deleting one that is not there is not an error.
+    fn delete_tool(&self, namespace: &str, name: &str) -> impl Future<Output = Result<()>> + Send;
+
+    /// Every registered tool.
+    fn tools(&self) -> impl Future<Output = Result<Vec<ToolRecord>>> + Send;
+
     /// Appends a memory entry put through the API.
     fn put_memory(&self, new: NewMemory) -> impl Future<Output = Result<()>> + Send;
 
@@ -323,6 +333,16 @@ impl Backend for Store {
     async fn secrets(&self) -> Result<Vec<SealedSecret>> {
         on_backend!(self, s => s.secrets().await)
     }
+    async fn put_tool(&self, tool: ToolRecord) -> Result<()> {
+        on_backend!(self, s => s.put_tool(tool).await)
+    }
+    async fn delete_tool(&self, namespace: &str, name: &str) -> Result<()> {
+        on_backend!(self, s => s.delete_tool(namespace, name).await)
+    }
+    async fn tools(&self) -> Result<Vec<ToolRecord>> {
+        on_backend!(self, s => s.tools().await)
+    }
+
     async fn put_memory(&self, new: NewMemory) -> Result<()> {
         on_backend!(self, s => s.put_memory(new).await)
     }

@@ -24,6 +24,7 @@ use crate::auth::{AuditEntry, AuditPage, AuditQuery, Decision, TokenRecord};
 use crate::error::{Error, Result};
 use crate::memory::{MemoryEntry, MemoryKey, MemoryPage, NewMemory};
 use crate::secrets::SealedSecret;
+use crate::tools::ToolRecord;
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -106,6 +107,14 @@ CREATE TABLE IF NOT EXISTS memory (
     expires_at_ms INTEGER
 );
 CREATE INDEX IF NOT EXISTS memory_by_key ON memory (namespace, scope, key, seq);
+CREATE TABLE IF NOT EXISTS tools (
+    namespace TEXT NOT NULL,
+    name TEXT NOT NULL,
+    declaration TEXT NOT NULL,
+    created_at_ms INTEGER NOT NULL,
+    updated_at_ms INTEGER NOT NULL,
+    PRIMARY KEY (namespace, name)
+);
 CREATE TABLE IF NOT EXISTS swarm_members (
     goal_id TEXT NOT NULL,
     skill TEXT NOT NULL,
@@ -144,6 +153,8 @@ enum WriteOp {
     PutToken(Box<TokenRecord>, oneshot::Sender<Result<()>>),
     PutSecret(Box<SealedSecret>, oneshot::Sender<Result<()>>),
     DeleteSecret(String, String, oneshot::Sender<Result<()>>),
+    PutTool(Box<ToolRecord>, oneshot::Sender<Result<()>>),
+    DeleteTool(String, String, oneshot::Sender<Result<()>>),
     Audit(Vec<AuditEntry>, oneshot::Sender<Result<()>>),
     PutMemory(Box<NewMemory>, oneshot::Sender<Result<()>>),
     /// Namespace, scope, key.
@@ -537,6 +548,38 @@ impl Backend for SqliteStore {
             .await?
     }
 
+    async fn put_tool(&self, tool: ToolRecord) -> Result<()> {
+        self.write(|reply| WriteOp::PutTool(Box::new(tool), reply))
+            .await?
+    }
+
+    async fn delete_tool(&self, namespace: &str, name: &str) -> Result<()> {
+        let (namespace, name) = (namespace.to_owned(), name.to_owned());
+        self.write(|reply| WriteOp::DeleteTool(namespace, name, reply))
+            .await?
+    }
+
+    async fn tools(&self) -> Result<Vec<ToolRecord>> {
+        let conn = self.read();
+        let mut stmt = conn.prepare_cached(
+            "SELECT namespace, name, declaration, created_at_ms, updated_at_ms FROM tools
+             ORDER BY namespace, name",
+        )?;
+        let rows = stmt
+            .query_map([], |r| {
+                let text: String = r.get(2)?;
+                Ok(ToolRecord {
+                    namespace: r.get(0)?,
+                    name: r.get(1)?,
+                    declaration: serde_json::from_str(&text).unwrap_or(Value::Null),
+                    created_at_ms: r.get(3)?,
+                    updated_at_ms: r.get(4)?,
+                })
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(rows)
+    }
+
     async fn put_memory(&self, new: NewMemory) -> Result<()> {
         self.write(|reply| WriteOp::PutMemory(Box::new(new), reply))
             .await?
@@ -855,6 +898,33 @@ fn commit_group(conn: &mut Connection, batch: impl Iterator<Item = WriteOp>) {
                     Ok(())
                 }),
             ),
+            WriteOp::PutTool(tool, reply) => Applied::Probe(
+                reply,
+                in_savepoint(&mut tx, |c| {
+                    c.prepare_cached(
+                        "INSERT INTO tools (namespace, name, declaration, created_at_ms, updated_at_ms)
+                         VALUES (?1, ?2, ?3, ?4, ?4)
+                         ON CONFLICT (namespace, name) DO UPDATE SET
+                             declaration = excluded.declaration,
+                             updated_at_ms = excluded.updated_at_ms",
+                    )?
+                    .execute(params![
+                        tool.namespace,
+                        tool.name,
+                        tool.declaration.to_string(),
+                        now
+                    ])?;
+                    Ok(())
+                }),
+            ),
+            WriteOp::DeleteTool(namespace, name, reply) => Applied::Probe(
+                reply,
+                in_savepoint(&mut tx, |c| {
+                    c.prepare_cached("DELETE FROM tools WHERE namespace = ?1 AND name = ?2")?
+                        .execute(params![namespace, name])?;
+                    Ok(())
+                }),
+            ),
             WriteOp::DeleteSecret(namespace, name, reply) => Applied::Probe(
                 reply,
                 in_savepoint(&mut tx, |c| {
@@ -889,6 +959,8 @@ impl Applied {
             WriteOp::PutToken(_, reply)
             | WriteOp::PutSecret(_, reply)
             | WriteOp::DeleteSecret(_, _, reply)
+            | WriteOp::PutTool(_, reply)
+            | WriteOp::DeleteTool(_, _, reply)
             | WriteOp::PutMemory(_, reply)
             | WriteOp::DeleteMemory(_, _, _, reply)
             | WriteOp::Audit(_, reply) => Applied::Probe(reply, err(why)),
