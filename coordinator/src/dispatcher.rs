@@ -22,8 +22,9 @@ use tracing::{debug, info, warn};
 use crate::config::DispatchConfig;
 use crate::metrics as m;
 use crate::node_link::{NodeTx, Outbound, Report, ResultAck};
-use crate::postbox::{Outgoing, Postbox};
+use crate::postbox::{Admit, Outgoing, Postbox, StoredMessage};
 use crate::run::RunMsg;
+use crate::store::Backend;
 use mesh_workflow::JsonSchema;
 
 /// In-flight attempts and circuit state per agent, written by the dispatcher alone and read
@@ -253,6 +254,13 @@ pub enum DispatcherMsg {
     Post {
         out: Outgoing,
         tx: NodeTx,
+    },
+    /// The store kept a message taken (`Ok`), or failed to: answer its sender.
+    Kept {
+        rows: Vec<StoredMessage>,
+        message_id: String,
+        tx: NodeTx,
+        stored: Result<(), String>,
     },
     /// A node answered a delivery.
     MessageAck {
@@ -815,6 +823,8 @@ pub struct DispatcherArgs {
     pub config: DispatchConfig,
     pub load: LoadBoard,
     pub queues: QueueBoard,
+    /// Where messages between agents are kept until acknowledged.
+    pub store: crate::store::Store,
 }
 
 pub struct DispatcherActorState {
@@ -822,6 +832,7 @@ pub struct DispatcherActorState {
     config: DispatchConfig,
     /// Messages between agents, which travel on the same streams.
     postbox: Postbox,
+    store: crate::store::Store,
 }
 
 impl DispatcherActorState {
@@ -857,8 +868,9 @@ impl DispatcherActorState {
         }
     }
 
-    /// Sends what the postbox can deliver now. A frame that does not fit the node's queue
-    /// stays in flight and goes out again after its timeout.
+    /// Sends what the postbox can deliver now (a frame that does not fit the node's queue
+    /// stays in flight and goes out again after its timeout), and has the store forget what
+    /// was acknowledged or dropped (a delete lost only means a delivery again after a restart).
     fn deliver(&mut self, now: Instant) {
         for (tx, frame) in self.postbox.pump(now) {
             metrics::counter!(m::MESSAGES, "outcome" => "delivered").increment(1);
@@ -868,19 +880,52 @@ impl DispatcherActorState {
         if dropped > 0 {
             metrics::counter!(m::MESSAGES_DROPPED).increment(dropped);
         }
+        let forgotten = self.postbox.forgotten();
+        if !forgotten.is_empty() {
+            let store = self.store.clone();
+            tokio::spawn(async move {
+                for key in forgotten {
+                    if let Err(e) = store.delete_message(key).await {
+                        warn!(error = %e, "a delivered message could not be forgotten");
+                    }
+                }
+            });
+        }
     }
 
-    /// Takes a message for its recipients and answers the sender.
-    fn post(&mut self, out: Outgoing, tx: &NodeTx, now: Instant) {
+    /// Takes a message for its recipients: kept by the store first, then answered (in
+    /// `Kept`); a refusal or a message seen before is answered at once.
+    fn post(&mut self, out: Outgoing, tx: &NodeTx, myself: &ActorRef<DispatcherMsg>) {
         let message_id = out.message_id.clone();
-        let outcome = self.postbox.post(out, crate::store::now_ms());
-        let label = if outcome.is_ok() { "taken" } else { "refused" };
-        metrics::counter!(m::MESSAGES, "outcome" => label).increment(1);
-        let _ = tx.try_send(Outbound::Frame(ToNode::MessageSent {
-            message_id,
-            outcome,
-        }));
-        self.deliver(now);
+        let answer = |outcome: Result<u32, TaskError>| {
+            let _ = tx.try_send(Outbound::Frame(ToNode::MessageSent {
+                message_id: message_id.clone(),
+                outcome,
+            }));
+        };
+        match self.postbox.admit(&out, crate::store::now_ms()) {
+            Admit::Seen(n) => answer(Ok(n)),
+            Admit::Refused(e) => {
+                metrics::counter!(m::MESSAGES, "outcome" => "refused").increment(1);
+                answer(Err(e));
+            }
+            Admit::Store(rows) if rows.is_empty() => answer(Ok(0)),
+            Admit::Store(rows) => {
+                let (store, myself, tx) = (self.store.clone(), myself.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let stored = store
+                        .put_messages(rows.clone())
+                        .await
+                        .map_err(|e| e.to_string());
+                    let _ = myself.cast(DispatcherMsg::Kept {
+                        rows,
+                        message_id: out.message_id,
+                        tx,
+                        stored,
+                    });
+                });
+            }
+        }
     }
 
     fn pump(&mut self) {
@@ -916,7 +961,13 @@ impl Actor for Dispatcher {
                 core
             },
             config: args.config,
-            postbox: Postbox::default(),
+            postbox: {
+                // Messages kept by the store before a restart go back in their mailboxes.
+                let mut postbox = Postbox::default();
+                postbox.restore(args.store.messages().await?);
+                postbox
+            },
+            store: args.store,
         })
     }
 
@@ -1009,13 +1060,13 @@ impl Actor for Dispatcher {
                 match &send.to {
                     Recipient::Agent(agent) => {
                         match st.postbox.recipients_of_agent(&namespace, agent) {
-                            Ok(r) => st.post(out(String::new(), r), &tx, now),
+                            Ok(r) => st.post(out(String::new(), r), &tx, &myself),
                             Err(e) => refuse(e),
                         }
                     }
                     Recipient::Topic(topic) => {
                         let r = st.postbox.subscribers(&namespace, topic);
-                        st.post(out(topic.clone(), r), &tx, now);
+                        st.post(out(topic.clone(), r), &tx, &myself);
                     }
                     Recipient::SwarmOf(token) => match st.core.in_flight.get(&task_key(token)) {
                         Some(f)
@@ -1055,7 +1106,36 @@ impl Actor for Dispatcher {
                     },
                 }
             }
-            DispatcherMsg::Post { out, tx } => st.post(out, &tx, now),
+            DispatcherMsg::Post { out, tx } => st.post(out, &tx, &myself),
+            DispatcherMsg::Kept {
+                rows,
+                message_id,
+                tx,
+                stored,
+            } => {
+                let outcome = match stored {
+                    Ok(()) => {
+                        metrics::counter!(m::MESSAGES, "outcome" => "taken").increment(1);
+                        let n = rows.len() as u32;
+                        st.postbox.commit(rows);
+                        st.deliver(now);
+                        Ok(n)
+                    }
+                    Err(why) => {
+                        warn!(%why, "a message could not be kept; its sender is told");
+                        st.postbox.abort(&rows);
+                        Err(TaskError::new(
+                            "unavailable",
+                            "the coordinator could not keep the message; send it again",
+                            true,
+                        ))
+                    }
+                };
+                let _ = tx.try_send(Outbound::Frame(ToNode::MessageSent {
+                    message_id,
+                    outcome,
+                }));
+            }
             DispatcherMsg::MessageAck {
                 node,
                 instance,

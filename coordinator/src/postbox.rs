@@ -14,6 +14,10 @@
 //!   goes first, then the oldest.
 //! - **Deduplicated:** a message sent again with the same id by the same agent (after its
 //!   answer was lost) is taken once; its answer is repeated.
+//! - **Kept:** a message is taken ([`Postbox::admit`]) and answered only once the store holds
+//!   it ([`Postbox::commit`]), one row per recipient, and forgotten there once acknowledged or
+//!   dropped ([`Postbox::forgotten`]); a coordinator that restarts restores its mailboxes from
+//!   the store ([`Postbox::restore`]).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -38,6 +42,36 @@ const REMEMBERED: usize = 65_536;
 
 /// A mailbox: (namespace, agent name).
 pub type BoxKey = (String, String);
+
+/// What names a message for one recipient in the store.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct MessageKey {
+    pub namespace: String,
+    pub recipient: String,
+    pub sender: String,
+    pub message_id: String,
+}
+
+/// A message as the store keeps it, for one recipient.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoredMessage {
+    pub key: MessageKey,
+    pub topic: String,
+    pub priority: u8,
+    pub payload: Value,
+    pub sent_at_ms: i64,
+}
+
+/// What to do with a message sent.
+#[derive(Debug, PartialEq)]
+pub enum Admit {
+    /// Seen before: answered again as then.
+    Seen(u32),
+    Refused(TaskError),
+    /// Taken, its room held: store these rows, then [`Postbox::commit`] them (or
+    /// [`Postbox::abort`] when the store fails).
+    Store(Vec<StoredMessage>),
+}
 
 #[derive(Clone, Debug)]
 struct Queued {
@@ -116,6 +150,8 @@ pub struct Postbox {
     next_seq: u64,
     /// Messages dropped after [`MAX_ATTEMPTS`], for the metric.
     pub dropped: u64,
+    /// Messages acknowledged or dropped, for the store to forget.
+    forgotten: Vec<MessageKey>,
 }
 
 fn namespaces_of(card: &AgentCard) -> Vec<String> {
@@ -204,6 +240,7 @@ impl Postbox {
         if failed && f.message.attempts >= MAX_ATTEMPTS {
             mailbox.len -= 1;
             self.dropped += 1;
+            self.forgotten.push(key_of(&f.to, &f.message));
             tracing::warn!(
                 to = %f.to.1, namespace = %f.to.0, from = %f.message.from,
                 message_id = %f.message.message_id, attempts = f.message.attempts,
@@ -296,23 +333,23 @@ impl Postbox {
         names
     }
 
-    /// Takes a message for its recipients, or refuses it whole; a message seen before (same
-    /// namespace, sender and id) gets the answer it got then.
-    pub fn post(&mut self, out: Outgoing, now_ms: i64) -> Result<u32, TaskError> {
+    /// Takes a message for its recipients (its room held, not yet deliverable), refuses it
+    /// whole, or answers again a message seen before (same namespace, sender and id).
+    pub fn admit(&mut self, out: &Outgoing, now_ms: i64) -> Admit {
         let id = (
             out.namespace.clone(),
             out.from.clone(),
             out.message_id.clone(),
         );
         if let Some(n) = self.seen.get(&id) {
-            return Ok(*n);
+            return Admit::Seen(*n);
         }
         if let Some(full) = out.recipients.iter().find(|r| {
             self.boxes
                 .get(&(out.namespace.clone(), (*r).clone()))
                 .is_some_and(|b| b.len >= MAX_MAILBOX)
         }) {
-            return Err(refused(
+            return Admit::Refused(refused(
                 "mailbox_full",
                 format!(
                     "the mailbox of agent `{full}` holds {MAX_MAILBOX} messages, its limit; \
@@ -321,39 +358,124 @@ impl Postbox {
                 true,
             ));
         }
-        let payload = Arc::new(out.payload);
         for to in &out.recipients {
-            self.next_seq += 1;
-            let mailbox = self
-                .boxes
+            self.boxes
                 .entry((out.namespace.clone(), to.clone()))
-                .or_default();
-            mailbox.len += 1;
-            mailbox
-                .lanes
-                .entry(out.from.clone())
                 .or_default()
-                .push_back(Queued {
-                    seq: self.next_seq,
-                    message_id: out.message_id.clone(),
-                    from: out.from.clone(),
+                .len += 1;
+        }
+        self.remember(id, out.recipients.len() as u32);
+        Admit::Store(
+            out.recipients
+                .iter()
+                .map(|to| StoredMessage {
+                    key: MessageKey {
+                        namespace: out.namespace.clone(),
+                        recipient: to.clone(),
+                        sender: out.from.clone(),
+                        message_id: out.message_id.clone(),
+                    },
                     topic: out.topic.clone(),
                     priority: out.priority,
-                    payload: payload.clone(),
+                    payload: out.payload.clone(),
                     sent_at_ms: now_ms,
-                    attempts: 0,
-                    not_before: None,
-                });
+                })
+                .collect(),
+        )
+    }
+
+    fn remember(&mut self, id: (String, String, String), recipients: u32) {
+        if self.seen.insert(id.clone(), recipients).is_none() {
+            self.seen_order.push_back(id);
         }
-        let n = out.recipients.len() as u32;
-        self.seen.insert(id.clone(), n);
-        self.seen_order.push_back(id);
         if self.seen_order.len() > REMEMBERED
             && let Some(old) = self.seen_order.pop_front()
         {
             self.seen.remove(&old);
         }
-        Ok(n)
+    }
+
+    /// The store holds the rows [`admit`](Self::admit) gave: they may be delivered.
+    pub fn commit(&mut self, rows: Vec<StoredMessage>) {
+        let payload = rows.first().map(|r| Arc::new(r.payload.clone()));
+        for row in rows {
+            self.next_seq += 1;
+            let mailbox = self
+                .boxes
+                .entry((row.key.namespace.clone(), row.key.recipient.clone()))
+                .or_default();
+            let lane = mailbox.lanes.entry(row.key.sender.clone()).or_default();
+            let queued = Queued {
+                seq: self.next_seq,
+                message_id: row.key.message_id,
+                from: row.key.sender,
+                topic: row.topic,
+                priority: row.priority,
+                payload: payload.clone().unwrap_or_default(),
+                sent_at_ms: row.sent_at_ms,
+                attempts: 0,
+                not_before: None,
+            };
+            lane.push_back(queued);
+        }
+    }
+
+    /// The store failed to keep the rows: their room is given back and the message is not
+    /// remembered (the sender is told to send it again).
+    pub fn abort(&mut self, rows: &[StoredMessage]) {
+        for row in rows {
+            let key = (row.key.namespace.clone(), row.key.recipient.clone());
+            if let Some(mailbox) = self.boxes.get_mut(&key) {
+                mailbox.len = mailbox.len.saturating_sub(1);
+                if mailbox.len == 0 {
+                    self.boxes.remove(&key);
+                }
+            }
+        }
+        if let Some(row) = rows.first() {
+            let id = (
+                row.key.namespace.clone(),
+                row.key.sender.clone(),
+                row.key.message_id.clone(),
+            );
+            self.seen.remove(&id);
+            self.seen_order.retain(|s| *s != id);
+        }
+    }
+
+    /// The messages the store kept (after a restart), oldest first, back in their mailboxes.
+    pub fn restore(&mut self, rows: Vec<StoredMessage>) {
+        for row in rows {
+            let k = &row.key;
+            self.remember(
+                (k.namespace.clone(), k.sender.clone(), k.message_id.clone()),
+                0,
+            );
+            self.boxes
+                .entry((k.namespace.clone(), k.recipient.clone()))
+                .or_default()
+                .len += 1;
+            self.commit(vec![row]);
+        }
+    }
+
+    /// Messages acknowledged or dropped since the last call: the store forgets them.
+    pub fn forgotten(&mut self) -> Vec<MessageKey> {
+        std::mem::take(&mut self.forgotten)
+    }
+
+    /// [`admit`](Self::admit) then [`commit`](Self::commit), without a store.
+    #[cfg(test)]
+    pub fn post(&mut self, out: Outgoing, now_ms: i64) -> Result<u32, TaskError> {
+        match self.admit(&out, now_ms) {
+            Admit::Seen(n) => Ok(n),
+            Admit::Refused(e) => Err(e),
+            Admit::Store(rows) => {
+                let n = rows.len() as u32;
+                self.commit(rows);
+                Ok(n)
+            }
+        }
     }
 
     /// A delivery answered by the node it went to: done, or (its handler failed) delivered
@@ -391,6 +513,7 @@ impl Postbox {
                         self.boxes.remove(&f.to);
                     }
                 }
+                self.forgotten.push(key_of(&f.to, &f.message));
             }
             Err(e) => {
                 tracing::debug!(message_id = %f.message.message_id, error = %e, "message handler failed");
@@ -494,6 +617,15 @@ impl Postbox {
         self.boxes
             .get(&(namespace.to_owned(), agent.to_owned()))
             .map_or(0, |b| b.len)
+    }
+}
+
+fn key_of(to: &BoxKey, message: &Queued) -> MessageKey {
+    MessageKey {
+        namespace: to.0.clone(),
+        recipient: to.1.clone(),
+        sender: message.from.clone(),
+        message_id: message.message_id.clone(),
     }
 }
 
@@ -683,6 +815,58 @@ mod tests {
             panic!()
         };
         assert_eq!((d.message_id.as_str(), d.attempt), ("m2", 2));
+    }
+
+    /// A message is deliverable only once kept; a store that failed gives its room back and
+    /// forgets its id; acknowledged ones are for the store to forget; kept ones come back after
+    /// a restart, in order.
+    #[test]
+    fn messages_are_kept_before_they_go_and_restored_after_a_restart() {
+        let mut p = Postbox::default();
+        let _rx = up(
+            &mut p,
+            "n1",
+            &[card("inbox", true, &[]), card("a", false, &[])],
+        );
+        let now = Instant::now();
+        let out = |id: &str| Outgoing {
+            namespace: "default".into(),
+            message_id: id.into(),
+            from: "a".into(),
+            topic: String::new(),
+            priority: 0,
+            payload: serde_json::json!(id),
+            recipients: vec!["inbox".into()],
+        };
+        let Admit::Store(rows) = p.admit(&out("m1"), 0) else {
+            panic!("taken")
+        };
+        assert!(p.pump(now).is_empty(), "not before the store has it");
+        assert_eq!(p.admit(&out("m1"), 0), Admit::Seen(1));
+        p.abort(&rows);
+        assert_eq!(p.held("default", "inbox"), 0);
+        let Admit::Store(rows) = p.admit(&out("m1"), 0) else {
+            panic!("taken again: the failed one was forgotten")
+        };
+        p.commit(rows.clone());
+        let d = delivered(&p.pump(now));
+        p.ack(&NodeId("n1".into()), 1, d[0].0, Ok(()), now);
+        assert_eq!(p.forgotten(), [rows[0].key.clone()]);
+
+        let mut again = Postbox::default();
+        let kept: Vec<StoredMessage> = ["k1", "k2"]
+            .iter()
+            .map(|id| {
+                let Admit::Store(mut r) = p.admit(&out(id), 0) else {
+                    panic!()
+                };
+                r.remove(0)
+            })
+            .collect();
+        again.restore(kept);
+        let _rx = up(&mut again, "n1", &[card("inbox", true, &[])]);
+        assert_eq!(again.held("default", "inbox"), 2);
+        assert_eq!(delivered(&again.pump(now))[0].1, "k1");
     }
 
     /// Senders are agents of the sending node, in a namespace it serves; topics reach their

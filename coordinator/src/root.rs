@@ -87,11 +87,13 @@ async fn spawn_dispatcher(
     config: &CoordinatorConfig,
     load: &LoadBoard,
     queues: &QueueBoard,
+    store: &Store,
 ) -> Result<ActorRef<DispatcherMsg>, ActorProcessingErr> {
     let args = DispatcherArgs {
         config: config.dispatch.clone(),
         load: load.clone(),
         queues: queues.clone(),
+        store: store.clone(),
     };
     Ok(Actor::spawn_linked(None, Dispatcher, args, root).await?.0)
 }
@@ -136,8 +138,9 @@ impl Actor for CoordinatorRoot {
         let root = myself.get_cell();
         let load = LoadBoard::default();
         let queues = QueueBoard::default();
-        let dispatcher =
-            Slot::new(spawn_dispatcher(root.clone(), &args.config, &load, &queues).await?);
+        let dispatcher = Slot::new(
+            spawn_dispatcher(root.clone(), &args.config, &load, &queues, &args.store).await?,
+        );
         let registry = Slot::new(
             spawn_registry(root.clone(), &args.config, args.epoch, &dispatcher, &load).await?,
         );
@@ -227,7 +230,8 @@ impl Actor for CoordinatorRoot {
         if id == st.ids[0] {
             error!(error = %err, "dispatcher failed; restarting it");
             metrics::counter!(m::ACTOR_RESTARTS, "actor" => "dispatcher").increment(1);
-            let new = spawn_dispatcher(root, &h.config, &st.load, &st.deps.queues).await?;
+            let new = spawn_dispatcher(root, &h.config, &st.load, &st.deps.queues, &st.deps.store)
+                .await?;
             st.ids[0] = new.get_id();
             h.dispatcher.set(new);
             h.registry.cast(RegistryMsg::Replay);

@@ -206,3 +206,50 @@ async fn a_message_in_flight_on_a_killed_node_is_delivered_again_and_full_mailbo
     assert_eq!(ids.len(), 1_000, "each once");
     assert!(b2.log_text().contains(&format!("handling message {id}")));
 }
+
+/// Messages taken are kept by the store until acknowledged: the coordinator killed -9 with
+/// messages waiting for an agent that is away, and started again, delivers every one of them,
+/// in order, once the agent is back.
+#[tokio::test]
+async fn messages_waiting_survive_a_coordinator_killed_9() {
+    let mut mesh = Mesh::start(Timings::default()).await;
+    let _a = messenger(&mesh, "node-a", "sender").await;
+    let mut b1 = messenger(&mesh, "node-b1", "inbox").await;
+    let client = mesh.client().await;
+    let out = step(
+        &client,
+        "send",
+        json!({ "to": "inbox", "tag": "slow", "slow_ms": 2_000 }),
+    )
+    .await;
+    assert_eq!(out["sent"], 1, "{out}");
+    wait_for(
+        "node-b1 to hold the message",
+        Duration::from_secs(10),
+        || async { b1.log_text().contains("handling message").then_some(()) },
+    )
+    .await;
+    b1.kill9();
+    let out = step(
+        &client,
+        "send",
+        json!({ "to": "inbox", "count": 20, "tag": "kept" }),
+    )
+    .await;
+    assert_eq!(out["sent"], 20, "{out}");
+
+    mesh.coordinator.as_mut().unwrap().kill9();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    mesh.start_coordinator().await;
+    mesh.wait_healthy("node-a").await;
+    let client = mesh.client().await;
+    let _b2 = messenger(&mesh, "node-b2", "inbox").await;
+    let got = received(&client, "inbox.read", 21).await;
+    assert_eq!(got[0]["payload"]["tag"], "slow", "{got:?}");
+    let kept: Vec<u64> = got[1..]
+        .iter()
+        .map(|m| m["payload"]["n"].as_u64().unwrap())
+        .collect();
+    assert_eq!(kept, (1..=20).collect::<Vec<_>>());
+    assert_eq!(got.len(), 21, "each once");
+}

@@ -25,6 +25,7 @@ use mesh_workflow::WorkflowDef;
 use crate::auth::{AuditEntry, AuditPage, AuditQuery, TokenRecord};
 use crate::error::Result;
 use crate::memory::{MemoryEntry, MemoryPage, NewMemory};
+use crate::postbox::{MessageKey, StoredMessage};
 use crate::secrets::SealedSecret;
 use crate::tools::ToolRecord;
 
@@ -185,6 +186,16 @@ pub trait Backend: Clone + Send + Sync + 'static {
     /// Every secret, sealed.
     fn secrets(&self) -> impl Future<Output = Result<Vec<SealedSecret>>> + Send;
 
+    /// Keeps messages taken by the postbox until they are acknowledged (one per recipient).
+    fn put_messages(&self, messages: Vec<StoredMessage>)
+    -> impl Future<Output = Result<()>> + Send;
+
+    /// Forgets an acknowledged (or dropped) message.
+    fn delete_message(&self, key: MessageKey) -> impl Future<Output = Result<()>> + Send;
+
+    /// Every message kept, oldest first.
+    fn messages(&self) -> impl Future<Output = Result<Vec<StoredMessage>>> + Send;
+
     /// Registers a tool in its namespace, replacing the earlier one of that name.
     fn put_tool(&self, tool: ToolRecord) -> impl Future<Output = Result<()>> + Send;
 
@@ -332,6 +343,15 @@ impl Backend for Store {
     }
     async fn secrets(&self) -> Result<Vec<SealedSecret>> {
         on_backend!(self, s => s.secrets().await)
+    }
+    async fn put_messages(&self, messages: Vec<StoredMessage>) -> Result<()> {
+        on_backend!(self, s => s.put_messages(messages).await)
+    }
+    async fn delete_message(&self, key: MessageKey) -> Result<()> {
+        on_backend!(self, s => s.delete_message(key).await)
+    }
+    async fn messages(&self) -> Result<Vec<StoredMessage>> {
+        on_backend!(self, s => s.messages().await)
     }
     async fn put_tool(&self, tool: ToolRecord) -> Result<()> {
         on_backend!(self, s => s.put_tool(tool).await)

@@ -23,6 +23,7 @@ use super::{
 use crate::auth::{AuditEntry, AuditPage, AuditQuery, Decision, TokenRecord};
 use crate::error::{Error, Result};
 use crate::memory::{MemoryEntry, MemoryKey, MemoryPage, NewMemory};
+use crate::postbox::{MessageKey, StoredMessage};
 use crate::secrets::SealedSecret;
 use crate::tools::ToolRecord;
 
@@ -115,6 +116,19 @@ CREATE TABLE IF NOT EXISTS tools (
     updated_at_ms INTEGER NOT NULL,
     PRIMARY KEY (namespace, name)
 );
+CREATE TABLE IF NOT EXISTS messages (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    namespace TEXT NOT NULL,
+    recipient TEXT NOT NULL,
+    sender TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    topic TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    payload TEXT NOT NULL,
+    sent_at_ms INTEGER NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS messages_by_key
+    ON messages (namespace, recipient, sender, message_id);
 CREATE TABLE IF NOT EXISTS swarm_members (
     goal_id TEXT NOT NULL,
     skill TEXT NOT NULL,
@@ -154,6 +168,8 @@ enum WriteOp {
     PutSecret(Box<SealedSecret>, oneshot::Sender<Result<()>>),
     DeleteSecret(String, String, oneshot::Sender<Result<()>>),
     PutTool(Box<ToolRecord>, oneshot::Sender<Result<()>>),
+    PutMessages(Vec<StoredMessage>, oneshot::Sender<Result<()>>),
+    DeleteMessage(MessageKey, oneshot::Sender<Result<()>>),
     DeleteTool(String, String, oneshot::Sender<Result<()>>),
     Audit(Vec<AuditEntry>, oneshot::Sender<Result<()>>),
     PutMemory(Box<NewMemory>, oneshot::Sender<Result<()>>),
@@ -548,6 +564,42 @@ impl Backend for SqliteStore {
             .await?
     }
 
+    async fn put_messages(&self, messages: Vec<StoredMessage>) -> Result<()> {
+        self.write(|reply| WriteOp::PutMessages(messages, reply))
+            .await?
+    }
+
+    async fn delete_message(&self, key: MessageKey) -> Result<()> {
+        self.write(|reply| WriteOp::DeleteMessage(key, reply))
+            .await?
+    }
+
+    async fn messages(&self) -> Result<Vec<StoredMessage>> {
+        let conn = self.read();
+        let mut stmt = conn.prepare_cached(
+            "SELECT namespace, recipient, sender, message_id, topic, priority, payload, sent_at_ms
+             FROM messages ORDER BY seq",
+        )?;
+        let rows = stmt
+            .query_map([], |r| {
+                let payload: String = r.get(6)?;
+                Ok(StoredMessage {
+                    key: MessageKey {
+                        namespace: r.get(0)?,
+                        recipient: r.get(1)?,
+                        sender: r.get(2)?,
+                        message_id: r.get(3)?,
+                    },
+                    topic: r.get(4)?,
+                    priority: r.get(5)?,
+                    payload: serde_json::from_str(&payload).unwrap_or(Value::Null),
+                    sent_at_ms: r.get(7)?,
+                })
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(rows)
+    }
+
     async fn put_tool(&self, tool: ToolRecord) -> Result<()> {
         self.write(|reply| WriteOp::PutTool(Box::new(tool), reply))
             .await?
@@ -898,6 +950,40 @@ fn commit_group(conn: &mut Connection, batch: impl Iterator<Item = WriteOp>) {
                     Ok(())
                 }),
             ),
+            WriteOp::PutMessages(messages, reply) => Applied::Probe(
+                reply,
+                in_savepoint(&mut tx, |c| {
+                    let mut stmt = c.prepare_cached(
+                        "INSERT OR IGNORE INTO messages (namespace, recipient, sender, message_id,
+                             topic, priority, payload, sent_at_ms)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                    )?;
+                    for m in &messages {
+                        stmt.execute(params![
+                            m.key.namespace,
+                            m.key.recipient,
+                            m.key.sender,
+                            m.key.message_id,
+                            m.topic,
+                            m.priority,
+                            m.payload.to_string(),
+                            m.sent_at_ms
+                        ])?;
+                    }
+                    Ok(())
+                }),
+            ),
+            WriteOp::DeleteMessage(key, reply) => Applied::Probe(
+                reply,
+                in_savepoint(&mut tx, |c| {
+                    c.prepare_cached(
+                        "DELETE FROM messages WHERE namespace = ?1 AND recipient = ?2
+                             AND sender = ?3 AND message_id = ?4",
+                    )?
+                    .execute(params![key.namespace, key.recipient, key.sender, key.message_id])?;
+                    Ok(())
+                }),
+            ),
             WriteOp::PutTool(tool, reply) => Applied::Probe(
                 reply,
                 in_savepoint(&mut tx, |c| {
@@ -960,6 +1046,8 @@ impl Applied {
             | WriteOp::PutSecret(_, reply)
             | WriteOp::DeleteSecret(_, _, reply)
             | WriteOp::PutTool(_, reply)
+            | WriteOp::PutMessages(_, reply)
+            | WriteOp::DeleteMessage(_, reply)
             | WriteOp::DeleteTool(_, _, reply)
             | WriteOp::PutMemory(_, reply)
             | WriteOp::DeleteMemory(_, _, _, reply)
