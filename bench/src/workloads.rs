@@ -954,7 +954,8 @@ impl mesh_agent_sdk::Agent for SinkAgent {
 }
 
 /// Sends `with.count` messages to `sink`, `with.in_flight` sends at a time (each waits for
-/// the coordinator's answer), stamped with the time since the workload began.
+/// the coordinator's answer, and sends again a little later when the mailbox is full),
+/// stamped with the time since the workload began.
 struct Blaster {
     name: String,
     began: std::time::Instant,
@@ -981,7 +982,15 @@ impl mesh_agent_sdk::Agent for Blaster {
                 let mail = mail.clone();
                 async move {
                     let t = began.elapsed().as_nanos() as u64;
-                    mail.send("sink", json!({ "t": t })).await
+                    // A full mailbox is backpressure: the sender waits and sends again.
+                    loop {
+                        match mail.send("sink", json!({ "t": t })).await {
+                            Err(e) if e.retryable => {
+                                tokio::time::sleep(Duration::from_millis(2)).await
+                            }
+                            sent => break sent,
+                        }
+                    }
                 }
             })
             .buffer_unordered(in_flight)

@@ -53,6 +53,30 @@ async fn received(client: &GoalClient, reader: &str, n: usize) -> Vec<Value> {
     .await
 }
 
+/// Sends one message to `inbox` whose handler on `node` takes `slow_ms` on its first
+/// delivery, waits until the handler holds it, and answers its id.
+async fn hold_slow_message(client: &GoalClient, node: &Proc, slow_ms: u64) -> String {
+    let out = step(
+        client,
+        "send",
+        json!({ "to": "inbox", "tag": "slow", "slow_ms": slow_ms }),
+    )
+    .await;
+    assert_eq!(out["sent"], 1, "{out}");
+    wait_for(
+        &format!("{} to be handling the message", node.name),
+        Duration::from_secs(10),
+        || async { node.log_text().contains("handling message").then_some(()) },
+    )
+    .await;
+    let log = node.log_text();
+    log.split("handling message ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("the message's id in the log")
+        .to_owned()
+}
+
 /// By name, in the order sent; to a topic's subscribers; to the run's swarm; a recipient that
 /// does not exist is refused naming it.
 #[tokio::test]
@@ -145,26 +169,7 @@ async fn a_message_in_flight_on_a_killed_node_is_delivered_again_and_full_mailbo
     let mut b1 = messenger(&mesh, "node-b1", "inbox").await;
     let client = mesh.client().await;
 
-    let out = step(
-        &client,
-        "send",
-        json!({ "to": "inbox", "tag": "slow", "slow_ms": 60_000 }),
-    )
-    .await;
-    assert_eq!(out["sent"], 1, "{out}");
-    wait_for(
-        "node-b1 to be handling the message",
-        Duration::from_secs(10),
-        || async { b1.log_text().contains("handling message").then_some(()) },
-    )
-    .await;
-    let first = b1.log_text();
-    let id = first
-        .split("handling message ")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .unwrap()
-        .to_owned();
+    let id = hold_slow_message(&client, &b1, 60_000).await;
     b1.kill9();
 
     let out = step(
@@ -216,19 +221,7 @@ async fn messages_waiting_survive_a_coordinator_killed_9() {
     let _a = messenger(&mesh, "node-a", "sender").await;
     let mut b1 = messenger(&mesh, "node-b1", "inbox").await;
     let client = mesh.client().await;
-    let out = step(
-        &client,
-        "send",
-        json!({ "to": "inbox", "tag": "slow", "slow_ms": 2_000 }),
-    )
-    .await;
-    assert_eq!(out["sent"], 1, "{out}");
-    wait_for(
-        "node-b1 to hold the message",
-        Duration::from_secs(10),
-        || async { b1.log_text().contains("handling message").then_some(()) },
-    )
-    .await;
+    hold_slow_message(&client, &b1, 2_000).await;
     b1.kill9();
     let out = step(
         &client,
