@@ -134,8 +134,11 @@ impl Mail {
             }
             match tokio::time::timeout(ANSWER_WITHIN, answer).await {
                 Ok(Ok(Ok(n))) => return Ok(n),
-                // Refused for a reason the coordinator gave: told as it is.
-                Ok(Ok(Err(e))) if e.code != "connection_lost" => return Err(e),
+                // Refused for a reason the coordinator gave: told as it is. Lost on the way, or
+                // sent again while the coordinator was keeping it: again, same id.
+                Ok(Ok(Err(e))) if e.code != "connection_lost" && e.code != "pending" => {
+                    return Err(e);
+                }
                 Ok(Ok(Err(e))) => last = Some(e),
                 Ok(Err(_)) | Err(_) => {}
             }

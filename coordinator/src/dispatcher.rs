@@ -1106,7 +1106,12 @@ impl Actor for Dispatcher {
                     },
                 }
             }
-            DispatcherMsg::Post { out, tx } => st.post(out, &tx, &myself),
+            DispatcherMsg::Post { mut out, tx } => {
+                // Only the swarm's agents that take messages: a mailbox for one that does
+                // not would fill and never empty.
+                out.recipients = st.postbox.taking_messages(&out.namespace, out.recipients);
+                st.post(out, &tx, &myself)
+            }
             DispatcherMsg::Kept {
                 rows,
                 message_id,

@@ -143,8 +143,9 @@ pub struct Postbox {
     takers: Vec<Taker>,
     boxes: HashMap<BoxKey, Mailbox>,
     in_flight: HashMap<u64, InFlight>,
-    /// Ids taken lately, with the answer given: (namespace, sender, id).
-    seen: HashMap<(String, String, String), u32>,
+    /// Ids taken lately, with the answer given (`None` while the store keeps the message):
+    /// (namespace, sender, id).
+    seen: HashMap<(String, String, String), Option<u32>>,
     seen_order: VecDeque<(String, String, String)>,
     next_delivery: u64,
     next_seq: u64,
@@ -321,6 +322,18 @@ impl Postbox {
         }
     }
 
+    /// Those of `names` that take messages by name in `namespace`.
+    pub fn taking_messages(&self, namespace: &str, names: Vec<String>) -> Vec<String> {
+        names
+            .into_iter()
+            .filter(|name| {
+                self.takers.iter().any(|t| {
+                    t.name == *name && t.inbox && t.namespaces.iter().any(|n| n == namespace)
+                })
+            })
+            .collect()
+    }
+
     pub fn subscribers(&self, namespace: &str, topic: &str) -> Vec<String> {
         let mut names: Vec<String> = (self.takers.iter())
             .filter(|t| {
@@ -341,8 +354,17 @@ impl Postbox {
             out.from.clone(),
             out.message_id.clone(),
         );
-        if let Some(n) = self.seen.get(&id) {
-            return Admit::Seen(*n);
+        match self.seen.get(&id) {
+            Some(Some(n)) => return Admit::Seen(*n),
+            // Sent again before the store kept it: the answer must wait for the store.
+            Some(None) => {
+                return Admit::Refused(refused(
+                    "pending",
+                    "the message is being kept; send it again".into(),
+                    true,
+                ));
+            }
+            None => {}
         }
         if let Some(full) = out.recipients.iter().find(|r| {
             self.boxes
@@ -364,7 +386,7 @@ impl Postbox {
                 .or_default()
                 .len += 1;
         }
-        self.remember(id, out.recipients.len() as u32);
+        self.remember(id, None);
         Admit::Store(
             out.recipients
                 .iter()
@@ -384,7 +406,7 @@ impl Postbox {
         )
     }
 
-    fn remember(&mut self, id: (String, String, String), recipients: u32) {
+    fn remember(&mut self, id: (String, String, String), recipients: Option<u32>) {
         if self.seen.insert(id.clone(), recipients).is_none() {
             self.seen_order.push_back(id);
         }
@@ -397,6 +419,13 @@ impl Postbox {
 
     /// The store holds the rows [`admit`](Self::admit) gave: they may be delivered.
     pub fn commit(&mut self, rows: Vec<StoredMessage>) {
+        if let Some(row) = rows.first() {
+            let k = &row.key;
+            let id = (k.namespace.clone(), k.sender.clone(), k.message_id.clone());
+            if let Some(answer) = self.seen.get_mut(&id) {
+                *answer = Some(rows.len() as u32);
+            }
+        }
         let payload = rows.first().map(|r| Arc::new(r.payload.clone()));
         for row in rows {
             self.next_seq += 1;
@@ -449,7 +478,7 @@ impl Postbox {
             let k = &row.key;
             self.remember(
                 (k.namespace.clone(), k.sender.clone(), k.message_id.clone()),
-                0,
+                None,
             );
             self.boxes
                 .entry((k.namespace.clone(), k.recipient.clone()))
@@ -842,13 +871,21 @@ mod tests {
             panic!("taken")
         };
         assert!(p.pump(now).is_empty(), "not before the store has it");
-        assert_eq!(p.admit(&out("m1"), 0), Admit::Seen(1));
+        let Admit::Refused(e) = p.admit(&out("m1"), 0) else {
+            panic!("a resend before the store kept it waits")
+        };
+        assert_eq!((e.code.as_str(), e.retryable), ("pending", true));
         p.abort(&rows);
         assert_eq!(p.held("default", "inbox"), 0);
         let Admit::Store(rows) = p.admit(&out("m1"), 0) else {
             panic!("taken again: the failed one was forgotten")
         };
         p.commit(rows.clone());
+        assert_eq!(
+            p.admit(&out("m1"), 0),
+            Admit::Seen(1),
+            "kept: answered again"
+        );
         let d = delivered(&p.pump(now));
         p.ack(&NodeId("n1".into()), 1, d[0].0, Ok(()), now);
         assert_eq!(p.forgotten(), [rows[0].key.clone()]);
@@ -890,6 +927,17 @@ mod tests {
         let e = p.sender_namespace(&n1, 1, "a", "other").unwrap_err();
         assert!(e.message.contains("namespace `other`"), "{e:?}");
         assert_eq!(p.subscribers("default", "news"), ["s1", "s2"]);
+        let swarm = vec![
+            "a".to_owned(),
+            "s1".to_owned(),
+            "s2".to_owned(),
+            "gone".to_owned(),
+        ];
+        assert_eq!(
+            p.taking_messages("default", swarm),
+            ["s2"],
+            "a swarm's takers only"
+        );
         assert!(p.subscribers("other", "news").is_empty());
         assert_eq!(
             p.recipients_of_agent("default", "s2"),

@@ -129,18 +129,21 @@ async fn messages_go_by_name_in_order_to_a_topic_and_to_the_swarm() {
         "a topic without subscribers reaches none"
     );
 
-    // The swarm of a run: the agents that ran its steps (here the inbox, then the sender).
+    // The swarm of a run: the agents that ran its steps (here the inbox, the listener, then
+    // the sender); of them only the inbox takes messages by name.
     let text = json!({ "steps": [
         { "id": "look", "uses": "inbox.read" },
-        { "id": "tell", "uses": "send", "needs": ["look"],
+        { "id": "peek", "uses": "listener.read" },
+        { "id": "tell", "uses": "send", "needs": ["look", "peek"],
           "with": { "broadcast": true, "tag": "all", "priority": 7 } }
     ] })
     .to_string();
     let view = run_workflow(&client, &text, json!({})).await;
     assert_eq!(view.state, RunState::Succeeded, "{view:?}");
     assert_eq!(
-        view.steps[1].output.as_ref().unwrap()["reached"],
-        json!([1])
+        view.steps[2].output.as_ref().unwrap()["reached"],
+        json!([1]),
+        "the inbox only"
     );
     let got = received(&client, "inbox.read", 31).await;
     let last = &got[30];
