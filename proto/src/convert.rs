@@ -100,6 +100,7 @@ pub const MAX_TOPICS: usize = 32;
 /// Largest message payload, as JSON.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 
+/// An agent's error from the wire, its code and message cut to their limits.
 fn task_error_from_pb(e: pb::TaskError) -> TaskError {
     TaskError {
         code: truncated(e.code, MAX_ID_LEN),
@@ -637,11 +638,7 @@ impl TryFrom<pb::NodeFrame> for FromNode {
                             parse_json("result.output_json", &text, Value::Null)
                                 .map_err(|e| TaskError::new("bad_output", e.to_string(), false))
                         }
-                        Outcome::Error(e) => Err(TaskError {
-                            code: truncated(e.code, MAX_ID_LEN),
-                            message: truncated(e.message, MAX_ERROR_MESSAGE),
-                            retryable: e.retryable,
-                        }),
+                        Outcome::Error(e) => Err(task_error_from_pb(e)),
                     };
                     // Usage the coordinator cannot account for fails its attempt for good,
                     // like an output it cannot keep; the stream goes on (closing it would
@@ -801,11 +798,7 @@ impl From<FromNode> for pb::NodeFrame {
                 token: Some(r.token.into()),
                 outcome: Some(match r.outcome {
                     Ok(v) => pb::task_result::Outcome::OutputJson(to_json(&v)),
-                    Err(e) => pb::task_result::Outcome::Error(pb::TaskError {
-                        code: e.code,
-                        message: e.message,
-                        retryable: e.retryable,
-                    }),
+                    Err(e) => pb::task_result::Outcome::Error(task_error_to_pb(e)),
                 }),
                 usage: r.usage.into_iter().map(Into::into).collect(),
                 elapsed_ms: r.elapsed_ms,
@@ -920,11 +913,7 @@ impl From<ToNode> for pb::CoordinatorFrame {
                 call_id,
                 outcome: Some(match outcome {
                     Ok(v) => pb::skill_call_result::Outcome::OutputJson(to_json(&v)),
-                    Err(e) => pb::skill_call_result::Outcome::Error(pb::TaskError {
-                        code: e.code,
-                        message: e.message,
-                        retryable: e.retryable,
-                    }),
+                    Err(e) => pb::skill_call_result::Outcome::Error(task_error_to_pb(e)),
                 }),
             }),
             ToNode::ToolDecision {
