@@ -150,6 +150,14 @@ pub fn only_known(obj: &Map<String, Value>, known: &[&str], path: &str) -> Resul
     }
 }
 
+/// Refuses fields beside the one that says what `item` is (`code`, `message`, `mcp`).
+fn alone(path: &str, item: &Value, entry: &str) -> Result<(), AgentError> {
+    if item.as_object().is_some_and(|o| o.len() > 1) {
+        return Err(bad(path, format!("{entry} has no other field")));
+    }
+    Ok(())
+}
+
 /// `approval` of a declaration at `path`: absent or a boolean.
 fn read_approval(obj: &Map<String, Value>, path: &str) -> Result<bool, AgentError> {
     match obj.get("approval") {
@@ -268,9 +276,7 @@ fn read_skill(path: &str, item: &Value, skill: &Value) -> Result<Tool, AgentErro
 /// `- code: { language: python, name: run_python, timeout: 10s, memory_mb: 256, … }`: the
 /// model writes code, the node runs it in its sandbox.
 fn read_code(path: &str, item: &Value, code: &Value) -> Result<Tool, AgentError> {
-    if item.as_object().is_some_and(|o| o.len() > 1) {
-        return Err(bad(path, "a `code` entry has no other field"));
-    }
+    alone(path, item, "a `code` entry")?;
     let here = format!("{path}.code");
     let obj = code
         .as_object()
@@ -333,9 +339,7 @@ fn read_code(path: &str, item: &Value, code: &Value) -> Result<Tool, AgentError>
 /// `- message: { to: writer }` or `{ topic: drafts }`, with `name`, `description` and
 /// `approval`: the model sends a text as a message (docs/messages.md).
 fn read_message(path: &str, item: &Value, message: &Value) -> Result<Tool, AgentError> {
-    if item.as_object().is_some_and(|o| o.len() > 1) {
-        return Err(bad(path, "a `message` entry has no other field"));
-    }
+    alone(path, item, "a `message` entry")?;
     let here = format!("{path}.message");
     let obj = message
         .as_object()
@@ -411,9 +415,7 @@ fn read_message(path: &str, item: &Value, message: &Value) -> Result<Tool, Agent
 }
 
 fn read_mcp(path: &str, item: &Value, server: &Value) -> Result<McpUse, AgentError> {
-    if item.as_object().is_some_and(|o| o.len() > 1) {
-        return Err(bad(path, "an `mcp` entry has no other field"));
-    }
+    alone(path, item, "an `mcp` entry")?;
     let here = format!("{path}.mcp");
     let mut approval = false;
     let (server, only) = match server {
