@@ -300,12 +300,8 @@ impl Postbox {
         namespace: &str,
         agent: &str,
     ) -> Result<Vec<String>, TaskError> {
-        let known = self
-            .takers
-            .iter()
-            .any(|t| t.name == agent && t.inbox && t.namespaces.iter().any(|n| n == namespace));
         // A mailbox already holding messages keeps taking them while its agent is away.
-        if known
+        if self.has_inbox(namespace, agent)
             || self
                 .boxes
                 .contains_key(&(namespace.to_owned(), agent.to_owned()))
@@ -326,12 +322,15 @@ impl Postbox {
     pub fn taking_messages(&self, namespace: &str, names: Vec<String>) -> Vec<String> {
         names
             .into_iter()
-            .filter(|name| {
-                self.takers.iter().any(|t| {
-                    t.name == *name && t.inbox && t.namespaces.iter().any(|n| n == namespace)
-                })
-            })
+            .filter(|name| self.has_inbox(namespace, name))
             .collect()
+    }
+
+    /// Whether a live instance of `agent` takes messages by name in `namespace`.
+    fn has_inbox(&self, namespace: &str, agent: &str) -> bool {
+        self.takers
+            .iter()
+            .any(|t| t.name == agent && t.inbox && t.namespaces.iter().any(|n| n == namespace))
     }
 
     pub fn subscribers(&self, namespace: &str, topic: &str) -> Vec<String> {
