@@ -1,6 +1,8 @@
 //! An OTLP/gRPC trace receiver on loopback: where the telemetry tests and `mesh bench
 //! w2-traced` export spans. It counts every span it is sent; one started with `keep` also
-//! keeps them, decoded, for a test to read.
+//! keeps them, decoded, for a test to read. One that only counts decodes no more than the
+//! nesting of resources, scopes and spans, skipping each span's bytes: in `mesh bench` it
+//! shares the machine with the mesh it measures, and a collector's cost is not the mesh's.
 
 use std::collections::HashMap;
 use std::io;
@@ -91,6 +93,80 @@ impl TraceService for Service {
     }
 }
 
+/// An export request read only as far as its spans: each span's fields are skipped unread.
+#[derive(Clone, PartialEq, prost::Message)]
+struct Counted {
+    #[prost(message, repeated, tag = "1")]
+    resource_spans: Vec<CountedResource>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct CountedResource {
+    #[prost(message, repeated, tag = "2")]
+    scope_spans: Vec<CountedScope>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct CountedScope {
+    #[prost(message, repeated, tag = "2")]
+    spans: Vec<Skipped>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct Skipped {}
+
+/// The `TraceService` of a receiver that only counts, served as tonic's generated servers
+/// are, with a codec that decodes a [`Counted`].
+#[derive(Clone)]
+struct Counter(Arc<Shared>);
+
+impl tonic::server::NamedService for Counter {
+    const NAME: &'static str = "opentelemetry.proto.collector.trace.v1.TraceService";
+}
+
+impl tonic::server::UnaryService<Counted> for Counter {
+    type Response = ExportTraceServiceResponse;
+    type Future = std::future::Ready<Result<Response<ExportTraceServiceResponse>, Status>>;
+
+    fn call(&mut self, request: Request<Counted>) -> Self::Future {
+        let n: usize = (request.into_inner().resource_spans.iter())
+            .flat_map(|r| &r.scope_spans)
+            .map(|s| s.spans.len())
+            .sum();
+        self.0.count.fetch_add(n as u64, Ordering::Relaxed);
+        std::future::ready(Ok(Response::new(ExportTraceServiceResponse {
+            partial_success: None,
+        })))
+    }
+}
+
+impl<B> tonic::codegen::Service<tonic::codegen::http::Request<B>> for Counter
+where
+    B: tonic::codegen::Body + Send + 'static,
+    B::Error: Into<tonic::codegen::StdError> + Send + 'static,
+{
+    type Response = tonic::codegen::http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = tonic::codegen::BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: tonic::codegen::http::Request<B>) -> Self::Future {
+        let counter = self.clone();
+        Box::pin(async move {
+            let codec = tonic_prost::ProstCodec::<ExportTraceServiceResponse, Counted>::default();
+            Ok(tonic::server::Grpc::new(codec)
+                .unary(counter, request)
+                .await)
+        })
+    }
+}
+
 /// The receiver, served on a free loopback port until dropped.
 pub struct Receiver {
     pub addr: SocketAddr,
@@ -107,11 +183,15 @@ impl Receiver {
             count: AtomicU64::new(0),
             kept: keep.then(Mutex::default),
         });
-        let service = TraceServiceServer::new(Service(shared.clone()));
+        let (keeper, counter) = match keep {
+            true => (Some(TraceServiceServer::new(Service(shared.clone()))), None),
+            false => (None, Some(Counter(shared.clone()))),
+        };
         let server = tokio::spawn(async move {
             let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
             let _ = tonic::transport::Server::builder()
-                .add_service(service)
+                .add_optional_service(keeper)
+                .add_optional_service(counter)
                 .serve_with_incoming(incoming)
                 .await;
         });
@@ -144,5 +224,66 @@ impl Receiver {
 impl Drop for Receiver {
     fn drop(&mut self) {
         self.server.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
+    use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span as Proto};
+
+    fn request(spans_per_scope: &[usize]) -> ExportTraceServiceRequest {
+        let span = |i: usize| Proto {
+            trace_id: vec![1; 16],
+            span_id: vec![i as u8; 8],
+            name: format!("span {i}"),
+            attributes: vec![KeyValue {
+                key: "run_id".into(),
+                value: Some(opentelemetry_proto::tonic::common::v1::AnyValue {
+                    value: Some(Any::StringValue("r".repeat(i + 1))),
+                }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let scope = |n: usize| ScopeSpans {
+            spans: (0..n).map(span).collect(),
+            ..Default::default()
+        };
+        ExportTraceServiceRequest {
+            resource_spans: vec![
+                ResourceSpans {
+                    scope_spans: spans_per_scope.iter().map(|&n| scope(n)).collect(),
+                    ..Default::default()
+                },
+                ResourceSpans {
+                    scope_spans: vec![scope(1)],
+                    ..Default::default()
+                },
+            ],
+        }
+    }
+
+    #[tokio::test]
+    async fn both_receivers_count_every_span_and_one_keeps_them() {
+        for keep in [false, true] {
+            let receiver = Receiver::start(keep).await.unwrap();
+            let mut client = TraceServiceClient::connect(receiver.endpoint())
+                .await
+                .unwrap();
+            client.export(request(&[3, 0, 2])).await.unwrap();
+            client.export(request(&[4])).await.unwrap();
+            assert_eq!(receiver.count(), (3 + 2 + 1) + (4 + 1), "keep: {keep}");
+            let kept = receiver.spans();
+            match keep {
+                true => {
+                    assert_eq!(kept.len(), 11);
+                    assert_eq!(kept[1].name, "span 1");
+                    assert_eq!(kept[1].attributes["run_id"], "rr");
+                }
+                false => assert!(kept.is_empty()),
+            }
+        }
     }
 }
