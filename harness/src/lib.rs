@@ -4,10 +4,12 @@
 //! loopback ports, and poll a condition with a deadline. A [`Proc`] is killed on drop, and
 //! its log is printed when the thread that drops it is panicking (a failed test). And a
 //! model provider on loopback ([`fake_llm`]) that the `llm` tests and `mesh bench llm` call,
-//! and an OTLP trace receiver ([`otlp`]) for the telemetry tests and `mesh bench w2-traced`.
+//! an OTLP trace receiver ([`otlp`]) for the telemetry tests and `mesh bench w2-traced`, and a
+//! PostgreSQL server of their own ([`postgres`]) for the PostgreSQL store.
 
 pub mod fake_llm;
 pub mod otlp;
+pub mod postgres;
 
 use std::fmt;
 use std::fs::File;
