@@ -142,6 +142,10 @@ enum Command {
         /// Directory of the embedded store.
         #[arg(long, env = "MESH_DATA_DIR")]
         data_dir: Option<PathBuf>,
+        /// The store: postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE, or none for the
+        /// embedded SQLite store in the data directory.
+        #[arg(long, env = "MESH_STORE", hide_env_values = true)]
+        store: Option<String>,
         /// Listen beyond loopback without TLS and authentication (a trusted network only;
         /// warned at every start).
         #[arg(long)]
@@ -322,6 +326,7 @@ async fn run(cli: Cli) -> Result<()> {
             listen,
             http_listen,
             data_dir,
+            store,
             insecure,
         } => {
             let _telemetry = init_tracing("info,ractor=warn", "mesh-coordinator");
@@ -330,6 +335,7 @@ async fn run(cli: Cli) -> Result<()> {
             cfg.listen = listen.unwrap_or(cfg.listen);
             cfg.http_listen = http_listen.unwrap_or(cfg.http_listen);
             cfg.data_dir = data_dir.unwrap_or(cfg.data_dir);
+            cfg.store = store.map(mesh_coordinator::config::StoreUrl).or(cfg.store);
             mesh_coordinator::run(cfg, Some(prometheus()?), shutdown_signal()).await?;
             Ok(())
         }

@@ -13,8 +13,11 @@ pub struct CoordinatorConfig {
     pub listen: SocketAddr,
     /// HTTP address for `/metrics` and `/healthz`.
     pub http_listen: SocketAddr,
-    /// Directory of the embedded SQLite store.
+    /// Directory of the embedded SQLite store (and of files such as `admin.token`).
     pub data_dir: PathBuf,
+    /// Where the coordinator keeps its state: none for the embedded SQLite store in
+    /// `data_dir`, or `postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE` for PostgreSQL.
+    pub store: Option<StoreUrl>,
     /// Longest a unary call (or a stream's start) may take before it is answered
     /// `DEADLINE_EXCEEDED`; a client's shorter `grpc-timeout` applies too.
     #[serde(with = "humantime_serde")]
@@ -35,6 +38,23 @@ pub struct CoordinatorConfig {
     /// Listen beyond loopback without TLS and authentication (`--insecure`); otherwise such a
     /// coordinator refuses to start.
     pub insecure: bool,
+}
+
+/// The URL of a store server. It may hold a password: it is shown only without it.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct StoreUrl(pub String);
+
+impl std::fmt::Debug for StoreUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&crate::store::redact(&self.0))
+    }
+}
+
+impl std::fmt::Display for StoreUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&crate::store::redact(&self.0))
+    }
 }
 
 /// TLS on the gRPC port (docs/security.md): the coordinator's certificate and key, and the CA
@@ -73,6 +93,7 @@ impl Default for CoordinatorConfig {
             listen: ([127, 0, 0, 1], 7700).into(),
             http_listen: ([127, 0, 0, 1], 7701).into(),
             data_dir: PathBuf::from(".mesh/coordinator"),
+            store: None,
             request_deadline: Duration::from_secs(30),
             shutdown_grace: Duration::ZERO,
             store_probe_every: Duration::from_secs(2),

@@ -118,7 +118,7 @@ pub async fn start(
 ) -> Result<Coordinator> {
     crate::metrics::describe();
     check_exposure(&config)?;
-    let store = Store::open(&config.data_dir)?;
+    let store = Store::from_config(&config).await?;
     let epoch = store.bump_epoch().await?;
     let tls = server_tls(&config.tls)?;
     let jwt = match &config.auth.jwt {

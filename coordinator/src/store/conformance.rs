@@ -16,9 +16,9 @@ use crate::error::{Error, Result};
 pub(crate) trait Fixture {
     type Store: Backend;
     /// Opens the fixture's store: empty the first time, the same data after.
-    fn open(&self) -> Result<Self::Store>;
+    async fn open(&self) -> Result<Self::Store>;
     /// Marks the stored data as written by layout `version` (the next open must refuse it).
-    fn set_layout(&self, version: &str);
+    async fn set_layout(&self, version: &str);
 }
 
 /// Runs every case of the suite against the fixture `$make` builds (fresh for each case).
@@ -107,7 +107,7 @@ fn workflow(name: &str, version: u32, steps: usize) -> NewWorkflow {
 }
 
 pub(crate) async fn an_idempotency_key_has_one_run(f: &impl Fixture) {
-    let store = f.open().unwrap();
+    let store = f.open().await.unwrap();
     let first = store.submit(new_run(goal(Some("k1")))).await.unwrap();
     let again = store.submit(new_run(goal(Some("k1")))).await.unwrap();
     assert!(first.created);
@@ -136,7 +136,7 @@ pub(crate) async fn an_idempotency_key_has_one_run(f: &impl Fixture) {
 }
 
 pub(crate) async fn a_new_run_is_stored_with_its_first_decisions(f: &impl Fixture) {
-    let store = f.open().unwrap();
+    let store = f.open().await.unwrap();
     let mut new = new_run(goal(Some("first")));
     new.events = vec![started("a", 1)];
     let run = store.submit(new.clone()).await.unwrap();
@@ -159,7 +159,7 @@ pub(crate) async fn a_new_run_is_stored_with_its_first_decisions(f: &impl Fixtur
 
 pub(crate) async fn the_journal_survives_a_reopen_whole_and_in_order(f: &impl Fixture) {
     let run = {
-        let store = f.open().unwrap();
+        let store = f.open().await.unwrap();
         assert_eq!(store.bump_epoch().await.unwrap(), 1);
         let run = store.submit(new_run(goal(None))).await.unwrap();
         let events = vec![
@@ -173,7 +173,7 @@ pub(crate) async fn the_journal_survives_a_reopen_whole_and_in_order(f: &impl Fi
         assert_eq!(back, events, "the events come back to the caller");
         run
     };
-    let store = f.open().unwrap();
+    let store = f.open().await.unwrap();
     assert_eq!(store.bump_epoch().await.unwrap(), 2, "the epoch is durable");
     let stored = store.load_run(&run.run_id).await.unwrap();
     assert_eq!(stored.next_seq, 3);
@@ -203,7 +203,7 @@ pub(crate) async fn the_journal_survives_a_reopen_whole_and_in_order(f: &impl Fi
 }
 
 pub(crate) async fn a_finished_run_leaves_the_unfinished_list(f: &impl Fixture) {
-    let store = f.open().unwrap();
+    let store = f.open().await.unwrap();
     let a = store.submit(new_run(goal(None))).await.unwrap().run_id;
     let b = store.submit(new_run(goal(None))).await.unwrap().run_id;
     assert_eq!(
@@ -237,7 +237,7 @@ pub(crate) async fn a_finished_run_leaves_the_unfinished_list(f: &impl Fixture) 
 }
 
 pub(crate) async fn writes_side_by_side_are_isolated_and_keys_stay_unique(f: &impl Fixture) {
-    let store = f.open().unwrap();
+    let store = f.open().await.unwrap();
     let run = store.submit(new_run(goal(None))).await.unwrap().run_id;
     // Many writes at once; a bad one fails alone.
     let mut writes = Vec::new();
@@ -277,7 +277,7 @@ pub(crate) async fn writes_side_by_side_are_isolated_and_keys_stay_unique(f: &im
 }
 
 pub(crate) async fn runs_list_in_pages_newest_first(f: &impl Fixture) {
-    let store = f.open().unwrap();
+    let store = f.open().await.unwrap();
     let mut ids = Vec::new();
     for _ in 0..5 {
         ids.push(store.submit(new_run(goal(None))).await.unwrap().run_id);
@@ -310,7 +310,7 @@ pub(crate) async fn runs_list_in_pages_newest_first(f: &impl Fixture) {
 }
 
 pub(crate) async fn workflow_versions_never_change(f: &impl Fixture) {
-    let store = f.open().unwrap();
+    let store = f.open().await.unwrap();
     let (v1, created) = store
         .register_workflow(workflow("team.review", 1, 1))
         .await
@@ -349,7 +349,7 @@ pub(crate) async fn workflow_versions_never_change(f: &impl Fixture) {
 }
 
 pub(crate) async fn workflows_list_in_pages(f: &impl Fixture) {
-    let store = f.open().unwrap();
+    let store = f.open().await.unwrap();
     for (name, version) in [("a", 1), ("a", 2), ("b", 1), ("c", 1), ("c", 2)] {
         store
             .register_workflow(workflow(name, version, 1))
@@ -393,7 +393,7 @@ pub(crate) async fn workflows_list_in_pages(f: &impl Fixture) {
 }
 
 pub(crate) async fn swarm_members_are_kept_once(f: &impl Fixture) {
-    let store = f.open().unwrap();
+    let store = f.open().await.unwrap();
     let run = store.submit(new_run(goal(None))).await.unwrap();
     let member = |node: &str| SwarmMember {
         skill: "echo".into(),
@@ -413,7 +413,7 @@ pub(crate) async fn swarm_members_are_kept_once(f: &impl Fixture) {
 }
 
 pub(crate) async fn unknown_things_are_not_found(f: &impl Fixture) {
-    let store = f.open().unwrap();
+    let store = f.open().await.unwrap();
     match store.load_run(&RunId("run-none".into())).await {
         Err(Error::RunNotFound(id)) => assert_eq!(id, "run-none"),
         r => panic!("expected RunNotFound, got {r:?}"),
@@ -434,27 +434,29 @@ pub(crate) async fn unknown_things_are_not_found(f: &impl Fixture) {
 }
 
 pub(crate) async fn the_store_can_be_probed(f: &impl Fixture) {
-    let store = f.open().unwrap();
+    let store = f.open().await.unwrap();
     store.probe().await.unwrap();
     store.probe().await.unwrap();
 }
 
 pub(crate) async fn another_layout_is_refused(f: &impl Fixture) {
-    let store = f.open().unwrap();
+    let store = f.open().await.unwrap();
     store.submit(new_run(goal(None))).await.unwrap();
     drop(store);
-    f.set_layout("1");
+    // A layout newer than any this build knows.
+    f.set_layout("99").await;
     let err = f
         .open()
+        .await
         .err()
         .expect("a store of another layout opens")
         .to_string();
-    assert!(err.contains("layout 1"), "names the layout found: {err}");
+    assert!(err.contains("layout 99"), "names the layout found: {err}");
 }
 
 pub(crate) async fn memory_is_saved_with_its_result_kept_per_key_and_expires(f: &impl Fixture) {
     use crate::memory::{MAX_ENTRIES_PER_KEY, NewMemory};
-    let store = f.open().unwrap();
+    let store = f.open().await.unwrap();
     let run = store.submit(new_run(goal(None))).await.unwrap();
     let saved = |n: u32| JournalEvent::MemorySaved {
         step: "a".into(),

@@ -6,7 +6,8 @@
 //! The journal is the record: a run is rebuilt by replaying it (`run::RunMachine::replay`).
 //! A backend keeps each run's state and times for listing in step with its journal.
 //!
-//! Backends: [`SqliteStore`] (embedded, the default). [`Store`] is the one the coordinator
+//! Backends: [`SqliteStore`] (embedded, the default) and [`PostgresStore`] (a server several
+//! coordinators share). [`Store`] is the one the coordinator
 //! holds: an enum over the backends, so that choosing one is a value, not a type parameter
 //! threaded through every actor.
 //!
@@ -29,8 +30,12 @@ use crate::postbox::{MessageKey, StoredMessage};
 use crate::secrets::SealedSecret;
 use crate::tools::ToolRecord;
 
+mod postgres;
 mod sqlite;
+mod write;
+pub use postgres::{PostgresStore, redact};
 pub use sqlite::SqliteStore;
+use write::{WriteOp, Writer};
 
 #[cfg(test)]
 pub(crate) mod conformance;
@@ -83,6 +88,16 @@ pub struct NewWorkflow {
 /// One page of workflows and the token of the next (`name@version` of the last one).
 pub type WorkflowPage = (Vec<WorkflowRecord>, Option<String>);
 
+/// Cuts a page read with one row more than `size`: the extra row, when there is one, says
+/// that a next page exists, which starts after the key of the page's last row.
+pub(crate) fn cut_page<T, K>(rows: &mut Vec<T>, size: u32, key: impl Fn(&T) -> K) -> Option<K> {
+    if rows.len() <= size as usize {
+        return None;
+    }
+    rows.truncate(size as usize);
+    rows.last().map(key)
+}
+
 pub fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -91,14 +106,28 @@ pub fn now_ms() -> i64 {
 }
 
 /// What the coordinator asks of a store. Writes are durable when their future resolves Ok.
+///
+/// Every write goes through the backend's [`Writer`] (one writer committing in groups, see
+/// `write`): a backend answers reads and hands out its writer; the writes are the same for all.
 pub trait Backend: Clone + Send + Sync + 'static {
+    /// Where this backend's writes queue.
+    fn writer(&self) -> &Writer;
+
     /// Increments and returns the coordinator epoch; called once per start.
-    fn bump_epoch(&self) -> impl Future<Output = Result<u64>> + Send;
+    fn bump_epoch(&self) -> impl Future<Output = Result<u64>> + Send {
+        async { self.writer().send(WriteOp::BumpEpoch).await? }
+    }
 
     /// Stores a new goal and its run (journal entry 0 is `RunCreated`, then the run's first
     /// decisions), or returns the run of an earlier goal with the same idempotency key
     /// (`created: false`); the same key with another request digest is `AlreadyExists`.
-    fn submit(&self, new: NewRun) -> impl Future<Output = Result<RunRef>> + Send;
+    fn submit(&self, new: NewRun) -> impl Future<Output = Result<RunRef>> + Send {
+        async {
+            self.writer()
+                .send(|reply| WriteOp::Submit(Box::new(new), reply))
+                .await?
+        }
+    }
 
     /// Appends `events` as entries `seq..` of the run's journal, all or none; hands the
     /// events back.
@@ -107,25 +136,54 @@ pub trait Backend: Clone + Send + Sync + 'static {
         run_id: &RunId,
         seq: u64,
         events: Vec<JournalEvent>,
-    ) -> impl Future<Output = Result<Vec<JournalEvent>>> + Send;
+    ) -> impl Future<Output = Result<Vec<JournalEvent>>> + Send {
+        async move {
+            let run_id = run_id.clone();
+            let (events, result) = self
+                .writer()
+                .send(|reply| WriteOp::Record {
+                    run_id,
+                    seq,
+                    events,
+                    reply,
+                })
+                .await?;
+            result.map(|()| events)
+        }
+    }
 
     /// Writes something that does not matter and commits, to learn whether the store can
     /// be written (a full disk, a read-only file system, a lost server).
-    fn probe(&self) -> impl Future<Output = Result<()>> + Send;
+    fn probe(&self) -> impl Future<Output = Result<()>> + Send {
+        async { self.writer().send(WriteOp::Probe).await? }
+    }
 
     /// Records that the swarm of `goal_id` uses `member`; idempotent.
     fn add_swarm_member(
         &self,
         goal_id: &GoalId,
         member: &SwarmMember,
-    ) -> impl Future<Output = Result<()>> + Send;
+    ) -> impl Future<Output = Result<()>> + Send {
+        let (goal_id, member) = (goal_id.clone(), member.clone());
+        async {
+            self.writer()
+                .send(|reply| WriteOp::AddMember(goal_id, member, reply))
+                .await?
+        }
+    }
 
     /// Registers a workflow version; `false` when this exact content was registered before.
     /// Other content under a taken version is `AlreadyExists`.
     fn register_workflow(
         &self,
         new: NewWorkflow,
-    ) -> impl Future<Output = Result<(WorkflowRecord, bool)>> + Send;
+    ) -> impl Future<Output = Result<(WorkflowRecord, bool)>> + Send {
+        async {
+            self.writer()
+                .send(|reply| WriteOp::Register(Box::new(new), reply))
+                .await?
+        }
+    }
 
     /// A workflow version, or its newest version when `version` is `None`;
     /// `WorkflowNotFound` naming `name[@version]` when there is none.
@@ -171,42 +229,97 @@ pub trait Backend: Clone + Send + Sync + 'static {
     fn list_runs(&self, query: &ListRunsQuery) -> impl Future<Output = Result<RunPage>> + Send;
 
     /// Stores a new token, or a token's revocation.
-    fn put_token(&self, token: TokenRecord) -> impl Future<Output = Result<()>> + Send;
+    fn put_token(&self, token: TokenRecord) -> impl Future<Output = Result<()>> + Send {
+        async {
+            self.writer()
+                .send(|reply| WriteOp::PutToken(Box::new(token), reply))
+                .await?
+        }
+    }
 
     /// Every token, newest first (hashes, never secrets).
     fn tokens(&self) -> impl Future<Output = Result<Vec<TokenRecord>>> + Send;
 
     /// Stores a sealed secret, replacing the namespace's earlier one of that name.
-    fn put_secret(&self, secret: SealedSecret) -> impl Future<Output = Result<()>> + Send;
+    fn put_secret(&self, secret: SealedSecret) -> impl Future<Output = Result<()>> + Send {
+        async {
+            self.writer()
+                .send(|reply| WriteOp::PutSecret(Box::new(secret), reply))
+                .await?
+        }
+    }
 
     /// Deletes a secret; deleting one that is not there is not an error.
-    fn delete_secret(&self, namespace: &str, name: &str)
-    -> impl Future<Output = Result<()>> + Send;
+    fn delete_secret(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> impl Future<Output = Result<()>> + Send {
+        let (namespace, name) = (namespace.to_owned(), name.to_owned());
+        async {
+            self.writer()
+                .send(|reply| WriteOp::DeleteSecret(namespace, name, reply))
+                .await?
+        }
+    }
 
     /// Every secret, sealed.
     fn secrets(&self) -> impl Future<Output = Result<Vec<SealedSecret>>> + Send;
 
     /// Keeps messages taken by the postbox until they are acknowledged (one per recipient).
-    fn put_messages(&self, messages: Vec<StoredMessage>)
-    -> impl Future<Output = Result<()>> + Send;
+    fn put_messages(
+        &self,
+        messages: Vec<StoredMessage>,
+    ) -> impl Future<Output = Result<()>> + Send {
+        async {
+            self.writer()
+                .send(|reply| WriteOp::PutMessages(messages, reply))
+                .await?
+        }
+    }
 
     /// Forgets an acknowledged (or dropped) message.
-    fn delete_message(&self, key: MessageKey) -> impl Future<Output = Result<()>> + Send;
+    fn delete_message(&self, key: MessageKey) -> impl Future<Output = Result<()>> + Send {
+        async {
+            self.writer()
+                .send(|reply| WriteOp::DeleteMessage(key, reply))
+                .await?
+        }
+    }
 
     /// Every message kept, oldest first.
     fn messages(&self) -> impl Future<Output = Result<Vec<StoredMessage>>> + Send;
 
     /// Registers a tool in its namespace, replacing the earlier one of that name.
-    fn put_tool(&self, tool: ToolRecord) -> impl Future<Output = Result<()>> + Send;
+    fn put_tool(&self, tool: ToolRecord) -> impl Future<Output = Result<()>> + Send {
+        async {
+            self.writer()
+                .send(|reply| WriteOp::PutTool(Box::new(tool), reply))
+                .await?
+        }
+    }
 
     /// Deletes a registered tool; deleting one that is not there is not an error.
-    fn delete_tool(&self, namespace: &str, name: &str) -> impl Future<Output = Result<()>> + Send;
+    fn delete_tool(&self, namespace: &str, name: &str) -> impl Future<Output = Result<()>> + Send {
+        let (namespace, name) = (namespace.to_owned(), name.to_owned());
+        async {
+            self.writer()
+                .send(|reply| WriteOp::DeleteTool(namespace, name, reply))
+                .await?
+        }
+    }
 
     /// Every registered tool.
     fn tools(&self) -> impl Future<Output = Result<Vec<ToolRecord>>> + Send;
 
     /// Appends a memory entry put through the API.
-    fn put_memory(&self, new: NewMemory) -> impl Future<Output = Result<()>> + Send;
+    fn put_memory(&self, new: NewMemory) -> impl Future<Output = Result<()>> + Send {
+        async {
+            self.writer()
+                .send(|reply| WriteOp::PutMemory(Box::new(new), reply))
+                .await?
+        }
+    }
 
     /// Deletes every entry of a key; deleting a key that is not there is not an error.
     fn delete_memory(
@@ -214,7 +327,14 @@ pub trait Backend: Clone + Send + Sync + 'static {
         namespace: &str,
         scope: &str,
         key: &str,
-    ) -> impl Future<Output = Result<()>> + Send;
+    ) -> impl Future<Output = Result<()>> + Send {
+        let (n, s, k) = (namespace.to_owned(), scope.to_owned(), key.to_owned());
+        async {
+            self.writer()
+                .send(|reply| WriteOp::DeleteMemory(n, s, k, reply))
+                .await?
+        }
+    }
 
     /// The newest `last` entries of a key not expired, oldest first.
     fn memory(
@@ -235,7 +355,13 @@ pub trait Backend: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Result<MemoryPage>> + Send;
 
     /// Appends rows to the audit log (append-only: nothing updates or deletes them).
-    fn append_audit(&self, rows: Vec<AuditEntry>) -> impl Future<Output = Result<()>> + Send;
+    fn append_audit(&self, rows: Vec<AuditEntry>) -> impl Future<Output = Result<()>> + Send {
+        async {
+            self.writer()
+                .send(|reply| WriteOp::Audit(rows, reply))
+                .await?
+        }
+    }
 
     /// One page of the audit log, newest first.
     fn list_audit(&self, query: &AuditQuery) -> impl Future<Output = Result<AuditPage>> + Send;
@@ -245,9 +371,24 @@ pub trait Backend: Clone + Send + Sync + 'static {
 #[derive(Clone, Debug)]
 pub enum Store {
     Sqlite(SqliteStore),
+    Postgres(PostgresStore),
 }
 
 impl Store {
+    /// The store the configuration names: PostgreSQL at `store`, or the embedded store in
+    /// `data_dir`.
+    pub async fn from_config(config: &crate::config::CoordinatorConfig) -> Result<Self> {
+        match &config.store {
+            None => Self::open(&config.data_dir),
+            Some(url) if url.0.starts_with("postgres://") || url.0.starts_with("postgresql://") => {
+                Ok(Store::Postgres(PostgresStore::connect(&url.0).await?))
+            }
+            Some(url) => Err(crate::error::Error::Fatal(format!(
+                "store: `{url}` is not a store this build knows; give postgres://USER@HOST/DATABASE, or no store for the embedded one"
+            ))),
+        }
+    }
+
     /// The embedded store in `dir` (`<dir>/mesh.db`), created when absent.
     pub fn open(dir: &Path) -> Result<Self> {
         Ok(Store::Sqlite(SqliteStore::open(dir)?))
@@ -265,33 +406,14 @@ macro_rules! on_backend {
     ($self:ident, $s:ident => $call:expr) => {
         match $self {
             Store::Sqlite($s) => $call,
+            Store::Postgres($s) => $call,
         }
     };
 }
 
 impl Backend for Store {
-    async fn bump_epoch(&self) -> Result<u64> {
-        on_backend!(self, s => s.bump_epoch().await)
-    }
-    async fn submit(&self, new: NewRun) -> Result<RunRef> {
-        on_backend!(self, s => s.submit(new).await)
-    }
-    async fn record(
-        &self,
-        run_id: &RunId,
-        seq: u64,
-        events: Vec<JournalEvent>,
-    ) -> Result<Vec<JournalEvent>> {
-        on_backend!(self, s => s.record(run_id, seq, events).await)
-    }
-    async fn probe(&self) -> Result<()> {
-        on_backend!(self, s => s.probe().await)
-    }
-    async fn add_swarm_member(&self, goal_id: &GoalId, member: &SwarmMember) -> Result<()> {
-        on_backend!(self, s => s.add_swarm_member(goal_id, member).await)
-    }
-    async fn register_workflow(&self, new: NewWorkflow) -> Result<(WorkflowRecord, bool)> {
-        on_backend!(self, s => s.register_workflow(new).await)
+    fn writer(&self) -> &Writer {
+        on_backend!(self, s => s.writer())
     }
     async fn workflow(&self, name: &str, version: Option<u32>) -> Result<WorkflowRecord> {
         on_backend!(self, s => s.workflow(name, version).await)
@@ -329,46 +451,19 @@ impl Backend for Store {
     async fn list_runs(&self, query: &ListRunsQuery) -> Result<RunPage> {
         on_backend!(self, s => s.list_runs(query).await)
     }
-    async fn put_token(&self, token: TokenRecord) -> Result<()> {
-        on_backend!(self, s => s.put_token(token).await)
-    }
     async fn tokens(&self) -> Result<Vec<TokenRecord>> {
         on_backend!(self, s => s.tokens().await)
-    }
-    async fn put_secret(&self, secret: SealedSecret) -> Result<()> {
-        on_backend!(self, s => s.put_secret(secret).await)
-    }
-    async fn delete_secret(&self, namespace: &str, name: &str) -> Result<()> {
-        on_backend!(self, s => s.delete_secret(namespace, name).await)
     }
     async fn secrets(&self) -> Result<Vec<SealedSecret>> {
         on_backend!(self, s => s.secrets().await)
     }
-    async fn put_messages(&self, messages: Vec<StoredMessage>) -> Result<()> {
-        on_backend!(self, s => s.put_messages(messages).await)
-    }
-    async fn delete_message(&self, key: MessageKey) -> Result<()> {
-        on_backend!(self, s => s.delete_message(key).await)
-    }
     async fn messages(&self) -> Result<Vec<StoredMessage>> {
         on_backend!(self, s => s.messages().await)
-    }
-    async fn put_tool(&self, tool: ToolRecord) -> Result<()> {
-        on_backend!(self, s => s.put_tool(tool).await)
-    }
-    async fn delete_tool(&self, namespace: &str, name: &str) -> Result<()> {
-        on_backend!(self, s => s.delete_tool(namespace, name).await)
     }
     async fn tools(&self) -> Result<Vec<ToolRecord>> {
         on_backend!(self, s => s.tools().await)
     }
 
-    async fn put_memory(&self, new: NewMemory) -> Result<()> {
-        on_backend!(self, s => s.put_memory(new).await)
-    }
-    async fn delete_memory(&self, namespace: &str, scope: &str, key: &str) -> Result<()> {
-        on_backend!(self, s => s.delete_memory(namespace, scope, key).await)
-    }
     async fn memory(
         &self,
         namespace: &str,
@@ -386,9 +481,6 @@ impl Backend for Store {
         after: Option<(String, String)>,
     ) -> Result<MemoryPage> {
         on_backend!(self, s => s.list_memory(namespace, scope, page_size, after).await)
-    }
-    async fn append_audit(&self, rows: Vec<AuditEntry>) -> Result<()> {
-        on_backend!(self, s => s.append_audit(rows).await)
     }
     async fn list_audit(&self, query: &AuditQuery) -> Result<AuditPage> {
         on_backend!(self, s => s.list_audit(query).await)

@@ -11,18 +11,20 @@
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 use mesh_proto::domain::*;
 use rusqlite::{Connection, OptionalExtension, params};
 use serde_json::Value;
 
+use super::write::{Applied, MAX_GROUP, WriteOp, Writer};
 use super::{
-    Backend, JournalEvent, NewRun, NewWorkflow, StoredGoal, StoredRun, WorkflowPage, now_ms,
+    Backend, JournalEvent, NewRun, NewWorkflow, StoredGoal, StoredRun, WorkflowPage, cut_page,
+    now_ms,
 };
 use crate::auth::{AuditEntry, AuditPage, AuditQuery, Decision, TokenRecord};
 use crate::error::{Error, Result};
-use crate::memory::{MemoryEntry, MemoryKey, MemoryPage, NewMemory};
+use crate::memory::{MemoryEntry, MemoryKey, MemoryPage};
 use crate::postbox::{MessageKey, StoredMessage};
 use crate::secrets::SealedSecret;
 use crate::tools::ToolRecord;
@@ -142,44 +144,9 @@ CREATE TABLE IF NOT EXISTS swarm_members (
 /// previous one, which is brought up to date (see [`migrate`]).
 const SCHEMA_VERSION: &str = "3";
 
-/// Writes waiting for the writer thread; past it callers wait (backpressure).
-const WRITE_QUEUE: usize = 4096;
-/// Most writes committed together.
-pub const MAX_GROUP: usize = 512;
-
-/// A write for the writer thread, with where to send its answer.
-enum WriteOp {
-    BumpEpoch(oneshot::Sender<Result<u64>>),
-    Submit(Box<NewRun>, oneshot::Sender<Result<RunRef>>),
-    Record {
-        run_id: RunId,
-        seq: u64,
-        events: Vec<JournalEvent>,
-        reply: oneshot::Sender<(Vec<JournalEvent>, Result<()>)>,
-    },
-    AddMember(GoalId, SwarmMember, oneshot::Sender<Result<()>>),
-    /// A write of nothing that matters, to learn whether the store can be written.
-    Probe(oneshot::Sender<Result<()>>),
-    Register(
-        Box<NewWorkflow>,
-        oneshot::Sender<Result<(WorkflowRecord, bool)>>,
-    ),
-    PutToken(Box<TokenRecord>, oneshot::Sender<Result<()>>),
-    PutSecret(Box<SealedSecret>, oneshot::Sender<Result<()>>),
-    DeleteSecret(String, String, oneshot::Sender<Result<()>>),
-    PutTool(Box<ToolRecord>, oneshot::Sender<Result<()>>),
-    PutMessages(Vec<StoredMessage>, oneshot::Sender<Result<()>>),
-    DeleteMessage(MessageKey, oneshot::Sender<Result<()>>),
-    DeleteTool(String, String, oneshot::Sender<Result<()>>),
-    Audit(Vec<AuditEntry>, oneshot::Sender<Result<()>>),
-    PutMemory(Box<NewMemory>, oneshot::Sender<Result<()>>),
-    /// Namespace, scope, key.
-    DeleteMemory(String, String, String, oneshot::Sender<Result<()>>),
-}
-
 #[derive(Clone)]
 pub struct SqliteStore {
-    writer: mpsc::Sender<WriteOp>,
+    writer: Writer,
     reader: Arc<Mutex<Connection>>,
 }
 
@@ -221,10 +188,6 @@ fn connect(path: &Path) -> Result<Connection> {
     Ok(conn)
 }
 
-fn writer_gone() -> Error {
-    Error::Unavailable("store writer")
-}
-
 impl SqliteStore {
     /// Opens (and creates) the database in `dir` and starts its writer thread, which ends
     /// when the last handle is dropped.
@@ -236,7 +199,7 @@ impl SqliteStore {
         migrate(&write_conn)?;
         check_schema(&write_conn, &path)?;
         let reader = connect(&path)?;
-        let (writer, rx) = mpsc::channel(WRITE_QUEUE);
+        let (writer, rx) = Writer::new();
         std::thread::Builder::new()
             .name("mesh-store-writer".into())
             .spawn(move || write_loop(&mut write_conn, rx))?;
@@ -251,7 +214,7 @@ impl SqliteStore {
     #[cfg(test)]
     pub(crate) fn without_writer(dir: &Path) -> Result<Self> {
         let store = Self::open(dir)?;
-        let (writer, _) = mpsc::channel(1);
+        let (writer, _) = Writer::new();
         Ok(Self { writer, ..store })
     }
 
@@ -260,65 +223,12 @@ impl SqliteStore {
         // poisoned lock is safe to take over.
         self.reader.lock().unwrap_or_else(|p| p.into_inner())
     }
-
-    async fn write<T>(&self, op: impl FnOnce(oneshot::Sender<T>) -> WriteOp) -> Result<T> {
-        let (tx, rx) = oneshot::channel();
-        self.writer.send(op(tx)).await.map_err(|_| writer_gone())?;
-        rx.await.map_err(|_| writer_gone())
-    }
 }
 
 impl Backend for SqliteStore {
-    /// Increments and returns the coordinator epoch; called once per start.
-    async fn bump_epoch(&self) -> Result<u64> {
-        self.write(WriteOp::BumpEpoch).await?
+    fn writer(&self) -> &Writer {
+        &self.writer
     }
-
-    /// Stores a new goal and its run (with its first decisions), or returns the run of an
-    /// earlier goal with the same idempotency key. Durable when it returns.
-    async fn submit(&self, new: NewRun) -> Result<RunRef> {
-        self.write(|reply| WriteOp::Submit(Box::new(new), reply))
-            .await?
-    }
-
-    /// Appends `events` as entries `seq..` of the run's journal. Durable when it returns;
-    /// hands the events back.
-    async fn record(
-        &self,
-        run_id: &RunId,
-        seq: u64,
-        events: Vec<JournalEvent>,
-    ) -> Result<Vec<JournalEvent>> {
-        let (events, result) = self
-            .write(|reply| WriteOp::Record {
-                run_id: run_id.clone(),
-                seq,
-                events,
-                reply,
-            })
-            .await?;
-        result.map(|()| events)
-    }
-
-    /// Writes to the store and commits, to learn whether it can be written (a full disk, a
-    /// read-only file system). Durable when it returns Ok.
-    async fn probe(&self) -> Result<()> {
-        self.write(WriteOp::Probe).await?
-    }
-
-    /// Records that the swarm of `goal_id` uses `member`; idempotent.
-    async fn add_swarm_member(&self, goal_id: &GoalId, member: &SwarmMember) -> Result<()> {
-        self.write(|reply| WriteOp::AddMember(goal_id.clone(), member.clone(), reply))
-            .await?
-    }
-
-    /// Registers a workflow version; `false` when this exact content was registered before.
-    /// Other content under a taken version is `AlreadyExists`.
-    async fn register_workflow(&self, new: NewWorkflow) -> Result<(WorkflowRecord, bool)> {
-        self.write(|reply| WriteOp::Register(Box::new(new), reply))
-            .await?
-    }
-
     /// A workflow version, or its newest version when `version` is `None`.
     async fn workflow(&self, name: &str, version: Option<u32>) -> Result<WorkflowRecord> {
         let conn = self.read();
@@ -370,12 +280,9 @@ impl Backend for SqliteStore {
                 workflow_row,
             )?
             .collect::<rusqlite::Result<Vec<_>>>()?;
-        let next = if rows.len() > page_size as usize {
-            rows.truncate(page_size as usize);
-            rows.last().map(|w| format!("{}@{}", w.name, w.version))
-        } else {
-            None
-        };
+        let next = cut_page(&mut rows, page_size, |w| {
+            format!("{}@{}", w.name, w.version)
+        });
         Ok((rows, next))
     }
 
@@ -536,42 +443,11 @@ impl Backend for SqliteStore {
                 },
             )
             .collect::<Result<Vec<_>>>()?;
-        let next_page_token = if runs.len() > query.page_size as usize {
-            runs.truncate(query.page_size as usize);
-            runs.last().map(|r| r.run_id.0.clone())
-        } else {
-            None
-        };
+        let next_page_token = cut_page(&mut runs, query.page_size, |r| r.run_id.0.clone());
         Ok(RunPage {
             runs,
             next_page_token,
         })
-    }
-
-    async fn put_token(&self, token: TokenRecord) -> Result<()> {
-        self.write(|reply| WriteOp::PutToken(Box::new(token), reply))
-            .await?
-    }
-
-    async fn put_secret(&self, secret: SealedSecret) -> Result<()> {
-        self.write(|reply| WriteOp::PutSecret(Box::new(secret), reply))
-            .await?
-    }
-
-    async fn delete_secret(&self, namespace: &str, name: &str) -> Result<()> {
-        let (namespace, name) = (namespace.to_owned(), name.to_owned());
-        self.write(|reply| WriteOp::DeleteSecret(namespace, name, reply))
-            .await?
-    }
-
-    async fn put_messages(&self, messages: Vec<StoredMessage>) -> Result<()> {
-        self.write(|reply| WriteOp::PutMessages(messages, reply))
-            .await?
-    }
-
-    async fn delete_message(&self, key: MessageKey) -> Result<()> {
-        self.write(|reply| WriteOp::DeleteMessage(key, reply))
-            .await?
     }
 
     async fn messages(&self) -> Result<Vec<StoredMessage>> {
@@ -600,17 +476,6 @@ impl Backend for SqliteStore {
         Ok(rows)
     }
 
-    async fn put_tool(&self, tool: ToolRecord) -> Result<()> {
-        self.write(|reply| WriteOp::PutTool(Box::new(tool), reply))
-            .await?
-    }
-
-    async fn delete_tool(&self, namespace: &str, name: &str) -> Result<()> {
-        let (namespace, name) = (namespace.to_owned(), name.to_owned());
-        self.write(|reply| WriteOp::DeleteTool(namespace, name, reply))
-            .await?
-    }
-
     async fn tools(&self) -> Result<Vec<ToolRecord>> {
         let conn = self.read();
         let mut stmt = conn.prepare_cached(
@@ -630,17 +495,6 @@ impl Backend for SqliteStore {
             })?
             .collect::<rusqlite::Result<Vec<_>>>()?;
         Ok(rows)
-    }
-
-    async fn put_memory(&self, new: NewMemory) -> Result<()> {
-        self.write(|reply| WriteOp::PutMemory(Box::new(new), reply))
-            .await?
-    }
-
-    async fn delete_memory(&self, namespace: &str, scope: &str, key: &str) -> Result<()> {
-        let (n, s, k) = (namespace.to_owned(), scope.to_owned(), key.to_owned());
-        self.write(|reply| WriteOp::DeleteMemory(n, s, k, reply))
-            .await?
     }
 
     async fn memory(
@@ -710,12 +564,7 @@ impl Backend for SqliteStore {
             )?
             .collect::<rusqlite::Result<Vec<_>>>()?;
         let mut keys = keys;
-        let next = (keys.len() > page_size as usize).then(|| {
-            keys.truncate(page_size as usize);
-            keys.last()
-                .map(|k| (k.scope.clone(), k.key.clone()))
-                .unwrap_or_default()
-        });
+        let next = cut_page(&mut keys, page_size, |k| (k.scope.clone(), k.key.clone()));
         Ok(MemoryPage { keys, next })
     }
 
@@ -772,10 +621,6 @@ impl Backend for SqliteStore {
             .collect()
     }
 
-    async fn append_audit(&self, rows: Vec<AuditEntry>) -> Result<()> {
-        self.write(|reply| WriteOp::Audit(rows, reply)).await?
-    }
-
     async fn list_audit(&self, q: &AuditQuery) -> Result<AuditPage> {
         let conn = self.read();
         let limit = i64::from(q.page_size) + 1;
@@ -829,12 +674,7 @@ impl Backend for SqliteStore {
                 },
             )
             .collect::<Result<Vec<_>>>()?;
-        let next = if rows.len() > q.page_size as usize {
-            rows.truncate(q.page_size as usize);
-            rows.last().map(|r| r.seq)
-        } else {
-            None
-        };
+        let next = cut_page(&mut rows, q.page_size, |r| r.seq);
         Ok(AuditPage { rows, next })
     }
 }
@@ -852,23 +692,6 @@ fn write_loop(conn: &mut Connection, mut rx: mpsc::Receiver<WriteOp>) {
         }
         commit_group(conn, batch.drain(..));
     }
-}
-
-/// A write applied inside the group's transaction, waiting for the commit to answer.
-enum Applied {
-    Epoch(oneshot::Sender<Result<u64>>, Result<u64>),
-    Submit(oneshot::Sender<Result<RunRef>>, Result<RunRef>),
-    Record(
-        oneshot::Sender<(Vec<JournalEvent>, Result<()>)>,
-        Vec<JournalEvent>,
-        Result<()>,
-    ),
-    Member(oneshot::Sender<Result<()>>, Result<()>),
-    Probe(oneshot::Sender<Result<()>>, Result<()>),
-    Register(
-        oneshot::Sender<Result<(WorkflowRecord, bool)>>,
-        Result<(WorkflowRecord, bool)>,
-    ),
 }
 
 /// Applies each write in its own savepoint (a failed write leaves the others whole), commits
@@ -1027,53 +850,6 @@ fn commit_group(conn: &mut Connection, batch: impl Iterator<Item = WriteOp>) {
     let commit_error = tx.commit().err().map(|e| format!("commit failed: {e}"));
     for a in applied {
         a.answer(commit_error.as_deref());
-    }
-}
-
-impl Applied {
-    fn from_failed(op: WriteOp, why: &str) -> Applied {
-        fn err<T>(why: &str) -> Result<T> {
-            Err(Error::Commit(why.to_owned()))
-        }
-        match op {
-            WriteOp::BumpEpoch(reply) => Applied::Epoch(reply, err(why)),
-            WriteOp::Submit(_, reply) => Applied::Submit(reply, err(why)),
-            WriteOp::Record { events, reply, .. } => Applied::Record(reply, events, err(why)),
-            WriteOp::AddMember(_, _, reply) => Applied::Member(reply, err(why)),
-            WriteOp::Probe(reply) => Applied::Probe(reply, err(why)),
-            WriteOp::Register(_, reply) => Applied::Register(reply, err(why)),
-            WriteOp::PutToken(_, reply)
-            | WriteOp::PutSecret(_, reply)
-            | WriteOp::DeleteSecret(_, _, reply)
-            | WriteOp::PutTool(_, reply)
-            | WriteOp::PutMessages(_, reply)
-            | WriteOp::DeleteMessage(_, reply)
-            | WriteOp::DeleteTool(_, _, reply)
-            | WriteOp::PutMemory(_, reply)
-            | WriteOp::DeleteMemory(_, _, _, reply)
-            | WriteOp::Audit(_, reply) => Applied::Probe(reply, err(why)),
-        }
-    }
-
-    /// Sends the result; a commit error replaces every success.
-    fn answer(self, commit_error: Option<&str>) {
-        fn or_commit<T>(r: Result<T>, e: Option<&str>) -> Result<T> {
-            match e {
-                Some(e) => Err(Error::Commit(e.to_owned())),
-                None => r,
-            }
-        }
-        match self {
-            Applied::Epoch(reply, r) => drop(reply.send(or_commit(r, commit_error))),
-            Applied::Submit(reply, r) => drop(reply.send(or_commit(r, commit_error))),
-            Applied::Record(reply, events, r) => {
-                drop(reply.send((events, or_commit(r, commit_error))))
-            }
-            Applied::Member(reply, r) | Applied::Probe(reply, r) => {
-                drop(reply.send(or_commit(r, commit_error)))
-            }
-            Applied::Register(reply, r) => drop(reply.send(or_commit(r, commit_error))),
-        }
     }
 }
 
@@ -1473,10 +1249,10 @@ mod tests {
 
     impl Fixture for Sqlite {
         type Store = SqliteStore;
-        fn open(&self) -> Result<SqliteStore> {
+        async fn open(&self) -> Result<SqliteStore> {
             SqliteStore::open(self.0.path())
         }
-        fn set_layout(&self, version: &str) {
+        async fn set_layout(&self, version: &str) {
             let conn = Connection::open(self.0.path().join("mesh.db")).unwrap();
             conn.execute(
                 "UPDATE meta SET value = ?1 WHERE key = 'schema'",
@@ -1493,7 +1269,7 @@ mod tests {
     #[tokio::test]
     async fn a_layout_2_store_is_migrated_and_its_runs_are_in_the_default_namespace() {
         let f = Sqlite(tempfile::tempdir().unwrap());
-        drop(f.open().unwrap());
+        drop(f.open().await.unwrap());
         {
             let conn = Connection::open(f.0.path().join("mesh.db")).unwrap();
             conn.execute_batch(
@@ -1503,8 +1279,8 @@ mod tests {
             )
             .unwrap();
         }
-        f.set_layout("2");
-        let store = f.open().unwrap();
+        f.set_layout("2").await;
+        let store = f.open().await.unwrap();
         let page = store
             .list_runs(&ListRunsQuery {
                 namespace: Namespace::default(),
@@ -1526,12 +1302,12 @@ mod tests {
         assert_eq!(layout, "3");
     }
 
-    #[test]
-    fn a_refused_layout_names_both_layouts_and_the_file() {
+    #[tokio::test]
+    async fn a_refused_layout_names_both_layouts_and_the_file() {
         let f = Sqlite(tempfile::tempdir().unwrap());
-        drop(f.open().unwrap());
-        f.set_layout("1");
-        let err = f.open().unwrap_err().to_string();
+        drop(f.open().await.unwrap());
+        f.set_layout("1").await;
+        let err = f.open().await.unwrap_err().to_string();
         assert!(
             err.contains("has layout 1; this build reads layout 3") && err.contains("mesh.db"),
             "{err}"

@@ -1,0 +1,172 @@
+//! The coordinator on the PostgreSQL store, through real processes: a server of the test's
+//! own (`initdb`, `pg_ctl` in a temporary directory), a coordinator told `store =
+//! "postgres://…"`, a node, and goals whose runs survive the coordinator's kill -9.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use mesh_agent_sdk::{RunState, StepState};
+use mesh_harness::postgres::{Durability, Server};
+use mesh_tests::{Mesh, Timings, goal, wait_for};
+use serde_json::json;
+
+/// Rows of a query on the store's database.
+async fn query(url: &str, sql: &str) -> Vec<tokio_postgres::Row> {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("connect to the test's PostgreSQL");
+    tokio::spawn(conn);
+    client.query(sql, &[]).await.expect("a query of the store")
+}
+
+#[tokio::test]
+async fn runs_on_postgresql_survive_a_coordinator_kill_and_each_step_is_accepted_once() {
+    let pg = Server::start(Durability::Full).expect("a PostgreSQL server");
+    pg.create_db("mesh").unwrap();
+    let url = pg.url("mesh");
+    let timings = Timings {
+        coordinator_extra: format!("store = \"{url}\""),
+        ..Timings::default()
+    };
+    let mut mesh = Mesh::start(timings).await;
+    mesh.start_node(
+        "n1",
+        "[[agents]]\nkind = \"sleep\"\nmax_concurrency = 16\n[[agents]]\nkind = \"echo\"\nmax_concurrency = 16\n",
+    )
+    .await;
+    let client = mesh.client().await;
+    let mut runs = Vec::new();
+    for i in 0..6 {
+        let g = goal(
+            &format!("chain {i}"),
+            &[
+                ("s1", "sleep", json!({ "ms": 300 }), &[]),
+                ("s2", "sleep", json!({ "ms": 300 }), &["s1"]),
+                ("s3", "echo", json!({ "i": i }), &["s2"]),
+            ],
+        );
+        runs.push(client.submit(g).await.unwrap().run_id);
+    }
+    wait_for(
+        "every run to finish its first step",
+        Duration::from_secs(10),
+        || async {
+            for run in &runs {
+                let view = client.get_run(run).await.ok()?;
+                (view.steps[0].state == StepState::Succeeded).then_some(())?;
+            }
+            Some(())
+        },
+    )
+    .await;
+
+    mesh.coordinator.as_mut().unwrap().kill9();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    mesh.start_coordinator().await;
+
+    let client = mesh.client().await;
+    for run in &runs {
+        let view = tokio::time::timeout(Duration::from_secs(30), client.wait(run))
+            .await
+            .expect("the run finishes after the restart")
+            .unwrap();
+        assert_eq!(view.state, RunState::Succeeded, "{view:?}");
+        let i = runs.iter().position(|r| r == run).unwrap();
+        assert_eq!(
+            view.steps[2].output.as_ref().unwrap()["with"],
+            json!({ "i": i })
+        );
+    }
+    // The state is in PostgreSQL, not in a file beside the coordinator.
+    assert!(!mesh.db_path().exists(), "an SQLite store was made");
+    let accepted: HashMap<(String, String), i64> = query(
+        &url,
+        "SELECT run_id, step_id, COUNT(*) FROM journal WHERE kind = 'step_succeeded'
+         GROUP BY run_id, step_id",
+    )
+    .await
+    .iter()
+    .map(|r| ((r.get(0), r.get(1)), r.get(2)))
+    .collect();
+    assert_eq!(accepted.len(), runs.len() * 3, "{accepted:?}");
+    assert!(accepted.values().all(|&n| n == 1), "{accepted:?}");
+    let epoch = query(&url, "SELECT value FROM meta WHERE key = 'epoch'").await;
+    assert_eq!(
+        epoch[0].get::<_, String>(0),
+        "2",
+        "one epoch per coordinator start"
+    );
+}
+
+#[tokio::test]
+async fn a_coordinator_refuses_a_store_it_cannot_reach_or_read_and_names_it_without_the_password() {
+    let pg = Server::start(Durability::Relaxed).expect("a PostgreSQL server");
+    pg.create_db("newer").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // A database written by a newer build.
+    let newer = pg.url("newer");
+    let first = mesh_tests::spawn_mesh(
+        "migrate",
+        dir.path(),
+        &[
+            "coordinator",
+            "--store",
+            &newer,
+            "--listen",
+            &format!("127.0.0.1:{}", mesh_tests::free_port()),
+            "--http-listen",
+            &format!("127.0.0.1:{}", mesh_tests::free_port()),
+        ],
+    );
+    wait_for(
+        "the layout to be written",
+        Duration::from_secs(20),
+        || async {
+            let (client, conn) = tokio_postgres::connect(&newer, tokio_postgres::NoTls)
+                .await
+                .ok()?;
+            tokio::spawn(conn);
+            client
+                .query_opt("SELECT 1 FROM meta WHERE key = 'schema'", &[])
+                .await
+                .ok()?
+        },
+    )
+    .await;
+    drop(first);
+    query(&newer, "UPDATE meta SET value = '99' WHERE key = 'schema'").await;
+    let cases = [
+        (newer.clone(), "has layout 99"),
+        (
+            format!("postgres://mesh:hunter2@127.0.0.1:{}/nothere", pg.port),
+            "PostgreSQL",
+        ),
+        (
+            "mysql://mesh:hunter2@127.0.0.1/x".to_owned(),
+            "is not a store this build knows",
+        ),
+    ];
+    for (url, says) in cases {
+        let out = std::process::Command::new(mesh_tests::mesh_bin())
+            .args(["coordinator", "--store", &url])
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{}", mesh_tests::free_port()),
+            ])
+            .args([
+                "--http-listen",
+                &format!("127.0.0.1:{}", mesh_tests::free_port()),
+            ])
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{url}: started");
+        assert!(text.contains(says), "{url}: {text}");
+        assert!(
+            !text.contains("hunter2"),
+            "{url}: the password is shown: {text}"
+        );
+    }
+}
