@@ -175,6 +175,30 @@ impl TlsFiles {
     }
 }
 
+/// The addresses of a comma-separated list (`MESH_COORDINATOR`, `--coordinator`).
+pub fn addresses(list: &str) -> Vec<String> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Whether the coordinator behind `channel` serves (a leader does; a standby says
+/// NOT_SERVING), asked with gRPC health within two seconds.
+async fn serving(channel: &Channel) -> bool {
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    let mut request = tonic::Request::new(tonic_health::pb::HealthCheckRequest {
+        service: String::new(),
+    });
+    request.set_timeout(Duration::from_secs(2));
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), health.check(request)).await,
+        Ok(Ok(answer)) if answer.get_ref().status
+            == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    )
+}
+
 impl GoalClient {
     /// Connects to `url` (`http://host:port`).
     pub async fn connect(url: &str) -> Result<Self, ClientError> {
@@ -182,8 +206,47 @@ impl GoalClient {
     }
 
     /// Connects to `url`: `https://host:port` with `tls` (its CA, and a certificate for
-    /// mutual TLS), `http://host:port` without.
+    /// mutual TLS), `http://host:port` without. Given several addresses, comma-separated
+    /// (coordinators sharing a PostgreSQL store), it takes the first whose health says it
+    /// serves, the leader; when none does, the first it reaches.
     pub async fn connect_with(url: &str, tls: &TlsFiles) -> Result<Self, ClientError> {
+        let list = addresses(url);
+        if list.len() < 2 {
+            return Self::connect_one(url.trim(), tls).await.map(Self::over);
+        }
+        let (mut reached, mut failed) = (None, None);
+        for address in &list {
+            match Self::connect_one(address, tls).await {
+                Ok(channel) if serving(&channel).await => return Ok(Self::over(channel)),
+                Ok(channel) => drop(reached.get_or_insert(channel)),
+                Err(e) => drop(failed.get_or_insert(e)),
+            }
+        }
+        match (reached, failed) {
+            (Some(channel), _) => Ok(Self::over(channel)),
+            (None, Some(e)) => Err(e),
+            (None, None) => Err(ClientError::Invalid(
+                "no coordinator address is given".into(),
+            )),
+        }
+    }
+
+    /// A client over `channel`, without credentials.
+    fn over(channel: Channel) -> Self {
+        Self {
+            goals: GoalServiceClient::new(channel.clone()),
+            registry: RegistryServiceClient::new(channel.clone()),
+            workflows: WorkflowServiceClient::new(channel.clone()),
+            auth: AuthServiceClient::new(channel.clone()),
+            secrets: SecretServiceClient::new(channel.clone()),
+            memory: MemoryServiceClient::new(channel.clone()),
+            tools: ToolServiceClient::new(channel),
+            token: None,
+            namespace: None,
+        }
+    }
+
+    async fn connect_one(url: &str, tls: &TlsFiles) -> Result<Channel, ClientError> {
         let err = |reason: String| ClientError::Connect {
             url: url.to_owned(),
             reason,
@@ -195,23 +258,12 @@ impl GoalClient {
                 .tls_config(config)
                 .map_err(|e| err(e.to_string()))?;
         }
-        let channel = endpoint
+        endpoint
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true)
             .connect()
             .await
-            .map_err(|e| err(e.to_string()))?;
-        Ok(Self {
-            goals: GoalServiceClient::new(channel.clone()),
-            registry: RegistryServiceClient::new(channel.clone()),
-            workflows: WorkflowServiceClient::new(channel.clone()),
-            auth: AuthServiceClient::new(channel.clone()),
-            secrets: SecretServiceClient::new(channel.clone()),
-            memory: MemoryServiceClient::new(channel.clone()),
-            tools: ToolServiceClient::new(channel),
-            token: None,
-            namespace: None,
-        })
+            .map_err(|e| err(e.to_string()))
     }
 
     /// Calls with `token` (`authorization: Bearer <token>`), as a coordinator with

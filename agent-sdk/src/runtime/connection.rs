@@ -92,6 +92,9 @@ pub struct ConnState {
     link: Option<Link>,
     generation: u64,
     failures: u32,
+    /// Which of the coordinator's addresses the next connect tries (they are tried in turn,
+    /// moving on after each failure or lost stream: a standby refuses, the leader takes it).
+    address: usize,
     /// Attempts, held attempts, unacknowledged results, drain: the decisions, apart from I/O.
     ledger: Ledger,
     drain_waiters: Vec<RpcReplyPort<()>>,
@@ -184,6 +187,7 @@ impl ConnState {
 
     fn schedule_reconnect(&mut self, myself: &ActorRef<ConnMsg>) {
         self.failures += 1;
+        self.address = self.address.wrapping_add(1);
         let delay = backoff(
             self.failures,
             self.args.config.reconnect_min,
@@ -215,16 +219,22 @@ impl ConnState {
         self.generation += 1;
         let generation = self.generation;
         let cfg = &self.args.config;
-        let mut endpoint = Endpoint::from_shared(cfg.coordinator.clone())
-            .map_err(|e| format!("bad coordinator address {}: {e}", cfg.coordinator))?;
+        let addresses = crate::client::addresses(&cfg.coordinator);
+        let address = addresses
+            .get(self.address % addresses.len().max(1))
+            .ok_or_else(|| "no coordinator address is given".to_owned())?;
+        let mut endpoint = Endpoint::from_shared(address.clone())
+            .map_err(|e| format!("bad coordinator address {address}: {e}"))?;
         if let Some(tls) = cfg.tls.client_config()? {
             endpoint = endpoint.tls_config(tls).map_err(|e| format!("tls: {e}"))?;
         }
         let endpoint = endpoint
             .connect_timeout(cfg.connect_timeout)
             .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(20));
+            .http2_keep_alive_interval(
+                (cfg.coordinator_silence / 5).max(Duration::from_millis(100)),
+            )
+            .keep_alive_timeout(cfg.coordinator_silence * 4 / 5);
         let channel = tokio::time::timeout(cfg.connect_timeout, endpoint.connect())
             .await
             .map_err(|_| "connect timed out".to_owned())?
@@ -423,6 +433,7 @@ impl Actor for Connection {
             link: None,
             generation: 0,
             failures: 0,
+            address: 0,
             ledger: Ledger::new(MAX_UNACKED),
             drain_waiters: Vec::new(),
             skill_calls: HashMap::new(),

@@ -36,7 +36,9 @@ use connection::ConnMsg;
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RuntimeConfig {
-    /// Coordinator gRPC address, e.g. `http://127.0.0.1:7700`.
+    /// Coordinator gRPC address, e.g. `http://127.0.0.1:7700`; several, comma-separated,
+    /// when coordinators share a PostgreSQL store (tried in turn until the leader takes the
+    /// stream).
     pub coordinator: String,
     /// This node's stable name (its node id).
     pub name: String,
@@ -44,6 +46,11 @@ pub struct RuntimeConfig {
     /// Deadline for opening the stream.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// How long the coordinator may leave the connection's HTTP/2 pings (one every fifth of
+    /// it) unanswered before the node drops the stream and tries the next address: a paused
+    /// or cut-off coordinator is left within it, as a dead one at once.
+    #[serde(with = "humantime_serde")]
+    pub coordinator_silence: Duration,
     /// First reconnect delay; doubled up to `reconnect_max`, with jitter.
     #[serde(with = "humantime_serde")]
     pub reconnect_min: Duration,
@@ -76,6 +83,7 @@ impl Default for RuntimeConfig {
             name: "node".into(),
             labels: BTreeMap::new(),
             connect_timeout: Duration::from_secs(5),
+            coordinator_silence: Duration::from_secs(5),
             reconnect_min: Duration::from_millis(100),
             reconnect_max: Duration::from_secs(5),
             drain_grace: Duration::from_secs(30),
