@@ -87,6 +87,9 @@ pub struct Cluster {
     pub secure: Option<Secure>,
     /// More environment for the coordinator and nodes (`OTEL_*`).
     pub env: Vec<(String, String)>,
+    /// The PostgreSQL server of the coordinator's store, with `--store postgres`; last, so
+    /// that it stops after the processes that use it.
+    _postgres: Option<mesh_harness::postgres::Server>,
 }
 
 /// What a secured cluster's clients and nodes need.
@@ -132,6 +135,21 @@ impl Cluster {
                 "\n[auth]\nenabled = true\n[tls]\ncert_file = \"{c}/coordinator.pem\"\nkey_file = \"{c}/coordinator.key\"\nclient_ca_file = \"{c}/ca.pem\"\n"
             ));
         }
+        let postgres = match crate::store() {
+            crate::StoreKind::Sqlite => None,
+            crate::StoreKind::Postgres => {
+                let server = tokio::task::spawn_blocking(|| {
+                    let server = mesh_harness::postgres::Server::start(
+                        mesh_harness::postgres::Durability::Full,
+                    )?;
+                    server.create_db("mesh")?;
+                    Ok::<_, std::io::Error>(server)
+                })
+                .await??;
+                extra.insert_str(0, &format!("store = \"{}\"\n", server.url("mesh")));
+                Some(server)
+            }
+        };
         let extra_toml = extra;
         let config = format!(
             "listen = \"127.0.0.1:{grpc}\"\nhttp_listen = \"127.0.0.1:{http}\"\ndata_dir = \"{}\"\n{extra_toml}\n",
@@ -180,6 +198,7 @@ impl Cluster {
             nodes: Vec::new(),
             secure: None,
             env,
+            _postgres: postgres,
         };
         if secure {
             let admin = std::fs::read_to_string(&admin_file)?.trim().to_owned();

@@ -193,6 +193,25 @@ pub struct BenchArgs {
     /// Repetitions of each workload; figures are medians with min–max.
     #[arg(long, default_value_t = 1)]
     repeat: usize,
+    /// The coordinator's store in every workload: the embedded SQLite store, or a PostgreSQL
+    /// server this process starts for each cluster (Debian's binaries, fsync on, on loopback).
+    #[arg(long, value_enum, default_value_t = StoreKind::Sqlite)]
+    store: StoreKind,
+}
+
+/// Which store the coordinators of a run of `mesh bench` use.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum StoreKind {
+    #[default]
+    Sqlite,
+    Postgres,
+}
+
+static STORE: std::sync::OnceLock<StoreKind> = std::sync::OnceLock::new();
+
+/// The store this run's clusters use.
+fn store() -> StoreKind {
+    STORE.get().copied().unwrap_or_default()
 }
 
 pub fn progress(label: &str, len: u64) -> ProgressBar {
@@ -232,6 +251,7 @@ async fn run_one(w: Workload, sizes: &Sizes) -> Result<Vec<Figure>> {
 /// Runs the chosen workloads; each figure with its target and its ratio to the baseline
 /// (when the baseline ran too).
 pub async fn run(args: BenchArgs) -> Result<Vec<Summary>> {
+    let _ = STORE.set(args.store);
     let sizes = if args.quick {
         Sizes::quick()
     } else {

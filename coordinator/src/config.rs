@@ -18,6 +18,8 @@ pub struct CoordinatorConfig {
     /// Where the coordinator keeps its state: none for the embedded SQLite store in
     /// `data_dir`, or `postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE` for PostgreSQL.
     pub store: Option<StoreUrl>,
+    /// Leadership among coordinators sharing a PostgreSQL store.
+    pub cluster: crate::leadership::ClusterConfig,
     /// Longest a unary call (or a stream's start) may take before it is answered
     /// `DEADLINE_EXCEEDED`; a client's shorter `grpc-timeout` applies too.
     #[serde(with = "humantime_serde")]
@@ -94,6 +96,7 @@ impl Default for CoordinatorConfig {
             http_listen: ([127, 0, 0, 1], 7701).into(),
             data_dir: PathBuf::from(".mesh/coordinator"),
             store: None,
+            cluster: Default::default(),
             request_deadline: Duration::from_secs(30),
             shutdown_grace: Duration::ZERO,
             store_probe_every: Duration::from_secs(2),

@@ -40,6 +40,11 @@ pub enum Error {
     Corrupt(String),
     #[error("store: {0}")]
     Commit(String),
+    /// This coordinator's lease (of this epoch) is lost: another leads, or it expired.
+    #[error(
+        "this coordinator no longer leads (its epoch {0} has lost its lease): the write was refused"
+    )]
+    Deposed(u64),
     #[error("{0}")]
     Io(#[from] std::io::Error),
     /// The coordinator cannot go on (its actors failed past their restart budget).
@@ -77,7 +82,7 @@ impl From<Error> for tonic::Status {
                 status
             }
             Error::Timeout(_) => tonic::Status::deadline_exceeded(msg),
-            Error::Unavailable(_) => tonic::Status::unavailable(msg),
+            Error::Unavailable(_) | Error::Deposed(_) => tonic::Status::unavailable(msg),
             Error::Store(_)
             | Error::Corrupt(_)
             | Error::Commit(_)

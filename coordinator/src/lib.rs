@@ -15,6 +15,7 @@ mod http;
 pub mod intake;
 pub mod journal;
 pub mod jwt;
+pub mod leadership;
 pub mod machine;
 pub mod memory;
 pub mod metrics;
@@ -67,6 +68,8 @@ pub struct Coordinator {
     shutdown_grace: Duration,
     /// Ends when the root actor does: on `stop`, or when it failed past its restart budget.
     root_done: JoinHandle<()>,
+    /// On PostgreSQL: says why, when this coordinator has lost its lease.
+    deposed: Option<oneshot::Receiver<String>>,
     /// The actors and the store, for the tests of the restart paths.
     #[cfg(test)]
     handles: Handles,
@@ -77,17 +80,29 @@ impl Coordinator {
     /// failed past their restart budget (see `root.rs`): it stops then, so that whatever
     /// supervises the process restarts it.
     pub async fn serve_until(mut self, shutdown: impl Future<Output = ()>) -> Result<()> {
+        let mut deposed = self.deposed.take();
+        let lost = async {
+            match deposed.as_mut() {
+                Some(said) => said
+                    .await
+                    .unwrap_or_else(|_| "the lease keeper ended".into()),
+                None => std::future::pending().await,
+            }
+        };
         let failed = tokio::select! {
-            () = shutdown => false,
-            _ = &mut self.root_done => true,
+            () = shutdown => None,
+            _ = &mut self.root_done => Some(
+                "the coordinator's actors failed past their restart budget; exiting so that the process is restarted".to_owned(),
+            ),
+            why = lost => Some(format!(
+                "deposed: {why}; exiting so that the process is restarted as a standby"
+            )),
         };
         self.stop().await;
-        if failed {
-            return Err(Error::Fatal(
-                "the coordinator's actors failed past their restart budget; exiting so that the process is restarted".into(),
-            ));
+        match failed {
+            Some(why) => Err(Error::Fatal(why)),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Stops serving, then stops the actors. Runs in flight stay in the store and resume
@@ -119,8 +134,35 @@ pub async fn start(
     crate::metrics::describe();
     check_exposure(&config)?;
     let store = Store::from_config(&config).await?;
-    let epoch = store.bump_epoch().await?;
     let tls = server_tls(&config.tls)?;
+    let grpc_listener = TcpListener::bind(config.listen).await?.into_std()?;
+    let http_listener = TcpListener::bind(config.http_listen).await?.into_std()?;
+    // On PostgreSQL, a standby on these ports until this coordinator leads.
+    let (epoch, deposed) = match &store {
+        Store::Postgres(pg) => {
+            leadership::check(&config)?;
+            let scheme = if tls.is_some() { "https" } else { "http" };
+            let advertise = match &config.cluster.advertise {
+                Some(a) => a.clone(),
+                None => format!("{scheme}://{}", grpc_listener.local_addr()?),
+            };
+            let holder = leadership::holder(&advertise);
+            let lease = config.cluster.lease;
+            let epoch = leadership::lead(
+                pg,
+                &holder,
+                lease,
+                grpc_listener.try_clone()?,
+                http_listener.try_clone()?,
+                tls.clone(),
+            )
+            .await?;
+            info!(epoch, %advertise, "leading: this coordinator holds the store's lease");
+            let deposed = leadership::keep(pg.clone(), holder, epoch, lease);
+            (epoch, Some(deposed))
+        }
+        Store::Sqlite(_) => (store.bump_epoch().await?, None),
+    };
     let jwt = match &config.auth.jwt {
         None => None,
         Some(_) if !config.auth.enabled => {
@@ -142,8 +184,8 @@ pub async fn start(
         write_secret(&path, &secret)?;
         info!(path = %path.display(), "no cluster admin token yet: one was made, in this file (readable by its owner only)");
     }
-    let grpc_listener = TcpListener::bind(config.listen).await?;
-    let http_listener = TcpListener::bind(config.http_listen).await?;
+    let grpc_listener = TcpListener::from_std(grpc_listener)?;
+    let http_listener = TcpListener::from_std(http_listener)?;
     let grpc_addr = grpc_listener.local_addr()?;
     let http_addr = http_listener.local_addr()?;
 
@@ -226,6 +268,7 @@ pub async fn start(
         readiness,
         shutdown_grace: config.shutdown_grace,
         root_done,
+        deposed,
         #[cfg(test)]
         handles: kept,
     })

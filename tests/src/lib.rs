@@ -182,6 +182,9 @@ pub struct Mesh {
     /// `client()`; and a worker token for the nodes this mesh starts, when a test sets one.
     pub admin_token: Option<String>,
     pub worker_token: Option<String>,
+    /// The addresses of other coordinators on the same PostgreSQL store: nodes and clients
+    /// are given them after this one's (`url()`).
+    pub others: Vec<String>,
     /// Last: fields drop in order, and the processes' logs live here.
     pub dir: tempfile::TempDir,
 }
@@ -203,6 +206,7 @@ impl Mesh {
             nodes: HashMap::new(),
             admin_token: None,
             worker_token: None,
+            others: Vec::new(),
             dir: tempfile::tempdir().expect("temp dir"),
         };
         mesh.start_coordinator().await;
@@ -215,7 +219,16 @@ impl Mesh {
         } else {
             "http"
         };
-        format!("{scheme}://{}:{}", self.host, self.grpc_port)
+        let own = format!("{scheme}://{}:{}", self.host, self.grpc_port);
+        std::iter::once(own)
+            .chain(self.others.iter().cloned())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// This coordinator's own address, without the others'.
+    pub fn own_url(&self) -> String {
+        self.url().split(',').next().unwrap_or_default().to_owned()
     }
 
     /// What a client of this mesh needs for TLS: the CA, when the mesh has certificates.
@@ -291,7 +304,7 @@ max_pending_per_skill = {max_skill}
             &["coordinator", "--config", path.to_str().unwrap()],
             &self.timings.env,
         ));
-        let url = self.url();
+        let url = self.own_url();
         let tls = self.client_tls();
         wait_for("the coordinator to answer", Duration::from_secs(20), || {
             let (url, tls) = (url.clone(), tls.clone());
@@ -301,6 +314,13 @@ max_pending_per_skill = {max_skill}
                     Ok(_) => Some(()),
                     // Answering, with authentication on.
                     Err(e) if e.code() == Some(mesh_agent_sdk::RpcCode::Unauthenticated) => {
+                        Some(())
+                    }
+                    // Answering, as a standby of another coordinator on its store.
+                    Err(e)
+                        if e.code() == Some(mesh_agent_sdk::RpcCode::Unavailable)
+                            && e.to_string().contains("standby") =>
+                    {
                         Some(())
                     }
                     Err(_) => None,

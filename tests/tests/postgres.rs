@@ -62,7 +62,11 @@ async fn runs_on_postgresql_survive_a_coordinator_kill_and_each_step_is_accepted
 
     mesh.coordinator.as_mut().unwrap().kill9();
     tokio::time::sleep(Duration::from_millis(200)).await;
+    let restarted = std::time::Instant::now();
     mesh.start_coordinator().await;
+    // A standby until the lease of the killed one lapses (5 s by default).
+    let took = serving_after(&mesh.own_url(), restarted).await;
+    assert!(took < Duration::from_secs(7), "took {took:?}");
 
     let client = mesh.client().await;
     for run in &runs {
@@ -79,17 +83,7 @@ async fn runs_on_postgresql_survive_a_coordinator_kill_and_each_step_is_accepted
     }
     // The state is in PostgreSQL, not in a file beside the coordinator.
     assert!(!mesh.db_path().exists(), "an SQLite store was made");
-    let accepted: HashMap<(String, String), i64> = query(
-        &url,
-        "SELECT run_id, step_id, COUNT(*) FROM journal WHERE kind = 'step_succeeded'
-         GROUP BY run_id, step_id",
-    )
-    .await
-    .iter()
-    .map(|r| ((r.get(0), r.get(1)), r.get(2)))
-    .collect();
-    assert_eq!(accepted.len(), runs.len() * 3, "{accepted:?}");
-    assert!(accepted.values().all(|&n| n == 1), "{accepted:?}");
+    assert_accepted_once(&url, runs.len() * 3).await;
     let epoch = query(&url, "SELECT value FROM meta WHERE key = 'epoch'").await;
     assert_eq!(
         epoch[0].get::<_, String>(0),
@@ -169,4 +163,125 @@ async fn a_coordinator_refuses_a_store_it_cannot_reach_or_read_and_names_it_with
             "{url}: the password is shown: {text}"
         );
     }
+}
+
+/// Two coordinators on one PostgreSQL store (lease 2 s), a node given both addresses.
+async fn pair(pg: &Server) -> (Mesh, Mesh, String) {
+    pg.create_db("mesh").unwrap();
+    let url = pg.url("mesh");
+    let timings = Timings {
+        coordinator_extra: format!("store = \"{url}\"\n[cluster]\nlease = \"2s\"\n"),
+        // Nodes left on a paused leader leave it within their coordinator_silence (5 s):
+        // the steps of the runs the new leader resumed wait for them meanwhile.
+        unschedulable_ms: 20_000,
+        ..Timings::default()
+    };
+    let mut leader = Mesh::start(timings.clone()).await;
+    let standby = Mesh::start(timings).await;
+    leader.others = vec![standby.own_url()];
+    let sleepers = "[[agents]]\nkind = \"sleep\"\nmax_concurrency = 64\n[[agents]]\nkind = \"echo\"\nmax_concurrency = 64\n";
+    leader.start_node("n1", sleepers).await;
+    (leader, standby, url)
+}
+
+/// Submits `n` chains (sleep 200 ms, then echo); their runs.
+async fn submit_chains(mesh: &Mesh, n: usize) -> Vec<mesh_agent_sdk::RunId> {
+    let client = mesh.client().await;
+    let mut runs = Vec::new();
+    for i in 0..n {
+        let g = goal(
+            &format!("chain {i}"),
+            &[
+                ("s1", "sleep", json!({ "ms": 200 }), &[]),
+                ("s2", "echo", json!({ "i": i }), &["s1"]),
+            ],
+        );
+        runs.push(client.submit(g).await.unwrap().run_id);
+    }
+    runs
+}
+
+/// How long until the coordinator at `url` serves (its health says so).
+async fn serving_after(url: &str, since: std::time::Instant) -> Duration {
+    wait_for("the standby to lead", Duration::from_secs(20), || async {
+        let client = mesh_agent_sdk::GoalClient::connect(url).await.ok()?;
+        client.nodes().await.ok().map(|_| since.elapsed())
+    })
+    .await
+}
+
+/// Every run succeeded, and each of its steps was accepted once, as the store says.
+async fn assert_each_step_accepted_once(mesh: &Mesh, url: &str, runs: &[mesh_agent_sdk::RunId]) {
+    let client = mesh.client().await;
+    for run in runs {
+        let view = tokio::time::timeout(Duration::from_secs(60), client.wait(run))
+            .await
+            .expect("the run finishes after the failover")
+            .unwrap();
+        assert_eq!(view.state, RunState::Succeeded, "{view:?}");
+    }
+    assert_accepted_once(url, runs.len() * 2).await;
+}
+
+/// The store's journal holds `steps` accepted results, one per step.
+async fn assert_accepted_once(url: &str, steps: usize) {
+    let accepted: HashMap<(String, String), i64> = query(
+        url,
+        "SELECT run_id, step_id, COUNT(*) FROM journal WHERE kind = 'step_succeeded'
+         GROUP BY run_id, step_id",
+    )
+    .await
+    .iter()
+    .map(|r| ((r.get(0), r.get(1)), r.get(2)))
+    .collect();
+    assert_eq!(accepted.len(), steps, "steps accepted");
+    let twice: Vec<_> = accepted.iter().filter(|(_, n)| **n != 1).collect();
+    assert!(twice.is_empty(), "steps accepted more than once: {twice:?}");
+}
+
+#[tokio::test]
+async fn killing_the_leader_with_100_runs_in_flight_a_standby_leads_and_every_goal_completes_once()
+{
+    let pg = Server::start(Durability::Relaxed).expect("a PostgreSQL server");
+    let (mut leader, standby, url) = pair(&pg).await;
+    let runs = submit_chains(&leader, 100).await;
+
+    let killed = std::time::Instant::now();
+    leader.coordinator.as_mut().unwrap().kill9();
+    let took = serving_after(&standby.own_url(), killed).await;
+    eprintln!("kill -9 of the leader: the standby served after {took:?}");
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    let epochs = query(&url, "SELECT epoch FROM leader").await;
+    assert_eq!(
+        epochs[0].get::<_, i64>(0),
+        2,
+        "the standby leads with the next epoch"
+    );
+    assert_each_step_accepted_once(&leader, &url, &runs).await;
+}
+
+#[tokio::test]
+async fn a_leader_paused_past_its_lease_steps_down_when_it_wakes_and_its_writes_are_refused() {
+    let pg = Server::start(Durability::Relaxed).expect("a PostgreSQL server");
+    let (mut leader, standby, url) = pair(&pg).await;
+    let runs = submit_chains(&leader, 20).await;
+
+    let paused = std::time::Instant::now();
+    leader.coordinator.as_mut().unwrap().signal("STOP").unwrap();
+    let took = serving_after(&standby.own_url(), paused).await;
+    eprintln!("SIGSTOP of the leader: the standby served after {took:?}");
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    leader.coordinator.as_mut().unwrap().signal("CONT").unwrap();
+    // Awake, it finds its lease taken and stops, saying so.
+    let old = leader.coordinator.as_mut().unwrap();
+    let status = old
+        .wait_exit(Duration::from_secs(15))
+        .await
+        .expect("the deposed leader exits");
+    assert!(!status.success(), "{status:?}");
+    let log = old.log_text();
+    assert!(log.contains("deposed"), "{log}");
+    assert_each_step_accepted_once(&leader, &url, &runs).await;
+    let epochs = query(&url, "SELECT epoch FROM leader").await;
+    assert_eq!(epochs[0].get::<_, i64>(0), 2);
 }

@@ -83,6 +83,11 @@ fn new_run(goal: StoredGoal) -> NewRun {
     }
 }
 
+/// A run stored in `store`, for tests of one backend.
+pub(crate) async fn a_run(store: &impl Backend) -> RunId {
+    store.submit(new_run(goal(None))).await.unwrap().run_id
+}
+
 fn started(step: &str, attempt: u32) -> JournalEvent {
     JournalEvent::StepStarted {
         step: step.into(),

@@ -33,7 +33,7 @@ use crate::tools::ToolRecord;
 mod postgres;
 mod sqlite;
 mod write;
-pub use postgres::{PostgresStore, redact};
+pub use postgres::{Leader, PostgresStore, redact};
 pub use sqlite::SqliteStore;
 use write::{WriteOp, Writer};
 
@@ -381,7 +381,10 @@ impl Store {
         match &config.store {
             None => Self::open(&config.data_dir),
             Some(url) if url.0.starts_with("postgres://") || url.0.starts_with("postgresql://") => {
-                Ok(Store::Postgres(PostgresStore::connect(&url.0).await?))
+                let lease = config.cluster.lease;
+                Ok(Store::Postgres(
+                    PostgresStore::connect(&url.0, lease).await?,
+                ))
             }
             Some(url) => Err(crate::error::Error::Fatal(format!(
                 "store: `{url}` is not a store this build knows; give postgres://USER@HOST/DATABASE, or no store for the embedded one"

@@ -6,10 +6,18 @@
 //! own savepoint on one connection, commits once, then answers each caller. Reads take a
 //! connection from a pool (`deadpool-postgres`), each with its prepared statements cached.
 //!
+//! Several coordinators may share one database; one leads (docs/operations.md). The leader
+//! holds the lease row `leader` ([`PostgresStore::try_lead`], [`PostgresStore::renew`]); its
+//! epoch is the coordinator epoch that fencing tokens carry, and every group of writes first
+//! checks, holding the row shared, that this epoch still holds an unexpired lease: a deposed
+//! or paused leader's writes are refused, and a takeover waits for a group in flight.
+//!
 //! The layout is versioned by [`MIGRATIONS`]: a new database gets them all, an older one the
 //! ones it lacks, each in its own transaction under an advisory lock (coordinators starting
 //! together migrate once); a database of a newer layout than this build knows is refused.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Transaction};
@@ -32,7 +40,8 @@ use crate::secrets::SealedSecret;
 use crate::tools::ToolRecord;
 
 /// The layout, one migration per version: version N is `MIGRATIONS[N - 1]`.
-pub const MIGRATIONS: &[&str] = &[r#"
+pub const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE goals (
     goal_id TEXT PRIMARY KEY,
@@ -141,7 +150,16 @@ CREATE TABLE swarm_members (
     agent TEXT NOT NULL,
     PRIMARY KEY (goal_id, skill, node_id, agent)
 );
-"#];
+"#,
+    r#"
+CREATE TABLE leader (
+    id INT PRIMARY KEY CHECK (id = 1),
+    holder TEXT NOT NULL,
+    epoch BIGINT NOT NULL,
+    expires_at TIMESTAMPTZ NOT NULL
+);
+"#,
+];
 
 /// The advisory lock coordinators take to migrate one at a time.
 const MIGRATION_LOCK: i64 = 0x6d65_7368; // "mesh"
@@ -156,6 +174,17 @@ const GROUP_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct PostgresStore {
     pool: Pool,
     writer: Writer,
+    /// The epoch whose lease every group of writes checks; 0 before leading (no check).
+    fence: Arc<AtomicU64>,
+}
+
+/// Who holds the lease, as a standby sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Leader {
+    pub holder: String,
+    pub epoch: u64,
+    /// Whether its lease has not expired.
+    pub live: bool,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -227,8 +256,11 @@ fn to_json<T: serde::Serialize>(v: &T) -> Result<String> {
 
 impl PostgresStore {
     /// Connects to the database at `url`, brings its layout up to date (or refuses it), and
-    /// starts the writer task, which ends when the last handle is dropped.
-    pub async fn connect(url: &str) -> Result<Self> {
+    /// starts the writer task, which ends when the last handle is dropped. `lease` is the
+    /// leader's (see [`PostgresStore::try_lead`]): a transaction left open for half of it (its
+    /// coordinator paused mid-write) is ended by the server, so that the lease row it holds
+    /// shared cannot keep a standby from taking over.
+    pub async fn connect(url: &str, lease: Duration) -> Result<Self> {
         let mut config: tokio_postgres::Config = url
             .parse()
             .map_err(|e| Error::Corrupt(format!("store URL {}: {e}", redact(url))))?;
@@ -236,6 +268,12 @@ impl PostgresStore {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
         config.application_name("agentmesh");
+        let idle = (lease / 2).max(Duration::from_millis(200)).as_millis();
+        let options = match config.get_options() {
+            Some(given) => format!("{given} -c idle_in_transaction_session_timeout={idle}"),
+            None => format!("-c idle_in_transaction_session_timeout={idle}"),
+        };
+        config.options(options);
         let manager = Manager::from_config(
             config,
             NoTls,
@@ -253,8 +291,76 @@ impl PostgresStore {
             .map_err(|e| Error::Corrupt(format!("store pool: {e}")))?;
         migrate(&pool, url).await?;
         let (writer, rx) = Writer::new();
-        tokio::spawn(write_loop(pool.clone(), rx));
-        Ok(Self { pool, writer })
+        let fence = Arc::new(AtomicU64::new(0));
+        tokio::spawn(write_loop(pool.clone(), rx, fence.clone()));
+        Ok(Self {
+            pool,
+            writer,
+            fence,
+        })
+    }
+
+    /// Takes the lease for `holder` when nobody holds a live one: its new epoch (one more
+    /// than any before, and than the store's coordinator epoch), from which on every write
+    /// is fenced by it. `None` while another holds it.
+    pub async fn try_lead(&self, holder: &str, lease: Duration) -> Result<Option<u64>> {
+        let mut conn = self.read().await?;
+        let tx = conn.transaction().await?;
+        let row = tx
+            .query_opt(
+                "INSERT INTO leader (id, holder, epoch, expires_at)
+                 VALUES (1, $1,
+                     COALESCE((SELECT value::BIGINT FROM meta WHERE key = 'epoch'), 0) + 1,
+                     now() + $2 * interval '1 millisecond')
+                 ON CONFLICT (id) DO UPDATE SET holder = excluded.holder,
+                     epoch = GREATEST(leader.epoch,
+                         COALESCE((SELECT value::BIGINT FROM meta WHERE key = 'epoch'), 0)) + 1,
+                     expires_at = excluded.expires_at
+                 WHERE leader.expires_at < now()
+                 RETURNING epoch",
+                &[&holder, &(lease.as_millis() as f64)],
+            )
+            .await?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let epoch: i64 = row.get(0);
+        tx.execute(
+            "INSERT INTO meta (key, value) VALUES ('epoch', $1)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            &[&epoch.to_string()],
+        )
+        .await?;
+        tx.commit().await?;
+        self.fence.store(epoch as u64, Ordering::SeqCst);
+        Ok(Some(epoch as u64))
+    }
+
+    /// Extends the lease of `epoch`; `false` when another has taken it since.
+    pub async fn renew(&self, holder: &str, epoch: u64, lease: Duration) -> Result<bool> {
+        let rows = self
+            .rows(
+                "UPDATE leader SET expires_at = now() + $3 * interval '1 millisecond'
+                 WHERE id = 1 AND holder = $1 AND epoch = $2 RETURNING epoch",
+                &[&holder, &(epoch as i64), &(lease.as_millis() as f64)],
+            )
+            .await?;
+        Ok(!rows.is_empty())
+    }
+
+    /// Who holds the lease, if anyone ever did.
+    pub async fn leader(&self) -> Result<Option<Leader>> {
+        let rows = self
+            .rows(
+                "SELECT holder, epoch, expires_at > now() FROM leader WHERE id = 1",
+                &[],
+            )
+            .await?;
+        Ok(rows.first().map(|r| Leader {
+            holder: r.get(0),
+            epoch: r.get::<_, i64>(1) as u64,
+            live: r.get(2),
+        }))
     }
 
     async fn read(&self) -> Result<deadpool_postgres::Object> {
@@ -743,13 +849,18 @@ fn workflow_row(r: &tokio_postgres::Row) -> WorkflowRecord {
 }
 
 /// The writer task: commits waiting writes in groups until every handle is gone.
-async fn write_loop(pool: Pool, mut rx: mpsc::Receiver<WriteOp>) {
+async fn write_loop(pool: Pool, mut rx: mpsc::Receiver<WriteOp>, fence: Arc<AtomicU64>) {
     let mut batch = Vec::with_capacity(MAX_GROUP);
     while rx.recv_many(&mut batch, MAX_GROUP).await > 0 {
         let mut applied = Vec::with_capacity(batch.len());
         let failed = match tokio::time::timeout(
             GROUP_TIMEOUT,
-            commit_group(&pool, &mut batch, &mut applied),
+            commit_group(
+                &pool,
+                fence.load(Ordering::SeqCst),
+                &mut batch,
+                &mut applied,
+            ),
         )
         .await
         {
@@ -774,11 +885,22 @@ async fn write_loop(pool: Pool, mut rx: mpsc::Receiver<WriteOp>) {
 /// commits once; every write applied is in `applied`, waiting for its answer.
 async fn commit_group(
     pool: &Pool,
+    epoch: u64,
     batch: &mut Vec<WriteOp>,
     applied: &mut Vec<Applied>,
 ) -> Result<()> {
     let mut conn = pool.get().await?;
     let tx = conn.transaction().await?;
+    if epoch > 0 {
+        let stmt = tx
+            .prepare_cached(
+                "SELECT 1 FROM leader WHERE id = 1 AND epoch = $1 AND expires_at > now() FOR SHARE",
+            )
+            .await?;
+        if tx.query_opt(&stmt, &[&(epoch as i64)]).await?.is_none() {
+            return Err(Error::Deposed(epoch));
+        }
+    }
     let now = now_ms();
     for op in batch.drain(..) {
         applied.push(apply(&tx, op, now).await);
@@ -1350,7 +1472,7 @@ mod tests {
     impl Fixture for Postgres {
         type Store = PostgresStore;
         async fn open(&self) -> Result<PostgresStore> {
-            PostgresStore::connect(&self.0).await
+            PostgresStore::connect(&self.0, Duration::from_secs(5)).await
         }
         async fn set_layout(&self, version: &str) {
             let (client, conn) = tokio_postgres::connect(&self.0, NoTls).await.unwrap();
@@ -1366,6 +1488,42 @@ mod tests {
     }
 
     conformance_suite!(Postgres::new());
+
+    /// The lease: one holder at a time, taken over only once it lapses, with a new epoch;
+    /// the deposed holder's writes are refused and leave nothing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_leads_a_lapsed_lease_is_taken_with_the_next_epoch_and_the_deposed_cannot_write() {
+        let f = Postgres::new();
+        let (a, b) = (f.open().await.unwrap(), f.open().await.unwrap());
+        let lease = Duration::from_millis(400);
+        let first = a.try_lead("a", lease).await.unwrap().expect("a leads");
+        assert_eq!(b.try_lead("b", lease).await.unwrap(), None, "b waits");
+        assert!(a.renew("a", first, lease).await.unwrap());
+        let run = crate::store::conformance::a_run(&a).await;
+        tokio::time::sleep(lease + Duration::from_millis(100)).await;
+        let second = b.try_lead("b", lease).await.unwrap().expect("b leads");
+        assert_eq!(second, first + 1);
+        assert!(
+            !a.renew("a", first, lease).await.unwrap(),
+            "a learns it is deposed"
+        );
+        let leader = b.leader().await.unwrap().unwrap();
+        assert_eq!(
+            (leader.holder.as_str(), leader.epoch, leader.live),
+            ("b", second, true)
+        );
+
+        let before = b.load_run(&run).await.unwrap().events.len();
+        let late = vec![JournalEvent::RunResumed];
+        let err = a
+            .record(&run, before as u64, late.clone())
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("no longer leads"), "{err}");
+        assert_eq!(b.load_run(&run).await.unwrap().events.len(), before);
+        b.record(&run, before as u64, late).await.unwrap();
+        assert_eq!(b.load_run(&run).await.unwrap().events.len(), before + 1);
+    }
 
     #[test]
     fn a_url_is_shown_without_its_password() {
