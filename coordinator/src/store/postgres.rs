@@ -2,8 +2,11 @@
 //! as the embedded store, on a server several coordinators can share.
 //!
 //! Writes go to one writer task that commits in groups, as SQLite's writer thread does: it
-//! takes every write waiting in its bounded queue (up to [`MAX_GROUP`]), applies each in its
-//! own savepoint on one connection, commits once, then answers each caller. Reads take a
+//! takes every write waiting in its bounded queue (up to [`MAX_GROUP`]), applies them on one
+//! connection, commits once, then answers each caller. Each round trip to the server counts
+//! here, so the group's journal writes, the hot path, go in together: every entry of every
+//! run in one statement, every run marked in one more (each write in its own savepoint only
+//! when that fails, so that only the failing one fails). Reads take a
 //! connection from a pool (`deadpool-postgres`), each with its prepared statements cached.
 //!
 //! Several coordinators may share one database; one leads (docs/operations.md). The leader
@@ -27,7 +30,7 @@ use tokio::sync::mpsc;
 use tokio_postgres::NoTls;
 use tokio_postgres::types::ToSql;
 
-use super::write::{Applied, MAX_GROUP, WriteOp, Writer};
+use super::write::{Applied, MAX_GROUP, RecordReply, WriteOp, Writer};
 use super::{
     Backend, JournalEvent, NewRun, NewWorkflow, StoredGoal, StoredRun, WorkflowPage, cut_page,
     now_ms,
@@ -881,8 +884,30 @@ async fn write_loop(pool: Pool, mut rx: mpsc::Receiver<WriteOp>, fence: Arc<Atom
     }
 }
 
-/// Applies the writes of `batch` (taking them out as it goes) each in its own savepoint, and
-/// commits once; every write applied is in `applied`, waiting for its answer.
+/// Runs `f` in a savepoint: its writes are kept if it succeeds, undone if it fails.
+macro_rules! in_savepoint {
+    ($tx:expr, $body:expr) => {{
+        match $tx.batch_execute("SAVEPOINT w").await {
+            Err(e) => Err(Error::from(e)),
+            Ok(()) => {
+                let result = $body;
+                let end = match result {
+                    Ok(_) => "RELEASE SAVEPOINT w",
+                    Err(_) => "ROLLBACK TO SAVEPOINT w",
+                };
+                match $tx.batch_execute(end).await {
+                    Ok(()) => result,
+                    Err(e) => Err(Error::from(e)),
+                }
+            }
+        }
+    }};
+}
+
+/// Applies the writes of `batch` (taking them out as it goes) and commits once; every write
+/// applied is in `applied`, waiting for its answer. Each write but the records goes in its own
+/// savepoint; the records go in together (a few statements for the whole group), and one by
+/// one in their own savepoints only when that fails.
 async fn commit_group(
     pool: &Pool,
     epoch: u64,
@@ -902,31 +927,60 @@ async fn commit_group(
         }
     }
     let now = now_ms();
+    let mut records = Vec::new();
     for op in batch.drain(..) {
-        applied.push(apply(&tx, op, now).await);
+        match op {
+            WriteOp::Record {
+                run_id,
+                seq,
+                events,
+                reply,
+            } => records.push((run_id, seq, events, reply)),
+            op => applied.push(apply(&tx, op, now).await),
+        }
+    }
+    // The journal entries of every run in the group in one statement, and their runs marked
+    // in one more; when that fails (an entry written before, say), each run's write again on
+    // its own, so that only the failing one fails.
+    let together = in_savepoint!(tx, record_together(&tx, &records, now).await);
+    for (run_id, seq, events, reply) in records {
+        applied.push(match together.is_ok() {
+            true => Applied::Record(reply, events, Ok(())),
+            false => {
+                let op = WriteOp::Record {
+                    run_id,
+                    seq,
+                    events,
+                    reply,
+                };
+                apply(&tx, op, now).await
+            }
+        });
     }
     tx.commit().await?;
     Ok(())
 }
 
-/// Runs `f` in a savepoint: its writes are kept if it succeeds, undone if it fails.
-macro_rules! in_savepoint {
-    ($tx:expr, $body:expr) => {{
-        match $tx.batch_execute("SAVEPOINT w").await {
-            Err(e) => Err(Error::from(e)),
-            Ok(()) => {
-                let result = $body;
-                let end = match result {
-                    Ok(_) => "RELEASE SAVEPOINT w",
-                    Err(_) => "ROLLBACK TO SAVEPOINT w",
-                };
-                match $tx.batch_execute(end).await {
-                    Ok(()) => result,
-                    Err(e) => Err(Error::from(e)),
-                }
-            }
-        }
-    }};
+/// The records of a group at once: every journal entry, then what the entries change, then
+/// every run marked as changed.
+async fn record_together(
+    tx: &Transaction<'_>,
+    records: &[(RunId, u64, Vec<JournalEvent>, RecordReply)],
+    now: i64,
+) -> Result<()> {
+    if records.is_empty() {
+        return Ok(());
+    }
+    let mut rows = JournalRows::default();
+    for (run_id, seq, events, _) in records {
+        rows.add(run_id, *seq, events)?;
+    }
+    rows.insert(tx, now).await?;
+    for (run_id, _, events, _) in records {
+        effects(tx, run_id, events, now).await?;
+    }
+    let runs: Vec<&str> = records.iter().map(|(r, ..)| r.0.as_str()).collect();
+    touch(tx, &runs, now).await
 }
 
 async fn apply(tx: &Transaction<'_>, op: WriteOp, now: i64) -> Applied {
@@ -1187,8 +1241,7 @@ async fn submit(tx: &Transaction<'_>, new: &NewRun) -> Result<RunRef> {
     })
 }
 
-/// Appends `events` from `seq` (one statement for all of them), with what they change in
-/// `runs` and `memory`.
+/// Appends `events` from `seq`, with what they change in `runs` and `memory`.
 async fn record(
     tx: &Transaction<'_>,
     run_id: &RunId,
@@ -1196,25 +1249,64 @@ async fn record(
     events: &[JournalEvent],
     now: i64,
 ) -> Result<()> {
-    let run = &run_id.0;
-    let mut seqs = Vec::with_capacity(events.len());
-    let mut kinds = Vec::with_capacity(events.len());
-    let mut steps = Vec::with_capacity(events.len());
-    let mut texts = Vec::with_capacity(events.len());
-    for (i, event) in events.iter().enumerate() {
-        seqs.push((seq + i as u64) as i64);
-        kinds.push(event.kind());
-        steps.push(event.step().map(|s| s.0.as_str()));
-        texts.push(to_json(event)?);
+    let mut rows = JournalRows::default();
+    rows.add(run_id, seq, events)?;
+    rows.insert(tx, now).await?;
+    effects(tx, run_id, events, now).await?;
+    touch(tx, &[run_id.0.as_str()], now).await
+}
+
+/// Journal entries of one run or several, written with one statement.
+#[derive(Default)]
+struct JournalRows<'a> {
+    runs: Vec<&'a str>,
+    seqs: Vec<i64>,
+    kinds: Vec<&'static str>,
+    steps: Vec<Option<&'a str>>,
+    texts: Vec<String>,
+}
+
+impl<'a> JournalRows<'a> {
+    fn add(&mut self, run_id: &'a RunId, seq: u64, events: &'a [JournalEvent]) -> Result<()> {
+        for (i, event) in events.iter().enumerate() {
+            self.runs.push(&run_id.0);
+            self.seqs.push((seq + i as u64) as i64);
+            self.kinds.push(event.kind());
+            self.steps.push(event.step().map(|s| s.0.as_str()));
+            self.texts.push(to_json(event)?);
+        }
+        Ok(())
     }
-    exec(
-        tx,
-        "INSERT INTO journal (run_id, seq, at_ms, kind, step_id, event)
-         SELECT $1, s, $2, k, st, e FROM UNNEST($3::BIGINT[], $4::TEXT[], $5::TEXT[], $6::TEXT[])
-             AS t (s, k, st, e)",
-        &[run, &now, &seqs, &kinds, &steps, &texts],
-    )
-    .await?;
+
+    async fn insert(&self, tx: &Transaction<'_>, now: i64) -> Result<()> {
+        exec(
+            tx,
+            "INSERT INTO journal (run_id, seq, at_ms, kind, step_id, event)
+             SELECT r, s, $1, k, st, e
+             FROM UNNEST($2::TEXT[], $3::BIGINT[], $4::TEXT[], $5::TEXT[], $6::TEXT[])
+                 AS t (r, s, k, st, e)",
+            &[
+                &now,
+                &self.runs,
+                &self.seqs,
+                &self.kinds,
+                &self.steps,
+                &self.texts,
+            ],
+        )
+        .await
+    }
+}
+
+/// What a run's journal entries change besides the journal: its state when it finishes or
+/// resumes, the memory its steps save.
+async fn effects(
+    tx: &Transaction<'_>,
+    run_id: &RunId,
+    events: &[JournalEvent],
+    now: i64,
+) -> Result<()> {
+    let run = &run_id.0;
     for event in events {
         match event {
             JournalEvent::MemorySaved {
@@ -1268,10 +1360,15 @@ async fn record(
             _ => {}
         }
     }
+    Ok(())
+}
+
+/// Marks runs as changed at `now`, in one statement.
+async fn touch(tx: &Transaction<'_>, runs: &[&str], now: i64) -> Result<()> {
     exec(
         tx,
-        "UPDATE runs SET updated_at_ms = $2 WHERE run_id = $1",
-        &[run, &now],
+        "UPDATE runs SET updated_at_ms = $1 WHERE run_id = ANY($2)",
+        &[&now, &runs],
     )
     .await
 }

@@ -27,7 +27,7 @@ pub(crate) enum WriteOp {
         run_id: RunId,
         seq: u64,
         events: Vec<JournalEvent>,
-        reply: oneshot::Sender<(Vec<JournalEvent>, Result<()>)>,
+        reply: RecordReply,
     },
     AddMember(GoalId, SwarmMember, oneshot::Sender<Result<()>>),
     /// A write of nothing that matters, to learn whether the store can be written.
@@ -116,6 +116,9 @@ impl Applied {
 fn writer_gone() -> Error {
     Error::Unavailable("store writer")
 }
+
+/// Where the answer to a `WriteOp::Record` goes: the events back, and the result.
+pub(crate) type RecordReply = oneshot::Sender<(Vec<JournalEvent>, Result<()>)>;
 
 /// Where a backend's writes queue for its writer.
 #[derive(Clone)]
