@@ -942,7 +942,10 @@ async fn commit_group(
     // The journal entries of every run in the group in one statement, and their runs marked
     // in one more; when that fails (an entry written before, say), each run's write again on
     // its own, so that only the failing one fails.
-    let together = in_savepoint!(tx, record_together(&tx, &records, now).await);
+    let together = match records.is_empty() {
+        true => Ok(()),
+        false => in_savepoint!(tx, record_together(&tx, &records, now).await),
+    };
     for (run_id, seq, events, reply) in records {
         applied.push(match together.is_ok() {
             true => Applied::Record(reply, events, Ok(())),
@@ -968,9 +971,6 @@ async fn record_together(
     records: &[(RunId, u64, Vec<JournalEvent>, RecordReply)],
     now: i64,
 ) -> Result<()> {
-    if records.is_empty() {
-        return Ok(());
-    }
     let mut rows = JournalRows::default();
     for (run_id, seq, events, _) in records {
         rows.add(run_id, *seq, events)?;
