@@ -146,6 +146,10 @@ enum Command {
         /// embedded SQLite store in the data directory.
         #[arg(long, env = "MESH_STORE", hide_env_values = true)]
         store: Option<String>,
+        /// Where clients reach this coordinator, which standbys name to those that call them
+        /// (`[cluster] advertise`; on Kubernetes, the pod's IP).
+        #[arg(long, env = "MESH_ADVERTISE")]
+        advertise: Option<String>,
         /// Listen beyond loopback without TLS and authentication (a trusted network only;
         /// warned at every start).
         #[arg(long)]
@@ -327,6 +331,7 @@ async fn run(cli: Cli) -> Result<()> {
             http_listen,
             data_dir,
             store,
+            advertise,
             insecure,
         } => {
             let _telemetry = init_tracing("info,ractor=warn", "mesh-coordinator");
@@ -336,6 +341,7 @@ async fn run(cli: Cli) -> Result<()> {
             cfg.http_listen = http_listen.unwrap_or(cfg.http_listen);
             cfg.data_dir = data_dir.unwrap_or(cfg.data_dir);
             cfg.store = store.map(mesh_coordinator::config::StoreUrl).or(cfg.store);
+            cfg.cluster.advertise = advertise.or(cfg.cluster.advertise);
             mesh_coordinator::run(cfg, Some(prometheus()?), shutdown_signal()).await?;
             Ok(())
         }
@@ -446,13 +452,16 @@ mod tests {
     fn the_deploy_configurations_parse() {
         let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
         let mut seen = 0;
-        for entry in std::fs::read_dir(&deploy).unwrap() {
+        let files = std::fs::read_dir(&deploy)
+            .unwrap()
+            .chain(std::fs::read_dir(deploy.join("kubernetes")).unwrap());
+        for entry in files {
             let path = entry.unwrap().path();
             let name = path.file_name().unwrap().to_string_lossy().into_owned();
             if name.starts_with("coordinator") && name.ends_with(".toml") {
                 let cfg: CoordinatorConfig = read_toml(Some(&path)).unwrap();
-                if name.contains("secure") {
-                    assert!(cfg.auth.enabled && cfg.tls.enabled(), "{name}");
+                if name.contains("secure") || path.parent().unwrap().ends_with("kubernetes") {
+                    assert!(cfg.auth.enabled && cfg.tls.enabled(), "{}", path.display());
                 }
                 seen += 1;
             } else if name.starts_with("node") && name.ends_with(".toml") {
@@ -461,6 +470,6 @@ mod tests {
                 seen += 1;
             }
         }
-        assert!(seen >= 4, "{seen} configurations");
+        assert!(seen >= 6, "{seen} configurations");
     }
 }

@@ -1,5 +1,6 @@
-//! The coordinator's HTTP port: `/metrics` (Prometheus text format) and `/healthz` (200
-//! when ready, 503 with the reason while starting, draining or unable to write its store).
+//! The coordinator's HTTP port: `/metrics` (Prometheus text format), `/healthz` (200 when
+//! ready, 503 with the reason while starting, draining or unable to write its store) and
+//! `/livez` (200 while the process runs: the liveness probe's, never 503 for a passing state).
 
 use axum::Router;
 use axum::http::StatusCode;
@@ -10,6 +11,7 @@ use crate::readiness::Readiness;
 
 pub fn router(prometheus: Option<PrometheusHandle>, readiness: Readiness) -> Router {
     Router::new()
+        .route("/livez", get(live))
         .route(
             "/healthz",
             get(move || {
@@ -33,4 +35,10 @@ pub fn router(prometheus: Option<PrometheusHandle>, readiness: Readiness) -> Rou
                 async move { text }
             }),
         )
+}
+
+/// `/livez`: the process answers. A starting, draining or standby coordinator is alive: a
+/// liveness probe that restarted it would only make things worse.
+pub async fn live() -> &'static str {
+    "alive\n"
 }

@@ -149,18 +149,20 @@ async fn serve_standby(
         let _ = stop_http.send(());
     });
     let http_says = says.clone();
-    let router = axum::Router::new().route(
-        "/healthz",
-        axum::routing::get(move || {
-            let now = http_says.borrow().clone();
-            async move {
-                (
-                    axum::http::StatusCode::SERVICE_UNAVAILABLE,
-                    format!("standby: {now}\n"),
-                )
-            }
-        }),
-    );
+    let router = axum::Router::new()
+        .route("/livez", axum::routing::get(crate::http::live))
+        .route(
+            "/healthz",
+            axum::routing::get(move || {
+                let now = http_says.borrow().clone();
+                async move {
+                    (
+                        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                        format!("standby: {now}\n"),
+                    )
+                }
+            }),
+        );
     let http = async move {
         let Ok(listener) = tokio::net::TcpListener::from_std(http) else {
             return;

@@ -66,16 +66,19 @@ pub async fn run(
     if let Some(addr) = config.http_listen {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         info!(http = %listener.local_addr()?, "node metrics listening");
-        let app = axum::Router::new().route(
-            "/metrics",
-            axum::routing::get(move || {
-                let text = prometheus
-                    .as_ref()
-                    .map(PrometheusHandle::render)
-                    .unwrap_or_default();
-                async move { text }
-            }),
-        );
+        // `/livez` for liveness probes: the process answers (it reconnects on its own).
+        let app = axum::Router::new()
+            .route("/livez", axum::routing::get(|| async { "alive\n" }))
+            .route(
+                "/metrics",
+                axum::routing::get(move || {
+                    let text = prometheus
+                        .as_ref()
+                        .map(PrometheusHandle::render)
+                        .unwrap_or_default();
+                    async move { text }
+                }),
+            );
         tokio::spawn(async move {
             if let Err(e) = axum::serve(listener, app).await {
                 warn!(error = %e, "node metrics server failed");

@@ -245,6 +245,12 @@ async fn killing_the_leader_with_100_runs_in_flight_a_standby_leads_and_every_go
     let pg = Server::start(Durability::Relaxed).expect("a PostgreSQL server");
     let (mut leader, standby, url) = pair(&pg).await;
     let runs = submit_chains(&leader, 100).await;
+    // The probes: both are live; only the leader says it serves.
+    let probe = |m: &Mesh, path| mesh_tests::http_status(m.http_port, path);
+    assert_eq!(probe(&leader, "/livez"), Some(200));
+    assert_eq!(probe(&leader, "/healthz"), Some(200));
+    assert_eq!(probe(&standby, "/livez"), Some(200));
+    assert_eq!(probe(&standby, "/healthz"), Some(503));
 
     let killed = std::time::Instant::now();
     leader.coordinator.as_mut().unwrap().kill9();
