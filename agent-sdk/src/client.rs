@@ -184,6 +184,78 @@ pub fn addresses(list: &str) -> Vec<String> {
         .collect()
 }
 
+/// A coordinator to try: its URL and, when its host is an address a name resolved to, that
+/// name, which the coordinator's certificate must carry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    pub url: String,
+    pub server_name: Option<String>,
+}
+
+/// How long resolving one coordinator name may take.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The coordinators a comma-separated list stands for: each address as given, except a name
+/// that resolves to several addresses (a headless Kubernetes Service, DNS round robin), which
+/// stands for each of them in the resolver's order. A name that does not resolve within two
+/// seconds is kept as given: connecting to it then says why.
+pub async fn resolve(list: &str) -> Vec<Target> {
+    let mut targets = Vec::new();
+    for address in addresses(list) {
+        let mut ips = Vec::new();
+        if let Some((_, host, port)) = parts(&address)
+            && host.parse::<std::net::IpAddr>().is_err()
+        {
+            let lookup = tokio::net::lookup_host((host.as_str(), port));
+            if let Ok(Ok(found)) = tokio::time::timeout(RESOLVE_TIMEOUT, lookup).await {
+                ips.extend(found.map(|a| a.ip()));
+            }
+        }
+        targets.extend(expand(&address, &ips));
+    }
+    targets
+}
+
+/// `address` once per distinct address of `ips` when there are several, else as given.
+fn expand(address: &str, ips: &[std::net::IpAddr]) -> Vec<Target> {
+    let mut distinct: Vec<std::net::IpAddr> = Vec::new();
+    for ip in ips {
+        if !distinct.contains(ip) {
+            distinct.push(*ip);
+        }
+    }
+    let as_given = || {
+        vec![Target {
+            url: address.to_owned(),
+            server_name: None,
+        }]
+    };
+    let Some((scheme, host, port)) = parts(address).filter(|_| distinct.len() > 1) else {
+        return as_given();
+    };
+    distinct
+        .into_iter()
+        .map(|ip| Target {
+            url: match ip {
+                std::net::IpAddr::V4(ip) => format!("{scheme}://{ip}:{port}"),
+                std::net::IpAddr::V6(ip) => format!("{scheme}://[{ip}]:{port}"),
+            },
+            server_name: Some(host.clone()),
+        })
+        .collect()
+}
+
+/// The scheme, host (without IPv6 brackets) and port of a coordinator URL.
+fn parts(address: &str) -> Option<(String, String, u16)> {
+    let uri: tonic::codegen::http::Uri = address.parse().ok()?;
+    let scheme = uri.scheme_str()?.to_owned();
+    let host = uri.host()?.trim_start_matches('[').trim_end_matches(']');
+    let port = uri
+        .port_u16()
+        .unwrap_or(if scheme == "https" { 443 } else { 80 });
+    Some((scheme, host.to_owned(), port))
+}
+
 /// Whether the coordinator behind `channel` serves (a leader does; a standby says
 /// NOT_SERVING), asked with gRPC health within two seconds.
 async fn serving(channel: &Channel) -> bool {
@@ -209,14 +281,18 @@ impl GoalClient {
     /// mutual TLS), `http://host:port` without. Given several addresses, comma-separated
     /// (coordinators sharing a PostgreSQL store), it takes the first whose health says it
     /// serves, the leader; when none does, the first it reaches.
+    ///
+    /// A name that resolves to several addresses stands for each of them (see [`resolve`]).
     pub async fn connect_with(url: &str, tls: &TlsFiles) -> Result<Self, ClientError> {
-        let list = addresses(url);
+        let list = resolve(url).await;
         if list.len() < 2 {
-            return Self::connect_one(url.trim(), tls).await.map(Self::over);
+            return Self::connect_one(url.trim(), tls, None)
+                .await
+                .map(Self::over);
         }
         let (mut reached, mut failed) = (None, None);
-        for address in &list {
-            match Self::connect_one(address, tls).await {
+        for target in &list {
+            match Self::connect_one(&target.url, tls, target.server_name.as_deref()).await {
                 Ok(channel) if serving(&channel).await => return Ok(Self::over(channel)),
                 Ok(channel) => drop(reached.get_or_insert(channel)),
                 Err(e) => drop(failed.get_or_insert(e)),
@@ -246,14 +322,23 @@ impl GoalClient {
         }
     }
 
-    async fn connect_one(url: &str, tls: &TlsFiles) -> Result<Channel, ClientError> {
+    /// A channel to `url`; with TLS, the coordinator's certificate must be for `server_name`
+    /// (a name `url`'s address was resolved from) or else for `url`'s host.
+    async fn connect_one(
+        url: &str,
+        tls: &TlsFiles,
+        server_name: Option<&str>,
+    ) -> Result<Channel, ClientError> {
         let err = |reason: String| ClientError::Connect {
             url: url.to_owned(),
             reason,
         };
         check_coordinator_url(url, tls.is_set()).map_err(err)?;
         let mut endpoint = Endpoint::from_shared(url.to_owned()).map_err(|e| err(e.to_string()))?;
-        if let Some(config) = tls.client_config().map_err(err)? {
+        if let Some(mut config) = tls.client_config().map_err(err)? {
+            if let Some(name) = server_name {
+                config = config.domain_name(name);
+            }
             endpoint = endpoint
                 .tls_config(config)
                 .map_err(|e| err(e.to_string()))?;
@@ -955,5 +1040,71 @@ impl GoalClient {
             .await?
             .into_inner();
         Ok(r.agents.into_iter().map(Into::into).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::IpAddr;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_name_with_several_addresses_stands_for_each_and_keeps_its_name_for_tls() {
+        let got = expand(
+            "https://mesh-coordinator:7700",
+            &[ip("10.0.0.7"), ip("fd00::9"), ip("10.0.0.7")],
+        );
+        assert_eq!(
+            got,
+            vec![
+                Target {
+                    url: "https://10.0.0.7:7700".into(),
+                    server_name: Some("mesh-coordinator".into()),
+                },
+                Target {
+                    url: "https://[fd00::9]:7700".into(),
+                    server_name: Some("mesh-coordinator".into()),
+                },
+            ]
+        );
+        // The default port of the scheme.
+        assert_eq!(
+            expand("http://c", &[ip("10.0.0.1"), ip("10.0.0.2")])[1].url,
+            "http://10.0.0.2:80"
+        );
+    }
+
+    #[test]
+    fn one_address_or_none_keeps_the_url_as_given() {
+        let given = |url: &str| {
+            vec![Target {
+                url: url.into(),
+                server_name: None,
+            }]
+        };
+        assert_eq!(
+            expand("http://c:7700", &[ip("10.0.0.1")]),
+            given("http://c:7700")
+        );
+        assert_eq!(expand("http://c:7700", &[]), given("http://c:7700"));
+        assert_eq!(
+            expand("not a url", &[ip("10.0.0.1"), ip("10.0.0.2")]),
+            given("not a url")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_list_resolves_in_order_and_addresses_are_not_looked_up() {
+        let got = resolve(" http://127.0.0.1:7700 , http://[::1]:7701,").await;
+        let urls: Vec<&str> = got.iter().map(|t| t.url.as_str()).collect();
+        assert_eq!(urls, ["http://127.0.0.1:7700", "http://[::1]:7701"]);
+        assert!(got.iter().all(|t| t.server_name.is_none()));
+        // A name that does not resolve is kept: connecting to it says why.
+        let got = resolve("http://no-such-host.invalid:7700").await;
+        assert_eq!(got[0].url, "http://no-such-host.invalid:7700");
     }
 }

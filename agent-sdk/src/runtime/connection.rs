@@ -219,13 +219,18 @@ impl ConnState {
         self.generation += 1;
         let generation = self.generation;
         let cfg = &self.args.config;
-        let addresses = crate::client::addresses(&cfg.coordinator);
-        let address = addresses
-            .get(self.address % addresses.len().max(1))
+        // Resolved at each connect: after a failover, a name may stand for other addresses.
+        let targets = crate::client::resolve(&cfg.coordinator).await;
+        let target = targets
+            .get(self.address % targets.len().max(1))
             .ok_or_else(|| "no coordinator address is given".to_owned())?;
+        let address = &target.url;
         let mut endpoint = Endpoint::from_shared(address.clone())
             .map_err(|e| format!("bad coordinator address {address}: {e}"))?;
-        if let Some(tls) = cfg.tls.client_config()? {
+        if let Some(mut tls) = cfg.tls.client_config()? {
+            if let Some(name) = &target.server_name {
+                tls = tls.domain_name(name.clone());
+            }
             endpoint = endpoint.tls_config(tls).map_err(|e| format!("tls: {e}"))?;
         }
         let endpoint = endpoint
