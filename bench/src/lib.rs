@@ -37,6 +37,9 @@ pub enum Workload {
     Runs,
     Fanout,
     Registry,
+    /// Simulated nodes (10, 100, 1,000) × 10 agents serving echo tasks: dispatch throughput and
+    /// heartbeat cost as the node count grows.
+    Scale,
     Failover,
     Llm,
     /// A step whose agent calls `echo` as a skill (a tool call through the coordinator),
@@ -48,7 +51,7 @@ pub enum Workload {
 }
 
 impl Workload {
-    const ALL: [Workload; 17] = [
+    const ALL: [Workload; 18] = [
         Workload::Baseline,
         Workload::W1,
         Workload::W2,
@@ -62,6 +65,7 @@ impl Workload {
         Workload::Runs,
         Workload::Fanout,
         Workload::Registry,
+        Workload::Scale,
         Workload::Failover,
         Workload::Llm,
         Workload::SkillCall,
@@ -82,6 +86,7 @@ impl Workload {
             Workload::Runs => "runs",
             Workload::Fanout => "fanout",
             Workload::Registry => "registry",
+            Workload::Scale => "scale",
             Workload::Failover => "failover",
             Workload::Llm => "llm",
             Workload::SkillCall => "skill-call",
@@ -144,6 +149,9 @@ pub struct Sizes {
     pub fan_out: usize,
     pub sim_nodes: usize,
     pub sim_seconds: u64,
+    /// The node counts of `scale`, and the goals it runs at each.
+    pub scale_nodes: &'static [usize],
+    pub scale_goals: usize,
     pub failover_runs: usize,
 }
 
@@ -159,6 +167,8 @@ impl Sizes {
             fan_out: 10_000,
             sim_nodes: 1_000,
             sim_seconds: 20,
+            scale_nodes: &[10, 100, 1_000],
+            scale_goals: 10_000,
             failover_runs: 100,
         }
     }
@@ -174,6 +184,8 @@ impl Sizes {
             fan_out: 500,
             sim_nodes: 20,
             sim_seconds: 2,
+            scale_nodes: &[2, 5],
+            scale_goals: 100,
             failover_runs: 10,
         }
     }
@@ -242,6 +254,7 @@ async fn run_one(w: Workload, sizes: &Sizes) -> Result<Vec<Figure>> {
         Workload::Runs => workloads::runs(sizes).await,
         Workload::Fanout => workloads::fanout(sizes).await,
         Workload::Registry => workloads::registry(sizes).await,
+        Workload::Scale => workloads::scale(sizes).await,
         Workload::Failover => workloads::failover(sizes).await,
         Workload::Llm => workloads::llm(sizes).await,
         Workload::Baseline => baseline::run(sizes).await,

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use futures::StreamExt;
 use mesh_agent_sdk::{GoalClient, GoalSpec, RunEvent, RunId, RunState, StepSpec};
-use mesh_proto::domain::{FromNode, Registration, ToNode};
+use mesh_proto::domain::{FromNode, Registration, TaskResult, ToNode};
 use mesh_proto::pb;
 use mesh_proto::pb::node_service_client::NodeServiceClient;
 use serde_json::{Value, json};
@@ -478,7 +478,8 @@ pub async fn runs(sizes: &Sizes) -> Result<Vec<Figure>> {
     ])
 }
 
-/// One simulated node: registers `agents` agents and heartbeats at the coordinator's interval.
+/// One simulated node: registers `agents` agents and heartbeats at the coordinator's interval;
+/// it answers each task at once with its input (an echo), as a real node's agent would.
 async fn sim_node(
     channel: tonic::transport::Channel,
     name: String,
@@ -521,8 +522,12 @@ async fn sim_node(
                 tx.send(FromNode::Heartbeat { instance: registered.instance }.into()).await?;
             }
             frame = inbound.message() => {
-                if frame?.is_none() {
+                let Some(frame) = frame? else {
                     bail!("the coordinator closed the stream");
+                };
+                if let Ok(ToNode::Task(task)) = ToNode::try_from(frame) {
+                    let result = TaskResult::new(task.token, Ok(task.input));
+                    tx.send(FromNode::Result(result).into()).await?;
                 }
             }
             _ = stop.changed() => return Ok(()),
@@ -530,15 +535,17 @@ async fn sim_node(
     }
 }
 
-/// registry: simulated nodes × 10 agents heartbeating at 1 Hz: coordinator CPU share.
-pub async fn registry(sizes: &Sizes) -> Result<Vec<Figure>> {
-    let cluster = Cluster::coordinator("").await?;
-    let client = cluster.client().await?;
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+/// Starts `n` simulated nodes × 10 agents on `cluster`'s coordinator (a few hundred streams per
+/// connection, under the server's stream limit) and waits until every one is registered.
+async fn sim_nodes(
+    cluster: &Cluster,
+    client: &GoalClient,
+    n: usize,
+    stop: &tokio::sync::watch::Receiver<bool>,
+) -> Result<Vec<tokio::task::JoinHandle<Result<()>>>> {
     let mut tasks = Vec::new();
     let mut channel = None;
-    for i in 0..sizes.sim_nodes {
-        // A few hundred streams per connection, under the server's stream limit.
+    for i in 0..n {
         if i % 250 == 0 {
             channel = Some(
                 Endpoint::from_shared(cluster.url.clone())?
@@ -551,10 +558,9 @@ pub async fn registry(sizes: &Sizes) -> Result<Vec<Figure>> {
             ch,
             format!("sim-{i}"),
             10,
-            stop_rx.clone(),
+            stop.clone(),
         )));
     }
-    let n = sizes.sim_nodes;
     wait_until(
         "every simulated node to register",
         Duration::from_secs(60),
@@ -564,6 +570,49 @@ pub async fn registry(sizes: &Sizes) -> Result<Vec<Figure>> {
         },
     )
     .await?;
+    Ok(tasks)
+}
+
+/// scale: for each node count, a fresh coordinator and that many simulated nodes × 10 agents
+/// in this process, serving echo tasks: the coordinator's CPU while only heartbeats flow, then
+/// the goals per second it dispatches with 256 in flight, and its memory.
+pub async fn scale(sizes: &Sizes) -> Result<Vec<Figure>> {
+    let mut figures = Vec::new();
+    for &n in sizes.scale_nodes {
+        let cluster = Cluster::coordinator("").await?;
+        let client = cluster.client().await?;
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let tasks = sim_nodes(&cluster, &client, n, &stop_rx).await?;
+        let pid = cluster.coordinator.pid();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let (cpu0, t0) = (cpu_time(pid)?, Instant::now());
+        tokio::time::sleep(Duration::from_secs(sizes.sim_seconds.min(5))).await;
+        let idle = (cpu_time(pid)? - cpu0).as_secs_f64() / t0.elapsed().as_secs_f64();
+        let label = format!("scale, {n} nodes");
+        load(&client, &label, sizes.warmup, 64, echo_goal).await?;
+        let (samples, wall) = load(&client, &label, sizes.scale_goals, 256, echo_goal).await?;
+        let rate = samples.len() as f64 / wall.as_secs_f64();
+        let rss = rss_mib(pid)?;
+        let _ = stop_tx.send(true);
+        for t in tasks {
+            t.await??;
+        }
+        // Figure names are static: a handful per run, leaked once.
+        let name = |what: &str| -> &'static str { Box::leak(format!("{what}, {n} nodes").into()) };
+        figures.push(Figure::new(name("steps/s"), rate, "/s"));
+        figures.push(Figure::new(name("heartbeat CPU"), idle, "cores"));
+        figures.push(Figure::new(name("coordinator RSS"), rss, "MiB"));
+    }
+    Ok(figures)
+}
+
+/// registry: simulated nodes × 10 agents heartbeating at 1 Hz: coordinator CPU share.
+pub async fn registry(sizes: &Sizes) -> Result<Vec<Figure>> {
+    let cluster = Cluster::coordinator("").await?;
+    let client = cluster.client().await?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let n = sizes.sim_nodes;
+    let tasks = sim_nodes(&cluster, &client, n, &stop_rx).await?;
     let pid = cluster.coordinator.pid();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (cpu0, t0) = (cpu_time(pid)?, Instant::now());
