@@ -486,33 +486,52 @@ async fn sim_node(
     agents: usize,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<()> {
-    let cards = (0..agents)
+    let cards: Vec<_> = (0..agents)
         .map(|i| {
             mesh_agent_sdk::AgentCard::new(&format!("a{i}"))
                 .skill("echo")
                 .max_concurrency(4)
         })
         .collect();
-    let (tx, rx) = mpsc::channel::<pb::NodeFrame>(16);
-    tx.send(
-        FromNode::Register(Registration {
-            node_name: name,
-            labels: Default::default(),
-            agents: cards,
-        })
-        .into(),
-    )
-    .await?;
-    let mut inbound = NodeServiceClient::new(channel)
-        .connect(ReceiverStream::new(rx))
-        .await?
-        .into_inner();
-    let first = inbound
-        .message()
-        .await?
-        .context("stream ended before registration")?;
-    let ToNode::Registered(registered) = ToNode::try_from(first)? else {
-        bail!("first frame was not `registered`");
+    // The coordinator bounds the streams not yet registered (max_unregistered_streams): a
+    // thousand opened at once are partly refused RESOURCE_EXHAUSTED, and, as real nodes do,
+    // try again after a pause (40 times at most).
+    let mut attempt = 0;
+    let (tx, mut inbound, registered) = loop {
+        attempt += 1;
+        let (tx, rx) = mpsc::channel::<pb::NodeFrame>(16);
+        tx.send(
+            FromNode::Register(Registration {
+                node_name: name.clone(),
+                labels: Default::default(),
+                agents: cards.clone(),
+            })
+            .into(),
+        )
+        .await?;
+        let opened = NodeServiceClient::new(channel.clone())
+            .connect(ReceiverStream::new(rx))
+            .await;
+        let first = match opened {
+            Ok(response) => {
+                let mut inbound = response.into_inner();
+                inbound.message().await.map(|frame| (inbound, frame))
+            }
+            Err(status) => Err(status),
+        };
+        match first {
+            Ok((inbound, Some(frame))) => {
+                let ToNode::Registered(registered) = ToNode::try_from(frame)? else {
+                    bail!("first frame was not `registered`");
+                };
+                break (tx, inbound, registered);
+            }
+            Ok((_, None)) => bail!("stream ended before registration"),
+            Err(status) if status.code() == tonic::Code::ResourceExhausted && attempt < 40 => {
+                tokio::time::sleep(Duration::from_millis(fastrand::u64(50..250))).await;
+            }
+            Err(status) => return Err(status.into()),
+        }
     };
     let mut tick = tokio::time::interval(Duration::from_millis(registered.heartbeat_every_ms));
     let mut stop = stop;
@@ -561,16 +580,22 @@ async fn sim_nodes(
             stop.clone(),
         )));
     }
-    wait_until(
-        "every simulated node to register",
-        Duration::from_secs(60),
-        || {
-            let client = client.clone();
-            async move { client.nodes().await.map(|v| v.len() >= n).unwrap_or(false) }
-        },
-    )
-    .await?;
-    Ok(tasks)
+    let deadline = Deadline::new("every simulated node to register", Duration::from_secs(60));
+    loop {
+        // A simulated node that ended has failed: say why rather than wait out the deadline.
+        if let Some(i) = tasks.iter().position(|t| t.is_finished()) {
+            let why = match tasks.swap_remove(i).await {
+                Ok(Ok(())) => "it ended".to_owned(),
+                Ok(Err(e)) => format!("{e:#}"),
+                Err(e) => e.to_string(),
+            };
+            bail!("a simulated node failed while {n} registered: {why}");
+        }
+        match client.nodes().await {
+            Ok(nodes) if nodes.len() >= n => return Ok(tasks),
+            _ => deadline.tick().await?,
+        }
+    }
 }
 
 /// scale: for each node count, a fresh coordinator and that many simulated nodes × 10 agents
