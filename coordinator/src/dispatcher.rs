@@ -180,6 +180,15 @@ impl<R> DispatchRequest<R> {
         able && mesh_proto::domain::labels_match(&card.labels, &self.labels)
     }
 
+    /// What the request asks of an agent (its queue and its labels): requests with the same
+    /// signature can go to the same agents.
+    pub fn signature(&self) -> String {
+        if self.labels.is_empty() {
+            return self.queue();
+        }
+        format!("{}\u{0}{:?}", self.queue(), self.labels)
+    }
+
     /// What the request waits for, for messages.
     pub fn wanted(&self) -> String {
         let who = match &self.agent {
@@ -398,7 +407,14 @@ impl std::fmt::Display for Stale {
 /// The dispatcher's decisions, free of any actor runtime. `R` is how to reach the run.
 #[derive(Debug)]
 pub struct DispatchState<R> {
+    /// The agents; change it through `node_up` and `remove_agents` only, which keep the two
+    /// indexes below in step.
     pub agents: Vec<AgentSlot>,
+    /// The agents a request could go to, by its [`DispatchRequest::signature`]: found once
+    /// per set of agents, not at every dispatch (a thousand nodes have ten thousand agents).
+    candidates: HashMap<String, Arc<[usize]>>,
+    /// Where each agent instance is in `agents`.
+    slots: HashMap<(AgentKey, u64), usize>,
     pub in_flight: HashMap<TaskKey, InFlight<R>>,
     pub pending: VecDeque<DispatchRequest<R>>,
     rr: usize,
@@ -447,6 +463,8 @@ impl<R: Clone> DispatchState<R> {
         queues.0.clear();
         Self {
             agents: Vec::new(),
+            candidates: HashMap::new(),
+            slots: HashMap::new(),
             in_flight: HashMap::new(),
             pending: VecDeque::new(),
             rr: 0,
@@ -466,29 +484,54 @@ impl<R: Clone> DispatchState<R> {
         self.queues.publish(&self.waiting);
     }
 
-    /// Least loaded free agent with the skill; round robin among equals.
-    pub fn pick(&mut self, wants: impl Fn(&AgentCard) -> bool, now: Instant) -> Option<usize> {
-        let mut best: Vec<usize> = Vec::new();
-        let mut best_load = u32::MAX;
-        for (i, a) in self.agents.iter().enumerate() {
-            if !a.free(now) || !wants(&a.card) {
-                continue;
+    /// Least loaded free agent of those `wants` takes (`signature` names that set); round
+    /// robin among equals: the scan starts one further each time, and an idle agent ends it.
+    pub fn pick(
+        &mut self,
+        signature: &str,
+        wants: impl Fn(&AgentCard) -> bool,
+        now: Instant,
+    ) -> Option<usize> {
+        let candidates = match self.candidates.get(signature) {
+            Some(c) => c.clone(),
+            None => {
+                let found: Arc<[usize]> = (0..self.agents.len())
+                    .filter(|&i| wants(&self.agents[i].card))
+                    .collect();
+                self.candidates.insert(signature.to_owned(), found.clone());
+                found
             }
-            match a.in_flight.cmp(&best_load) {
-                std::cmp::Ordering::Less => {
-                    best_load = a.in_flight;
-                    best.clear();
-                    best.push(i);
-                }
-                std::cmp::Ordering::Equal => best.push(i),
-                std::cmp::Ordering::Greater => {}
-            }
-        }
-        if best.is_empty() {
+        };
+        if candidates.is_empty() {
             return None;
         }
         self.rr = self.rr.wrapping_add(1);
-        Some(best[self.rr % best.len()])
+        let start = self.rr % candidates.len();
+        let mut best: Option<(u32, usize)> = None;
+        for &i in candidates[start..].iter().chain(&candidates[..start]) {
+            let a = &self.agents[i];
+            if !a.free(now) {
+                continue;
+            }
+            if a.in_flight == 0 {
+                return Some(i);
+            }
+            if best.is_none_or(|(load, _)| a.in_flight < load) {
+                best = Some((a.in_flight, i));
+            }
+        }
+        best.map(|(_, i)| i)
+    }
+
+    /// The agents changed: the indexes are made again (candidates lazily, at the next pick).
+    fn reindex(&mut self) {
+        self.candidates.clear();
+        self.slots = self
+            .agents
+            .iter()
+            .enumerate()
+            .map(|(i, a)| ((a.key.clone(), a.instance), i))
+            .collect();
     }
 
     /// Moves the agent's circuit after an attempt's outcome; returns the new state when it
@@ -532,11 +575,7 @@ impl<R: Clone> DispatchState<R> {
     }
 
     fn release(&mut self, agent: &AgentKey, instance: u64) {
-        if let Some(i) = self
-            .agents
-            .iter()
-            .position(|a| &a.key == agent && a.instance == instance)
-        {
+        if let Some(&i) = self.slots.get(&(agent.clone(), instance)) {
             self.set_load(i, -1);
         }
     }
@@ -581,7 +620,7 @@ impl<R: Clone> DispatchState<R> {
         if let Some(old) = self.in_flight.remove(&step_key) {
             self.release(&old.agent, old.instance);
         }
-        let Some(i) = self.pick(|card| req.wants(card), now) else {
+        let Some(i) = self.pick(&req.signature(), |card| req.wants(card), now) else {
             return Err(Unsent::NoAgent(req));
         };
         let slot = &self.agents[i];
@@ -700,6 +739,7 @@ impl<R: Clone> DispatchState<R> {
                 tx: tx.clone(),
             });
         }
+        self.reindex();
     }
 
     /// Removes the agents matching `lost`; returns their in-flight attempts.
@@ -711,6 +751,7 @@ impl<R: Clone> DispatchState<R> {
             .map(|a| (a.key.clone(), a.instance))
             .collect();
         self.agents.retain(|a| !lost(a));
+        self.reindex();
         for (key, _) in &gone {
             self.load.forget(key);
         }
@@ -1515,6 +1556,48 @@ mod tests {
             st.accept(&holder, inst, &second).unwrap_err(),
             Stale::NotInFlight
         );
+    }
+
+    #[test]
+    fn agents_that_come_and_go_are_found_and_forgotten_by_the_indexes() {
+        let (mut st, _rx) = state_with(&[
+            ("n1", vec![card("e", "echo", 1)]),
+            ("n2", vec![card("e", "echo", 1)]),
+        ]);
+        let now = Instant::now();
+        let a = sent_to(st.dispatch(req("a", 1, "echo"), 1000, 10, now));
+        assert!(a.starts_with("n1") || a.starts_with("n2"), "{a}");
+        // The node that took `a` leaves; its slot is gone from the indexes.
+        let (gone, other) = if a.starts_with("n1") {
+            ("n1", "n2")
+        } else {
+            ("n2", "n1")
+        };
+        let instance = if gone == "n1" { 1 } else { 2 };
+        assert_eq!(st.node_down(&gone.into(), instance).len(), 1);
+        let b = sent_to(st.dispatch(req("b", 1, "echo"), 1000, 10, now));
+        assert!(b.starts_with(other), "{b}");
+        // The other is full (max 1): a newcomer takes the next, then finishing `b` frees it.
+        let (tx, _rx3) = mpsc::channel(16);
+        st.node_up(&"n3".into(), 3, vec![card("e", "echo", 1)], tx);
+        let c = sent_to(st.dispatch(req("c", 1, "echo"), 1000, 10, now));
+        assert!(c.starts_with("n3"), "{c}");
+        assert_eq!(
+            sent_to(st.dispatch(req("d", 1, "echo"), 1000, 10, now)),
+            "queued"
+        );
+        let token = st
+            .in_flight
+            .values()
+            .find(|f| f.token.step_id.as_str() == "b")
+            .unwrap()
+            .token
+            .clone();
+        let n = if other == "n1" { 1 } else { 2 };
+        st.accept(&other.into(), n, &token).unwrap();
+        let (sent, _) = st.drain_pending(1000, now);
+        assert_eq!(sent.len(), 1);
+        assert!(sent[0].2.to_string().starts_with(other), "{sent:?}");
     }
 
     #[test]
