@@ -41,6 +41,9 @@ pub enum Workload {
     /// heartbeat cost as the node count grows.
     Scale,
     Failover,
+    /// Two coordinators on PostgreSQL with the default 5 s lease, 100 runs in flight: from
+    /// kill -9, then from SIGSTOP, of the leader until the standby serves.
+    LeaderFailover,
     Llm,
     /// A step whose agent calls `echo` as a skill (a tool call through the coordinator),
     /// against an `echo` step: the cost of a skill called as a tool.
@@ -51,7 +54,7 @@ pub enum Workload {
 }
 
 impl Workload {
-    const ALL: [Workload; 18] = [
+    const ALL: [Workload; 19] = [
         Workload::Baseline,
         Workload::W1,
         Workload::W2,
@@ -67,6 +70,7 @@ impl Workload {
         Workload::Registry,
         Workload::Scale,
         Workload::Failover,
+        Workload::LeaderFailover,
         Workload::Llm,
         Workload::SkillCall,
         Workload::Messages,
@@ -88,6 +92,7 @@ impl Workload {
             Workload::Registry => "registry",
             Workload::Scale => "scale",
             Workload::Failover => "failover",
+            Workload::LeaderFailover => "leader-failover",
             Workload::Llm => "llm",
             Workload::SkillCall => "skill-call",
             Workload::Messages => "messages",
@@ -107,6 +112,8 @@ fn target(workload: &str, figure: &str) -> Option<&'static str> {
         ("runs", "coordinator RSS") => "< 500 MiB at 10,000 runs",
         ("registry", "coordinator CPU") => "< 0.25 cores at 1,000 × 10",
         ("failover", "kill -9 to all re-dispatched") => "< lease + 1 s = 6,000 ms",
+        ("leader-failover", "kill -9 to the standby serving") => "< lease + 1 s = 6,000 ms",
+        ("leader-failover", "SIGSTOP to the standby serving") => "< lease + 1 s = 6,000 ms",
         ("llm", "added p50") => "< 1,000 µs",
         ("dashboard", "p50, run page of 1,000 steps") => "< 50 ms",
         _ => return None,
@@ -255,6 +262,7 @@ async fn run_one(w: Workload, sizes: &Sizes) -> Result<Vec<Figure>> {
         Workload::Fanout => workloads::fanout(sizes).await,
         Workload::Registry => workloads::registry(sizes).await,
         Workload::Scale => workloads::scale(sizes).await,
+        Workload::LeaderFailover => workloads::leader_failover(sizes).await,
         Workload::Failover => workloads::failover(sizes).await,
         Workload::Llm => workloads::llm(sizes).await,
         Workload::Baseline => baseline::run(sizes).await,

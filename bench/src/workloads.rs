@@ -669,6 +669,174 @@ pub async fn registry(sizes: &Sizes) -> Result<Vec<Figure>> {
     ])
 }
 
+/// A coordinator of `leader_failover`: its process, its addresses and its configuration file.
+struct Coord {
+    proc: Option<super::cluster::Proc>,
+    url: String,
+    http: u16,
+    config: std::path::PathBuf,
+}
+
+impl Coord {
+    fn new(dir: &std::path::Path, name: &str, store: &str) -> Result<Coord> {
+        let (grpc, http) = (super::cluster::free_port()?, super::cluster::free_port()?);
+        let config = dir.join(format!("{name}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "listen = \"127.0.0.1:{grpc}\"\nhttp_listen = \"127.0.0.1:{http}\"\ndata_dir = \"{}\"\nstore = \"{store}\"\n",
+                dir.join(name).display()
+            ),
+        )?;
+        Ok(Coord {
+            proc: None,
+            url: format!("http://127.0.0.1:{grpc}"),
+            http,
+            config,
+        })
+    }
+
+    fn start(&mut self, dir: &std::path::Path, name: &str) -> Result<()> {
+        let config = self.config.to_string_lossy().into_owned();
+        self.proc = Some(super::cluster::spawn(
+            dir,
+            name,
+            &["coordinator", "--config", &config],
+        )?);
+        Ok(())
+    }
+
+    fn proc(&mut self) -> Result<&mut super::cluster::Proc> {
+        self.proc.as_mut().context("the coordinator is not running")
+    }
+
+    /// Whether it serves: its health says SERVING and a call succeeds.
+    async fn serves(&self) -> bool {
+        match GoalClient::connect(&self.url).await {
+            Ok(c) => c.nodes().await.is_ok(),
+            Err(_) => false,
+        }
+    }
+
+    /// Whether it answers its liveness probe (a standby does).
+    async fn live(&self, http: &reqwest::Client) -> bool {
+        let url = format!("http://127.0.0.1:{}/livez", self.http);
+        http.get(url)
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+    }
+}
+
+/// leader-failover: two coordinators on one PostgreSQL store with the default lease (5 s), a
+/// node given both addresses, `failover_runs` runs in flight. kill -9 the leader: the time
+/// until the standby serves, then every run must succeed. Then, the killed one back as a
+/// standby, SIGSTOP the new leader: the time until the other serves; woken, the paused one
+/// must exit (deposed).
+pub async fn leader_failover(sizes: &Sizes) -> Result<Vec<Figure>> {
+    let pg = tokio::task::spawn_blocking(|| {
+        let server =
+            mesh_harness::postgres::Server::start(mesh_harness::postgres::Durability::Full)?;
+        server.create_db("mesh")?;
+        Ok::<_, std::io::Error>(server)
+    })
+    .await??;
+    let dir = tempfile::tempdir()?;
+    let store = pg.url("mesh");
+    let mut a = Coord::new(dir.path(), "a", &store)?;
+    let mut b = Coord::new(dir.path(), "b", &store)?;
+    mesh_agent_sdk::llm::install_crypto_provider();
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()?;
+    a.start(dir.path(), "a")?;
+    wait_until("coordinator a to lead", Duration::from_secs(30), || {
+        a.serves()
+    })
+    .await?;
+    b.start(dir.path(), "b")?;
+    wait_until("coordinator b to stand by", Duration::from_secs(30), || {
+        b.live(&http)
+    })
+    .await?;
+    let node = dir.path().join("n1.toml");
+    std::fs::write(
+        &node,
+        format!(
+            "coordinator = \"{},{}\"\nname = \"n1\"\nreconnect_min = \"20ms\"\nreconnect_max = \"200ms\"\n{}",
+            a.url,
+            b.url,
+            sleep_agent(400)
+        ),
+    )?;
+    let _node = super::cluster::spawn(
+        dir.path(),
+        "n1",
+        &["node", "--config", &node.to_string_lossy()],
+    )?;
+    let client = GoalClient::connect(&a.url).await?;
+    wait_until("the node on the leader", Duration::from_secs(30), || {
+        let client = client.clone();
+        async move { client.nodes().await.is_ok_and(|n| !n.is_empty()) }
+    })
+    .await?;
+    let mut runs = Vec::new();
+    for _ in 0..sizes.failover_runs {
+        let g = goal(
+            "leader failover",
+            vec![step("nap", "sleep", json!({ "ms": 2_000 }), &[])],
+        );
+        runs.push(client.submit(g).await?.run_id);
+    }
+
+    let killed = Instant::now();
+    a.proc()?.kill9();
+    wait_until("b to serve", Duration::from_secs(30), || b.serves()).await?;
+    let after_kill = killed.elapsed();
+    let client = GoalClient::connect(&b.url).await?;
+    let deadline = Deadline::new("every run to succeed on b", Duration::from_secs(90));
+    for run in &runs {
+        loop {
+            let view = client.get_run(run).await?;
+            if view.state.is_terminal() {
+                ensure!(
+                    view.state == RunState::Succeeded,
+                    "{run}: {:?} after the failover",
+                    view.state
+                );
+                break;
+            }
+            deadline.tick().await?;
+        }
+    }
+
+    a.start(dir.path(), "a-again")?;
+    wait_until("a to stand by", Duration::from_secs(30), || a.live(&http)).await?;
+    let paused = Instant::now();
+    b.proc()?.signal("STOP")?;
+    wait_until("a to serve", Duration::from_secs(30), || a.serves()).await?;
+    let after_pause = paused.elapsed();
+    b.proc()?.signal("CONT")?;
+    let woke = b.proc()?.wait_exit(Duration::from_secs(20)).await;
+    ensure!(
+        woke.is_ok(),
+        "the paused leader went on after waking, its lease taken"
+    );
+    Ok(vec![
+        Figure::new("runs in flight", runs.len() as f64, ""),
+        Figure::new(
+            "kill -9 to the standby serving",
+            after_kill.as_secs_f64() * 1e3,
+            "ms",
+        ),
+        Figure::new(
+            "SIGSTOP to the standby serving",
+            after_pause.as_secs_f64() * 1e3,
+            "ms",
+        ),
+    ])
+}
+
 /// failover: kill -9 a node with work in flight; time until all of it is on the other node.
 pub async fn failover(sizes: &Sizes) -> Result<Vec<Figure>> {
     let agents = sleep_agent(400);
