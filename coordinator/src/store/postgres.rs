@@ -30,7 +30,7 @@ use tokio::sync::mpsc;
 use tokio_postgres::NoTls;
 use tokio_postgres::types::ToSql;
 
-use super::write::{Applied, MAX_GROUP, RecordReply, WriteOp, Writer};
+use super::write::{Applied, GroupError, MAX_GROUP, RecordReply, WriteOp, Writer};
 use super::{
     Backend, JournalEvent, NewRun, NewWorkflow, StoredGoal, StoredRun, WorkflowPage, cut_page,
     now_ms,
@@ -868,18 +868,18 @@ async fn write_loop(pool: Pool, mut rx: mpsc::Receiver<WriteOp>, fence: Arc<Atom
         .await
         {
             Ok(Ok(())) => None,
-            Ok(Err(e)) => Some(e.to_string()),
-            Err(_) => Some(format!(
+            Ok(Err(e)) => Some(GroupError::from(e)),
+            Err(_) => Some(GroupError::Commit(format!(
                 "the group of writes took longer than {GROUP_TIMEOUT:?}"
-            )),
+            ))),
         };
         // Writes applied before a failure are answered with it; those not reached, too.
         for a in applied {
-            a.answer(failed.as_deref());
+            a.answer(failed.as_ref());
         }
-        let why = failed.as_deref().unwrap_or("not applied");
+        let why = failed.unwrap_or_else(|| GroupError::Commit("not applied".into()));
         for op in batch.drain(..) {
-            Applied::from_failed(op, why).answer(None);
+            Applied::from_failed(op, &why).answer(None);
         }
     }
 }
@@ -1617,6 +1617,9 @@ mod tests {
             .await
             .unwrap_err();
         assert!(err.to_string().contains("no longer leads"), "{err}");
+        // Its callers learn that another leads: UNAVAILABLE, not an internal error.
+        assert!(matches!(err, Error::Deposed(e) if e == first), "{err:?}");
+        assert_eq!(tonic::Status::from(err).code(), tonic::Code::Unavailable);
         assert_eq!(b.load_run(&run).await.unwrap().events.len(), before);
         b.record(&run, before as u64, late).await.unwrap();
         assert_eq!(b.load_run(&run).await.unwrap().events.len(), before + 1);

@@ -17,7 +17,7 @@ use mesh_proto::domain::*;
 use rusqlite::{Connection, OptionalExtension, params};
 use serde_json::Value;
 
-use super::write::{Applied, MAX_GROUP, WriteOp, Writer};
+use super::write::{Applied, GroupError, MAX_GROUP, WriteOp, Writer};
 use super::{
     Backend, JournalEvent, NewRun, NewWorkflow, StoredGoal, StoredRun, WorkflowPage, cut_page,
     now_ms,
@@ -701,7 +701,7 @@ fn commit_group(conn: &mut Connection, batch: impl Iterator<Item = WriteOp>) {
     let mut tx = match conn.transaction() {
         Ok(tx) => tx,
         Err(e) => {
-            let why = format!("cannot begin: {e}");
+            let why = GroupError::Commit(format!("cannot begin: {e}"));
             for op in batch {
                 Applied::from_failed(op, &why).answer(None);
             }
@@ -847,9 +847,12 @@ fn commit_group(conn: &mut Connection, batch: impl Iterator<Item = WriteOp>) {
             }
         });
     }
-    let commit_error = tx.commit().err().map(|e| format!("commit failed: {e}"));
+    let commit_error = tx
+        .commit()
+        .err()
+        .map(|e| GroupError::Commit(format!("commit failed: {e}")));
     for a in applied {
-        a.answer(commit_error.as_deref());
+        a.answer(commit_error.as_ref());
     }
 }
 

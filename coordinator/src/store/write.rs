@@ -66,10 +66,36 @@ pub(crate) enum Applied {
     ),
 }
 
+/// Why a whole group of writes failed, told to each of its writes: a lost lease keeps its kind
+/// (callers see `UNAVAILABLE`: another coordinator leads), anything else is the store's.
+#[derive(Clone, Debug)]
+pub(crate) enum GroupError {
+    Deposed(u64),
+    Commit(String),
+}
+
+impl GroupError {
+    fn error(&self) -> Error {
+        match self {
+            GroupError::Deposed(epoch) => Error::Deposed(*epoch),
+            GroupError::Commit(why) => Error::Commit(why.clone()),
+        }
+    }
+}
+
+impl From<Error> for GroupError {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Deposed(epoch) => GroupError::Deposed(epoch),
+            other => GroupError::Commit(other.to_string()),
+        }
+    }
+}
+
 impl Applied {
-    pub(crate) fn from_failed(op: WriteOp, why: &str) -> Applied {
-        fn err<T>(why: &str) -> Result<T> {
-            Err(Error::Commit(why.to_owned()))
+    pub(crate) fn from_failed(op: WriteOp, why: &GroupError) -> Applied {
+        fn err<T>(why: &GroupError) -> Result<T> {
+            Err(why.error())
         }
         match op {
             WriteOp::BumpEpoch(reply) => Applied::Epoch(reply, err(why)),
@@ -91,11 +117,11 @@ impl Applied {
         }
     }
 
-    /// Sends the result; a commit error replaces every success.
-    pub(crate) fn answer(self, commit_error: Option<&str>) {
-        fn or_commit<T>(r: Result<T>, e: Option<&str>) -> Result<T> {
+    /// Sends the result; a failure of the whole group replaces every success.
+    pub(crate) fn answer(self, commit_error: Option<&GroupError>) {
+        fn or_commit<T>(r: Result<T>, e: Option<&GroupError>) -> Result<T> {
             match e {
-                Some(e) => Err(Error::Commit(e.to_owned())),
+                Some(e) => Err(e.error()),
                 None => r,
             }
         }
