@@ -33,6 +33,10 @@ pub struct NodeConfig {
     pub reconnect_min: Duration,
     #[serde(with = "humantime_serde")]
     pub reconnect_max: Duration,
+    /// How long the coordinator may leave the stream's HTTP/2 pings unanswered before the node
+    /// leaves it and tries the next address (a paused or cut-off coordinator).
+    #[serde(with = "humantime_serde")]
+    pub coordinator_silence: Duration,
     pub agents: Vec<AgentConfig>,
     /// Model providers for `llm` agents, over what the environment says.
     pub llm: NodeLlmConfig,
@@ -154,6 +158,7 @@ impl Default for NodeConfig {
             drain_grace: rt.drain_grace,
             reconnect_min: rt.reconnect_min,
             reconnect_max: rt.reconnect_max,
+            coordinator_silence: rt.coordinator_silence,
             agents: vec![
                 AgentConfig::of(BuiltinKind::Echo),
                 AgentConfig::of(BuiltinKind::Sleep),
@@ -275,6 +280,12 @@ impl NodeConfig {
     }
 
     pub fn validate(&self) -> Result<(), Error> {
+        if self.coordinator_silence < Duration::from_millis(500) {
+            return Err(Error::Config(format!(
+                "coordinator_silence: {:?} is too short to tell a busy coordinator from a gone one (at least 500ms)",
+                self.coordinator_silence
+            )));
+        }
         for (name, server) in &self.mcp {
             match (server.command.is_empty(), &server.url) {
                 (false, None) | (true, Some(_)) => {}
@@ -337,6 +348,7 @@ impl NodeConfig {
             drain_grace: self.drain_grace,
             reconnect_min: self.reconnect_min,
             reconnect_max: self.reconnect_max,
+            coordinator_silence: self.coordinator_silence,
             token: self.token.clone(),
             namespaces: self.namespaces.clone(),
             tls: self.tls.clone(),
@@ -415,5 +427,13 @@ mod tests {
                 .to_string()
                 .contains("agents[0]")
         );
+        let quiet: NodeConfig = toml::from_str("coordinator_silence = \"2s\"").unwrap();
+        assert_eq!(
+            quiet.runtime_config().coordinator_silence,
+            Duration::from_secs(2)
+        );
+        let hasty: NodeConfig = toml::from_str("coordinator_silence = \"10ms\"").unwrap();
+        let err = hasty.validate().unwrap_err().to_string();
+        assert!(err.contains("coordinator_silence"), "{err}");
     }
 }
