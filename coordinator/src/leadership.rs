@@ -114,7 +114,7 @@ pub fn keep(
                 Ok(Ok(true)) => renewed = Instant::now(),
                 Ok(Ok(false)) => {
                     break format!(
-                        "another coordinator took the lease (this one had epoch {epoch})"
+                        "the lease of epoch {epoch} is gone (another coordinator took it, or it lapsed)"
                     );
                 }
                 Ok(Err(e)) => warn!(error = %e, "cannot renew the lease"),

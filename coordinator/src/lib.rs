@@ -70,6 +70,9 @@ pub struct Coordinator {
     root_done: JoinHandle<()>,
     /// On PostgreSQL: says why, when this coordinator has lost its lease.
     deposed: Option<oneshot::Receiver<String>>,
+    /// On PostgreSQL: the lease this coordinator holds (store, holder, epoch), given up when it
+    /// stops, so that a standby takes over at its next try instead of after the lease.
+    lease: Option<(crate::store::PostgresStore, String, u64)>,
     /// The actors and the store, for the tests of the restart paths.
     #[cfg(test)]
     handles: Handles,
@@ -115,6 +118,17 @@ impl Coordinator {
             info!(grace = ?self.shutdown_grace, "draining: health is NOT_SERVING");
             tokio::time::sleep(self.shutdown_grace).await;
         }
+        // The lease goes first: from then on this coordinator's writes are refused (the fence
+        // wants an unexpired lease), so whatever is still in flight cannot clash with the
+        // standby that takes over at its next try; its callers get UNAVAILABLE and go there.
+        if let Some((pg, holder, epoch)) = self.lease.take() {
+            match tokio::time::timeout(Duration::from_secs(2), pg.resign(&holder, epoch)).await {
+                Ok(Ok(true)) => info!(epoch, "lease given up: a standby takes over now"),
+                Ok(Ok(false)) => {}
+                Ok(Err(e)) => warn!(error = %e, "cannot give the lease up; it lapses on its own"),
+                Err(_) => warn!("giving the lease up timed out; it lapses on its own"),
+            }
+        }
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -158,11 +172,12 @@ pub async fn start(
             )
             .await?;
             info!(epoch, %advertise, "leading: this coordinator holds the store's lease");
-            let deposed = leadership::keep(pg.clone(), holder, epoch, lease);
-            (epoch, Some(deposed))
+            let deposed = leadership::keep(pg.clone(), holder.clone(), epoch, lease);
+            (epoch, Some((deposed, (pg.clone(), holder, epoch))))
         }
         Store::Sqlite(_) => (store.bump_epoch().await?, None),
     };
+    let (deposed, lease) = deposed.unzip();
     let jwt = match &config.auth.jwt {
         None => None,
         Some(_) if !config.auth.enabled => {
@@ -269,6 +284,7 @@ pub async fn start(
         shutdown_grace: config.shutdown_grace,
         root_done,
         deposed,
+        lease,
         #[cfg(test)]
         handles: kept,
     })

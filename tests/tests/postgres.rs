@@ -167,10 +167,14 @@ async fn a_coordinator_refuses_a_store_it_cannot_reach_or_read_and_names_it_with
 
 /// Two coordinators on one PostgreSQL store (lease 2 s), a node given both addresses.
 async fn pair(pg: &Server) -> (Mesh, Mesh, String) {
+    pair_with_lease(pg, "2s").await
+}
+
+async fn pair_with_lease(pg: &Server, lease: &str) -> (Mesh, Mesh, String) {
     pg.create_db("mesh").unwrap();
     let url = pg.url("mesh");
     let timings = Timings {
-        coordinator_extra: format!("store = \"{url}\"\n[cluster]\nlease = \"2s\"\n"),
+        coordinator_extra: format!("store = \"{url}\"\n[cluster]\nlease = \"{lease}\"\n"),
         // Nodes left on a paused leader leave it within their coordinator_silence (5 s):
         // the steps of the runs the new leader resumed wait for them meanwhile.
         unschedulable_ms: 20_000,
@@ -290,4 +294,33 @@ async fn a_leader_paused_past_its_lease_steps_down_when_it_wakes_and_its_writes_
     assert_each_step_accepted_once(&leader, &url, &runs).await;
     let epochs = query(&url, "SELECT epoch FROM leader").await;
     assert_eq!(epochs[0].get::<_, i64>(0), 2);
+}
+
+/// A leader stopped with SIGTERM (a rolling update) gives its lease up: the standby leads at
+/// its next try, long before the 20 s lease would lapse, and the runs go on there.
+#[tokio::test]
+async fn a_leader_stopped_gives_its_lease_up_and_the_standby_leads_before_the_lease_lapses() {
+    let pg = Server::start(Durability::Relaxed).expect("a PostgreSQL server");
+    let (mut leader, standby, url) = pair_with_lease(&pg, "20s").await;
+    let runs = submit_chains(&leader, 20).await;
+    let stopped = std::time::Instant::now();
+    let old = leader.coordinator.as_mut().unwrap();
+    old.signal("TERM").unwrap();
+    let status = old
+        .wait_exit(Duration::from_secs(15))
+        .await
+        .expect("the leader exits on SIGTERM");
+    assert!(status.success(), "{status:?}: {}", old.log_text());
+    assert!(
+        old.log_text().contains("lease given up"),
+        "{}",
+        old.log_text()
+    );
+    let took = serving_after(&standby.own_url(), stopped).await;
+    eprintln!("SIGTERM of the leader: the standby served after {took:?}");
+    assert!(
+        took < Duration::from_secs(15),
+        "the standby waited for the lease to lapse: {took:?}"
+    );
+    assert_each_step_accepted_once(&leader, &url, &runs).await;
 }

@@ -339,13 +339,28 @@ impl PostgresStore {
         Ok(Some(epoch as u64))
     }
 
-    /// Extends the lease of `epoch`; `false` when another has taken it since.
+    /// Extends the lease of `epoch`; `false` when another has taken it since, or it has lapsed
+    /// (or was given up): a lapsed lease is taken again only as a new epoch.
     pub async fn renew(&self, holder: &str, epoch: u64, lease: Duration) -> Result<bool> {
         let rows = self
             .rows(
                 "UPDATE leader SET expires_at = now() + $3 * interval '1 millisecond'
-                 WHERE id = 1 AND holder = $1 AND epoch = $2 RETURNING epoch",
+                 WHERE id = 1 AND holder = $1 AND epoch = $2 AND expires_at > now()
+                 RETURNING epoch",
                 &[&holder, &(epoch as i64), &(lease.as_millis() as f64)],
+            )
+            .await?;
+        Ok(!rows.is_empty())
+    }
+
+    /// Ends the lease of `epoch` now (a coordinator stopping): a standby takes it at its next
+    /// try. `false` when another holds it already.
+    pub async fn resign(&self, holder: &str, epoch: u64) -> Result<bool> {
+        let rows = self
+            .rows(
+                "UPDATE leader SET expires_at = now()
+                 WHERE id = 1 AND holder = $1 AND epoch = $2 AND expires_at > now() RETURNING epoch",
+                &[&holder, &(epoch as i64)],
             )
             .await?;
         Ok(!rows.is_empty())
@@ -1623,6 +1638,28 @@ mod tests {
         assert_eq!(b.load_run(&run).await.unwrap().events.len(), before);
         b.record(&run, before as u64, late).await.unwrap();
         assert_eq!(b.load_run(&run).await.unwrap().events.len(), before + 1);
+
+        // b gives its lease up (it stops): a takes it at once, as the next epoch, long before
+        // the lease would have lapsed; b can neither renew nor write after.
+        let long = Duration::from_secs(60);
+        assert!(b.renew("b", second, long).await.unwrap());
+        assert!(!a.resign("a", first).await.unwrap(), "not a's to give up");
+        assert!(b.resign("b", second).await.unwrap());
+        assert!(
+            !b.renew("b", second, long).await.unwrap(),
+            "given up for good"
+        );
+        let third = a
+            .try_lead("a", long)
+            .await
+            .unwrap()
+            .expect("a leads at once");
+        assert_eq!(third, second + 1);
+        let err = b
+            .record(&run, before as u64 + 1, vec![JournalEvent::RunResumed])
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Deposed(e) if e == second), "{err:?}");
     }
 
     #[test]
