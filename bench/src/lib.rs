@@ -114,6 +114,7 @@ fn target(workload: &str, figure: &str) -> Option<&'static str> {
         ("failover", "kill -9 to all re-dispatched") => "< lease + 1 s = 6,000 ms",
         ("leader-failover", "kill -9 to the standby serving") => "< lease + 1 s = 6,000 ms",
         ("leader-failover", "SIGSTOP to the standby serving") => "< lease + 1 s = 6,000 ms",
+        ("leader-failover", "SIGTERM to the standby serving") => "< lease = 5,000 ms",
         ("llm", "added p50") => "< 1,000 µs",
         ("dashboard", "p50, run page of 1,000 steps") => "< 50 ms",
         _ => return None,

@@ -732,7 +732,8 @@ impl Coord {
 /// node given both addresses, `failover_runs` runs in flight. kill -9 the leader: the time
 /// until the standby serves, then every run must succeed. Then, the killed one back as a
 /// standby, SIGSTOP the new leader: the time until the other serves; woken, the paused one
-/// must exit (deposed).
+/// must exit (deposed). Last, the paused one back as a standby, SIGTERM the leader (a rolling
+/// update; it gives its lease up): the time until the other serves.
 pub async fn leader_failover(sizes: &Sizes) -> Result<Vec<Figure>> {
     let pg = tokio::task::spawn_blocking(|| {
         let server =
@@ -822,6 +823,14 @@ pub async fn leader_failover(sizes: &Sizes) -> Result<Vec<Figure>> {
         woke.is_ok(),
         "the paused leader went on after waking, its lease taken"
     );
+
+    // A rolling update: b back as a standby, SIGTERM to the leader a, which gives its lease up.
+    b.start(dir.path(), "b-again")?;
+    wait_until("b to stand by", Duration::from_secs(30), || b.live(&http)).await?;
+    let stopped = Instant::now();
+    a.proc()?.signal("TERM")?;
+    wait_until("b to serve", Duration::from_secs(30), || b.serves()).await?;
+    let after_term = stopped.elapsed();
     Ok(vec![
         Figure::new("runs in flight", runs.len() as f64, ""),
         Figure::new(
@@ -832,6 +841,11 @@ pub async fn leader_failover(sizes: &Sizes) -> Result<Vec<Figure>> {
         Figure::new(
             "SIGSTOP to the standby serving",
             after_pause.as_secs_f64() * 1e3,
+            "ms",
+        ),
+        Figure::new(
+            "SIGTERM to the standby serving",
+            after_term.as_secs_f64() * 1e3,
             "ms",
         ),
     ])
