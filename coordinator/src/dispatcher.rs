@@ -412,9 +412,11 @@ pub struct DispatchState<R> {
     pub agents: Vec<AgentSlot>,
     /// The agents a request could go to, by its [`DispatchRequest::signature`]: found once
     /// per set of agents, not at every dispatch (a thousand nodes have ten thousand agents).
+    /// At most [`MAX_SIGNATURES`] of them: past it the cache starts again.
     candidates: HashMap<String, Arc<[usize]>>,
-    /// Where each agent instance is in `agents`.
-    slots: HashMap<(AgentKey, u64), usize>,
+    /// Where each agent is in `agents` (one instance of an agent at a time: `node_up` drops a
+    /// node's earlier agents).
+    slots: HashMap<AgentKey, usize>,
     pub in_flight: HashMap<TaskKey, InFlight<R>>,
     pub pending: VecDeque<DispatchRequest<R>>,
     rr: usize,
@@ -425,6 +427,10 @@ pub struct DispatchState<R> {
     /// Most requests waiting for one skill (or one named agent).
     pub max_pending_per_skill: usize,
 }
+
+/// Most request signatures whose candidates the dispatcher keeps (labels come from goals, so
+/// their variety is the clients').
+const MAX_SIGNATURES: usize = 4_096;
 
 /// What happened to a dispatch attempt.
 pub enum Sent<R> {
@@ -498,6 +504,9 @@ impl<R: Clone> DispatchState<R> {
                 let found: Arc<[usize]> = (0..self.agents.len())
                     .filter(|&i| wants(&self.agents[i].card))
                     .collect();
+                if self.candidates.len() >= MAX_SIGNATURES {
+                    self.candidates.clear();
+                }
                 self.candidates.insert(signature.to_owned(), found.clone());
                 found
             }
@@ -530,7 +539,7 @@ impl<R: Clone> DispatchState<R> {
             .agents
             .iter()
             .enumerate()
-            .map(|(i, a)| ((a.key.clone(), a.instance), i))
+            .map(|(i, a)| (a.key.clone(), i))
             .collect();
     }
 
@@ -575,7 +584,9 @@ impl<R: Clone> DispatchState<R> {
     }
 
     fn release(&mut self, agent: &AgentKey, instance: u64) {
-        if let Some(&i) = self.slots.get(&(agent.clone(), instance)) {
+        if let Some(&i) = self.slots.get(agent)
+            && self.agents[i].instance == instance
+        {
             self.set_load(i, -1);
         }
     }
@@ -1598,6 +1609,21 @@ mod tests {
         let (sent, _) = st.drain_pending(1000, now);
         assert_eq!(sent.len(), 1);
         assert!(sent[0].2.to_string().starts_with(other), "{sent:?}");
+    }
+
+    #[test]
+    fn the_candidates_kept_are_bounded_whatever_labels_goals_ask() {
+        let (mut st, _rx) = state_with(&[("n1", vec![card("e", "echo", 4)])]);
+        let now = Instant::now();
+        for i in 0..MAX_SIGNATURES + 10 {
+            let found = st.pick(&format!("skill echo\u{0}zone={i}"), |_| true, now);
+            assert_eq!(found, Some(0));
+            assert!(
+                st.candidates.len() <= MAX_SIGNATURES,
+                "{}",
+                st.candidates.len()
+            );
+        }
     }
 
     #[test]
