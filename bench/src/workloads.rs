@@ -781,14 +781,7 @@ pub async fn leader_failover(sizes: &Sizes) -> Result<Vec<Figure>> {
         async move { client.nodes().await.is_ok_and(|n| !n.is_empty()) }
     })
     .await?;
-    let mut runs = Vec::new();
-    for _ in 0..sizes.failover_runs {
-        let g = goal(
-            "leader failover",
-            vec![step("nap", "sleep", json!({ "ms": 2_000 }), &[])],
-        );
-        runs.push(client.submit(g).await?.run_id);
-    }
+    let runs = submit_naps(&client, "leader failover", sizes.failover_runs, 2_000).await?;
 
     let killed = Instant::now();
     a.proc()?.kill9();
@@ -851,19 +844,30 @@ pub async fn leader_failover(sizes: &Sizes) -> Result<Vec<Figure>> {
     ])
 }
 
+/// Submits `n` goals of one `sleep` step of `ms`; their runs.
+async fn submit_naps(
+    client: &GoalClient,
+    objective: &str,
+    n: usize,
+    ms: u64,
+) -> Result<Vec<RunId>> {
+    let mut runs = Vec::new();
+    for _ in 0..n {
+        let g = goal(
+            objective,
+            vec![step("nap", "sleep", json!({ "ms": ms }), &[])],
+        );
+        runs.push(client.submit(g).await?.run_id);
+    }
+    Ok(runs)
+}
+
 /// failover: kill -9 a node with work in flight; time until all of it is on the other node.
 pub async fn failover(sizes: &Sizes) -> Result<Vec<Figure>> {
     let agents = sleep_agent(400);
     let mut cluster = Cluster::with_nodes("", &[("a", &agents), ("b", &agents)]).await?;
     let client = cluster.client().await?;
-    let mut runs = Vec::new();
-    for _ in 0..sizes.failover_runs {
-        let g = goal(
-            "failover",
-            vec![step("nap", "sleep", json!({ "ms": 30_000 }), &[])],
-        );
-        runs.push(client.submit(g).await?.run_id);
-    }
+    let runs = submit_naps(&client, "failover", sizes.failover_runs, 30_000).await?;
     let deadline = Deadline::new("every sleep to be dispatched", Duration::from_secs(60));
     let on_a = 'poll: loop {
         let mut on_a = Vec::new();
