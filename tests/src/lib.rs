@@ -85,6 +85,22 @@ pub fn free_port() -> u16 {
     mesh_harness::free_port().expect("free port")
 }
 
+/// Runs `program args` in `dir`, asserting that it succeeds; its stdout and stderr together.
+pub fn run_tool(program: &str, args: &[&str], dir: &Path) -> String {
+    let out = std::process::Command::new(program)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("{program} (is it installed? .ci/run installs it): {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{program} {args:?}: {text}");
+    text
+}
+
 /// `GET path` on 127.0.0.1:`port` (HTTP/1.0, two seconds at most): the status code.
 pub fn http_status(port: u16, path: &str) -> Option<u16> {
     use std::io::{Read, Write};

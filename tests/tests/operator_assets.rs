@@ -5,25 +5,13 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
 fn promtool(args: &[&str], dir: &Path) -> String {
-    let out = Command::new("promtool")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("promtool is not installed: apt-get install prometheus (.ci/run does it)");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "promtool {args:?}: {text}");
-    text
+    mesh_tests::run_tool("promtool", args, dir)
 }
 
 /// Metric names the mesh declares (the coordinator's and the SDK's constants).
